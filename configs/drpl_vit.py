@@ -1,0 +1,162 @@
+r"""DRPL-ViT on chest X-rays: the paper's model and its ablations.
+
+Presets (the paper's ablation table as configs, not code forks):
+  vit        no distillation, no RPE, plain MLP (ViT/DeiT baseline).
+  deit       + distillation token and head (DeiT distilled).
+  deit_rpe   deit + iRPE relative position encoding.
+  deit_conv  deit + LeFF convolution in every encoder block.
+  drpl       all three (default).
+
+Arguments (comma separated `key=value`):
+  variant=micro|ti|s|b   model size (default s).
+  preset=...             one of the presets above (default drpl).
+  runlocal               a small run for a CPU (micro-sized budget).
+
+Launch:
+  python -m drpl_jax.main \
+      --config=configs/drpl_vit.py:variant=s,preset=drpl \
+      --config.data.manual_dir=/data/COVID-19_Radiography_Dataset \
+      --workdir=/tmp/drpl_s
+"""
+
+import ml_collections
+
+PRESETS = {
+    # preset: (distilled, rpe.kind, conv.kind)
+    'vit': (False, 'none', 'mlp'),
+    'deit': (True, 'none', 'mlp'),
+    'deit_rpe': (True, 'irpe', 'mlp'),
+    'deit_conv': (True, 'none', 'leff'),
+    'drpl': (True, 'irpe', 'leff'),
+}
+
+
+def parse_arg(arg: str, **defaults) -> ml_collections.ConfigDict:
+  """Parses `a=1,b=x,flag` into a ConfigDict of strings (flags are True)."""
+  out = dict(defaults)
+  for item in filter(None, (arg or '').split(',')):
+    key, sep, value = item.partition('=')
+    if key not in defaults:
+      raise ValueError(f'unknown config argument {key!r}; known: '
+                       f'{sorted(defaults)}')
+    out[key] = value if sep else True
+  return ml_collections.ConfigDict(out)
+
+
+def get_config(arg: str = '') -> ml_collections.ConfigDict:
+  """Returns the training config for `variant=...,preset=...[,runlocal]`."""
+  args = parse_arg(arg, variant='s', preset='drpl', runlocal=False)
+  if args.preset not in PRESETS:
+    raise ValueError(f'preset={args.preset!r} is not one of {list(PRESETS)}')
+  distilled, rpe_kind, conv_kind = PRESETS[args.preset]
+
+  config = ml_collections.ConfigDict()
+  config.seed = 0
+  config.total_steps = 30_000
+  config.batch_size = 256  # global, over all processes
+  config.eval_batch_size = 256
+  config.log_every_steps = 50
+  config.eval_every_steps = 1000
+  config.checkpoint_every_steps = 1000
+  config.keep_checkpoints = 3
+  config.init_from = ''  # timm/DeiT checkpoint to start the student from
+
+  image_size = ml_collections.FieldReference(224)
+  num_classes = ml_collections.FieldReference(4)
+
+  config.data = ml_collections.ConfigDict()
+  config.data.name = 'covid19_radiography'
+  config.data.manual_dir = ''
+  config.data.data_dir = ''  # default: ~/tensorflow_datasets
+  config.data.classes = ''  # comma separated subset, '' = all
+  config.data.image_size = image_size
+  config.data.train_split = 'train'
+  config.data.eval_split = 'validation'
+  config.data.test_split = 'test'
+  # Model input normalisation (applied on device).
+  config.data.mean = (0.485, 0.456, 0.406)
+  config.data.std = (0.229, 0.224, 0.225)
+  config.data.num_workers = 0  # grain worker processes per host
+  config.data.balanced_sampler = False  # class-balanced sampling
+  # DeiT training recipe, each part switchable (numpy, on the host).
+  config.data.augment = ml_collections.ConfigDict()
+  config.data.augment.random_resized_crop = True
+  config.data.augment.crop_scale = (0.08, 1.0)
+  config.data.augment.crop_ratio = (3 / 4, 4 / 3)
+  # Off for chest X-rays: the heart sits on the left, a flip makes an
+  # anatomically impossible image (situs inversus is rare).
+  config.data.augment.hflip = False
+  config.data.augment.randaugment_ops = 2  # 0 = off
+  config.data.augment.randaugment_magnitude = 9
+  config.data.augment.randaugment_mstd = 0.5
+  config.data.augment.random_erase = 0.25  # probability, 0 = off
+  config.data.augment.repeated_aug = 1  # DeiT uses 3 on ImageNet
+  config.data.eval_crop_ratio = 0.875
+
+  # Mixup / CutMix run on device inside the train step, so an online teacher
+  # sees the same mixed image as the student.
+  config.mixup = ml_collections.ConfigDict()
+  config.mixup.mixup_alpha = 0.8  # 0 = off
+  config.mixup.cutmix_alpha = 1.0  # 0 = off
+  config.mixup.prob = 1.0
+  config.mixup.switch_prob = 0.5
+
+  config.model = ml_collections.ConfigDict()
+  config.model.variant = args.variant
+  config.model.num_classes = num_classes
+  config.model.image_size = image_size
+  config.model.patch_size = 16
+  config.model.distilled = distilled
+  config.model.abs_pos_embed = True
+  config.model.stem = 'patch'
+  config.model.rpe = ml_collections.ConfigDict(
+      dict(kind=rpe_kind, ratio=1.9, on_q=False, on_k=True, on_v=False,
+           shared_heads=True))
+  config.model.conv = ml_collections.ConfigDict(
+      dict(kind=conv_kind, kernel_size=3, norm='batch', prefix='shared'))
+  config.model.drop_path_rate = 0.1
+  config.model.layer_scale_init = 0.0  # 0 = off
+  config.model.dtype = 'float32'
+  config.model.param_dtype = 'float32'
+
+  config.loss = ml_collections.ConfigDict()
+  config.loss.label_smoothing = 0.1
+  config.loss.class_weights = ''  # '' or comma separated, one per class
+
+  config.distill = ml_collections.ConfigDict()
+  config.distill.kind = 'hard' if distilled else 'none'
+  config.distill.alpha = 0.5
+  config.distill.tau = 1.0
+
+  config.teacher = ml_collections.ConfigDict()
+  config.teacher.arch = ''  # e.g. resnet50; '' = no online teacher
+  config.teacher.checkpoint = ''
+  config.teacher.soft_labels = ''
+  config.teacher.image_size = image_size
+  config.teacher.mean = (0.485, 0.456, 0.406)
+  config.teacher.std = (0.229, 0.224, 0.225)
+
+  config.optim = ml_collections.ConfigDict()
+  config.optim.base_lr = 5e-4  # for a global batch of 512, scaled linearly
+  config.optim.min_lr = 1e-6
+  config.optim.warmup_steps = 1000
+  config.optim.weight_decay = 0.05
+  config.optim.b1 = 0.9
+  config.optim.b2 = 0.999
+  config.optim.grad_clip = 1.0  # 0 = off
+  config.optim.ema_decay = 0.0  # 0 = no EMA
+
+  if args.runlocal:
+    config.model.variant = 'micro'
+    image_size.set(64)
+    config.model.patch_size = 8
+    config.total_steps = 200
+    config.batch_size = 32
+    config.eval_batch_size = 64
+    config.log_every_steps = 10
+    config.eval_every_steps = 100
+    config.checkpoint_every_steps = 100
+    config.optim.warmup_steps = 20
+    config.optim.base_lr = 2e-3
+    config.model.drop_path_rate = 0.0
+  return config
