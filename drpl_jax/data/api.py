@@ -1,0 +1,276 @@
+"""Preparing data sets and reading them back as random-access sources.
+
+`prepare` builds a data set once (TFDS builder -> ArrayRecord) into
+`<data_dir>/<name>/<config>/<version>/`, with `summary.json` and `splits.csv`
+beside the shards; later calls reuse it. `get_source` reads a split through
+`tfds` data sources (ArrayRecord, numpy decode, no tf.data, no TensorFlow),
+as the grain input pipeline wants. TFDS is imported only inside functions, so
+`import drpl_jax.data` (e.g. for `decode_image`) needs neither TF nor TFDS.
+
+On several hosts, prepare once beforehand (`python -m drpl_jax.data prepare`)
+into a shared `data_dir`; `ensure_prepared` then only reads.
+"""
+
+from collections.abc import Mapping, Sequence
+import contextlib
+import dataclasses
+import functools
+import json
+import os
+import sys
+from typing import Any
+
+import numpy as np
+
+from drpl_jax.data import images
+from drpl_jax.data.files import DataError
+
+
+@dataclasses.dataclass(frozen=True)
+class DatasetInfo:
+  """A prepared data set: what it holds and where."""
+  name: str  # 'demo' | 'covid19_radiography' | 'cxr_folder'
+  version: str  # builder version, e.g. '1.0.0'
+  class_names: tuple[str, ...]
+  num_examples: dict[str, int]  # split -> count
+  data_dir: str  # where it is prepared
+  splits_csv: str  # path of splits.csv
+
+
+def builders() -> dict[str, type]:
+  """The data set builders by name (imports TFDS)."""
+  # pylint: disable=g-import-not-at-top
+  from drpl_jax.data import covid19_radiography
+  from drpl_jax.data import cxr_folder
+  from drpl_jax.data import demo
+  # pylint: enable=g-import-not-at-top
+  return {
+      'demo': demo.Demo,
+      'covid19_radiography': covid19_radiography.Covid19Radiography,
+      'cxr_folder': cxr_folder.CxrFolder,
+  }
+
+
+def _hide_gpus_from_tensorflow() -> None:
+  """If TF is loaded (TFDS may import it), keep it off the accelerators."""
+  tf = sys.modules.get('tensorflow')
+  if tf is not None:
+    with contextlib.suppress(RuntimeError, AttributeError):
+      tf.config.set_visible_devices([], 'GPU')
+
+
+def default_data_dir() -> str:
+  """`$TFDS_DATA_DIR` or `~/tensorflow_datasets`, as TFDS does."""
+  return os.environ.get('TFDS_DATA_DIR') or os.path.expanduser(
+      '~/tensorflow_datasets')
+
+
+def _builder_and_config(name: str, manual_dir: str | None,
+                        classes: Sequence[str] | None, seed: int,
+                        min_side: int):
+  all_builders = builders()
+  if name not in all_builders:
+    raise DataError(f'unknown data set {name!r}; known: {list(all_builders)}')
+  cls = all_builders[name]
+  if not cls.USES_MANUAL_DIR and manual_dir:
+    print(f'[drpl_jax.data] {name} needs no manual_dir; ignoring '
+          f'{manual_dir}', file=sys.stderr)
+  config = cls.make_config(manual_dir=manual_dir or '',
+                           classes=tuple(classes) if classes else None,
+                           seed=seed, min_side=min_side)
+  return cls, config
+
+
+def prepared_dir(name: str, *, data_dir: str, manual_dir: str | None = None,
+                 classes: Sequence[str] | None = None, seed: int = 0,
+                 min_side: int = images.DEFAULT_MIN_SIDE) -> str:
+  """The folder a data set with these arguments is (or will be) prepared in."""
+  cls, config = _builder_and_config(name, manual_dir, classes, seed, min_side)
+  return os.path.join(data_dir or default_data_dir(), cls.name, config.name,
+                      str(cls.VERSION))
+
+
+def _read_summary(folder: str) -> dict[str, Any] | None:
+  path = os.path.join(folder, 'summary.json')
+  if not (os.path.isfile(path) and
+          os.path.isfile(os.path.join(folder, 'dataset_info.json'))):
+    return None
+  with open(path) as f:
+    return json.load(f)
+
+
+def prepare(name: str, *, data_dir: str, manual_dir: str | None = None,
+            classes: Sequence[str] | None = None, seed: int = 0,
+            min_side: int = images.DEFAULT_MIN_SIDE) -> dict[str, Any]:
+  """Builds a data set if not built yet; returns its JSON summary.
+
+  Args:
+    name: a key of `builders()`.
+    data_dir: the TFDS data dir ('' = `default_data_dir()`).
+    manual_dir: where the raw data is (not used by 'demo').
+    classes: a subset / order of the classes (None = all, builder's order).
+    seed: the split seed.
+    min_side: images with a smaller side are skipped.
+
+  Returns:
+    The summary (also in `summary.json` beside the data): examples per split
+    and class, patients per split (None when unknown), skipped files with
+    path and reason, version, data_dir, splits_csv; plus `reused`: whether
+    this call found the data already prepared.
+
+  Raises:
+    DataError: bad arguments or input layout, found before any work is done.
+  """
+  _hide_gpus_from_tensorflow()
+  data_dir = data_dir or default_data_dir()
+  cls, config = _builder_and_config(name, manual_dir, classes, seed, min_side)
+  folder = os.path.join(data_dir, cls.name, config.name, str(cls.VERSION))
+  summary = _read_summary(folder)
+  if summary is not None:
+    return dict(summary, reused=True)
+  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+  # TFDS prints progress to stdout; keep stdout for the caller (CLI JSON).
+  with contextlib.redirect_stdout(sys.stderr):
+    builder = cls(config=config, data_dir=data_dir)  # Validates the input.
+    builder.listing  # pylint: disable=pointless-statement
+    mode = (tfds.download.GenerateMode.REUSE_CACHE_IF_EXISTS
+            if os.path.exists(folder)  # Data without summary: rebuild.
+            else tfds.download.GenerateMode.REUSE_DATASET_IF_EXISTS)
+    builder.download_and_prepare(
+        download_config=tfds.download.DownloadConfig(
+            manual_dir=config.manual_dir or None, try_download_gcs=False,
+            download_mode=mode))
+  _hide_gpus_from_tensorflow()
+  summary = _read_summary(os.fspath(builder.data_dir))
+  if summary is None:
+    raise RuntimeError(f'{builder.data_dir}: build finished without '
+                       'summary.json')
+  return dict(summary, reused=False)
+
+
+def _config_get(config: Any, key: str, default: Any) -> Any:
+  if isinstance(config, Mapping) or hasattr(config, 'get'):
+    value = config.get(key, default)
+  else:
+    value = getattr(config, key, default)
+  return default if value is None else value
+
+
+def parse_classes(value: str | Sequence[str] | None) -> tuple[str, ...] | None:
+  """'' or None -> None (all); 'A,B' or ['A', 'B'] -> ('A', 'B')."""
+  if not value:
+    return None
+  if isinstance(value, str):
+    value = value.split(',')
+  return tuple(v.strip() for v in value)
+
+
+def _info(summary: Mapping[str, Any]) -> DatasetInfo:
+  return DatasetInfo(
+      name=summary['name'], version=summary['version'],
+      class_names=tuple(summary['class_names']),
+      num_examples=dict(summary['num_examples']),
+      data_dir=summary['data_dir'], splits_csv=summary['splits_csv'])
+
+
+def ensure_prepared(data_config: Any) -> DatasetInfo:
+  """Prepares `config.data` on first use; returns its `DatasetInfo`.
+
+  Keys: `name`, `manual_dir`, `data_dir` ('' = default), `classes` ('' or a
+  comma separated string), and optionally `split_seed` (0) and `min_side`.
+  """
+  summary = prepare(
+      _config_get(data_config, 'name', ''),
+      data_dir=_config_get(data_config, 'data_dir', ''),
+      manual_dir=_config_get(data_config, 'manual_dir', ''),
+      classes=parse_classes(_config_get(data_config, 'classes', '')),
+      seed=int(_config_get(data_config, 'split_seed', 0)),
+      min_side=int(_config_get(data_config, 'min_side',
+                               images.DEFAULT_MIN_SIDE)))
+  return _info(summary)
+
+
+class Source:
+  """Random access to one split of a prepared data set.
+
+  `source[i]` -> {'image': uint8 [H, W, 3], 'label': int, 'id': str,
+  'patient_id': str}. Pickles as (folder, split) and reopens lazily, so grain
+  worker processes get it cheaply.
+  """
+
+  def __init__(self, data_dir: str, split: str,
+               class_names: Sequence[str]):
+    self.data_dir = data_dir
+    self.split = split
+    self.class_names = tuple(class_names)
+    self._source = None
+    self._length = None
+
+  def _open(self):
+    if self._source is None:
+      import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+      reader = tfds.builder_from_directory(self.data_dir)
+      if self.split not in reader.info.splits:
+        raise DataError(f'{self.data_dir}: no split {self.split!r}; '
+                        f'splits: {list(reader.info.splits)}')
+      # Image bytes come back undecoded; `_decode` reads the stored PNG.
+      self._source = reader.as_data_source(
+          self.split, decoders={'image': tfds.decode.SkipDecoding()})
+      _hide_gpus_from_tensorflow()
+    return self._source
+
+  def __len__(self) -> int:
+    if self._length is None:
+      self._length = len(self._open())
+    return self._length
+
+  @staticmethod
+  def _decode(record: Mapping[str, Any]) -> dict[str, Any]:
+    def text(value):
+      return value.decode('utf-8') if isinstance(value, bytes) else str(value)
+    return {'image': images.decode_png_rgb(record['image']),
+            'label': int(record['label']), 'id': text(record['id']),
+            'patient_id': text(record['patient_id'])}
+
+  def __getitem__(self, index: int) -> dict[str, Any]:
+    length = len(self)
+    index = int(index)
+    if not -length <= index < length:
+      raise IndexError(f'index {index} out of range for {length} examples')
+    return self._decode(self._open()[index % length])
+
+  def __getitems__(self, indices: Sequence[int]) -> list[dict[str, Any]]:
+    """Batched read (fewer file reads); same items as `[self[i] for i ...]`."""
+    length = len(self)
+    for index in indices:
+      if not -length <= int(index) < length:
+        raise IndexError(f'index {index} out of range for {length} examples')
+    records = self._open().__getitems__([int(i) % length for i in indices])
+    return [self._decode(r) for r in records]
+
+  @functools.cached_property
+  def labels(self) -> np.ndarray:
+    """All labels in source order (int32 [N]); read once, images skipped."""
+    source, out = self._open(), []
+    for start in range(0, len(self), 1024):
+      records = source.__getitems__(
+          list(range(start, min(start + 1024, len(self)))))
+      out += [int(r['label']) for r in records]
+    return np.asarray(out, dtype=np.int32)
+
+  def __getstate__(self) -> dict[str, Any]:
+    state = dict(self.__dict__)
+    state['_source'] = None
+    return state
+
+  def __repr__(self) -> str:
+    return f'Source({self.data_dir!r}, split={self.split!r})'
+
+
+def get_source(data_config: Any, split: str) -> Source:
+  """The random-access source of `split` of `config.data` (prepared first)."""
+  info = ensure_prepared(data_config)
+  if split not in info.num_examples or not info.num_examples[split]:
+    raise DataError(f'{info.name} ({info.data_dir}) has no examples in split '
+                    f'{split!r}; splits: {info.num_examples}')
+  return Source(info.data_dir, split, info.class_names)
