@@ -1,0 +1,65 @@
+"""Benchmarks: `python -m drpl_jax.bench {input,...} ...`.
+
+Each subcommand lives in `drpl_jax/bench/<name>.py` and exposes
+`main(argv) -> None`; it prints one JSON object per measurement on stdout.
+This package imports neither TensorFlow nor TFDS.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import runpy
+import sys
+from typing import Any, Sequence
+
+import ml_collections
+
+
+def load_config(spec: str) -> ml_collections.ConfigDict:
+  """Loads `path/to/config.py[:arg]` by calling its `get_config(arg)`."""
+  path, _, arg = spec.partition(':')
+  if not os.path.isfile(path):
+    raise FileNotFoundError(f'config file {path!r} does not exist')
+  module = runpy.run_path(path)
+  if 'get_config' not in module:
+    raise ValueError(f'config file {path!r} defines no get_config()')
+  return module['get_config'](arg) if arg else module['get_config']()
+
+
+def _parse_like(old: Any, text: str, key: str) -> Any:
+  if isinstance(old, bool):
+    if text.lower() not in ('true', 'false', '1', '0'):
+      raise ValueError(f'--config.{key}={text!r}: expected true or false')
+    return text.lower() in ('true', '1')
+  if isinstance(old, (tuple, list)):
+    return tuple(type(v)(t) for v, t in zip(old, text.split(',')))
+  return type(old)(text) if old is not None else text
+
+
+def apply_overrides(config: ml_collections.ConfigDict,
+                    overrides: Sequence[str]) -> ml_collections.ConfigDict:
+  """Applies `--config.a.b=value` arguments, parsed like the old value."""
+  for arg in overrides:
+    if not arg.startswith('--config.') or '=' not in arg:
+      raise ValueError(f'unrecognised argument {arg!r}; overrides look like '
+                       '--config.data.manual_dir=/path')
+    key, _, text = arg[len('--config.'):].partition('=')
+    *parents, leaf = key.split('.')
+    node = config
+    for name in parents:
+      node = node[name]
+    if leaf not in node:
+      raise KeyError(f'--config.{key}: no such config key')
+    node[leaf] = _parse_like(node[leaf], text, key)
+  return config
+
+
+def emit(record: dict[str, Any]) -> None:
+  """Prints one measurement as a single JSON line on stdout."""
+  print(json.dumps(record, sort_keys=True), flush=True)
+
+
+def tensorflow_imported() -> bool:
+  """Whether anything in this process has imported TensorFlow."""
+  return 'tensorflow' in sys.modules

@@ -1,0 +1,223 @@
+r"""Input pipeline throughput: images/s, total and per host CPU core used.
+
+  python -m drpl_jax.bench input --config=configs/drpl_vit.py:variant=micro \
+      [--batch 64] [--steps 20] [--workers 0] [--threads 4] [--synthetic] \
+      [--config.data.manual_dir=PATH ...]
+
+Prints one JSON object per measured pipeline:
+  decode: source reads only (PNG decode of a 299x299 image to uint8 RGB);
+  train:  decode -> the configured DeiT recipe (RRC, flip, RandAugment,
+          random erasing) -> batch at `config.data.image_size`;
+  eval:   decode -> resize + centre crop -> padded, masked batch.
+`images_per_s_per_core` divides by the CPU time this process and its live
+worker processes used (user + system), i.e. by the cores actually busy, not
+by the cores present. Without prepared data (or with `--synthetic`) the
+source is in-memory PNG-encoded 299x299 grayscale X-ray-like images, so the
+benchmark runs anywhere and imports no TensorFlow.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import os
+import sys
+import time
+from typing import Any, Callable, Iterator, Sequence
+
+import numpy as np
+from PIL import Image
+
+from drpl_jax import augment, input_pipeline
+from drpl_jax.bench import apply_overrides, emit, load_config
+from drpl_jax.bench import tensorflow_imported
+
+
+def synthetic_xray(rng: np.random.Generator, size: int = 299) -> np.ndarray:
+  """A grayscale uint8 [size, size] image with a chest X-ray's texture.
+
+  A bright body ellipse, two darker lungs, rib stripes, film noise: enough
+  structure that PNG compresses it like a real radiograph (about 70 KB).
+  """
+  yy, xx = np.mgrid[0:size, 0:size] / size  # [S, S] each, in [0, 1)
+  body = ((xx - 0.5) / 0.45) ** 2 + ((yy - 0.55) / 0.5) ** 2 < 1.0
+  img = np.where(body, 150.0, 30.0)
+  for cx in (0.32, 0.68):
+    lung = ((xx - cx) / 0.15) ** 2 + ((yy - 0.5) / 0.3) ** 2 < 1.0
+    img = np.where(lung, img - 70.0, img)
+  phase = rng.uniform(0, 2 * np.pi)
+  img += 18.0 * np.sin(yy * 60.0 + phase + 4.0 * np.abs(xx - 0.5)) * body
+  img += rng.normal(0.0, 10.0, (size, size))
+  return np.clip(img, 0, 255).astype(np.uint8)
+
+
+class SyntheticPngSource:
+  """A random-access source of PNG-encoded synthetic X-rays, decoded on read.
+
+  `source[i]` decodes a 299x299 grayscale PNG to uint8 RGB [H, W, 3], as a
+  TFDS data source of the Kaggle set does. `num_distinct` images are
+  generated and reused cyclically so that construction stays fast.
+  """
+
+  def __init__(self, num_examples: int, *, size: int = 299,
+               num_distinct: int = 64, num_classes: int = 4, seed: int = 0):
+    rng = np.random.default_rng(seed)
+    self._pngs = []
+    for _ in range(min(num_distinct, num_examples)):
+      buf = io.BytesIO()
+      Image.fromarray(synthetic_xray(rng, size), 'L').save(buf, 'PNG')
+      self._pngs.append(buf.getvalue())
+    self._n = num_examples
+    self.labels = rng.integers(0, num_classes, size=num_examples)
+
+  def __len__(self) -> int:
+    return self._n
+
+  def __getitem__(self, index: int) -> dict[str, Any]:
+    if not 0 <= index < self._n:
+      raise IndexError(f'index {index} out of range [0, {self._n})')
+    png = self._pngs[index % len(self._pngs)]
+    with Image.open(io.BytesIO(png)) as img:
+      image = np.asarray(img.convert('RGB'))
+    return {'image': image, 'label': int(self.labels[index]),
+            'id': f'synthetic-{index}', 'patient_id': ''}
+
+
+def _child_pids() -> list[int]:
+  pids = []
+  task_dir = '/proc/self/task'
+  if not os.path.isdir(task_dir):
+    return pids
+  for task in os.listdir(task_dir):
+    try:
+      with open(os.path.join(task_dir, task, 'children')) as f:
+        pids.extend(int(p) for p in f.read().split())
+    except OSError:
+      continue
+  return pids
+
+
+def _proc_cpu_seconds(pid: int) -> float:
+  try:
+    with open(f'/proc/{pid}/stat') as f:
+      fields = f.read().rsplit(')', 1)[1].split()
+  except OSError:
+    return 0.0
+  # After the command: state is field 3; utime, stime are fields 14, 15.
+  return (int(fields[11]) + int(fields[12])) / os.sysconf('SC_CLK_TCK')
+
+
+def cpu_seconds() -> float:
+  """User + system CPU time of this process and its live children."""
+  times = os.times()
+  own = times.user + times.system
+  return own + sum(_proc_cpu_seconds(pid) for pid in _child_pids())
+
+
+def measure(make_iter: Callable[[], Iterator[dict[str, np.ndarray]]], *,
+            steps: int, warmup: int) -> dict[str, float]:
+  """Times `steps` batches after `warmup` batches; returns the rates."""
+  it = make_iter()
+  for _ in range(warmup):
+    next(it)
+  cpu0, t0 = cpu_seconds(), time.perf_counter()
+  images = 0
+  for _ in range(steps):
+    try:
+      batch = next(it)
+    except StopIteration:
+      break
+    images += len(batch['image'])
+  wall = time.perf_counter() - t0
+  cpu = max(cpu_seconds() - cpu0, 1e-9)
+  return {'images': images, 'wall_s': round(wall, 3),
+          'cpu_s': round(cpu, 3), 'cores_used': round(cpu / wall, 2),
+          'images_per_s': round(images / wall, 1),
+          'images_per_s_per_core': round(images / cpu, 1)}
+
+
+def _decode_iter(source, batch: int) -> Iterator[dict[str, np.ndarray]]:
+  i = 0
+  while True:
+    images = []
+    for _ in range(batch):
+      images.append(source[i % len(source)]['image'])
+      i += 1
+    yield {'image': np.stack(images)}
+
+
+def _real_source(config) -> Any | None:
+  """The configured train source if it is already prepared, else None.
+
+  Never prepares (builds) a data set: a benchmark must not start a build.
+  """
+  from drpl_jax import data  # pylint: disable=g-import-not-at-top
+  cfg = config.data
+  try:
+    folder = data.prepared_dir(
+        cfg.name, data_dir=cfg.data_dir, manual_dir=cfg.manual_dir,
+        classes=data.parse_classes(cfg.get('classes', '')),
+        seed=int(cfg.get('split_seed', 0)))
+    if not os.path.isfile(os.path.join(folder, 'summary.json')):
+      raise FileNotFoundError(f'{folder} is not prepared')
+    return data.get_source(cfg, cfg.train_split)
+  except Exception as e:  # pylint: disable=broad-except
+    print(f'bench input: no prepared data ({type(e).__name__}: {e}); using '
+          'the synthetic source', file=sys.stderr)
+    return None
+
+
+def parse_args(argv: Sequence[str]) -> argparse.Namespace:
+  parser = argparse.ArgumentParser(prog='python -m drpl_jax.bench input')
+  parser.add_argument('--config', required=True,
+                      help='config file and argument, e.g. '
+                           'configs/drpl_vit.py:variant=micro')
+  parser.add_argument('--batch', type=int, default=64, help='global batch')
+  parser.add_argument('--steps', type=int, default=20)
+  parser.add_argument('--warmup', type=int, default=2)
+  parser.add_argument('--workers', type=int, default=0,
+                      help='grain worker processes (train pipeline)')
+  parser.add_argument('--threads', type=int,
+                      default=input_pipeline.DEFAULT_NUM_THREADS)
+  parser.add_argument('--synthetic', action='store_true',
+                      help='use in-memory synthetic PNGs')
+  parser.add_argument('--pipelines', default='decode,train,eval',
+                      help='comma separated subset of decode,train,eval')
+  args, overrides = parser.parse_known_args(list(argv))
+  args.overrides = overrides
+  return args
+
+
+def main(argv: Sequence[str]) -> None:
+  """Measures the decode, train and eval pipelines; prints JSON lines."""
+  args = parse_args(argv)
+  config = apply_overrides(load_config(args.config), args.overrides)
+  source = None if args.synthetic else _real_source(config)
+  kind = 'prepared' if source is not None else 'synthetic_png_299'
+  if source is None:
+    n = max(args.batch * (args.steps + args.warmup + 1), 256)
+    source = SyntheticPngSource(n, num_classes=config.model.num_classes)
+  size = config.data.image_size
+  recipe = augment.AugmentConfig.from_config(config.data.augment)
+  pipelines = {
+      'decode': lambda: _decode_iter(source, args.batch),
+      'train': lambda: input_pipeline.train_iterator(
+          source, batch_size=args.batch, image_size=size, seed=config.seed,
+          augment_config=recipe, num_workers=args.workers,
+          num_threads=args.threads),
+      'eval': lambda: input_pipeline.eval_batches(
+          source, batch_size=args.batch, image_size=size,
+          crop_ratio=config.data.eval_crop_ratio, num_threads=args.threads),
+  }
+  for name in filter(None, args.pipelines.split(',')):
+    if name not in pipelines:
+      raise ValueError(f'--pipelines: unknown {name!r}; known: '
+                       f'{list(pipelines)}')
+    result = measure(pipelines[name], steps=args.steps, warmup=args.warmup)
+    emit({'benchmark': 'input', 'pipeline': name, 'source': kind,
+          'image_size': size, 'batch': args.batch,
+          'workers': args.workers if name == 'train' else 0,
+          'threads': args.threads if name != 'decode' else 1,
+          'host_cpus': os.cpu_count(),
+          'recipe': recipe.__dict__ if name == 'train' else None,
+          'tensorflow_imported': tensorflow_imported(), **result})

@@ -1,0 +1,417 @@
+"""Deterministic, resumable, per-process input pipeline on grain.
+
+Train: an endless grain `MapDataset` over global record positions. Epoch `e`
+is a seeded permutation of the source (or a class-balanced draw), each
+example repeated `repeated_aug` times in a row (DeiT's RASampler), cut to the
+source length and into global batches (remainder dropped). Process `p` reads
+slots `[p * b, (p + 1) * b)` of every global batch of `B = b * processes`,
+so the global batch is the same whatever the process count. Every random
+augmentation of the record at position `i` of epoch `e` draws from
+`np.random.default_rng([seed, e, i])`: a pure function of (seed, epoch,
+position), never of thread or worker timing, so `get_state()`/`set_state()`
+resume bit-identically.
+
+Eval: a finite iterator of `ceil(N / B)` batches on every process; slot `s` of
+global batch `k` holds example `k * B + s` or, past the end, a masked pad with
+`index` -1. Every example appears exactly once with `mask` True over all
+processes, and all processes run the same number of steps.
+
+Nothing here imports TensorFlow; `drpl_jax.data` is imported lazily by the
+`create_*` helpers that read a config.
+"""
+
+from __future__ import annotations
+
+import collections
+import threading
+from typing import Any, Iterator, Mapping, Sequence
+
+import grain
+import jax
+import numpy as np
+
+from drpl_jax import augment
+
+# Threads each assembling a whole batch; PIL and PNG decoding release the
+# GIL, so a few threads keep a core busy without worker processes.
+DEFAULT_NUM_THREADS = 4
+
+
+def _per_process_batch(batch_size: int, process_count: int,
+                       process_index: int) -> int:
+  if process_count < 1 or not 0 <= process_index < process_count:
+    raise ValueError(f'process_index={process_index} is not in '
+                     f'[0, process_count={process_count})')
+  if batch_size <= 0 or batch_size % process_count:
+    raise ValueError(f'batch_size={batch_size} must be a positive multiple '
+                     f'of process_count={process_count}')
+  return batch_size // process_count
+
+
+def _check_example(example: Any, index: int) -> tuple[np.ndarray, int]:
+  """Validates one source record and returns (image, label)."""
+  if not isinstance(example, dict) or 'image' not in example:
+    raise ValueError(f'source[{index}] must be a dict with an "image" and a '
+                     f'"label"; got {type(example).__name__}')
+  if 'label' not in example:
+    raise ValueError(f'source[{index}] has no "label" key '
+                     f'(keys: {sorted(example)})')
+  return example['image'], int(example['label'])
+
+
+class _EpochOrder:
+  """The source index at each position of each epoch; cached, thread-safe."""
+
+  def __init__(self, num_examples: int, seed: int, repeated_aug: int,
+               labels: np.ndarray | None):
+    self._n = num_examples
+    self._seed = seed
+    self._repeats = repeated_aug
+    self._probs = None
+    if labels is not None:
+      counts = np.bincount(labels)
+      weights = 1.0 / counts[labels]
+      self._probs = weights / weights.sum()
+    self._cache: collections.OrderedDict[int, np.ndarray] = (
+        collections.OrderedDict())
+    self._lock = threading.Lock()
+
+  def __getstate__(self) -> dict[str, Any]:
+    # Picklable for grain worker processes: no lock, no cache.
+    state = dict(self.__dict__)
+    del state['_lock'], state['_cache']
+    return state
+
+  def __setstate__(self, state: dict[str, Any]) -> None:
+    self.__dict__.update(state)
+    self._cache = collections.OrderedDict()
+    self._lock = threading.Lock()
+
+  def _compute(self, epoch: int) -> np.ndarray:
+    rng = np.random.default_rng([self._seed, epoch])
+    if self._probs is None:
+      base = rng.permutation(self._n)
+    else:
+      base = rng.choice(self._n, size=self._n, replace=True, p=self._probs)
+    # Repeats sit next to each other, so they land in the same global batch,
+    # as DeiT's RASampler arranges them.
+    return np.repeat(base, self._repeats)[:self._n]
+
+  def __call__(self, epoch: int) -> np.ndarray:
+    with self._lock:
+      order = self._cache.get(epoch)
+      if order is None:
+        order = self._compute(epoch)
+        self._cache[epoch] = order
+        while len(self._cache) > 4:
+          self._cache.popitem(last=False)
+      return order
+
+
+def _read(source, indices: Sequence[int]) -> list[Any]:
+  """Reads examples, with one batched read when the source offers one."""
+  getitems = getattr(source, '__getitems__', None)
+  if getitems is not None and indices:
+    return list(getitems(list(indices)))
+  return [source[i] for i in indices]
+
+
+def _stack(examples: Sequence[dict[str, Any]]) -> dict[str, np.ndarray]:
+  return {key: np.stack([e[key] for e in examples]) for key in examples[0]}
+
+
+class _TrainBatch:
+  """Maps a step number to this process's augmented batch (picklable)."""
+
+  def __init__(self, source, order: _EpochOrder, *, seed: int,
+               batch_size: int, per_process: int, process_index: int,
+               steps_per_epoch: int, image_size: int,
+               augment_config: augment.AugmentConfig,
+               teacher_logits: Mapping[str, Any] | None = None):
+    self.source = source
+    self.order = order
+    self.seed = seed
+    self.batch_size = batch_size
+    self.per_process = per_process
+    self.process_index = process_index
+    self.steps_per_epoch = steps_per_epoch
+    self.image_size = image_size
+    self.augment_config = augment_config
+    self.teacher_logits = teacher_logits
+
+  def __call__(self, step: int, _: Any) -> dict[str, np.ndarray]:
+    epoch, step_in_epoch = divmod(step, self.steps_per_epoch)
+    start = (step_in_epoch * self.batch_size
+             + self.process_index * self.per_process)
+    positions = range(start, start + self.per_process)
+    order = self.order(epoch)
+    indices = [int(order[p]) for p in positions]
+    examples = _read(self.source, indices)
+    return _stack([self._one(ex, index, epoch, position) for ex, index,
+                   position in zip(examples, indices, positions)])
+
+  def _one(self, example: Any, index: int, epoch: int,
+           position: int) -> dict[str, np.ndarray]:
+    image, label = _check_example(example, index)
+    rng = np.random.default_rng([self.seed, epoch, position])
+    image = augment.train_transform(image, rng, size=self.image_size,
+                                    config=self.augment_config)
+    out = {'image': image, 'label': np.int32(label)}
+    if self.teacher_logits is not None:
+      out['teacher_logits'] = self._teacher(example, index)
+    return out
+
+  def _teacher(self, example: dict[str, Any], index: int) -> np.ndarray:
+    key = example.get('id')
+    if isinstance(key, bytes):
+      key = key.decode()
+    if key is None or key not in self.teacher_logits:
+      raise ValueError(f'no teacher logits for example id {key!r} (source '
+                       f'index {index}); the soft labels must cover every '
+                       'training example')
+    if hasattr(self.teacher_logits, 'lookup'):  # soft_labels.SoftLabels
+      return self.teacher_logits.lookup([key])[0]
+    return np.asarray(self.teacher_logits[key], np.float32)
+
+
+def _check_labels(labels: Sequence[int] | np.ndarray | None,
+                  n: int) -> np.ndarray:
+  if labels is None:
+    raise ValueError('balanced=True needs `labels` (one per example)')
+  label_array = np.asarray(labels, dtype=np.int64)
+  if label_array.shape != (n,) or label_array.min(initial=0) < 0:
+    raise ValueError(f'labels must be {n} non-negative ints (one per '
+                     f'example), got shape {label_array.shape}')
+  return label_array
+
+
+def train_iterator(source, *, batch_size: int, image_size: int, seed: int,
+                   augment_config: Any = None, process_index: int = 0,
+                   process_count: int = 1, num_workers: int = 0,
+                   balanced: bool = False,
+                   labels: Sequence[int] | np.ndarray | None = None,
+                   teacher_logits: Mapping[str, Any] | None = None,
+                   num_threads: int = DEFAULT_NUM_THREADS
+                   ) -> grain.DatasetIterator:
+  """An endless, resumable iterator of augmented per-process train batches.
+
+  Args:
+    source: random access (`len`, `source[i] -> {'image': uint8 [H, W, 3],
+      'label': int, ...}`).
+    batch_size: the GLOBAL batch size over all processes.
+    image_size: output side S.
+    seed: the pipeline seed; order and augmentations derive from it only.
+    augment_config: `config.data.augment` (ConfigDict/dict) or an
+      `augment.AugmentConfig`; None = the default DeiT recipe.
+    process_index: this process; reads its slice of each global batch.
+    process_count: number of processes.
+    num_workers: grain worker processes (0 = threads in this process).
+    balanced: class-balanced sampling (with replacement); needs `labels`.
+    labels: the label of every source example, for `balanced`.
+    teacher_logits: offline soft labels, example id -> float [C] (a dict or
+      a `drpl_jax.soft_labels.SoftLabels`); adds
+      `'teacher_logits': float32 [b, C]` to every batch (joined by the
+      source's `'id'`). Exact only for views the teacher saw.
+    num_threads: reader threads (per worker process when num_workers > 0).
+
+  Returns:
+    A grain `DatasetIterator` yielding `{'image': uint8 [b, S, S, 3],
+    'label': int32 [b]}` (+ `teacher_logits`), `b = batch_size //
+    process_count`; it has `get_state()` / `set_state()` for checkpointing
+    (a state is valid for the same `num_workers` only).
+  """
+  per_process = _per_process_batch(batch_size, process_count, process_index)
+  config = augment.AugmentConfig.from_config(augment_config)
+  n = len(source)
+  steps_per_epoch = n // batch_size
+  if steps_per_epoch == 0:
+    raise ValueError(f'the source has {n} examples, fewer than one global '
+                     f'batch of {batch_size}')
+  label_array = _check_labels(labels, n) if balanced else None
+  order = _EpochOrder(n, seed, config.repeated_aug, label_array)
+  batch_fn = _TrainBatch(
+      source, order, seed=seed, batch_size=batch_size,
+      per_process=per_process, process_index=process_index,
+      steps_per_epoch=steps_per_epoch, image_size=image_size,
+      augment_config=config, teacher_logits=teacher_logits)
+  # One element per step (index = steps since the start, endless): grain
+  # workers then split the stream by whole batches, so batches do not
+  # depend on num_workers.
+  ds = grain.MapDataset.range(steps_per_epoch).repeat(None)
+  ds = ds.map_with_index(batch_fn)
+  it_ds = ds.to_iter_dataset(_read_options(num_threads))
+  if num_workers > 0:
+    _ensure_absl_flags_parsed()
+    it_ds = it_ds.mp_prefetch(
+        grain.MultiprocessingOptions(num_workers=num_workers))
+  return iter(it_ds)
+
+
+def _read_options(num_threads: int) -> grain.ReadOptions:
+  # The buffer counts batches: one in flight per thread, plus one ready.
+  return grain.ReadOptions(num_threads=num_threads,
+                           prefetch_buffer_size=num_threads + 1)
+
+
+def _ensure_absl_flags_parsed() -> None:
+  # grain's worker processes read absl flags; outside `absl.app.run` (a
+  # notebook, pytest, the benchmark) nothing has parsed them: use defaults.
+  from absl import flags  # pylint: disable=g-import-not-at-top
+  if not flags.FLAGS.is_parsed():
+    flags.FLAGS.mark_as_parsed()
+
+
+def num_eval_batches(num_examples: int, batch_size: int) -> int:
+  """How many (global) eval batches cover `num_examples`: ceil(N / B)."""
+  if batch_size <= 0:
+    raise ValueError(f'batch_size={batch_size} must be positive')
+  return -(-num_examples // batch_size)
+
+
+class _EvalBatch:
+  """Maps a step number to this process's eval batch, padded and masked."""
+
+  def __init__(self, source, *, batch_size: int, per_process: int,
+               process_index: int, image_size: int, crop_ratio: float):
+    self.source = source
+    self.batch_size = batch_size
+    self.per_process = per_process
+    self.process_index = process_index
+    self.image_size = image_size
+    self.crop_ratio = crop_ratio
+
+  def __call__(self, step: int, _: Any) -> dict[str, np.ndarray]:
+    start = step * self.batch_size + self.process_index * self.per_process
+    wanted = range(start, start + self.per_process)
+    real = [i for i in wanted if i < len(self.source)]
+    examples = _read(self.source, real)
+    out = []
+    for index, example in zip(real, examples):
+      image, label = _check_example(example, index)
+      image = augment.eval_transform(image, size=self.image_size,
+                                     crop_ratio=self.crop_ratio)
+      out.append({'image': image, 'label': np.int32(label),
+                  'mask': np.bool_(True), 'index': np.int64(index)})
+    pad = {'image': np.zeros((self.image_size,) * 2 + (3,), np.uint8),
+           'label': np.int32(0), 'mask': np.bool_(False),
+           'index': np.int64(-1)}
+    return _stack(out + [pad] * (self.per_process - len(out)))
+
+
+def eval_batches(source, *, batch_size: int, image_size: int,
+                 crop_ratio: float = 0.875, process_index: int = 0,
+                 process_count: int = 1,
+                 num_threads: int = DEFAULT_NUM_THREADS
+                 ) -> Iterator[dict[str, np.ndarray]]:
+  """A finite iterator of padded, masked eval batches for this process.
+
+  `batch_size` is global. Yields `num_eval_batches(len(source), batch_size)`
+  batches of `{'image': uint8 [b, S, S, 3], 'label': int32 [b], 'mask':
+  bool [b], 'index': int64 [b]}` on every process (`b = batch_size //
+  process_count`); pads have `mask` False and `index` -1.
+  """
+  per_process = _per_process_batch(batch_size, process_count, process_index)
+  steps = num_eval_batches(len(source), batch_size)
+  batch_fn = _EvalBatch(
+      source, batch_size=batch_size, per_process=per_process,
+      process_index=process_index, image_size=image_size,
+      crop_ratio=crop_ratio)
+  ds = grain.MapDataset.range(steps).map_with_index(batch_fn)
+  return iter(ds.to_iter_dataset(_read_options(num_threads)))
+
+
+# ----------------------------------------------------------------------------
+# Config wrappers and device placement.
+
+
+def _process(process_index: int | None,
+             process_count: int | None) -> tuple[int, int]:
+  if process_index is None:
+    process_index = jax.process_index()
+  if process_count is None:
+    process_count = jax.process_count()
+  return process_index, process_count
+
+
+def source_labels(source) -> np.ndarray:
+  """The labels of a source: its `labels` attribute, else read one by one."""
+  labels = getattr(source, 'labels', None)
+  if labels is None:
+    labels = [_check_example(source[i], i)[1] for i in range(len(source))]
+  return np.asarray(labels, dtype=np.int64)
+
+
+def create_train_iterator(config, *, process_index: int | None = None,
+                          process_count: int | None = None,
+                          teacher_logits: Mapping[str, Any] | None = None
+                          ) -> grain.DatasetIterator:
+  """The train iterator of `config` (prepares the data set if needed).
+
+  Offline soft labels are joined when `teacher_logits` (example id ->
+  logits) is given, else read from `config.teacher.soft_labels` if set.
+  """
+  from drpl_jax import data  # pylint: disable=g-import-not-at-top
+  process_index, process_count = _process(process_index, process_count)
+  info = data.ensure_prepared(config.data)
+  source = data.get_source(config.data, config.data.train_split)
+  soft_path = config.get('teacher', {}).get('soft_labels', '')
+  if teacher_logits is None and soft_path:
+    from drpl_jax import soft_labels  # pylint: disable=g-import-not-at-top
+    teacher_logits = soft_labels.SoftLabels.load(
+        soft_path, class_names=info.class_names)
+  balanced = bool(config.data.get('balanced_sampler', False))
+  return train_iterator(
+      source, batch_size=config.batch_size,
+      image_size=config.data.image_size, seed=config.seed,
+      augment_config=config.data.augment, process_index=process_index,
+      process_count=process_count,
+      num_workers=config.data.get('num_workers', 0), balanced=balanced,
+      labels=source_labels(source) if balanced else None,
+      teacher_logits=teacher_logits)
+
+
+def create_eval_iterator(config, split: str | None = None, *,
+                         batch_size: int | None = None,
+                         process_index: int | None = None,
+                         process_count: int | None = None
+                         ) -> Iterator[dict[str, np.ndarray]]:
+  """Eval batches of `split` (default `config.data.eval_split`).
+
+  As `eval_batches`; `batch_size` defaults to `config.eval_batch_size`
+  (global). The iterator is finite: iterate it to the end.
+  """
+  from drpl_jax import data  # pylint: disable=g-import-not-at-top
+  process_index, process_count = _process(process_index, process_count)
+  split = split or config.data.eval_split
+  batch_size = batch_size or config.eval_batch_size
+  data.ensure_prepared(config.data)
+  source = data.get_source(config.data, split)
+  return eval_batches(
+      source, batch_size=batch_size, image_size=config.data.image_size,
+      crop_ratio=config.data.get('eval_crop_ratio', 0.875),
+      process_index=process_index, process_count=process_count)
+
+
+def to_global_batch(batch: dict[str, np.ndarray], mesh: jax.sharding.Mesh,
+                    data_axes: Sequence[str] = ('data', 'fsdp')
+                    ) -> dict[str, jax.Array]:
+  """Per-process numpy batch -> global jax.Arrays split along the batch.
+
+  The leading (batch) dimension is sharded over the mesh axes in
+  `data_axes` that the mesh has; the global batch is the concatenation of
+  all processes' batches in process order.
+  """
+  axes = tuple(a for a in data_axes if a in mesh.axis_names)
+  if not axes:
+    raise ValueError(f'none of data_axes={tuple(data_axes)} is an axis of '
+                     f'the mesh {mesh.axis_names}')
+  spec = jax.sharding.PartitionSpec(axes[0] if len(axes) == 1 else axes)
+  sharding = jax.sharding.NamedSharding(mesh, spec)
+
+  def put(name: str, x: np.ndarray) -> jax.Array:
+    x = np.asarray(x)
+    if x.ndim == 0:
+      raise ValueError(f'batch[{name!r}] is a scalar; expected a batch axis')
+    return jax.make_array_from_process_local_data(sharding, x)
+
+  return {name: put(name, x) for name, x in batch.items()}
