@@ -69,6 +69,8 @@ def get_config(arg: str = '') -> ml_collections.ConfigDict:
   config.data.manual_dir = ''
   config.data.data_dir = ''  # default: ~/tensorflow_datasets
   config.data.classes = ''  # comma separated subset, '' = all
+  config.data.split_seed = 0  # seed of the stored train/val/test split
+  config.data.min_side = 32  # smaller images are skipped at preparation
   config.data.image_size = image_size
   config.data.train_split = 'train'
   config.data.eval_split = 'validation'

@@ -1,0 +1,244 @@
+r"""Jitted, sharded evaluation of a checkpoint with a clinical report.
+
+  python -m drpl_jax.evaluate --config=configs/demo.py --workdir=/tmp/demo \
+      [--step N] [--split test] [--data=cxr_folder:/path/to/folder]
+
+writes `workdir/eval/<name>/report.json`, `report.md` and PNG plots, where
+<name> is the split (configured data set) or the folder name (external data).
+Each head (cls, dist) and their mean are reported; the top-level metrics are
+those of the mean (what `model(x, train=False)` predicts). A temperature
+fitted on the validation split is applied to the test predictions and the
+ECE before and after is reported.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Sequence
+from typing import Any
+
+import jax
+import ml_collections
+import numpy as np
+from absl import app, flags, logging
+
+from drpl_jax import checkpointing
+from drpl_jax import input_pipeline
+from drpl_jax import metrics as metrics_lib
+from drpl_jax import optim
+from drpl_jax import sharding
+from drpl_jax import train
+from drpl_jax import train_step as step_lib
+
+PAPER_CLASSES = ('COVID', 'Lung_Opacity', 'Normal', 'Viral Pneumonia')
+
+
+class Evaluator:
+  """A restored checkpoint plus a jitted eval step on a mesh."""
+
+  def __init__(self, config: ml_collections.ConfigDict, workdir: str,
+               step: int | None = None):
+    self.config = config
+    model_cfg = train.model_config_from(config)
+    self.mesh = sharding.create_mesh(tuple(config.get('mesh_shape', (-1, 1))))
+    tx, _ = optim.create_optimizer(config)
+    graphdef, state, shardings = train.create_train_state(
+        config, model_cfg, tx, self.mesh)
+    ckpt = checkpointing.Checkpointer(workdir)
+    step = ckpt.latest_step() if step is None else step
+    if step is None:
+      raise FileNotFoundError(f'no checkpoint in {workdir}/checkpoints; '
+                              'train first (python -m drpl_jax.main)')
+    if step not in ckpt.manager.all_steps():
+      raise FileNotFoundError(f'no checkpoint for step {step} in '
+                              f'{workdir}/checkpoints; have '
+                              f'{sorted(ckpt.manager.all_steps())}')
+    self.state, _ = ckpt.restore(step, state, shardings)
+    ckpt.close()
+    self.step = step
+    self.step_cfg = step_lib.StepConfig.from_config(config, model_cfg)
+    self.eval_step = train.jit_eval_step(graphdef, self.step_cfg, shardings,
+                                         self.mesh)
+
+  def predict(self, batches, params_key: str = 'params'
+              ) -> tuple[dict[str, np.ndarray], np.ndarray, np.ndarray]:
+    return train.predict_split(self.eval_step, self.state[params_key],
+                               self.state['rest'], batches, self.mesh)
+
+
+def _batches(config, data_config, split):
+  cfg = ml_collections.ConfigDict(config.to_dict())
+  cfg.data.update(data_config)
+  return input_pipeline.create_eval_iterator(cfg, split)
+
+
+def head_reports(logits: dict[str, np.ndarray], labels: np.ndarray,
+                 class_names: Sequence[str], groups, n_bootstrap: int,
+                 seed: int) -> dict[str, Any]:
+  """Metrics for every head; the report of the 'mean' head at the top."""
+  heads = {}
+  for head, value in logits.items():
+    probs = metrics_lib.softmax(value)
+    heads[head] = metrics_lib.classification_metrics(
+        probs, labels, class_names, groups=groups, n_bootstrap=n_bootstrap,
+        seed=seed)
+  report = dict(heads['mean'])
+  if len(heads) > 1:
+    report['heads'] = heads
+  return report
+
+
+def evaluate(config: ml_collections.ConfigDict, workdir: str, *,
+             step: int | None = None, split: str | None = None,
+             data: str | None = None, n_bootstrap: int = 1000,
+             use_ema: bool | None = None) -> dict[str, Any]:
+  """Evaluates a checkpoint and writes the report; returns report.json."""
+  from drpl_jax import data as data_lib  # pylint: disable=g-import-not-at-top
+  from drpl_jax import report as report_lib  # pylint: disable=g-import-not-at-top
+  evaluator = Evaluator(config, workdir, step)
+  train_info = data_lib.ensure_prepared(config.data)
+  class_names = list(train_info.class_names)
+  if data:
+    data_config, name, label_map = external_data(data, class_names)
+    splits = ('train', 'validation', 'test')
+  else:
+    data_config, label_map = {}, None
+    split = split or config.data.test_split
+    name, splits = split, (split,)
+  params_keys = ['params']
+  if (use_ema is None or use_ema) and evaluator.state.get('ema') is not None:
+    params_keys.append('ema')
+  out_dir = os.path.join(workdir, 'eval', name)
+  result = None
+  for params_key in params_keys:
+    logits, labels, groups = _predict_splits(
+        evaluator, config, data_config, splits, params_key, label_map)
+    report = head_reports(logits, labels, class_names, groups, n_bootstrap,
+                          config.seed)
+    if not data:
+      report['temperature'] = _temperature(evaluator, config, logits['mean'],
+                                           labels, params_key)
+    report.update(
+        checkpoint_step=evaluator.step, weights=params_key,
+        config_hash=checkpointing.config_hash(config),
+        data={'name': config.data.name if not data else data,
+              'version': train_info.version, 'split': name},
+        bootstrap={'n': n_bootstrap, 'seed': config.seed})
+    target = out_dir if params_key == 'params' else os.path.join(out_dir,
+                                                                 'ema')
+    paper = tuple(class_names) == PAPER_CLASSES and not data
+    report_lib.write_report(
+        target, report, metrics_lib.softmax(logits['mean']), labels,
+        class_names, title=f'{config.data.name} / {name} / step '
+        f'{evaluator.step} ({params_key})', paper_reference=paper)
+    logging.info('Wrote %s/report.json: accuracy %.4f', target,
+                 report['accuracy'])
+    result = result or report
+  return result
+
+
+def _predict_splits(evaluator, config, data_config, splits, params_key,
+                    label_map):
+  from drpl_jax import data as data_lib  # pylint: disable=g-import-not-at-top
+  all_logits: dict[str, list[np.ndarray]] = {}
+  all_labels, all_groups = [], []
+  for split in splits:
+    cfg = ml_collections.ConfigDict(config.to_dict())
+    cfg.data.update(data_config)
+    logits, labels, indices = evaluator.predict(
+        input_pipeline.create_eval_iterator(cfg, split), params_key)
+    source = data_lib.get_source(cfg.data, split)
+    patients = [source[int(i)]['patient_id'] for i in indices]
+    if label_map is not None:
+      labels = label_map[labels]
+    for k, v in logits.items():
+      all_logits.setdefault(k, []).append(v)
+    all_labels.append(labels)
+    all_groups.extend(patients)
+  # Images without a patient id are their own resampling unit.
+  groups = ([g or f'__image_{i}' for i, g in enumerate(all_groups)]
+            if any(all_groups) else None)
+  return ({k: np.concatenate(v) for k, v in all_logits.items()},
+          np.concatenate(all_labels), groups)
+
+
+def _temperature(evaluator, config, test_logits, test_labels, params_key):
+  val_logits, val_labels, _ = evaluator.predict(
+      input_pipeline.create_eval_iterator(config, config.data.eval_split),
+      params_key)
+  t = metrics_lib.fit_temperature(val_logits['mean'], val_labels)
+  ece = metrics_lib.expected_calibration_error
+  return {
+      'value': t, 'fitted_on': config.data.eval_split,
+      'ece_before': ece(metrics_lib.softmax(test_logits), test_labels),
+      'ece_after': ece(metrics_lib.softmax(test_logits, t), test_labels)}
+
+
+def external_data(spec: str, class_names: Sequence[str]
+                  ) -> tuple[dict[str, Any], str, np.ndarray]:
+  """'cxr_folder:PATH' -> (data config, report name, label map).
+
+  Class folders are matched to the training classes case-insensitively; a
+  subset is allowed, an unknown folder is an error naming it.
+  """
+  kind, _, path = spec.partition(':')
+  if kind != 'cxr_folder' or not path:
+    raise ValueError(f'--data={spec!r}: expected cxr_folder:PATH')
+  path = os.path.abspath(os.path.expanduser(path))
+  if not os.path.isdir(path):
+    raise FileNotFoundError(f'--data folder {path} does not exist')
+  lower = {c.lower(): i for i, c in enumerate(class_names)}
+  folders = sorted(d for d in os.listdir(path)
+                   if os.path.isdir(os.path.join(path, d))
+                   and not d.startswith('.'))
+  unknown = [d for d in folders if d.lower() not in lower]
+  if unknown:
+    raise ValueError(f'{path}: class folders {unknown} are not training '
+                     f'classes {list(class_names)} (matched ignoring case)')
+  if not folders:
+    raise ValueError(f'{path}: no class folders')
+  label_map = np.asarray([lower[d.lower()] for d in folders])
+  data_config = {'name': 'cxr_folder', 'manual_dir': path,
+                 'classes': ','.join(folders)}
+  return data_config, os.path.basename(path.rstrip('/')), label_map
+
+
+def config_from_workdir(workdir: str) -> ml_collections.ConfigDict:
+  """The config a run in `workdir` was trained with (its meta.json)."""
+  path = os.path.join(workdir, 'meta.json')
+  if not os.path.exists(path):
+    raise FileNotFoundError(f'{path} not found: pass --config, or point '
+                            '--workdir at a training run')
+  with open(path) as f:
+    return ml_collections.ConfigDict(json.load(f)['config'])
+
+
+_CONFIG = None
+
+
+def main(argv: Sequence[str]) -> None:
+  if len(argv) > 1:
+    raise app.UsageError(f'unexpected arguments: {argv[1:]}')
+  config = _CONFIG.value or config_from_workdir(flags.FLAGS.workdir)
+  report = evaluate(config, flags.FLAGS.workdir, step=flags.FLAGS.step,
+                    split=flags.FLAGS.split, data=flags.FLAGS.data,
+                    n_bootstrap=flags.FLAGS.n_bootstrap)
+  print(json.dumps({'accuracy': report['accuracy'],
+                    'balanced_accuracy': report['balanced_accuracy'],
+                    'num_examples': report['num_examples'],
+                    'report': os.path.join(flags.FLAGS.workdir, 'eval',
+                                           report['data']['split'],
+                                           'report.json')}))
+
+
+if __name__ == '__main__':
+  from ml_collections import config_flags  # pylint: disable=g-import-not-at-top
+  _CONFIG = config_flags.DEFINE_config_file('config', None, 'Config file (default: the '
+                                          'one saved in workdir/meta.json).')
+  flags.DEFINE_string('workdir', None, 'Training workdir.', required=True)
+  flags.DEFINE_integer('step', None, 'Checkpoint step (default latest).')
+  flags.DEFINE_string('split', None, 'Split (default config.data.test_split).')
+  flags.DEFINE_string('data', None, 'External data: cxr_folder:PATH.')
+  flags.DEFINE_integer('n_bootstrap', 1000, 'Bootstrap resamples.')
+  app.run(main)

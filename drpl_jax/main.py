@@ -1,0 +1,46 @@
+r"""Trains and evaluates DRPL-ViT.
+
+  python -m drpl_jax.main --config=configs/demo.py --workdir=/tmp/drpl_demo
+  python -m drpl_jax.main --config=configs/drpl_vit.py:variant=s,preset=drpl \
+      --config.data.manual_dir=/data/covid --workdir=gs://bucket/run1
+
+`--config.key=value` overrides any config key. A workdir that already holds
+checkpoints is resumed from the latest one. At the end the test split is
+evaluated and the report path printed.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Sequence
+
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+_CONFIG = config_flags.DEFINE_config_file('config', None, 'Config file.')
+_WORKDIR = flags.DEFINE_string('workdir', None, 'Directory for checkpoints, '
+                               'logs and reports.')
+flags.mark_flags_as_required(['config', 'workdir'])
+
+
+def main(argv: Sequence[str]) -> None:
+  if len(argv) > 1:
+    raise app.UsageError(f'unexpected arguments: {argv[1:]}')
+  # Imported here so that --help is fast and flags parse before JAX starts.
+  from drpl_jax import evaluate, train  # pylint: disable=g-import-not-at-top
+  config, workdir = _CONFIG.value, _WORKDIR.value
+  result = train.train_and_evaluate(config, workdir)
+  report = evaluate.evaluate(config, workdir)
+  path = os.path.join(workdir, 'eval', report['data']['split'], 'report.json')
+  summary = {'step': result['step'], 'test_accuracy': report['accuracy'],
+             'test_balanced_accuracy': report['balanced_accuracy'],
+             'num_test_examples': report['num_examples'],
+             'chance_accuracy': 1 / len(report['class_names']),
+             'report': path}
+  logging.info('Done: %s', summary)
+  print(json.dumps(summary))
+
+
+if __name__ == '__main__':
+  app.run(main)

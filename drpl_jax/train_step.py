@@ -1,0 +1,218 @@
+"""Pure, jit-able train and eval steps over a plain-pytree train state.
+
+The NNX model is split once (`nnx.split`) into a static graphdef and state
+pytrees; the steps `nnx.merge` inside. Nothing here imports TensorFlow, TFDS
+or clu, so the step runs (and is benchmarked) on bare accelerator machines.
+
+Train state (a dict, checkpointed as is):
+  step       int32 []           number of updates applied
+  rng        uint32 [2]         base key; step keys are fold_in(rng, step)
+  params     nnx.State          trainable parameters (nnx.Param)
+  rest       nnx.State          BatchNorm statistics and other variables
+  opt_state  optax state
+  ema        nnx.State | None   EMA of params (when optim.ema_decay > 0)
+  nonfinite  int32 []           updates skipped for a non-finite loss/grad
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+
+from drpl_jax import losses
+from drpl_jax import mixup as mixup_lib
+
+State = dict[str, Any]
+
+
+@dataclasses.dataclass(frozen=True)
+class StepConfig:
+  """The static (hashable) settings a step needs; built from the config."""
+
+  num_classes: int
+  distilled: bool
+  mean: tuple[float, ...] = (0.485, 0.456, 0.406)
+  std: tuple[float, ...] = (0.229, 0.224, 0.225)
+  label_smoothing: float = 0.0
+  class_weights: tuple[float, ...] | None = None
+  distill_kind: str = 'none'
+  distill_alpha: float = 0.5
+  distill_tau: float = 1.0
+  mixup_alpha: float = 0.0
+  cutmix_alpha: float = 0.0
+  mixup_prob: float = 1.0
+  mixup_switch_prob: float = 0.5
+  ema_decay: float = 0.0
+  skip_nonfinite: bool = True
+
+  @classmethod
+  def from_config(cls, config, model_cfg) -> StepConfig:
+    weights = parse_class_weights(config.loss.get('class_weights', ''),
+                                  model_cfg.num_classes)
+    kind = config.distill.kind if model_cfg.distilled else 'none'
+    return cls(
+        num_classes=model_cfg.num_classes,
+        distilled=model_cfg.distilled,
+        mean=tuple(config.data.mean), std=tuple(config.data.std),
+        label_smoothing=config.loss.label_smoothing,
+        class_weights=weights,
+        distill_kind=kind, distill_alpha=config.distill.alpha,
+        distill_tau=config.distill.tau,
+        mixup_alpha=config.mixup.mixup_alpha,
+        cutmix_alpha=config.mixup.cutmix_alpha,
+        mixup_prob=config.mixup.prob,
+        mixup_switch_prob=config.mixup.switch_prob,
+        ema_decay=config.optim.ema_decay,
+        skip_nonfinite=config.get('nonfinite', 'skip') == 'skip')
+
+
+def parse_class_weights(spec: str, num_classes: int
+                        ) -> tuple[float, ...] | None:
+  """'' -> None; '1,2.5,1,4' -> one weight per class (error names the spec)."""
+  if not spec:
+    return None
+  try:
+    weights = tuple(float(w) for w in str(spec).split(','))
+  except ValueError as e:
+    raise ValueError(f'config.loss.class_weights={spec!r}: not a comma '
+                     'separated list of numbers') from e
+  if len(weights) != num_classes or min(weights) <= 0:
+    raise ValueError(f'config.loss.class_weights={spec!r}: need '
+                     f'{num_classes} positive weights, one per class')
+  return weights
+
+
+def normalize(images: jax.Array, mean, std) -> jax.Array:
+  """uint8 or [0, 1] float images -> (x - mean) / std, float32."""
+  x = images.astype(jnp.float32)
+  if images.dtype == jnp.uint8:
+    x = x / 255.0
+  return (x - jnp.asarray(mean, jnp.float32)) / jnp.asarray(std, jnp.float32)
+
+
+def _to_unit(images: jax.Array) -> jax.Array:
+  x = images.astype(jnp.float32)
+  return x / 255.0 if images.dtype == jnp.uint8 else x
+
+
+def _heads(outputs) -> tuple[jax.Array, jax.Array | None]:
+  if isinstance(outputs, (tuple, list)):
+    return outputs[0], outputs[1]
+  return outputs, None
+
+
+def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation,
+                    cfg: StepConfig, schedule: optax.Schedule,
+                    teacher_graphdef: nnx.GraphDef | None = None
+                    ) -> Callable[..., tuple[State, dict[str, jax.Array]]]:
+  """Returns `step(state, batch, teacher_state=None) -> (state, metrics)`.
+
+  batch: {'image': uint8 [B, H, W, 3], 'label': int32 [B]} plus optionally
+  'teacher_logits' [B, C] (offline soft labels). With `teacher_graphdef`, the
+  teacher (an NNX module taking [0, 1] images) runs on the same augmented,
+  mixed batch as the student, under stop_gradient.
+  """
+
+  def step(state: State, batch: dict[str, jax.Array],
+           teacher_state: Any = None):
+    key = jax.random.fold_in(state['rng'], state['step'])
+    mix_key, drop_key = jax.random.split(key)
+    labels = batch['label']
+    images = _to_unit(batch['image'])  # [B, H, W, 3] in [0, 1]
+    targets = jax.nn.one_hot(labels, cfg.num_classes)
+    if cfg.mixup_alpha > 0 or cfg.cutmix_alpha > 0:
+      images, targets = mixup_lib.mixup_cutmix(
+          mix_key, images, targets, mixup_alpha=cfg.mixup_alpha,
+          cutmix_alpha=cfg.cutmix_alpha, prob=cfg.mixup_prob,
+          switch_prob=cfg.mixup_switch_prob)
+    teacher_logits = batch.get('teacher_logits')
+    if teacher_graphdef is not None:
+      teacher = nnx.merge(teacher_graphdef, teacher_state)
+      teacher_logits = jax.lax.stop_gradient(teacher(images))
+    x = normalize(images, cfg.mean, cfg.std)
+    weights = (None if cfg.class_weights is None
+               else jnp.asarray(cfg.class_weights, jnp.float32))
+
+    def loss_fn(params, rest):
+      # Rebuild the Variables of `rest` at this trace level so BatchNorm
+      # may update them (Variables made outside grad are read-only here).
+      rest = jax.tree.map(lambda v: v, rest)
+      model = nnx.merge(graphdef, params, rest)
+      outputs = model(x, train=True, rngs=nnx.Rngs(dropout=drop_key))
+      loss, aux = losses.total_loss(
+          outputs, targets, teacher_logits, distill_kind=cfg.distill_kind,
+          alpha=cfg.distill_alpha, tau=cfg.distill_tau,
+          label_smoothing=cfg.label_smoothing, class_weights=weights)
+      rest = nnx.state(model, nnx.Not(nnx.Param))
+      return loss, (aux, rest, outputs)
+
+    grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+    (loss, (aux, rest, outputs)), grads = grad_fn(state['params'],
+                                                  state['rest'])
+    grad_norm = optax.tree.norm(grads)
+    updates, opt_state = tx.update(grads, state['opt_state'], state['params'])
+    params = optax.apply_updates(state['params'], updates)
+    finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+    if cfg.skip_nonfinite:
+      keep = lambda new, old: jax.tree.map(
+          lambda n, o: jnp.where(finite, n, o), new, old)
+      params = keep(params, state['params'])
+      opt_state = keep(opt_state, state['opt_state'])
+      rest = keep(rest, state['rest'])
+    new_state = dict(state, step=state['step'] + 1, params=params, rest=rest,
+                     opt_state=opt_state,
+                     nonfinite=state['nonfinite'] + (~finite).astype(
+                         jnp.int32))
+    if state.get('ema') is not None:
+      d = cfg.ema_decay
+      new_state['ema'] = jax.tree.map(
+          lambda e, p: jnp.where(finite, d * e + (1 - d) * p, e),
+          state['ema'], params)
+    metrics = _train_metrics(outputs, labels, teacher_logits, aux)
+    metrics.update(grad_norm=grad_norm, learning_rate=schedule(state['step']),
+                   nonfinite=new_state['nonfinite'],
+                   finite=finite.astype(jnp.float32))
+    return new_state, metrics
+
+  return step
+
+
+def _train_metrics(outputs, labels, teacher_logits, aux) -> dict[str, Any]:
+  cls_logits, dist_logits = _heads(outputs)
+  metrics = {k: v for k, v in aux.items()}
+  metrics['accuracy_cls'] = jnp.mean(jnp.argmax(cls_logits, -1) == labels)
+  if dist_logits is not None:
+    metrics['accuracy_dist'] = jnp.mean(
+        jnp.argmax(dist_logits, -1) == labels)
+  if teacher_logits is not None:
+    teacher_pred = jnp.argmax(teacher_logits, -1)
+    metrics['teacher_accuracy'] = jnp.mean(teacher_pred == labels)
+    student = dist_logits if dist_logits is not None else cls_logits
+    metrics['teacher_agreement'] = jnp.mean(
+        jnp.argmax(student, -1) == teacher_pred)
+  return metrics
+
+
+def make_eval_step(graphdef: nnx.GraphDef, cfg: StepConfig
+                   ) -> Callable[..., dict[str, jax.Array]]:
+  """Returns `eval_step(params, rest, batch) -> per-example logits per head`.
+
+  Output: {'mean': [B, C]} and, for a distilled model, {'cls', 'dist'}.
+  """
+
+  def eval_step(params, rest, batch):
+    model = nnx.merge(graphdef, params, rest)
+    x = normalize(batch['image'], cfg.mean, cfg.std)
+    if not cfg.distilled:
+      return {'mean': model(x, train=False).astype(jnp.float32)}
+    cls_logits, dist_logits = model.heads(x)
+    return {'cls': cls_logits, 'dist': dist_logits,
+            'mean': (cls_logits + dist_logits) / 2}
+
+  return eval_step
