@@ -8,7 +8,7 @@ donated.
 
 from __future__ import annotations
 
-import functools
+import dataclasses
 import time
 from typing import Any
 
@@ -60,12 +60,68 @@ def create_train_state(config: ml_collections.ConfigDict,
   return graphdef, state, shardings
 
 
-def jit_train_step(graphdef, tx, step_cfg, schedule, state_shardings, mesh):
-  step = step_lib.make_train_step(graphdef, tx, step_cfg, schedule)
+@dataclasses.dataclass(frozen=True)
+class OnlineTeacher:
+  """A converted teacher placed on the mesh (never trained, never saved)."""
+
+  graphdef: nnx.GraphDef
+  state: Any
+  shardings: Any
+  description: str
+
+
+def create_online_teacher(config: ml_collections.ConfigDict, mesh
+                          ) -> OnlineTeacher | None:
+  """Converts config.teacher (a PyTorch checkpoint) into a sharded module."""
+  t = config.teacher
+  if not t.arch:
+    return None
+  if t.get('soft_labels'):
+    raise ValueError('config.teacher.arch and config.teacher.soft_labels are '
+                     'both set; choose online (arch + checkpoint) or offline '
+                     '(soft_labels) distillation')
+  if not t.checkpoint:
+    raise ValueError(f'config.teacher.arch={t.arch!r} needs '
+                     'config.teacher.checkpoint (a .safetensors or .pth '
+                     'state dict; see python -m drpl_jax.train_teacher)')
+  from drpl_jax import convert  # pylint: disable=g-import-not-at-top
+  module = convert.torch_teacher(
+      t.arch, t.checkpoint, config.model.num_classes,
+      image_size=t.image_size, mean=tuple(t.mean), std=tuple(t.std),
+      dtype=t.get('dtype', 'float32'))
+  graphdef, state = nnx.split(module)
+  shardings = sharding.state_shardings(
+      jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), state),
+      mesh)
+  state = jax.device_put(state, shardings)
+  return OnlineTeacher(graphdef, state, shardings,
+                       f'{t.arch} from {t.checkpoint}')
+
+
+def check_distillation(config: ml_collections.ConfigDict, model_cfg,
+                       teacher: OnlineTeacher | None) -> None:
+  """A distillation loss needs a teacher; say how to configure one."""
+  kind = config.distill.kind
+  if kind == 'none' or not model_cfg.distilled:
+    return
+  if teacher is None and not config.teacher.get('soft_labels'):
+    raise ValueError(
+        f'config.distill.kind={kind!r} needs a teacher: set '
+        'config.teacher.arch and config.teacher.checkpoint (online) or '
+        'config.teacher.soft_labels (offline), or config.distill.kind=none')
+
+
+def jit_train_step(graphdef, tx, step_cfg, schedule, state_shardings, mesh,
+                   teacher: OnlineTeacher | None = None):
+  """`step(state, batch, teacher_state)` jitted with shardings + donation."""
+  step = step_lib.make_train_step(
+      graphdef, tx, step_cfg, schedule,
+      teacher_graphdef=teacher.graphdef if teacher else None)
   batch_sh = sharding.batch_sharding(mesh)
+  teacher_sh = teacher.shardings if teacher else None
   return jax.jit(
       step,
-      in_shardings=(state_shardings, batch_sh),
+      in_shardings=(state_shardings, batch_sh, teacher_sh),
       out_shardings=(state_shardings, sharding.replicated(mesh)),
       donate_argnums=(0,))
 
@@ -155,8 +211,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str
   tx, schedule = optim.create_optimizer(config)
   graphdef, state, state_sh = create_train_state(config, model_cfg, tx, mesh)
   step_cfg = step_lib.StepConfig.from_config(config, model_cfg)
+  teacher = create_online_teacher(config, mesh)
+  check_distillation(config, model_cfg, teacher)
   train_step = jit_train_step(graphdef, tx, step_cfg, schedule, state_sh,
-                              mesh)
+                              mesh, teacher)
+  teacher_state = teacher.state if teacher else None
   eval_step = jit_eval_step(graphdef, step_cfg, state_sh, mesh)
   train_iter = input_pipeline.create_train_iterator(config)
 
@@ -182,7 +241,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str
   while step < config.total_steps:
     batch = next(train_iter)
     state, metrics = train_step(
-        state, input_pipeline.to_global_batch(batch, mesh))
+        state, input_pipeline.to_global_batch(batch, mesh), teacher_state)
     step += 1
     train_metrics.append(metrics)
     if config.get('nonfinite', 'skip') == 'stop' and not bool(

@@ -107,6 +107,33 @@ def _heads(outputs) -> tuple[jax.Array, jax.Array | None]:
   return outputs, None
 
 
+def step_inputs(cfg: StepConfig, state: State, batch: dict[str, jax.Array],
+                teacher_graphdef: nnx.GraphDef | None = None,
+                teacher_state: Any = None
+                ) -> tuple[jax.Array, jax.Array, jax.Array | None, jax.Array]:
+  """What the student and the teacher see at this step.
+
+  Returns ([0, 1] images after mixup/cutmix [B, H, W, 3], soft targets
+  [B, C], teacher logits [B, C] or None, the dropout key). The online teacher
+  runs on exactly the mixed images the student gets (consistent teaching);
+  offline logits come from the batch ('teacher_logits').
+  """
+  key = jax.random.fold_in(state['rng'], state['step'])
+  mix_key, drop_key = jax.random.split(key)
+  images = _to_unit(batch['image'])  # [B, H, W, 3] in [0, 1]
+  targets = jax.nn.one_hot(batch['label'], cfg.num_classes)
+  if cfg.mixup_alpha > 0 or cfg.cutmix_alpha > 0:
+    images, targets = mixup_lib.mixup_cutmix(
+        mix_key, images, targets, mixup_alpha=cfg.mixup_alpha,
+        cutmix_alpha=cfg.cutmix_alpha, prob=cfg.mixup_prob,
+        switch_prob=cfg.mixup_switch_prob)
+  teacher_logits = batch.get('teacher_logits')
+  if teacher_graphdef is not None:
+    teacher = nnx.merge(teacher_graphdef, teacher_state)
+    teacher_logits = jax.lax.stop_gradient(teacher(images))
+  return images, targets, teacher_logits, drop_key
+
+
 def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation,
                     cfg: StepConfig, schedule: optax.Schedule,
                     teacher_graphdef: nnx.GraphDef | None = None
@@ -121,20 +148,9 @@ def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation,
 
   def step(state: State, batch: dict[str, jax.Array],
            teacher_state: Any = None):
-    key = jax.random.fold_in(state['rng'], state['step'])
-    mix_key, drop_key = jax.random.split(key)
+    images, targets, teacher_logits, drop_key = step_inputs(
+        cfg, state, batch, teacher_graphdef, teacher_state)
     labels = batch['label']
-    images = _to_unit(batch['image'])  # [B, H, W, 3] in [0, 1]
-    targets = jax.nn.one_hot(labels, cfg.num_classes)
-    if cfg.mixup_alpha > 0 or cfg.cutmix_alpha > 0:
-      images, targets = mixup_lib.mixup_cutmix(
-          mix_key, images, targets, mixup_alpha=cfg.mixup_alpha,
-          cutmix_alpha=cfg.cutmix_alpha, prob=cfg.mixup_prob,
-          switch_prob=cfg.mixup_switch_prob)
-    teacher_logits = batch.get('teacher_logits')
-    if teacher_graphdef is not None:
-      teacher = nnx.merge(teacher_graphdef, teacher_state)
-      teacher_logits = jax.lax.stop_gradient(teacher(images))
     x = normalize(images, cfg.mean, cfg.std)
     weights = (None if cfg.class_weights is None
                else jnp.asarray(cfg.class_weights, jnp.float32))

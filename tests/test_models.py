@@ -457,3 +457,19 @@ def test_conv_stem_matches_pytorch_layers():
     want = ref(torch.from_numpy(x).permute(0, 3, 1, 2)).permute(0, 2, 3, 1)
   got = pe(jnp.asarray(x), train=False)
   np.testing.assert_allclose(got, want.numpy(), atol=1e-4)
+
+
+def test_depthwise_conv_equals_grouped_conv():
+  """The shift-and-add depthwise conv is exactly nnx.Conv's grouped conv."""
+  from drpl_jax.models import layers  # pylint: disable=g-import-not-at-top
+  rng = np.random.default_rng(0)
+  for k in (3, 5):
+    x = jnp.asarray(rng.normal(size=(2, 7, 6, 12)), jnp.float32)
+    kernel = jnp.asarray(rng.normal(size=(k, k, 1, 12)), jnp.float32)
+    bias = jnp.asarray(rng.normal(size=(12,)), jnp.float32)
+    ref = jax.lax.conv_general_dilated(
+        x, kernel, (1, 1), ((k // 2, k // 2),) * 2,
+        dimension_numbers=('NHWC', 'HWIO', 'NHWC'),
+        feature_group_count=12) + bias
+    np.testing.assert_allclose(layers.depthwise_conv(x, kernel, bias), ref,
+                               rtol=1e-5, atol=1e-5)
