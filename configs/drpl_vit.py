@@ -59,6 +59,8 @@ def get_config(arg: str = '') -> ml_collections.ConfigDict:
   config.eval_every_steps = 1000
   config.checkpoint_every_steps = 1000
   config.keep_checkpoints = 3
+  config.mesh_shape = (-1, 1)  # (data, fsdp); -1 = all remaining devices
+  config.nonfinite = 'skip'  # non-finite loss/grad: 'skip' the update or 'stop'
   config.init_from = ''  # timm/DeiT checkpoint to start the student from
 
   image_size = ml_collections.FieldReference(224)

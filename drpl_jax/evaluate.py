@@ -128,10 +128,11 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str, *,
     target = out_dir if params_key == 'params' else os.path.join(out_dir,
                                                                  'ema')
     paper = tuple(class_names) == PAPER_CLASSES and not data
-    report_lib.write_report(
-        target, report, metrics_lib.softmax(logits['mean']), labels,
-        class_names, title=f'{config.data.name} / {name} / step '
-        f'{evaluator.step} ({params_key})', paper_reference=paper)
+    if jax.process_index() == 0:  # every process holds the same report
+      report_lib.write_report(
+          target, report, metrics_lib.softmax(logits['mean']), labels,
+          class_names, title=f'{config.data.name} / {name} / step '
+          f'{evaluator.step} ({params_key})', paper_reference=paper)
     logging.info('Wrote %s/report.json: accuracy %.4f', target,
                  report['accuracy'])
     result = result or report
@@ -220,6 +221,8 @@ _CONFIG = None
 def main(argv: Sequence[str]) -> None:
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments: {argv[1:]}')
+  from drpl_jax import distributed  # pylint: disable=g-import-not-at-top
+  distributed.initialize()
   config = _CONFIG.value or config_from_workdir(flags.FLAGS.workdir)
   report = evaluate(config, flags.FLAGS.workdir, step=flags.FLAGS.step,
                     split=flags.FLAGS.split, data=flags.FLAGS.data,

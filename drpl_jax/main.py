@@ -21,6 +21,14 @@ from ml_collections import config_flags
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'Config file.')
 _WORKDIR = flags.DEFINE_string('workdir', None, 'Directory for checkpoints, '
                                'logs and reports.')
+_COORDINATOR = flags.DEFINE_string(
+    'coordinator_address', None,
+    'host:port of process 0 for a multi-process run on a generic cluster; '
+    'TPU pods and SLURM detect themselves (docs/scaling.md).')
+_NUM_PROCESSES = flags.DEFINE_integer('num_processes', None,
+                                      'Total processes (generic clusters).')
+_PROCESS_ID = flags.DEFINE_integer('process_id', None,
+                                   'This process, 0..N-1 (generic clusters).')
 flags.mark_flags_as_required(['config', 'workdir'])
 
 
@@ -28,6 +36,9 @@ def main(argv: Sequence[str]) -> None:
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments: {argv[1:]}')
   # Imported here so that --help is fast and flags parse before JAX starts.
+  from drpl_jax import distributed  # pylint: disable=g-import-not-at-top
+  distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value,
+                         _PROCESS_ID.value)
   from drpl_jax import evaluate, train  # pylint: disable=g-import-not-at-top
   config, workdir = _CONFIG.value, _WORKDIR.value
   result = train.train_and_evaluate(config, workdir)
