@@ -1,0 +1,316 @@
+"""Converting PyTorch weights into drpl_jax modules.
+
+Teacher: a torchvision ResNet / DenseNet / RegNetY checkpoint becomes the
+equivalent Flax module (`torch_teacher`), which runs inside the jitted train
+step. `parity_report` measures the largest logit difference against the
+PyTorch forward in fp32.
+
+Command line (prints one JSON object):
+
+  python -m drpl_jax.convert teacher --arch resnet50 \
+      --checkpoint teacher.pth --num_classes 4 [--image_size 224] \
+      [--parity] [--out teacher.safetensors]
+
+`--out` writes the validated state dict, with torchvision's canonical names
+(wrappers, 'module.' prefixes and legacy DenseNet names resolved), as
+.safetensors: a file that `torch_teacher` reads on machines without torch.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl import logging
+from flax import nnx
+
+from drpl_jax import teacher as teacher_lib
+from drpl_jax import torch_io
+
+# -----------------------------------------------------------------------------
+# Teacher.
+# -----------------------------------------------------------------------------
+
+
+def _check_classifier(
+    state: Mapping[str, np.ndarray], arch: str, num_classes: int, source: str
+) -> None:
+  """A clear error when the checkpoint was trained for other classes."""
+  key = f'{teacher_lib.arch_spec(arch).classifier}.weight'
+  if key not in state:
+    return  # Reported with all other missing keys by load_torch_weights.
+  shape = tuple(np.shape(state[key]))
+  if not shape or shape[0] != num_classes:
+    raise ValueError(
+        f'{source}: classifier {key!r} has shape {shape} '
+        f'({shape[0] if shape else 0} classes) but num_classes={num_classes};'
+        ' fine-tune the teacher on '
+        'your classes first (python -m drpl_jax.train_teacher) or pass the '
+        'matching num_classes'
+    )
+
+
+def teacher_from_state_dict(
+    cfg: teacher_lib.TeacherConfig,
+    state: Mapping[str, np.ndarray],
+    *,
+    source: str = 'state dict',
+) -> tuple[teacher_lib.Teacher, dict[str, Any]]:
+  """Builds the Flax teacher of `cfg` holding the weights in `state`.
+
+  The module is created abstractly (no random init of, say, the 644M
+  parameters of RegNetY-128GF) and every variable is then filled from
+  `state`. Returns the
+  module and the loading report of `load_torch_weights`.
+  """
+  _check_classifier(state, cfg.arch, cfg.num_classes, source)
+  module = teacher_lib.abstract_teacher(cfg)
+  report = teacher_lib.load_torch_weights(
+      module, state, cfg.arch, log=logging.info
+  )
+  return module, report
+
+
+def torch_teacher(
+    arch: str,
+    checkpoint: str | None,
+    num_classes: int,
+    *,
+    image_size: int = 224,
+    mean: Sequence[float] = teacher_lib.IMAGENET_MEAN,
+    std: Sequence[float] = teacher_lib.IMAGENET_STD,
+    dtype: str = 'float32',
+    seed: int = 0,
+) -> teacher_lib.Teacher:
+  """The Flax teacher for a torchvision checkpoint, ready for inference.
+
+  Args:
+    arch: torchvision name, a key of `drpl_jax.teacher.TEACHER_ARCHS`.
+    checkpoint: `.safetensors` (no torch needed) or `.pth`/`.pt`/`.bin`
+      state dict (torch >= 2.10); None gives random weights with
+      torchvision's initialisation drawn from `seed` (tests and benchmarks
+      only; see `drpl_jax.teacher.random_state_dict`).
+    num_classes: must equal the checkpoint's classifier size.
+    image_size, mean, std: the resolution and normalisation the teacher was
+      trained with; the module applies them to [0, 1] images itself.
+    dtype: compute dtype, 'float32' or 'bfloat16'.
+
+  Returns:
+    module(images [B, H, W, 3] in [0, 1]) -> logits [B, num_classes] float32.
+  """
+  cfg = teacher_lib.TeacherConfig(
+      arch=arch, num_classes=num_classes, image_size=image_size,
+      mean=tuple(mean), std=tuple(std), dtype=dtype,
+  )
+  if checkpoint is None:
+    module = teacher_lib.abstract_teacher(cfg)
+    state = teacher_lib.random_state_dict(module, seed)
+    teacher_lib.load_torch_weights(module, state, arch)
+    return module
+  state = torch_io.load_state_dict(checkpoint)
+  module, _ = teacher_from_state_dict(cfg, state, source=str(checkpoint))
+  return module
+
+
+def _torchvision_model(arch: str, num_classes: int) -> Any:
+  """The torchvision reference model of `arch` (needs torch)."""
+  import torchvision  # pylint: disable=g-import-not-at-top
+
+  teacher_lib.arch_spec(arch)
+  return torchvision.models.get_model(arch, weights=None,
+                                      num_classes=num_classes)
+
+
+def randomize_batchnorm(model: Any, image_size: int, seed: int = 0) -> None:
+  """Gives a torch model non-trivial, well-scaled BatchNorm parameters.
+
+  BN scale/shift are drawn at random, the running statistics are estimated
+  on random [0, 1] images normalised with ImageNet statistics (so
+  activations stay O(1) through deep networks), then perturbed, so that a
+  swapped or ignored BN tensor changes the logits.
+  """
+  import torch  # pylint: disable=g-import-not-at-top
+
+  g = torch.Generator().manual_seed(seed)
+  bns = [m for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+  mean = torch.tensor(teacher_lib.IMAGENET_MEAN)
+  std = torch.tensor(teacher_lib.IMAGENET_STD)
+  with torch.no_grad():
+    for m in bns:
+      m.weight.uniform_(0.7, 1.3, generator=g)
+      m.bias.normal_(0.0, 0.1, generator=g)
+      m.momentum = None  # Cumulative average: the stats of this batch.
+      m.reset_running_stats()
+    images = torch.rand(4, image_size, image_size, 3, generator=g)
+    model.train()
+    model(((images - mean) / std).permute(0, 3, 1, 2))
+    model.eval()
+    for m in bns:
+      m.momentum = 0.1
+      noise = torch.randn(m.running_mean.shape, generator=g)
+      m.running_mean.add_(0.1 * noise * m.running_var.sqrt())
+      m.running_var.mul_(
+          torch.empty(m.running_var.shape).uniform_(0.7, 1.3, generator=g))
+
+
+# Jitted once at module level so repeated reports reuse compilations.
+_forward = nnx.jit(lambda module, images: module(images))
+
+
+def _torch_compatible(value: np.ndarray) -> np.ndarray:
+  """Integers as they are, floats (bfloat16 included) as float32."""
+  value = np.asarray(value)
+  if np.issubdtype(value.dtype, np.integer):
+    return value
+  return value.astype(np.float32)
+
+
+def parity_report(
+    arch: str,
+    checkpoint: str | None,
+    num_classes: int,
+    *,
+    batch: int = 2,
+    image_size: int = 224,
+    seed: int = 0,
+) -> dict[str, Any]:
+  """Runs torchvision and the converted Flax teacher on the same images.
+
+  fp32 on both sides (the Flax side with full-precision matmuls and
+  convolutions, also on GPUs); images are random [0, 1] at `image_size`
+  (normalised with ImageNet statistics for torch, raw for the Flax module,
+  which normalises itself). With `checkpoint` None a random torchvision
+  model with randomised BatchNorm (`randomize_batchnorm`) is used. Needs
+  torch. Returns max_abs_diff, max_abs_logit, argmax agreement, versions.
+  """
+  import torch  # pylint: disable=g-import-not-at-top
+
+  torch.manual_seed(seed)
+  model = _torchvision_model(arch, num_classes)
+  if checkpoint is None:
+    randomize_batchnorm(model, image_size, seed)
+    state = {k: v.numpy() for k, v in model.state_dict().items()}
+  else:
+    state = torch_io.load_state_dict(checkpoint)
+  cfg = teacher_lib.TeacherConfig(arch, num_classes, image_size=image_size)
+  flax_model, _ = teacher_from_state_dict(
+      cfg, state, source=str(checkpoint or 'random init'))
+  canonical, _ = teacher_lib.canonical_state_dict(state, arch)
+  model.load_state_dict(
+      {k: torch.from_numpy(_torch_compatible(v)) for k, v in canonical.items()},
+      strict=True,
+  )
+  model.eval()
+  rng = np.random.default_rng(seed)
+  images = rng.random((batch, image_size, image_size, 3), dtype=np.float32)
+  mean = np.asarray(cfg.mean, np.float32)
+  std = np.asarray(cfg.std, np.float32)
+  with torch.no_grad():
+    nchw = torch.from_numpy(((images - mean) / std).transpose(0, 3, 1, 2))
+    torch_logits = model(nchw).numpy()
+  # Full fp32 convolutions/matmuls (no TF32 on GPUs): this measures the
+  # conversion, not the accelerator's reduced-precision defaults.
+  with jax.default_matmul_precision('float32'):
+    flax_logits = np.asarray(_forward(flax_model, jnp.asarray(images)))
+  import torchvision  # pylint: disable=g-import-not-at-top
+
+  return {
+      'arch': arch,
+      'checkpoint': checkpoint,
+      'num_classes': num_classes,
+      'batch': batch,
+      'image_size': image_size,
+      'seed': seed,
+      'max_abs_diff': float(np.max(np.abs(torch_logits - flax_logits))),
+      'max_abs_logit': float(np.max(np.abs(torch_logits))),
+      'argmax_agreement': float(np.mean(
+          torch_logits.argmax(-1) == flax_logits.argmax(-1))),
+      'torch_version': torch.__version__,
+      'torchvision_version': torchvision.__version__,
+      'jax_version': jax.__version__,
+      'jax_backend': jax.default_backend(),
+      'precision': 'float32',
+  }
+
+
+def _teacher_command(args: argparse.Namespace) -> dict[str, Any]:
+  """`teacher` subcommand: convert, optionally check parity and save."""
+  cfg = teacher_lib.TeacherConfig(
+      arch=args.arch, num_classes=args.num_classes,
+      image_size=args.image_size, mean=tuple(args.mean), std=tuple(args.std),
+  )
+  state = torch_io.load_state_dict(args.checkpoint)
+  module, report = teacher_from_state_dict(cfg, state, source=args.checkpoint)
+  params = nnx.state(module, nnx.Param)
+  result = {
+      'command': 'teacher',
+      'arch': args.arch,
+      'checkpoint': args.checkpoint,
+      'num_classes': args.num_classes,
+      'image_size': args.image_size,
+      'num_params': int(sum(x.size for x in jax.tree.leaves(params))),
+      'consumed': len(report['consumed']),
+      'ignored': len(report['ignored']),
+      'renamed': len(report['renamed']),
+  }
+  if args.out:
+    canonical, _ = teacher_lib.canonical_state_dict(state, args.arch)
+    torch_io.save_safetensors(canonical, args.out)
+    result['out'] = args.out
+  if args.parity:
+    result['parity'] = parity_report(
+        args.arch, args.checkpoint, args.num_classes, batch=args.batch,
+        image_size=args.image_size, seed=args.seed)
+  return result
+
+
+def _add_teacher_parser(subparsers: Any) -> None:
+  p = subparsers.add_parser(
+      'teacher', help='convert a torchvision CNN teacher checkpoint')
+  p.add_argument('--arch', required=True,
+                 choices=sorted(teacher_lib.TEACHER_ARCHS))
+  p.add_argument('--checkpoint', required=True,
+                 help='.safetensors, or .pth/.pt/.bin state dict')
+  p.add_argument('--num_classes', type=int, required=True)
+  p.add_argument('--image_size', type=int, default=224)
+  p.add_argument('--mean', type=float, nargs=3,
+                 default=list(teacher_lib.IMAGENET_MEAN))
+  p.add_argument('--std', type=float, nargs=3,
+                 default=list(teacher_lib.IMAGENET_STD))
+  p.add_argument('--parity', action='store_true',
+                 help='compare logits with torchvision (needs torch)')
+  p.add_argument('--batch', type=int, default=2, help='parity batch size')
+  p.add_argument('--seed', type=int, default=0, help='parity image seed')
+  p.add_argument('--out', default=None,
+                 help='write the canonical state dict as .safetensors')
+
+
+# Subcommand name -> (parser builder, handler). A `student` entry joins here.
+_COMMANDS: dict[str, tuple[Callable[[Any], None],
+                           Callable[[argparse.Namespace], dict[str, Any]]]] = {
+    'teacher': (_add_teacher_parser, _teacher_command),
+}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+  """Entry point of `python -m drpl_jax.convert`; prints a JSON summary."""
+  parser = argparse.ArgumentParser(
+      prog='python -m drpl_jax.convert',
+      description='Convert PyTorch weights for drpl_jax.')
+  subparsers = parser.add_subparsers(dest='command', required=True)
+  for add_parser, _ in _COMMANDS.values():
+    add_parser(subparsers)
+  args = parser.parse_args(argv)
+  result = _COMMANDS[args.command][1](args)
+  print(json.dumps(result, indent=2, sort_keys=True))
+  return 0
+
+
+if __name__ == '__main__':
+  sys.exit(main())

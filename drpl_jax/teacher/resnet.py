@@ -1,0 +1,115 @@
+"""torchvision ResNet (v1.5: stride in the 3x3 conv) as a Flax NNX module.
+
+Attribute names mirror torchvision's state dict (`conv1`, `bn1`,
+`layer1.0.conv1`, `layer1.0.downsample.0`, `fc`) so weights map
+mechanically; see `drpl_jax.teacher.weights`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import ClassVar
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from drpl_jax.teacher import common
+
+
+@dataclasses.dataclass(frozen=True)
+class ResNetSpec:
+  """Block type and blocks per stage of one torchvision ResNet."""
+
+  bottleneck: bool
+  layers: tuple[int, int, int, int]
+  classifier: ClassVar[str] = 'fc'
+
+  @property
+  def expansion(self) -> int:
+    return 4 if self.bottleneck else 1
+
+
+class BasicBlock(nnx.Module):
+  """Two 3x3 convs with a residual (ResNet-18/34)."""
+
+  def __init__(self, inplanes: int, planes: int, stride: int, *,
+               dtype: jnp.dtype, rngs: nnx.Rngs):
+    kw = dict(dtype=dtype, rngs=rngs)
+    self.conv1 = common.conv(inplanes, planes, 3, stride=stride, **kw)
+    self.bn1 = common.batch_norm(planes, **kw)
+    self.conv2 = common.conv(planes, planes, 3, **kw)
+    self.bn2 = common.batch_norm(planes, **kw)
+    self.downsample = _downsample(inplanes, planes, stride, **kw)
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    out = jax.nn.relu(self.bn1(self.conv1(x)))
+    out = self.bn2(self.conv2(out))
+    if self.downsample is not None:
+      x = common.apply_conv_bn(self.downsample, x, relu=False)
+    return jax.nn.relu(out + x)
+
+
+class Bottleneck(nnx.Module):
+  """1x1 reduce, 3x3 (carries the stride), 1x1 expand by 4 (ResNet-50+)."""
+
+  def __init__(self, inplanes: int, planes: int, stride: int, *,
+               dtype: jnp.dtype, rngs: nnx.Rngs):
+    kw = dict(dtype=dtype, rngs=rngs)
+    self.conv1 = common.conv(inplanes, planes, 1, **kw)
+    self.bn1 = common.batch_norm(planes, **kw)
+    self.conv2 = common.conv(planes, planes, 3, stride=stride, **kw)
+    self.bn2 = common.batch_norm(planes, **kw)
+    self.conv3 = common.conv(planes, planes * 4, 1, **kw)
+    self.bn3 = common.batch_norm(planes * 4, **kw)
+    self.downsample = _downsample(inplanes, planes * 4, stride, **kw)
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    out = jax.nn.relu(self.bn1(self.conv1(x)))
+    out = jax.nn.relu(self.bn2(self.conv2(out)))
+    out = self.bn3(self.conv3(out))
+    if self.downsample is not None:
+      x = common.apply_conv_bn(self.downsample, x, relu=False)
+    return jax.nn.relu(out + x)
+
+
+def _downsample(inplanes: int, outplanes: int, stride: int, *,
+                dtype: jnp.dtype, rngs: nnx.Rngs) -> nnx.List | None:
+  """The 1x1 projection shortcut, present when the shape changes."""
+  if stride == 1 and inplanes == outplanes:
+    return None
+  return common.conv_bn(inplanes, outplanes, 1, stride=stride, dtype=dtype,
+                        rngs=rngs)
+
+
+class ResNet(nnx.Module):
+  """A torchvision ResNet in inference mode; takes images in [0, 1]."""
+
+  def __init__(self, spec: ResNetSpec, cfg: common.TeacherConfig, *,
+               rngs: nnx.Rngs):
+    self.arch = cfg.arch
+    self.cfg = cfg
+    dtype = jnp.dtype(cfg.dtype)
+    kw = dict(dtype=dtype, rngs=rngs)
+    self.conv1 = common.conv(3, 64, 7, stride=2, padding=3, **kw)
+    self.bn1 = common.batch_norm(64, **kw)
+    block = Bottleneck if spec.bottleneck else BasicBlock
+    inplanes = 64
+    for i, (planes, depth) in enumerate(zip((64, 128, 256, 512), spec.layers)):
+      blocks = []
+      for j in range(depth):
+        stride = 2 if (i > 0 and j == 0) else 1
+        blocks.append(block(inplanes, planes, stride, **kw))
+        inplanes = planes * spec.expansion
+      setattr(self, f'layer{i + 1}', nnx.List(blocks))
+    self.fc = common.linear(inplanes, cfg.num_classes, **kw)
+
+  def __call__(self, images: jax.Array) -> jax.Array:
+    """[B, H, W, 3] images in [0, 1] -> [B, num_classes] float32 logits."""
+    x = common.preprocess(images, self.cfg)
+    x = jax.nn.relu(self.bn1(self.conv1(x)))
+    x = common.max_pool_3x3_s2(x)
+    for stage in (self.layer1, self.layer2, self.layer3, self.layer4):
+      for blk in stage:
+        x = blk(x)
+    return common.finish_logits(self.fc(common.global_avg_pool(x)))

@@ -1,0 +1,479 @@
+r"""Fine-tunes a torchvision CNN teacher in PyTorch on the prepared data.
+
+  python -m drpl_jax.train_teacher --config=configs/drpl_vit.py \
+      --config.data.manual_dir=/data/COVID-19_Radiography_Dataset \
+      --arch resnet50 --out /models/teacher.safetensors \
+      [--init resnet50_imagenet.safetensors] [--epochs 10] [--batch_size 32] \
+      [--lr 1e-3] [--image_size 224]
+
+The model is `torchvision.models.<arch>(weights=None, num_classes=C)` with C
+the data set's class count; `--init` starts from a state dict the user has
+(e.g. ImageNet weights; nothing is ever downloaded), re-initialising the
+classifier when its class count differs. Training: AdamW, linear warmup and
+cosine decay, the `torch_data` train view (mild random resized crop, no
+flip), CUDA when available (bf16 autocast there), else the CPU. The epoch
+with the best validation accuracy (ties: lower validation loss) is kept.
+
+Writes `PATH.safetensors` (torchvision's exact state-dict naming, without
+BatchNorm's `num_batches_tracked` counters, which the Flax converter ignores
+and `load_state_dict(strict=True)` in torch fills in itself) and
+`PATH.json`: validation metrics of the kept epoch, per-epoch history, arch,
+data set, input size and normalisation, seed, init and the weights' sha256.
+Convert the result for online distillation with `drpl_jax.convert`.
+
+On the CPU a run is deterministic for a seed: torch.manual_seed fixes the
+initial weights, and the epoch order and crops come from numpy generators
+seeded with (seed, epoch[, index]).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+import contextlib
+import datetime
+import json
+import math
+import os
+import sys
+import time
+from typing import Any
+
+import numpy as np
+import torch
+import torchvision
+
+from drpl_jax import soft_labels
+from drpl_jax import teacher as flax_teacher
+from drpl_jax import torch_data
+from drpl_jax import torch_io
+
+SELECT_BY = ('accuracy', 'balanced_accuracy')
+_IGNORED_SUFFIX = 'num_batches_tracked'
+
+
+def known_archs(any_torchvision: bool = False) -> list[str]:
+  """Architectures `build_model` accepts.
+
+  By default the ones `drpl_jax.teacher` converts to Flax (ResNet, DenseNet,
+  RegNetY); with `any_torchvision` every torchvision classification model.
+  """
+  if any_torchvision:
+    return sorted(torchvision.models.list_models(module=torchvision.models))
+  return sorted(flax_teacher.TEACHER_ARCHS)
+
+
+def build_model(arch: str, num_classes: int, *,
+                any_torchvision: bool = False) -> torch.nn.Module:
+  """A randomly initialised torchvision `arch` with `num_classes` outputs."""
+  known = known_archs(any_torchvision)
+  if arch not in known:
+    raise ValueError(f'unknown teacher arch {arch!r}; known: {known}')
+  if num_classes < 1:
+    raise ValueError(f'num_classes must be >= 1, got {num_classes}')
+  return torchvision.models.get_model(arch, weights=None,
+                                      num_classes=num_classes)
+
+
+def head_prefix(model: torch.nn.Module) -> str:
+  """The module name of the classifier (the last Linear), e.g. 'fc'."""
+  names = [n for n, m in model.named_modules()
+           if isinstance(m, torch.nn.Linear)]
+  if not names:
+    raise ValueError(f'{type(model).__name__} has no Linear classifier')
+  return names[-1]
+
+
+def state_dict_numpy(model: torch.nn.Module) -> dict[str, np.ndarray]:
+  """The state dict as CPU numpy copies, minus `num_batches_tracked`."""
+  return {k: v.detach().cpu().numpy().copy()
+          for k, v in model.state_dict().items()
+          if not k.endswith(_IGNORED_SUFFIX)}
+
+
+def _listing(items: Sequence[Any], limit: int = 10) -> str:
+  more = f' (+{len(items) - limit} more)' if len(items) > limit else ''
+  return f'{list(items[:limit])}{more}'
+
+
+def _state_problems(state: Mapping[str, np.ndarray],
+                    target: Mapping[str, torch.Tensor]
+                    ) -> tuple[list[str], list[str]]:
+  """(missing/unexpected key messages, keys whose shapes differ)."""
+  missing = [k for k in target
+             if k not in state and not k.endswith(_IGNORED_SUFFIX)]
+  unexpected = [k for k in state
+                if k not in target and not k.endswith(_IGNORED_SUFFIX)]
+  mismatched = [k for k in target if k in state and
+                not k.endswith(_IGNORED_SUFFIX) and
+                tuple(np.shape(state[k])) != tuple(target[k].shape)]
+  problems = []
+  if missing:
+    problems.append(f'missing keys {_listing(missing)}')
+  if unexpected:
+    problems.append(f'unexpected keys {_listing(unexpected)}')
+  return problems, mismatched
+
+
+def load_state(model: torch.nn.Module, state: Mapping[str, np.ndarray], *,
+               arch: str, path: str = '<state dict>',
+               reinit_head: bool = False) -> dict[str, Any]:
+  """Copies a numpy state dict into `model`, checking every key and shape.
+
+  Args:
+    model: the torchvision model (its classifier already sized).
+    state: {torch key: array}, e.g. from `torch_io.load_state_dict`. Legacy
+      DenseNet names are renamed as torchvision does; BatchNorm
+      `num_batches_tracked` counters are optional (as in the converter).
+    arch: the torchvision name of `model` (for the renaming and messages).
+    path: where `state` came from, for messages.
+    reinit_head: when only the classifier's shapes differ, keep the model's
+      fresh classifier instead of failing (fine-tuning to new classes).
+
+  Returns:
+    {'head_reinitialised': bool, 'checkpoint_num_classes': int (the file's
+     classifier size), 'renamed_keys': int}.
+
+  Raises:
+    ValueError: naming missing keys, unexpected keys and shape mismatches.
+  """
+  renamed = {}
+  if arch in flax_teacher.TEACHER_ARCHS:
+    state, renamed = flax_teacher.canonical_state_dict(state, arch)
+  target = model.state_dict()
+  head = head_prefix(model) + '.'
+  problems, mismatched = _state_problems(state, target)
+  reinit = bool(mismatched) and reinit_head and all(
+      k.startswith(head) for k in mismatched)
+  if mismatched and not reinit:
+    problems.append('shape mismatches ' + _listing(
+        [f'{k}: file {tuple(np.shape(state[k]))} vs model '
+         f'{tuple(target[k].shape)}' for k in mismatched]))
+  if problems:
+    raise ValueError(f'{path}: does not fit torchvision {arch} with '
+                     f'{target[head + "weight"].shape[0]} classes: ' +
+                     '; '.join(problems))
+  with torch.no_grad():
+    for key, tensor in target.items():
+      if key not in state or (reinit and key.startswith(head)):
+        continue
+      value = np.asarray(state[key])
+      if key.endswith(_IGNORED_SUFFIX):  # A counter; any shape of size 1.
+        if value.size != 1:
+          continue
+        value = value.reshape(tuple(tensor.shape))
+      if value.dtype.name == 'bfloat16':  # ml_dtypes, from torch_io.
+        value = value.astype(np.float32)
+      tensor.copy_(torch.from_numpy(np.array(value)).to(tensor.dtype))
+  return {'head_reinitialised': reinit,
+          'checkpoint_num_classes': int(np.shape(state[head + 'weight'])[0]),
+          'renamed_keys': len(renamed)}
+
+
+def classification_metrics(confusion: np.ndarray,
+                           class_names: Sequence[str]) -> dict[str, Any]:
+  """Accuracy, balanced accuracy and per-class sensitivity (rows = true)."""
+  support = confusion.sum(axis=1)
+  correct = np.diag(confusion)
+  sensitivity = {
+      name: (float(correct[i] / support[i]) if support[i] else None)
+      for i, name in enumerate(class_names)}
+  present = [v for v in sensitivity.values() if v is not None]
+  total = int(confusion.sum())
+  return {
+      'accuracy': float(correct.sum() / total) if total else 0.0,
+      'balanced_accuracy': float(np.mean(present)) if present else 0.0,
+      'sensitivity': sensitivity,
+      'support': {n: int(s) for n, s in zip(class_names, support)},
+      'confusion_matrix': confusion.astype(int).tolist(),
+      'num_examples': total,
+  }
+
+
+def _autocast(device: torch.device):
+  if device.type == 'cuda':
+    return torch.autocast('cuda', dtype=torch.bfloat16)
+  return contextlib.nullcontext()
+
+
+def evaluate(model: torch.nn.Module, loader: Any, device: torch.device,
+             class_names: Sequence[str]) -> dict[str, Any]:
+  """Eval-mode loss and `classification_metrics` over `loader`."""
+  num_classes = len(class_names)
+  confusion = np.zeros((num_classes, num_classes), np.int64)
+  loss_sum, count = 0.0, 0
+  model.eval()
+  with torch.inference_mode(), _autocast(device):
+    for batch in loader:
+      labels = batch['label'].to(device)
+      logits = model(batch['image'].to(device)).float()
+      loss_sum += float(torch.nn.functional.cross_entropy(
+          logits, labels, reduction='sum'))
+      count += len(labels)
+      pred = logits.argmax(-1).cpu().numpy()
+      np.add.at(confusion, (labels.cpu().numpy(), pred), 1)
+  metrics = classification_metrics(confusion, class_names)
+  metrics['loss'] = loss_sum / max(count, 1)
+  return metrics
+
+
+def _train_epoch(model: torch.nn.Module, loader: Any, optimizer: Any,
+                 scheduler: Any, device: torch.device,
+                 max_steps: int | None) -> tuple[float, float, int]:
+  """One pass; returns (mean loss, accuracy, steps)."""
+  model.train()
+  loss_sum, correct, count, steps = 0.0, 0, 0, 0
+  for batch in loader:
+    if max_steps is not None and steps >= max_steps:
+      break
+    images = batch['image'].to(device)
+    labels = batch['label'].to(device)
+    with _autocast(device):
+      logits = model(images).float()
+    loss = torch.nn.functional.cross_entropy(logits, labels)
+    if not torch.isfinite(loss):
+      raise FloatingPointError(f'non-finite training loss {loss.item()} at '
+                               f'step {steps}; lower --lr')
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    optimizer.step()
+    scheduler.step()
+    loss_sum += loss.item() * len(labels)
+    correct += int((logits.argmax(-1) == labels).sum())
+    count += len(labels)
+    steps += 1
+  return loss_sum / max(count, 1), correct / max(count, 1), steps
+
+
+def _schedule(total_steps: int) -> Any:
+  """lr multiplier: linear warmup (5% of steps), then cosine to zero."""
+  warmup = max(1, total_steps // 20)
+
+  def factor(step: int) -> float:
+    if step < warmup:
+      return (step + 1) / warmup
+    progress = (step - warmup) / max(1, total_steps - warmup)
+    return 0.5 * (1.0 + math.cos(math.pi * min(progress, 1.0)))
+  return factor
+
+
+def _init_model(arch: str, num_classes: int, init: str | None
+                ) -> tuple[torch.nn.Module, dict[str, Any] | None]:
+  """Builds the model and loads `--init` (head re-initialised if needed)."""
+  model = build_model(arch, num_classes)
+  if not init:
+    return model, None
+  state = torch_io.load_state_dict(init)
+  report = load_state(model, state, arch=arch, path=init, reinit_head=True)
+  report.update(path=os.path.abspath(init),
+                sha256=soft_labels.sha256_file(init))
+  if report['head_reinitialised']:
+    report['note'] = (
+        f'classifier {head_prefix(model)!r} re-initialised: the checkpoint '
+        f'has {report["checkpoint_num_classes"]} classes, the data set '
+        f'{num_classes}')
+  return model, report
+
+
+def _write_outputs(out: str, state: Mapping[str, np.ndarray],
+                   result: dict[str, Any]) -> dict[str, Any]:
+  """Writes the weights and the JSON (each atomically); returns the JSON."""
+  base = os.path.splitext(out)[0]
+  tmp = base + '.partial.safetensors'
+  torch_io.save_safetensors(state, tmp)
+  os.replace(tmp, out)
+  result.update(weights_file=os.path.abspath(out),
+                sha256=soft_labels.sha256_file(out))
+  json_path = base + '.json'
+  with open(json_path + '.partial', 'w') as f:
+    json.dump(result, f, indent=2)
+  os.replace(json_path + '.partial', json_path)
+  result['json_file'] = os.path.abspath(json_path)
+  return result
+
+
+def _check_num_classes(config: Any, class_names: Sequence[str]) -> None:
+  model_cfg = config.get('model') if hasattr(config, 'get') else None
+  configured = model_cfg.get('num_classes') if model_cfg else None
+  if configured and int(configured) != len(class_names):
+    raise ValueError(
+        f'config.model.num_classes={configured} but the data set has '
+        f'{len(class_names)} classes {list(class_names)}; fix the config')
+
+
+def train_teacher(config: Any, arch: str, out: str, *,
+                  init: str | None = None, epochs: int = 10,
+                  batch_size: int = 32, lr: float = 1e-3,
+                  image_size: int | None = None, weight_decay: float = 0.05,
+                  crop_scale: Sequence[float] = torch_data.DEFAULT_CROP_SCALE,
+                  select_by: str = 'accuracy',
+                  max_steps_per_epoch: int | None = None,
+                  eval_limit: int | None = None, num_workers: int = 0,
+                  device: str | None = None) -> dict[str, Any]:
+  """Fine-tunes torchvision `arch` on `config.data`; writes `out` and JSON.
+
+  Args:
+    config: the training config (`data.*`, `teacher.{image_size, mean,
+      std}`, `seed`, `model.num_classes` which must match the data set).
+    arch: a torchvision name from `known_archs()`.
+    out: the `.safetensors` file to write; the JSON goes beside it.
+    init: a torchvision state dict to start from (`.safetensors` or `.pth`).
+    epochs: passes over the train split.
+    batch_size: examples per step.
+    lr: peak AdamW learning rate.
+    image_size: input size (default config.teacher.image_size).
+    weight_decay: AdamW weight decay.
+    crop_scale: area range of the random resized crop.
+    select_by: the validation metric that picks the epoch kept.
+    max_steps_per_epoch: cap on steps per epoch (smoke runs, tests).
+    eval_limit: evaluate on only the first N validation examples.
+    num_workers: DataLoader worker processes.
+    device: torch device (default CUDA when available, else CPU).
+
+  Returns:
+    The JSON content (also written to `out` with suffix `.json`).
+  """
+  from drpl_jax import data  # pylint: disable=g-import-not-at-top
+  start = time.time()
+  out = soft_labels.check_output_path(out, ('.safetensors',))
+  if select_by not in SELECT_BY:
+    raise ValueError(f'select_by={select_by!r} is not one of {SELECT_BY}')
+  if epochs < 1 or batch_size < 1:
+    raise ValueError(f'epochs and batch_size must be >= 1, got {epochs} '
+                     f'and {batch_size}')
+  if arch not in known_archs():
+    raise ValueError(f'unknown teacher arch {arch!r}; known: {known_archs()}')
+  info = data.ensure_prepared(config.data)
+  class_names = list(info.class_names)
+  _check_num_classes(config, class_names)
+  seed = int(config.get('seed', 0))
+  torch.manual_seed(seed)
+  model, init_report = _init_model(arch, len(class_names), init)
+  dev = torch_data.pick_device(device)
+  view = dict(image_size=int(image_size or config.teacher.image_size),
+              mean=tuple(config.teacher.mean), std=tuple(config.teacher.std))
+  splits = (config.data.get('train_split', 'train'),
+            config.data.get('eval_split', 'validation'))
+  train_set = torch_data.TeacherDataset(
+      data.get_source(config.data, splits[0]), train=True, seed=seed,
+      crop_scale=crop_scale, **view)
+  eval_set = torch_data.TeacherDataset(
+      data.get_source(config.data, splits[1]), **view)
+  steps_per_epoch = max(1, len(train_set) // batch_size)
+  if max_steps_per_epoch:
+    steps_per_epoch = min(steps_per_epoch, max_steps_per_epoch)
+  hparams = {'batch_size': batch_size, 'lr': lr,
+             'weight_decay': weight_decay, 'crop_scale': list(crop_scale),
+             'hflip': False, 'steps_per_epoch': steps_per_epoch,
+             'optimizer': 'adamw', 'schedule': 'warmup 5% + cosine'}
+  eval_loader = torch_data.make_loader(
+      eval_set, batch_size=batch_size, num_workers=num_workers,
+      limit=eval_limit)
+  history, best_epoch, best_metrics, best_state = _fit(
+      model.to(dev), train_set, eval_loader, class_names, epochs=epochs,
+      hparams=hparams, select_by=select_by, num_workers=num_workers,
+      device=dev)
+  result = {
+      'arch': arch, 'num_classes': len(class_names),
+      'class_names': class_names,
+      'dataset': {'name': info.name, 'version': info.version,
+                  'train_split': splits[0], 'eval_split': splits[1],
+                  'num_train': len(train_set), 'num_eval': len(eval_set)},
+      'image_size': view['image_size'], 'mean': list(view['mean']),
+      'std': list(view['std']), 'seed': seed, 'epochs': epochs,
+      'best_epoch': best_epoch, 'select_by': select_by,
+      'validation': best_metrics, 'history': history, 'init': init_report,
+      'hparams': hparams, 'device': str(dev),
+      'torch_version': torch.__version__,
+      'torchvision_version': torchvision.__version__,
+      'created': datetime.datetime.now(datetime.timezone.utc).isoformat(
+          timespec='seconds'),
+      'seconds': round(time.time() - start, 1),
+  }
+  return _write_outputs(out, best_state, result)
+
+
+def _fit(model: torch.nn.Module, train_set: torch_data.TeacherDataset,
+         eval_loader: Any, class_names: Sequence[str], *, epochs: int,
+         hparams: Mapping[str, Any], select_by: str, num_workers: int,
+         device: torch.device
+         ) -> tuple[list[dict[str, Any]], int, dict[str, Any],
+                    dict[str, np.ndarray]]:
+  """The epoch loop; returns (history, best epoch, its metrics, its state)."""
+  batch_size = hparams['batch_size']
+  steps_per_epoch = hparams['steps_per_epoch']
+  optimizer = torch.optim.AdamW(model.parameters(), lr=hparams['lr'],
+                                weight_decay=hparams['weight_decay'])
+  scheduler = torch.optim.lr_scheduler.LambdaLR(
+      optimizer, _schedule(epochs * steps_per_epoch))
+  history, best = [], None
+  for epoch in range(1, epochs + 1):
+    tic = time.time()
+    loader = torch_data.make_loader(
+        train_set, batch_size=batch_size, shuffle=True, epoch=epoch,
+        drop_last=True, num_workers=num_workers,
+        limit=steps_per_epoch * batch_size)
+    loss, acc, steps = _train_epoch(model, loader, optimizer, scheduler,
+                                    device, steps_per_epoch)
+    metrics = evaluate(model, eval_loader, device, class_names)
+    history.append({'epoch': epoch, 'steps': steps, 'train_loss': loss,
+                    'train_accuracy': acc, 'val_loss': metrics['loss'],
+                    'val_accuracy': metrics['accuracy'],
+                    'val_balanced_accuracy': metrics['balanced_accuracy'],
+                    'seconds': round(time.time() - tic, 2)})
+    print(f'[train_teacher] epoch {epoch}/{epochs} loss {loss:.4f} train_acc '
+          f'{acc:.4f} val_acc {metrics["accuracy"]:.4f} val_loss '
+          f'{metrics["loss"]:.4f} ({time.time() - tic:.1f}s)',
+          file=sys.stderr, flush=True)
+    key = (metrics[select_by], -metrics['loss'])
+    if best is None or key > best[0]:
+      best = (key, epoch, metrics, state_dict_numpy(model))
+  return (history,) + best[1:]
+
+
+def _define_flags() -> Any:
+  """The CLI flags (defined only when run as a program)."""
+  from absl import flags  # pylint: disable=g-import-not-at-top
+  from ml_collections import config_flags  # pylint: disable=g-import-not-at-top
+  config_flags.DEFINE_config_file('config', None, 'Config file.')
+  flags.DEFINE_string('arch', None, f'torchvision arch: {known_archs()}')
+  flags.DEFINE_string('out', None, 'Output PATH.safetensors (+ PATH.json).')
+  flags.DEFINE_string('init', None, 'torchvision state dict to start from.')
+  flags.DEFINE_integer('epochs', 10, 'Epochs.')
+  flags.DEFINE_integer('batch_size', 32, 'Batch size.')
+  flags.DEFINE_float('lr', 1e-3, 'Peak AdamW learning rate.')
+  flags.DEFINE_float('weight_decay', 0.05, 'AdamW weight decay.')
+  flags.DEFINE_integer('image_size', 0, '0 = config.teacher.image_size.')
+  flags.DEFINE_float('crop_min_scale', torch_data.DEFAULT_CROP_SCALE[0],
+                     'Smallest crop area fraction (1 = no crop).')
+  flags.DEFINE_enum('select_by', 'accuracy', SELECT_BY, 'Epoch selection.')
+  flags.DEFINE_integer('max_steps_per_epoch', 0, '0 = the whole split.')
+  flags.DEFINE_integer('num_workers', 0, 'DataLoader workers.')
+  flags.DEFINE_string('device', None, 'torch device (default cuda if any).')
+  flags.mark_flags_as_required(['config', 'arch', 'out'])
+  return flags.FLAGS
+
+
+def main(argv: Sequence[str]) -> None:
+  """CLI entry: trains, prints the JSON summary to stdout."""
+  if len(argv) > 1:
+    raise SystemExit(f'unexpected arguments: {argv[1:]}')
+  f = FLAGS
+  try:
+    result = train_teacher(
+        f.config, f.arch, f.out, init=f.init, epochs=f.epochs,
+        batch_size=f.batch_size, lr=f.lr, weight_decay=f.weight_decay,
+        image_size=f.image_size or None,
+        crop_scale=(f.crop_min_scale, 1.0), select_by=f.select_by,
+        max_steps_per_epoch=f.max_steps_per_epoch or None,
+        num_workers=f.num_workers, device=f.device)
+  except (ValueError, OSError) as e:  # Bad input: the message, no traceback.
+    raise SystemExit(f'train_teacher: error: {e}') from e
+  print(json.dumps({k: result[k] for k in (
+      'arch', 'best_epoch', 'weights_file', 'json_file', 'sha256')} | {
+          'val_accuracy': result['validation']['accuracy']}))
+
+
+if __name__ == '__main__':
+  from absl import app  # pylint: disable=g-import-not-at-top
+  FLAGS = _define_flags()
+  app.run(main)
