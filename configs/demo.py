@@ -4,10 +4,16 @@ A few minutes on 2 CPU cores, no download (the digits ship with
 scikit-learn). It travels the same TFDS -> grain -> jitted-step path as real
 chest X-rays.
 
-  python -m drpl_jax.main --config=configs/demo.py --workdir=/tmp/drpl_demo
+  # 1. a PyTorch CNN teacher fine-tuned on the demo data (about a minute):
+  python -m drpl_jax.train_teacher --config=configs/demo.py --arch resnet18 \
+      --out /tmp/drpl_demo/teacher/resnet18.safetensors --epochs 3
+  # 2. DRPL-ViT distilled from it online (converted to Flax, run in the step):
+  python -m drpl_jax.main \
+      --config=configs/demo.py:teacher=/tmp/drpl_demo/teacher/resnet18.safetensors \
+      --workdir=/tmp/drpl_demo
 
-Until a teacher is configured the distillation token is trained on the labels
-(`distill.kind='none'`), as DeiT does without a teacher.
+`launch/demo.sh` runs both. Without `teacher=` the distillation token is
+trained on the labels (`distill.kind='none'`), as DeiT does without a teacher.
 """
 
 import os
@@ -18,8 +24,12 @@ import drpl_vit  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 
 def get_config(arg: str = ''):
-  """The micro `drpl` preset at 32 px with patch 4 (8x8 token grid)."""
-  args = drpl_vit.parse_arg(arg, steps='600')
+  """The micro `drpl` preset at 32 px with patch 4 (8x8 token grid).
+
+  Arguments: `steps=N` (default 600), `teacher=PATH` (a resnet18 state dict
+  from train_teacher: hard distillation from it, online).
+  """
+  args = drpl_vit.parse_arg(arg, steps='600', teacher='')
   config = drpl_vit.get_config('variant=micro,preset=drpl')
   config.data.name = 'demo'
   config.data.image_size = 32
@@ -29,6 +39,11 @@ def get_config(arg: str = ''):
   config.model.patch_size = 4
   config.model.drop_path_rate = 0.0
   config.distill.kind = 'none'
+  config.teacher.image_size = 32
+  if args.teacher:
+    config.teacher.arch = 'resnet18'
+    config.teacher.checkpoint = args.teacher
+    config.distill.kind = 'hard'
   config.total_steps = int(args.steps)
   config.batch_size = 64
   config.eval_batch_size = 128

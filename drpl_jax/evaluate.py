@@ -19,9 +19,11 @@ from collections.abc import Sequence
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import ml_collections
 import numpy as np
 from absl import app, flags, logging
+from flax import nnx
 
 from drpl_jax import checkpointing
 from drpl_jax import input_pipeline
@@ -119,6 +121,9 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str, *,
     if not data:
       report['temperature'] = _temperature(evaluator, config, logits['mean'],
                                            labels, params_key)
+      if config.teacher.get('arch') and params_key == 'params':
+        report['teacher'] = teacher_report(config, evaluator.mesh, split,
+                                           class_names)
     report.update(
         checkpoint_step=evaluator.step, weights=params_key,
         config_hash=checkpointing.config_hash(config),
@@ -162,6 +167,32 @@ def _predict_splits(evaluator, config, data_config, splits, params_key,
             if any(all_groups) else None)
   return ({k: np.concatenate(v) for k, v in all_logits.items()},
           np.concatenate(all_labels), groups)
+
+
+def teacher_report(config, mesh, split: str, class_names: Sequence[str]
+                   ) -> dict[str, Any]:
+  """The converted online teacher's metrics on the same split and views."""
+  teacher = train.create_online_teacher(config, mesh)
+  forward = jax.jit(
+      lambda state, images: nnx.merge(teacher.graphdef, state)(
+          images.astype(jnp.float32) / 255.0),
+      in_shardings=(teacher.shardings, sharding.batch_sharding(mesh)),
+      out_shardings=sharding.batch_sharding(mesh))
+  logits, labels = [], []
+  for batch in input_pipeline.create_eval_iterator(config, split):
+    glob = input_pipeline.to_global_batch(batch, mesh)
+    keep = train.gather(glob['mask']).astype(bool)
+    out = forward(teacher.state, glob['image'])
+    logits.append(train.gather(out)[keep])
+    labels.append(train.gather(glob['label'])[keep])
+  m = metrics_lib.classification_metrics(
+      metrics_lib.softmax(np.concatenate(logits)), np.concatenate(labels),
+      class_names, n_bootstrap=0)
+  return {'description': teacher.description,
+          'accuracy': m['accuracy'],
+          'balanced_accuracy': m['balanced_accuracy'],
+          'sensitivity': {c: v['sensitivity']
+                          for c, v in m['per_class'].items()}}
 
 
 def _temperature(evaluator, config, test_logits, test_labels, params_key):

@@ -48,6 +48,8 @@ def main(argv: Sequence[str]) -> None:
              'test_balanced_accuracy': report['balanced_accuracy'],
              'num_test_examples': report['num_examples'],
              'chance_accuracy': 1 / len(report['class_names']),
+             'teacher_test_accuracy': report.get('teacher', {}).get(
+                 'accuracy'),
              'report': path}
   logging.info('Done: %s', summary)
   print(json.dumps(summary))
