@@ -18,6 +18,12 @@ def _input(argv: Sequence[str]) -> None:
 
 SUBCOMMANDS: dict[str, Callable[[Sequence[str]], None]] = {
     'input': _input,
+    'eval': lambda a: __import__('drpl_jax.bench.eval').bench.eval.main(a),
+    'train': lambda a: __import__('drpl_jax.bench.train').bench.train.main(a),
+    'compare': lambda a: __import__(
+        'drpl_jax.bench.compare').bench.compare.main(a),
+    'teacher': lambda a: __import__(
+        'drpl_jax.bench.teacher').bench.teacher.main(a),
 }
 
 

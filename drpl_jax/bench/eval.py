@@ -1,0 +1,225 @@
+r"""Jitted evaluation throughput against training, same config and device.
+
+  python -m drpl_jax.bench eval --config=configs/drpl_vit.py:variant=micro \
+      [--batch 32] [--steps 10] [--repeats 5] [--warmup 2] \
+      [--image_size S] [--measure eval,train] [--config.key=value ...]
+
+Prints one JSON object per measurement:
+  eval_step:  images/s of the jitted, sharded eval step evaluation uses
+              (`train.jit_eval_step`: normalisation + forward, logits of
+              every head) on a synthetic uint8 batch already on the devices;
+  train_step: images/s of the jitted train step (`train.create_train_state`
+              + `train_step.make_train_step`, as `train.jit_train_step`
+              builds it, state donated) on the same kind of batch; a
+              distilled config with `distill.kind` hard/soft gets synthetic
+              offline teacher logits (an online teacher is not included);
+  ratio:      eval images/s over train images/s (target >= 3).
+Rates are the median over `--repeats` timed repetitions of `--steps` steps
+each, after `--warmup` untimed steps, every repetition closed by
+`block_until_ready`. Lowering and compile times are reported separately.
+Imports neither TensorFlow, TFDS nor clu.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import jax
+import ml_collections
+import numpy as np
+
+from drpl_jax import optim
+from drpl_jax import sharding
+from drpl_jax import train
+from drpl_jax import train_step as step_lib
+from drpl_jax.bench import apply_overrides, emit, load_config
+from drpl_jax.bench import tensorflow_imported
+
+MEASUREMENTS = ('eval', 'train')
+TARGET_RATIO = 3.0
+
+
+def parse_args(argv: Sequence[str]) -> argparse.Namespace:
+  parser = argparse.ArgumentParser(prog='python -m drpl_jax.bench eval')
+  parser.add_argument('--config', required=True,
+                      help='config file and argument, e.g. '
+                           'configs/drpl_vit.py:variant=micro')
+  parser.add_argument('--batch', type=int, default=32,
+                      help='global batch of both steps')
+  parser.add_argument('--steps', type=int, default=10,
+                      help='steps per timed repetition')
+  parser.add_argument('--repeats', type=int, default=5,
+                      help='timed repetitions (the median is reported)')
+  parser.add_argument('--warmup', type=int, default=2,
+                      help='untimed steps after compilation')
+  parser.add_argument('--image_size', type=int, default=None,
+                      help='input resolution (default: the config\'s)')
+  parser.add_argument('--measure', default=','.join(MEASUREMENTS),
+                      help='comma separated subset of eval,train')
+  args, overrides = parser.parse_known_args(list(argv))
+  args.overrides = overrides
+  for name in ('batch', 'steps', 'repeats'):
+    if getattr(args, name) < 1:
+      raise ValueError(f'--{name}={getattr(args, name)} must be >= 1')
+  if args.warmup < 0:
+    raise ValueError(f'--warmup={args.warmup} must be >= 0')
+  args.measure = tuple(filter(None, args.measure.split(',')))
+  unknown = [m for m in args.measure if m not in MEASUREMENTS]
+  if unknown or not args.measure:
+    raise ValueError(f'--measure: unknown {unknown}; choose from '
+                     f'{list(MEASUREMENTS)}')
+  return args
+
+
+def build_config(args: argparse.Namespace) -> ml_collections.ConfigDict:
+  """The config with --config.* overrides and --image_size applied."""
+  config = apply_overrides(load_config(args.config), args.overrides)
+  if args.image_size is not None:
+    config.data.image_size = args.image_size
+    config.model.image_size = args.image_size
+  return config
+
+
+def time_steps(run: Callable[[], Any], *, steps: int, repeats: int,
+               warmup: int) -> list[float]:
+  """Seconds per repetition of `steps` calls of `run` (after `warmup`).
+
+  `run` returns something to block on; each repetition blocks only at its
+  end, so asynchronous dispatch overlaps steps as it does in training.
+  """
+  out = None
+  for _ in range(warmup):
+    out = run()
+  jax.block_until_ready(out)
+  times = []
+  for _ in range(repeats):
+    t0 = time.perf_counter()
+    for _ in range(steps):
+      out = run()
+    jax.block_until_ready(out)
+    times.append(time.perf_counter() - t0)
+  return times
+
+
+def _compile(jitted, *args) -> tuple[Any, float, float]:
+  """AOT-compiles `jitted`; returns (compiled, lower_s, compile_s)."""
+  t0 = time.perf_counter()
+  lowered = jitted.lower(*args)
+  t1 = time.perf_counter()
+  compiled = lowered.compile()
+  return compiled, t1 - t0, time.perf_counter() - t1
+
+
+def synthetic_batch(config, batch: int, mesh, *, train_batch: bool,
+                    distill_kind: str = 'none', seed: int = 0
+                    ) -> dict[str, jax.Array]:
+  """A random uint8 batch (labels, teacher logits) placed on the mesh."""
+  rng = np.random.default_rng(seed)
+  size = int(config.data.image_size)
+  host = {'image': rng.integers(0, 256, (batch, size, size, 3), np.uint8)}
+  if train_batch:
+    classes = int(config.model.num_classes)
+    host['label'] = rng.integers(0, classes, (batch,)).astype(np.int32)
+    if distill_kind != 'none':
+      host['teacher_logits'] = rng.normal(
+          size=(batch, classes)).astype(np.float32)
+  return jax.device_put(host, sharding.batch_sharding(mesh))
+
+
+class _Bench:
+  """The train state, steps and batches of one config on this host's mesh."""
+
+  def __init__(self, config: ml_collections.ConfigDict, batch: int):
+    self.config = config
+    self.batch = batch
+    self.model_cfg = train.model_config_from(config)
+    self.mesh = sharding.create_mesh(tuple(config.get('mesh_shape', (-1, 1))))
+    if batch % self.mesh.size:
+      raise ValueError(f'--batch={batch} is not divisible by the '
+                       f'{self.mesh.size} devices of the mesh')
+    self.tx, self.schedule = optim.create_optimizer(config)
+    self.graphdef, self.state, self.shardings = train.create_train_state(
+        config, self.model_cfg, self.tx, self.mesh)
+    self.step_cfg = step_lib.StepConfig.from_config(config, self.model_cfg)
+
+  def eval(self, args) -> dict[str, Any]:
+    step = train.jit_eval_step(self.graphdef, self.step_cfg, self.shardings,
+                               self.mesh)
+    batch = synthetic_batch(self.config, self.batch, self.mesh,
+                            train_batch=False)
+    params, rest = self.state['params'], self.state['rest']
+    compiled, lower_s, compile_s = _compile(step, params, rest, batch)
+    times = time_steps(lambda: compiled(params, rest, batch),
+                       steps=args.steps, repeats=args.repeats,
+                       warmup=args.warmup)
+    return dict(lower_s=round(lower_s, 3), compile_s=round(compile_s, 3),
+                **rates(times, self.batch * args.steps, args.steps))
+
+  def train(self, args) -> dict[str, Any]:
+    step = train.jit_train_step(self.graphdef, self.tx, self.step_cfg,
+                                self.schedule, self.shardings, self.mesh)
+    batch = synthetic_batch(self.config, self.batch, self.mesh,
+                            train_batch=True,
+                            distill_kind=self.step_cfg.distill_kind)
+    # The third argument is the online teacher's state (none here).
+    compiled, lower_s, compile_s = _compile(step, self.state, batch, None)
+    holder = {'state': self.state}
+
+    def run():
+      holder['state'], metrics = compiled(holder['state'], batch, None)
+      return metrics['loss'], holder['state']['params']
+
+    times = time_steps(run, steps=args.steps, repeats=args.repeats,
+                       warmup=args.warmup)
+    self.state = holder['state']  # the old buffers were donated
+    return dict(lower_s=round(lower_s, 3), compile_s=round(compile_s, 3),
+                distill_kind=self.step_cfg.distill_kind,
+                **rates(times, self.batch * args.steps, args.steps))
+
+
+def rates(times: Sequence[float], images: int, steps: int
+          ) -> dict[str, Any]:
+  """Median images/s (and per repetition) and median ms per step."""
+  per_rep = [images / t for t in times]
+  return {'images_per_s': round(statistics.median(per_rep), 2),
+          'images_per_s_all': [round(r, 2) for r in per_rep],
+          'step_ms': round(1000.0 * statistics.median(times) / steps, 2)}
+
+
+def device_info() -> dict[str, Any]:
+  """The accelerator this process measures on."""
+  device = jax.devices()[0]
+  return {'device': device.device_kind, 'platform': device.platform,
+          'num_devices': jax.device_count()}
+
+
+def main(argv: Sequence[str]) -> None:
+  """Measures eval and train throughput; prints one JSON line for each."""
+  args = parse_args(argv)
+  config = build_config(args)
+  bench = _Bench(config, args.batch)
+  common = {
+      'benchmark': 'eval', 'config': args.config,
+      'variant': config.model.get('variant', ''),
+      'image_size': int(config.data.image_size), 'batch': args.batch,
+      'steps': args.steps, 'repeats': args.repeats, 'warmup': args.warmup,
+      'dtype': str(config.model.get('dtype', 'float32')),
+      'distilled': bool(config.model.distilled), **device_info()}
+  results = {}
+  for name in args.measure:
+    results[name] = getattr(bench, name)(args)
+    emit({**common, 'measurement': f'{name}_step', **results[name],
+          'tensorflow_imported': tensorflow_imported()})
+  if len(results) == 2:
+    ratio = results['eval']['images_per_s'] / results['train'][
+        'images_per_s']
+    emit({**common, 'measurement': 'ratio',
+          'eval_images_per_s': results['eval']['images_per_s'],
+          'train_images_per_s': results['train']['images_per_s'],
+          'eval_over_train': round(ratio, 3), 'target': TARGET_RATIO,
+          'meets_target': ratio >= TARGET_RATIO,
+          'tensorflow_imported': tensorflow_imported()})
