@@ -5,7 +5,12 @@ so this process keeps the default single CPU device."""
 import os
 import sys
 
-import pytest
+# Tests run two pytest-xdist workers on 2 cores: PyTorch's OpenMP pool with
+# 2 threads per worker oversubscribes the CPU and spins (measured 4x slower
+# than 1 thread under load), so each worker gets one OpenMP thread.
+os.environ.setdefault('OMP_NUM_THREADS', '1')
+
+import pytest  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SHARED_DATA = os.path.join(os.path.dirname(ROOT), 'shared', 'data')
