@@ -14,6 +14,14 @@ Command line (prints one JSON object):
 `--out` writes the validated state dict, with torchvision's canonical names
 (wrappers, 'module.' prefixes and legacy DenseNet names resolved), as
 .safetensors: a file that `torch_teacher` reads on machines without torch.
+
+Student: `student_from_timm` (from `drpl_jax.student_init`) starts a
+DRPL-ViT from timm / DeiT ViT weights and reports where every parameter
+came from; `student_parity_report` compares logits with timm's model.
+
+  python -m drpl_jax.convert student --checkpoint deit_s.pth \
+      --config=configs/drpl_vit.py:variant=s,preset=deit \
+      [--num_classes 4] [--image_size 224] [--parity]
 """
 
 from __future__ import annotations
@@ -30,8 +38,11 @@ import numpy as np
 from absl import logging
 from flax import nnx
 
+from drpl_jax import student_init
 from drpl_jax import teacher as teacher_lib
 from drpl_jax import torch_io
+from drpl_jax.models import DRPLViT, ModelConfig
+from drpl_jax.student_init import student_from_timm
 
 # -----------------------------------------------------------------------------
 # Teacher.
@@ -291,10 +302,150 @@ def _add_teacher_parser(subparsers: Any) -> None:
                  help='write the canonical state dict as .safetensors')
 
 
-# Subcommand name -> (parser builder, handler). A `student` entry joins here.
+# -----------------------------------------------------------------------------
+# Student (timm / DeiT weights).
+# -----------------------------------------------------------------------------
+
+
+def _parity_problems(info: student_init.SourceInfo,
+                     cfg: ModelConfig) -> list[str]:
+  """Why our model cannot compute exactly what the timm source computes."""
+  problems = []
+  if cfg.rpe.kind != 'none' or cfg.conv.kind != 'mlp':
+    problems.append(f'rpe.kind={cfg.rpe.kind!r}, conv.kind={cfg.conv.kind!r}'
+                    " (need 'none' and 'mlp', the deit/vit presets)")
+  if cfg.distilled != info.distilled:
+    problems.append(f'model.distilled={cfg.distilled} but the source '
+                    f'{"has" if info.distilled else "has no"} dist token')
+  if info.num_classes != cfg.num_classes:
+    problems.append(f'the source head has {info.num_classes} classes, '
+                    f'model.num_classes={cfg.num_classes}')
+  if cfg.grid_size != info.grid or cfg.patch_size != info.patch_size:
+    problems.append(
+        f'model.image_size={cfg.image_size} differs from the source '
+        f'resolution {info.grid * info.patch_size}')
+  if cfg.stem != 'patch' or not cfg.abs_pos_embed:
+    problems.append('the model needs stem=patch and abs_pos_embed=True')
+  if (cfg.layer_scale_init is not None) != info.layer_scale:
+    problems.append('layer scale differs between the source and the model')
+  return problems
+
+
+def timm_reference(state: Mapping[str, Any], num_heads: int) -> Any:
+  """The timm model of a ViT/DeiT state dict, weights loaded, eval mode.
+
+  Shapes come from the state dict; `num_heads` (not stored in weights)
+  from our config. Needs torch and timm.
+  """
+  # pylint: disable=g-import-not-at-top
+  import torch
+  from timm.models import deit, vision_transformer
+  # pylint: enable=g-import-not-at-top
+
+  state = student_init.as_float32_state(state, 'state dict')
+  info = student_init.source_info(state)
+  hidden = state['blocks.0.mlp.fc1.weight'].shape[0]
+  kwargs = dict(
+      img_size=info.grid * info.patch_size, patch_size=info.patch_size,
+      embed_dim=info.width, depth=info.depth, num_heads=num_heads,
+      mlp_ratio=hidden / info.width, num_classes=info.num_classes or 0,
+      qkv_bias='blocks.0.attn.qkv.bias' in state,
+      no_embed_class=info.pos_prefix == 0,
+      init_values=1.0 if info.layer_scale else None)
+  cls = (deit.VisionTransformerDistilled if info.distilled
+         else vision_transformer.VisionTransformer)
+  model = cls(**kwargs)
+  model.load_state_dict({k: torch.from_numpy(v) for k, v in state.items()},
+                        strict=True)
+  return model.eval()
+
+
+def student_parity_report(checkpoint: str | Mapping[str, Any],
+                          model: DRPLViT, *, batch: int = 2, seed: int = 0
+                          ) -> dict[str, Any]:
+  """Max |logit difference| of timm's model and `model` (fp32, eval mode).
+
+  `model` must compute the same function as the source: the deit (or vit)
+  preset, RPE none, MLP, the source's resolution and classes; otherwise a
+  ValueError says what differs. Inputs are random normal images.
+  """
+  import timm  # pylint: disable=g-import-not-at-top
+  import torch  # pylint: disable=g-import-not-at-top
+
+  state, source = student_init.load_timm_state(checkpoint)
+  cfg = model.config
+  problems = _parity_problems(student_init.source_info(state, source), cfg)
+  if problems:
+    raise ValueError(f'{source}: no timm parity check for this model: '
+                     + '; '.join(problems))
+  ref = timm_reference(state, cfg.num_heads)
+  images = np.random.default_rng(seed).standard_normal(
+      (batch, cfg.image_size, cfg.image_size, 3)).astype(np.float32)
+  with torch.no_grad():
+    want = ref(torch.from_numpy(images.transpose(0, 3, 1, 2))).numpy()
+  with jax.default_matmul_precision('float32'):
+    got = np.asarray(_forward(model, jnp.asarray(images)))
+  return {
+      'max_abs_diff': float(np.max(np.abs(want - got))),
+      'max_abs_logit': float(np.max(np.abs(want))),
+      'argmax_agreement': float(np.mean(want.argmax(-1) == got.argmax(-1))),
+      'batch': batch, 'image_size': cfg.image_size, 'seed': seed,
+      'precision': 'float32', 'timm_version': timm.__version__,
+      'torch_version': torch.__version__, 'jax_version': jax.__version__,
+      'jax_backend': jax.default_backend()}
+
+
+def _student_command(args: argparse.Namespace) -> dict[str, Any]:
+  """`student` subcommand: map timm weights, report, optionally parity."""
+  from drpl_jax.bench import load_config  # pylint: disable=g-import-not-at-top
+
+  config = load_config(args.config)
+  model_dict = config.model.to_dict()
+  for key in ('num_classes', 'image_size'):
+    if getattr(args, key) is not None:
+      model_dict[key] = getattr(args, key)
+  model, report = student_from_timm(args.checkpoint, model_dict,
+                                    strict_head=args.strict_head)
+  cfg = model.config
+  result = {
+      'command': 'student', 'checkpoint': args.checkpoint,
+      'config': args.config, 'num_classes': cfg.num_classes,
+      'image_size': cfg.image_size,
+      'num_params': int(sum(x.size for x in jax.tree.leaves(
+          nnx.state(model, nnx.Param)))),
+      'report': report}
+  if args.parity:
+    result['parity'] = student_parity_report(
+        args.checkpoint, model, batch=args.batch, seed=args.seed)
+  return result
+
+
+def _add_student_parser(subparsers: Any) -> None:
+  p = subparsers.add_parser(
+      'student', help='start a DRPL-ViT from timm / DeiT ViT weights')
+  p.add_argument('--checkpoint', required=True,
+                 help='.safetensors, or .pth/.pt/.bin state dict')
+  p.add_argument('--config', required=True,
+                 help='config file and argument, e.g. '
+                      'configs/drpl_vit.py:variant=s,preset=deit')
+  p.add_argument('--num_classes', type=int, default=None,
+                 help="default: the config's model.num_classes")
+  p.add_argument('--image_size', type=int, default=None,
+                 help="default: the config's model.image_size")
+  p.add_argument('--strict_head', action='store_true',
+                 help='a class-count mismatch is an error (default: the '
+                      'heads start fresh)')
+  p.add_argument('--parity', action='store_true',
+                 help='compare logits with timm (needs torch and timm)')
+  p.add_argument('--batch', type=int, default=2, help='parity batch size')
+  p.add_argument('--seed', type=int, default=0, help='parity image seed')
+
+
+# Subcommand name -> (parser builder, handler).
 _COMMANDS: dict[str, tuple[Callable[[Any], None],
                            Callable[[argparse.Namespace], dict[str, Any]]]] = {
     'teacher': (_add_teacher_parser, _teacher_command),
+    'student': (_add_student_parser, _student_command),
 }
 
 

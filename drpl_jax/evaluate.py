@@ -103,7 +103,12 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   class_names = list(train_info.class_names)
   if data:
     data_config, name, label_map = external_data(data, class_names)
-    splits = ('train', 'validation', 'test')
+    ext = ml_collections.ConfigDict(config.data.to_dict())
+    ext.update(data_config)
+    # Another site's images were never trained on: evaluate all of them.
+    counts = data_lib.ensure_prepared(ext).num_examples
+    splits = tuple(s for s in ('train', 'validation', 'test')
+                   if counts.get(s, 0) > 0)
   else:
     data_config, label_map = {}, None
     split = split or config.data.test_split
