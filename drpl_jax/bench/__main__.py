@@ -10,20 +10,44 @@ import sys
 from typing import Callable, Sequence
 
 
-def _input(argv: Sequence[str]) -> None:
-  # pylint: disable-next=g-import-not-at-top
-  from drpl_jax.bench import input as input_bench
-  input_bench.main(argv)
+# One function per subcommand, each importing its module only when run (the
+# GPU machines lack TensorFlow, and `compare` needs torch).
+# pylint: disable=g-import-not-at-top
 
+
+def _input(argv: Sequence[str]) -> None:
+  from drpl_jax.bench import input as bench
+  bench.main(argv)
+
+
+def _train(argv: Sequence[str]) -> None:
+  from drpl_jax.bench import train as bench
+  bench.main(argv)
+
+
+def _eval(argv: Sequence[str]) -> None:
+  from drpl_jax.bench import eval as bench
+  bench.main(argv)
+
+
+def _teacher(argv: Sequence[str]) -> None:
+  from drpl_jax.bench import teacher as bench
+  bench.main(argv)
+
+
+def _compare(argv: Sequence[str]) -> None:
+  from drpl_jax.bench import compare as bench
+  bench.main(argv)
+
+
+# pylint: enable=g-import-not-at-top
 
 SUBCOMMANDS: dict[str, Callable[[Sequence[str]], None]] = {
     'input': _input,
-    'eval': lambda a: __import__('drpl_jax.bench.eval').bench.eval.main(a),
-    'train': lambda a: __import__('drpl_jax.bench.train').bench.train.main(a),
-    'compare': lambda a: __import__(
-        'drpl_jax.bench.compare').bench.compare.main(a),
-    'teacher': lambda a: __import__(
-        'drpl_jax.bench.teacher').bench.teacher.main(a),
+    'train': _train,
+    'eval': _eval,
+    'teacher': _teacher,
+    'compare': _compare,
 }
 
 
