@@ -12,11 +12,16 @@ Train state (a dict, checkpointed as is):
   opt_state  optax state
   ema        nnx.State | None   EMA of params (when optim.ema_decay > 0)
   nonfinite  int32 []           updates skipped for a non-finite loss/grad
+
+Precision: the model computes in `model.dtype` (e.g. bfloat16) while
+parameters, gradients and updates stay in `model.param_dtype` (float32
+master weights); `optim.mu_dtype` may store Adam's first moment in bf16.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections.abc import Callable
 from typing import Any
 
@@ -50,6 +55,7 @@ class StepConfig:
   mixup_switch_prob: float = 0.5
   ema_decay: float = 0.0
   skip_nonfinite: bool = True
+  grad_accum_steps: int = 1
 
   @classmethod
   def from_config(cls, config, model_cfg) -> StepConfig:
@@ -69,7 +75,30 @@ class StepConfig:
         mixup_prob=config.mixup.prob,
         mixup_switch_prob=config.mixup.switch_prob,
         ema_decay=config.optim.ema_decay,
-        skip_nonfinite=config.get('nonfinite', 'skip') == 'skip')
+        skip_nonfinite=_nonfinite_mode(config) == 'skip',
+        grad_accum_steps=_grad_accum_steps(config))
+
+
+NONFINITE_MODES = ('skip', 'stop')
+
+
+def _nonfinite_mode(config) -> str:
+  mode = config.get('nonfinite', 'skip')
+  if mode not in NONFINITE_MODES:
+    raise ValueError(f'config.nonfinite={mode!r} is not one of '
+                     f'{list(NONFINITE_MODES)}')
+  return mode
+
+
+def _grad_accum_steps(config) -> int:
+  k = int(config.optim.get('grad_accum_steps', 1))
+  if k < 1:
+    raise ValueError(f'config.optim.grad_accum_steps={k} must be >= 1')
+  batch = config.get('batch_size')
+  if batch is not None and batch % k:
+    raise ValueError(f'config.batch_size={batch} is not divisible by '
+                     f'config.optim.grad_accum_steps={k}')
+  return k
 
 
 def parse_class_weights(spec: str, num_classes: int
@@ -144,59 +173,123 @@ def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation,
   'teacher_logits' [B, C] (offline soft labels). With `teacher_graphdef`, the
   teacher (an NNX module taking [0, 1] images) runs on the same augmented,
   mixed batch as the student, under stop_gradient.
+
+  With `cfg.grad_accum_steps = K > 1`, mixup and the teacher see the whole
+  batch first; then K micro-batches of B / K (examples i, i + K, ...: each
+  spread over all devices when the per-device batch is a multiple of K)
+  run forward and backward one after another in a
+  `lax.scan`, their gradients averaged, and one update is applied. The
+  result equals the large-batch step up to float rounding when nothing
+  depends on the batch composition (LayerNorm, not BatchNorm; no class
+  weights, whose normaliser is per micro-batch; dropout and drop path draw
+  a key per micro-batch).
   """
+  one = functools.partial(_grads_and_metrics, graphdef, cfg)
 
   def step(state: State, batch: dict[str, jax.Array],
            teacher_state: Any = None):
     images, targets, teacher_logits, drop_key = step_inputs(
         cfg, state, batch, teacher_graphdef, teacher_state)
-    labels = batch['label']
-    x = normalize(images, cfg.mean, cfg.std)
-    weights = (None if cfg.class_weights is None
-               else jnp.asarray(cfg.class_weights, jnp.float32))
-
-    def loss_fn(params, rest):
-      # Rebuild the Variables of `rest` at this trace level so BatchNorm
-      # may update them (Variables made outside grad are read-only here).
-      rest = jax.tree.map(lambda v: v, rest)
-      model = nnx.merge(graphdef, params, rest)
-      outputs = model(x, train=True, rngs=nnx.Rngs(dropout=drop_key))
-      loss, aux = losses.total_loss(
-          outputs, targets, teacher_logits, distill_kind=cfg.distill_kind,
-          alpha=cfg.distill_alpha, tau=cfg.distill_tau,
-          label_smoothing=cfg.label_smoothing, class_weights=weights)
-      rest = nnx.state(model, nnx.Not(nnx.Param))
-      return loss, (aux, rest, outputs)
-
-    grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
-    (loss, (aux, rest, outputs)), grads = grad_fn(state['params'],
-                                                  state['rest'])
-    grad_norm = optax.tree.norm(grads)
-    updates, opt_state = tx.update(grads, state['opt_state'], state['params'])
-    params = optax.apply_updates(state['params'], updates)
-    finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
-    if cfg.skip_nonfinite:
-      keep = lambda new, old: jax.tree.map(
-          lambda n, o: jnp.where(finite, n, o), new, old)
-      params = keep(params, state['params'])
-      opt_state = keep(opt_state, state['opt_state'])
-      rest = keep(rest, state['rest'])
-    new_state = dict(state, step=state['step'] + 1, params=params, rest=rest,
-                     opt_state=opt_state,
-                     nonfinite=state['nonfinite'] + (~finite).astype(
-                         jnp.int32))
-    if state.get('ema') is not None:
-      d = cfg.ema_decay
-      new_state['ema'] = jax.tree.map(
-          lambda e, p: jnp.where(finite, d * e + (1 - d) * p, e),
-          state['ema'], params)
-    metrics = _train_metrics(outputs, labels, teacher_logits, aux)
-    metrics.update(grad_norm=grad_norm, learning_rate=schedule(state['step']),
-                   nonfinite=new_state['nonfinite'],
-                   finite=finite.astype(jnp.float32))
-    return new_state, metrics
+    inputs = {'x': normalize(images, cfg.mean, cfg.std), 'targets': targets,
+              'labels': batch['label']}
+    if teacher_logits is not None:
+      inputs['teacher_logits'] = teacher_logits
+    if cfg.grad_accum_steps == 1:
+      grads, rest, metrics = one(state['params'], state['rest'], inputs,
+                                 drop_key)
+    else:
+      grads, rest, metrics = _accumulate(one, cfg.grad_accum_steps,
+                                         state['params'], state['rest'],
+                                         inputs, drop_key)
+    return _apply(tx, cfg, schedule, state, grads, rest, metrics)
 
   return step
+
+
+def _grads_and_metrics(graphdef: nnx.GraphDef, cfg: StepConfig, params: Any,
+                       rest: Any, inputs: dict[str, jax.Array],
+                       drop_key: jax.Array) -> tuple[Any, Any, dict]:
+  """Loss gradients, updated non-Param variables and metrics of a batch."""
+  weights = (None if cfg.class_weights is None
+             else jnp.asarray(cfg.class_weights, jnp.float32))
+  teacher_logits = inputs.get('teacher_logits')
+
+  def loss_fn(params, rest):
+    # Rebuild the Variables of `rest` at this trace level so BatchNorm
+    # may update them (Variables made outside grad are read-only here).
+    rest = jax.tree.map(lambda v: v, rest)
+    model = nnx.merge(graphdef, params, rest)
+    outputs = model(inputs['x'], train=True, rngs=nnx.Rngs(dropout=drop_key))
+    loss, aux = losses.total_loss(
+        outputs, inputs['targets'], teacher_logits,
+        distill_kind=cfg.distill_kind, alpha=cfg.distill_alpha,
+        tau=cfg.distill_tau, label_smoothing=cfg.label_smoothing,
+        class_weights=weights)
+    rest = nnx.state(model, nnx.Not(nnx.Param))
+    return loss, (aux, rest, outputs)
+
+  grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+  (_, (aux, rest, outputs)), grads = grad_fn(params, rest)
+  metrics = _train_metrics(outputs, inputs['labels'], teacher_logits, aux)
+  return grads, rest, metrics
+
+
+def _micro_batches(x: jax.Array, k: int) -> jax.Array:
+  """[B, ...] -> [K, B / K, ...]; micro-batch i holds examples i, i + K, ..."""
+  if x.shape[0] % k:
+    raise ValueError(f'batch of {x.shape[0]} is not divisible by '
+                     f'config.optim.grad_accum_steps={k}')
+  x = x.reshape((x.shape[0] // k, k) + x.shape[1:])  # [B / K, K, ...]
+  return jnp.swapaxes(x, 0, 1)  # [K, B / K, ...]
+
+
+def _accumulate(one: Callable[..., Any], k: int, params: Any, rest: Any,
+                inputs: dict[str, jax.Array], drop_key: jax.Array
+                ) -> tuple[Any, Any, dict]:
+  """Mean gradients and metrics over K micro-batches (a lax.scan)."""
+  micro = jax.tree.map(lambda x: _micro_batches(x, k), inputs)
+
+  def body(carry, xs):
+    grad_sum, rest = carry
+    batch, i = xs
+    grads, rest, metrics = one(params, rest, batch,
+                               jax.random.fold_in(drop_key, i))
+    return (jax.tree.map(jnp.add, grad_sum, grads), rest), metrics
+
+  zeros = jax.tree.map(jnp.zeros_like, params)
+  (grad_sum, rest), metrics = jax.lax.scan(
+      body, (zeros, rest), (micro, jnp.arange(k)))
+  grads = jax.tree.map(lambda g: g / k, grad_sum)
+  return grads, rest, jax.tree.map(lambda m: jnp.mean(m, axis=0), metrics)
+
+
+def _apply(tx: optax.GradientTransformation, cfg: StepConfig,
+           schedule: optax.Schedule, state: State, grads: Any, rest: Any,
+           metrics: dict[str, jax.Array]
+           ) -> tuple[State, dict[str, jax.Array]]:
+  """One optimizer update; a non-finite loss or gradient skips it (or not)."""
+  grad_norm = optax.tree.norm(grads)
+  updates, opt_state = tx.update(grads, state['opt_state'], state['params'])
+  params = optax.apply_updates(state['params'], updates)
+  finite = jnp.isfinite(metrics['loss']) & jnp.isfinite(grad_norm)
+  if cfg.skip_nonfinite:
+    keep = lambda new, old: jax.tree.map(
+        lambda n, o: jnp.where(finite, n, o), new, old)
+    params = keep(params, state['params'])
+    opt_state = keep(opt_state, state['opt_state'])
+    rest = keep(rest, state['rest'])
+  nonfinite = state['nonfinite'] + (~finite).astype(jnp.int32)
+  new_state = dict(state, step=state['step'] + 1, params=params, rest=rest,
+                   opt_state=opt_state, nonfinite=nonfinite)
+  if state.get('ema') is not None:
+    d = cfg.ema_decay
+    new_state['ema'] = jax.tree.map(
+        lambda e, p: jnp.where(finite, d * e + (1 - d) * p, e),
+        state['ema'], params)
+  metrics = dict(metrics, grad_norm=grad_norm,
+                 learning_rate=schedule(state['step']), nonfinite=nonfinite,
+                 finite=finite.astype(jnp.float32))
+  return new_state, metrics
 
 
 def _train_metrics(outputs, labels, teacher_logits, aux) -> dict[str, Any]:

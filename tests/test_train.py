@@ -29,6 +29,23 @@ def small_config(data_dir, steps=6, **overrides):
   return config
 
 
+@pytest.fixture
+def compilation_cache(tmp_path):
+  """Successive runs in one test load identical compiles from disk."""
+  # pylint: disable-next=g-import-not-at-top
+  from jax.experimental.compilation_cache import compilation_cache as cache
+  names = ('jax_compilation_cache_dir',
+           'jax_persistent_cache_min_compile_time_secs')
+  old = {name: getattr(jax.config, name) for name in names}
+  cache.reset_cache()
+  cache.set_cache_dir(str(tmp_path / 'jax_cache'))
+  jax.config.update('jax_persistent_cache_min_compile_time_secs', 0)
+  yield
+  cache.reset_cache()
+  for name, value in old.items():
+    jax.config.update(name, value)
+
+
 def final_params(workdir):
   steps = sorted(int(s) for s in os.listdir(os.path.join(workdir,
                                                          'checkpoints'))
@@ -36,7 +53,8 @@ def final_params(workdir):
   return steps
 
 
-def test_train_resume_and_evaluate(demo_data_dir, tmp_path):
+def test_train_resume_and_evaluate(demo_data_dir, tmp_path,
+                                   compilation_cache):
   workdir = str(tmp_path / 'run')
   config = small_config(demo_data_dir, steps=6)
   result = train.train_and_evaluate(config, workdir)
@@ -62,7 +80,7 @@ def test_train_resume_and_evaluate(demo_data_dir, tmp_path):
     assert 0.0 <= (on_disk['per_class'][name]['sensitivity'] or 0.0) <= 1.0
 
 
-def test_resume_is_exact(demo_data_dir, tmp_path):
+def test_resume_is_exact(demo_data_dir, tmp_path, compilation_cache):
   """3 steps + restart + 3 steps == 6 uninterrupted steps, bit for bit."""
   def params_of(workdir, steps):
     config = small_config(demo_data_dir, steps=steps)

@@ -1,0 +1,251 @@
+r"""Training-step throughput, compile time, memory, FLOPs and MFU.
+
+  python -m drpl_jax.bench train --config=configs/drpl_vit.py:variant=micro \
+      [--batch 32] [--steps 5] [--repeats 3] [--warmup 2] [--image_size S] \
+      [--config.key=value ...]
+
+Prints one JSON object per measurement (one per run of this command):
+  images_per_s       global batch / median step time.
+  step_ms            median over `--repeats` timed repetitions of `--steps`
+                     steps each (after `--warmup` untimed steps), every
+                     repetition closed by `block_until_ready`.
+  compile_s          lowering + XLA compilation of the jitted, sharded step
+                     (`train.jit_train_step`, state donated).
+  peak_memory_bytes  `device.memory_stats()['peak_bytes_in_use']` where the
+                     backend has it (GPU, TPU), else the host's peak RSS
+                     (`memory_source` says which).
+  flops_per_step     XLA's `cost_analysis()` of the compiled step: the SPMD
+                     program of one device (forward, backward, optimizer).
+  mfu                flops_per_step / step time / peak FLOP/s of one device.
+                     The peak is measured on CPU (a large fp32 matmul in this
+                     run, `peak_source` 'measured_fp32_matmul'); on GPU/TPU
+                     it is the datasheet bf16 dense peak (H100/H200 989
+                     TFLOP/s, A100 312, TPU v4 275, v5e 197, v5p 459).
+The batch is synthetic and already on the devices, so the input pipeline is
+not measured (see `bench input`). A distilled config with `distill.kind`
+hard/soft gets synthetic offline teacher logits. Imports neither
+TensorFlow, TFDS nor clu.
+"""
+
+from __future__ import annotations
+
+import argparse
+import resource
+import statistics
+import sys
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from drpl_jax import optim
+from drpl_jax import sharding
+from drpl_jax import train
+from drpl_jax import train_step as step_lib
+from drpl_jax.bench import apply_overrides, emit, load_config
+from drpl_jax.bench import tensorflow_imported
+
+# Dense bf16 peak FLOP/s per device (datasheets), matched against
+# `device.device_kind` (lower case); the first match wins.
+DATASHEET_PEAK_FLOPS = (
+    ('h200', 989e12),
+    ('h100', 989e12),
+    ('a100', 312e12),
+    ('v5p', 459e12),
+    ('v5 lite', 197e12),
+    ('v5e', 197e12),
+    ('v4', 275e12),
+)
+
+
+def parse_args(argv: Sequence[str]) -> argparse.Namespace:
+  parser = argparse.ArgumentParser(prog='python -m drpl_jax.bench train')
+  parser.add_argument('--config', required=True,
+                      help='config file and argument, e.g. '
+                           'configs/drpl_vit.py:variant=micro')
+  parser.add_argument('--batch', type=int, default=32, help='global batch')
+  parser.add_argument('--steps', type=int, default=5,
+                      help='steps per timed repetition')
+  parser.add_argument('--repeats', type=int, default=3,
+                      help='timed repetitions (the median is reported)')
+  parser.add_argument('--warmup', type=int, default=2,
+                      help='untimed steps after compilation')
+  parser.add_argument('--image_size', type=int, default=None,
+                      help="input resolution (default: the config's)")
+  parser.add_argument('--matmul_size', type=int, default=2048,
+                      help='side of the fp32 matmul measuring the CPU peak')
+  args, overrides = parser.parse_known_args(list(argv))
+  args.overrides = overrides
+  for name in ('batch', 'steps', 'repeats', 'matmul_size'):
+    if getattr(args, name) < 1:
+      raise ValueError(f'--{name}={getattr(args, name)} must be >= 1')
+  if args.warmup < 0:
+    raise ValueError(f'--warmup={args.warmup} must be >= 0')
+  return args
+
+
+def build_config(args: argparse.Namespace) -> ml_collections.ConfigDict:
+  """The config with --config.* overrides, --image_size and --batch."""
+  config = apply_overrides(load_config(args.config), args.overrides)
+  if args.image_size is not None:
+    config.data.image_size = args.image_size
+    config.model.image_size = args.image_size
+  config.batch_size = args.batch
+  return config
+
+
+def synthetic_batch(config: ml_collections.ConfigDict, batch: int, mesh,
+                    distill_kind: str, seed: int = 0
+                    ) -> dict[str, jax.Array]:
+  """A random uint8 train batch (labels, teacher logits) on the mesh."""
+  rng = np.random.default_rng(seed)
+  size = int(config.data.image_size)
+  classes = int(config.model.num_classes)
+  host = {'image': rng.integers(0, 256, (batch, size, size, 3), np.uint8),
+          'label': rng.integers(0, classes, (batch,)).astype(np.int32)}
+  if distill_kind != 'none':
+    host['teacher_logits'] = rng.normal(size=(batch, classes)).astype(
+        np.float32)
+  return jax.device_put(host, sharding.batch_sharding(mesh))
+
+
+def time_repeats(run: Callable[[], Any], *, steps: int, repeats: int,
+                 warmup: int) -> list[float]:
+  """Seconds per step of each repetition (`steps` calls, then a block)."""
+  out = None
+  for _ in range(warmup):
+    out = run()
+  jax.block_until_ready(out)
+  per_step = []
+  for _ in range(repeats):
+    t0 = time.perf_counter()
+    for _ in range(steps):
+      out = run()
+    jax.block_until_ready(out)
+    per_step.append((time.perf_counter() - t0) / steps)
+  return per_step
+
+
+def compiled_flops(compiled) -> float | None:
+  """FLOPs of a compiled executable from XLA's cost analysis (or None)."""
+  try:
+    cost = compiled.cost_analysis()
+  except Exception:  # pylint: disable=broad-except
+    return None
+  if isinstance(cost, (list, tuple)):
+    cost = cost[0] if cost else None
+  if not cost or 'flops' not in cost:
+    return None
+  return float(cost['flops'])
+
+
+def measured_matmul_flops(size: int, repeats: int = 5) -> float:
+  """FLOP/s of a jitted fp32 [size, size] @ [size, size] (median)."""
+  key = jax.random.PRNGKey(0)
+  a = jax.random.normal(key, (size, size), jnp.float32)
+  b = jax.random.normal(jax.random.fold_in(key, 1), (size, size),
+                        jnp.float32)
+  matmul = jax.jit(jnp.matmul)
+  jax.block_until_ready(matmul(a, b))
+  times = []
+  for _ in range(repeats):
+    t0 = time.perf_counter()
+    jax.block_until_ready(matmul(a, b))
+    times.append(time.perf_counter() - t0)
+  return 2.0 * size ** 3 / statistics.median(times)
+
+
+def peak_flops(device: jax.Device, matmul_size: int
+               ) -> tuple[float | None, str]:
+  """(peak FLOP/s of one device, where the number comes from)."""
+  if device.platform == 'cpu':
+    return measured_matmul_flops(matmul_size), 'measured_fp32_matmul'
+  kind = device.device_kind.lower()
+  for name, flops in DATASHEET_PEAK_FLOPS:
+    if name in kind:
+      return flops, f'datasheet_bf16:{name}'
+  return None, f'unknown device {device.device_kind!r}'
+
+
+def peak_memory(device: jax.Device) -> tuple[int, str]:
+  """(peak bytes, 'device' or 'host_rss')."""
+  stats = None
+  try:
+    stats = device.memory_stats()
+  except Exception:  # pylint: disable=broad-except
+    stats = None
+  if stats and 'peak_bytes_in_use' in stats:
+    return int(stats['peak_bytes_in_use']), 'device'
+  rss_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+  return int(rss_kb) * 1024, 'host_rss'
+
+
+def measure(config: ml_collections.ConfigDict, args: argparse.Namespace
+            ) -> dict[str, Any]:
+  """Compiles and times the train step of `config`; returns the figures."""
+  model_cfg = train.model_config_from(config)
+  mesh = sharding.create_mesh(tuple(config.get('mesh_shape', (-1, 1))))
+  if args.batch % mesh.size:
+    raise ValueError(f'--batch={args.batch} is not divisible by the '
+                     f'{mesh.size} devices of the mesh')
+  tx, schedule = optim.create_optimizer(config)
+  graphdef, state, shardings = train.create_train_state(config, model_cfg,
+                                                        tx, mesh)
+  step_cfg = step_lib.StepConfig.from_config(config, model_cfg)
+  step = train.jit_train_step(graphdef, tx, step_cfg, schedule, shardings,
+                              mesh)
+  batch = synthetic_batch(config, args.batch, mesh, step_cfg.distill_kind)
+  t0 = time.perf_counter()
+  compiled = step.lower(state, batch, None).compile()
+  compile_s = time.perf_counter() - t0
+  holder = {'state': state}
+
+  def run():
+    holder['state'], metrics = compiled(holder['state'], batch, None)
+    return metrics['loss']
+
+  per_step = time_repeats(run, steps=args.steps, repeats=args.repeats,
+                          warmup=args.warmup)
+  step_s = statistics.median(per_step)
+  n_params = sum(x.size for x in jax.tree.leaves(holder['state']['params']))
+  return {'num_params': int(n_params), 'compile_s': round(compile_s, 3),
+          'step_ms': round(1000 * step_s, 3),
+          'step_ms_all': [round(1000 * t, 3) for t in per_step],
+          'images_per_s': round(args.batch / step_s, 3),
+          'flops_per_step': compiled_flops(compiled),
+          'distill_kind': step_cfg.distill_kind,
+          'grad_accum_steps': step_cfg.grad_accum_steps}
+
+
+def main(argv: Sequence[str]) -> None:
+  """Measures one config's train step; prints one JSON line."""
+  args = parse_args(argv)
+  config = build_config(args)
+  result = measure(config, args)
+  device = jax.devices()[0]
+  memory, memory_source = peak_memory(device)
+  peak, peak_source = peak_flops(device, args.matmul_size)
+  flops = result['flops_per_step']
+  step_s = result['step_ms'] / 1000
+  mfu = (flops / step_s / peak) if (flops and peak) else None
+  emit({
+      'benchmark': 'train', 'config': args.config,
+      'variant': config.model.get('variant', ''),
+      'image_size': int(config.data.image_size), 'batch': args.batch,
+      'steps': args.steps, 'repeats': args.repeats, 'warmup': args.warmup,
+      'dtype': str(config.model.get('dtype', 'float32')),
+      'device': device.device_kind, 'platform': device.platform,
+      'num_devices': jax.device_count(), **result,
+      'peak_memory_bytes': memory, 'memory_source': memory_source,
+      'peak_flops_per_s': peak, 'peak_source': peak_source,
+      'achieved_flops_per_s': (flops / step_s) if flops else None,
+      'mfu': round(mfu, 5) if mfu is not None else None,
+      'tensorflow_imported': tensorflow_imported()})
+
+
+if __name__ == '__main__':
+  main(sys.argv[1:])
