@@ -42,6 +42,10 @@ def main(argv: Sequence[str]) -> None:
   from drpl_jax import evaluate, train  # pylint: disable=g-import-not-at-top
   config, workdir = _CONFIG.value, _WORKDIR.value
   result = train.train_and_evaluate(config, workdir)
+  if result.get('preempted'):
+    logging.info('Preempted at step %d; rerun the same command to resume.',
+                 result['step'])
+    return
   report = evaluate.evaluate(config, workdir)
   path = os.path.join(workdir, 'eval', report['data']['split'], 'report.json')
   summary = {'step': result['step'], 'test_accuracy': report['accuracy'],

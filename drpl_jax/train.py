@@ -334,6 +334,9 @@ def _setup(config: ml_collections.ConfigDict, workdir: str, info) -> _Run:
     state, data_state = restored
     train_iter.set_state(data_state)
     logging.info('Resumed from step %d in %s', int(state['step']), workdir)
+  elif config.get('init_from'):
+    from drpl_jax import student_init  # pylint: disable=g-import-not-at-top
+    state, _ = student_init.init_train_state(config, state)
   n_params = sum(x.size for x in jax.tree.leaves(state['params']))
   logging.info('Model %s: %d parameters, %d devices, mesh %s',
                model_cfg, n_params, jax.device_count(), dict(mesh.shape))

@@ -413,3 +413,33 @@ def test_deit_tiny_224_parity():
   assert report['fresh'] == []
   parity = convert.student_parity_report(sd, model, batch=2)
   assert parity['max_abs_diff'] < 1e-4, parity
+
+
+def test_training_starts_from_init_from(demo_data_dir, tmp_path):
+  """config.init_from loads the timm weights into the run's initial state."""
+  import demo as demo_config_lib  # pylint: disable=g-import-not-at-top
+  src = timm_deit(num_classes=10, img_size=32, depth=2)
+  path = tmp_path / 'deit.safetensors'
+  torch_io.save_safetensors(
+      {k: v.detach().numpy() for k, v in src.state_dict().items()}, str(path))
+  config = demo_config_lib.get_config('steps=1')
+  config.data.data_dir = demo_data_dir
+  config.model.depth = 2
+  config.model.patch_size = 8
+  config.model.rpe.kind = 'none'
+  config.model.conv.kind = 'mlp'
+  config.batch_size = 8
+  config.optim.base_lr = 0.0  # the state after one step is the loaded one
+  config.optim.weight_decay = 0.0
+  config.init_from = str(path)
+  workdir = str(tmp_path / 'run')
+  train.train_and_evaluate(config, workdir)
+  from drpl_jax import evaluate  # pylint: disable=g-import-not-at-top
+  params = evaluate.Evaluator(config, workdir).state['params']
+  want = src.state_dict()['blocks.1.mlp.fc2.weight'].detach().numpy().T
+  np.testing.assert_allclose(
+      np.asarray(params['blocks'][1]['ffn']['fc2']['kernel']), want,
+      rtol=1e-6)
+  np.testing.assert_allclose(
+      np.asarray(params['cls_token']),
+      src.state_dict()['cls_token'].detach().numpy(), rtol=1e-6)
