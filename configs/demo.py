@@ -6,7 +6,7 @@ chest X-rays.
 
   # 1. a PyTorch CNN teacher fine-tuned on the demo data (about a minute):
   python -m drpl_jax.train_teacher --config=configs/demo.py --arch resnet18 \
-      --out /tmp/drpl_demo/teacher/resnet18.safetensors --epochs 3
+      --out /tmp/drpl_demo/teacher/resnet18.safetensors --epochs 2
   # 2. DRPL-ViT distilled from it online (converted to Flax, run in the step):
   python -m drpl_jax.main \
       --config=configs/demo.py:teacher=/tmp/drpl_demo/teacher/resnet18.safetensors \
@@ -26,10 +26,10 @@ import drpl_vit  # pylint: disable=g-import-not-at-top,wrong-import-position
 def get_config(arg: str = ''):
   """The micro `drpl` preset at 32 px with patch 4 (8x8 token grid).
 
-  Arguments: `steps=N` (default 600), `teacher=PATH` (a resnet18 state dict
+  Arguments: `steps=N` (default 300), `teacher=PATH` (a resnet18 state dict
   from train_teacher: hard distillation from it, online).
   """
-  args = drpl_vit.parse_arg(arg, steps='600', teacher='')
+  args = drpl_vit.parse_arg(arg, steps='300', teacher='')
   config = drpl_vit.get_config('variant=micro,preset=drpl')
   config.data.name = 'demo'
   config.data.image_size = 32
@@ -48,8 +48,8 @@ def get_config(arg: str = ''):
   config.batch_size = 64
   config.eval_batch_size = 128
   config.log_every_steps = 50
-  config.eval_every_steps = 200
-  config.checkpoint_every_steps = 200
+  config.eval_every_steps = 100
+  config.checkpoint_every_steps = 100
   config.optim.base_lr = 4e-3
   config.optim.warmup_steps = 50
   config.optim.weight_decay = 0.05

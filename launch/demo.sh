@@ -12,7 +12,7 @@ bash launch/setup.sh data,torch
 teacher="${workdir}/teacher/resnet18.safetensors"
 if [[ ! -f "${teacher}" ]]; then
   .venv/bin/python -m drpl_jax.train_teacher --config=configs/demo.py \
-      --arch resnet18 --out "${teacher}" --epochs 3 \
+      --arch resnet18 --out "${teacher}" --epochs 2 \
       --config.data.data_dir="${workdir}/data"
 fi
 exec .venv/bin/python -m drpl_jax.main \
