@@ -473,3 +473,22 @@ def test_depthwise_conv_equals_grouped_conv():
         feature_group_count=12) + bias
     np.testing.assert_allclose(layers.depthwise_conv(x, kernel, bias), ref,
                                rtol=1e-5, atol=1e-5)
+
+
+def test_conv_stem_trains_under_jit():
+  """jit(grad) through the conv stem's max-pool (it once failed to linearize)."""
+  cfg = ModelConfig(num_classes=3, image_size=32, patch_size=8, width=32,
+                    depth=1, num_heads=2, stem='conv', rpe=RPEConfig(
+                        kind='none'), conv=ConvConfig(kind='mlp'))
+  model = create_model(cfg, rngs=nnx.Rngs(0))
+  graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+  x = jnp.ones((2, 32, 32, 3))
+
+  def loss(p, r):
+    r = jax.tree.map(lambda v: v, r)
+    out = nnx.merge(graphdef, p, r)(x, train=True)
+    return jnp.mean(out[0] ** 2 + out[1] ** 2)
+
+  grads = jax.jit(jax.grad(loss))(params, rest)
+  norm = sum(float(jnp.sum(g ** 2)) for g in jax.tree.leaves(grads))
+  assert np.isfinite(norm) and norm > 0

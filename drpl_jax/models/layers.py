@@ -203,9 +203,10 @@ class LeFF(nnx.Module):
 
 def max_pool_3x3_s2(x: Array) -> Array:
   """3x3 stride-2 max-pool with explicit padding 1 (PyTorch MaxPool2d)."""
-  init = jnp.array(-jnp.inf, x.dtype)
+  # A Python scalar init: a traced array init makes jit(grad(.)) fail to
+  # linearize reduce_window ("Linearization failed").
   return jax.lax.reduce_window(
-      x, init, jax.lax.max, (1, 3, 3, 1), (1, 2, 2, 1),
+      x, -jnp.inf, jax.lax.max, (1, 3, 3, 1), (1, 2, 2, 1),
       ((0, 0), (1, 1), (1, 1), (0, 0)))
 
 
