@@ -1,0 +1,140 @@
+"""The DRPL-ViT training objective and one AdamW step in PyTorch.
+
+Mirrors `drpl_jax.losses.total_loss` (label-smoothed cross-entropy, DeiT
+hard or soft distillation, optional class weights) and the optimizer of
+`drpl_jax.optim` (AdamW with decoupled weight decay on matrices and conv
+kernels only, global-norm clipping), so a step in either framework from the
+same weights and batch gives the same loss and gradients.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from drpl_jax.losses import DISTILL_KINDS
+from drpl_jax.optim import NO_DECAY_NAMES
+
+Outputs = torch.Tensor | tuple[torch.Tensor, torch.Tensor]
+
+
+def cross_entropy(logits: torch.Tensor, targets: torch.Tensor, *,
+                  label_smoothing: float = 0.0,
+                  class_weights: Sequence[float] | None = None
+                  ) -> torch.Tensor:
+  """Softmax CE against labels [B] or probabilities [B, C], as the JAX loss.
+
+  Example i is weighted by `targets_i . class_weights` (un-smoothed) and
+  the loss is normalised by the sum of the weights.
+  """
+  logits = logits.float()
+  num_classes = logits.shape[-1]
+  if targets.ndim == 1:
+    targets = F.one_hot(targets.long(), num_classes).float()
+  targets = targets.float()
+  weights = torch.ones(logits.shape[0], device=logits.device)
+  if class_weights is not None:
+    weights = targets @ torch.as_tensor(class_weights, dtype=torch.float32,
+                                        device=logits.device)
+  probs = targets * (1.0 - label_smoothing) + label_smoothing / num_classes
+  per_example = -(probs * logits.log_softmax(-1)).sum(-1)  # [B]
+  return (weights * per_example).sum() / weights.sum()
+
+
+def total_loss(outputs: Outputs, targets: torch.Tensor,
+               teacher_logits: torch.Tensor | None = None, *,
+               distill_kind: str = 'none', alpha: float = 0.5,
+               tau: float = 1.0, label_smoothing: float = 0.0,
+               class_weights: Sequence[float] | None = None
+               ) -> torch.Tensor:
+  """The DRPL-ViT objective; see `drpl_jax.losses.total_loss`.
+
+  'none': CE on one output, or the mean of both heads' CE; 'hard' / 'soft':
+  (1 - alpha) CE(cls) + alpha distill(dist, teacher), hard = CE against the
+  teacher's argmax, soft = tau^2 KL (batch-mean).
+  """
+  if distill_kind not in DISTILL_KINDS:
+    raise ValueError(f'unknown distill_kind {distill_kind!r}; expected one '
+                     f'of {DISTILL_KINDS}')
+  pair = isinstance(outputs, (tuple, list))
+  cls_logits, dist_logits = outputs if pair else (outputs, None)
+  ce = lambda lg: cross_entropy(lg, targets, label_smoothing=label_smoothing,
+                                class_weights=class_weights)
+  if distill_kind == 'none':
+    if dist_logits is None:
+      return ce(cls_logits)
+    return 0.5 * (ce(cls_logits) + ce(dist_logits))
+  if dist_logits is None or teacher_logits is None:
+    raise ValueError(f'distill_kind={distill_kind!r} needs (cls, dist) '
+                     'outputs and teacher_logits')
+  teacher = teacher_logits.detach().float()
+  if distill_kind == 'hard':
+    loss_dist = F.cross_entropy(dist_logits.float(), teacher.argmax(-1))
+  else:
+    loss_dist = F.kl_div((dist_logits.float() / tau).log_softmax(-1),
+                         (teacher / tau).log_softmax(-1),
+                         reduction='batchmean', log_target=True) * tau * tau
+  return (1.0 - alpha) * ce(cls_logits) + alpha * loss_dist
+
+
+def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
+  """AdamW groups: decay on >= 2-D weights except tokens, pos_embed, RPE.
+
+  The same rule as `drpl_jax.optim.decay_mask` (names are shared).
+  """
+  decay, no_decay = [], []
+  for name, p in model.named_parameters():
+    if p.ndim >= 2 and not any(n in name for n in NO_DECAY_NAMES):
+      decay.append(p)
+    else:
+      no_decay.append(p)
+  return [{'params': decay, 'weight_decay': weight_decay},
+          {'params': no_decay, 'weight_decay': 0.0}]
+
+
+def make_optimizer(model: nn.Module, *, lr: float, weight_decay: float,
+                   b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8
+                   ) -> torch.optim.AdamW:
+  """torch AdamW with the project's decay mask (optax.adamw defaults)."""
+  return torch.optim.AdamW(param_groups(model, weight_decay), lr=lr,
+                           betas=(b1, b2), eps=eps)
+
+
+def normalize(images: torch.Tensor, mean: Sequence[float],
+              std: Sequence[float]) -> torch.Tensor:
+  """uint8 or [0, 1] NHWC images -> normalised float32 NCHW."""
+  x = images.float()
+  if images.dtype == torch.uint8:
+    x = x / 255.0
+  m = torch.as_tensor(mean, dtype=torch.float32, device=x.device)
+  s = torch.as_tensor(std, dtype=torch.float32, device=x.device)
+  return ((x - m) / s).permute(0, 3, 1, 2)  # [B, 3, H, W]
+
+
+def make_train_step(model: nn.Module, optimizer: torch.optim.Optimizer, *,
+                    loss_fn: Callable[..., torch.Tensor],
+                    mean: Sequence[float], std: Sequence[float],
+                    grad_clip: float = 0.0
+                    ) -> Callable[..., torch.Tensor]:
+  """Returns `step(images, labels, teacher_logits) -> loss`.
+
+  One step is forward, backward, clipping and one optimizer step; `model`
+  may be a torch.compile'd twin. images: uint8 NHWC (normalised inside,
+  like the JAX step).
+  """
+
+  def step(images: torch.Tensor, labels: torch.Tensor,
+           teacher_logits: torch.Tensor | None = None) -> torch.Tensor:
+    optimizer.zero_grad(set_to_none=True)
+    loss = loss_fn(model(normalize(images, mean, std)), labels,
+                   teacher_logits)
+    loss.backward()
+    if grad_clip > 0:
+      torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+    optimizer.step()
+    return loss.detach()
+
+  return step
