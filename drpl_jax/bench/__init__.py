@@ -11,8 +11,10 @@ import json
 import os
 import runpy
 import sys
-from typing import Any, Sequence
+import time
+from typing import Any, Callable, Sequence
 
+import jax
 import ml_collections
 
 
@@ -63,3 +65,24 @@ def emit(record: dict[str, Any]) -> None:
 def tensorflow_imported() -> bool:
   """Whether anything in this process has imported TensorFlow."""
   return 'tensorflow' in sys.modules
+
+
+def time_steps(run: Callable[[], Any], *, steps: int, repeats: int,
+               warmup: int) -> list[float]:
+  """Seconds per repetition of `steps` calls of `run` (after `warmup`).
+
+  `run` returns something to block on; each repetition blocks only at its
+  end, so asynchronous dispatch overlaps steps as it does in training.
+  """
+  out = None
+  for _ in range(warmup):
+    out = run()
+  jax.block_until_ready(out)
+  times = []
+  for _ in range(repeats):
+    t0 = time.perf_counter()
+    for _ in range(steps):
+      out = run()
+    jax.block_until_ready(out)
+    times.append(time.perf_counter() - t0)
+  return times

@@ -37,7 +37,7 @@ from drpl_jax import sharding
 from drpl_jax import train
 from drpl_jax import train_step as step_lib
 from drpl_jax.bench import apply_overrides, emit, load_config
-from drpl_jax.bench import tensorflow_imported
+from drpl_jax.bench import tensorflow_imported, time_steps
 
 MEASUREMENTS = ('eval', 'train')
 TARGET_RATIO = 3.0
@@ -82,27 +82,6 @@ def build_config(args: argparse.Namespace) -> ml_collections.ConfigDict:
     config.data.image_size = args.image_size
     config.model.image_size = args.image_size
   return config
-
-
-def time_steps(run: Callable[[], Any], *, steps: int, repeats: int,
-               warmup: int) -> list[float]:
-  """Seconds per repetition of `steps` calls of `run` (after `warmup`).
-
-  `run` returns something to block on; each repetition blocks only at its
-  end, so asynchronous dispatch overlaps steps as it does in training.
-  """
-  out = None
-  for _ in range(warmup):
-    out = run()
-  jax.block_until_ready(out)
-  times = []
-  for _ in range(repeats):
-    t0 = time.perf_counter()
-    for _ in range(steps):
-      out = run()
-    jax.block_until_ready(out)
-    times.append(time.perf_counter() - t0)
-  return times
 
 
 def _compile(jitted, *args) -> tuple[Any, float, float]:

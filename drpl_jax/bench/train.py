@@ -47,7 +47,7 @@ from drpl_jax import sharding
 from drpl_jax import train
 from drpl_jax import train_step as step_lib
 from drpl_jax.bench import apply_overrides, emit, load_config
-from drpl_jax.bench import tensorflow_imported
+from drpl_jax.bench import tensorflow_imported, time_steps
 
 # Dense bf16 peak FLOP/s per device (datasheets), matched against
 # `device.device_kind` (lower case); the first match wins.
@@ -116,18 +116,8 @@ def synthetic_batch(config: ml_collections.ConfigDict, batch: int, mesh,
 def time_repeats(run: Callable[[], Any], *, steps: int, repeats: int,
                  warmup: int) -> list[float]:
   """Seconds per step of each repetition (`steps` calls, then a block)."""
-  out = None
-  for _ in range(warmup):
-    out = run()
-  jax.block_until_ready(out)
-  per_step = []
-  for _ in range(repeats):
-    t0 = time.perf_counter()
-    for _ in range(steps):
-      out = run()
-    jax.block_until_ready(out)
-    per_step.append((time.perf_counter() - t0) / steps)
-  return per_step
+  return [t / steps for t in time_steps(run, steps=steps, repeats=repeats,
+                                        warmup=warmup)]
 
 
 def compiled_flops(compiled) -> float | None:
