@@ -86,3 +86,12 @@ def time_steps(run: Callable[[], Any], *, steps: int, repeats: int,
     jax.block_until_ready(out)
     times.append(time.perf_counter() - t0)
   return times
+
+
+def config_from_args(args: Any) -> ml_collections.ConfigDict:
+  """`args.config` with its `--config.*` overrides and `--image_size`."""
+  config = apply_overrides(load_config(args.config), args.overrides)
+  if args.image_size is not None:
+    config.data.image_size = args.image_size
+    config.model.image_size = args.image_size
+  return config

@@ -36,7 +36,7 @@ from drpl_jax import optim
 from drpl_jax import sharding
 from drpl_jax import train
 from drpl_jax import train_step as step_lib
-from drpl_jax.bench import apply_overrides, emit, load_config
+from drpl_jax.bench import config_from_args, emit
 from drpl_jax.bench import tensorflow_imported, time_steps
 
 MEASUREMENTS = ('eval', 'train')
@@ -77,11 +77,7 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
 
 def build_config(args: argparse.Namespace) -> ml_collections.ConfigDict:
   """The config with --config.* overrides and --image_size applied."""
-  config = apply_overrides(load_config(args.config), args.overrides)
-  if args.image_size is not None:
-    config.data.image_size = args.image_size
-    config.model.image_size = args.image_size
-  return config
+  return config_from_args(args)
 
 
 def _compile(jitted, *args) -> tuple[Any, float, float]:

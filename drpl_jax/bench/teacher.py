@@ -50,7 +50,7 @@ from drpl_jax import sharding
 from drpl_jax import teacher as teacher_lib
 from drpl_jax import train
 from drpl_jax import train_step as step_lib
-from drpl_jax.bench import apply_overrides, emit, load_config
+from drpl_jax.bench import config_from_args, emit
 from drpl_jax.bench import tensorflow_imported
 from drpl_jax.bench.eval import device_info, synthetic_batch
 from drpl_jax.teacher.common import DTYPES as TEACHER_DTYPES
@@ -89,10 +89,7 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
 
 def build_config(args: argparse.Namespace) -> ml_collections.ConfigDict:
   """The config with overrides; the student must use the teacher."""
-  config = apply_overrides(load_config(args.config), args.overrides)
-  if args.image_size is not None:
-    config.data.image_size = args.image_size
-    config.model.image_size = args.image_size
+  config = config_from_args(args)
   if not config.model.distilled or config.distill.kind == 'none':
     raise ValueError(
         f'{args.config}: bench teacher needs a distilled student with '
