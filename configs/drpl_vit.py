@@ -129,6 +129,8 @@ def get_config(arg: str = '') -> ml_collections.ConfigDict:
   config.model.layer_scale_init = 0.0  # 0 = off
   config.model.dtype = 'float32'
   config.model.param_dtype = 'float32'
+  # XLA:CPU fusion fences in training: auto (CPU only) | on | off.
+  config.model.materialize = 'auto'
 
   config.loss = ml_collections.ConfigDict()
   config.loss.label_smoothing = 0.1

@@ -19,6 +19,7 @@ STEMS = ('patch', 'conv')
 DTYPES = ('float32', 'bfloat16', 'float16')
 # jax.nn.dot_product_attention backends; '' lets JAX choose (XLA today).
 ATTENTION_IMPLS = ('', 'xla', 'cudnn')
+MATERIALIZE_MODES = ('auto', 'on', 'off')
 
 
 @dataclasses.dataclass(frozen=True)
@@ -127,12 +128,16 @@ class ModelConfig:
   # Backend of the fused attention ('' = JAX default, 'cudnn' = the fused
   # cuDNN kernel on NVIDIA GPUs; needs dtype bfloat16/float16).
   attention_impl: str = ''
+  # Materialisation fences for XLA:CPU in training (models/fence.py):
+  # 'auto' = on when JAX's default backend is the CPU, 'on', 'off'.
+  materialize: str = 'auto'
 
   def __post_init__(self):
     _check_choice('stem', self.stem, STEMS)
     _check_choice('dtype', self.dtype, DTYPES)
     _check_choice('param_dtype', self.param_dtype, DTYPES)
     _check_choice('attention_impl', self.attention_impl, ATTENTION_IMPLS)
+    _check_choice('materialize', self.materialize, MATERIALIZE_MODES)
     if self.attention_impl == 'cudnn' and self.dtype == 'float32':
       raise ValueError("model.attention_impl='cudnn' needs dtype "
                        "'bfloat16' or 'float16', got 'float32'")

@@ -11,6 +11,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from drpl_jax.models import fence
 from drpl_jax.models.config import ConvConfig, ModelConfig
 
 Array = jax.Array
@@ -174,6 +175,7 @@ class LeFF(nnx.Module):
     self.num_prefix = cfg.num_prefix_tokens
     self.prefix_mode = conv.prefix
     self.dropout_rate = cfg.dropout_rate
+    self.materialize = cfg.materialize
 
   def __call__(self, x: Array, grid: tuple[int, int], *, train: bool,
                rngs: nnx.Rngs | None) -> Array:
@@ -191,6 +193,10 @@ class LeFF(nnx.Module):
     h_grid = h_grid.reshape(b, gh, gw, e)  # [B, Gh, Gw, E]
     h_grid = depthwise_conv(h_grid, self.dwconv.kernel[...],
                             self.dwconv.bias[...])
+    if fence.enabled(self.materialize):
+      # Keeps XLA:CPU from pulling the norms and GELUs around the conv into
+      # each of its k*k shifted taps, forward and backward.
+      h_grid = fence.fence(h_grid)
     h_grid = gelu(apply_norm(self.dw_norm, h_grid, train))
     h_grid = h_grid.reshape(b, n, e)  # [B, N, E]
     h = jnp.concatenate([h_pre, h_grid], axis=1)

@@ -15,6 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from drpl_jax.models import fence
 from drpl_jax.models.attention import Attention
 from drpl_jax.models.config import ModelConfig
 from drpl_jax.models.layers import (LayerScale, LeFF, Mlp, PatchEmbed,
@@ -136,12 +137,19 @@ class DRPLViT(nnx.Module):
                        ) -> tuple[Array, list[Array]]:
     """Images -> final-normed tokens [B, L, D] and per-block attention."""
     x, grid = self.embed(images, train=train, rngs=rngs)
+    # Training on XLA:CPU: materialise the residual stream's gradient at
+    # every block boundary (models/fence.py).
+    fences = train and fence.enabled(self.config.materialize)
     attention = []
     for block in self.blocks:
+      if fences:
+        x = fence.grad_fence(x)
       x, probs = block(x, grid, train=train, rngs=rngs,
                        return_attention=return_attention)
       if return_attention:
         attention.append(probs)
+    if fences:
+      x = fence.grad_fence(x)
     return self.norm(x), attention
 
   def heads(self, images: Array, *, train: bool = False,
