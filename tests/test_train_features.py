@@ -247,6 +247,9 @@ def test_loop_features(demo_data_dir, tmp_path, monkeypatch, caplog):
       'best_metric': 'val_accuracy_mean', 'profile_steps': (1, 2),
       'progress_every_secs': 0.0})
   workdir = str(tmp_path / 'run')
+  # Another test in this worker may have run an absl app, which sets the
+  # absl logger to WARNING; ask for INFO on it explicitly.
+  caplog.set_level(logging.INFO, logger='absl')
   caplog.set_level(logging.INFO)
   result = train.train_and_evaluate(config, workdir)
   assert result['step'] == 6 and result['nonfinite'] == 1
@@ -292,6 +295,7 @@ def test_sigterm_saves_and_stops_cleanly(demo_data_dir, tmp_path,
 
   wrap_iterator(monkeypatch, before=preempt)
   previous = signal.getsignal(signal.SIGTERM)
+  caplog.set_level(logging.INFO, logger='absl')
   caplog.set_level(logging.INFO)
   config = loop_config(demo_data_dir, 50)
   result = train.train_and_evaluate(config, str(tmp_path / 'run'))
