@@ -475,6 +475,30 @@ def test_depthwise_conv_equals_grouped_conv():
                                rtol=1e-5, atol=1e-5)
 
 
+def test_depthwise_conv_fused_gradient_matches_autodiff():
+  """The custom backward (one variadic reduction) equals autodiff's."""
+  from drpl_jax.models import layers  # pylint: disable=g-import-not-at-top
+  rng = np.random.default_rng(1)
+  for k in (3, 5):
+    x = jnp.asarray(rng.normal(size=(2, 7, 6, 12)), jnp.float32)
+    kernel = jnp.asarray(rng.normal(size=(k, k, 1, 12)), jnp.float32)
+    bias = jnp.asarray(rng.normal(size=(12,)), jnp.float32)
+    target = jnp.asarray(rng.normal(size=(2, 7, 6, 12)), jnp.float32)
+
+    def loss(x, kernel, bias, fused):
+      out = layers.depthwise_conv(x, kernel, bias, fused_grad=fused)
+      return jnp.sum(jnp.sin(out) * target)
+
+    grad = jax.jit(jax.grad(loss, argnums=(0, 1, 2)), static_argnums=3)
+    want, got = grad(x, kernel, bias, False), grad(x, kernel, bias, True)
+    np.testing.assert_allclose(
+        layers.depthwise_conv(x, kernel, bias, fused_grad=True),
+        layers.depthwise_conv(x, kernel, bias), rtol=1e-6)
+    for name, w, g in zip(('x', 'kernel', 'bias'), want, got):
+      assert g.shape == w.shape and g.dtype == w.dtype, name
+      np.testing.assert_allclose(g, w, rtol=1e-4, atol=1e-5, err_msg=name)
+
+
 def test_conv_stem_trains_under_jit():
   """jit(grad) through the conv stem's max-pool (it once failed to linearize)."""
   cfg = ModelConfig(num_classes=3, image_size=32, patch_size=8, width=32,

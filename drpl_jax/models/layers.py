@@ -127,15 +127,8 @@ class Mlp(nnx.Module):
     return dropout(self.fc2(x), self.dropout_rate, train, rngs)
 
 
-def depthwise_conv(x: Array, kernel: Array, bias: Array) -> Array:
-  """Stride-1 depthwise conv with symmetric zero padding k//2.
-
-  x [B, H, W, C], kernel [k, k, 1, C] (nnx.Conv's layout with
-  feature_group_count=C), bias [C]. Written as k*k shifted multiply-adds: the
-  same result as `lax.conv_general_dilated(..., feature_group_count=C)` but
-  4-8x faster forward+backward on CPU, where XLA has no depthwise kernel,
-  and fused into a few elementwise passes on GPU/TPU.
-  """
+def _shift_add(x: Array, kernel: Array) -> Array:
+  """sum_ij pad(x)[:, i:i+H, j:j+W] * kernel[i, j, 0]: [B, H, W, C]."""
   k = kernel.shape[0]
   p = k // 2
   h, w = x.shape[1:3]
@@ -146,7 +139,61 @@ def depthwise_conv(x: Array, kernel: Array, bias: Array) -> Array:
     for j in range(k):
       if i or j:
         out = out + xp[:, i:i + h, j:j + w] * kernel[i, j, 0]
-  return out + bias.astype(x.dtype)
+  return out
+
+
+def depthwise_conv(x: Array, kernel: Array, bias: Array, *,
+                   fused_grad: bool = False) -> Array:
+  """Stride-1 depthwise conv with symmetric zero padding k//2.
+
+  x [B, H, W, C], kernel [k, k, 1, C] (nnx.Conv's layout with
+  feature_group_count=C), bias [C]. Written as k*k shifted multiply-adds: the
+  same result as `lax.conv_general_dilated(..., feature_group_count=C)` but
+  4-8x faster forward+backward on CPU, where XLA has no depthwise kernel,
+  and fused into a few elementwise passes on GPU/TPU. `fused_grad` uses
+  `_depthwise_conv_fused` (same values; a faster backward on XLA:CPU).
+  """
+  if fused_grad:
+    return _depthwise_conv_fused(x, kernel, bias)
+  return _shift_add(x, kernel) + bias.astype(x.dtype)
+
+
+@jax.custom_vjp
+def _depthwise_conv_fused(x: Array, kernel: Array, bias: Array) -> Array:
+  """`depthwise_conv` whose kernel and bias gradients are one reduction.
+
+  Autodiff of the shifted multiply-adds gives k*k separate reductions over
+  [B, H, W] (one per tap), each reading x and the output gradient again;
+  on XLA:CPU these took a quarter of the Ti/DRPL train step. Here all taps
+  and the bias are summed by one variadic `lax.reduce` (one pass, float32
+  accumulation): 2.3x faster in isolation. The input gradient is the same
+  shifted multiply-add with the kernel flipped.
+  """
+  return _shift_add(x, kernel) + bias.astype(x.dtype)
+
+
+def _dw_fwd(x: Array, kernel: Array, bias: Array):
+  return _depthwise_conv_fused(x, kernel, bias), (x, kernel, bias)
+
+
+def _dw_bwd(res, g: Array):
+  x, kernel, bias = res
+  k = kernel.shape[0]
+  p = k // 2
+  h, w = x.shape[1:3]
+  dx = _shift_add(g, kernel[::-1, ::-1]).astype(x.dtype)
+  xp = jnp.pad(x, ((0, 0), (p, p), (p, p), (0, 0)))  # [B, H+2p, W+2p, C]
+  g32 = g.astype(jnp.float32)
+  terms = [xp[:, i:i + h, j:j + w].astype(jnp.float32) * g32
+           for i in range(k) for j in range(k)] + [g32]
+  sums = jax.lax.reduce(tuple(terms), (jnp.float32(0),) * len(terms),
+                        lambda a, b: tuple(u + v for u, v in zip(a, b)),
+                        (0, 1, 2))  # k*k + 1 arrays of [C]
+  dkernel = jnp.stack(sums[:-1]).reshape(kernel.shape).astype(kernel.dtype)
+  return dx, dkernel, sums[-1].astype(bias.dtype)
+
+
+_depthwise_conv_fused.defvjp(_dw_fwd, _dw_bwd)
 
 
 class LeFF(nnx.Module):
@@ -191,9 +238,10 @@ class LeFF(nnx.Module):
     if gh * gw != n:
       raise ValueError(f'LeFF got {n} patch tokens for a {gh}x{gw} grid')
     h_grid = h_grid.reshape(b, gh, gw, e)  # [B, Gh, Gw, E]
+    fences = fence.enabled(self.materialize)
     h_grid = depthwise_conv(h_grid, self.dwconv.kernel[...],
-                            self.dwconv.bias[...])
-    if fence.enabled(self.materialize):
+                            self.dwconv.bias[...], fused_grad=fences)
+    if fences:
       # Keeps XLA:CPU from pulling the norms and GELUs around the conv into
       # each of its k*k shifted taps, forward and backward.
       h_grid = fence.fence(h_grid)
