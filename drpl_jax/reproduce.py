@@ -1,0 +1,447 @@
+r"""The paper's protocol and the sample ablation: settings and bookkeeping.
+
+`launch/reproduce_paper.sh` runs the steps; this module decides everything
+they need, so the settings live in one place and are tested:
+
+  python -m drpl_jax.reproduce settings --mode sample [--smoke] [--seeds N]
+  python -m drpl_jax.reproduce args run|teacher|prepare --workdir W \
+      --mode sample [--preset deit --seed 1]  # one argument per line
+  python -m drpl_jax.reproduce runs --workdir W --mode sample
+  python -m drpl_jax.reproduce table --workdir W [--out FILE.md]
+
+(the table is written by drpl_jax/reproduce_table.py).
+
+Modes (`get_settings`): `paper` (4 classes, DeiT-S at 224 px, the config's
+full recipe, a ResNet-50 teacher, 1 seed), `sample` (COVID vs Normal on the
+600-image sample, micro at 64 px with patch 8, 600 steps, a RegNetY-400MF
+teacher at 64 px, 3 seeds), and `--smoke` (either at toy size: two presets,
+one seed, 32 px, 4 steps; what CI runs). Under WORKDIR: `reproduce.json`
+(the plan; a rerun with other settings is refused), `data/`,
+`teacher/<arch>.safetensors`, `runs/<preset>/seed<k>/` (a drpl_jax.main
+workdir each; report in `eval/test/report.json`), `timings/<step>.json`
+and `results.md`. Paths may be `gs://...` (etils.epath).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import datetime
+import json
+import os
+import shlex
+import socket
+import sys
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from etils import epath
+
+PRESETS = ('vit', 'deit', 'deit_rpe', 'deit_conv', 'drpl')
+MODES = ('paper', 'sample')
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CONFIG_FILE = 'configs/drpl_vit.py'
+DEFAULT_SAMPLE_DIR = os.path.normpath(os.path.join(
+    REPO, '..', 'shared', 'data', 'covid19_radiography_sample'))
+PAPER_CLASSES = ('COVID', 'Lung_Opacity', 'Normal', 'Viral Pneumonia')
+UNDISTILLED = ('vit',)  # presets without a distillation token
+# Keys a preset sets through configs/drpl_vit.py (everything else is shared).
+PRESET_KEYS = ('model.distilled', 'model.rpe.kind', 'model.conv.kind',
+               'distill.kind', 'teacher.arch', 'teacher.checkpoint')
+
+
+@dataclasses.dataclass(frozen=True)
+class Settings:
+  """One reproduction: the same data, budget and seeds for every preset.
+
+  `student` holds config overrides (key -> value) applied on top of
+  `configs/drpl_vit.py:variant=...,preset=...[,runlocal]`; `teacher` the
+  `train_teacher` flags. Only the preset and, for the distilled presets,
+  the teacher path differ between the runs of one reproduction.
+  """
+  mode: str
+  smoke: bool
+  presets: tuple[str, ...]
+  seeds: tuple[int, ...]
+  variant: str
+  runlocal: bool
+  classes: str  # data.classes; '' = all four
+  num_classes: int
+  image_size: int
+  patch_size: int
+  student: dict[str, Any]
+  teacher_arch: str
+  teacher: dict[str, Any]
+
+  def describe(self) -> str:
+    grid = self.image_size // self.patch_size
+    return (f'{self.mode}{" smoke" if self.smoke else ""}: {self.variant} '
+            f'variant, {self.image_size} px (patch {self.patch_size}, '
+            f'{grid}x{grid} grid), {self.student["total_steps"]} steps at '
+            f'batch {self.student["batch_size"]}, seeds '
+            f'{", ".join(map(str, self.seeds))}; teacher '
+            f'{self.teacher_arch} at {self.teacher["image_size"]} px, '
+            f'{self.teacher["epochs"]} epoch(s), online hard distillation')
+
+
+def _paper() -> dict[str, Any]:
+  # The config's full recipe, written out so it is recorded in the plan.
+  return dict(
+      presets=PRESETS, seeds=1, variant='s', runlocal=False, classes='',
+      num_classes=4, image_size=224, patch_size=16,
+      student={'total_steps': 30_000, 'batch_size': 256,
+               'optim.base_lr': 5e-4, 'optim.warmup_steps': 1000,
+               'eval_every_steps': 1000, 'checkpoint_every_steps': 1000},
+      teacher_arch='resnet50',
+      teacher={'epochs': 20, 'batch_size': 64, 'lr': 5e-4,
+               'image_size': 224})
+
+
+def _sample() -> dict[str, Any]:
+  # configs/drpl_vit.py's runlocal recipe (micro, 64 px, patch 8, batch 32,
+  # no mixup, mild crops); sized in docs/reproduction.md.
+  return dict(
+      presets=PRESETS, seeds=3, variant='micro', runlocal=True,
+      classes='COVID,Normal', num_classes=2, image_size=64, patch_size=8,
+      student={'total_steps': 600, 'batch_size': 32, 'eval_batch_size': 64,
+               'optim.warmup_steps': 30, 'eval_every_steps': 600,
+               'checkpoint_every_steps': 200, 'log_every_steps': 50},
+      teacher_arch='regnet_y_400mf',
+      teacher={'epochs': 30, 'batch_size': 32, 'lr': 1e-3,
+               'image_size': 64})
+
+
+def _smoke(base: dict[str, Any]) -> dict[str, Any]:
+  return dict(
+      base, presets=('vit', 'drpl'), seeds=1, variant='micro',
+      runlocal=True, image_size=32, patch_size=8,
+      student={'total_steps': 4, 'batch_size': 16, 'eval_batch_size': 32,
+               'optim.warmup_steps': 1, 'eval_every_steps': 4,
+               'checkpoint_every_steps': 2, 'log_every_steps': 2},
+      teacher_arch='regnet_y_400mf',
+      teacher={'epochs': 1, 'batch_size': 16, 'lr': 1e-3, 'image_size': 32,
+               'max_steps_per_epoch': 2})
+
+
+def get_settings(mode: str, *, smoke: bool = False,
+                 num_seeds: int | None = None) -> Settings:
+  """The settings of `mode` ('paper' or 'sample'), optionally at toy size.
+
+  `num_seeds` overrides the mode's seed count (seeds are 0..n-1).
+  """
+  if mode not in MODES:
+    raise ValueError(f'mode {mode!r} is not one of {list(MODES)}')
+  values = _paper() if mode == 'paper' else _sample()
+  if smoke:
+    values = _smoke(values)
+  n = values.pop('seeds')
+  n = n if num_seeds is None else num_seeds
+  if n < 1:
+    raise ValueError(f'the number of seeds must be >= 1, got {n}')
+  image_size, patch = values['image_size'], values['patch_size']
+  if image_size % patch:
+    raise ValueError(f'image size {image_size} is not a multiple of the '
+                     f'patch size {patch}')
+  return Settings(mode=mode, smoke=smoke, seeds=tuple(range(n)), **values)
+
+
+# ------------------------------------------------------------------- paths
+
+
+@dataclasses.dataclass(frozen=True)
+class Paths:
+  """Where one reproduction reads and writes (see the module doc)."""
+  workdir: str
+  manual_dir: str
+  data_dir: str
+  teacher: str
+  teacher_init: str
+
+  def run_dir(self, preset: str, seed: int) -> str:
+    return os.path.join(self.workdir, 'runs', preset, f'seed{seed}')
+
+  def report(self, preset: str, seed: int) -> str:
+    return os.path.join(self.run_dir(preset, seed), 'eval/test/report.json')
+
+  def timing(self, step: str) -> str:
+    return os.path.join(self.workdir, 'timings', f'{step}.json')
+
+  def extra(self) -> dict[str, str]:
+    return {'plan': os.path.join(self.workdir, 'reproduce.json'),
+            'table': os.path.join(self.workdir, 'results.md')}
+
+
+def get_paths(settings: Settings, workdir: str, *, manual_dir: str = '',
+              data_dir: str = '', teacher: str = '',
+              teacher_init: str = '') -> Paths:
+  """Resolves the defaults: data in WORKDIR/data, the teacher under it."""
+  if not workdir:
+    raise ValueError('empty --workdir')
+  if not manual_dir:
+    if settings.mode == 'paper':
+      raise ValueError(
+          'the paper mode needs --manual_dir: the Kaggle COVID-19 '
+          'Radiography Database, downloaded by hand (the folder '
+          'COVID-19_Radiography_Dataset, its parent, or the .zip)')
+    manual_dir = DEFAULT_SAMPLE_DIR
+  if not manual_dir.startswith('gs://'):
+    manual_dir = os.path.abspath(manual_dir)
+  return Paths(
+      workdir=workdir, manual_dir=manual_dir,
+      data_dir=data_dir or os.path.join(workdir, 'data'),
+      teacher=teacher or os.path.join(
+          workdir, 'teacher', f'{settings.teacher_arch}.safetensors'),
+      teacher_init=teacher_init)
+
+
+# -------------------------------------------------------- command arguments
+
+
+def config_arg(settings: Settings, preset: str) -> str:
+  """The `--config` value (FILE:ARGS, relative to the repo root)."""
+  if preset not in PRESETS:
+    raise ValueError(f'preset {preset!r} is not one of {list(PRESETS)}')
+  arg = f'{CONFIG_FILE}:variant={settings.variant},preset={preset}'
+  return arg + (',runlocal' if settings.runlocal else '')
+
+
+def _flag(key: str, value: Any) -> str:
+  if isinstance(value, str) and '\n' in value:
+    raise ValueError(f'{key}: a value with a newline: {value!r}')
+  return f'--config.{key}={value}'
+
+
+def data_overrides(settings: Settings, paths: Paths) -> dict[str, Any]:
+  """The data keys every step shares (teacher and student alike)."""
+  return {'data.name': 'covid19_radiography',
+          'data.manual_dir': paths.manual_dir,
+          'data.data_dir': paths.data_dir, 'data.classes': settings.classes,
+          'data.split_seed': 0, 'data.image_size': settings.image_size,
+          'model.num_classes': settings.num_classes}
+
+
+def run_overrides(settings: Settings, paths: Paths, preset: str,
+                  seed: int) -> list[str]:
+  """`--config.key=value` flags of one preset and seed for drpl_jax.main."""
+  if seed not in settings.seeds:
+    raise ValueError(f'seed {seed} is not one of {list(settings.seeds)}')
+  config_arg(settings, preset)  # Checks the preset.
+  values = {'seed': seed, **data_overrides(settings, paths),
+            'model.patch_size': settings.patch_size, **settings.student}
+  if preset not in UNDISTILLED:
+    values.update({'teacher.arch': settings.teacher_arch,
+                   'teacher.checkpoint': paths.teacher,
+                   'teacher.image_size': settings.teacher['image_size'],
+                   'distill.kind': 'hard'})
+  return [_flag(k, v) for k, v in values.items()]
+
+
+def teacher_args(settings: Settings, paths: Paths) -> list[str]:
+  """Arguments of `python -m drpl_jax.train_teacher` (seed 0)."""
+  args = [f'--config={config_arg(settings, "drpl")}']
+  args += [_flag(k, v) for k, v in data_overrides(settings, paths).items()]
+  args += ['--arch', settings.teacher_arch, '--out', paths.teacher]
+  for key, value in settings.teacher.items():
+    args += [f'--{key}', str(value)]
+  if paths.teacher_init:
+    args += ['--init', paths.teacher_init]
+  return args
+
+
+def prepare_args(settings: Settings, paths: Paths) -> list[str]:
+  """Arguments of `python -m drpl_jax.data prepare`."""
+  args = ['prepare', '--name', 'covid19_radiography', '--manual_dir',
+          paths.manual_dir, '--data_dir', paths.data_dir, '--seed', '0']
+  return args + (['--classes', settings.classes] if settings.classes else [])
+
+
+def prepared_summary(settings: Settings, paths: Paths) -> str:
+  """The summary.json that exists once the data set is prepared."""
+  from drpl_jax.data import api  # pylint: disable=g-import-not-at-top
+  folder = api.prepared_dir(
+      'covid19_radiography', data_dir=paths.data_dir,
+      manual_dir=paths.manual_dir,
+      classes=api.parse_classes(settings.classes), seed=0)
+  return os.path.join(folder, 'summary.json')
+
+
+# ------------------------------------------------------ plan and timings
+
+
+def read_json(path: str, what: str) -> Any:
+  """JSON from `path`; errors name the file."""
+  p = epath.Path(path)
+  if not p.exists():
+    raise FileNotFoundError(f'{what} {path} does not exist')
+  try:
+    return json.loads(p.read_text())
+  except (OSError, ValueError) as e:
+    raise ValueError(f'{what} {path} is unreadable: {e}') from e
+
+
+def _write_json(path: str, value: Any) -> None:
+  p = epath.Path(path)
+  p.parent.mkdir(parents=True, exist_ok=True)
+  tmp = p.parent / (p.name + '.partial')
+  tmp.write_text(json.dumps(value, indent=1) + '\n')
+  tmp.replace(p)
+
+
+def plan_dict(settings: Settings, paths: Paths, command: str,
+              launcher: str) -> dict[str, Any]:
+  return {'settings': dataclasses.asdict(settings),
+          'paths': dataclasses.asdict(paths), 'launcher': launcher,
+          'command': command,
+          'created': datetime.datetime.now(datetime.timezone.utc).isoformat(
+              timespec='seconds')}
+
+
+def check_plan(plan: Mapping[str, Any], old: Mapping[str, Any] | None,
+               path: str) -> bool:
+  """Whether `plan` must be written; refuses one that changes the runs.
+
+  The seeds may change (more seeds reuse the existing runs); anything else
+  that shapes a run (mode, presets, budget, data) may not.
+  """
+  if old is None:
+    return True
+  plan = json.loads(json.dumps(plan))  # Tuples as the JSON file has them.
+  new_s, old_s = plan['settings'], dict(old.get('settings', {}))
+  changed = sorted(k for k in set(new_s) | set(old_s)
+                   if k != 'seeds' and new_s.get(k) != old_s.get(k))
+  for key in ('manual_dir', 'data_dir', 'teacher'):
+    if plan['paths'][key] != old.get('paths', {}).get(key):
+      changed.append(f'paths.{key}')
+  if changed:
+    raise ValueError(
+        f'{path}: this WORKDIR was started with other settings '
+        f'({", ".join(changed)} differ; it was: {old.get("command")}); use '
+        'another WORKDIR, or delete the file to reuse the runs anyway')
+  return list(new_s['seeds']) != list(old_s['seeds'])
+
+
+def record(path: str, step: str, command: Sequence[str], start: float,
+           end: float, rc: int) -> dict[str, Any]:
+  """Appends one attempt of `step` (times in epoch seconds) to its JSON."""
+  p = epath.Path(path)
+  entry = json.loads(p.read_text()) if p.exists() else {
+      'step': step, 'attempts': []}
+  iso = lambda t: datetime.datetime.fromtimestamp(
+      t, datetime.timezone.utc).isoformat(timespec='seconds')
+  entry['command'] = shlex.join(command)
+  entry['attempts'].append({
+      'start': iso(start), 'end': iso(end),
+      'seconds': round(end - start, 1), 'exit_code': rc,
+      'host': socket.gethostname(), 'cpus': os.cpu_count()})
+  entry['seconds'] = round(sum(a['seconds'] for a in entry['attempts']), 1)
+  _write_json(path, entry)
+  return entry
+
+
+def run_step_name(preset: str, seed: int) -> str:
+  return f'run-{preset}-seed{seed}'
+
+
+# --------------------------------------------------------------------- CLI
+
+
+def _lines(args: argparse.Namespace) -> list[str]:
+  """The output lines of a subcommand that works on one reproduction."""
+  settings = get_settings(args.mode, smoke=args.smoke, num_seeds=args.seeds)
+  if args.cmd == 'settings':
+    return [json.dumps(dataclasses.asdict(settings), indent=1)]
+  paths = get_paths(settings, args.workdir, manual_dir=args.manual_dir,
+                    data_dir=args.data_dir, teacher=args.teacher,
+                    teacher_init=args.teacher_init)
+  if args.cmd == 'runs':
+    return ['\t'.join((p, str(s), paths.run_dir(p, s), paths.report(p, s)))
+            for p in settings.presets for s in settings.seeds]
+  if args.cmd == 'paths':
+    values = dict(dataclasses.asdict(paths), **paths.extra(),
+                  prepared=prepared_summary(settings, paths))
+    return [f'{k}\t{v}' for k, v in values.items()]
+  if args.cmd == 'plan':
+    return [_plan(settings, paths, args)]
+  if args.what == 'prepare':
+    return prepare_args(settings, paths)
+  if args.what == 'teacher':
+    return teacher_args(settings, paths)
+  if args.preset is None or args.seed is None:
+    raise ValueError('args run needs --preset and --seed')
+  return [config_arg(settings, args.preset)] + run_overrides(
+      settings, paths, args.preset, args.seed)
+
+
+def _plan(settings: Settings, paths: Paths, args: argparse.Namespace) -> str:
+  """Checks the arguments and writes (or checks) WORKDIR/reproduce.json."""
+  if not paths.manual_dir.startswith('gs://') and not os.path.exists(
+      paths.manual_dir):
+    raise ValueError(f'--manual_dir {paths.manual_dir} does not exist')
+  plan = plan_dict(settings, paths, args.command, args.launcher)
+  path = paths.extra()['plan']
+  old = read_json(path, 'plan') if epath.Path(path).exists() else None
+  if check_plan(plan, old, path) and not args.dry_run:
+    _write_json(path, plan)
+    return f'wrote {path}'
+  return f'plan {path}: unchanged{" (dry run)" if args.dry_run else ""}'
+
+
+def _parser() -> argparse.ArgumentParser:
+  parser = argparse.ArgumentParser(prog='python -m drpl_jax.reproduce')
+  sub = parser.add_subparsers(dest='cmd', required=True)
+  for name in ('settings', 'args', 'runs', 'paths', 'plan'):
+    p = sub.add_parser(name)
+    p.add_argument('--mode', choices=MODES, default='paper')
+    p.add_argument('--smoke', action='store_true')
+    p.add_argument('--seeds', type=int, default=None, help='how many')
+    if name != 'settings':
+      p.add_argument('--workdir', required=True)
+      for flag in ('manual_dir', 'data_dir', 'teacher', 'teacher_init'):
+        p.add_argument(f'--{flag}', default='')
+    if name == 'args':
+      p.add_argument('what', choices=('prepare', 'teacher', 'run'))
+      p.add_argument('--preset', choices=PRESETS)
+      p.add_argument('--seed', type=int)
+    if name == 'plan':
+      p.add_argument('--launcher', default='local')
+      p.add_argument('--command', default='')
+      p.add_argument('--dry_run', action='store_true')
+  p = sub.add_parser('record', help='append an attempt to a step timing')
+  for flag, kind in (('workdir', str), ('step', str), ('start', float),
+                     ('end', float), ('rc', int)):
+    p.add_argument(f'--{flag}', type=kind, required=flag != 'rc', default=0)
+  p.add_argument('command', nargs=argparse.REMAINDER)
+  p = sub.add_parser('table', help='write the Markdown table')
+  p.add_argument('--workdir', required=True)
+  p.add_argument('--out', default='', help='default WORKDIR/results.md')
+  sub.add_parser('exists', help='exit 0 if PATH exists').add_argument('path')
+  return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+  """Runs a subcommand; bad input exits 2 with a one-line message."""
+  args = _parser().parse_args(argv)
+  try:
+    if args.cmd == 'exists':
+      return 0 if epath.Path(args.path).exists() else 1
+    if args.cmd == 'record':
+      command = args.command[1:] if args.command[:1] == ['--'] else (
+          args.command)
+      path = os.path.join(args.workdir, 'timings', f'{args.step}.json')
+      entry = record(path, args.step, command, args.start, args.end, args.rc)
+      lines = [f'{args.step}: {entry["seconds"]}s in all ({path})']
+    elif args.cmd == 'table':
+      # pylint: disable-next=g-import-not-at-top
+      from drpl_jax import reproduce_table as table
+      lines = [f'wrote {table.write_table(args.workdir, args.out)}']
+    else:
+      lines = _lines(args)
+  except (ValueError, FileNotFoundError) as e:
+    print(f'reproduce: error: {e}', file=sys.stderr)
+    return 2
+  print('\n'.join(lines))
+  return 0
+
+
+if __name__ == '__main__':
+  sys.exit(main())
