@@ -47,7 +47,9 @@ def check_model_records(recs, frameworks):
     assert r['images_per_s'] > 0 and r['step_ms_median'] > 0
     assert r['tensorflow_imported'] is False
     assert r['memory_kind'] == 'host_rss_delta'
-    assert 0 < r['peak_fraction'] < 1
+    # The reference here is a 256^3 matmul, not a true peak: a tiny model
+    # may beat it, so only the sign and the formula are checked.
+    assert r['peak_fraction'] > 0
     np.testing.assert_allclose(
         r['peak_fraction'],
         r['flops_per_image'] * r['images_per_s'] / (r['peak_gflops'] * 1e9),
