@@ -42,7 +42,9 @@ def test_bench_train_reports_a_consistent_measurement():
       30 * tokens * r['num_params'])
   assert r['peak_source'] == 'measured_fp32_matmul'
   assert r['peak_flops_per_s'] > 1e8
-  assert 0 < r['mfu'] < 1
+  # The reference is a 512^3 matmul timed under whatever load the host has,
+  # not a true peak, so no upper bound; the formula is what is checked.
+  assert r['mfu'] > 0
   assert r['mfu'] == pytest.approx(
       r['flops_per_step'] / (r['step_ms'] / 1000) / r['peak_flops_per_s'],
       rel=1e-2)
