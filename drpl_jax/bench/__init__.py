@@ -7,6 +7,7 @@ This package imports neither TensorFlow nor TFDS.
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import runpy
@@ -95,3 +96,39 @@ def config_from_args(args: Any) -> ml_collections.ConfigDict:
     config.data.image_size = args.image_size
     config.model.image_size = args.image_size
   return config
+
+
+def timing_parser(name: str, *, batch: int, steps: int, repeats: int,
+                  warmup: int) -> argparse.ArgumentParser:
+  """A parser with the options of every timed-step benchmark and defaults."""
+  parser = argparse.ArgumentParser(prog=f'python -m drpl_jax.bench {name}')
+  parser.add_argument('--config', required=True,
+                      help='config file and argument, e.g. '
+                           'configs/drpl_vit.py:variant=micro')
+  parser.add_argument('--batch', type=int, default=batch, help='global batch')
+  parser.add_argument('--steps', type=int, default=steps,
+                      help='steps per timed repetition')
+  parser.add_argument('--repeats', type=int, default=repeats,
+                      help='timed repetitions (the median is reported)')
+  parser.add_argument('--warmup', type=int, default=warmup,
+                      help='untimed steps after compilation')
+  parser.add_argument('--image_size', type=int, default=None,
+                      help="input resolution (default: the config's)")
+  return parser
+
+
+def parse_timing_args(parser: argparse.ArgumentParser, argv: Sequence[str],
+                      positive: Sequence[str] = ()) -> argparse.Namespace:
+  """Parses `argv`; unknown arguments become `args.overrides` (--config.*).
+
+  --batch, --steps, --repeats and the `positive` options must be >= 1,
+  --warmup >= 0; a bad value is an error naming the option.
+  """
+  args, overrides = parser.parse_known_args(list(argv))
+  args.overrides = overrides
+  for name in ('batch', 'steps', 'repeats', *positive):
+    if getattr(args, name) < 1:
+      raise ValueError(f'--{name}={getattr(args, name)} must be >= 1')
+  if args.warmup < 0:
+    raise ValueError(f'--warmup={args.warmup} must be >= 0')
+  return args

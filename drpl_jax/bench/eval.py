@@ -36,37 +36,18 @@ from drpl_jax import optim
 from drpl_jax import sharding
 from drpl_jax import train
 from drpl_jax import train_step as step_lib
-from drpl_jax.bench import config_from_args, emit
-from drpl_jax.bench import tensorflow_imported, time_steps
+from drpl_jax.bench import config_from_args, emit, parse_timing_args
+from drpl_jax.bench import tensorflow_imported, time_steps, timing_parser
 
 MEASUREMENTS = ('eval', 'train')
 TARGET_RATIO = 3.0
 
 
 def parse_args(argv: Sequence[str]) -> argparse.Namespace:
-  parser = argparse.ArgumentParser(prog='python -m drpl_jax.bench eval')
-  parser.add_argument('--config', required=True,
-                      help='config file and argument, e.g. '
-                           'configs/drpl_vit.py:variant=micro')
-  parser.add_argument('--batch', type=int, default=32,
-                      help='global batch of both steps')
-  parser.add_argument('--steps', type=int, default=10,
-                      help='steps per timed repetition')
-  parser.add_argument('--repeats', type=int, default=5,
-                      help='timed repetitions (the median is reported)')
-  parser.add_argument('--warmup', type=int, default=2,
-                      help='untimed steps after compilation')
-  parser.add_argument('--image_size', type=int, default=None,
-                      help='input resolution (default: the config\'s)')
+  parser = timing_parser('eval', batch=32, steps=10, repeats=5, warmup=2)
   parser.add_argument('--measure', default=','.join(MEASUREMENTS),
                       help='comma separated subset of eval,train')
-  args, overrides = parser.parse_known_args(list(argv))
-  args.overrides = overrides
-  for name in ('batch', 'steps', 'repeats'):
-    if getattr(args, name) < 1:
-      raise ValueError(f'--{name}={getattr(args, name)} must be >= 1')
-  if args.warmup < 0:
-    raise ValueError(f'--warmup={args.warmup} must be >= 0')
+  args = parse_timing_args(parser, argv)
   args.measure = tuple(filter(None, args.measure.split(',')))
   unknown = [m for m in args.measure if m not in MEASUREMENTS]
   if unknown or not args.measure:

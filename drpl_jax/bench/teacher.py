@@ -50,8 +50,8 @@ from drpl_jax import sharding
 from drpl_jax import teacher as teacher_lib
 from drpl_jax import train
 from drpl_jax import train_step as step_lib
-from drpl_jax.bench import config_from_args, emit
-from drpl_jax.bench import tensorflow_imported
+from drpl_jax.bench import config_from_args, emit, parse_timing_args
+from drpl_jax.bench import tensorflow_imported, timing_parser
 from drpl_jax.bench.eval import device_info, synthetic_batch
 from drpl_jax.teacher.common import DTYPES as TEACHER_DTYPES
 
@@ -59,32 +59,13 @@ TARGET_OVERHEAD = 0.10
 
 
 def parse_args(argv: Sequence[str]) -> argparse.Namespace:
-  parser = argparse.ArgumentParser(prog='python -m drpl_jax.bench teacher')
-  parser.add_argument('--config', required=True,
-                      help='config file and argument, e.g. '
-                           'configs/drpl_vit.py:variant=micro')
+  parser = timing_parser('teacher', batch=8, steps=5, repeats=3, warmup=1)
   parser.add_argument('--arch', default='resnet50',
                       choices=sorted(teacher_lib.TEACHER_ARCHS),
                       help='torchvision teacher (random weights)')
-  parser.add_argument('--batch', type=int, default=8, help='global batch')
-  parser.add_argument('--image_size', type=int, default=None,
-                      help="student and teacher input (default: config's)")
-  parser.add_argument('--steps', type=int, default=5,
-                      help='steps per timed repetition')
-  parser.add_argument('--repeats', type=int, default=3,
-                      help='timed repetitions (the median is reported)')
-  parser.add_argument('--warmup', type=int, default=1,
-                      help='untimed steps after compilation')
   parser.add_argument('--teacher_dtype', default='float32',
                       choices=TEACHER_DTYPES)
-  args, overrides = parser.parse_known_args(list(argv))
-  args.overrides = overrides
-  for name in ('batch', 'steps', 'repeats'):
-    if getattr(args, name) < 1:
-      raise ValueError(f'--{name}={getattr(args, name)} must be >= 1')
-  if args.warmup < 0:
-    raise ValueError(f'--warmup={args.warmup} must be >= 0')
-  return args
+  return parse_timing_args(parser, argv)
 
 
 def build_config(args: argparse.Namespace) -> ml_collections.ConfigDict:

@@ -46,8 +46,8 @@ from drpl_jax import optim
 from drpl_jax import sharding
 from drpl_jax import train
 from drpl_jax import train_step as step_lib
-from drpl_jax.bench import config_from_args, emit
-from drpl_jax.bench import tensorflow_imported, time_steps
+from drpl_jax.bench import config_from_args, emit, parse_timing_args
+from drpl_jax.bench import tensorflow_imported, time_steps, timing_parser
 
 # Dense bf16 peak FLOP/s per device (datasheets), matched against
 # `device.device_kind` (lower case); the first match wins.
@@ -63,29 +63,10 @@ DATASHEET_PEAK_FLOPS = (
 
 
 def parse_args(argv: Sequence[str]) -> argparse.Namespace:
-  parser = argparse.ArgumentParser(prog='python -m drpl_jax.bench train')
-  parser.add_argument('--config', required=True,
-                      help='config file and argument, e.g. '
-                           'configs/drpl_vit.py:variant=micro')
-  parser.add_argument('--batch', type=int, default=32, help='global batch')
-  parser.add_argument('--steps', type=int, default=5,
-                      help='steps per timed repetition')
-  parser.add_argument('--repeats', type=int, default=3,
-                      help='timed repetitions (the median is reported)')
-  parser.add_argument('--warmup', type=int, default=2,
-                      help='untimed steps after compilation')
-  parser.add_argument('--image_size', type=int, default=None,
-                      help="input resolution (default: the config's)")
+  parser = timing_parser('train', batch=32, steps=5, repeats=3, warmup=2)
   parser.add_argument('--matmul_size', type=int, default=2048,
                       help='side of the fp32 matmul measuring the CPU peak')
-  args, overrides = parser.parse_known_args(list(argv))
-  args.overrides = overrides
-  for name in ('batch', 'steps', 'repeats', 'matmul_size'):
-    if getattr(args, name) < 1:
-      raise ValueError(f'--{name}={getattr(args, name)} must be >= 1')
-  if args.warmup < 0:
-    raise ValueError(f'--warmup={args.warmup} must be >= 0')
-  return args
+  return parse_timing_args(parser, argv, positive=('matmul_size',))
 
 
 def build_config(args: argparse.Namespace) -> ml_collections.ConfigDict:
