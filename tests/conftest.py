@@ -24,3 +24,47 @@ def demo_data_dir(tmp_path_factory):
   path = tmp_path_factory.mktemp('demo_data')
   data.prepare('demo', data_dir=str(path))
   return str(path)
+
+
+@pytest.fixture
+def compilation_cache(tmp_path):
+  """Successive runs in one test load identical compiles from disk."""
+  import jax  # pylint: disable=g-import-not-at-top
+  # pylint: disable-next=g-import-not-at-top
+  from jax.experimental.compilation_cache import compilation_cache as cache
+  names = ('jax_compilation_cache_dir',
+           'jax_persistent_cache_min_compile_time_secs')
+  old = {name: getattr(jax.config, name) for name in names}
+  cache.reset_cache()
+  cache.set_cache_dir(str(tmp_path / 'jax_cache'))
+  jax.config.update('jax_persistent_cache_min_compile_time_secs', 0)
+  yield
+  cache.reset_cache()
+  for name, value in old.items():
+    jax.config.update(name, value)
+
+
+def set_config(config, overrides):
+  """Sets dotted keys ('optim.warmup_steps': 2) of a ConfigDict; returns it."""
+  for key, value in overrides.items():
+    node = config
+    *parents, leaf = key.split('.')
+    for p in parents:
+      node = node[p]
+    node[leaf] = value
+  return config
+
+
+def restore_on_one_device(ckpt, step):
+  """A checkpoint's state on this process's first device, whatever the
+  devices or processes that wrote it."""
+  import jax  # pylint: disable=g-import-not-at-top
+  import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
+  meta = ckpt.manager.item_metadata(step)['state']
+  device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+  is_leaf = lambda x: hasattr(x, 'shape') and not isinstance(x, dict)
+  target = jax.tree.map(
+      lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device),
+      meta, is_leaf=is_leaf)
+  return ckpt.manager.restore(step, args=ocp.args.Composite(
+      state=ocp.args.StandardRestore(target)))['state']

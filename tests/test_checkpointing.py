@@ -16,10 +16,10 @@ import time
 
 import jax
 import numpy as np
-import orbax.checkpoint as ocp
 import pytest
 from flax import nnx
 
+from conftest import restore_on_one_device
 from drpl_jax import checkpointing, train
 from drpl_jax.models import ModelConfig, create_model
 
@@ -154,23 +154,6 @@ def test_preemption_watcher_catches_sigterm():
 # In-process: a run stopped at step 3, with the debris of a killed save.
 
 
-@pytest.fixture
-def compilation_cache(tmp_path):
-  """Successive runs in this test load identical compiles from disk."""
-  # pylint: disable-next=g-import-not-at-top
-  from jax.experimental.compilation_cache import compilation_cache as cache
-  names = ('jax_compilation_cache_dir',
-           'jax_persistent_cache_min_compile_time_secs')
-  old = {name: getattr(jax.config, name) for name in names}
-  cache.reset_cache()
-  cache.set_cache_dir(str(tmp_path / 'jax_cache'))
-  jax.config.update('jax_persistent_cache_min_compile_time_secs', 0)
-  yield
-  cache.reset_cache()
-  for name, value in old.items():
-    jax.config.update(name, value)
-
-
 class SignalBefore:
   """Wraps the train iterator; sends SIGTERM to this process before the
   n-th batch (a preemption notice arriving mid-run)."""
@@ -257,19 +240,6 @@ def run_to_end(cmd, env, timeout=600):
                         text=True, timeout=timeout, check=False)
   assert proc.returncode == 0, proc.stderr[-4000:]
   return proc
-
-
-def restore_on_one_device(ckpt, step):
-  """A checkpoint's state on this process's first device, whatever the
-  devices or processes that wrote it."""
-  meta = ckpt.manager.item_metadata(step)['state']
-  device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-  is_leaf = lambda x: hasattr(x, 'shape') and not isinstance(x, dict)
-  target = jax.tree.map(
-      lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device),
-      meta, is_leaf=is_leaf)
-  return ckpt.manager.restore(step, args=ocp.args.Composite(
-      state=ocp.args.StandardRestore(target)))['state']
 
 
 def final_params_hash(workdir):

@@ -13,9 +13,9 @@ import time
 
 import jax
 import numpy as np
-import orbax.checkpoint as ocp
 import pytest
 
+from conftest import restore_on_one_device
 from drpl_jax import checkpointing
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -68,19 +68,6 @@ def run_processes(cmds_envs, timeout):
   for p, (_, err) in zip(procs, outs):
     assert p.returncode == 0, err[-4000:]
   return [(json.loads(out.strip().splitlines()[-1]), err) for out, err in outs]
-
-
-def restore_on_one_device(ckpt, step):
-  """A checkpoint's state on this process's first device, whatever the
-  devices or processes that wrote it."""
-  meta = ckpt.manager.item_metadata(step)['state']
-  device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-  is_leaf = lambda x: hasattr(x, 'shape') and not isinstance(x, dict)
-  target = jax.tree.map(
-      lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device),
-      meta, is_leaf=is_leaf)
-  return ckpt.manager.restore(step, args=ocp.args.Composite(
-      state=ocp.args.StandardRestore(target)))['state']
 
 
 def checkpoint_params(workdir):

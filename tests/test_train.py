@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 import demo as demo_config_lib
+from conftest import set_config
 from drpl_jax import evaluate, train
 
 
@@ -20,30 +21,7 @@ def small_config(data_dir, steps=6, **overrides):
   config.eval_every_steps = 3
   config.checkpoint_every_steps = 3
   config.optim.warmup_steps = 2
-  for key, value in overrides.items():
-    node = config
-    *parents, leaf = key.split('.')
-    for p in parents:
-      node = node[p]
-    node[leaf] = value
-  return config
-
-
-@pytest.fixture
-def compilation_cache(tmp_path):
-  """Successive runs in one test load identical compiles from disk."""
-  # pylint: disable-next=g-import-not-at-top
-  from jax.experimental.compilation_cache import compilation_cache as cache
-  names = ('jax_compilation_cache_dir',
-           'jax_persistent_cache_min_compile_time_secs')
-  old = {name: getattr(jax.config, name) for name in names}
-  cache.reset_cache()
-  cache.set_cache_dir(str(tmp_path / 'jax_cache'))
-  jax.config.update('jax_persistent_cache_min_compile_time_secs', 0)
-  yield
-  cache.reset_cache()
-  for name, value in old.items():
-    jax.config.update(name, value)
+  return set_config(config, overrides)
 
 
 def final_params(workdir):

@@ -11,6 +11,7 @@ import pytest
 from flax import nnx
 
 import demo as demo_config_lib
+from conftest import set_config
 from drpl_jax import checkpointing, optim, sharding, train
 from drpl_jax import train_step as step_lib
 
@@ -22,13 +23,7 @@ def tiny_config(steps=4, **overrides):
   config.batch_size = 8
   config.eval_batch_size = 64
   config.optim.warmup_steps = 0
-  for key, value in overrides.items():
-    node = config
-    *parents, leaf = key.split('.')
-    for p in parents:
-      node = node[p]
-    node[leaf] = value
-  return config
+  return set_config(config, overrides)
 
 
 def random_batch(seed=0, n=8, size=32, classes=10, dtype=np.uint8):
