@@ -29,11 +29,11 @@ from drpl_jax import checkpointing
 from drpl_jax import input_pipeline
 from drpl_jax import metrics as metrics_lib
 from drpl_jax import optim
+from drpl_jax import report as report_lib
 from drpl_jax import sharding
 from drpl_jax import train
 from drpl_jax import train_step as step_lib
 
-PAPER_CLASSES = ('COVID', 'Lung_Opacity', 'Normal', 'Viral Pneumonia')
 
 
 class Evaluator:
@@ -97,7 +97,6 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str, *,
              use_ema: bool | None = None) -> dict[str, Any]:
   """Evaluates a checkpoint and writes the report; returns report.json."""
   from drpl_jax import data as data_lib  # pylint: disable=g-import-not-at-top
-  from drpl_jax import report as report_lib  # pylint: disable=g-import-not-at-top
   evaluator = Evaluator(config, workdir, step)
   train_info = data_lib.ensure_prepared(config.data)
   class_names = list(train_info.class_names)
@@ -137,7 +136,7 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str, *,
         bootstrap={'n': n_bootstrap, 'seed': config.seed})
     target = out_dir if params_key == 'params' else os.path.join(out_dir,
                                                                  'ema')
-    paper = tuple(class_names) == PAPER_CLASSES and not data
+    paper = tuple(class_names) == report_lib.PAPER_CLASSES and not data
     if jax.process_index() == 0:  # every process holds the same report
       report_lib.write_report(
           target, report, metrics_lib.softmax(logits['mean']), labels,

@@ -38,6 +38,8 @@ from drpl_jax import metrics
 PAPER_CITATION = 'Bai et al., Laser Journal 2024, 45(2)'
 PAPER_AVERAGE_ACCURACY = 0.9211
 PAPER_COVID_ACCURACY = 0.9785
+# The paper's four classes (the Kaggle database's folder names).
+PAPER_CLASSES = ('COVID', 'Lung_Opacity', 'Normal', 'Viral Pneumonia')
 
 _METRIC_KEYS = frozenset((
     'accuracy', 'balanced_accuracy', 'num_examples', 'class_names',
@@ -184,9 +186,14 @@ def _temperature(t: Mapping[str, Any]) -> list[str]:
                    [row]))
 
 
+def covid_class(class_names: Sequence[str]) -> str | None:
+  """The COVID-19 class name (the first containing 'covid'), if any."""
+  return next((n for n in class_names if 'covid' in n.lower()), None)
+
+
 def _paper(m: Mapping[str, Any], names: Sequence[str]) -> list[str]:
   """The paper's reported figures beside ours."""
-  covid = next((n for n in names if 'covid' in n.lower()), None)
+  covid = covid_class(names)
   ours_covid = (_pct(m['per_class'][covid].get('sensitivity'))
                 if covid else 'no COVID-19 class')
   rows = [

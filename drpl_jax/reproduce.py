@@ -43,7 +43,6 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIG_FILE = 'configs/drpl_vit.py'
 DEFAULT_SAMPLE_DIR = os.path.normpath(os.path.join(
     REPO, '..', 'shared', 'data', 'covid19_radiography_sample'))
-PAPER_CLASSES = ('COVID', 'Lung_Opacity', 'Normal', 'Viral Pneumonia')
 UNDISTILLED = ('vit',)  # presets without a distillation token
 # Keys a preset sets through configs/drpl_vit.py (everything else is shared).
 PRESET_KEYS = ('model.distilled', 'model.rpe.kind', 'model.conv.kind',

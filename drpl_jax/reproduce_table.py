@@ -20,8 +20,8 @@ from typing import Any
 
 from etils import epath
 
-from drpl_jax.reproduce import (PAPER_CLASSES, Paths, Settings, read_json,
-                                run_step_name)
+from drpl_jax import report as paper
+from drpl_jax.reproduce import Paths, Settings, read_json, run_step_name
 
 
 def load_report(path: str) -> dict[str, Any]:
@@ -34,11 +34,6 @@ def load_report(path: str) -> dict[str, Any]:
     raise ValueError(f'report {path} lacks {missing}; is it a report.json '
                      'of drpl_jax.evaluate?')
   return report
-
-
-def covid_class(class_names: Sequence[str]) -> str | None:
-  """The COVID-19 class name (the first containing 'covid'), if any."""
-  return next((n for n in class_names if 'covid' in n.lower()), None)
 
 
 def macro_f1_interval(confusion: Sequence[Sequence[int]], n_bootstrap: int,
@@ -71,7 +66,7 @@ def macro_f1_interval(confusion: Sequence[Sequence[int]], n_bootstrap: int,
 def summarise(report: Mapping[str, Any]) -> dict[str, tuple[Any, Any]]:
   """The table's metrics of one report: {column: (value, [lo, hi] | None)}."""
   ci = report['ci95']
-  covid = covid_class(report['class_names'])
+  covid = paper.covid_class(report['class_names'])
   rates = {k: ((report['per_class'][covid][k],
                 ci.get('per_class', {}).get(covid, {}).get(k))
                if covid else (None, None))
@@ -130,7 +125,6 @@ def _row(cells: Sequence[str]) -> str:
 
 def _rows(settings: Settings, reports: Mapping[tuple[str, int], Any],
           seconds: Mapping[str, float]) -> list[str]:
-  from drpl_jax import report as paper  # pylint: disable=g-import-not-at-top
   head = ['Preset', 'Seed', *COLUMNS.values(), 'Step', 'Time']
   lines = [_row(head), '|' + '---|' * len(head)]
   for preset in settings.presets:
@@ -167,9 +161,9 @@ def _notes(settings: Settings, paths: Paths,
       'confusion matrix, by image). mean ± std: over seeds (sample std). '
       'COVID-19 accuracy is read as the COVID-19 sensitivity (recall); the '
       'paper does not define it.', '']
-  if tuple(names) != PAPER_CLASSES:
+  if tuple(names) != paper.PAPER_CLASSES:
     lines += [f'**Not comparable with the paper:** its figures are 4-class '
-              f'({", ".join(PAPER_CLASSES)}); this run has {len(names)} '
+              f'({", ".join(paper.PAPER_CLASSES)}); this run has {len(names)} '
               f'classes.', '']
   else:
     lines += ['Same four classes as the paper, but not its split (it '

@@ -19,6 +19,7 @@ from ml_collections import config_flags
 import drpl_vit
 from conftest import ROOT, SHARED_DATA
 from drpl_jax import metrics, reproduce, reproduce_table
+from drpl_jax.report import PAPER_CLASSES
 
 SAMPLE = os.path.join(SHARED_DATA, 'covid19_radiography_sample')
 SCRIPT = os.path.join(ROOT, 'launch', 'reproduce_paper.sh')
@@ -245,7 +246,7 @@ def test_table_has_every_run_with_intervals(tmp_path):
 
 
 def test_table_for_four_classes_is_not_flagged(tmp_path):
-  names = list(reproduce.PAPER_CLASSES)
+  names = list(PAPER_CLASSES)
   workdir, *_ = write_workdir(tmp_path, 'paper', smoke=True, classes=names)
   text = open(reproduce_table.write_table(str(workdir))).read()
   assert 'Not comparable' not in text and 'Same four classes' in text
