@@ -201,18 +201,56 @@ def test_dropout_rates_need_rngs():
   assert np.isfinite(cls).all() and np.isfinite(dist).all()
 
 
-def test_attention_implementation_switch():
+@pytest.mark.parametrize('rpe', [
+    RPEConfig(kind='none'), RPEConfig(kind='bias'),
+    RPEConfig(kind='irpe', on_q=True, on_k=True)], ids=['none', 'bias', 'irpe'])
+def test_attention_implementation_switch(rpe):
+  """The explicit (heads-folded) path, JAX's fused one and auto agree."""
   x = images()
-  default = create_model(tiny(rpe=RPEConfig(kind='bias')), rngs=nnx.Rngs(0))
-  xla = create_model(tiny(rpe=RPEConfig(kind='bias'), attention_impl='xla'),
-                     rngs=nnx.Rngs(0))
-  assert xla.blocks[0].attn.implementation == 'xla'
-  assert default.blocks[0].attn.implementation is None
-  np.testing.assert_allclose(default(x), xla(x), rtol=1e-6)
+  models = {impl: create_model(tiny(rpe=rpe, attention_impl=impl),
+                               rngs=nnx.Rngs(0))
+            for impl in ('', 'xla', 'explicit')}
+  for model in models.values():
+    randomize_rpe(model)
+  assert models['xla'].blocks[0].attn.implementation == 'xla'
+  assert models[''].blocks[0].attn.implementation is None
+  # Auto picks the explicit path on the CPU, JAX's fused call elsewhere.
+  assert models[''].blocks[0].attn._use_explicit() == (
+      jax.default_backend() == 'cpu')
+  assert models['explicit'].blocks[0].attn._use_explicit()
+  assert not models['xla'].blocks[0].attn._use_explicit()
+
+  def loss_and_grads(model):
+    loss = lambda m: jnp.sum(jnp.sin(m(x)))
+    return nnx.value_and_grad(loss)(model)
+
+  ref_loss, ref_grads = loss_and_grads(models['xla'])
+  for impl in ('', 'explicit'):
+    np.testing.assert_allclose(models[impl](x), models['xla'](x), rtol=1e-5,
+                               atol=1e-6)
+    loss, grads = loss_and_grads(models[impl])
+    np.testing.assert_allclose(loss, ref_loss, rtol=1e-5)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(
+        a, b, rtol=1e-4, atol=1e-6), nnx.state(grads), nnx.state(ref_grads))
+
+
+def test_attention_implementation_checks():
   with pytest.raises(ValueError, match='attention_impl'):
     tiny(attention_impl='cudnn')  # needs bf16/fp16 compute
   with pytest.raises(ValueError, match='attention_impl'):
     tiny(attention_impl='flash')
+
+
+def test_fused_qkv_matches_three_linears():
+  """One matmul against the q, k, v kernels side by side = three Linears."""
+  for cfg in (tiny(), tiny(qkv_bias=False)):
+    attn = Attention(cfg, rngs=nnx.Rngs(3))
+    if attn.q.bias is not None:
+      for i, m in enumerate((attn.q, attn.k, attn.v)):
+        m.bias[...] = jax.random.normal(jax.random.key(i), m.bias.shape)
+    x = jax.random.normal(jax.random.key(9), (2, 5, cfg.width))
+    for got, layer in zip(attn._qkv(x), (attn.q, attn.k, attn.v)):
+      np.testing.assert_allclose(got, layer(x), rtol=1e-5, atol=1e-6)
 
 
 def test_bad_images_are_clear_errors():

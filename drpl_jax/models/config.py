@@ -17,8 +17,11 @@ CONV_NORMS = ('batch', 'layer')
 CONV_PREFIX = ('shared', 'identity')
 STEMS = ('patch', 'conv')
 DTYPES = ('float32', 'bfloat16', 'float16')
-# jax.nn.dot_product_attention backends; '' lets JAX choose (XLA today).
-ATTENTION_IMPLS = ('', 'xla', 'cudnn')
+# '' = auto: the explicit path on the CPU, elsewhere
+# jax.nn.dot_product_attention's own choice; 'xla' and 'cudnn' are
+# dot_product_attention backends; 'explicit' = softmax(q k^T) v written out
+# with heads folded into the batch.
+ATTENTION_IMPLS = ('', 'xla', 'cudnn', 'explicit')
 MATERIALIZE_MODES = ('auto', 'on', 'off')
 
 
