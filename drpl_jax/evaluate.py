@@ -256,7 +256,8 @@ _CONFIG = None
 def main(argv: Sequence[str]) -> None:
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments: {argv[1:]}')
-  from drpl_jax import distributed  # pylint: disable=g-import-not-at-top
+  from drpl_jax import distributed, hostmem  # pylint: disable=g-import-not-at-top
+  hostmem.configure()  # before JAX starts its CPU client
   distributed.initialize()
   config = _CONFIG.value or config_from_workdir(flags.FLAGS.workdir)
   report = evaluate(config, flags.FLAGS.workdir, step=flags.FLAGS.step,

@@ -35,6 +35,8 @@ flags.mark_flags_as_required(['config', 'workdir'])
 def main(argv: Sequence[str]) -> None:
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments: {argv[1:]}')
+  from drpl_jax import hostmem  # pylint: disable=g-import-not-at-top
+  hostmem.configure()  # before JAX starts its CPU client
   # Imported here so that --help is fast and flags parse before JAX starts.
   from drpl_jax import distributed  # pylint: disable=g-import-not-at-top
   distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value,

@@ -38,6 +38,7 @@ from PIL import Image
 from drpl_jax import augment
 from drpl_jax import checkpointing
 from drpl_jax import evaluate
+from drpl_jax import hostmem
 from drpl_jax import optim
 from drpl_jax import rollout
 from drpl_jax import sharding
@@ -478,6 +479,7 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
 def main(argv: Sequence[str]) -> int:
   """Prints one JSON line per image; returns the exit code (1 on failures)."""
   args = parse_args(argv)
+  hostmem.configure()  # before JAX starts its CPU client
   try:
     results = predict_images(args.workdir, args.images, step=args.step,
                              heatmap_dir=args.heatmap, use_ema=args.ema)

@@ -18,6 +18,8 @@ from typing import Any, Callable, Sequence
 import jax
 import ml_collections
 
+from drpl_jax import hostmem
+
 
 def load_config(spec: str) -> ml_collections.ConfigDict:
   """Loads `path/to/config.py[:arg]` by calling its `get_config(arg)`."""
@@ -59,7 +61,12 @@ def apply_overrides(config: ml_collections.ConfigDict,
 
 
 def emit(record: dict[str, Any]) -> None:
-  """Prints one measurement as a single JSON line on stdout."""
+  """Prints one measurement as a single JSON line on stdout.
+
+  Adds whether this process runs with the tuned host allocator
+  (drpl_jax.hostmem), which changes XLA:CPU timings by up to a third.
+  """
+  record = {**record, 'host_malloc_tuned': hostmem.applied()}
   print(json.dumps(record, sort_keys=True), flush=True)
 
 

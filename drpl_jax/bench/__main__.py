@@ -58,6 +58,8 @@ def main(argv: Sequence[str]) -> int:
     print(f'usage: python -m drpl_jax.bench {{{",".join(SUBCOMMANDS)}}} '
           f'[flags]; got {got}', file=sys.stderr)
     return 2
+  from drpl_jax import hostmem  # pylint: disable=g-import-not-at-top
+  hostmem.configure()  # before JAX starts its CPU client
   SUBCOMMANDS[argv[0]](list(argv[1:]))
   return 0
 

@@ -216,4 +216,6 @@ def main(argv: Sequence[str]) -> None:
 
 
 if __name__ == '__main__':
+  from drpl_jax import hostmem  # pylint: disable=g-import-not-at-top
+  hostmem.configure()
   main(sys.argv[1:])
