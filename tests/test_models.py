@@ -497,14 +497,20 @@ def test_conv_stem_matches_pytorch_layers():
   np.testing.assert_allclose(got, want.numpy(), atol=1e-4)
 
 
+def _depthwise_inputs(rng, k):
+  """x [2, 7, 6, 12], a k x k depthwise kernel and a bias, float32."""
+  x = jnp.asarray(rng.normal(size=(2, 7, 6, 12)), jnp.float32)
+  kernel = jnp.asarray(rng.normal(size=(k, k, 1, 12)), jnp.float32)
+  bias = jnp.asarray(rng.normal(size=(12,)), jnp.float32)
+  return x, kernel, bias
+
+
 def test_depthwise_conv_equals_grouped_conv():
   """The shift-and-add depthwise conv is exactly nnx.Conv's grouped conv."""
   from drpl_jax.models import layers  # pylint: disable=g-import-not-at-top
   rng = np.random.default_rng(0)
   for k in (3, 5):
-    x = jnp.asarray(rng.normal(size=(2, 7, 6, 12)), jnp.float32)
-    kernel = jnp.asarray(rng.normal(size=(k, k, 1, 12)), jnp.float32)
-    bias = jnp.asarray(rng.normal(size=(12,)), jnp.float32)
+    x, kernel, bias = _depthwise_inputs(rng, k)
     ref = jax.lax.conv_general_dilated(
         x, kernel, (1, 1), ((k // 2, k // 2),) * 2,
         dimension_numbers=('NHWC', 'HWIO', 'NHWC'),
@@ -514,13 +520,11 @@ def test_depthwise_conv_equals_grouped_conv():
 
 
 def test_depthwise_conv_fused_gradient_matches_autodiff():
-  """The custom backward (one variadic reduction) equals autodiff's."""
+  """The custom backward (variadic reductions of all taps) equals autodiff's."""
   from drpl_jax.models import layers  # pylint: disable=g-import-not-at-top
   rng = np.random.default_rng(1)
   for k in (3, 5):
-    x = jnp.asarray(rng.normal(size=(2, 7, 6, 12)), jnp.float32)
-    kernel = jnp.asarray(rng.normal(size=(k, k, 1, 12)), jnp.float32)
-    bias = jnp.asarray(rng.normal(size=(12,)), jnp.float32)
+    x, kernel, bias = _depthwise_inputs(rng, k)
     target = jnp.asarray(rng.normal(size=(2, 7, 6, 12)), jnp.float32)
 
     def loss(x, kernel, bias, fused):
