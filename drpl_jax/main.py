@@ -47,6 +47,9 @@ def main(argv: Sequence[str]) -> None:
   if result.get('preempted'):
     logging.info('Preempted at step %d; rerun the same command to resume.',
                  result['step'])
+    # Launchers read the last stdout line of every run, preempted or not.
+    print(json.dumps({'step': result['step'], 'preempted': True,
+                      'workdir': workdir}))
     return
   report = evaluate.evaluate(config, workdir)
   path = os.path.join(workdir, 'eval', report['data']['split'], 'report.json')

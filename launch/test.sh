@@ -1,7 +1,13 @@
 #!/usr/bin/env bash
-# Sets up .venv (pinned versions) and runs the default test suite (slow
-# tests excluded; run them with: .venv/bin/python -m pytest -m slow).
+# Sets up .venv (pinned versions) and runs the test suite.
+#   launch/test.sh [PYTEST_ARGS]          the default suite (slow tests excluded)
+#   launch/test.sh --slow [PYTEST_ARGS]   only the slow tests
 set -euo pipefail
 cd "$(dirname "$0")/.."
+marker="not slow"
+if [[ "${1:-}" == "--slow" ]]; then
+  marker="slow"
+  shift
+fi
 bash launch/setup.sh data,torch,dev
-exec .venv/bin/python -m pytest -m "not slow" -n 2 -q "$@"
+exec .venv/bin/python -m pytest -m "${marker}" -n 2 -q "$@"

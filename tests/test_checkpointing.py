@@ -347,4 +347,5 @@ def test_sigterm_saves_and_exits_cleanly(demo_data_dir, tmp_path):
            if s.isdigit()]
   assert len(steps) == 1 and 2 <= steps[0] < 10_000
   assert f'Preempted: saved checkpoint at step {steps[0]}' in err.text()
-  assert json.loads(out.lines[-1])['step'] == steps[0]
+  summary = json.loads(out.lines[-1])
+  assert summary['step'] == steps[0] and summary['preempted'] is True
