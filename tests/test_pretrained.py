@@ -196,3 +196,236 @@ def test_irpe_tables_into_a_model_without_them_are_reported():
     bad = dict(sd, **{'blocks.0.attn.rpe_k.lookup_table_weight':
                       np.zeros((3, HD, 50), np.float32)})
     convert.student_from_timm(bad, config(rpe=dict(kind='irpe')))
+
+
+# --- CeiT ------------------------------------------------------------------
+
+
+def ceit_state_from_twin(twin, depth=2):
+  """The twin's weights under ceit_model.py's names, plus a random LCA."""
+  from drpl_jax.torch_ref.model import DRPLViTTorch  # noqa: F401
+  sd = sd_numpy(twin)
+  out = {}
+  ren = {'patch_embed.stem_conv.': 'i2t.backbone.conv.',
+         'patch_embed.stem_norm.': 'i2t.backbone.bn.',
+         'patch_embed.proj.': 'i2t.proj.', 'ffn.expand.': 'leff.conv1.',
+         'ffn.dwconv.': 'leff.conv2.', 'ffn.project.': 'leff.conv3.',
+         'ffn.expand_norm.': 'leff.bn1.', 'ffn.dw_norm.': 'leff.bn2.',
+         'ffn.project_norm.': 'leff.bn3.'}
+  for key, value in sd.items():
+    if '.attn.' in key and key.split('.')[-2] in 'qkv':
+      continue
+    new = key
+    for a, b in ren.items():
+      new = new.replace(a, b)
+    if new.endswith(('conv1.weight', 'conv3.weight')) and value.ndim == 2:
+      value = value[:, :, None, None]  # a linear layer as a 1x1 conv
+    out[new] = value
+  for i in range(depth):
+    a = f'blocks.{i}.attn.'
+    out[a + 'qkv.weight'] = np.concatenate([sd[f'{a}{x}.weight']
+                                            for x in 'qkv'])
+    out[a + 'qkv.bias'] = np.concatenate([sd[f'{a}{x}.bias'] for x in 'qkv'])
+  rng = np.random.default_rng(0)
+  for name, shape in (('lca.norm1.weight', (W,)), ('lca.attn.qkv.weight',
+                                                    (3 * W, W)),
+                      ('lca.attn.proj.weight', (W, W)),
+                      ('lca.feedforward.fc1.weight', (4 * W, W)),
+                      ('pos_layer_embed', (1, depth, W))):
+    out[name] = rng.standard_normal(shape).astype(np.float32)
+  return out
+
+
+def test_official_ceit_imports_stem_leff_and_batchnorm_statistics():
+  from drpl_jax.torch_ref.model import DRPLViTTorch
+  cfg = config(stem='conv', stem_channels=8, patch_size=16, image_size=64,
+               conv=dict(kind='leff', prefix='identity'))
+  torch.manual_seed(0)
+  twin = randomize(DRPLViTTorch(cfg))
+  sd = ceit_state_from_twin(twin)
+  assert sd['blocks.0.leff.conv1.weight'].shape == (4 * W, W, 1, 1)
+  assert sd['i2t.backbone.conv.weight'].shape == (8, 3, 7, 7)
+  model, report = convert.student_from_timm(sd, cfg)
+  assert report['format'] == 'ceit' and report['fresh'] == []
+  assert 'blocks.1.ffn.dw_norm.var' in report['loaded']
+  reasons = report['ignored_reasons']
+  assert 'LCA' in reasons['lca.attn.qkv.weight']
+  assert 'LCA' in reasons['pos_layer_embed']
+  assert 'i2t.backbone.bn.num_batches_tracked' in reasons
+  assert any('lca' in n for n in report['notes'])
+  x = images(64, 64)
+  with torch.no_grad():
+    want = twin(torch.from_numpy(x.transpose(0, 3, 1, 2))).numpy()
+  np.testing.assert_allclose(model(jnp.asarray(x)), want, atol=1e-4)
+  # The official 64-channel stem into the 32-channel one is named.
+  with pytest.raises(ValueError, match=r'i2t\.backbone\.conv\.weight '
+                     r'\(8, 3, 7, 7\).*need \(7, 7, 3, 4\)'):
+    convert.student_from_timm(sd, cfg.replace(stem_channels=4))
+
+
+def test_ceit_tiny_parameter_count_matches_the_official_architecture():
+  """CeiT-T = ours (stem conv, LeFF, 1000 classes) + LCA + pos_layer_embed.
+
+  The official count, 6.4M, needs the 64-channel image-to-tokens stem.
+  """
+  cfg = ModelConfig.from_config(dict(
+      variant='ti', stem='conv', distilled=False, num_classes=1000,
+      rpe=dict(kind='none'), conv=dict(kind='leff', prefix='identity')))
+  assert cfg.stem_channels == 64
+  ours = count_params(nnx.eval_shape(lambda: create_model(
+      cfg, rngs=nnx.Rngs(0))))
+  d = cfg.width
+  lca = 4 * d + (3 * d * d + 3 * d) + (d * d + d) + (
+      4 * d * d + 4 * d) + (4 * d * d + d)  # norms, attention, MLP
+  total = ours + lca + cfg.depth * d  # + pos_layer_embed
+  assert total == 6_356_904
+  assert round(total / 1e6, 1) == 6.4
+
+
+# --- big_vision / vision_transformer .npz ---------------------------------
+
+
+def npz_from_timm(sd, big_vision=False, depth=2):
+  """A timm ViT state dict in the flax layout of the official releases."""
+  p = 'params/' if big_vision else ''
+  out = {p + 'embedding/kernel': sd['patch_embed.proj.weight'].transpose(
+      2, 3, 1, 0), p + 'embedding/bias': sd['patch_embed.proj.bias'],
+         p + 'cls': sd['cls_token'],
+         p + 'Transformer/encoder_norm/scale': sd['norm.weight'],
+         p + 'Transformer/encoder_norm/bias': sd['norm.bias'],
+         p + 'head/kernel': sd['head.weight'].T,
+         p + 'head/bias': sd['head.bias']}
+  if big_vision:
+    out[p + 'pos_embedding'] = sd['pos_embed']
+  else:
+    out['Transformer/posembed_input/pos_embedding'] = sd['pos_embed']
+  mha, ln2, mlp = (0, 1, 0) if big_vision else (1, 2, 3)
+  blocks = []
+  for i in range(depth):
+    t, b = f'blocks.{i}.', {}
+    b['LayerNorm_0/scale'], b['LayerNorm_0/bias'] = (sd[t + 'norm1.weight'],
+                                                     sd[t + 'norm1.bias'])
+    b[f'LayerNorm_{ln2}/scale'] = sd[t + 'norm2.weight']
+    b[f'LayerNorm_{ln2}/bias'] = sd[t + 'norm2.bias']
+    qkv_w = np.split(sd[t + 'attn.qkv.weight'], 3)
+    qkv_b = np.split(sd[t + 'attn.qkv.bias'], 3)
+    m = f'MultiHeadDotProductAttention_{mha}/'
+    for name, w_, b_ in zip(('query', 'key', 'value'), qkv_w, qkv_b):
+      b[m + name + '/kernel'] = w_.T.reshape(W, HEADS, HD)
+      b[m + name + '/bias'] = b_.reshape(HEADS, HD)
+    b[m + 'out/kernel'] = sd[t + 'attn.proj.weight'].T.reshape(HEADS, HD, W)
+    b[m + 'out/bias'] = sd[t + 'attn.proj.bias']
+    for j in range(2):
+      d_ = f'MlpBlock_{mlp}/Dense_{j}/'
+      b[d_ + 'kernel'] = sd[f'{t}mlp.fc{j + 1}.weight'].T
+      b[d_ + 'bias'] = sd[f'{t}mlp.fc{j + 1}.bias']
+    blocks.append(b)
+  for i, b in enumerate(blocks):
+    for k, v in b.items():
+      if big_vision:  # scanned: one stacked array per name
+        out[f'{p}Transformer/encoderblock/{k}'] = np.stack(
+            [bb[k] for bb in blocks])
+      else:
+        out[f'Transformer/encoderblock_{i}/{k}'] = v
+  return out
+
+
+def timm_vit(img=32, classes=4, **kw):
+  torch.manual_seed(0)
+  return randomize(vision_transformer.VisionTransformer(
+      img_size=img, patch_size=8, embed_dim=W, depth=2, num_heads=HEADS,
+      num_classes=classes, **kw))
+
+
+@pytest.mark.parametrize('big_vision', [False, True])
+def test_npz_imports_and_matches_timm(tmp_path, big_vision):
+  ref = timm_vit(no_embed_class=big_vision)
+  path = tmp_path / 'vit.npz'
+  np.savez(path, **npz_from_timm(sd_numpy(ref), big_vision))
+  # The layout is the official one: timm's own npz loader reads it back.
+  check = timm_vit(no_embed_class=big_vision)
+  for t in check.parameters():
+    t.data.zero_()
+  vision_transformer._load_weights(check, str(path))
+  x = images()
+  want = torch_forward(ref, x)
+  np.testing.assert_allclose(torch_forward(check, x), want, atol=1e-5)
+  model, report = convert.student_from_timm(str(path), config())
+  assert report['format'] == 'big_vision' and report['fresh'] == []
+  np.testing.assert_allclose(model(jnp.asarray(x)), want, atol=1e-4)
+
+
+def test_npz_resized_resolution_and_wrong_shapes_are_named(tmp_path):
+  ref = timm_vit()
+  sd = sd_numpy(ref)
+  path = tmp_path / 'vit.npz'
+  npz = npz_from_timm(sd)
+  np.savez(path, **npz)
+  model, report = convert.student_from_timm(str(path),
+                                            config(image_size=48))
+  assert report['resized']['pos_embed']['grid_to'] == [6, 6]
+  big = timm_vit(img=48)
+  sd48 = dict(sd, pos_embed=timm_layers.resample_abs_pos_embed(
+      torch.from_numpy(sd['pos_embed']), [6, 6], num_prefix_tokens=1
+  ).numpy())
+  big.load_state_dict({k: torch.from_numpy(v) for k, v in sd48.items()})
+  x = images(48, 48)
+  np.testing.assert_allclose(model(jnp.asarray(x)), torch_forward(big, x),
+                             atol=1e-4)
+  key = 'Transformer/encoderblock_1/MlpBlock_3/Dense_0/kernel'
+  np.savez(path, **dict(npz, **{key: npz[key][:, :64]}))
+  with pytest.raises(ValueError, match=rf'{key}.*\(64, 32\).*got \(32, 64\)'
+                     r', need \(32, 128\)'):
+    convert.student_from_timm(str(path), config())
+  truncated = tmp_path / 'cut.npz'
+  truncated.write_bytes(path.read_bytes()[:2000])
+  with pytest.raises(ValueError, match=r'cut\.npz: not a readable \.npz'):
+    convert.student_from_timm(str(truncated), config())
+
+
+# --- 1000 classes into 4, and back to timm --------------------------------
+
+
+def test_1000_class_checkpoint_into_4_classes_compares_features(
+    tmp_path, capsys):
+  torch.manual_seed(0)
+  ref = randomize(deit.VisionTransformerDistilled(
+      img_size=32, patch_size=16, embed_dim=64, depth=4, num_heads=2,
+      num_classes=1000))
+  path = tmp_path / 'deit_in1k.safetensors'
+  from safetensors.torch import save_file
+  save_file(ref.state_dict(), str(path))
+  assert convert.main([
+      'student', '--checkpoint', str(path),
+      '--config=configs/drpl_vit.py:variant=micro,preset=deit',
+      '--image_size', '32', '--num_classes', '4', '--parity']) == 0
+  out = json.loads(capsys.readouterr().out)
+  assert out['format'] == 'timm'
+  assert 'head.kernel' in out['report']['fresh']
+  assert out['parity']['compared'] == 'features'
+  assert out['parity']['max_abs_diff'] < 1e-4
+  assert out['parity']['max_abs_value'] > 0.5
+  assert '--num_classes 1000' in out['parity']['note']
+
+
+def test_to_timm_loads_strictly_and_gives_the_same_logits():
+  torch.manual_seed(0)
+  src = randomize(deit.VisionTransformerDistilled(
+      img_size=32, patch_size=8, embed_dim=W, depth=2, num_heads=HEADS,
+      num_classes=4))
+  model, _ = convert.student_from_timm(sd_numpy(src),
+                                       config(distilled=True))
+  state = to_timm.timm_state_dict(model)
+  back = deit.VisionTransformerDistilled(
+      img_size=32, patch_size=8, embed_dim=W, depth=2, num_heads=HEADS,
+      num_classes=4)
+  back.load_state_dict({k: torch.from_numpy(v) for k, v in state.items()},
+                       strict=True)
+  x = images()
+  np.testing.assert_allclose(torch_forward(back.eval(), x),
+                             model(jnp.asarray(x)), atol=1e-5)
+  assert to_timm.timm_model_name(ModelConfig.from_config(dict(
+      variant='s', distilled=True))) == 'deit_small_distilled_patch16_224'
+  with pytest.raises(ValueError, match='PyTorch twin'):
+    to_timm.timm_state_dict(create_model(config(rpe=dict(kind='irpe')),
+                                         rngs=nnx.Rngs(0)))
