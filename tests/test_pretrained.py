@@ -429,3 +429,34 @@ def test_to_timm_loads_strictly_and_gives_the_same_logits():
   with pytest.raises(ValueError, match='PyTorch twin'):
     to_timm.timm_state_dict(create_model(config(rpe=dict(kind='irpe')),
                                          rngs=nnx.Rngs(0)))
+
+
+def test_init_from_ceit_file_loads_batchnorm_statistics(tmp_path):
+  """config.init_from: the detected format; BatchNorm statistics in rest."""
+  import ml_collections
+  from safetensors.numpy import save_file
+  from drpl_jax import student_init
+  from drpl_jax.torch_ref.model import DRPLViTTorch
+  cfg = config(stem='conv', stem_channels=8, patch_size=16, image_size=64,
+               conv=dict(kind='leff', prefix='identity'))
+  torch.manual_seed(0)
+  sd = ceit_state_from_twin(randomize(DRPLViTTorch(cfg)))
+  path = tmp_path / 'ceit.safetensors'
+  save_file(sd, str(path))
+  config_ = ml_collections.ConfigDict(dict(
+      init_from=str(path), model=dict(
+          width=W, num_heads=HEADS, depth=2, patch_size=16, image_size=64,
+          num_classes=4, distilled=False, rpe=dict(kind='none'),
+          stem='conv', stem_channels=8,
+          conv=dict(kind='leff', prefix='identity'))))
+  _, p, rest = nnx.split(create_model(cfg, rngs=nnx.Rngs(0)), nnx.Param,
+                         ...)
+  new_p, new_rest, report = student_init.init_from_checkpoint(
+      config_, p, rest)
+  assert report['format'] == 'ceit' and report['fresh'] == []
+  flat = {'.'.join(map(str, k)): np.asarray(v[...])
+          for k, v in nnx.to_flat_state(new_rest)}
+  np.testing.assert_array_equal(flat['blocks.1.ffn.dw_norm.var'],
+                                sd['blocks.1.leff.bn2.running_var'])
+  np.testing.assert_array_equal(flat['patch_embed.stem_norm.mean'],
+                                sd['i2t.backbone.bn.running_mean'])
