@@ -1,5 +1,8 @@
 """Starting a DRPL-ViT from timm / DeiT Vision Transformer weights.
 
+The timm mapping every pretrained format builds on (the other formats and
+their detection live in `drpl_jax.pretrained`).
+
 The usual start on a small medical data set. Maps the state-dict naming of
 timm's `VisionTransformer` / `VisionTransformerDistilled` (`vit_*`,
 `deit_*`, `deit_*_distilled`; DeiT's releases wrap it as {'model': ...})
@@ -31,8 +34,7 @@ from absl import logging
 from flax import nnx
 
 from drpl_jax import torch_io
-from drpl_jax.models import (DRPLViT, ModelConfig, create_model,
-                             param_shapes)
+from drpl_jax.models import DRPLViT, ModelConfig
 from drpl_jax.models.resample import resample_grid
 
 Report = dict[str, Any]

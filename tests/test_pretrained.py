@@ -460,3 +460,75 @@ def test_init_from_ceit_file_loads_batchnorm_statistics(tmp_path):
                                 sd['blocks.1.leff.bn2.running_var'])
   np.testing.assert_array_equal(flat['patch_embed.stem_norm.mean'],
                                 sd['i2t.backbone.bn.running_mean'])
+
+
+def test_formats_are_detected_and_remote_paths_read_through_epath(
+    tmp_path, monkeypatch):
+  from drpl_jax.pretrained import formats
+  sd = sd_numpy(timm_vit())
+  assert pretrained.detect_format(sd) == 'timm'
+  assert pretrained.detect_format(npz_from_timm(sd)) == 'big_vision'
+  with pytest.raises(ValueError, match=r'not a checkpoint of a known format'
+                     r'.*conv1\.weight'):
+    pretrained.detect_format({'conv1.weight': np.zeros(3)})
+  path = tmp_path / 'vit.safetensors'
+  from safetensors.numpy import save_file
+  save_file(sd, str(path))
+  # A gs:// path takes the epath route (a local temporary copy); here the
+  # route is taken for a local file, which epath also opens.
+  monkeypatch.setattr(formats, '_is_remote', lambda p: True)
+  got = pretrained.read_checkpoint(str(path))
+  np.testing.assert_array_equal(got['pos_embed'], sd['pos_embed'])
+  path.write_bytes(path.read_bytes()[:500])  # truncated
+  with pytest.raises(ValueError, match=r'vit\.safetensors: not a readable'):
+    pretrained.read_checkpoint(str(path))
+  with pytest.raises(FileNotFoundError, match='nope.npz'):
+    pretrained.read_checkpoint(str(tmp_path / 'nope.npz'))
+
+
+def test_cli_to_timm_writes_a_trained_run_timm_loads_strictly(
+    demo_data_dir, tmp_path, capsys):
+  """A one-step deit run -> to-timm -> timm strict load, same logits."""
+  import demo as demo_config_lib
+  from drpl_jax import predict, train
+  config_ = demo_config_lib.get_config('steps=1')
+  config_.data.data_dir = demo_data_dir
+  config_.model.depth = 2
+  config_.model.patch_size = 8
+  config_.model.rpe.kind = 'none'
+  config_.model.conv.kind = 'mlp'
+  config_.batch_size = 8
+  workdir = str(tmp_path / 'run')
+  train.train_and_evaluate(config_, workdir)
+  out = str(tmp_path / 'deit.safetensors')
+  assert convert.main(['to-timm', '--workdir', workdir, '--out', out]) == 0
+  result = json.loads(capsys.readouterr().out)
+  assert result['target'] == 'timm' and result['step'] == 1
+  model = predict.restore_model(workdir).model()
+  cfg = model.config
+  from safetensors.torch import load_file
+  ref = deit.VisionTransformerDistilled(
+      img_size=cfg.image_size, patch_size=cfg.patch_size,
+      embed_dim=cfg.width, depth=cfg.depth, num_heads=cfg.num_heads,
+      num_classes=cfg.num_classes)
+  ref.load_state_dict(load_file(out), strict=True)
+  x = images(cfg.image_size, cfg.image_size)
+  np.testing.assert_allclose(torch_forward(ref.eval(), x),
+                             model(jnp.asarray(x)), atol=1e-4)
+
+
+@pytest.mark.slow
+def test_to_timm_deit_tiny_loads_into_timm_create_model():
+  import timm
+  cfg = ModelConfig.from_config(dict(variant='ti', distilled=True,
+                                     rpe=dict(kind='none'),
+                                     conv=dict(kind='mlp')))
+  model = create_model(cfg, rngs=nnx.Rngs(0))
+  name = to_timm.timm_model_name(cfg)
+  assert name == 'deit_tiny_distilled_patch16_224'
+  ref = timm.create_model(name, pretrained=False, num_classes=4)
+  ref.load_state_dict({k: torch.from_numpy(v) for k, v in
+                       to_timm.timm_state_dict(model).items()}, strict=True)
+  x = images(224, 224, batch=1)
+  np.testing.assert_allclose(torch_forward(ref.eval(), x),
+                             model(jnp.asarray(x)), atol=1e-4)
