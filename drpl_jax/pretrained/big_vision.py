@@ -47,6 +47,7 @@ class _Renamer:
     self.out: dict[str, np.ndarray] = {}
     self.origin: dict[str, str] = {}
     self.used: set[str] = set()
+    self.shapes: dict[str, tuple[int, ...]] = {}
 
   def get(self, name: str, ndim: int, idx: int | None = None) -> np.ndarray:
     key = self.prefix + name
@@ -56,6 +57,7 @@ class _Renamer:
     value = np.asarray(self.state[key])
     if idx is not None:
       value = value[idx]
+    self.shapes[key] = tuple(value.shape)
     if value.ndim != ndim:
       raise ValueError(f'{self.source}: {key} has shape {value.shape}; '
                        f'expected rank {ndim}')
@@ -63,7 +65,8 @@ class _Renamer:
 
   def put(self, timm_key: str, value: np.ndarray, *names: str) -> None:
     self.out[timm_key] = value
-    self.origin[timm_key] = ' + '.join(self.prefix + n for n in names)
+    self.origin[timm_key] = ' + '.join(
+        f'{self.prefix + n} {self.shapes[self.prefix + n]}' for n in names)
 
 
 def _attention(r: _Renamer, t: str, b: str, idx: int | None,
