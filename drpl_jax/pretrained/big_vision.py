@@ -163,6 +163,9 @@ def convert(state: Mapping[str, np.ndarray], cfg: ModelConfig,
   out.notes.append(f'{"big_vision" if big_vision else "vision_transformer"}'
                    ' layout: query/key/value [D, H, hd] fused into qkv, '
                    'out [H, hd, D] -> proj, Dense kernels transposed')
+  out.notes.append("the flax MLP used nn.gelu's tanh approximation; "
+                   'DRPL-ViT (like timm) uses the exact erf GELU, so outputs '
+                   'differ slightly from the JAX original (as timm\'s port)')
   if big_vision:
     out.notes.append('big_vision adds no position to the cls token: our '
                      'prefix positions are zero')
