@@ -29,6 +29,10 @@ PRESETS = {
     'deit_conv': (True, 'none', 'leff'),
     'drpl': (True, 'irpe', 'leff'),
 }
+# How the cls/dist tokens pass the LeFF, per preset with a LeFF (the others
+# have none; 'shared' there is unused).
+LEFF_PREFIX = {'vit': 'shared', 'deit': 'shared', 'deit_rpe': 'shared',
+               'deit_conv': 'shared', 'drpl': 'shared'}
 
 
 def parse_arg(arg: str, **defaults) -> ml_collections.ConfigDict:
@@ -123,8 +127,12 @@ def get_config(arg: str = '') -> ml_collections.ConfigDict:
   config.model.rpe = ml_collections.ConfigDict(
       dict(kind=rpe_kind, ratio=1.9, on_q=False, on_k=True, on_v=False,
            shared_heads=True))
+  # LeFF prefix tokens: 'shared' (through expand/project) or 'identity'
+  # (CeiT's: untouched). The paper does not say; docs/reproduction.md lists
+  # it among the open choices (measurement on the 2,579-image set pending).
   config.model.conv = ml_collections.ConfigDict(
-      dict(kind=conv_kind, kernel_size=3, norm='batch', prefix='shared'))
+      dict(kind=conv_kind, kernel_size=3, norm='batch',
+           prefix=LEFF_PREFIX[args.preset]))
   config.model.drop_path_rate = 0.1
   config.model.layer_scale_init = 0.0  # 0 = off
   config.model.dtype = 'float32'

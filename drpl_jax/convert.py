@@ -15,13 +15,20 @@ Command line (prints one JSON object):
 (wrappers, 'module.' prefixes and legacy DenseNet names resolved), as
 .safetensors: a file that `torch_teacher` reads on machines without torch.
 
-Student: `student_from_timm` (from `drpl_jax.student_init`) starts a
-DRPL-ViT from timm / DeiT ViT weights and reports where every parameter
-came from; `student_parity_report` compares logits with timm's model.
+Student: `student_from_timm` starts a DRPL-ViT from pretrained weights
+(timm / DeiT, official iRPE or CeiT, big_vision / AugReg .npz; the format
+is detected, see `drpl_jax.pretrained`) and reports where every parameter
+came from; `student_parity_report` compares with timm's model (logits, or
+the pre-head features when the class counts differ).
 
   python -m drpl_jax.convert student --checkpoint deit_s.pth \
       --config=configs/drpl_vit.py:variant=s,preset=deit \
       [--num_classes 4] [--image_size 224] [--parity]
+
+to-timm: a trained deit / vit preset run as a timm state dict
+(.safetensors, loads with strict=True); other presets as the PyTorch twin's.
+
+  python -m drpl_jax.convert to-timm --workdir RUN --out deit.safetensors
 """
 
 from __future__ import annotations
@@ -317,9 +324,6 @@ def _parity_problems(info: student_init.SourceInfo,
   if cfg.distilled != info.distilled:
     problems.append(f'model.distilled={cfg.distilled} but the source '
                     f'{"has" if info.distilled else "has no"} dist token')
-  if info.num_classes != cfg.num_classes:
-    problems.append(f'the source head has {info.num_classes} classes, '
-                    f'model.num_classes={cfg.num_classes}')
   if cfg.grid_size != info.grid or cfg.patch_size != info.patch_size:
     problems.append(
         f'model.image_size={cfg.image_size} differs from the source '
@@ -363,40 +367,71 @@ def timm_reference(state: Mapping[str, Any], num_heads: int) -> Any:
 def student_parity_report(checkpoint: str | Mapping[str, Any],
                           model: DRPLViT, *, batch: int = 2, seed: int = 0
                           ) -> dict[str, Any]:
-  """Max |logit difference| of timm's model and `model` (fp32, eval mode).
+  """Max |difference| of timm's model and `model` (fp32, eval mode).
 
   `model` must compute the same function as the source: the deit (or vit)
-  preset, RPE none, MLP, the source's resolution and classes; otherwise a
-  ValueError says what differs. Inputs are random normal images.
+  preset, RPE none, MLP, the source's resolution; otherwise a ValueError
+  says what differs. With the source's class count the logits are
+  compared; otherwise (fresh heads) the final-normed tokens before the
+  heads ('compared': 'features'). Inputs are random normal images.
   """
   import timm  # pylint: disable=g-import-not-at-top
   import torch  # pylint: disable=g-import-not-at-top
 
-  state, source = student_init.load_timm_state(checkpoint)
+  from drpl_jax import pretrained  # pylint: disable=g-import-not-at-top
+
+  state, source = pretrained.load_source(checkpoint)
+  fmt = pretrained.detect_format(state, source)
+  if fmt != 'timm':
+    raise ValueError(f'{source}: the parity check compares with timm, which '
+                     f'has no model for a {pretrained.FORMATS[fmt]} '
+                     'checkpoint (the parity tests of that format cover it)')
   cfg = model.config
-  problems = _parity_problems(student_init.source_info(state, source), cfg)
+  info = student_init.source_info(student_init.as_float32_state(state),
+                                  source)
+  problems = _parity_problems(info, cfg)
   if problems:
     raise ValueError(f'{source}: no timm parity check for this model: '
                      + '; '.join(problems))
   ref = timm_reference(state, cfg.num_heads)
   images = np.random.default_rng(seed).standard_normal(
       (batch, cfg.image_size, cfg.image_size, 3)).astype(np.float32)
+  features = info.num_classes != cfg.num_classes
+  nchw = torch.from_numpy(images.transpose(0, 3, 1, 2))
   with torch.no_grad():
-    want = ref(torch.from_numpy(images.transpose(0, 3, 1, 2))).numpy()
+    want = (ref.forward_features(nchw) if features else ref(nchw)).numpy()
   with jax.default_matmul_precision('float32'):
-    got = np.asarray(_forward(model, jnp.asarray(images)))
-  return {
+    got = np.asarray((_features if features else _forward)(
+        model, jnp.asarray(images)))
+  out = {
+      'compared': 'features' if features else 'logits',
       'max_abs_diff': float(np.max(np.abs(want - got))),
-      'max_abs_logit': float(np.max(np.abs(want))),
-      'argmax_agreement': float(np.mean(want.argmax(-1) == got.argmax(-1))),
+      'max_abs_value': float(np.max(np.abs(want))),
       'batch': batch, 'image_size': cfg.image_size, 'seed': seed,
       'precision': 'float32', 'timm_version': timm.__version__,
       'torch_version': torch.__version__, 'jax_version': jax.__version__,
       'jax_backend': jax.default_backend()}
+  if features:
+    out['note'] = (f'the source has {info.num_classes} classes and the '
+                   f'model {cfg.num_classes}: the heads are fresh, so the '
+                   'pre-head features (final-normed tokens) are compared; '
+                   f'pass --num_classes {info.num_classes} to compare logits')
+  else:
+    out['max_abs_logit'] = out['max_abs_value']
+    out['argmax_agreement'] = float(np.mean(
+        want.argmax(-1) == got.argmax(-1)))
+  return out
+
+
+_features = nnx.jit(lambda module, images: module.forward_features(images)[0])
 
 
 def _student_command(args: argparse.Namespace) -> dict[str, Any]:
-  """`student` subcommand: map timm weights, report, optionally parity."""
+  """`student` subcommand: map weights, report, optionally parity.
+
+  The import report is in the output even when the parity check cannot
+  run (its reason is under 'parity.error', and the exit code is 2).
+  """
   from drpl_jax.bench import load_config  # pylint: disable=g-import-not-at-top
 
   config = load_config(args.config)
@@ -409,22 +444,64 @@ def _student_command(args: argparse.Namespace) -> dict[str, Any]:
   cfg = model.config
   result = {
       'command': 'student', 'checkpoint': args.checkpoint,
+      'format': report['format'], 'format_name': report['format_name'],
       'config': args.config, 'num_classes': cfg.num_classes,
       'image_size': cfg.image_size,
       'num_params': int(sum(x.size for x in jax.tree.leaves(
           nnx.state(model, nnx.Param)))),
       'report': report}
   if args.parity:
-    result['parity'] = student_parity_report(
-        args.checkpoint, model, batch=args.batch, seed=args.seed)
+    try:
+      result['parity'] = student_parity_report(
+          args.checkpoint, model, batch=args.batch, seed=args.seed)
+    except ValueError as e:
+      result['parity'] = {'error': str(e)}
+      result['exit_code'] = 2
   return result
+
+
+def _to_timm_command(args: argparse.Namespace) -> dict[str, Any]:
+  """`to-timm`: a trained run's weights as a timm (or twin) state dict."""
+  from drpl_jax import predict  # pylint: disable=g-import-not-at-top
+  from drpl_jax.pretrained import to_timm  # pylint: disable=g-import-not-at-top
+
+  restored = predict.restore_model(args.workdir, step=args.step,
+                                   use_ema=args.ema)
+  model = restored.model()
+  cfg = model.config
+  result = {'command': 'to-timm', 'workdir': args.workdir,
+            'step': restored.step, 'weights': restored.weights,
+            'out': args.out}
+  if to_timm.timm_problems(cfg):
+    from drpl_jax.torch_ref import convert as twin  # pylint: disable=g-import-not-at-top
+    from safetensors.torch import save_file  # pylint: disable=g-import-not-at-top
+    state = twin.state_dict_from_flax(model)
+    save_file({k: v.contiguous() for k, v in state.items()}, args.out)
+    result.update(target='drpl_jax.torch_ref.DRPLViTTorch', note=(
+        'this preset (' + ', '.join(to_timm.timm_problems(cfg)) + ') has no '
+        'timm counterpart: written as the PyTorch twin\'s state dict'))
+  else:
+    torch_io.save_safetensors(to_timm.timm_state_dict(model), args.out)
+    result.update(target='timm', timm_model=to_timm.timm_model_name(cfg))
+  return result
+
+
+def _add_to_timm_parser(subparsers: Any) -> None:
+  p = subparsers.add_parser(
+      'to-timm', help='write a trained deit/vit run as a timm state dict')
+  p.add_argument('--workdir', required=True, help='the training run')
+  p.add_argument('--out', required=True, help='output .safetensors file')
+  p.add_argument('--step', type=int, default=None,
+                 help='checkpoint step (default: the latest)')
+  p.add_argument('--ema', action='store_true', help='the EMA weights')
 
 
 def _add_student_parser(subparsers: Any) -> None:
   p = subparsers.add_parser(
-      'student', help='start a DRPL-ViT from timm / DeiT ViT weights')
+      'student', help='start a DRPL-ViT from pretrained ViT weights (timm/'
+      'DeiT, official iRPE or CeiT, big_vision .npz)')
   p.add_argument('--checkpoint', required=True,
-                 help='.safetensors, or .pth/.pt/.bin state dict')
+                 help='.safetensors, .pth/.pt/.bin or .npz; local or gs://')
   p.add_argument('--config', required=True,
                  help='config file and argument, e.g. '
                       'configs/drpl_vit.py:variant=s,preset=deit')
@@ -446,6 +523,7 @@ _COMMANDS: dict[str, tuple[Callable[[Any], None],
                            Callable[[argparse.Namespace], dict[str, Any]]]] = {
     'teacher': (_add_teacher_parser, _teacher_command),
     'student': (_add_student_parser, _student_command),
+    'to-timm': (_add_to_timm_parser, _to_timm_command),
 }
 
 
@@ -459,8 +537,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     add_parser(subparsers)
   args = parser.parse_args(argv)
   result = _COMMANDS[args.command][1](args)
+  code = int(result.pop('exit_code', 0))
   print(json.dumps(result, indent=2, sort_keys=True))
-  return 0
+  return code
 
 
 if __name__ == '__main__':

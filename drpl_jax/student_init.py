@@ -1,5 +1,8 @@
 """Starting a DRPL-ViT from timm / DeiT Vision Transformer weights.
 
+The timm mapping every pretrained format builds on (the other formats and
+their detection live in `drpl_jax.pretrained`).
+
 The usual start on a small medical data set. Maps the state-dict naming of
 timm's `VisionTransformer` / `VisionTransformerDistilled` (`vit_*`,
 `deit_*`, `deit_*_distilled`; DeiT's releases wrap it as {'model': ...})
@@ -31,8 +34,7 @@ from absl import logging
 from flax import nnx
 
 from drpl_jax import torch_io
-from drpl_jax.models import (DRPLViT, ModelConfig, create_model,
-                             param_shapes)
+from drpl_jax.models import DRPLViT, ModelConfig
 from drpl_jax.models.resample import resample_grid
 
 Report = dict[str, Any]
@@ -117,19 +119,22 @@ def _square_side(n: int) -> int | None:
 
 
 def source_info(state: Mapping[str, np.ndarray],
-                source: str = 'state dict') -> SourceInfo:
-  """Checks that `state` is a timm ViT/DeiT state dict and describes it."""
-  required = ('patch_embed.proj.weight', 'cls_token',
-              'blocks.0.attn.qkv.weight')
+                source: str = 'state dict', *,
+                patch_key: str = 'patch_embed.proj.weight') -> SourceInfo:
+  """Checks that `state` is a timm ViT/DeiT state dict and describes it.
+
+  `patch_key` names the patch projection (CeiT's is `i2t.proj.weight`).
+  """
+  required = (patch_key, 'cls_token', 'blocks.0.attn.qkv.weight')
   missing = [k for k in required if k not in state]
   if missing:
     raise ValueError(
         f'{source}: not a timm VisionTransformer / DeiT state dict: missing '
         f'{missing}; its first keys are {sorted(state)[:12]}')
-  patch = np.shape(state['patch_embed.proj.weight'])
+  patch = np.shape(state[patch_key])
   if len(patch) != 4 or patch[2] != patch[3]:
-    raise ValueError(f'{source}: patch_embed.proj.weight has shape {patch}; '
-                     'expected [D, 3, p, p]')
+    raise ValueError(f'{source}: {patch_key} has shape {patch}; '
+                     'expected [D, C, p, p]')
   depth = 1 + max(int(m.group(1)) for m in map(_BLOCK_RE.match, state) if m)
   distilled = 'dist_token' in state
   grid, pos_prefix = 0, 1 + int(distilled)
@@ -182,12 +187,18 @@ class _Mapper:
     self.missing: list[str] = []
     self.bad_shapes: list[str] = []
     self.notes: list[str] = []
+    self.origin: dict[str, str] = {}  # key -> the file's own key name
+
+  def name(self, key: str) -> str:
+    """`key`, with the checkpoint's own name when it was renamed."""
+    orig = self.origin.get(key)
+    return f'{key} (file key {orig})' if orig and orig != key else key
 
   def put(self, name: str, key: str, transform: Transform,
           shape: tuple[int, ...]) -> None:
     """Our `name` <- transform(state[key]); records missing keys/shapes."""
     if key not in self.state:
-      self.missing.append(f'{key} (for {name})')
+      self.missing.append(f'{self.name(key)} (for {name})')
       return
     self.consumed.add(key)
     src = self.state[key]
@@ -197,8 +208,8 @@ class _Mapper:
       value = None
     if value is None or tuple(value.shape) != tuple(shape):
       got = None if value is None else tuple(value.shape)
-      self.bad_shapes.append(
-          f'{key} {tuple(src.shape)} -> {name}: got {got}, need {shape}')
+      self.bad_shapes.append(f'{self.name(key)} {tuple(src.shape)} -> '
+                             f'{name}: got {got}, need {shape}')
       return
     self.values[name] = value
 
@@ -215,7 +226,8 @@ class _Mapper:
     if self.bad_shapes:
       problems.append(f'shape mismatches (source key, source shape -> our '
                       f'parameter): {self.bad_shapes}')
-    leftover = sorted(set(self.state) - self.consumed - set(self.ignored))
+    leftover = sorted(self.name(k) for k in
+                      set(self.state) - self.consumed - set(self.ignored))
     if leftover:
       problems.append(
           f'unmatched source keys (no DRPL-ViT parameter takes them): '
@@ -323,71 +335,101 @@ def _optional(m: _Mapper, key: str) -> bool:
       k.endswith(('.ls1.gamma', '.ls2.gamma')) for k in m.state)
 
 
+@dataclasses.dataclass
+class Plan:
+  """What a source format adds to the timm mapping (see drpl_jax.pretrained).
+
+  extra: our parameter name -> (source key, transform), taking precedence
+    over the timm names. fresh: our names deliberately left at their init.
+  ignored: source key -> why it is not used. origin: renamed key -> the
+    file's own key (named in errors). info: the source's description when
+    `source_info` cannot read it from timm names.
+  """
+
+  format: str = 'timm'
+  extra: dict[str, tuple[str, Transform]] = dataclasses.field(
+      default_factory=dict)
+  fresh: set[str] = dataclasses.field(default_factory=set)
+  ignored: dict[str, str] = dataclasses.field(default_factory=dict)
+  origin: dict[str, str] = dataclasses.field(default_factory=dict)
+  notes: list[str] = dataclasses.field(default_factory=list)
+  info: SourceInfo | None = None
+
+
 def map_timm_state(state: Mapping[str, Any],
                    target_shapes: Mapping[str, tuple[int, ...]],
                    model_config: ModelConfig, *, strict_head: bool = False,
-                   source: str = 'state dict'
+                   source: str = 'state dict', plan: Plan | None = None
                    ) -> tuple[dict[str, np.ndarray], Report]:
   """Maps a timm ViT/DeiT state dict onto our flat parameter names.
 
   Args:
     state: the source {key: array} (numpy, torch tensors or bfloat16).
-    target_shapes: our flat parameter name -> shape (`param_shapes`).
+    target_shapes: our flat variable name -> shape (`param_shapes`, plus
+      BatchNorm statistics where a source has them).
     model_config: the target model; its image_size sets the position grid.
     strict_head: a class-count mismatch of the heads is an error instead of
       dropping them.
     source: how errors and the report name the checkpoint.
+    plan: what a non-timm format adds (drpl_jax.pretrained); None = timm.
 
   Returns:
     ({our name: float32 array} of the loaded parameters, the report
-    {'source', 'loaded', 'fresh', 'ignored', 'resized', 'notes'}).
+    {'source', 'format', 'loaded', 'fresh', 'ignored', 'resized', 'notes'}).
   """
   cfg = ModelConfig.from_config(model_config)
+  plan = plan or Plan()
   state = as_float32_state(state, source)
-  info = source_info(state, source)
+  info = plan.info or source_info(state, source)
   if info.depth != cfg.depth:
     raise ValueError(f'{source}: the source has {info.depth} blocks but '
                      f'model.depth={cfg.depth}; use the matching variant')
   m = _Mapper(state, source)
+  m.origin.update(plan.origin)
+  m.ignored.update(plan.ignored)  # the driver has dropped these keys
   _plan_ignored(m, info, cfg, strict_head)
   resized: dict[str, Any] = {}
   for name, shape in sorted(target_shapes.items()):
-    if name == 'pos_embed':
+    if name in plan.fresh:
+      continue
+    if name == 'pos_embed' and name not in plan.extra:
       _pos_embed(m, info, cfg, tuple(shape), resized)
       continue
-    entry = _source_key(name)
+    entry = plan.extra.get(name) or _source_key(name)
     if entry is None or entry[0] in m.ignored or _optional(m, entry[0]):
       continue
     m.put(name, entry[0], entry[1], tuple(shape))
   m.check()
-  m.notes.extend(_fresh_notes(cfg, info, target_shapes))
+  notes = plan.notes + m.notes + _fresh_notes(cfg, info, target_shapes,
+                                              m.values)
   report = {
-      'source': source, 'loaded': sorted(m.values),
+      'source': source, 'format': plan.format, 'loaded': sorted(m.values),
       'fresh': sorted(set(target_shapes) - set(m.values)),
       'ignored': sorted(m.ignored), 'ignored_reasons': dict(m.ignored),
-      'resized': resized, 'notes': m.notes}
+      'resized': resized, 'notes': notes}
   return m.values, report
 
 
 def _fresh_notes(cfg: ModelConfig, info: SourceInfo,
-                 target_shapes: Mapping[str, Any]) -> list[str]:
+                 target_shapes: Mapping[str, Any],
+                 values: Mapping[str, Any]) -> list[str]:
   """Human-readable reasons why some parameters start fresh."""
   notes = []
+  fresh = set(target_shapes) - set(values)
   if info.num_classes is None:
     notes.append('the source has no classifier head (timm num_classes=0): '
                  'the heads start fresh')
   if cfg.distilled and not info.distilled:
     notes.append('dist_token and head_dist start fresh: the source has no '
                  'distillation token')
-  if cfg.rpe.kind != 'none':
+  if any('.rpe_' in n for n in fresh):
     notes.append(f'rpe.kind={cfg.rpe.kind!r}: the relative position tables '
                  'have no source and start fresh')
-  if cfg.conv.kind == 'leff':
+  if cfg.conv.kind == 'leff' and any('.ffn.dwconv.' in n for n in fresh):
     notes.append('LeFF: ffn.expand <- mlp.fc1 and ffn.project <- mlp.fc2 '
                  '(a 1x1 conv is a linear layer, same shapes); the LeFF '
                  'norms and the depthwise conv start fresh')
-  if any(n.endswith('.ls1.gamma') for n in target_shapes) and (
-      not info.layer_scale):
+  if any(n.endswith('.ls1.gamma') for n in fresh) and not info.layer_scale:
     notes.append('layer scale (ls1/ls2.gamma) has no source and starts at '
                  f'model.layer_scale_init={cfg.layer_scale_init}')
   return notes
@@ -449,10 +491,12 @@ def _path_name(path: tuple[Any, ...]) -> str:
   return '.'.join(parts)
 
 
-def _log(report: Report) -> None:
+def log_report(report: Report) -> None:
+  """Logs an import report in one line."""
   logging.info(
-      'Student init from %s: %d parameters loaded, %d fresh %s, %d source '
+      'Student init from %s (%s): %d parameters loaded, %d fresh %s, %d source '
       'keys ignored %s, resized %s. %s', report['source'],
+      report.get('format', 'timm'),
       len(report['loaded']), len(report['fresh']), report['fresh'],
       len(report['ignored']), report['ignored'], report['resized'],
       ' '.join(report['notes']))
@@ -462,61 +506,76 @@ def student_from_timm(checkpoint: str | Mapping[str, np.ndarray],
                       model_config: ModelConfig | Mapping[str, Any], *,
                       rngs: nnx.Rngs | None = None,
                       strict_head: bool = False) -> tuple[DRPLViT, Report]:
-  """A DRPL-ViT initialised from a timm / DeiT ViT checkpoint.
+  """A DRPL-ViT initialised from a pretrained ViT checkpoint.
+
+  timm / DeiT weights, and also the other formats of `drpl_jax.pretrained`
+  (official iRPE and CeiT checkpoints, big_vision / AugReg .npz): the
+  format is detected and named in the report.
 
   Args:
-    checkpoint: a `.safetensors` / `.pth` file or a state dict mapping.
+    checkpoint: a file (.safetensors, .pth, .npz; local or gs://) or a
+      state dict mapping.
     model_config: the target (a ModelConfig or the config's `model` dict).
     rngs: for the fresh parameters (default nnx.Rngs(0)).
     strict_head: error (instead of fresh heads) on a class-count mismatch.
 
   Returns:
-    (the model, the report: 'loaded' and 'fresh' list our parameter names,
-    'ignored' the source keys deliberately unused, 'resized' what was
-    interpolated, 'notes' the decisions taken). The report is also logged.
+    (the model, the report: 'format', 'loaded' and 'fresh' list our
+    variable names, 'ignored' the source keys deliberately unused,
+    'resized' what was interpolated, 'notes' the decisions taken). The
+    report is also logged.
   """
-  cfg = ModelConfig.from_config(model_config)
-  state, source = load_timm_state(checkpoint)
-  model = create_model(cfg, rngs=rngs if rngs is not None else nnx.Rngs(0))
-  values, report = map_timm_state(state, param_shapes(model), cfg,
-                                  strict_head=strict_head, source=source)
-  nnx.update(model, update_params(nnx.state(model, nnx.Param), values))
-  _log(report)
-  return model, report
+  from drpl_jax import pretrained  # pylint: disable=g-import-not-at-top
+  return pretrained.student_from_pretrained(
+      checkpoint, model_config, rngs=rngs, strict_head=strict_head)
 
 
-def _init_from_values(config: Any, params_state: Any
+def _tree_shapes(tree: Any) -> dict[str, tuple[int, ...]]:
+  return {_path_name(p): tuple(x.shape)
+          for p, x in jax.tree_util.tree_flatten_with_path(tree)[0]}
+
+
+def _init_from_values(config: Any, params_state: Any, rest_state: Any = None
                       ) -> tuple[dict[str, np.ndarray], Report]:
-  """Reads and maps `config.init_from` for the parameters of a state."""
+  """Reads and maps `config.init_from` for the variables of the states."""
+  from drpl_jax import pretrained  # pylint: disable=g-import-not-at-top
   path = str(config.get('init_from', '') or '')
   if not path:
     raise ValueError('config.init_from is empty: nothing to start from')
-  if not os.path.isfile(path):
+  if '://' not in path and not os.path.isfile(path):
     raise FileNotFoundError(
-        f'config.init_from={path!r} does not exist (expected a timm/DeiT '
-        '.safetensors or .pth state dict)')
-  state, source = load_timm_state(path)
-  shapes = {_path_name(p): tuple(x.shape)
-            for p, x in jax.tree_util.tree_flatten_with_path(params_state)[0]}
-  values, report = map_timm_state(
+        f'config.init_from={path!r} does not exist (expected a timm/DeiT, '
+        'iRPE or CeiT .safetensors/.pth, or a big_vision .npz)')
+  state, source = pretrained.load_source(path)
+  shapes = _tree_shapes(params_state)
+  if rest_state is not None:
+    shapes.update(_tree_shapes(rest_state))
+  values, report = pretrained.map_pretrained(
       state, shapes, ModelConfig.from_config(config.model), source=source)
-  _log(report)
+  log_report(report)
   return values, report
+
+
+def _only(values: Mapping[str, np.ndarray], tree: Any
+          ) -> dict[str, np.ndarray]:
+  names = set(_tree_shapes(tree))
+  return {k: v for k, v in values.items() if k in names}
 
 
 def init_from_checkpoint(config: Any, params_state: Any, rest_state: Any
                          ) -> tuple[Any, Any, Report]:
-  """Loads `config.init_from` (timm/DeiT weights) into fresh train states.
+  """Loads `config.init_from` (any pretrained format) into fresh states.
 
   For the training loop, when `config.init_from` is set and no training
   checkpoint is resumed. `params_state` / `rest_state` are the freshly
   initialised nnx.State pytrees (nnx.Param / the rest); the returned ones
   have the same tree structure, dtypes and shardings, with the loaded
-  values in place. `rest_state` (BatchNorm statistics) has no timm source
-  and is returned as is.
+  values in place. `rest_state` gets BatchNorm statistics where the source
+  has them (CeiT), else it is returned as is.
   """
-  values, report = _init_from_values(config, params_state)
-  return update_params(params_state, values), rest_state, report
+  values, report = _init_from_values(config, params_state, rest_state)
+  return (update_params(params_state, _only(values, params_state)),
+          update_params(rest_state, _only(values, rest_state)), report)
 
 
 def init_train_state(config: Any, state: dict[str, Any]
@@ -524,11 +583,16 @@ def init_train_state(config: Any, state: dict[str, Any]
   """`train.create_train_state`'s state with `config.init_from` loaded.
 
   Loads the parameters and, when the state keeps an EMA of them, the EMA
-  too (it starts equal to the parameters, in its own buffers). The
-  optimizer state (AdamW moments start at zero) and the rest are kept.
+  too (it starts equal to the parameters, in its own buffers), and the
+  BatchNorm statistics a source has. The optimizer state (AdamW moments
+  start at zero) is kept.
   """
-  values, report = _init_from_values(config, state['params'])
-  out = dict(state, params=update_params(state['params'], values))
+  values, report = _init_from_values(config, state['params'],
+                                     state.get('rest'))
+  params = _only(values, state['params'])
+  out = dict(state, params=update_params(state['params'], params))
+  if state.get('rest') is not None:
+    out['rest'] = update_params(state['rest'], _only(values, state['rest']))
   if state.get('ema') is not None:
-    out['ema'] = update_params(state['ema'], values)
+    out['ema'] = update_params(state['ema'], params)
   return out, report

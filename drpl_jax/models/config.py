@@ -118,7 +118,8 @@ class ModelConfig:
   distilled: bool = True
   abs_pos_embed: bool = True
   stem: str = 'patch'
-  stem_channels: int = 32
+  # CeiT's image-to-tokens stem width (ceit_model.Image2Tokens: 64).
+  stem_channels: int = 64
   rpe: RPEConfig = dataclasses.field(default_factory=RPEConfig)
   conv: ConvConfig = dataclasses.field(default_factory=ConvConfig)
   qkv_bias: bool = True
