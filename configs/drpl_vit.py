@@ -154,6 +154,10 @@ def get_config(arg: str = '') -> ml_collections.ConfigDict:
   config.optim.min_lr = 1e-6
   config.optim.warmup_steps = 1000
   config.optim.weight_decay = 0.05
+  # Decay the iRPE tables too, as the official iRPE DeiT training does
+  # (timm's optimizer exempts only 1-D tensors, pos_embed and cls_token);
+  # False = the old exemption.
+  config.optim.rpe_weight_decay = True
   config.optim.b1 = 0.9
   config.optim.b2 = 0.999
   config.optim.grad_clip = 1.0  # 0 = off

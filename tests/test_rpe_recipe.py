@@ -1,0 +1,86 @@
+"""The iRPE tables' treatment in training, against the official iRPE DeiT
+recipe (microsoft/Cream, iRPE/DeiT-with-iRPE): decayed like every other
+matrix, same learning rate, zero initialisation; and their norms and the
+teacher's figures in the step's metrics."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+import demo as demo_config_lib
+from conftest import set_config
+from drpl_jax import optim, train
+from drpl_jax import train_step as step_lib
+from drpl_jax.models import create_model
+
+
+def tiny_config(**overrides):
+  """Depth-1 micro DRPL at 32 px with iRPE on q, k and v."""
+  config = demo_config_lib.get_config('steps=4')
+  config.model.depth = 1
+  config.batch_size = 8
+  config.optim.warmup_steps = 0
+  config.model.rpe.on_q = config.model.rpe.on_v = True
+  return set_config(config, overrides)
+
+
+def params_of(config):
+  model = create_model(train.model_config_from(config), rngs=nnx.Rngs(0))
+  return nnx.state(model, nnx.Param)
+
+
+def flat(tree):
+  """{'blocks.0.attn.rpe_k.table': leaf} (nnx's '.value' suffix dropped)."""
+  return {optim.path_str(p).removesuffix('.value'): v for p, v in
+          jax.tree_util.tree_leaves_with_path(tree)}
+
+
+@pytest.mark.parametrize('shared', [True, False])
+def test_irpe_tables_are_decayed_as_in_the_reference(shared):
+  config = tiny_config(**{'model.rpe.shared_heads': shared})
+  mask = flat(optim.decay_mask(params_of(config)))
+  tables = [n for n in mask if n.endswith(('rpe_q.table', 'rpe_k.table',
+                                           'rpe_v.table'))]
+  assert len(tables) == 3
+  assert all(mask[n] for n in tables)
+  # Still exempt: DeiT's no_weight_decay set and 1-D parameters.
+  assert not mask['pos_embed'] and not mask['cls_token']
+  assert not any(mask[n] for n in mask if n.endswith('.bias'))
+  assert mask['blocks.0.attn.q.kernel']
+  # The switch restores the old exemption of the tables only.
+  old = flat(optim.decay_mask(params_of(config), rpe_weight_decay=False))
+  assert not any(old[n] for n in tables)
+  assert {n for n in old if old[n]} == {n for n in mask if mask[n]} - set(
+      tables)
+
+
+def test_swin_style_bias_tables_stay_exempt():
+  mask = flat(optim.decay_mask(params_of(
+      tiny_config(**{'model.rpe.kind': 'bias'}))))
+  rpe = [n for n in mask if 'rpe_bias' in n]
+  assert rpe and not any(mask[n] for n in rpe)
+
+
+@pytest.mark.parametrize('rpe_decay', [True, False])
+def test_optimizer_shrinks_irpe_tables_with_zero_gradients(rpe_decay):
+  """With zero gradients AdamW's only update is the decay: the tables
+  shrink by lr * wd exactly when they are decayed (the old mask: never)."""
+  config = tiny_config(**{'optim.weight_decay': 0.5,
+                          'optim.rpe_weight_decay': rpe_decay})
+  tx, schedule = optim.create_optimizer(config)
+  params = jax.tree.map(lambda x: jnp.ones_like(x), params_of(config))
+  zeros = jax.tree.map(jnp.zeros_like, params)
+  updates, _ = tx.update(zeros, tx.init(params), params)
+  lr = float(schedule(0))
+  assert lr > 0
+  updates = flat(updates)
+  tables = [n for n in updates if n.endswith('.table')]
+  assert len(tables) == 3
+  for name in tables:
+    expected = -lr * 0.5 if rpe_decay else 0.0
+    np.testing.assert_allclose(np.asarray(updates[name]), expected,
+                               rtol=1e-6, err_msg=name)
+  # A decayed matrix shrinks either way.
+  assert float(np.max(updates['blocks.0.attn.q.kernel'])) < 0
