@@ -11,7 +11,7 @@ from flax import nnx
 
 import demo as demo_config_lib
 from conftest import set_config
-from drpl_jax import optim, train
+from drpl_jax import optim, sharding, train
 from drpl_jax import train_step as step_lib
 from drpl_jax.models import create_model
 
@@ -84,3 +84,56 @@ def test_optimizer_shrinks_irpe_tables_with_zero_gradients(rpe_decay):
                                rtol=1e-6, err_msg=name)
   # A decayed matrix shrinks either way.
   assert float(np.max(updates['blocks.0.attn.q.kernel'])) < 0
+
+
+# ----------------------------------------------------------------------------
+# The step's metrics.
+
+def test_train_metrics_teacher_figures_on_a_known_batch():
+  labels = jnp.array([0, 1, 2, 1])
+  # Mixed targets: the second image is mostly class 2 after mixup.
+  targets = jnp.array([[1., 0, 0], [0, .3, .7], [0, 0, 1], [0, 1, 0]])
+  teacher = jnp.eye(3)[jnp.array([0, 2, 1, 1])] * 4.0
+  cls = jnp.eye(3)[jnp.array([0, 2, 2, 0])]
+  dist = jnp.eye(3)[jnp.array([0, 2, 1, 1])]
+  m = step_lib.train_metrics((cls, dist), labels, targets, teacher, {})
+  np.testing.assert_allclose(m['teacher_accuracy'], 0.75)  # vs soft target
+  np.testing.assert_allclose(m['teacher_accuracy_label'], 0.5)  # vs labels
+  np.testing.assert_allclose(m['teacher_agreement_cls'], 0.5)
+  np.testing.assert_allclose(m['teacher_agreement_dist'], 1.0)
+  np.testing.assert_allclose(m['teacher_agreement'], 1.0)
+  np.testing.assert_allclose(m['accuracy_cls'], 0.5)
+  np.testing.assert_allclose(m['accuracy_dist'], 0.5)
+  plain = step_lib.train_metrics(cls, labels, targets, None, {})
+  assert not any(k.startswith('teacher') for k in plain)
+
+
+def test_step_metrics_report_rpe_norms_and_the_teacher():
+  """Through the jitted step: a teacher equal to the labels is 100% right
+  and agrees with each head exactly as often as that head is right; the
+  RPE norms are those of the updated tables."""
+  config = tiny_config(**{'distill.kind': 'hard'})
+  model_cfg = train.model_config_from(config)
+  tx, schedule = optim.create_optimizer(config)
+  mesh = sharding.create_mesh((-1, 1), jax.devices()[:1])
+  graphdef, state, _ = train.create_train_state(config, model_cfg, tx, mesh)
+  cfg = step_lib.StepConfig.from_config(config, model_cfg)
+  step = jax.jit(step_lib.make_train_step(graphdef, tx, cfg, schedule))
+  rng = np.random.default_rng(0)
+  labels = rng.integers(0, 10, (8,)).astype(np.int32)
+  batch = {'image': rng.integers(0, 256, (8, 32, 32, 3), np.uint8),
+           'label': labels,
+           'teacher_logits': np.eye(10, dtype=np.float32)[labels] * 5}
+  new, m = step(state, batch)
+  m = jax.device_get(m)
+  assert float(m['teacher_accuracy']) == 1.0
+  assert float(m['teacher_agreement_cls']) == float(m['accuracy_cls'])
+  assert float(m['teacher_agreement_dist']) == float(m['accuracy_dist'])
+  tables = {n: np.asarray(v) for n, v in flat(new['params']).items()
+            if '.rpe_' in n}
+  assert len(tables) == 3
+  expected = np.sqrt(sum(np.sum(v.astype(np.float64) ** 2)
+                         for v in tables.values()))
+  assert expected > 0  # zero-initialised, moved by one update
+  np.testing.assert_allclose(m['rpe_norm_block0'], expected, rtol=1e-5)
+  np.testing.assert_allclose(m['rpe_norm'], expected, rtol=1e-5)
