@@ -32,6 +32,7 @@ from etils import epath
 import numpy as np
 
 from drpl_jax import metrics
+from drpl_jax import probes
 
 # Bai et al., "DRPL-ViT ...", Laser Journal 2024, 45(2): reported, not
 # reproduced; the paper publishes no code and no split.
@@ -44,7 +45,7 @@ PAPER_CLASSES = ('COVID', 'Lung_Opacity', 'Normal', 'Viral Pneumonia')
 _METRIC_KEYS = frozenset((
     'accuracy', 'balanced_accuracy', 'num_examples', 'class_names',
     'per_class', 'macro', 'weighted', 'confusion_matrix', 'ece', 'ece_bins',
-    'nll', 'ci95', 'heads', 'temperature'))
+    'nll', 'ci95', 'heads', 'temperature', 'probes', 'attention'))
 _PLOT_DPI = 110
 
 
@@ -233,6 +234,7 @@ def render_markdown(report: Mapping[str, Any], *, title: str,
     lines += _heads(report['heads'])
   if report.get('temperature'):
     lines += _temperature(report['temperature'])
+  lines += probes.markdown(report)  # shortcut probes, attention in the box
   if paper_reference:
     lines += _paper(m, names)
   extra = {k: v for k, v in report.items() if k not in _METRIC_KEYS}
