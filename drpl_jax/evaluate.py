@@ -129,7 +129,8 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str, *,
                                            labels, params_key)
     if config.teacher.get('arch') and params_key == 'params':
       report['teacher'] = teacher_report(config, evaluator.mesh, splits,
-                                         class_names, data_config, label_map)
+                                         class_names, data_config, label_map,
+                                         n_bootstrap, config.seed)
     if probes_lib.probe_settings(config)['enabled']:
       _add_probes(report, evaluator, config, data_config, splits, params_key,
                   label_map, class_names, labels)
@@ -194,12 +195,15 @@ def _add_probes(report, evaluator, config, data_config, splits, params_key,
 def teacher_report(config, mesh, splits: str | Sequence[str],
                    class_names: Sequence[str],
                    data_config: dict[str, Any] | None = None,
-                   label_map: np.ndarray | None = None) -> dict[str, Any]:
+                   label_map: np.ndarray | None = None,
+                   n_bootstrap: int = 1000, seed: int = 0) -> dict[str, Any]:
   """The converted online teacher's metrics on the same images and views.
 
   `splits`, `data_config` and `label_map` as for the student: the
   configured data set's split, or every split of an external folder with
-  its class folders mapped to the training classes.
+  its class folders mapped to the training classes. Holds the keys of a
+  student report that the reproduction table reads (per_class, macro,
+  confusion_matrix, ci95 with image-bootstrap intervals).
   """
   teacher = train.create_online_teacher(config, mesh)
   forward = jax.jit(
@@ -221,13 +225,13 @@ def teacher_report(config, mesh, splits: str | Sequence[str],
     labels = label_map[labels]
   m = metrics_lib.classification_metrics(
       metrics_lib.softmax(np.concatenate(logits)), labels, class_names,
-      n_bootstrap=0)
-  return {'description': teacher.description,
-          'accuracy': m['accuracy'],
-          'balanced_accuracy': m['balanced_accuracy'],
-          'auc': m['macro'].get('auc'), 'num_examples': m['num_examples'],
-          'sensitivity': {c: v['sensitivity']
-                          for c, v in m['per_class'].items()}}
+      n_bootstrap=n_bootstrap, seed=seed)
+  keep = ('accuracy', 'balanced_accuracy', 'num_examples', 'class_names',
+          'per_class', 'macro', 'confusion_matrix', 'ci95')
+  return dict({k: m[k] for k in keep}, description=teacher.description,
+              auc=m['macro'].get('auc'),
+              sensitivity={c: v['sensitivity']
+                           for c, v in m['per_class'].items()})
 
 
 def _temperature(evaluator, config, test_logits, test_labels, params_key):
