@@ -221,9 +221,9 @@ def markdown(report: Mapping[str, Any]) -> list[str]:
               f'mean. Chance (majority class): {fmt(p["chance"])}.', '']
     if p.get('shortcut_flag'):
       r = p['rule']
+      hidden = fmt(p['lungs_hidden']['accuracy'])
       lines += [f'**FLAG: possible shortcut learning.** With the lungs '
-                f'hidden the model still scores {fmt(p["lungs_hidden"]["accuracy"])}'
-                f', within {r["margin"]:g} of its normal accuracy and more '
+                f'hidden the model still scores {hidden}, within {r["margin"]:g} of its normal accuracy and more '
                 f'than {r["above_chance"]:g} above chance: it classifies from '
                 'outside the lungs (borders, markers, body outline).', '']
     else:

@@ -17,8 +17,8 @@ full recipe, a ResNet-50 teacher, 1 seed), `sample` (COVID vs Normal on the
 teacher at 64 px, 3 seeds), `cxr2k5` (the same on the 2,579-image set in
 ../shared/data/covid19_radiography_2k5 with 1,800 steps and a 30-epoch
 teacher, sized for two hours on 2 cores), and `--smoke` (any of them at toy
-size: two presets, one seed, 32 px, 4 steps; what CI runs). Under WORKDIR: `reproduce.json`
-(the plan; a rerun with other settings is refused), `data/`,
+size: two presets, one seed, 32 px, 4 steps; what CI runs). Under WORKDIR:
+`reproduce.json` (the plan; a rerun with other settings is refused), `data/`,
 `teacher/<arch>.safetensors`, `runs/<preset>/seed<k>/` (a drpl_jax.main
 workdir each; report in `eval/test/report.json`), `timings/<step>.json`
 and `results.md`. Paths may be `gs://...` (etils.epath).

@@ -83,9 +83,11 @@ def test_probes_and_attention_in_the_report(trained):
 
 
 def test_external_folder_reports_the_teacher(trained, tmp_path):
-  from drpl_jax import torch_io  # pylint: disable=g-import-not-at-top
-  from drpl_jax.teacher import (TeacherConfig, abstract_teacher,  # pylint: disable=g-import-not-at-top
-                                random_state_dict)
+  # pylint: disable=g-import-not-at-top
+  from drpl_jax import torch_io
+  from drpl_jax.teacher import TeacherConfig, abstract_teacher
+  from drpl_jax.teacher import random_state_dict
+  # pylint: enable=g-import-not-at-top
   config, workdir = trained
   state = random_state_dict(abstract_teacher(TeacherConfig(
       arch='resnet18', num_classes=10, image_size=32)), 0)
