@@ -8,7 +8,11 @@ writes `workdir/eval/<name>/report.json`, `report.md` and PNG plots, where
 Each head (cls, dist) and their mean are reported; the top-level metrics are
 those of the mean (what `model(x, train=False)` predicts). A temperature
 fitted on the validation split is applied to the test predictions and the
-ECE before and after is reported.
+ECE before and after is reported. The online teacher (when configured) is
+evaluated on the same images, external folders included; the shortcut
+probes and the attention-rollout share in the lung box are added as
+`probes` and `attention` (drpl_jax/probes.py; off with
+`--config.probes.enabled=False`).
 """
 
 from __future__ import annotations
@@ -226,9 +230,9 @@ def teacher_report(config, mesh, splits: str | Sequence[str],
   m = metrics_lib.classification_metrics(
       metrics_lib.softmax(np.concatenate(logits)), labels, class_names,
       n_bootstrap=n_bootstrap, seed=seed)
-  keep = ('accuracy', 'balanced_accuracy', 'num_examples', 'class_names',
-          'per_class', 'macro', 'confusion_matrix', 'ci95')
-  return dict({k: m[k] for k in keep}, description=teacher.description,
+  fields = ('accuracy', 'balanced_accuracy', 'num_examples', 'class_names',
+            'per_class', 'macro', 'confusion_matrix', 'ci95')
+  return dict({k: m[k] for k in fields}, description=teacher.description,
               auc=m['macro'].get('auc'),
               sensitivity={c: v['sensitivity']
                            for c, v in m['per_class'].items()})
