@@ -137,3 +137,47 @@ def test_step_metrics_report_rpe_norms_and_the_teacher():
   assert expected > 0  # zero-initialised, moved by one update
   np.testing.assert_allclose(m['rpe_norm_block0'], expected, rtol=1e-5)
   np.testing.assert_allclose(m['rpe_norm'], expected, rtol=1e-5)
+
+
+class RecordingWriter:
+  """Stands in for clu's writer: keeps every scalar written."""
+
+  def __init__(self):
+    self.scalars = {}
+
+  def write_scalars(self, step, scalars):
+    for k, v in scalars.items():
+      self.scalars.setdefault(k, []).append((step, float(v)))
+
+  def __getattr__(self, name):  # write_hparams, flush, close...
+    return lambda *a, **k: None
+
+
+def test_training_writes_the_new_metrics(demo_data_dir, tmp_path,
+                                         monkeypatch):
+  """Online teacher, mixup on: the metrics reach the metric writer."""
+  # pylint: disable=g-import-not-at-top
+  from drpl_jax import torch_io
+  from drpl_jax.teacher import TeacherConfig, abstract_teacher
+  from drpl_jax.teacher import random_state_dict
+  # pylint: enable=g-import-not-at-top
+  state = random_state_dict(abstract_teacher(TeacherConfig(
+      arch='resnet18', num_classes=10, image_size=32)), 0)
+  teacher = str(tmp_path / 'resnet18.safetensors')
+  torch_io.save_safetensors(state, teacher)
+  config = tiny_config(**{
+      'data.data_dir': demo_data_dir, 'total_steps': 2,
+      'log_every_steps': 1, 'eval_every_steps': 100,
+      'checkpoint_every_steps': 100, 'mixup.mixup_alpha': 0.8,
+      'teacher.arch': 'resnet18', 'teacher.checkpoint': teacher,
+      'teacher.image_size': 32, 'distill.kind': 'hard'})
+  writer = RecordingWriter()
+  monkeypatch.setattr(train, '_writer', lambda workdir: writer)
+  train.train_and_evaluate(config, str(tmp_path / 'run'))
+  for key in ('teacher_accuracy', 'teacher_accuracy_label',
+              'teacher_agreement_cls', 'teacher_agreement_dist',
+              'rpe_norm', 'rpe_norm_block0'):
+    steps = [s for s, _ in writer.scalars.get(key, [])]
+    assert steps == [1, 2], (key, writer.scalars.get(key))
+  assert all(0 <= v <= 1 for _, v in writer.scalars['teacher_accuracy'])
+  assert all(v > 0 for _, v in writer.scalars['rpe_norm'])
