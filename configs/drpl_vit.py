@@ -157,11 +157,27 @@ def get_config(arg: str = '') -> ml_collections.ConfigDict:
   config.teacher.mean = (0.485, 0.456, 0.406)
   config.teacher.std = (0.229, 0.224, 0.225)
 
+  # Shortcut probes of `evaluate` (drpl_jax/probes.py): the test images are
+  # re-run with a central lung box hidden and with only the box kept.
+  config.probes = ml_collections.ConfigDict()
+  config.probes.enabled = True
+  # (top, bottom, left, right) fractions of the model's input image: the
+  # central 80% of each side covers both lungs on a frontal CXR.
+  config.probes.lung_box = (0.1, 0.9, 0.1, 0.9)
+  # Flag: accuracy with the lungs hidden >= normal - margin and >= chance +
+  # above_chance.
+  config.probes.margin = 0.10
+  config.probes.above_chance = 0.15
+
   config.optim = ml_collections.ConfigDict()
   config.optim.base_lr = 5e-4  # for a global batch of 512, scaled linearly
   config.optim.min_lr = 1e-6
   config.optim.warmup_steps = 1000
   config.optim.weight_decay = 0.05
+  # Decay the iRPE tables too, as the official iRPE DeiT training does
+  # (timm's optimizer exempts only 1-D tensors, pos_embed and cls_token);
+  # False = the old exemption.
+  config.optim.rpe_weight_decay = True
   config.optim.b1 = 0.9
   config.optim.b2 = 0.999
   config.optim.grad_clip = 1.0  # 0 = off

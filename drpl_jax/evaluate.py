@@ -8,7 +8,11 @@ writes `workdir/eval/<name>/report.json`, `report.md` and PNG plots, where
 Each head (cls, dist) and their mean are reported; the top-level metrics are
 those of the mean (what `model(x, train=False)` predicts). A temperature
 fitted on the validation split is applied to the test predictions and the
-ECE before and after is reported.
+ECE before and after is reported. The online teacher (when configured) is
+evaluated on the same images, external folders included; the shortcut
+probes and the attention-rollout share in the lung box are added as
+`probes` and `attention` (drpl_jax/probes.py; off with
+`--config.probes.enabled=False`).
 """
 
 from __future__ import annotations
@@ -29,6 +33,7 @@ from drpl_jax import checkpointing
 from drpl_jax import input_pipeline
 from drpl_jax import metrics as metrics_lib
 from drpl_jax import optim
+from drpl_jax import probes as probes_lib
 from drpl_jax import report as report_lib
 from drpl_jax import sharding
 from drpl_jax import train
@@ -56,6 +61,7 @@ class Evaluator:
       raise FileNotFoundError(f'no checkpoint for step {step} in '
                               f'{workdir}/checkpoints; have '
                               f'{sorted(ckpt.manager.all_steps())}')
+    self.graphdef = graphdef
     self.state, _ = ckpt.restore(step, state, shardings)
     ckpt.close()
     self.step = step
@@ -125,9 +131,13 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str, *,
     if not data:
       report['temperature'] = _temperature(evaluator, config, logits['mean'],
                                            labels, params_key)
-      if config.teacher.get('arch') and params_key == 'params':
-        report['teacher'] = teacher_report(config, evaluator.mesh, split,
-                                           class_names)
+    if config.teacher.get('arch') and params_key == 'params':
+      report['teacher'] = teacher_report(config, evaluator.mesh, splits,
+                                         class_names, data_config, label_map,
+                                         n_bootstrap, config.seed)
+    if probes_lib.probe_settings(config)['enabled']:
+      _add_probes(report, evaluator, config, data_config, splits, params_key,
+                  label_map, class_names, labels)
     report.update(
         checkpoint_step=evaluator.step, weights=params_key,
         config_hash=checkpointing.config_hash(config),
@@ -173,9 +183,32 @@ def _predict_splits(evaluator, config, data_config, splits, params_key,
           np.concatenate(all_labels), groups)
 
 
-def teacher_report(config, mesh, split: str, class_names: Sequence[str]
-                   ) -> dict[str, Any]:
-  """The converted online teacher's metrics on the same split and views."""
+def _add_probes(report, evaluator, config, data_config, splits, params_key,
+                label_map, class_names, labels) -> None:
+  """report['probes'] and report['attention'] (see drpl_jax.probes)."""
+  report['probes'] = probes_lib.shortcut_probes(
+      config, evaluator, report, class_names, labels,
+      lambda ev: _predict_splits(ev, config, data_config, splits, params_key,
+                                 label_map)[:2])
+  report['attention'] = probes_lib.rollout_summary(
+      config, evaluator.graphdef, evaluator.state[params_key],
+      evaluator.state['rest'],
+      (b for s in splits for b in _batches(config, data_config, s)))
+
+
+def teacher_report(config, mesh, splits: str | Sequence[str],
+                   class_names: Sequence[str],
+                   data_config: dict[str, Any] | None = None,
+                   label_map: np.ndarray | None = None,
+                   n_bootstrap: int = 1000, seed: int = 0) -> dict[str, Any]:
+  """The converted online teacher's metrics on the same images and views.
+
+  `splits`, `data_config` and `label_map` as for the student: the
+  configured data set's split, or every split of an external folder with
+  its class folders mapped to the training classes. Holds the keys of a
+  student report that the reproduction table reads (per_class, macro,
+  confusion_matrix, ci95 with image-bootstrap intervals).
+  """
   teacher = train.create_online_teacher(config, mesh)
   forward = jax.jit(
       lambda state, images: nnx.merge(teacher.graphdef, state)(
@@ -183,20 +216,26 @@ def teacher_report(config, mesh, split: str, class_names: Sequence[str]
       in_shardings=(teacher.shardings, sharding.batch_sharding(mesh)),
       out_shardings=sharding.batch_sharding(mesh))
   logits, labels = [], []
-  for batch in input_pipeline.create_eval_iterator(config, split):
-    glob = input_pipeline.to_global_batch(batch, mesh)
-    keep = train.gather(glob['mask']).astype(bool)
-    out = forward(teacher.state, glob['image'])
-    logits.append(train.gather(out)[keep])
-    labels.append(train.gather(glob['label'])[keep])
+  splits = (splits,) if isinstance(splits, str) else tuple(splits)
+  for split in splits:
+    for batch in _batches(config, data_config or {}, split):
+      glob = input_pipeline.to_global_batch(batch, mesh)
+      keep = train.gather(glob['mask']).astype(bool)
+      out = forward(teacher.state, glob['image'])
+      logits.append(train.gather(out)[keep])
+      labels.append(train.gather(glob['label'])[keep])
+  labels = np.concatenate(labels)
+  if label_map is not None:
+    labels = label_map[labels]
   m = metrics_lib.classification_metrics(
-      metrics_lib.softmax(np.concatenate(logits)), np.concatenate(labels),
-      class_names, n_bootstrap=0)
-  return {'description': teacher.description,
-          'accuracy': m['accuracy'],
-          'balanced_accuracy': m['balanced_accuracy'],
-          'sensitivity': {c: v['sensitivity']
-                          for c, v in m['per_class'].items()}}
+      metrics_lib.softmax(np.concatenate(logits)), labels, class_names,
+      n_bootstrap=n_bootstrap, seed=seed)
+  fields = ('accuracy', 'balanced_accuracy', 'num_examples', 'class_names',
+            'per_class', 'macro', 'confusion_matrix', 'ci95')
+  return dict({k: m[k] for k in fields}, description=teacher.description,
+              auc=m['macro'].get('auc'),
+              sensitivity={c: v['sensitivity']
+                           for c, v in m['per_class'].items()})
 
 
 def _temperature(evaluator, config, test_logits, test_labels, params_key):

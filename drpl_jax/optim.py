@@ -11,6 +11,19 @@ Options (all under `config.optim`):
                  decay^(L - i), the embeddings (patch_embed, cls/dist
                  tokens, pos_embed) decay^(L + 1), everything after the last
                  block (norm, heads) 1.
+  rpe_weight_decay
+                 whether the iRPE tables (`rpe_q/rpe_k/rpe_v.table`) get
+                 weight decay (default True). The official iRPE DeiT
+                 training (microsoft/Cream, iRPE/DeiT-with-iRPE) builds its
+                 optimizer with timm's `create_optimizer`, whose only
+                 exemptions are 1-D tensors, biases and the model's
+                 `no_weight_decay()` = {pos_embed, cls_token}: its iRPE
+                 lookup tables ([heads, buckets, head_dim]) are decayed like
+                 every other matrix, at the same learning rate, from a zero
+                 initialisation. False exempts them (this project's old
+                 behaviour). The Swin-style `bias` tables stay exempt (Swin
+                 and BEiT list their relative position bias tables in
+                 `no_weight_decay`).
 """
 
 from __future__ import annotations
@@ -24,9 +37,11 @@ import ml_collections
 import optax
 
 # Parameters that never get weight decay besides all 1-D ones (biases, norm
-# scales, layer-scale gammas): timm's `no_weight_decay` set, plus the RPE
-# tables, which are embeddings like the position embedding.
-NO_DECAY_NAMES = ('pos_embed', 'cls_token', 'dist_token', 'rpe_')
+# scales, layer-scale gammas): DeiT's `no_weight_decay` set, plus the
+# Swin/BEiT-style relative position bias tables (exempt in those models).
+NO_DECAY_NAMES = ('pos_embed', 'cls_token', 'dist_token', 'rpe_bias.')
+# The iRPE tables: decayed by default, as in the official iRPE training.
+IRPE_TABLE = re.compile(r'(^|\.)rpe_[qkv]\.table(\.value)?$')
 # Top-level parameter names that sit before the first block (layer 0).
 EMBEDDING_NAMES = ('patch_embed', 'cls_token', 'dist_token', 'pos_embed')
 _BLOCK = re.compile(r'^blocks\.(\d+)\.')
@@ -46,14 +61,23 @@ def path_str(path: tuple[Any, ...]) -> str:
   return '.'.join(parts)
 
 
-def decay_mask(params: Any) -> Any:
-  """True where weight decay applies (matrices and conv kernels only)."""
+def decays(name: str, ndim: int, rpe_weight_decay: bool = True) -> bool:
+  """Whether the parameter `name` (dotted path) of rank `ndim` is decayed.
 
-  def one(path, x):
-    name = path_str(path)
-    return x.ndim >= 2 and not any(n in name for n in NO_DECAY_NAMES)
+  Matrices and conv kernels only; `rpe_weight_decay=False` also exempts the
+  iRPE tables (the reference recipe decays them; see the module docstring).
+  Shared with the PyTorch twin (`drpl_jax.torch_ref.train`).
+  """
+  if not rpe_weight_decay and IRPE_TABLE.search(name):
+    return False
+  return ndim >= 2 and not any(n in name for n in NO_DECAY_NAMES)
 
-  return jax.tree_util.tree_map_with_path(one, params)
+
+def decay_mask(params: Any, rpe_weight_decay: bool = True) -> Any:
+  """True where weight decay applies (a tree of bools like `params`)."""
+  return jax.tree_util.tree_map_with_path(
+      lambda path, x: decays(path_str(path), x.ndim, rpe_weight_decay),
+      params)
 
 
 def layer_id(name: str, depth: int) -> int:
@@ -140,8 +164,10 @@ def create_optimizer(config: ml_collections.ConfigDict
   parts = []
   if opt.grad_clip > 0:
     parts.append(optax.clip_by_global_norm(opt.grad_clip))
+  rpe_decay = bool(opt.get('rpe_weight_decay', True))
+  mask = lambda params: decay_mask(params, rpe_weight_decay=rpe_decay)
   parts.append(optax.adamw(schedule, b1=opt.b1, b2=opt.b2,
-                           weight_decay=opt.weight_decay, mask=decay_mask,
+                           weight_decay=opt.weight_decay, mask=mask,
                            mu_dtype=_mu_dtype(config)))
   layer_decay = float(opt.get('layer_decay', 1.0))
   if layer_decay != 1.0:

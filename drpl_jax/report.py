@@ -32,6 +32,7 @@ from etils import epath
 import numpy as np
 
 from drpl_jax import metrics
+from drpl_jax import probes
 
 # Bai et al., "DRPL-ViT ...", Laser Journal 2024, 45(2): reported, not
 # reproduced; the paper publishes no code and no split.
@@ -44,7 +45,8 @@ PAPER_CLASSES = ('COVID', 'Lung_Opacity', 'Normal', 'Viral Pneumonia')
 _METRIC_KEYS = frozenset((
     'accuracy', 'balanced_accuracy', 'num_examples', 'class_names',
     'per_class', 'macro', 'weighted', 'confusion_matrix', 'ece', 'ece_bins',
-    'nll', 'ci95', 'heads', 'temperature'))
+    'nll', 'ci95', 'heads', 'temperature', 'probes', 'attention',
+    'teacher'))
 _PLOT_DPI = 110
 
 
@@ -186,6 +188,18 @@ def _temperature(t: Mapping[str, Any]) -> list[str]:
                    [row]))
 
 
+def _teacher(t: Mapping[str, Any]) -> list[str]:
+  """The online teacher on the same images (its own row, for comparison)."""
+  ci = t.get('ci95') or {}
+  row = (t.get('description', '—'),
+         _with_ci(t.get('accuracy'), ci.get('accuracy')),
+         _pct(t.get('balanced_accuracy')), _num(t.get('auc')),
+         _cell(t.get('num_examples')))
+  return (['## Teacher on the same images', '']
+          + _table(('Teacher', 'Accuracy', 'Balanced accuracy', 'AUC (macro)',
+                    'Images'), [row]))
+
+
 def covid_class(class_names: Sequence[str]) -> str | None:
   """The COVID-19 class name (the first containing 'covid'), if any."""
   return next((n for n in class_names if 'covid' in n.lower()), None)
@@ -233,6 +247,9 @@ def render_markdown(report: Mapping[str, Any], *, title: str,
     lines += _heads(report['heads'])
   if report.get('temperature'):
     lines += _temperature(report['temperature'])
+  if report.get('teacher'):
+    lines += _teacher(report['teacher'])
+  lines += probes.markdown(report)  # shortcut probes, attention in the box
   if paper_reference:
     lines += _paper(m, names)
   extra = {k: v for k, v in report.items() if k not in _METRIC_KEYS}

@@ -14,9 +14,11 @@ they need, so the settings live in one place and are tested:
 Modes (`get_settings`): `paper` (4 classes, DeiT-S at 224 px, the config's
 full recipe, a ResNet-50 teacher, 1 seed), `sample` (COVID vs Normal on the
 600-image sample, micro at 64 px with patch 8, 600 steps, a RegNetY-400MF
-teacher at 64 px, 3 seeds), and `--smoke` (either at toy size: two presets,
-one seed, 32 px, 4 steps; what CI runs). Under WORKDIR: `reproduce.json`
-(the plan; a rerun with other settings is refused), `data/`,
+teacher at 64 px, 3 seeds), `cxr2k5` (the same on the 2,579-image set in
+../shared/data/covid19_radiography_2k5 with 1,800 steps and a 30-epoch
+teacher, sized for two hours on 2 cores), and `--smoke` (any of them at toy
+size: two presets, one seed, 32 px, 4 steps; what CI runs). Under WORKDIR:
+`reproduce.json` (the plan; a rerun with other settings is refused), `data/`,
 `teacher/<arch>.safetensors`, `runs/<preset>/seed<k>/` (a drpl_jax.main
 workdir each; report in `eval/test/report.json`), `timings/<step>.json`
 and `results.md`. Paths may be `gs://...` (etils.epath).
@@ -38,11 +40,14 @@ from typing import Any
 from etils import epath
 
 PRESETS = ('vit', 'deit', 'deit_rpe', 'deit_conv', 'drpl')
-MODES = ('paper', 'sample')
+MODES = ('paper', 'sample', 'cxr2k5')
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIG_FILE = 'configs/drpl_vit.py'
 DEFAULT_SAMPLE_DIR = os.path.normpath(os.path.join(
     REPO, '..', 'shared', 'data', 'covid19_radiography_sample'))
+DEFAULT_2K5_DIR = os.path.normpath(os.path.join(
+    REPO, '..', 'shared', 'data', 'covid19_radiography_2k5'))
+DEFAULT_DATA = {'sample': DEFAULT_SAMPLE_DIR, 'cxr2k5': DEFAULT_2K5_DIR}
 UNDISTILLED = ('vit',)  # presets without a distillation token
 # Keys a preset sets through configs/drpl_vit.py (everything else is shared).
 PRESET_KEYS = ('model.distilled', 'model.rpe.kind', 'model.conv.kind',
@@ -110,6 +115,32 @@ def _sample() -> dict[str, Any]:
                'image_size': 64})
 
 
+def _cxr2k5() -> dict[str, Any]:
+  # The ablation on the 2,579-image set (COVID 1,279, Normal 1,300; 80/10/10
+  # split: about 2,063 training images), sized to finish inside two hours on
+  # 2 cores with one teacher shared by all 15 runs. Estimated from the
+  # sample mode's measured times (docs/reproduction.md: per 600 steps at
+  # 64 px, vit 1m20s, deit/deit_rpe 1m50s, deit_conv/drpl 2m35s, teacher
+  # 30 epochs of 480 images 1m36s), not yet measured on this set:
+  #   students: a step costs the same whatever the data set size, so 1,800
+  #     steps (28 epochs; the sample ran 40) take about 3, 5 and 7 min per
+  #     run: 27 min per seed, 80 min for 3 seeds;
+  #   teacher: 30 epochs of 2,063 images, about 4.3x the sample's: 7 min;
+  #   evaluation of 258 test images (and the shortcut probes) per run: 1 min.
+  # About 90 minutes in all; the rest is margin for a busier machine. A
+  # shorter schedule than the small-data recipe (configs/small_data.py) at
+  # the sample's 64 px, so that the table can be rerun in one sitting.
+  return dict(
+      presets=PRESETS, seeds=3, variant='micro', runlocal=True,
+      classes='COVID,Normal', num_classes=2, image_size=64, patch_size=8,
+      student={'total_steps': 1800, 'batch_size': 32, 'eval_batch_size': 64,
+               'optim.warmup_steps': 90, 'eval_every_steps': 1800,
+               'checkpoint_every_steps': 600, 'log_every_steps': 100},
+      teacher_arch='regnet_y_400mf',
+      teacher={'epochs': 30, 'batch_size': 32, 'lr': 1e-3,
+               'image_size': 64})
+
+
 def _smoke(base: dict[str, Any]) -> dict[str, Any]:
   return dict(
       base, presets=('vit', 'drpl'), seeds=1, variant='micro',
@@ -124,13 +155,13 @@ def _smoke(base: dict[str, Any]) -> dict[str, Any]:
 
 def get_settings(mode: str, *, smoke: bool = False,
                  num_seeds: int | None = None) -> Settings:
-  """The settings of `mode` ('paper' or 'sample'), optionally at toy size.
+  """The settings of `mode` (see MODES), optionally at toy size.
 
   `num_seeds` overrides the mode's seed count (seeds are 0..n-1).
   """
   if mode not in MODES:
     raise ValueError(f'mode {mode!r} is not one of {list(MODES)}')
-  values = _paper() if mode == 'paper' else _sample()
+  values = {'paper': _paper, 'sample': _sample, 'cxr2k5': _cxr2k5}[mode]()
   if smoke:
     values = _smoke(values)
   n = values.pop('seeds')
@@ -142,6 +173,42 @@ def get_settings(mode: str, *, smoke: bool = False,
     raise ValueError(f'image size {image_size} is not a multiple of the '
                      f'patch size {patch}')
   return Settings(mode=mode, smoke=smoke, seeds=tuple(range(n)), **values)
+
+
+# Measured on this project's 2-core CPU machine (docs/reproduction.md, the
+# sample ablation: 600 steps at batch 32, micro at 64 px, patch 8): seconds
+# per step of each preset (the online teacher's forward included) after a
+# fixed 30 s per run (compilation, evaluation), and the teacher's seconds
+# per training image and epoch at 64 px.
+MEASURED_STEP_SECONDS_64PX = {'vit': 0.083, 'deit': 0.133, 'deit_rpe': 0.133,
+                              'deit_conv': 0.208, 'drpl': 0.208}
+MEASURED_RUN_OVERHEAD_SECONDS = 30.0
+MEASURED_TEACHER_IMAGE_EPOCH_SECONDS_64PX = 96.0 / (30 * 480)
+TRAIN_IMAGES = {'sample': 480, 'cxr2k5': 2063}  # 80% of 600 and of 2,579
+
+
+def estimate_minutes(settings: Settings) -> dict[str, float]:
+  """Wall-time estimate of a CPU mode on 2 cores, from the sample's times.
+
+  Steps cost in proportion to the pixels per image (the token count) and
+  not to the data set size; the teacher costs per image and epoch. Only for
+  the micro variant at batch 32 (what was measured): {'teacher', 'runs',
+  'total'} in minutes.
+  """
+  if settings.variant != 'micro' or settings.mode not in TRAIN_IMAGES:
+    raise ValueError(f'no measured timing for the {settings.mode} mode '
+                     f'({settings.variant} variant)')
+  scale = (settings.image_size / 64) ** 2 * settings.student[
+      'batch_size'] / 32
+  steps = settings.student['total_steps']
+  runs = len(settings.seeds) * sum(
+      MEASURED_RUN_OVERHEAD_SECONDS + steps * scale *
+      MEASURED_STEP_SECONDS_64PX[p] for p in settings.presets)
+  teacher = (TRAIN_IMAGES[settings.mode] * settings.teacher['epochs'] *
+             (settings.teacher['image_size'] / 64) ** 2 *
+             MEASURED_TEACHER_IMAGE_EPOCH_SECONDS_64PX)
+  return {'teacher': teacher / 60, 'runs': runs / 60,
+          'total': (teacher + runs) / 60}
 
 
 # ------------------------------------------------------------------- paths
@@ -182,7 +249,7 @@ def get_paths(settings: Settings, workdir: str, *, manual_dir: str = '',
           'the paper mode needs --manual_dir: the Kaggle COVID-19 '
           'Radiography Database, downloaded by hand (the folder '
           'COVID-19_Radiography_Dataset, its parent, or the .zip)')
-    manual_dir = DEFAULT_SAMPLE_DIR
+    manual_dir = DEFAULT_DATA[settings.mode]
   if not manual_dir.startswith('gs://'):
     manual_dir = os.path.abspath(manual_dir)
   return Paths(
@@ -348,7 +415,11 @@ def _lines(args: argparse.Namespace) -> list[str]:
   """The output lines of a subcommand that works on one reproduction."""
   settings = get_settings(args.mode, smoke=args.smoke, num_seeds=args.seeds)
   if args.cmd == 'settings':
-    return [json.dumps(dataclasses.asdict(settings), indent=1)]
+    values = dataclasses.asdict(settings)
+    if settings.mode in TRAIN_IMAGES and not settings.smoke:
+      values['estimate_minutes_2_cores'] = {
+          k: round(v, 1) for k, v in estimate_minutes(settings).items()}
+    return [json.dumps(values, indent=1)]
   paths = get_paths(settings, args.workdir, manual_dir=args.manual_dir,
                     data_dir=args.data_dir, teacher=args.teacher,
                     teacher_init=args.teacher_init)

@@ -139,11 +139,34 @@ def _rows(settings: Settings, reports: Mapping[tuple[str, int], Any],
           [f'**{preset}**', f'mean ± std ({len(settings.seeds)})'] +
           [_mean_std([s[k][0] for s in summaries]) for k in COLUMNS] +
           ['', '']))
+  teacher = teacher_report(reports)
+  if teacher is not None:
+    summary = summarise(teacher)
+    lines.append(_row(
+        [f'teacher ({settings.teacher_arch})', '—'] +
+        [_cell(*summary[k]) for k in COLUMNS] +
+        ['—', _duration(seconds.get('teacher'))]))
   lines.append(_row(
       [f'Paper ({paper.PAPER_CITATION}), reported', '—',
        f'{100 * paper.PAPER_AVERAGE_ACCURACY:.2f}',
        f'{100 * paper.PAPER_COVID_ACCURACY:.2f}'] + ['—'] * 4))
   return lines
+
+
+def teacher_report(reports: Mapping[tuple[str, int], Any]
+                   ) -> dict[str, Any] | None:
+  """The shared teacher's test report (from the first distilled run).
+
+  Every distilled run evaluates the same teacher on the same test split;
+  None when no report has a teacher entry with intervals (older reports).
+  """
+  need = ('accuracy', 'class_names', 'per_class', 'macro',
+          'confusion_matrix', 'ci95')
+  for report in reports.values():
+    t = report.get('teacher')
+    if t and all(k in t for k in need):
+      return t
+  return None
 
 
 def _notes(settings: Settings, paths: Paths,
@@ -239,9 +262,11 @@ def write_table(workdir: str, out: str = '') -> str:
   steps = ['prepare', 'teacher'] + [run_step_name(p, s) for p, s in reports]
   timings = {s: read_json(paths.timing(s), 'timing') for s in steps
              if epath.Path(paths.timing(s)).exists()}
-  title = ('DRPL-ViT ablation on the COVID-19 Radiography sample'
-           if settings.mode == 'sample' else
-           'DRPL-ViT on the COVID-19 Radiography Database (paper protocol)')
+  title = {
+      'sample': 'DRPL-ViT ablation on the COVID-19 Radiography sample',
+      'cxr2k5': 'DRPL-ViT ablation on 2,579 COVID-19 Radiography images',
+  }.get(settings.mode,
+        'DRPL-ViT on the COVID-19 Radiography Database (paper protocol)')
   lines = [f'# {title}{" (smoke test)" if settings.smoke else ""}', '']
   lines += _rows(settings, reports,
                  {k: v['seconds'] for k, v in timings.items()}) + ['']

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import re
 from collections.abc import Callable
 from typing import Any
 
@@ -230,7 +231,8 @@ def _grads_and_metrics(graphdef: nnx.GraphDef, cfg: StepConfig, params: Any,
 
   grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
   (_, (aux, rest, outputs)), grads = grad_fn(params, rest)
-  metrics = _train_metrics(outputs, inputs['labels'], teacher_logits, aux)
+  metrics = train_metrics(outputs, inputs['labels'], inputs['targets'],
+                          teacher_logits, aux)
   return grads, rest, metrics
 
 
@@ -289,10 +291,54 @@ def _apply(tx: optax.GradientTransformation, cfg: StepConfig,
   metrics = dict(metrics, grad_norm=grad_norm,
                  learning_rate=schedule(state['step']), nonfinite=nonfinite,
                  finite=finite.astype(jnp.float32))
+  metrics.update(rpe_table_norms(params))
   return new_state, metrics
 
 
-def _train_metrics(outputs, labels, teacher_logits, aux) -> dict[str, Any]:
+_RPE_TABLE = re.compile(r'^blocks\.(\d+)\..*\brpe_(q|k|v|bias)\.')
+
+
+def rpe_table_norms(params: Any) -> dict[str, jax.Array]:
+  """L2 norms of the relative position tables, to watch them train.
+
+  'rpe_norm_block{i}': the norm of all of block i's RPE parameters together
+  (iRPE q/k/v tables, or the bias table and its prefix entries);
+  'rpe_norm': their mean over blocks. Empty for a model without RPE.
+  """
+  from drpl_jax.optim import path_str  # pylint: disable=g-import-not-at-top
+  squares: dict[int, jax.Array] = {}
+  for path, x in jax.tree_util.tree_leaves_with_path(params):
+    match = _RPE_TABLE.match(path_str(path))
+    if match:
+      i = int(match.group(1))
+      sq = jnp.sum(jnp.square(x.astype(jnp.float32)))
+      squares[i] = squares[i] + sq if i in squares else sq
+  if not squares:
+    return {}
+  norms = {f'rpe_norm_block{i}': jnp.sqrt(v)
+           for i, v in sorted(squares.items())}
+  norms['rpe_norm'] = jnp.mean(jnp.stack(list(norms.values())))
+  return norms
+
+
+def train_metrics(outputs, labels: jax.Array, targets: jax.Array,
+                  teacher_logits: jax.Array | None,
+                  aux: dict[str, jax.Array]) -> dict[str, jax.Array]:
+  """Per-batch training metrics, all on the augmented, mixed batch.
+
+  accuracy_cls / accuracy_dist: each head's argmax against the batch labels
+  (the unmixed label of each image).
+  With a teacher (online or offline logits):
+    teacher_accuracy       the teacher's argmax against argmax of the soft
+                           target (after mixup/cutmix, the dominant of the
+                           two mixed labels; without mixup, the label);
+    teacher_accuracy_label the teacher's argmax against the batch labels;
+    teacher_agreement_cls / _dist
+                           fraction of images where that student head's
+                           argmax equals the teacher's;
+    teacher_agreement      the distillation head's (class head's for a
+                           model without one).
+  """
   cls_logits, dist_logits = _heads(outputs)
   metrics = {k: v for k, v in aux.items()}
   metrics['accuracy_cls'] = jnp.mean(jnp.argmax(cls_logits, -1) == labels)
@@ -301,10 +347,15 @@ def _train_metrics(outputs, labels, teacher_logits, aux) -> dict[str, Any]:
         jnp.argmax(dist_logits, -1) == labels)
   if teacher_logits is not None:
     teacher_pred = jnp.argmax(teacher_logits, -1)
-    metrics['teacher_accuracy'] = jnp.mean(teacher_pred == labels)
-    student = dist_logits if dist_logits is not None else cls_logits
-    metrics['teacher_agreement'] = jnp.mean(
-        jnp.argmax(student, -1) == teacher_pred)
+    metrics['teacher_accuracy'] = jnp.mean(
+        teacher_pred == jnp.argmax(targets, -1))
+    metrics['teacher_accuracy_label'] = jnp.mean(teacher_pred == labels)
+    agree = lambda logits: jnp.mean(jnp.argmax(logits, -1) == teacher_pred)
+    metrics['teacher_agreement_cls'] = agree(cls_logits)
+    if dist_logits is not None:
+      metrics['teacher_agreement_dist'] = agree(dist_logits)
+    metrics['teacher_agreement'] = agree(
+        dist_logits if dist_logits is not None else cls_logits)
   return metrics
 
 

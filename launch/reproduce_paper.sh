@@ -9,11 +9,15 @@
 #
 #   launch/reproduce_paper.sh WORKDIR --manual_dir PATH [OPTIONS]  # paper
 #   launch/reproduce_paper.sh WORKDIR --sample [OPTIONS]  # COVID vs Normal
+#   launch/reproduce_paper.sh WORKDIR --cxr2k5 [OPTIONS]  # the 2,579 images
 #   launch/reproduce_paper.sh WORKDIR --sample --smoke    # toy size (CI)
 #
 # Options:
 #   --sample            the 600-image sample (../shared/data/...) at a CPU
 #                       budget, 3 seeds; default: the 4-class Kaggle database
+#   --cxr2k5            the 2,579-image set (../shared/data/covid19_radiography
+#                       _2k5), COVID vs Normal, 3 seeds, one shared teacher,
+#                       sized for two hours on 2 cores (drpl_jax/reproduce.py)
 #   --smoke             two presets, one seed, a few steps, 32 px
 #   --seeds N           seeds 0..N-1 (default: 1 paper, 3 sample)
 #   --manual_dir PATH   the raw data (the Kaggle download: folder or .zip)
@@ -50,7 +54,8 @@ source "${REPO}/launch/common.sh"
 
 usage() {
   [[ -n "${1:-}" ]] && echo "reproduce_paper.sh: $1" >&2
-  echo "usage: launch/reproduce_paper.sh WORKDIR [--sample] [--smoke]" \
+  echo "usage: launch/reproduce_paper.sh WORKDIR [--sample|--cxr2k5]" \
+      "[--smoke]" \
       "[--seeds N] [--manual_dir P] [--data_dir P] [--teacher P]" \
       "[--teacher_init P] [--launcher local|gpu_node|slurm|tpu_pod]" \
       "[--table P] [--setup] [--dry_run]" >&2
@@ -69,6 +74,7 @@ paths=()
 while [[ $# -gt 0 ]]; do
   case "$1" in
     --sample) mode=sample; shift ;;
+    --cxr2k5) mode=cxr2k5; shift ;;
     --smoke) smoke=--smoke; shift ;;
     --setup) setup=1; shift ;;
     --dry_run) dry=1; shift ;;

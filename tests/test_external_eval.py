@@ -64,3 +64,43 @@ def test_unknown_class_folder_is_named(trained, tmp_path):
     evaluate.evaluate(config, workdir, data=f'cxr_folder:{site}')
   with pytest.raises(FileNotFoundError, match='does not exist'):
     evaluate.evaluate(config, workdir, data=f'cxr_folder:{tmp_path}/nope')
+
+
+def test_probes_and_attention_in_the_report(trained):
+  config, workdir = trained
+  report = evaluate.evaluate(config, workdir, n_bootstrap=0)
+  out = os.path.join(workdir, 'eval', config.data.test_split)
+  with open(os.path.join(out, 'report.json')) as f:
+    on_disk = json.load(f)
+  for name in ('lungs_hidden', 'lungs_only'):
+    assert 0 <= on_disk['probes'][name]['accuracy'] <= 1
+  assert on_disk['probes']['normal']['accuracy'] == report['accuracy']
+  assert isinstance(on_disk['probes']['shortcut_flag'], bool)
+  assert on_disk['attention']['num_images'] == report['num_examples']
+  with open(os.path.join(out, 'report.md')) as f:
+    md = f.read()
+  assert '## Shortcut probes' in md and '## Attention rollout' in md
+
+
+def test_external_folder_reports_the_teacher(trained, tmp_path):
+  # pylint: disable=g-import-not-at-top
+  from drpl_jax import torch_io
+  from drpl_jax.teacher import TeacherConfig, abstract_teacher
+  from drpl_jax.teacher import random_state_dict
+  # pylint: enable=g-import-not-at-top
+  config, workdir = trained
+  state = random_state_dict(abstract_teacher(TeacherConfig(
+      arch='resnet18', num_classes=10, image_size=32)), 0)
+  path = str(tmp_path / 'resnet18.safetensors')
+  torch_io.save_safetensors(state, path)
+  config = config.copy_and_resolve_references()
+  config.teacher.arch, config.teacher.checkpoint = 'resnet18', path
+  config.teacher.image_size = 32
+  config.probes.enabled = False
+  site = tmp_path / 'hospital_t'
+  write_folder(config, str(site), ['3', '7'])
+  report = evaluate.evaluate(config, workdir, data=f'cxr_folder:{site}',
+                             n_bootstrap=0)
+  assert report['teacher']['num_examples'] == 8
+  assert 0 <= report['teacher']['accuracy'] <= 1
+  assert 'probes' not in report

@@ -382,3 +382,66 @@ def test_smoke_reproduction_end_to_end_and_rerun(tmp_path):
   assert {p: p.stat().st_mtime_ns for p in outputs} == mtimes
   assert (workdir / 'results.md').read_text() == table
   assert second_s < first_s / 2, (first_s, second_s)
+
+
+# ----------------------------------------------------------- the 2k5 set
+
+CXR2K5 = os.path.join(SHARED_DATA, 'covid19_radiography_2k5')
+
+
+def test_cxr2k5_mode_settings_and_budget(tmp_path):
+  settings = reproduce.get_settings('cxr2k5')
+  assert settings.presets == reproduce.PRESETS and settings.seeds == (0, 1, 2)
+  assert settings.classes == 'COVID,Normal' and settings.num_classes == 2
+  paths = reproduce.get_paths(settings, str(tmp_path))
+  assert paths.manual_dir == reproduce.DEFAULT_2K5_DIR
+  configs = {p: flatten(student_config(settings, paths, p, 1).to_dict())
+             for p in reproduce.PRESETS}
+  for preset, config in configs.items():
+    differ = {k for k in configs['drpl'].keys() | config.keys()
+              if configs['drpl'].get(k) != config.get(k)}
+    assert differ <= set(reproduce.PRESET_KEYS), (preset, differ)
+    assert config['data.manual_dir'] == reproduce.DEFAULT_2K5_DIR
+    assert config['total_steps'] == settings.student['total_steps']
+  # One teacher for every distilled run.
+  assert {c['teacher.checkpoint'] for c in configs.values()} == {
+      paths.teacher, ''}
+  # The estimate reproduces the sample's measured 32 minutes, and sizes
+  # the 2k5 table inside two hours on 2 cores with a margin.
+  sample = reproduce.estimate_minutes(reproduce.get_settings('sample'))
+  assert 28 <= sample['total'] <= 34
+  big = reproduce.estimate_minutes(settings)
+  assert big['total'] <= 100, big
+  assert big['runs'] > 2 * sample['runs']  # a longer schedule than sample
+  with pytest.raises(ValueError, match='paper'):
+    reproduce.estimate_minutes(reproduce.get_settings('paper'))
+
+
+@pytest.mark.skipif(not os.path.isdir(CXR2K5), reason=f'{CXR2K5} absent')
+def test_cxr2k5_dry_run_shows_every_step(tmp_path):
+  proc = run_script(str(tmp_path / 'w'), '--cxr2k5', '--dry_run')
+  assert proc.returncode == 0, proc.stderr
+  out = proc.stdout
+  assert f'--manual_dir {CXR2K5} ' in out
+  assert out.count('drpl_jax.train_teacher') == 1
+  for preset in reproduce.PRESETS:
+    for seed in range(3):
+      assert f'/w/runs/{preset}/seed{seed} ' in out, (preset, seed)
+  assert '--config.total_steps=1800' in out
+  assert not (tmp_path / 'w').exists()
+
+
+def test_table_has_the_teacher_row(tmp_path):
+  workdir, _, paths, reports = write_workdir(tmp_path)
+  teacher = dict(fake_report(np.random.default_rng(1), ['COVID', 'Normal'],
+                             60, 3.0), description='regnet_y_400mf (x)')
+  for key, report in reports.items():
+    if key[0] != 'vit':
+      with open(paths.report(*key), 'w') as f:
+        json.dump(dict(report, teacher=teacher), f)
+  text = open(reproduce_table.write_table(str(workdir))).read()
+  row = next(l for l in text.splitlines()
+             if l.startswith('| teacher (regnet_y_400mf) |'))
+  assert reproduce_table._cell(teacher['accuracy'],
+                               teacher['ci95']['accuracy']) in row
+  assert len(re.findall(r'\d+\.\d \[\d+\.\d, \d+\.\d\]', row)) == 4, row

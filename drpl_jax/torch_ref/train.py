@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from drpl_jax.losses import DISTILL_KINDS
-from drpl_jax.optim import NO_DECAY_NAMES
+from drpl_jax.optim import decays
 
 Outputs = torch.Tensor | tuple[torch.Tensor, torch.Tensor]
 
@@ -81,13 +81,14 @@ def total_loss(outputs: Outputs, targets: torch.Tensor,
 
 
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
-  """AdamW groups: decay on >= 2-D weights except tokens, pos_embed, RPE.
+  """AdamW groups: decay on >= 2-D weights except tokens, pos_embed, bias RPE.
 
-  The same rule as `drpl_jax.optim.decay_mask` (names are shared).
+  The same rule as `drpl_jax.optim.decay_mask` (names are shared); the
+  iRPE tables are decayed, as in the official iRPE training.
   """
   decay, no_decay = [], []
   for name, p in model.named_parameters():
-    if p.ndim >= 2 and not any(n in name for n in NO_DECAY_NAMES):
+    if decays(name, p.ndim):
       decay.append(p)
     else:
       no_decay.append(p)

@@ -1,0 +1,105 @@
+"""The validation sweep (drpl_jax/sweep.py) and the small-data recipe."""
+
+import json
+import os
+
+import ml_collections
+import pytest
+
+import small_data
+from conftest import ROOT
+from drpl_jax import sweep
+
+
+def test_candidates_one_at_a_time_and_grid():
+  sweeps = [('a', [1, 2]), ('b', ['x', 'y'])]
+  assert sweep.candidates(sweeps, grid=False) == [
+      {}, {'a': 1}, {'a': 2}, {'b': 'x'}, {'b': 'y'}]
+  grid = sweep.candidates(sweeps, grid=True)
+  assert grid[0] == {} and len(grid) == 5
+  assert {'a': 2, 'b': 'y'} in grid
+
+
+def test_values_keys_and_errors():
+  assert sweep.parse_assignment('optim.base_lr=4e-3|8e-3', many=True) == (
+      'optim.base_lr', [4e-3, 8e-3])
+  assert sweep.parse_assignment('data.augment.crop_scale=(0.3, 1.0)',
+                                many=False)[1] == (0.3, 1.0)
+  assert sweep.parse_assignment('distill.kind=soft', many=False)[1] == 'soft'
+  config = small_data.get_config()
+  sweep.set_key(config, 'distill.alpha', 0.7)
+  assert config.distill.alpha == 0.7
+  with pytest.raises(ValueError, match='optim.bogus'):
+    sweep.set_key(config, 'optim.bogus', 1)
+  with pytest.raises(ValueError, match='distill.alpha'):
+    sweep.set_key(config, 'distill.alpha', 'high')
+  config.data.eval_split = 'test'
+  with pytest.raises(ValueError, match='validation only'):
+    sweep.check_no_test(config)
+
+
+def test_small_data_recipe_and_its_teacher_command():
+  config = small_data.get_config('classes=COVID+Normal')
+  assert config.data.classes == 'COVID,Normal' and config.model.num_classes == 2
+  assert config.optim.rpe_weight_decay  # the reference iRPE recipe
+  assert config.distill.kind == 'hard' and config.teacher.arch == 'resnet18'
+  # The teacher's resolution is its own, not tied to the student's.
+  config.data.image_size = 64
+  assert config.teacher.image_size == 112 and config.model.image_size == 64
+  spec = os.path.join(ROOT, 'configs', 'small_data.py')
+  sets = [('data.manual_dir', '/d'), ('teacher_recipe.epochs', 3)]
+  config.teacher_recipe.epochs = 3
+  argv = sweep.teacher_argv(spec, config, sets, '/t/x.safetensors')
+  value = lambda flag: argv[argv.index(flag) + 1]
+  assert argv[1:3] == ['-m', 'drpl_jax.train_teacher']
+  assert value('--arch') == 'resnet18' and value('--epochs') == '3'
+  assert value('--image_size') == '112' and value('--out') == '/t/x.safetensors'
+  assert value('--crop_min_scale') == '0.35'
+  assert '--config.data.manual_dir=/d' in argv
+  assert not any(a.startswith('--config.teacher_recipe') for a in argv)
+  vit = small_data.get_config('preset=vit')
+  assert vit.distill.kind == 'none' and vit.teacher.arch == ''
+  with open(os.path.join(ROOT, 'configs', 'small_data.py')) as f:
+    text = f.read()
+  assert 'provisional: to be chosen by the validation sweep' in text
+
+
+def test_sweep_trains_candidates_on_validation_only(demo_data_dir, tmp_path):
+  spec = tmp_path / 'tiny.py'
+  spec.write_text(
+      'import sys\n'
+      f'sys.path.insert(0, {os.path.join(ROOT, "configs")!r})\n'
+      'import demo\n'
+      'def get_config(arg=""):\n'
+      '  c = demo.get_config("steps=2")\n'
+      '  c.model.depth = 1\n'
+      '  c.batch_size = 8\n'
+      f'  c.data.data_dir = {demo_data_dir!r}\n'
+      '  return c\n')
+  workdir = tmp_path / 'sweep'
+  args = ['run', f'--config={spec}', '--workdir', str(workdir), '--steps',
+          '2', '--sweep', 'optim.base_lr=0.001']
+  assert sweep.main(args) == 0
+  result = json.loads((workdir / 'sweep.json').read_text())
+  cands = result['candidates']
+  assert [c['overrides'] for c in cands] == [{}, {'optim.base_lr': 0.001}]
+  assert result['split'] == 'validation'
+  for c in cands:
+    run = workdir / 'candidates' / str(c['index']) / 'seed0'
+    report = json.loads((run / 'eval' / 'validation' / 'report.json')
+                        .read_text())
+    assert c['seeds'][0]['accuracy'] == report['accuracy']
+    assert (c['seeds'][0]['lungs_hidden_accuracy']
+            == report['probes']['lungs_hidden']['accuracy'])
+    assert not (run / 'eval' / 'test').exists()  # never the test split
+  md = (workdir / 'sweep.md').read_text()
+  assert '| 1 | optim.base_lr=0.001 |' in md and '| 0 | base |' in md
+  stamp = os.path.getmtime(workdir / 'candidates' / '1' / 'result.json')
+  assert sweep.main(args) == 0  # a rerun reuses the finished candidates
+  assert os.path.getmtime(
+      workdir / 'candidates' / '1' / 'result.json') == stamp
+  bad = ['run', f'--config={spec}', '--workdir', str(tmp_path / 'b'),
+         '--set', 'data.eval_split=test']
+  assert sweep.main(bad) == 2
+  assert sweep.main(['run', f'--config={spec}', '--workdir',
+                     str(tmp_path / 'c'), '--sweep', 'optim.nope=1']) == 2
