@@ -459,6 +459,10 @@ def main(argv: Sequence[str]) -> None:
     raise SystemExit(f'unexpected arguments: {argv[1:]}')
   f = FLAGS
   try:
+    from drpl_jax import data, preflight  # pylint: disable=g-import-not-at-top
+    preflight.infer_num_classes(
+        f.config, data.ensure_prepared(f.config.data).class_names,
+        preflight.explicit_overrides(sys.argv))
     result = train_teacher(
         f.config, f.arch, f.out, init=f.init, epochs=f.epochs,
         batch_size=f.batch_size, lr=f.lr, weight_decay=f.weight_decay,
