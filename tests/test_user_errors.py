@@ -15,7 +15,7 @@ import numpy as np
 import PIL.Image
 import pytest
 
-from drpl_jax import checkpointing, evaluate, preflight, predict
+from drpl_jax import evaluate, predict
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PYTHON = sys.executable
@@ -291,6 +291,7 @@ def test_bench_records_name_their_config_overrides(capsys, monkeypatch):
 
 
 def test_class_count_follows_the_data_unless_contradicted():
+  from drpl_jax import preflight  # pylint: disable=g-import-not-at-top
   import drpl_vit  # pylint: disable=g-import-not-at-top
   config = drpl_vit.get_config('variant=micro')
   config.data.classes = 'COVID,Normal'
@@ -383,6 +384,7 @@ def test_predict_warns_about_images_below_the_minimum_side(tiny_run, tmp_path):
 
 
 def test_teacher_of_another_architecture_named_from_its_record(tmp_path):
+  from drpl_jax import preflight  # pylint: disable=g-import-not-at-top
   ckpt = tmp_path / 'resnet18.safetensors'
   ckpt.write_bytes(b'')
   (tmp_path / 'resnet18.json').write_text(json.dumps({'arch': 'resnet18'}))
