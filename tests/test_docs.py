@@ -92,7 +92,7 @@ def test_every_block_is_collected_and_skips_give_reasons():
     assert len(block.argument) > 15, f'{block.name}: skip needs a reason'
   # The list of blocks not run here, with why (shown with pytest -rA).
   print('\n'.join(f'not run: {b.name}: {b.argument}' for b in skipped))
-  assert len(skipped) < len(ALL_BLOCKS) / 2
+  assert {b.action for b in ALL_BLOCKS} >= {'run', 'env'}
 
 
 def _demo_images(config, n):
