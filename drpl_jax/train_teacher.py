@@ -297,7 +297,9 @@ def _check_num_classes(config: Any, class_names: Sequence[str]) -> None:
   if configured and int(configured) != len(class_names):
     raise ValueError(
         f'config.model.num_classes={configured} but the data set has '
-        f'{len(class_names)} classes {list(class_names)}; fix the config')
+        f'{len(class_names)} classes {list(class_names)}; set '
+        f'--config.model.num_classes={len(class_names)} (or leave it out: '
+        'the command line infers it from the data)')
 
 
 def train_teacher(config: Any, arch: str, out: str, *,
