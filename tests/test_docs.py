@@ -24,7 +24,6 @@ import os
 import re
 import shutil
 import subprocess
-import sys
 
 import numpy as np
 import PIL.Image
