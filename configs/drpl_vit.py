@@ -8,9 +8,10 @@ Presets (the paper's ablation table as configs, not code forks):
   drpl       all three (default).
 
 Arguments (comma separated `key=value`):
-  variant=micro|ti|s|b   model size (default s).
+  variant=micro|ti|s|b   model size (default s; micro with runlocal).
   preset=...             one of the presets above (default drpl).
-  runlocal               a small run for a CPU (micro-sized budget).
+  runlocal               a small run for a CPU (micro-sized budget); an
+                         explicit variant= is kept.
 
 Launch:
   python -m drpl_jax.main \
@@ -49,7 +50,10 @@ def parse_arg(arg: str, **defaults) -> ml_collections.ConfigDict:
 
 def get_config(arg: str = '') -> ml_collections.ConfigDict:
   """Returns the training config for `variant=...,preset=...[,runlocal]`."""
-  args = parse_arg(arg, variant='s', preset='drpl', runlocal=False)
+  args = parse_arg(arg, variant='', preset='drpl', runlocal=False)
+  # runlocal picks the micro model unless a variant is named explicitly
+  # (e.g. variant=ti,runlocal keeps ti, so DeiT-Ti weights still fit).
+  args.variant = args.variant or ('micro' if args.runlocal else 's')
   if args.preset not in PRESETS:
     raise ValueError(f'preset={args.preset!r} is not one of {list(PRESETS)}')
   distilled, rpe_kind, conv_kind = PRESETS[args.preset]
@@ -190,9 +194,9 @@ def get_config(arg: str = '') -> ml_collections.ConfigDict:
   config.optim.layer_decay = 1.0
 
   if args.runlocal:
-    config.model.variant = 'micro'
     image_size.set(64)
-    config.model.patch_size = 8
+    if args.variant == 'micro':  # ti/s/b keep patch 16 (pretrained weights)
+      config.model.patch_size = 8
     config.total_steps = 200
     config.batch_size = 32
     config.eval_batch_size = 64

@@ -261,6 +261,40 @@ class Checkpointer:
           self._set_aside(step)
     return None
 
+  def restore_for_inference(self, step: int | None, state: State,
+                            shardings: Any) -> tuple[int, State]:
+    """(step, state) for evaluate/predict/export: `step`, or the latest
+    complete checkpoint (incomplete newer ones skipped with a warning).
+
+    Raises:
+      FileNotFoundError: no checkpoint, or none for `step`.
+      IncompleteCheckpointError: `step` names an incomplete checkpoint
+        (one line naming the complete ones).
+    """
+    steps = sorted(self.all_steps())
+    where = self.directory
+    if not steps:
+      raise FileNotFoundError(f'no checkpoint in {where}; train first '
+                              '(python -m drpl_jax.main)')
+    if step is not None and step not in steps:
+      raise FileNotFoundError(f'no checkpoint for step {step} in {where}; '
+                              f'have {steps}')
+    bad = []
+    for s in ([step] if step is not None else reversed(steps)):
+      try:
+        return s, self.restore(s, state, shardings)[0]
+      except IncompleteCheckpointError as e:
+        if step is not None:
+          raise IncompleteCheckpointError(
+              f'checkpoint {where / str(s)} is incomplete (an interrupted '
+              f'save?): {str(e).splitlines()[0]}; leave out --step for the '
+              'latest complete one') from None
+        logging.warning('Skipping incomplete checkpoint %s: %s; using the '
+                        'previous one', where / str(s), e)
+        bad.append(s)
+    raise IncompleteCheckpointError(f'every checkpoint in {where} is '
+                                    f'incomplete: {bad}')
+
   def _set_aside(self, step: int) -> None:
     """Moves an unreadable step folder out of the manager's directory."""
     if jax.process_index() == 0:

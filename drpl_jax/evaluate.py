@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 from collections.abc import Sequence
 from typing import Any
 
@@ -53,17 +54,11 @@ class Evaluator:
     graphdef, state, shardings = train.create_train_state(
         config, model_cfg, tx, self.mesh)
     ckpt = checkpointing.Checkpointer(workdir)
-    step = ckpt.latest_step() if step is None else step
-    if step is None:
-      raise FileNotFoundError(f'no checkpoint in {workdir}/checkpoints; '
-                              'train first (python -m drpl_jax.main)')
-    if step not in ckpt.manager.all_steps():
-      raise FileNotFoundError(f'no checkpoint for step {step} in '
-                              f'{workdir}/checkpoints; have '
-                              f'{sorted(ckpt.manager.all_steps())}')
     self.graphdef = graphdef
-    self.state, _ = ckpt.restore(step, state, shardings)
-    ckpt.close()
+    try:
+      step, self.state = ckpt.restore_for_inference(step, state, shardings)
+    finally:
+      ckpt.close()
     self.step = step
     self.step_cfg = step_lib.StepConfig.from_config(config, model_cfg)
     self.eval_step = train.jit_eval_step(graphdef, self.step_cfg, shardings,
@@ -150,10 +145,10 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str, *,
     if jax.process_index() == 0:  # every process holds the same report
       report_lib.write_report(
           target, report, metrics_lib.softmax(logits['mean']), labels,
-          class_names, title=f'{config.data.name} / {name} / step '
+          class_names, title=f'{data or config.data.name} / {name} / step '
           f'{evaluator.step} ({params_key})', paper_reference=paper)
-    logging.info('Wrote %s/report.json: accuracy %.4f', target,
-                 report['accuracy'])
+      logging.info('Wrote %s/report.json: accuracy %.4f', target,
+                   report['accuracy'])
     result = result or report
   return result
 
@@ -254,8 +249,10 @@ def external_data(spec: str, class_names: Sequence[str]
                   ) -> tuple[dict[str, Any], str, np.ndarray]:
   """'cxr_folder:PATH' -> (data config, report name, label map).
 
-  Class folders are matched to the training classes case-insensitively; a
-  subset is allowed, an unknown folder is an error naming it.
+  PATH holds class folders or a manifest.csv (path,label[,patient_id]
+  [,split]; its patient ids then drive the bootstrap). Classes are matched
+  to the training classes case-insensitively; a subset is allowed, an
+  unknown one is an error naming it.
   """
   kind, _, path = spec.partition(':')
   if kind != 'cxr_folder' or not path:
@@ -264,29 +261,93 @@ def external_data(spec: str, class_names: Sequence[str]
   if not os.path.isdir(path):
     raise FileNotFoundError(f'--data folder {path} does not exist')
   lower = {c.lower(): i for i, c in enumerate(class_names)}
-  folders = sorted(d for d in os.listdir(path)
-                   if os.path.isdir(os.path.join(path, d))
-                   and not d.startswith('.'))
+  folders = _external_classes(path)
   unknown = [d for d in folders if d.lower() not in lower]
   if unknown:
-    raise ValueError(f'{path}: class folders {unknown} are not training '
+    raise ValueError(f'{path}: classes {unknown} are not training '
                      f'classes {list(class_names)} (matched ignoring case)')
   if not folders:
-    raise ValueError(f'{path}: no class folders')
+    raise ValueError(f'{path}: no class folders and no manifest.csv')
   label_map = np.asarray([lower[d.lower()] for d in folders])
   data_config = {'name': 'cxr_folder', 'manual_dir': path,
                  'classes': ','.join(folders)}
   return data_config, os.path.basename(path.rstrip('/')), label_map
 
 
-def config_from_workdir(workdir: str) -> ml_collections.ConfigDict:
-  """The config a run in `workdir` was trained with (its meta.json)."""
+def _external_classes(path: str) -> list[str]:
+  """The class names of an external cxr_folder: manifest labels or folders."""
+  from drpl_jax.data import cxr_folder  # pylint: disable=g-import-not-at-top
+  manifest = os.path.join(path, cxr_folder.MANIFEST)
+  if os.path.isfile(manifest):
+    return sorted({row['label'] for row in cxr_folder._read_manifest(manifest)  # pylint: disable=protected-access
+                   if row['label']})
+  return sorted(d for d in os.listdir(path)
+                if os.path.isdir(os.path.join(path, d)) and not d.startswith('.'))
+
+
+def config_from_workdir(workdir: str, *, config_flag: bool = False
+                        ) -> ml_collections.ConfigDict:
+  """The config a run in `workdir` was trained with (its meta.json).
+
+  `config_flag`: the command has a --config flag to suggest instead.
+  """
   path = os.path.join(workdir, 'meta.json')
   if not os.path.exists(path):
-    raise FileNotFoundError(f'{path} not found: pass --config, or point '
-                            '--workdir at a training run')
+    raise FileNotFoundError(
+        f'{path} not found: point --workdir at a training run\'s workdir '
+        '(it holds meta.json and checkpoints/)'
+        + (', or pass --config' if config_flag else ''))
   with open(path) as f:
     return ml_collections.ConfigDict(json.load(f)['config'])
+
+
+def _flat(config: ml_collections.ConfigDict) -> dict[str, Any]:
+  """'model.depth' -> value, JSON-normalised (tuples become lists)."""
+  out = {}
+  def walk(node, prefix):
+    for k, v in node.items():
+      if isinstance(v, dict):
+        walk(v, f'{prefix}{k}.')
+      else:
+        out[f'{prefix}{k}'] = v
+  walk(json.loads(json.dumps(config.to_dict(), default=str)), '')
+  return out
+
+
+def run_config(workdir: str, given: ml_collections.ConfigDict | None,
+               argv: Sequence[str] = ()) -> ml_collections.ConfigDict:
+  """The config to evaluate `workdir` with.
+
+  Default: the run's own (meta.json). With an explicit --config, its model
+  keys must match the run's (else a one-line error naming the keys that
+  differ); everything else still comes from the run, and the explicit
+  `--config.KEY=VALUE` flags in `argv` are merged over it.
+  """
+  if given is None:
+    return config_from_workdir(workdir)
+  if not os.path.exists(os.path.join(workdir, 'meta.json')):
+    return given
+  run = config_from_workdir(workdir)
+  ran, new = _flat(run), _flat(given)
+  explicit = {a[len('--config.'):].partition('=')[0] for a in argv
+              if a.startswith('--config.')}
+  differ = sorted(k for k in set(ran) | set(new)
+                  if k.startswith('model.')
+                  and ran.get(k) != new.get(k))
+  if differ:
+    shown = ', '.join(f'{k} (run: {ran.get(k)!r}, --config: {new.get(k)!r})'
+                      for k in differ[:4])
+    more = f' and {len(differ) - 4} more' if len(differ) > 4 else ''
+    raise ValueError(f'--config differs from the run\'s own config '
+                     f'({workdir}/meta.json) in {shown}{more}; leave out '
+                     '--config to evaluate with the run\'s own')
+  for key in sorted(explicit & set(new)):
+    *parents, leaf = key.split('.')
+    node, src = run, given
+    for name in parents:
+      node, src = node[name], src[name]
+    node[leaf] = src[leaf]
+  return run
 
 
 _CONFIG = None
@@ -298,10 +359,14 @@ def main(argv: Sequence[str]) -> None:
   from drpl_jax import distributed, hostmem  # pylint: disable=g-import-not-at-top
   hostmem.configure()  # before JAX starts its CPU client
   distributed.initialize()
-  config = _CONFIG.value or config_from_workdir(flags.FLAGS.workdir)
-  report = evaluate(config, flags.FLAGS.workdir, step=flags.FLAGS.step,
-                    split=flags.FLAGS.split, data=flags.FLAGS.data,
-                    n_bootstrap=flags.FLAGS.n_bootstrap)
+  try:
+    config = run_config(flags.FLAGS.workdir, _CONFIG.value, sys.argv[1:])
+    report = evaluate(config, flags.FLAGS.workdir, step=flags.FLAGS.step,
+                      split=flags.FLAGS.split, data=flags.FLAGS.data,
+                      n_bootstrap=flags.FLAGS.n_bootstrap)
+  except (FileNotFoundError, ValueError,
+          checkpointing.IncompleteCheckpointError) as e:
+    sys.exit(f'error: {e}')
   print(json.dumps({'accuracy': report['accuracy'],
                     'balanced_accuracy': report['balanced_accuracy'],
                     'num_examples': report['num_examples'],

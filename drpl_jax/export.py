@@ -31,6 +31,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import sys
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -38,6 +39,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+from absl import logging
 from flax import nnx
 
 from drpl_jax import checkpointing
@@ -175,6 +177,10 @@ def export_model(workdir: str, out: str, *, step: int | None = None,
   with open(os.path.join(out, STABLEHLO_FILE), 'wb') as f:
     f.write(exported.serialize())
   files = {'stablehlo': STABLEHLO_FILE}
+  stale = os.path.join(out, SAVEDMODEL_DIR)
+  if 'savedmodel' not in formats and os.path.isdir(stale):
+    shutil.rmtree(stale)  # an earlier export's; metadata.json won't list it
+    logging.warning('Removed %s from an earlier export', stale)
   if 'savedmodel' in formats:
     save_savedmodel(restored, os.path.join(out, SAVEDMODEL_DIR),
                     input_dtype=input_dtype, platforms=platforms)
@@ -269,7 +275,8 @@ def main(argv: Sequence[str]) -> int:
                             formats=args.format,
                             input_dtype=args.input_dtype, use_ema=args.ema,
                             platforms=platforms)
-  except (FileNotFoundError, ValueError) as e:
+  except (FileNotFoundError, ValueError,
+          checkpointing.IncompleteCheckpointError) as e:
     print(f'error: {e}', file=sys.stderr)
     return 2
   print(json.dumps({'out': args.out, **metadata}), flush=True)

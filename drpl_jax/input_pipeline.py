@@ -358,7 +358,8 @@ def create_train_iterator(config, *, process_index: int | None = None,
   if teacher_logits is None and soft_path:
     from drpl_jax import soft_labels  # pylint: disable=g-import-not-at-top
     teacher_logits = soft_labels.SoftLabels.load(
-        soft_path, class_names=info.class_names)
+        soft_path, class_names=info.class_names, expected_ids=source.ids,
+        dataset=(info.name, info.version))
   balanced = bool(config.data.get('balanced_sampler', False))
   return train_iterator(
       source, batch_size=config.batch_size,

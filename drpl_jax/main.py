@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 from collections.abc import Sequence
 
 from absl import app, flags, logging
@@ -35,7 +36,11 @@ flags.mark_flags_as_required(['config', 'workdir'])
 def main(argv: Sequence[str]) -> None:
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments: {argv[1:]}')
-  from drpl_jax import hostmem  # pylint: disable=g-import-not-at-top
+  from drpl_jax import hostmem, preflight  # pylint: disable=g-import-not-at-top
+  try:  # mistakes in the config: one line, before any work
+    preflight.check_teacher(_CONFIG.value)
+  except ValueError as e:
+    sys.exit(f'error: {e}')
   hostmem.configure()  # before JAX starts its CPU client
   # Imported here so that --help is fast and flags parse before JAX starts.
   from drpl_jax import distributed  # pylint: disable=g-import-not-at-top
@@ -43,6 +48,13 @@ def main(argv: Sequence[str]) -> None:
                          _PROCESS_ID.value)
   from drpl_jax import evaluate, train  # pylint: disable=g-import-not-at-top
   config, workdir = _CONFIG.value, _WORKDIR.value
+  from drpl_jax import data  # pylint: disable=g-import-not-at-top
+  try:
+    preflight.infer_num_classes(
+        config, data.ensure_prepared(config.data).class_names,
+        preflight.explicit_overrides(sys.argv))
+  except ValueError as e:
+    sys.exit(f'error: {e}')
   result = train.train_and_evaluate(config, workdir)
   if result.get('preempted'):
     logging.info('Preempted at step %d; rerun the same command to resume.',

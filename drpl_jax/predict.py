@@ -92,15 +92,7 @@ def restore_model(workdir: str, *, step: int | None = None,
   graphdef, abstract, shardings = _abstract_train_state(config)
   ckpt = checkpointing.Checkpointer(workdir)
   try:
-    steps = sorted(ckpt.manager.all_steps())
-    if not steps:
-      raise FileNotFoundError(f'no checkpoint in {workdir}/checkpoints; '
-                              'train first (python -m drpl_jax.main)')
-    step = steps[-1] if step is None else step
-    if step not in steps:
-      raise FileNotFoundError(f'no checkpoint for step {step} in '
-                              f'{workdir}/checkpoints; have {steps}')
-    state, _ = ckpt.restore(step, abstract, shardings)
+    step, state = ckpt.restore_for_inference(step, abstract, shardings)
   finally:
     ckpt.close()
   weights = 'ema' if use_ema else 'params'
@@ -269,6 +261,17 @@ def read_image(path: str) -> np.ndarray:
   if is_dicom(path, data):
     return read_dicom(path)
   return images_lib.decode_image(data, path=path)
+
+
+def small_image_warning(image: np.ndarray) -> str | None:
+  """Why `image` is below `prepare`'s minimum side (which skips such
+  files when building data), or None."""
+  side = min(image.shape[:2])
+  if side >= images_lib.DEFAULT_MIN_SIDE:
+    return None
+  return (f'{image.shape[1]}x{image.shape[0]} px is below the '
+          f'{images_lib.DEFAULT_MIN_SIDE} px minimum side that prepare '
+          'accepts; the prediction is unreliable')
 
 
 def preprocess(image: np.ndarray, config: ml_collections.ConfigDict
@@ -450,6 +453,10 @@ def predict_images(workdir: str, paths: Sequence[str], *,
       continue
     probs, maps = predictor(view[None])
     record = _record(path, {k: v[0] for k, v in probs.items()}, restored)
+    small = small_image_warning(image)
+    if small:
+      record['warning'] = small
+      print(f'warning: {path}: {small}', file=sys.stderr)
     if heatmap_dir:
       out = _heatmap_path(heatmap_dir, path, used)
       title = (f'{os.path.basename(path)}: {record["predicted"]} '
@@ -483,7 +490,8 @@ def main(argv: Sequence[str]) -> int:
   try:
     results = predict_images(args.workdir, args.images, step=args.step,
                              heatmap_dir=args.heatmap, use_ema=args.ema)
-  except (FileNotFoundError, ValueError) as e:
+  except (FileNotFoundError, ValueError,
+          checkpointing.IncompleteCheckpointError) as e:
     print(f'error: {e}', file=sys.stderr)
     return 2
   failed = 0

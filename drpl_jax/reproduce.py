@@ -446,14 +446,25 @@ def _plan(settings: Settings, paths: Paths, args: argparse.Namespace) -> str:
   """Checks the arguments and writes (or checks) WORKDIR/reproduce.json."""
   if not paths.manual_dir.startswith('gs://') and not os.path.exists(
       paths.manual_dir):
-    raise ValueError(f'--manual_dir {paths.manual_dir} does not exist')
+    raise ValueError(_missing_data(paths.manual_dir, args.manual_dir))
   plan = plan_dict(settings, paths, args.command, args.launcher)
   path = paths.extra()['plan']
   old = read_json(path, 'plan') if epath.Path(path).exists() else None
   if check_plan(plan, old, path) and not args.dry_run:
     _write_json(path, plan)
     return f'wrote {path}'
+  if args.dry_run and old is None:
+    return f'plan {path}: would be written (dry run)'
   return f'plan {path}: unchanged{" (dry run)" if args.dry_run else ""}'
+
+
+def _missing_data(path: str, given: str) -> str:
+  """Why the raw data folder `path` is missing: given, or the default."""
+  if given:
+    return f'--manual_dir {path} does not exist'
+  return (f'the sample data {path} does not exist (it is expected beside '
+          'this checkout, in ../shared/data); pass --manual_dir '
+          'PATH/covid19_radiography_sample')
 
 
 def _parser() -> argparse.ArgumentParser:

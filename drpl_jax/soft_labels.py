@@ -25,7 +25,7 @@ When offline labels are exact, and when they are not:
   whole clean image; the targets then disagree with the input exactly where
   distillation should help most (a crop that lost the lesion, a 60/40
   mixture of two classes). This is why the default is the online,
-  consistent teacher (DESIGN.md section 4; Beyer et al. 2022, "Knowledge
+  consistent teacher (README.md, "Distillation"; Beyer et al. 2022, "Knowledge
   distillation: a good teacher is patient and consistent"): the converted
   teacher runs inside the jitted train step on the very batch the student
   sees.
@@ -138,7 +138,8 @@ class SoftLabels:
 
   @classmethod
   def load(cls, path: str, *, class_names: Sequence[str],
-           expected_ids: Sequence[str] | None = None) -> SoftLabels:
+           expected_ids: Sequence[str] | None = None,
+           dataset: tuple[str, str] | None = None) -> SoftLabels:
     """Reads a soft-label file and checks it fits the data set.
 
     Args:
@@ -146,6 +147,7 @@ class SoftLabels:
       class_names: the data set's classes, in label order.
       expected_ids: ids the training run will look up (e.g. all ids of the
         train split); every one must be in the file.
+      dataset: (name, version) of the data set; the file's must match.
 
     Raises:
       FileNotFoundError: no such file.
@@ -164,10 +166,22 @@ class SoftLabels:
       raise ValueError(f'{path}: unknown soft-label format; expected one of '
                        f'{list(FORMATS)}')
     labels = cls(ids, logits, splits, metadata, path)
+    if dataset is not None:
+      labels.check_dataset(*dataset)
     labels.check_classes(class_names)
     if expected_ids is not None:
       labels.check_ids(expected_ids)
     return labels
+
+  def check_dataset(self, name: str, version: str) -> None:
+    """Raises ValueError unless the file was made for data set `name` at
+    `version` (as recorded in its metadata)."""
+    made = dict(self.metadata.get('dataset') or {})
+    if (made.get('name'), str(made.get('version'))) != (name, str(version)):
+      raise ValueError(
+          f'{self.path}: made for data set {made.get("name")} '
+          f'{made.get("version")}, this run trains on {name} {version}; '
+          'regenerate it with python -m drpl_jax.soft_labels for this data')
 
   def check_classes(self, class_names: Sequence[str]) -> None:
     """Raises ValueError unless the file's classes equal `class_names`."""

@@ -89,7 +89,8 @@ def create_online_teacher(config: ml_collections.ConfigDict, mesh
     raise ValueError(f'config.teacher.arch={t.arch!r} needs '
                      'config.teacher.checkpoint (a .safetensors or .pth '
                      'state dict; see python -m drpl_jax.train_teacher)')
-  from drpl_jax import convert  # pylint: disable=g-import-not-at-top
+  from drpl_jax import convert, preflight  # pylint: disable=g-import-not-at-top
+  preflight.check_teacher_arch(t.arch, t.checkpoint)
   module = convert.torch_teacher(
       t.arch, t.checkpoint, config.model.num_classes,
       image_size=t.image_size, mean=tuple(t.mean), std=tuple(t.std),

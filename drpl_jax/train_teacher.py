@@ -297,7 +297,9 @@ def _check_num_classes(config: Any, class_names: Sequence[str]) -> None:
   if configured and int(configured) != len(class_names):
     raise ValueError(
         f'config.model.num_classes={configured} but the data set has '
-        f'{len(class_names)} classes {list(class_names)}; fix the config')
+        f'{len(class_names)} classes {list(class_names)}; set '
+        f'--config.model.num_classes={len(class_names)} (or leave it out: '
+        'the command line infers it from the data)')
 
 
 def train_teacher(config: Any, arch: str, out: str, *,
@@ -459,6 +461,10 @@ def main(argv: Sequence[str]) -> None:
     raise SystemExit(f'unexpected arguments: {argv[1:]}')
   f = FLAGS
   try:
+    from drpl_jax import data, preflight  # pylint: disable=g-import-not-at-top
+    preflight.infer_num_classes(
+        f.config, data.ensure_prepared(f.config.data).class_names,
+        preflight.explicit_overrides(sys.argv))
     result = train_teacher(
         f.config, f.arch, f.out, init=f.init, epochs=f.epochs,
         batch_size=f.batch_size, lr=f.lr, weight_decay=f.weight_decay,

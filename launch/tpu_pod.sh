@@ -172,8 +172,10 @@ do_exec() {
 do_run() {
   [[ $# -ge 2 ]] || usage "run needs CONFIG and WORKDIR"
   local file="${1%%:*}"
-  [[ "${file}" != /* && -f "${REPO}/${file}" ]] || usage \
+  [[ "${file}" != /* ]] || usage \
       "config file '${file}' must be a path relative to the repo root"
+  [[ -f "${REPO}/${file}" ]] || usage \
+      "config file '${file}' does not exist (looked in ${REPO})"
   drpl_check_workdir "$2"
   [[ "$2" == gs://* ]] || echo "tpu_pod.sh: warning: WORKDIR '$2' is not" \
       "gs://...; a multi-host slice needs storage every host shares" >&2

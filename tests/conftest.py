@@ -68,3 +68,25 @@ def restore_on_one_device(ckpt, step):
       meta, is_leaf=is_leaf)
   return ckpt.manager.restore(step, args=ocp.args.Composite(
       state=ocp.args.StandardRestore(target)))['state']
+
+
+@pytest.fixture(scope='session')
+def tiny_run(demo_data_dir, tmp_path_factory):
+  """A demo run trained for 2 steps (checkpoints 1 and 2), shared by tests
+  that only read a workdir (evaluate, predict, export, the docs test).
+  Returns (workdir, config); copy the workdir before changing it."""
+  sys.path.insert(0, os.path.join(ROOT, 'configs'))
+  import demo as demo_config_lib  # pylint: disable=g-import-not-at-top
+  from drpl_jax import train  # pylint: disable=g-import-not-at-top
+  config = demo_config_lib.get_config('steps=2')
+  config.data.data_dir = demo_data_dir
+  config.batch_size = 8
+  config.eval_batch_size = 64
+  config.log_every_steps = 1
+  config.eval_every_steps = 100
+  config.checkpoint_every_steps = 1
+  config.optim.warmup_steps = 1
+  config.model.depth = 1  # the smallest model: the least compile time
+  workdir = str(tmp_path_factory.mktemp('tiny_run'))
+  train.train_and_evaluate(config, workdir)
+  return workdir, config

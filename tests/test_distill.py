@@ -109,7 +109,8 @@ def test_offline_soft_labels_train(demo_data_dir, tmp_path):
   path = str(tmp_path / 'soft.npz')
   soft_labels.save_soft_labels(
       path, ids, logits, ['train'] * len(ids),
-      {'class_names': list(info.class_names), 'teacher': 'test'})
+      {'class_names': list(info.class_names), 'teacher': 'test',
+       'dataset': {'name': info.name, 'version': info.version}})
   config.teacher.soft_labels = path
   config.distill.kind = 'hard'
   result = train.train_and_evaluate(config, str(tmp_path / 'run'))

@@ -42,10 +42,17 @@ def _parse_like(old: Any, text: str, key: str) -> Any:
   return type(old)(text) if old is not None else text
 
 
+# The --config.* overrides this process applied: emit() records them, so
+# that records of runs that differ only by an override stay distinguishable.
+_APPLIED_OVERRIDES: dict[str, str] = {}
+
+
 def apply_overrides(config: ml_collections.ConfigDict,
                     overrides: Sequence[str]) -> ml_collections.ConfigDict:
   """Applies `--config.a.b=value` arguments, parsed like the old value."""
   for arg in overrides:
+    _APPLIED_OVERRIDES[arg.partition('=')[0][len('--config.'):]] = (
+        arg.partition('=')[2])
     if not arg.startswith('--config.') or '=' not in arg:
       raise ValueError(f'unrecognised argument {arg!r}; overrides look like '
                        '--config.data.manual_dir=/path')
@@ -64,9 +71,11 @@ def emit(record: dict[str, Any]) -> None:
   """Prints one measurement as a single JSON line on stdout.
 
   Adds whether this process runs with the tuned host allocator
-  (drpl_jax.hostmem), which changed XLA:CPU train steps by 14-17%.
+  (drpl_jax.hostmem), which changed XLA:CPU train steps by 14-17%, and
+  the `--config.*` overrides applied (e.g. model.materialize=off).
   """
-  record = {**record, 'host_malloc_tuned': hostmem.applied()}
+  record = {**record, 'host_malloc_tuned': hostmem.applied(),
+            'config_overrides': dict(_APPLIED_OVERRIDES)}
   print(json.dumps(record, sort_keys=True), flush=True)
 
 

@@ -51,8 +51,24 @@ SUBCOMMANDS: dict[str, Callable[[Sequence[str]], None]] = {
 }
 
 
+HELP = f"""usage: python -m drpl_jax.bench {{{','.join(SUBCOMMANDS)}}} [flags]
+
+Prints one JSON object per measurement on stdout.
+
+  input     images/s per host CPU core of decode, train recipe, batching
+  train     train step images/s on synthetic on-device batches
+  eval      eval step images/s (and its ratio to the train step)
+  teacher   the converted teacher's forward pass, alone and in the step
+  compare   the same model and weights through JAX and the PyTorch twin
+
+`python -m drpl_jax.bench SUBCOMMAND --help` lists a subcommand's flags."""
+
+
 def main(argv: Sequence[str]) -> int:
   """Runs the subcommand named by argv[0] with the remaining arguments."""
+  if argv and argv[0] in ('-h', '--help'):
+    print(HELP)
+    return 0
   if not argv or argv[0] not in SUBCOMMANDS:
     got = repr(argv[0]) if argv else 'nothing'
     print(f'usage: python -m drpl_jax.bench {{{",".join(SUBCOMMANDS)}}} '

@@ -128,12 +128,28 @@ def measure(make_iter: Callable[[], Iterator[dict[str, np.ndarray]]], *,
     except StopIteration:
       break
     images += len(batch['image'])
-  wall = time.perf_counter() - t0
-  cpu = max(cpu_seconds() - cpu0, 1e-9)
+  wall = max(time.perf_counter() - t0, 1e-9)
+  cpu = cpu_seconds() - cpu0
   return {'images': images, 'wall_s': round(wall, 3),
           'cpu_s': round(cpu, 3), 'cores_used': round(cpu / wall, 2),
           'images_per_s': round(images / wall, 1),
-          'images_per_s_per_core': round(images / cpu, 1)}
+          'images_per_s_per_core': per_core_rate(images, cpu)}
+
+
+# CPU time comes in clock ticks (10 ms on Linux): below this many seconds
+# the per-core rate is off by more than a few percent, or infinite at 0.
+MIN_CPU_SECONDS = 0.5
+
+
+def per_core_rate(images: int, cpu: float) -> float | None:
+  """Images per CPU second; None (with a warning) when too little CPU time
+  was measured for a stable figure."""
+  if cpu < MIN_CPU_SECONDS:
+    print(f'warning: only {cpu:.2f} s of CPU time measured (< '
+          f'{MIN_CPU_SECONDS} s): images_per_s_per_core is null; raise '
+          '--steps for a stable figure', file=sys.stderr)
+    return None
+  return round(images / cpu, 1)
 
 
 def _decode_iter(source, batch: int) -> Iterator[dict[str, np.ndarray]]:

@@ -258,6 +258,17 @@ class Source:
       out += [int(r['label']) for r in records]
     return np.asarray(out, dtype=np.int32)
 
+  @functools.cached_property
+  def ids(self) -> list[str]:
+    """All example ids in source order; read once, images skipped."""
+    source, out = self._open(), []
+    for start in range(0, len(self), 1024):
+      records = source.__getitems__(
+          list(range(start, min(start + 1024, len(self)))))
+      out += [r['id'].decode('utf-8') if isinstance(r['id'], bytes)
+              else str(r['id']) for r in records]
+    return out
+
   def __getstate__(self) -> dict[str, Any]:
     state = dict(self.__dict__)
     state['_source'] = None

@@ -210,6 +210,8 @@ class CxrBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
         return item, e
 
     good = []
+    before = len(self._skipped)  # rows skipped before decoding (manifest)
+    earlier = f', plus {before} skipped before decoding' if before else ''
     for done, (item, error) in enumerate(_ordered_map(check, items), 1):
       if error is None:
         good.append(item)
@@ -218,7 +220,7 @@ class CxrBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
         log(f'{self.name}: skipped {error.path}: {error.reason}')
       if done % PROGRESS_EVERY == 0 or done == len(items):
         log(f'{self.name}: checked {done}/{len(items)} images '
-            f'({len(self._skipped)} skipped)')
+            f'({len(self._skipped) - before} skipped{earlier})')
     return good
 
   def _assign(self, items: list[Item]) -> list[str]:

@@ -197,9 +197,12 @@ def load_torch_weights(
   targets = _targets(module)
   problems = _problems(state, targets)
   if problems:
+    shown = problems[:5] + (
+        [f'... and {len(problems) - 5} more'] if len(problems) > 5 else [])
     raise ValueError(
-        f'cannot load the state dict into {arch}:\n  - '
-        + '\n  - '.join(problems)
+        f'cannot load the state dict into {arch} ({len(problems)} '
+        'mismatches; is it another architecture?):\n  - '
+        + '\n  - '.join(shown)
     )
   for key, target in targets.items():
     dtype = target.var.get_value().dtype
