@@ -70,23 +70,68 @@ def restore_on_one_device(ckpt, step):
       state=ocp.args.StandardRestore(target)))['state']
 
 
+# A plain 2-block DeiT at patch 8 (what a timm checkpoint fills entirely).
+DEIT_OVERRIDES = {'model.depth': 2, 'model.patch_size': 8,
+                  'model.rpe.kind': 'none', 'model.conv.kind': 'mlp'}
+
+
+def tiny_demo_config(data_dir, steps=2, **overrides):
+  """The demo config at test size (batch 8, a checkpoint at the last step,
+  evaluation only at the end), then dotted overrides:
+  tiny_demo_config(d, 2, **{'model.depth': 1})."""
+  import demo as demo_config_lib  # pylint: disable=g-import-not-at-top
+  config = demo_config_lib.get_config(f'steps={steps}')
+  config.data.data_dir = data_dir
+  config.batch_size = 8
+  config.eval_batch_size = 64
+  config.log_every_steps = 1
+  config.eval_every_steps = 100
+  config.checkpoint_every_steps = steps
+  config.optim.warmup_steps = 1
+  return set_config(config, overrides)
+
+
+def write_dicom(path, pixels, photometric='MONOCHROME2', bits_stored=None,
+                **attrs):
+  """A minimal single-frame DICOM file of unsigned `pixels` [H, W]; extra
+  dataset attributes (RescaleSlope=1, ...) as keywords."""
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  from pydicom.dataset import Dataset, FileMetaDataset  # pylint: disable=g-import-not-at-top
+  from pydicom.uid import ExplicitVRLittleEndian, generate_uid  # pylint: disable=g-import-not-at-top
+  pixels = np.ascontiguousarray(pixels)
+  meta = FileMetaDataset()
+  meta.TransferSyntaxUID = ExplicitVRLittleEndian
+  meta.MediaStorageSOPClassUID = '1.2.840.10008.5.1.4.1.1.1.1'
+  meta.MediaStorageSOPInstanceUID = generate_uid()
+  ds = Dataset()
+  ds.file_meta = meta
+  ds.SOPClassUID = meta.MediaStorageSOPClassUID
+  ds.SOPInstanceUID = meta.MediaStorageSOPInstanceUID
+  ds.Rows, ds.Columns = pixels.shape
+  ds.SamplesPerPixel = 1
+  ds.PhotometricInterpretation = photometric
+  ds.BitsAllocated = pixels.dtype.itemsize * 8
+  ds.BitsStored = bits_stored or ds.BitsAllocated
+  ds.HighBit = ds.BitsStored - 1
+  ds.PixelRepresentation = 0
+  for name, value in attrs.items():
+    setattr(ds, name, value)
+  ds.PixelData = pixels.tobytes()
+  try:
+    ds.save_as(path, enforce_file_format=True)  # pydicom >= 3
+  except TypeError:
+    ds.save_as(path, write_like_original=False)
+
+
 @pytest.fixture(scope='session')
 def tiny_run(demo_data_dir, tmp_path_factory):
   """A demo run trained for 2 steps (checkpoints 1 and 2), shared by tests
   that only read a workdir (evaluate, predict, export, the docs test).
   Returns (workdir, config); copy the workdir before changing it."""
-  sys.path.insert(0, os.path.join(ROOT, 'configs'))
-  import demo as demo_config_lib  # pylint: disable=g-import-not-at-top
   from drpl_jax import train  # pylint: disable=g-import-not-at-top
-  config = demo_config_lib.get_config('steps=2')
-  config.data.data_dir = demo_data_dir
-  config.batch_size = 8
-  config.eval_batch_size = 64
-  config.log_every_steps = 1
-  config.eval_every_steps = 100
-  config.checkpoint_every_steps = 1
-  config.optim.warmup_steps = 1
-  config.model.depth = 1  # the smallest model: the least compile time
+  # The smallest model: the least compile time.
+  config = tiny_demo_config(demo_data_dir, 2, checkpoint_every_steps=1,
+                            **{'model.depth': 1})
   workdir = str(tmp_path_factory.mktemp('tiny_run'))
   train.train_and_evaluate(config, workdir)
   return workdir, config

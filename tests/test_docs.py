@@ -29,6 +29,8 @@ import numpy as np
 import PIL.Image
 import pytest
 
+from conftest import write_dicom
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SHARED = os.path.join(os.path.dirname(ROOT), 'shared')
 DOCS = ['README.md'] + sorted(
@@ -102,30 +104,6 @@ def _demo_images(config, n):
   return [(source[i]['image'], names[source[i]['label']]) for i in range(n)]
 
 
-def _write_dicom(path, pixels):
-  """A minimal monochrome DICOM file of uint8 `pixels`."""
-  from pydicom.dataset import Dataset, FileMetaDataset  # pylint: disable=g-import-not-at-top
-  from pydicom.uid import ExplicitVRLittleEndian, generate_uid  # pylint: disable=g-import-not-at-top
-  meta = FileMetaDataset()
-  meta.TransferSyntaxUID = ExplicitVRLittleEndian
-  meta.MediaStorageSOPClassUID = '1.2.840.10008.5.1.4.1.1.1.1'
-  meta.MediaStorageSOPInstanceUID = generate_uid()
-  ds = Dataset()
-  ds.file_meta = meta
-  ds.SOPClassUID = meta.MediaStorageSOPClassUID
-  ds.SOPInstanceUID = meta.MediaStorageSOPInstanceUID
-  ds.Rows, ds.Columns = pixels.shape
-  ds.SamplesPerPixel = 1
-  ds.PhotometricInterpretation = 'MONOCHROME2'
-  ds.BitsAllocated, ds.BitsStored, ds.HighBit = 8, 8, 7
-  ds.PixelRepresentation = 0
-  ds.PixelData = np.ascontiguousarray(pixels, np.uint8).tobytes()
-  try:
-    ds.save_as(path, enforce_file_format=True)  # pydicom >= 3
-  except TypeError:
-    ds.save_as(path, write_like_original=False)
-
-
 @pytest.fixture(scope='module')
 def sandbox(tiny_run, tmp_path_factory):
   """The sandbox clone (see the module doc); returns its paths."""
@@ -148,7 +126,7 @@ def sandbox(tiny_run, tmp_path_factory):
       folder.mkdir(parents=True, exist_ok=True)
       PIL.Image.fromarray(image).save(folder / f'{i}.png')
   PIL.Image.fromarray(images[0][0]).save(clone / 'x1.png')
-  _write_dicom(str(clone / 'x2.dcm'), images[1][0][..., 0])
+  write_dicom(str(clone / 'x2.dcm'), images[1][0][..., 0].astype(np.uint8))
   return top
 
 

@@ -9,7 +9,7 @@ import jax
 import numpy as np
 import pytest
 
-import demo as demo_config_lib
+from conftest import tiny_demo_config
 from drpl_jax import export, predict, train
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -18,15 +18,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 @pytest.fixture(scope='module')
 def run(demo_data_dir, tmp_path_factory):
   """A demo model trained for 2 steps; (workdir, restored model)."""
-  config = demo_config_lib.get_config('steps=2')
-  config.data.data_dir = demo_data_dir
-  config.batch_size = 8
-  config.eval_batch_size = 64
-  config.log_every_steps = 1
-  config.eval_every_steps = 100
-  config.checkpoint_every_steps = 2
-  config.optim.warmup_steps = 1
-  config.model.depth = 2  # half the micro depth: half the compile time
+  # Half the micro depth: half the compile time.
+  config = tiny_demo_config(demo_data_dir, 2, **{'model.depth': 2})
   workdir = str(tmp_path_factory.mktemp('export_run'))
   train.train_and_evaluate(config, workdir)
   return workdir, predict.restore_model(workdir)

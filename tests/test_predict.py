@@ -10,7 +10,7 @@ import numpy as np
 import PIL.Image
 import pytest
 
-import demo as demo_config_lib
+from conftest import tiny_demo_config, write_dicom
 from drpl_jax import input_pipeline, predict, rollout, train
 from drpl_jax import train_step as step_lib
 
@@ -187,32 +187,13 @@ def test_dicom_without_pydicom_names_the_install(tmp_path, monkeypatch):
 
 def test_dicom_file_round_trip(tmp_path):
   pydicom = pytest.importorskip('pydicom')
-  from pydicom.dataset import Dataset, FileMetaDataset
-  from pydicom.uid import ExplicitVRLittleEndian, generate_uid
   stored = np.zeros((40, 48), np.uint16)
   stored[:, 24:] = 4095  # 12-bit
   stored[:20, :8] = 2048
-  meta = FileMetaDataset()
-  meta.TransferSyntaxUID = ExplicitVRLittleEndian
-  meta.MediaStorageSOPClassUID = '1.2.840.10008.5.1.4.1.1.1.1'
-  meta.MediaStorageSOPInstanceUID = generate_uid()
-  ds = Dataset()
-  ds.file_meta = meta
-  ds.SOPClassUID = meta.MediaStorageSOPClassUID
-  ds.SOPInstanceUID = meta.MediaStorageSOPInstanceUID
-  ds.Rows, ds.Columns = stored.shape
-  ds.SamplesPerPixel = 1
-  ds.PhotometricInterpretation = 'MONOCHROME1'
-  ds.BitsAllocated, ds.BitsStored, ds.HighBit = 16, 12, 11
-  ds.PixelRepresentation = 0
-  ds.RescaleSlope, ds.RescaleIntercept = 1, 0
-  ds.WindowCenter, ds.WindowWidth = 2048.5, 4096
-  ds.PixelData = stored.tobytes()
   path = str(tmp_path / 'chest')  # no extension: found by the DICM magic
-  try:
-    ds.save_as(path, enforce_file_format=True)  # pydicom >= 3
-  except TypeError:
-    ds.save_as(path, write_like_original=False)
+  write_dicom(path, stored, 'MONOCHROME1', bits_stored=12,
+              RescaleSlope=1, RescaleIntercept=0, WindowCenter=2048.5,
+              WindowWidth=4096)
   assert pydicom.dcmread(path).PhotometricInterpretation == 'MONOCHROME1'
   out = predict.read_image(path)
   assert out.shape == (40, 48, 3) and out.dtype == np.uint8
@@ -265,15 +246,8 @@ def test_overlay_puts_hot_colours_on_the_hot_patch():
 @pytest.fixture(scope='module')
 def run(demo_data_dir, tmp_path_factory):
   """A demo model trained for 2 steps; (workdir, config)."""
-  config = demo_config_lib.get_config('steps=2')
-  config.data.data_dir = demo_data_dir
-  config.batch_size = 8
-  config.eval_batch_size = 64
-  config.log_every_steps = 1
-  config.eval_every_steps = 100
-  config.checkpoint_every_steps = 2
-  config.optim.warmup_steps = 1
-  config.model.depth = 2  # half the micro depth: half the compile time
+  # Half the micro depth: half the compile time.
+  config = tiny_demo_config(demo_data_dir, 2, **{'model.depth': 2})
   workdir = str(tmp_path_factory.mktemp('predict_run'))
   train.train_and_evaluate(config, workdir)
   return workdir, config

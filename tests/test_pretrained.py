@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from conftest import DEIT_OVERRIDES, tiny_demo_config
 from drpl_jax import convert
 from drpl_jax import pretrained
 from drpl_jax.models import ModelConfig, count_params, create_model
@@ -490,15 +491,8 @@ def test_formats_are_detected_and_remote_paths_read_through_epath(
 def test_cli_to_timm_writes_a_trained_run_timm_loads_strictly(
     demo_data_dir, tmp_path, capsys):
   """A one-step deit run -> to-timm -> timm strict load, same logits."""
-  import demo as demo_config_lib
   from drpl_jax import predict, train
-  config_ = demo_config_lib.get_config('steps=1')
-  config_.data.data_dir = demo_data_dir
-  config_.model.depth = 2
-  config_.model.patch_size = 8
-  config_.model.rpe.kind = 'none'
-  config_.model.conv.kind = 'mlp'
-  config_.batch_size = 8
+  config_ = tiny_demo_config(demo_data_dir, 1, **DEIT_OVERRIDES)
   workdir = str(tmp_path / 'run')
   train.train_and_evaluate(config_, workdir)
   out = str(tmp_path / 'deit.safetensors')

@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from conftest import DEIT_OVERRIDES, tiny_demo_config
 from drpl_jax import convert
 from drpl_jax import optim
 from drpl_jax import sharding
@@ -424,18 +425,11 @@ def test_deit_tiny_224_parity():
 
 def test_training_starts_from_init_from(demo_data_dir, tmp_path):
   """config.init_from loads the timm weights into the run's initial state."""
-  import demo as demo_config_lib  # pylint: disable=g-import-not-at-top
   src = timm_deit(num_classes=10, img_size=32, depth=2)
   path = tmp_path / 'deit.safetensors'
   torch_io.save_safetensors(
       {k: v.detach().numpy() for k, v in src.state_dict().items()}, str(path))
-  config = demo_config_lib.get_config('steps=1')
-  config.data.data_dir = demo_data_dir
-  config.model.depth = 2
-  config.model.patch_size = 8
-  config.model.rpe.kind = 'none'
-  config.model.conv.kind = 'mlp'
-  config.batch_size = 8
+  config = tiny_demo_config(demo_data_dir, 1, **DEIT_OVERRIDES)
   config.optim.base_lr = 0.0  # the state after one step is the loaded one
   config.optim.weight_decay = 0.0
   config.init_from = str(path)
