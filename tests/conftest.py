@@ -91,6 +91,31 @@ def tiny_demo_config(data_dir, steps=2, **overrides):
   return set_config(config, overrides)
 
 
+def randomize_torch_model(model, seed=0):
+  """Draws a PyTorch model's parameters and BatchNorm statistics anew at
+  O(1) activations, so GELU/LayerNorm details and layouts matter in a
+  parity test; returns the model in eval mode."""
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  import torch  # pylint: disable=g-import-not-at-top
+  g = torch.Generator().manual_seed(seed)
+  with torch.no_grad():
+    for name, t in model.named_parameters():
+      if name.endswith('bias') or 'norm' in name or 'token' in name:
+        t.add_(0.3 * torch.randn(t.shape, generator=g))
+      elif 'pos_' in name or 'lookup_table' in name:
+        t.normal_(0.0, 0.5, generator=g)
+      elif name.endswith('gamma'):  # layer scale
+        t.uniform_(0.5, 1.5, generator=g)
+      elif t.ndim >= 2:
+        t.normal_(0.0, int(np.prod(t.shape[1:])) ** -0.5, generator=g)
+    for name, b in model.named_buffers():
+      if name.endswith('running_mean'):
+        b.normal_(0.0, 0.2, generator=g)
+      elif name.endswith('running_var'):
+        b.uniform_(0.5, 1.5, generator=g)
+  return model.eval()
+
+
 def write_dicom(path, pixels, photometric='MONOCHROME2', bits_stored=None,
                 **attrs):
   """A minimal single-frame DICOM file of unsigned `pixels` [H, W]; extra

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from conftest import DEIT_OVERRIDES, tiny_demo_config
+from conftest import DEIT_OVERRIDES, randomize_torch_model, tiny_demo_config
 from drpl_jax import convert
 from drpl_jax import pretrained
 from drpl_jax.models import ModelConfig, count_params, create_model
@@ -28,24 +28,6 @@ timm_layers = pytest.importorskip('timm.layers')
 pytestmark = pytest.mark.torch
 W, HEADS = 32, 2  # width and heads of every tiny model here
 HD = W // HEADS
-
-
-def randomize(model, seed=0):
-  g = torch.Generator().manual_seed(seed)
-  with torch.no_grad():
-    for name, t in model.named_parameters():
-      if name.endswith('bias') or 'norm' in name or 'token' in name:
-        t.add_(0.3 * torch.randn(t.shape, generator=g))
-      elif 'pos_' in name or 'lookup_table' in name:
-        t.normal_(0.0, 0.5, generator=g)
-      elif t.ndim >= 2:
-        t.normal_(0.0, int(np.prod(t.shape[1:])) ** -0.5, generator=g)
-    for name, b in model.named_buffers():
-      if name.endswith('running_mean'):
-        b.normal_(0.0, 0.2, generator=g)
-      elif name.endswith('running_var'):
-        b.uniform_(0.5, 1.5, generator=g)
-  return model.eval()
 
 
 def sd_numpy(model):
@@ -154,7 +136,7 @@ def official_irpe_model(parts, shared, img=(32, 32), pos=True):
   grid = (img[0] // 8, img[1] // 8)
   for block in model.blocks:
     block.attn = OfficialRPEAttention(block.attn, parts, shared, grid)
-  return randomize(model)
+  return randomize_torch_model(model)
 
 
 @pytest.mark.parametrize('parts,shared,img', [
@@ -243,7 +225,7 @@ def test_official_ceit_imports_stem_leff_and_batchnorm_statistics():
   cfg = config(stem='conv', stem_channels=8, patch_size=16, image_size=64,
                conv=dict(kind='leff', prefix='identity'))
   torch.manual_seed(0)
-  twin = randomize(DRPLViTTorch(cfg))
+  twin = randomize_torch_model(DRPLViTTorch(cfg))
   sd = ceit_state_from_twin(twin)
   assert sd['blocks.0.leff.conv1.weight'].shape == (4 * W, W, 1, 1)
   assert sd['i2t.backbone.conv.weight'].shape == (8, 3, 7, 7)
@@ -334,7 +316,7 @@ def npz_from_timm(sd, big_vision=False, depth=2):
 
 def timm_vit(img=32, classes=4, **kw):
   torch.manual_seed(0)
-  return randomize(vision_transformer.VisionTransformer(
+  return randomize_torch_model(vision_transformer.VisionTransformer(
       img_size=img, patch_size=8, embed_dim=W, depth=2, num_heads=HEADS,
       num_classes=classes, **kw))
 
@@ -391,7 +373,7 @@ def test_npz_resized_resolution_and_wrong_shapes_are_named(tmp_path):
 def test_1000_class_checkpoint_into_4_classes_compares_features(
     tmp_path, capsys):
   torch.manual_seed(0)
-  ref = randomize(deit.VisionTransformerDistilled(
+  ref = randomize_torch_model(deit.VisionTransformerDistilled(
       img_size=32, patch_size=16, embed_dim=64, depth=4, num_heads=2,
       num_classes=1000))
   path = tmp_path / 'deit_in1k.safetensors'
@@ -412,7 +394,7 @@ def test_1000_class_checkpoint_into_4_classes_compares_features(
 
 def test_to_timm_loads_strictly_and_gives_the_same_logits():
   torch.manual_seed(0)
-  src = randomize(deit.VisionTransformerDistilled(
+  src = randomize_torch_model(deit.VisionTransformerDistilled(
       img_size=32, patch_size=8, embed_dim=W, depth=2, num_heads=HEADS,
       num_classes=4))
   model, _ = convert.student_from_timm(sd_numpy(src),
@@ -442,7 +424,7 @@ def test_init_from_ceit_file_loads_batchnorm_statistics(tmp_path):
   cfg = config(stem='conv', stem_channels=8, patch_size=16, image_size=64,
                conv=dict(kind='leff', prefix='identity'))
   torch.manual_seed(0)
-  sd = ceit_state_from_twin(randomize(DRPLViTTorch(cfg)))
+  sd = ceit_state_from_twin(randomize_torch_model(DRPLViTTorch(cfg)))
   path = tmp_path / 'ceit.safetensors'
   save_file(sd, str(path))
   config_ = ml_collections.ConfigDict(dict(

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from conftest import DEIT_OVERRIDES, tiny_demo_config
+from conftest import DEIT_OVERRIDES, randomize_torch_model, tiny_demo_config
 from drpl_jax import convert
 from drpl_jax import optim
 from drpl_jax import sharding
@@ -44,33 +44,16 @@ def model_config(preset='deit', **changes) -> ModelConfig:
   return ModelConfig.from_config({**d, **changes})
 
 
-def randomize(model, seed=0):
-  """O(1) activations: GELU/LayerNorm details and layouts matter."""
-  g = torch.Generator().manual_seed(seed)
-  with torch.no_grad():
-    for name, t in model.named_parameters():
-      if name.endswith('bias') or 'norm' in name or 'token' in name:
-        t.add_(0.3 * torch.randn(t.shape, generator=g))
-      elif name == 'pos_embed':
-        t.normal_(0.0, 0.5, generator=g)
-      elif name.endswith('gamma'):  # layer scale
-        t.uniform_(0.5, 1.5, generator=g)
-      elif t.ndim >= 2:
-        fan_in = int(np.prod(t.shape[1:]))
-        t.normal_(0.0, fan_in ** -0.5, generator=g)
-  return model.eval()
-
-
 def timm_deit(num_classes=4, img_size=32, depth=2, seed=0):
   torch.manual_seed(seed)
-  return randomize(deit.VisionTransformerDistilled(
+  return randomize_torch_model(deit.VisionTransformerDistilled(
       img_size=img_size, patch_size=8, embed_dim=64, depth=depth,
       num_heads=2, num_classes=num_classes), seed)
 
 
 def timm_vit(num_classes=4, img_size=32, seed=0):
   torch.manual_seed(seed)
-  return randomize(vision_transformer.VisionTransformer(
+  return randomize_torch_model(vision_transformer.VisionTransformer(
       img_size=img_size, patch_size=8, embed_dim=64, depth=2, num_heads=2,
       num_classes=num_classes), seed)
 
@@ -167,7 +150,7 @@ def test_vit_into_vit_preset_matches_timm():
 def test_deit3_style_layer_scale_and_no_embed_class():
   """timm no_embed_class + layer scale (DeiT III) map and match timm."""
   torch.manual_seed(0)
-  ref = randomize(vision_transformer.VisionTransformer(
+  ref = randomize_torch_model(vision_transformer.VisionTransformer(
       img_size=32, patch_size=8, embed_dim=64, depth=2, num_heads=2,
       num_classes=4, init_values=1e-2, no_embed_class=True))
   sd = numpy_state(ref)
@@ -322,7 +305,7 @@ def _train_config(path, preset='deit', **model_changes):
 
 def test_init_from_checkpoint_keeps_tree_dtypes_and_shardings(tmp_path):
   torch.manual_seed(0)
-  ref = randomize(deit.VisionTransformerDistilled(
+  ref = randomize_torch_model(deit.VisionTransformerDistilled(
       img_size=32, patch_size=16, embed_dim=64, depth=4, num_heads=2,
       num_classes=4))
   path = tmp_path / 'deit_micro.pth'
@@ -383,7 +366,7 @@ def test_init_from_checkpoint_bfloat16_params_and_missing_file(tmp_path):
 
 def test_cli_student_prints_report_and_parity(tmp_path, capsys):
   torch.manual_seed(0)
-  ref = randomize(deit.VisionTransformerDistilled(
+  ref = randomize_torch_model(deit.VisionTransformerDistilled(
       img_size=32, patch_size=16, embed_dim=64, depth=4, num_heads=2,
       num_classes=4))
   path = tmp_path / 'deit_micro.safetensors'
@@ -413,7 +396,7 @@ def test_cli_student_prints_report_and_parity(tmp_path, capsys):
 def test_deit_tiny_224_parity():
   import timm  # pylint: disable=g-import-not-at-top
   torch.manual_seed(0)
-  ref = randomize(timm.create_model('deit_tiny_distilled_patch16_224',
+  ref = randomize_torch_model(timm.create_model('deit_tiny_distilled_patch16_224',
                                     pretrained=False, num_classes=4))
   cfg = ModelConfig.from_config(dict(variant='ti', **PRESETS['deit']))
   sd = numpy_state(ref)

@@ -8,20 +8,17 @@ import numpy as np
 import pytest
 
 import demo as demo_config_lib
-from conftest import set_config
+from conftest import tiny_demo_config
 from drpl_jax import evaluate, train
 
 
 def small_config(data_dir, steps=6, **overrides):
-  config = demo_config_lib.get_config(f'steps={steps}')
-  config.data.data_dir = data_dir
-  config.batch_size = 16
-  config.eval_batch_size = 64
-  config.log_every_steps = 2
-  config.eval_every_steps = 3
-  config.checkpoint_every_steps = 3
-  config.optim.warmup_steps = 2
-  return set_config(config, overrides)
+  """tiny_demo_config with batch 16 and an evaluation and checkpoint every
+  3 steps."""
+  return tiny_demo_config(
+      data_dir, steps, **{'batch_size': 16, 'log_every_steps': 2,
+                          'eval_every_steps': 3, 'checkpoint_every_steps': 3,
+                          'optim.warmup_steps': 2, **overrides})
 
 
 def final_params(workdir):
