@@ -446,7 +446,8 @@ def _plan(settings: Settings, paths: Paths, args: argparse.Namespace) -> str:
   """Checks the arguments and writes (or checks) WORKDIR/reproduce.json."""
   if not paths.manual_dir.startswith('gs://') and not os.path.exists(
       paths.manual_dir):
-    raise ValueError(_missing_data(paths.manual_dir, args.manual_dir))
+    raise ValueError(_missing_data(paths.manual_dir, args.manual_dir,
+                                   settings.mode))
   plan = plan_dict(settings, paths, args.command, args.launcher)
   path = paths.extra()['plan']
   old = read_json(path, 'plan') if epath.Path(path).exists() else None
@@ -458,13 +459,13 @@ def _plan(settings: Settings, paths: Paths, args: argparse.Namespace) -> str:
   return f'plan {path}: unchanged{" (dry run)" if args.dry_run else ""}'
 
 
-def _missing_data(path: str, given: str) -> str:
-  """Why the raw data folder `path` is missing: given, or the default."""
+def _missing_data(path: str, given: str, mode: str) -> str:
+  """Why the raw data folder `path` is missing: given, or the mode's default."""
   if given:
     return f'--manual_dir {path} does not exist'
-  return (f'the sample data {path} does not exist (it is expected beside '
+  return (f'the {mode} data {path} does not exist (it is expected beside '
           'this checkout, in ../shared/data); pass --manual_dir '
-          'PATH/covid19_radiography_sample')
+          f'PATH/{os.path.basename(path)}')
 
 
 def _parser() -> argparse.ArgumentParser:

@@ -268,7 +268,8 @@ def test_documents_cited_by_the_code_exist():
     with open(path) as f:
       cited |= {(path, m) for m in re.findall(r'\b([A-Za-z_/]+\.md)\b',
                                                f.read())}
-  generated = {'report.md', 'results.md', 'FILE.md', 'OUT.md'}  # outputs
+  generated = {'report.md', 'results.md', 'sweep.md', 'FILE.md',
+               'OUT.md'}  # outputs
   missing = [(os.path.relpath(p, ROOT), m) for p, m in sorted(cited)
              if os.path.basename(m) not in generated
              and not os.path.exists(os.path.join(ROOT, m))
@@ -333,7 +334,7 @@ def test_tpu_pod_names_a_missing_config_file():
 
 def test_reproduce_plan_messages(tmp_path, capsys, monkeypatch):
   from drpl_jax import reproduce  # pylint: disable=g-import-not-at-top
-  monkeypatch.setattr(reproduce, 'DEFAULT_SAMPLE_DIR',
+  monkeypatch.setitem(reproduce.DEFAULT_DATA, 'sample',
                       str(tmp_path / 'no_sample'))
   assert reproduce.main(['plan', '--mode', 'sample', '--workdir',
                          str(tmp_path / 'w'), '--dry_run']) == 2
