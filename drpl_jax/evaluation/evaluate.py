@@ -11,7 +11,7 @@ fitted on the validation split is applied to the test predictions and the
 ECE before and after is reported. The online teacher (when configured) is
 evaluated on the same images, external folders included; the shortcut
 probes and the attention-rollout share in the lung box are added as
-`probes` and `attention` (drpl_jax/probes.py; off with
+`probes` and `attention` (drpl_jax/evaluation/probes.py; off with
 `--config.probes.enabled=False`).
 """
 
@@ -30,15 +30,15 @@ import numpy as np
 from absl import app, flags, logging
 from flax import nnx
 
-from drpl_jax import checkpointing
-from drpl_jax import input_pipeline
-from drpl_jax import metrics as metrics_lib
-from drpl_jax import optim
-from drpl_jax import probes as probes_lib
-from drpl_jax import report as report_lib
-from drpl_jax import sharding
-from drpl_jax import train
-from drpl_jax import train_step as step_lib
+from drpl_jax.evaluation import metrics as metrics_lib
+from drpl_jax.evaluation import probes as probes_lib
+from drpl_jax.evaluation import report as report_lib
+from drpl_jax.input import pipeline as input_pipeline
+from drpl_jax.parallel import sharding
+from drpl_jax.train import checkpointing
+from drpl_jax.train import loop as train
+from drpl_jax.train import optim
+from drpl_jax.train import step as step_lib
 
 
 
@@ -180,7 +180,7 @@ def _predict_splits(evaluator, config, data_config, splits, params_key,
 
 def _add_probes(report, evaluator, config, data_config, splits, params_key,
                 label_map, class_names, labels) -> None:
-  """report['probes'] and report['attention'] (see drpl_jax.probes)."""
+  """report['probes'] and report['attention'] (see drpl_jax.evaluation.probes)."""
   report['probes'] = probes_lib.shortcut_probes(
       config, evaluator, report, class_names, labels,
       lambda ev: _predict_splits(ev, config, data_config, splits, params_key,
@@ -356,7 +356,8 @@ _CONFIG = None
 def main(argv: Sequence[str]) -> None:
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments: {argv[1:]}')
-  from drpl_jax import distributed, hostmem  # pylint: disable=g-import-not-at-top
+  from drpl_jax.parallel import distributed  # pylint: disable=g-import-not-at-top
+  from drpl_jax.parallel import hostmem  # pylint: disable=g-import-not-at-top
   hostmem.configure()  # before JAX starts its CPU client
   distributed.initialize()
   try:
@@ -375,10 +376,13 @@ def main(argv: Sequence[str]) -> None:
                                            'report.json')}))
 
 
-if __name__ == '__main__':
+def run() -> None:
+  """The command line: defines the flags, then runs `main` under absl."""
+  global _CONFIG
   from ml_collections import config_flags  # pylint: disable=g-import-not-at-top
-  _CONFIG = config_flags.DEFINE_config_file('config', None, 'Config file (default: the '
-                                          'one saved in workdir/meta.json).')
+  _CONFIG = config_flags.DEFINE_config_file(
+      'config', None,
+      'Config file (default: the one saved in workdir/meta.json).')
   flags.DEFINE_string('workdir', None, 'Training workdir.', required=True)
   flags.DEFINE_integer('step', None, 'Checkpoint step (default latest).')
   flags.DEFINE_string('split', None, 'Split (default config.data.test_split).')

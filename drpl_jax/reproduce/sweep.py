@@ -195,7 +195,8 @@ def validation_figures(report: dict[str, Any]) -> dict[str, Any]:
 
 def _train_one(config: ml_collections.ConfigDict, workdir: str
                ) -> dict[str, Any]:
-  from drpl_jax import evaluate, train  # pylint: disable=g-import-not-at-top
+  from drpl_jax.evaluation import evaluate  # pylint: disable=g-import-not-at-top
+  from drpl_jax.train import loop as train  # pylint: disable=g-import-not-at-top
   train.train_and_evaluate(config, workdir)
   report = evaluate.evaluate(config, workdir, split=config.data.eval_split,
                              n_bootstrap=0, use_ema=False)
@@ -266,7 +267,7 @@ def markdown(results: Sequence[dict[str, Any]], command: str,
     lines.append('| ' + ' | '.join(cells) + ' |')
   lines += ['', 'Means over seeds, in %. Lungs hidden / only: validation '
             'accuracy with the central lung box masked / kept alone; a '
-            'high "lungs hidden" is a shortcut (drpl_jax/probes.py). Choose '
+            'high "lungs hidden" is a shortcut (drpl_jax/evaluation/probes.py). Choose '
             'border-related settings by these columns, not by accuracy '
             'alone.', '']
   return '\n'.join(lines)

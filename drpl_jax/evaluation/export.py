@@ -10,7 +10,7 @@ with the input normalisation (config.data.mean/std) inside and the model in
 eval mode. The batch dimension is symbolic (`b`), so one artifact serves
 every batch size. Images are uint8 in [0, 255] (default) or float32 in
 [0, 1] (`--input_dtype float32`); the eval resize + centre crop to S is not
-included (see `drpl_jax.predict.preprocess`).
+included (see `drpl_jax.evaluation.predict.preprocess`).
 
 Written under PATH:
   model.stablehlo   `jax.export` serialized bytes (weights embedded);
@@ -42,10 +42,10 @@ import numpy as np
 from absl import logging
 from flax import nnx
 
-from drpl_jax import checkpointing
-from drpl_jax import predict
-from drpl_jax import train_step as step_lib
+from drpl_jax.evaluation import predict
 from drpl_jax.models import fence
+from drpl_jax.train import checkpointing
+from drpl_jax.train import step as step_lib
 
 FORMATS = ('stablehlo', 'savedmodel')
 INPUT_DTYPES = {'uint8': jnp.uint8, 'float32': jnp.float32}
@@ -225,7 +225,7 @@ def load_stablehlo(path: str) -> Callable[[Any], jax.Array]:
           else path)
   if not os.path.isfile(file):
     raise FileNotFoundError(f'{file} not found: export first (python -m '
-                            'drpl_jax.export --workdir=DIR --out PATH)')
+                            'drpl_jax.evaluation.export --workdir=DIR --out PATH)')
   with open(file, 'rb') as f:
     data = f.read()
   try:
@@ -248,7 +248,7 @@ def load_stablehlo(path: str) -> Callable[[Any], jax.Array]:
   return fn
 
 
-def parse_args(argv: Sequence[str]) -> argparse.Namespace:
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
   parser = argparse.ArgumentParser(prog='python -m drpl_jax.export',
                                    description=__doc__.split('\n\n')[0])
   parser.add_argument('--workdir', required=True, help='training workdir')
@@ -266,7 +266,7 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
   return parser.parse_args(list(argv))
 
 
-def main(argv: Sequence[str]) -> int:
+def main(argv: Sequence[str] | None = None) -> int:
   """Exports and prints the metadata as one JSON line; returns exit code."""
   args = parse_args(argv)
   platforms = tuple(p for p in args.platforms.split(',') if p)

@@ -14,7 +14,7 @@ its path and the reason on stderr and the others are still predicted; the
 exit code is 1 if any image failed.
 
 With `--heatmap OUT`, each image also gets `OUT/<name>_rollout.png`: the
-attention rollout of the prediction (`drpl_jax.rollout`) upsampled to the
+attention rollout of the prediction (`drpl_jax.evaluation.rollout`) upsampled to the
 region the model saw and overlaid on the X-ray, titled with the prediction.
 """
 
@@ -35,16 +35,16 @@ import numpy as np
 from flax import nnx
 from PIL import Image
 
-from drpl_jax import augment
-from drpl_jax import checkpointing
-from drpl_jax import evaluate
-from drpl_jax import hostmem
-from drpl_jax import optim
-from drpl_jax import rollout
-from drpl_jax import sharding
-from drpl_jax import train
-from drpl_jax import train_step as step_lib
 from drpl_jax.data import images as images_lib
+from drpl_jax.evaluation import evaluate
+from drpl_jax.evaluation import rollout
+from drpl_jax.input import augment
+from drpl_jax.parallel import hostmem
+from drpl_jax.parallel import sharding
+from drpl_jax.train import checkpointing
+from drpl_jax.train import loop as train
+from drpl_jax.train import optim
+from drpl_jax.train import step as step_lib
 
 ImageError = images_lib.ImageError
 
@@ -467,7 +467,7 @@ def predict_images(workdir: str, paths: Sequence[str], *,
   return results
 
 
-def parse_args(argv: Sequence[str]) -> argparse.Namespace:
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
   parser = argparse.ArgumentParser(
       prog='python -m drpl_jax.predict',
       description='Class probabilities (and rollout heatmaps) for X-rays.')
@@ -483,7 +483,7 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
   return parser.parse_args(list(argv))
 
 
-def main(argv: Sequence[str]) -> int:
+def main(argv: Sequence[str] | None = None) -> int:
   """Prints one JSON line per image; returns the exit code (1 on failures)."""
   args = parse_args(argv)
   hostmem.configure()  # before JAX starts its CPU client

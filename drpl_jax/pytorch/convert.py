@@ -1,9 +1,10 @@
 """Converting PyTorch weights into drpl_jax modules.
 
 Teacher: a torchvision ResNet / DenseNet / RegNetY checkpoint becomes the
-equivalent Flax module (`torch_teacher`), which runs inside the jitted train
-step. `parity_report` measures the largest logit difference against the
-PyTorch forward in fp32.
+equivalent Flax module (`drpl_jax.teacher.load.torch_teacher`, which needs
+no torch for .safetensors), which runs inside the jitted train step.
+`parity_report` measures the largest logit difference against the PyTorch
+forward in fp32.
 
 Command line (prints one JSON object):
 
@@ -13,7 +14,8 @@ Command line (prints one JSON object):
 
 `--out` writes the validated state dict, with torchvision's canonical names
 (wrappers, 'module.' prefixes and legacy DenseNet names resolved), as
-.safetensors: a file that `torch_teacher` reads on machines without torch.
+.safetensors: a file that `drpl_jax.teacher.load.torch_teacher` reads on
+machines without torch.
 
 Student: `student_from_timm` starts a DRPL-ViT from pretrained weights
 (timm / DeiT, official iRPE or CeiT, big_vision / AugReg .npz; the format
@@ -42,98 +44,18 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
-from absl import logging
 from flax import nnx
 
-from drpl_jax import student_init
 from drpl_jax import teacher as teacher_lib
-from drpl_jax import torch_io
 from drpl_jax.models import DRPLViT, ModelConfig
-from drpl_jax.student_init import student_from_timm
+from drpl_jax.pretrained import mapping
+from drpl_jax.pytorch import torch_io
+from drpl_jax.teacher.load import teacher_from_state_dict
+from drpl_jax.train.student_init import student_from_timm
 
 # -----------------------------------------------------------------------------
 # Teacher.
 # -----------------------------------------------------------------------------
-
-
-def _check_classifier(
-    state: Mapping[str, np.ndarray], arch: str, num_classes: int, source: str
-) -> None:
-  """A clear error when the checkpoint was trained for other classes."""
-  key = f'{teacher_lib.arch_spec(arch).classifier}.weight'
-  if key not in state:
-    return  # Reported with all other missing keys by load_torch_weights.
-  shape = tuple(np.shape(state[key]))
-  if not shape or shape[0] != num_classes:
-    raise ValueError(
-        f'{source}: classifier {key!r} has shape {shape} '
-        f'({shape[0] if shape else 0} classes) but num_classes={num_classes};'
-        ' fine-tune the teacher on '
-        'your classes first (python -m drpl_jax.train_teacher) or pass the '
-        'matching num_classes'
-    )
-
-
-def teacher_from_state_dict(
-    cfg: teacher_lib.TeacherConfig,
-    state: Mapping[str, np.ndarray],
-    *,
-    source: str = 'state dict',
-) -> tuple[teacher_lib.Teacher, dict[str, Any]]:
-  """Builds the Flax teacher of `cfg` holding the weights in `state`.
-
-  The module is created abstractly (no random init of, say, the 644M
-  parameters of RegNetY-128GF) and every variable is then filled from
-  `state`. Returns the
-  module and the loading report of `load_torch_weights`.
-  """
-  _check_classifier(state, cfg.arch, cfg.num_classes, source)
-  module = teacher_lib.abstract_teacher(cfg)
-  report = teacher_lib.load_torch_weights(
-      module, state, cfg.arch, log=logging.info
-  )
-  return module, report
-
-
-def torch_teacher(
-    arch: str,
-    checkpoint: str | None,
-    num_classes: int,
-    *,
-    image_size: int = 224,
-    mean: Sequence[float] = teacher_lib.IMAGENET_MEAN,
-    std: Sequence[float] = teacher_lib.IMAGENET_STD,
-    dtype: str = 'float32',
-    seed: int = 0,
-) -> teacher_lib.Teacher:
-  """The Flax teacher for a torchvision checkpoint, ready for inference.
-
-  Args:
-    arch: torchvision name, a key of `drpl_jax.teacher.TEACHER_ARCHS`.
-    checkpoint: `.safetensors` (no torch needed) or `.pth`/`.pt`/`.bin`
-      state dict (torch >= 2.10); None gives random weights with
-      torchvision's initialisation drawn from `seed` (tests and benchmarks
-      only; see `drpl_jax.teacher.random_state_dict`).
-    num_classes: must equal the checkpoint's classifier size.
-    image_size, mean, std: the resolution and normalisation the teacher was
-      trained with; the module applies them to [0, 1] images itself.
-    dtype: compute dtype, 'float32' or 'bfloat16'.
-
-  Returns:
-    module(images [B, H, W, 3] in [0, 1]) -> logits [B, num_classes] float32.
-  """
-  cfg = teacher_lib.TeacherConfig(
-      arch=arch, num_classes=num_classes, image_size=image_size,
-      mean=tuple(mean), std=tuple(std), dtype=dtype,
-  )
-  if checkpoint is None:
-    module = teacher_lib.abstract_teacher(cfg)
-    state = teacher_lib.random_state_dict(module, seed)
-    teacher_lib.load_torch_weights(module, state, arch)
-    return module
-  state = torch_io.load_state_dict(checkpoint)
-  module, _ = teacher_from_state_dict(cfg, state, source=str(checkpoint))
-  return module
 
 
 def _torchvision_model(arch: str, num_classes: int) -> Any:
@@ -314,7 +236,7 @@ def _add_teacher_parser(subparsers: Any) -> None:
 # -----------------------------------------------------------------------------
 
 
-def _parity_problems(info: student_init.SourceInfo,
+def _parity_problems(info: mapping.SourceInfo,
                      cfg: ModelConfig) -> list[str]:
   """Why our model cannot compute exactly what the timm source computes."""
   problems = []
@@ -346,8 +268,8 @@ def timm_reference(state: Mapping[str, Any], num_heads: int) -> Any:
   from timm.models import deit, vision_transformer
   # pylint: enable=g-import-not-at-top
 
-  state = student_init.as_float32_state(state, 'state dict')
-  info = student_init.source_info(state)
+  state = mapping.as_float32_state(state, 'state dict')
+  info = mapping.source_info(state)
   hidden = state['blocks.0.mlp.fc1.weight'].shape[0]
   kwargs = dict(
       img_size=info.grid * info.patch_size, patch_size=info.patch_size,
@@ -387,7 +309,7 @@ def student_parity_report(checkpoint: str | Mapping[str, Any],
                      f'has no model for a {pretrained.FORMATS[fmt]} '
                      'checkpoint (the parity tests of that format cover it)')
   cfg = model.config
-  info = student_init.source_info(student_init.as_float32_state(state),
+  info = mapping.source_info(mapping.as_float32_state(state),
                                   source)
   problems = _parity_problems(info, cfg)
   if problems:
@@ -462,7 +384,7 @@ def _student_command(args: argparse.Namespace) -> dict[str, Any]:
 
 def _to_timm_command(args: argparse.Namespace) -> dict[str, Any]:
   """`to-timm`: a trained run's weights as a timm (or twin) state dict."""
-  from drpl_jax import predict  # pylint: disable=g-import-not-at-top
+  from drpl_jax.evaluation import predict  # pylint: disable=g-import-not-at-top
   from drpl_jax.pretrained import to_timm  # pylint: disable=g-import-not-at-top
 
   restored = predict.restore_model(args.workdir, step=args.step,
@@ -473,11 +395,11 @@ def _to_timm_command(args: argparse.Namespace) -> dict[str, Any]:
             'step': restored.step, 'weights': restored.weights,
             'out': args.out}
   if to_timm.timm_problems(cfg):
-    from drpl_jax.torch_ref import convert as twin  # pylint: disable=g-import-not-at-top
+    from drpl_jax.pytorch.twin import convert as twin  # pylint: disable=g-import-not-at-top
     from safetensors.torch import save_file  # pylint: disable=g-import-not-at-top
     state = twin.state_dict_from_flax(model)
     save_file({k: v.contiguous() for k, v in state.items()}, args.out)
-    result.update(target='drpl_jax.torch_ref.DRPLViTTorch', note=(
+    result.update(target='drpl_jax.pytorch.twin.DRPLViTTorch', note=(
         'this preset (' + ', '.join(to_timm.timm_problems(cfg)) + ') has no '
         'timm counterpart: written as the PyTorch twin\'s state dict'))
   else:

@@ -6,9 +6,9 @@ r"""Offline teacher: a PyTorch model's logits on a data set, keyed by id.
        | --torchscript teacher.pt | --module mypkg.models:build_teacher) \
       [--splits train,validation,test] [--batch_size 64] [--image_size 224]
 
-Use this for teachers that `drpl_jax.convert` cannot turn into Flax (any
+Use this for teachers that `drpl_jax.pytorch.convert` cannot turn into Flax (any
 `nn.Module`, a TorchScript file). The teacher runs once, in eval mode, on
-the un-augmented view of every example (`drpl_jax.torch_data.eval_view`:
+the un-augmented view of every example (`drpl_jax.pytorch.torch_data.eval_view`:
 resize to the teacher's size, bilinear with antialiasing, normalise with
 `config.teacher.mean/std`), and its logits are stored by example id. The
 training input pipeline joins them to batches with `SoftLabels.lookup`.
@@ -58,6 +58,7 @@ from typing import Any
 import warnings
 
 import numpy as np
+from absl import flags
 
 FORMATS = ('.npz', '.safetensors')
 FORMAT_VERSION = 1
@@ -204,7 +205,7 @@ class SoftLabels:
           f'{self.path}: {len(missing)} of {len(expected_ids)} ids of the '
           f'data set have no soft label, e.g. {missing[:5]}; regenerate the '
           'file for this data set and split (python -m '
-          'drpl_jax.soft_labels --splits ...)')
+          'drpl_jax.pytorch.soft_labels --splits ...)')
 
   def lookup(self, ids: Sequence[str]) -> np.ndarray:
     """The logits of `ids`, float32 [len(ids), C]; KeyError if one is unknown.
@@ -341,7 +342,7 @@ def write_soft_labels(config: Any, out: str, *, arch: str | None = None,
     The metadata stored in the file.
   """
   from drpl_jax import data  # pylint: disable=g-import-not-at-top
-  from drpl_jax import torch_data  # pylint: disable=g-import-not-at-top
+  from drpl_jax.pytorch import torch_data  # pylint: disable=g-import-not-at-top
   out = check_output_path(out, FORMATS)
   splits = list(splits)
   if not splits or len(set(splits)) != len(splits):
@@ -427,14 +428,14 @@ def load_teacher(*, arch: str | None = None, checkpoint: str | None = None,
     raise ValueError(f'--checkpoint {checkpoint} goes with --arch; a '
                      f'--{given[0]} teacher carries its own weights')
   if arch:
-    from drpl_jax import torch_io  # pylint: disable=g-import-not-at-top
-    from drpl_jax import train_teacher  # pylint: disable=g-import-not-at-top
+    from drpl_jax.pytorch import torch_io  # pylint: disable=g-import-not-at-top
+    from drpl_jax.pytorch import torchvision_models as tv_models  # pylint: disable=g-import-not-at-top
     if not checkpoint:
       raise ValueError(f'--arch {arch} needs --checkpoint (a state dict '
                        'file); random weights are no teacher')
-    model = train_teacher.build_model(arch, num_classes, any_torchvision=True)
-    train_teacher.load_state(model, torch_io.load_state_dict(checkpoint),
-                             arch=arch, path=checkpoint)
+    model = tv_models.build_model(arch, num_classes, any_torchvision=True)
+    tv_models.load_state(model, torch_io.load_state_dict(checkpoint),
+                         arch=arch, path=checkpoint)
     return model, {'kind': 'arch', 'arch': arch,
                    'file': os.path.abspath(checkpoint),
                    'sha256': sha256_file(checkpoint)}
@@ -484,7 +485,7 @@ def main(argv: Sequence[str]) -> None:
   """CLI entry: writes the file, prints the metadata as JSON to stdout."""
   if len(argv) > 1:
     raise SystemExit(f'unexpected arguments: {argv[1:]}')
-  f = FLAGS
+  f = flags.FLAGS
   try:
     metadata = write_soft_labels(
         f.config, f.out, arch=f.arch, checkpoint=f.checkpoint,
@@ -496,7 +497,8 @@ def main(argv: Sequence[str]) -> None:
   print(json.dumps(dict(metadata, out=os.path.abspath(f.out))))
 
 
-if __name__ == '__main__':
+def run() -> None:
+  """The command line: defines the flags, then runs `main` under absl."""
   from absl import app  # pylint: disable=g-import-not-at-top
-  FLAGS = _define_flags()
+  _define_flags()
   app.run(main)

@@ -19,7 +19,7 @@ BatchNorm's `num_batches_tracked` counters, which the Flax converter ignores
 and `load_state_dict(strict=True)` in torch fills in itself) and
 `PATH.json`: validation metrics of the kept epoch, per-epoch history, arch,
 data set, input size and normalisation, seed, init and the weights' sha256.
-Convert the result for online distillation with `drpl_jax.convert`.
+Convert the result for online distillation with `drpl_jax.pytorch.convert`.
 
 On the CPU a run is deterministic for a seed: torch.manual_seed fixes the
 initial weights, and the epoch order and crops come from numpy generators
@@ -39,136 +39,16 @@ import time
 from typing import Any
 
 import numpy as np
+from absl import flags
 import torch
 import torchvision
 
-from drpl_jax import soft_labels
-from drpl_jax import teacher as flax_teacher
-from drpl_jax import torch_data
-from drpl_jax import torch_io
+from drpl_jax.pytorch import soft_labels
+from drpl_jax.pytorch import torch_data
+from drpl_jax.pytorch import torch_io
+from drpl_jax.pytorch import torchvision_models as tv_models
 
 SELECT_BY = ('accuracy', 'balanced_accuracy')
-_IGNORED_SUFFIX = 'num_batches_tracked'
-
-
-def known_archs(any_torchvision: bool = False) -> list[str]:
-  """Architectures `build_model` accepts.
-
-  By default the ones `drpl_jax.teacher` converts to Flax (ResNet, DenseNet,
-  RegNetY); with `any_torchvision` every torchvision classification model.
-  """
-  if any_torchvision:
-    return sorted(torchvision.models.list_models(module=torchvision.models))
-  return sorted(flax_teacher.TEACHER_ARCHS)
-
-
-def build_model(arch: str, num_classes: int, *,
-                any_torchvision: bool = False) -> torch.nn.Module:
-  """A randomly initialised torchvision `arch` with `num_classes` outputs."""
-  known = known_archs(any_torchvision)
-  if arch not in known:
-    raise ValueError(f'unknown teacher arch {arch!r}; known: {known}')
-  if num_classes < 1:
-    raise ValueError(f'num_classes must be >= 1, got {num_classes}')
-  return torchvision.models.get_model(arch, weights=None,
-                                      num_classes=num_classes)
-
-
-def head_prefix(model: torch.nn.Module) -> str:
-  """The module name of the classifier (the last Linear), e.g. 'fc'."""
-  names = [n for n, m in model.named_modules()
-           if isinstance(m, torch.nn.Linear)]
-  if not names:
-    raise ValueError(f'{type(model).__name__} has no Linear classifier')
-  return names[-1]
-
-
-def state_dict_numpy(model: torch.nn.Module) -> dict[str, np.ndarray]:
-  """The state dict as CPU numpy copies, minus `num_batches_tracked`."""
-  return {k: v.detach().cpu().numpy().copy()
-          for k, v in model.state_dict().items()
-          if not k.endswith(_IGNORED_SUFFIX)}
-
-
-def _listing(items: Sequence[Any], limit: int = 10) -> str:
-  more = f' (+{len(items) - limit} more)' if len(items) > limit else ''
-  return f'{list(items[:limit])}{more}'
-
-
-def _state_problems(state: Mapping[str, np.ndarray],
-                    target: Mapping[str, torch.Tensor]
-                    ) -> tuple[list[str], list[str]]:
-  """(missing/unexpected key messages, keys whose shapes differ)."""
-  missing = [k for k in target
-             if k not in state and not k.endswith(_IGNORED_SUFFIX)]
-  unexpected = [k for k in state
-                if k not in target and not k.endswith(_IGNORED_SUFFIX)]
-  mismatched = [k for k in target if k in state and
-                not k.endswith(_IGNORED_SUFFIX) and
-                tuple(np.shape(state[k])) != tuple(target[k].shape)]
-  problems = []
-  if missing:
-    problems.append(f'missing keys {_listing(missing)}')
-  if unexpected:
-    problems.append(f'unexpected keys {_listing(unexpected)}')
-  return problems, mismatched
-
-
-def load_state(model: torch.nn.Module, state: Mapping[str, np.ndarray], *,
-               arch: str, path: str = '<state dict>',
-               reinit_head: bool = False) -> dict[str, Any]:
-  """Copies a numpy state dict into `model`, checking every key and shape.
-
-  Args:
-    model: the torchvision model (its classifier already sized).
-    state: {torch key: array}, e.g. from `torch_io.load_state_dict`. Legacy
-      DenseNet names are renamed as torchvision does; BatchNorm
-      `num_batches_tracked` counters are optional (as in the converter).
-    arch: the torchvision name of `model` (for the renaming and messages).
-    path: where `state` came from, for messages.
-    reinit_head: when only the classifier's shapes differ, keep the model's
-      fresh classifier instead of failing (fine-tuning to new classes).
-
-  Returns:
-    {'head_reinitialised': bool, 'checkpoint_num_classes': int (the file's
-     classifier size), 'renamed_keys': int}.
-
-  Raises:
-    ValueError: naming missing keys, unexpected keys and shape mismatches.
-  """
-  renamed = {}
-  if arch in flax_teacher.TEACHER_ARCHS:
-    state, renamed = flax_teacher.canonical_state_dict(state, arch)
-  target = model.state_dict()
-  head = head_prefix(model) + '.'
-  problems, mismatched = _state_problems(state, target)
-  reinit = bool(mismatched) and reinit_head and all(
-      k.startswith(head) for k in mismatched)
-  if mismatched and not reinit:
-    problems.append('shape mismatches ' + _listing(
-        [f'{k}: file {tuple(np.shape(state[k]))} vs model '
-         f'{tuple(target[k].shape)}' for k in mismatched]))
-  if problems:
-    raise ValueError(f'{path}: does not fit torchvision {arch} with '
-                     f'{target[head + "weight"].shape[0]} classes: ' +
-                     '; '.join(problems))
-  with torch.no_grad():
-    for key, tensor in target.items():
-      if key not in state or (reinit and key.startswith(head)):
-        continue
-      value = np.asarray(state[key])
-      if key.endswith(_IGNORED_SUFFIX):  # A counter; any shape of size 1.
-        if value.size != 1:
-          continue
-        value = value.reshape(tuple(tensor.shape))
-      if value.dtype.name == 'bfloat16':  # ml_dtypes, from torch_io.
-        value = value.astype(np.float32)
-      tensor.copy_(torch.from_numpy(np.array(value)).to(tensor.dtype))
-  return {'head_reinitialised': reinit,
-          'checkpoint_num_classes': int(np.shape(state[head + 'weight'])[0]),
-          'renamed_keys': len(renamed)}
-
-
 def classification_metrics(confusion: np.ndarray,
                            class_names: Sequence[str]) -> dict[str, Any]:
   """Accuracy, balanced accuracy and per-class sensitivity (rows = true)."""
@@ -259,17 +139,18 @@ def _schedule(total_steps: int) -> Any:
 def _init_model(arch: str, num_classes: int, init: str | None
                 ) -> tuple[torch.nn.Module, dict[str, Any] | None]:
   """Builds the model and loads `--init` (head re-initialised if needed)."""
-  model = build_model(arch, num_classes)
+  model = tv_models.build_model(arch, num_classes)
   if not init:
     return model, None
   state = torch_io.load_state_dict(init)
-  report = load_state(model, state, arch=arch, path=init, reinit_head=True)
+  report = tv_models.load_state(model, state, arch=arch, path=init,
+                                reinit_head=True)
   report.update(path=os.path.abspath(init),
                 sha256=soft_labels.sha256_file(init))
   if report['head_reinitialised']:
     report['note'] = (
-        f'classifier {head_prefix(model)!r} re-initialised: the checkpoint '
-        f'has {report["checkpoint_num_classes"]} classes, the data set '
+        f'classifier {tv_models.head_prefix(model)!r} re-initialised: the '
+        f'checkpoint has {report["checkpoint_num_classes"]} classes, the data set '
         f'{num_classes}')
   return model, report
 
@@ -316,7 +197,7 @@ def train_teacher(config: Any, arch: str, out: str, *,
   Args:
     config: the training config (`data.*`, `teacher.{image_size, mean,
       std}`, `seed`, `model.num_classes` which must match the data set).
-    arch: a torchvision name from `known_archs()`.
+    arch: a torchvision name from `tv_models.known_archs()`.
     out: the `.safetensors` file to write; the JSON goes beside it.
     init: a torchvision state dict to start from (`.safetensors` or `.pth`).
     epochs: passes over the train split.
@@ -342,8 +223,9 @@ def train_teacher(config: Any, arch: str, out: str, *,
   if epochs < 1 or batch_size < 1:
     raise ValueError(f'epochs and batch_size must be >= 1, got {epochs} '
                      f'and {batch_size}')
-  if arch not in known_archs():
-    raise ValueError(f'unknown teacher arch {arch!r}; known: {known_archs()}')
+  if arch not in tv_models.known_archs():
+    raise ValueError(f'unknown teacher arch {arch!r}; known: '
+                     f'{tv_models.known_archs()}')
   info = data.ensure_prepared(config.data)
   class_names = list(info.class_names)
   _check_num_classes(config, class_names)
@@ -428,7 +310,7 @@ def _fit(model: torch.nn.Module, train_set: torch_data.TeacherDataset,
           file=sys.stderr, flush=True)
     key = (metrics[select_by], -metrics['loss'])
     if best is None or key > best[0]:
-      best = (key, epoch, metrics, state_dict_numpy(model))
+      best = (key, epoch, metrics, tv_models.state_dict_numpy(model))
   return (history,) + best[1:]
 
 
@@ -437,7 +319,8 @@ def _define_flags() -> Any:
   from absl import flags  # pylint: disable=g-import-not-at-top
   from ml_collections import config_flags  # pylint: disable=g-import-not-at-top
   config_flags.DEFINE_config_file('config', None, 'Config file.')
-  flags.DEFINE_string('arch', None, f'torchvision arch: {known_archs()}')
+  flags.DEFINE_string('arch', None,
+                      f'torchvision arch: {tv_models.known_archs()}')
   flags.DEFINE_string('out', None, 'Output PATH.safetensors (+ PATH.json).')
   flags.DEFINE_string('init', None, 'torchvision state dict to start from.')
   flags.DEFINE_integer('epochs', 10, 'Epochs.')
@@ -459,9 +342,10 @@ def main(argv: Sequence[str]) -> None:
   """CLI entry: trains, prints the JSON summary to stdout."""
   if len(argv) > 1:
     raise SystemExit(f'unexpected arguments: {argv[1:]}')
-  f = FLAGS
+  f = flags.FLAGS
   try:
-    from drpl_jax import data, preflight  # pylint: disable=g-import-not-at-top
+    from drpl_jax import data  # pylint: disable=g-import-not-at-top
+    from drpl_jax.train import preflight  # pylint: disable=g-import-not-at-top
     preflight.infer_num_classes(
         f.config, data.ensure_prepared(f.config.data).class_names,
         preflight.explicit_overrides(sys.argv))
@@ -479,7 +363,8 @@ def main(argv: Sequence[str]) -> None:
           'val_accuracy': result['validation']['accuracy']}))
 
 
-if __name__ == '__main__':
+def run() -> None:
+  """The command line: defines the flags, then runs `main` under absl."""
   from absl import app  # pylint: disable=g-import-not-at-top
-  FLAGS = _define_flags()
+  _define_flags()
   app.run(main)
