@@ -178,7 +178,8 @@ class Block:
     if name.split('.')[0] in ('tensorflow', 'tensorflow_datasets', 'clu'):
       raise ImportError('blocked: ' + name)
 sys.meta_path.insert(0, Block())
-from drpl_jax.pytorch import compare, tensorflow_imported
+from drpl_jax.bench import tensorflow_imported
+from drpl_jax.pytorch import compare
 compare.parse_args(['--config=x.py'])
 assert not tensorflow_imported()
 bad = [m for m in ('tensorflow_datasets', 'clu') if m in sys.modules]
