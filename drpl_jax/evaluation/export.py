@@ -263,7 +263,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                       help='export the EMA weights of the run')
   parser.add_argument('--platforms', default=','.join(DEFAULT_PLATFORMS),
                       help='comma separated lowering platforms')
-  return parser.parse_args(list(argv))
+  return parser.parse_args(None if argv is None else list(argv))
 
 
 def main(argv: Sequence[str] | None = None) -> int:

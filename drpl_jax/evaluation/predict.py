@@ -480,7 +480,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                       help='checkpoint step (default: latest)')
   parser.add_argument('--ema', action='store_true',
                       help='use the EMA weights of the run')
-  return parser.parse_args(list(argv))
+  return parser.parse_args(None if argv is None else list(argv))
 
 
 def main(argv: Sequence[str] | None = None) -> int:
