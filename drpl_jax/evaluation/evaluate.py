@@ -180,7 +180,7 @@ def _predict_splits(evaluator, config, data_config, splits, params_key,
 
 def _add_probes(report, evaluator, config, data_config, splits, params_key,
                 label_map, class_names, labels) -> None:
-  """report['probes'] and report['attention'] (see drpl_jax.evaluation.probes)."""
+  """report['probes'] and report['attention'] (see evaluation.probes)."""
   report['probes'] = probes_lib.shortcut_probes(
       config, evaluator, report, class_names, labels,
       lambda ev: _predict_splits(ev, config, data_config, splits, params_key,
@@ -282,7 +282,8 @@ def _external_classes(path: str) -> list[str]:
     return sorted({row['label'] for row in cxr_folder._read_manifest(manifest)  # pylint: disable=protected-access
                    if row['label']})
   return sorted(d for d in os.listdir(path)
-                if os.path.isdir(os.path.join(path, d)) and not d.startswith('.'))
+                if os.path.isdir(os.path.join(path, d))
+                and not d.startswith('.'))
 
 
 def config_from_workdir(workdir: str, *, config_flag: bool = False

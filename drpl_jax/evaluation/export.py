@@ -225,7 +225,7 @@ def load_stablehlo(path: str) -> Callable[[Any], jax.Array]:
           else path)
   if not os.path.isfile(file):
     raise FileNotFoundError(f'{file} not found: export first (python -m '
-                            'drpl_jax.evaluation.export --workdir=DIR --out PATH)')
+                            'drpl_jax.export --workdir=DIR --out PATH)')
   with open(file, 'rb') as f:
     data = f.read()
   try:

@@ -14,8 +14,8 @@ its path and the reason on stderr and the others are still predicted; the
 exit code is 1 if any image failed.
 
 With `--heatmap OUT`, each image also gets `OUT/<name>_rollout.png`: the
-attention rollout of the prediction (`drpl_jax.evaluation.rollout`) upsampled to the
-region the model saw and overlaid on the X-ray, titled with the prediction.
+attention rollout of the prediction (`drpl_jax.evaluation.rollout`)
+upsampled to the region the model saw and overlaid on the X-ray, titled with the prediction.
 """
 
 from __future__ import annotations

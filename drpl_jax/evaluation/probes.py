@@ -20,11 +20,12 @@ report.json / report.md:
   the evaluated images): it then classifies from what lies outside the
   lungs (borders, markers, the body outline), a shortcut.
 
-`attention`: the share of the attention-rollout mass (`drpl_jax.evaluation.rollout`,
-  as in `predict --heatmap`) that falls on patches whose centre lies inside
-  the lung box, averaged over the images, beside the box's share of the
-  patches (what a uniform map would give). A share well below the box's
-  area means the prediction is read from the border.
+`attention`: the share of the attention-rollout mass
+  (`drpl_jax.evaluation.rollout`, as in `predict --heatmap`) that falls on
+  patches whose centre lies inside the lung box, averaged over the images,
+  beside the box's share of the patches (what a uniform map would give). A
+  share well below the box's area means the prediction is read from the
+  border.
 
 The box: `config.probes.lung_box = (top, bottom, left, right)` as fractions
 of the model's input image (after the evaluation resize and centre crop).

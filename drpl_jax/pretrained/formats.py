@@ -3,8 +3,8 @@
 Files are local paths or any path etils.epath opens (e.g. `gs://...`);
 nothing is fetched from the network by name. `.npz` (big_vision /
 vision_transformer) is read with numpy (no pickles); `.safetensors` and
-`.pth` go through `drpl_jax.pytorch.torch_io` (a remote file is copied to a local
-temporary file first).
+`.pth` go through `drpl_jax.pytorch.torch_io` (a remote file is copied to a
+local temporary file first).
 """
 
 from __future__ import annotations

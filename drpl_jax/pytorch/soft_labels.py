@@ -205,7 +205,7 @@ class SoftLabels:
           f'{self.path}: {len(missing)} of {len(expected_ids)} ids of the '
           f'data set have no soft label, e.g. {missing[:5]}; regenerate the '
           'file for this data set and split (python -m '
-          'drpl_jax.pytorch.soft_labels --splits ...)')
+          'drpl_jax.soft_labels --splits ...)')
 
   def lookup(self, ids: Sequence[str]) -> np.ndarray:
     """The logits of `ids`, float32 [len(ids), C]; KeyError if one is unknown.

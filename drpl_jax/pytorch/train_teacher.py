@@ -150,8 +150,8 @@ def _init_model(arch: str, num_classes: int, init: str | None
   if report['head_reinitialised']:
     report['note'] = (
         f'classifier {tv_models.head_prefix(model)!r} re-initialised: the '
-        f'checkpoint has {report["checkpoint_num_classes"]} classes, the data set '
-        f'{num_classes}')
+        f'checkpoint has {report["checkpoint_num_classes"]} classes, the '
+        f'data set {num_classes}')
   return model, report
 
 

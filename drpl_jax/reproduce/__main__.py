@@ -1,4 +1,7 @@
-"""Entry point: `python -m drpl_jax.reproduce` (see drpl_jax/reproduce/cli.py)."""
+"""Entry point of `python -m drpl_jax.reproduce`.
+
+Runs `main` of drpl_jax/reproduce/cli.py, where the command is documented.
+"""
 
 import sys
 

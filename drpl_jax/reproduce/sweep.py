@@ -267,7 +267,8 @@ def markdown(results: Sequence[dict[str, Any]], command: str,
     lines.append('| ' + ' | '.join(cells) + ' |')
   lines += ['', 'Means over seeds, in %. Lungs hidden / only: validation '
             'accuracy with the central lung box masked / kept alone; a '
-            'high "lungs hidden" is a shortcut (drpl_jax/evaluation/probes.py). Choose '
+            'high "lungs hidden" is a shortcut '
+            '(drpl_jax/evaluation/probes.py). Choose '
             'border-related settings by these columns, not by accuracy '
             'alone.', '']
   return '\n'.join(lines)

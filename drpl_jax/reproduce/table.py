@@ -21,7 +21,8 @@ from typing import Any
 from etils import epath
 
 from drpl_jax.evaluation import report as paper
-from drpl_jax.reproduce.protocol import Paths, Settings, read_json, run_step_name
+from drpl_jax.reproduce.protocol import Paths, Settings, read_json
+from drpl_jax.reproduce.protocol import run_step_name
 
 
 def load_report(path: str) -> dict[str, Any]:

@@ -112,7 +112,8 @@ def init_train_state(config: Any, state: dict[str, Any]
   params = _only(values, state['params'])
   out = dict(state, params=mapping.update_params(state['params'], params))
   if state.get('rest') is not None:
-    out['rest'] = mapping.update_params(state['rest'], _only(values, state['rest']))
+    out['rest'] = mapping.update_params(state['rest'],
+                                        _only(values, state['rest']))
   if state.get('ema') is not None:
     out['ema'] = mapping.update_params(state['ema'], params)
   return out, report
