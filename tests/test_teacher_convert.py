@@ -22,6 +22,7 @@ from torchvision.transforms.v2 import functional as TF
 from drpl_jax import teacher as teacher_lib
 from drpl_jax.pytorch import convert
 from drpl_jax.pytorch import torch_io
+from drpl_jax.teacher import load as teacher_load
 
 MEAN = np.asarray(teacher_lib.IMAGENET_MEAN, np.float32)
 STD = np.asarray(teacher_lib.IMAGENET_STD, np.float32)
