@@ -161,7 +161,7 @@ def get_config(arg: str = '') -> ml_collections.ConfigDict:
   config.teacher.mean = (0.485, 0.456, 0.406)
   config.teacher.std = (0.229, 0.224, 0.225)
 
-  # Shortcut probes of `evaluate` (drpl_jax/probes.py): the test images are
+  # Shortcut probes of `evaluate` (drpl_jax/evaluation/probes.py): the test images are
   # re-run with a central lung box hidden and with only the box kept.
   config.probes = ml_collections.ConfigDict()
   config.probes.enabled = True

@@ -36,17 +36,19 @@ flags.mark_flags_as_required(['config', 'workdir'])
 def main(argv: Sequence[str]) -> None:
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments: {argv[1:]}')
-  from drpl_jax import hostmem, preflight  # pylint: disable=g-import-not-at-top
+  from drpl_jax.parallel import hostmem  # pylint: disable=g-import-not-at-top
+  from drpl_jax.train import preflight  # pylint: disable=g-import-not-at-top
   try:  # mistakes in the config: one line, before any work
     preflight.check_teacher(_CONFIG.value)
   except ValueError as e:
     sys.exit(f'error: {e}')
   hostmem.configure()  # before JAX starts its CPU client
   # Imported here so that --help is fast and flags parse before JAX starts.
-  from drpl_jax import distributed  # pylint: disable=g-import-not-at-top
+  from drpl_jax.parallel import distributed  # pylint: disable=g-import-not-at-top
   distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value,
                          _PROCESS_ID.value)
-  from drpl_jax import evaluate, train  # pylint: disable=g-import-not-at-top
+  from drpl_jax.evaluation import evaluate  # pylint: disable=g-import-not-at-top
+  from drpl_jax.train import loop as train  # pylint: disable=g-import-not-at-top
   config, workdir = _CONFIG.value, _WORKDIR.value
   from drpl_jax import data  # pylint: disable=g-import-not-at-top
   try:
@@ -76,5 +78,10 @@ def main(argv: Sequence[str]) -> None:
   print(json.dumps(summary))
 
 
-if __name__ == '__main__':
+def run() -> None:
+  """The command line (the `drpl-train` console script)."""
   app.run(main)
+
+
+if __name__ == '__main__':
+  run()

@@ -17,7 +17,7 @@
 #                       budget, 3 seeds; default: the 4-class Kaggle database
 #   --cxr2k5            the 2,579-image set (../shared/data/covid19_radiography
 #                       _2k5), COVID vs Normal, 3 seeds, one shared teacher,
-#                       sized for two hours on 2 cores (drpl_jax/reproduce.py)
+#                       sized for two hours on 2 cores (drpl_jax/reproduce/protocol.py)
 #   --smoke             two presets, one seed, a few steps, 32 px
 #   --seeds N           seeds 0..N-1 (default: 1 paper, 3 sample)
 #   --manual_dir PATH   the raw data (the Kaggle download: folder or .zip)
@@ -33,7 +33,7 @@
 # exists is skipped ("= skip"): the prepared data, the teacher, a run's
 # eval/test/report.json. An interrupted run resumes from its latest
 # checkpoint when the script is run again with the same arguments. The
-# settings come from drpl_jax/reproduce.py; WORKDIR/reproduce.json records
+# settings come from drpl_jax/reproduce/protocol.py; WORKDIR/reproduce.json records
 # them and a rerun with other settings is refused. Step times go to
 # WORKDIR/timings/. Environment: PYTHON (default .venv/bin/python).
 #

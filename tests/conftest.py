@@ -153,7 +153,7 @@ def tiny_run(demo_data_dir, tmp_path_factory):
   """A demo run trained for 2 steps (checkpoints 1 and 2), shared by tests
   that only read a workdir (evaluate, predict, export, the docs test).
   Returns (workdir, config); copy the workdir before changing it."""
-  from drpl_jax import train  # pylint: disable=g-import-not-at-top
+  from drpl_jax.train import loop as train  # pylint: disable=g-import-not-at-top
   # The smallest model: the least compile time.
   config = tiny_demo_config(demo_data_dir, 2, checkpoint_every_steps=1,
                             **{'model.depth': 1})

@@ -14,8 +14,11 @@ import optax
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(
     os.path.abspath(__file__))), 'configs'))
 import drpl_vit  # pylint: disable=g-import-not-at-top,wrong-import-position
-from drpl_jax import input_pipeline, optim, sharding, train  # pylint: disable=g-import-not-at-top,wrong-import-position
-from drpl_jax import train_step as step_lib  # pylint: disable=g-import-not-at-top,wrong-import-position
+from drpl_jax.input import pipeline as input_pipeline  # pylint: disable=g-import-not-at-top,wrong-import-position
+from drpl_jax.parallel import sharding  # pylint: disable=g-import-not-at-top,wrong-import-position
+from drpl_jax.train import loop as train  # pylint: disable=g-import-not-at-top,wrong-import-position
+from drpl_jax.train import optim  # pylint: disable=g-import-not-at-top,wrong-import-position
+from drpl_jax.train import step as step_lib  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 
 def make_optimizer(config):

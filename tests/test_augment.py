@@ -1,4 +1,4 @@
-"""Tests for the host-side DeiT augmentations (drpl_jax.augment)."""
+"""Tests for the host-side DeiT augmentations (drpl_jax.input.augment)."""
 
 import math
 import os
@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from drpl_jax import augment
+from drpl_jax.input import augment
 
 CONFIGS = os.path.join(os.path.dirname(os.path.dirname(__file__)), 'configs')
 

@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 
 torch = pytest.importorskip('torch')
-compare = pytest.importorskip('drpl_jax.bench.compare')
-torch_bench = pytest.importorskip('drpl_jax.torch_ref.bench')
+compare = pytest.importorskip('drpl_jax.pytorch.compare')
+torch_bench = pytest.importorskip('drpl_jax.pytorch.twin.bench')
 flop_counter = pytest.importorskip('torch.utils.flop_counter')
 
 pytestmark = pytest.mark.torch
@@ -178,7 +178,8 @@ class Block:
     if name.split('.')[0] in ('tensorflow', 'tensorflow_datasets', 'clu'):
       raise ImportError('blocked: ' + name)
 sys.meta_path.insert(0, Block())
-from drpl_jax.bench import compare, tensorflow_imported
+from drpl_jax.bench import tensorflow_imported
+from drpl_jax.pytorch import compare
 compare.parse_args(['--config=x.py'])
 assert not tensorflow_imported()
 bad = [m for m in ('tensorflow_datasets', 'clu') if m in sys.modules]

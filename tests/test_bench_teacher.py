@@ -10,9 +10,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from drpl_jax import sharding
 from drpl_jax.bench import __main__ as bench_main
 from drpl_jax.bench import teacher as bench_teacher
+from drpl_jax.parallel import sharding
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIG = 'configs/drpl_vit.py:variant=micro'
@@ -126,8 +126,8 @@ def test_tiny_run_prints_json():
 
 
 def test_imports_no_tensorflow_tfds_clu_or_torch():
-  code = ('import sys; import drpl_jax.bench.teacher, drpl_jax.student_init, '
-          'drpl_jax.convert; print(sorted({m.split(".")[0] for m in '
+  code = ('import sys; import drpl_jax.bench.teacher, drpl_jax.pretrained.mapping, '
+          'drpl_jax.pytorch.convert; print(sorted({m.split(".")[0] for m in '
           'sys.modules} & {"tensorflow", "tensorflow_datasets", "clu", '
           '"torch", "timm"}))')
   proc = subprocess.run([sys.executable, '-c', code], cwd=ROOT,

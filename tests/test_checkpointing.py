@@ -20,8 +20,9 @@ import pytest
 from flax import nnx
 
 from conftest import restore_on_one_device
-from drpl_jax import checkpointing, train
 from drpl_jax.models import ModelConfig, create_model
+from drpl_jax.train import checkpointing
+from drpl_jax.train import loop as train
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

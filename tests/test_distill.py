@@ -9,11 +9,14 @@ import pytest
 from flax import nnx
 
 import demo as demo_config_lib
-from drpl_jax import mixup as mixup_lib
-from drpl_jax import optim, sharding, soft_labels, train
-from drpl_jax import torch_io
-from drpl_jax import train_step as step_lib
+from drpl_jax.parallel import sharding
+from drpl_jax.pytorch import soft_labels
+from drpl_jax.pytorch import torch_io
 from drpl_jax.teacher import TeacherConfig, abstract_teacher, random_state_dict
+from drpl_jax.train import loop as train
+from drpl_jax.train import mixup as mixup_lib
+from drpl_jax.train import optim
+from drpl_jax.train import step as step_lib
 
 
 def tiny_config(data_dir, steps=2):

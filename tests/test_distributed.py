@@ -1,4 +1,4 @@
-"""Tests of drpl_jax.distributed: when to initialise, and a real 2-process
+"""Tests of drpl_jax.parallel.distributed: when to initialise, and a real 2-process
 run on this machine (localhost coordinator, 2 fake CPU devices each)."""
 
 import json
@@ -10,7 +10,7 @@ import sys
 import jax
 import pytest
 
-from drpl_jax import distributed
+from drpl_jax.parallel import distributed
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -181,7 +181,7 @@ def test_forced_without_a_cluster_says_what_to_set():
 _WORKER = r'''
 import json
 import numpy as np
-from drpl_jax import distributed
+from drpl_jax.parallel import distributed
 info = distributed.initialize(initialization_timeout=60)
 again = distributed.initialize()
 import jax

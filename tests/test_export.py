@@ -10,7 +10,9 @@ import numpy as np
 import pytest
 
 from conftest import tiny_demo_config
-from drpl_jax import export, predict, train
+from drpl_jax.evaluation import export
+from drpl_jax.evaluation import predict
+from drpl_jax.train import loop as train
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -130,7 +132,7 @@ def test_cli(run, tmp_path, capsys):
 
 
 def test_export_module_does_not_import_tensorflow():
-  code = ('import sys, drpl_jax.export, drpl_jax.predict; '
+  code = ('import sys, drpl_jax.evaluation.export, drpl_jax.evaluation.predict; '
           'print("tensorflow" in sys.modules)')
   out = subprocess.run([sys.executable, '-c', code], cwd=ROOT, check=True,
                        capture_output=True, text=True, timeout=120)

@@ -8,7 +8,9 @@ import pytest
 from PIL import Image
 
 import demo as demo_config_lib
-from drpl_jax import data, evaluate, train
+from drpl_jax import data
+from drpl_jax.evaluation import evaluate
+from drpl_jax.train import loop as train
 
 
 @pytest.fixture(scope='module')
@@ -84,7 +86,7 @@ def test_probes_and_attention_in_the_report(trained):
 
 def test_external_folder_reports_the_teacher(trained, tmp_path):
   # pylint: disable=g-import-not-at-top
-  from drpl_jax import torch_io
+  from drpl_jax.pytorch import torch_io
   from drpl_jax.teacher import TeacherConfig, abstract_teacher
   from drpl_jax.teacher import random_state_dict
   # pylint: enable=g-import-not-at-top

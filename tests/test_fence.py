@@ -90,7 +90,7 @@ def test_evaluation_fences_only_the_leff_and_off_removes_all():
   assert len(re.findall(r' conditional\(', text)) == config('on').depth
   assert ' conditional(' not in eval_text(graphdef, params, rest, False)
   # Exported programs are traced inside fence.off().
-  from drpl_jax import export
+  from drpl_jax.evaluation import export
   fn = export.probabilities_fn(graphdef, (0.5,) * 3, (0.5,) * 3)
   text = jax.jit(fn).lower(params, rest, batch()[0]).as_text()
   assert 'stablehlo.case' not in text and 'stablehlo.if' not in text
@@ -107,7 +107,7 @@ def test_auto_follows_the_backend_and_bad_mode_is_named():
 
 def test_config_key_reaches_the_model():
   import drpl_vit  # configs/ is on sys.path (conftest)
-  from drpl_jax import train
+  from drpl_jax.train import loop as train
   cfg = drpl_vit.get_config('variant=micro')
   assert cfg.model.materialize == 'auto'
   cfg.model.materialize = 'off'

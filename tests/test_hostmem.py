@@ -1,4 +1,4 @@
-"""drpl_jax.hostmem: glibc malloc settings for XLA:CPU's per-call buffers."""
+"""drpl_jax.parallel.hostmem: glibc malloc settings for XLA:CPU's per-call buffers."""
 
 import json
 import os
@@ -8,14 +8,14 @@ import textwrap
 
 import pytest
 
-from drpl_jax import hostmem
+from drpl_jax.parallel import hostmem
 
 # Runs in a fresh process (the settings must precede JAX's CPU client):
 # a jitted program with a 256 MiB temporary, called repeatedly; prints the
 # minor page faults per call after warm-up.
 _PROBE = textwrap.dedent('''
     import json, resource
-    from drpl_jax import hostmem
+    from drpl_jax.parallel import hostmem
     applied = hostmem.configure()
     import jax, jax.numpy as jnp
 

@@ -13,7 +13,8 @@ import pytest
 from PIL import Image
 
 import drpl_jax
-from drpl_jax import augment, input_pipeline as ip
+from drpl_jax.input import augment
+from drpl_jax.input import pipeline as ip
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SAMPLE = os.path.join(os.path.dirname(ROOT), 'shared', 'data',
@@ -121,7 +122,7 @@ def test_teacher_logits_are_joined_by_id():
 
 
 def test_teacher_logits_from_a_soft_labels_file_object():
-  soft_labels = pytest.importorskip('drpl_jax.soft_labels')
+  soft_labels = pytest.importorskip('drpl_jax.pytorch.soft_labels')
   ids = [f'ex{i}' for i in range(12)]
   logits = np.stack([np.arange(12.0), np.zeros(12)], -1)
   table = soft_labels.SoftLabels(ids, logits, ['train'] * 12,
@@ -319,7 +320,7 @@ def test_create_iterators_from_config(monkeypatch):
 
 _GLOBAL_BATCH_SCRIPT = textwrap.dedent('''
     import jax, numpy as np
-    from drpl_jax import input_pipeline as ip
+    from drpl_jax.input import pipeline as ip
     assert jax.device_count() == 8, jax.devices()
     batch = {'image': np.arange(8 * 2 * 2 * 3, dtype=np.uint8).reshape(
                  8, 2, 2, 3),

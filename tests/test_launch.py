@@ -270,7 +270,7 @@ def test_tpu_copy_then_run_logs_stop_on_a_simulated_worker(tmp_path):
   sh(remote(ssh), cwd=home)
   repo = home / 'drpl-jax'
   assert (repo / 'launch' / 'tpu_pod.sh').is_file()
-  assert (repo / 'drpl_jax' / 'distributed.py').is_file()
+  assert (repo / 'drpl_jax' / 'parallel' / 'distributed.py').is_file()
   assert not (repo / '.venv').exists() and not (repo / '.git').exists()
   assert not (home / 'drpl-jax-src.tar.gz').exists()
 

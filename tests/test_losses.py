@@ -1,11 +1,11 @@
-"""Tests of drpl_jax.losses against independent numpy formulas."""
+"""Tests of drpl_jax.train.losses against independent numpy formulas."""
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from drpl_jax import losses
+from drpl_jax.train import losses
 
 LOGITS = np.array([[2.0, 0.5, -1.0], [0.1, 0.2, 3.0], [1.0, 1.0, 1.0]],
                   np.float32)

@@ -1,4 +1,4 @@
-"""Tests of drpl_jax.metrics, checked against scikit-learn and by hand."""
+"""Tests of drpl_jax.evaluation.metrics, checked against scikit-learn and by hand."""
 
 import json
 import subprocess
@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from sklearn import metrics as skm
 
-from drpl_jax import metrics
+from drpl_jax.evaluation import metrics
 
 NAMES = ['COVID', 'Lung_Opacity', 'Normal', 'Viral Pneumonia']
 
@@ -24,7 +24,7 @@ def random_predictions(n=400, c=4, seed=0, skill=1.5):
 
 
 def test_product_does_not_import_sklearn():
-  code = ('import sys, drpl_jax.metrics; '
+  code = ('import sys, drpl_jax.evaluation.metrics; '
           'print(sorted(m for m in ("sklearn", "scipy", "tensorflow") '
           'if m in sys.modules))')
   out = subprocess.run([sys.executable, '-c', code], capture_output=True,

@@ -1,11 +1,11 @@
-"""Tests for on-device Mixup/CutMix (drpl_jax.mixup)."""
+"""Tests for on-device Mixup/CutMix (drpl_jax.train.mixup)."""
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from drpl_jax import mixup
+from drpl_jax.train import mixup
 
 B, H, W, K = 4, 12, 10, 4
 

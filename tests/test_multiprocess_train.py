@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 
 from conftest import restore_on_one_device
-from drpl_jax import checkpointing
+from drpl_jax.train import checkpointing
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 _CLUSTER_VARS = ('SLURM_', 'TPU_', 'MEGASCALE_', 'CLOUD_TPU_', 'DRPL_',
@@ -96,7 +96,7 @@ def test_two_processes_match_one_process(demo_data_dir, tmp_path):
                 DRPL_NUM_PROCESSES='2', DRPL_PROCESS_ID=str(pid)))
        for pid in range(2)], timeout=900)
   for pid, (r, err) in enumerate(results):
-    # Really two processes of one job (drpl_jax.distributed logs this).
+    # Really two processes of one job (drpl_jax.parallel.distributed logs this).
     assert f"'process_index': {pid}, 'process_count': 2" in err, err[-3000:]
     assert r['step'] == one['step'] == STEPS
     assert r['num_test_examples'] == one['num_test_examples'] > 0

@@ -11,8 +11,11 @@ import PIL.Image
 import pytest
 
 from conftest import tiny_demo_config, write_dicom
-from drpl_jax import input_pipeline, predict, rollout, train
-from drpl_jax import train_step as step_lib
+from drpl_jax.evaluation import predict
+from drpl_jax.evaluation import rollout
+from drpl_jax.input import pipeline as input_pipeline
+from drpl_jax.train import loop as train
+from drpl_jax.train import step as step_lib
 
 SAMPLE = os.path.join(
     os.path.dirname(os.path.dirname(os.path.dirname(

@@ -15,10 +15,10 @@ import pytest
 from flax import nnx
 
 from conftest import DEIT_OVERRIDES, randomize_torch_model, tiny_demo_config
-from drpl_jax import convert
 from drpl_jax import pretrained
 from drpl_jax.models import ModelConfig, count_params, create_model
 from drpl_jax.pretrained import to_timm
+from drpl_jax.pytorch import convert
 
 torch = pytest.importorskip('torch')
 vision_transformer = pytest.importorskip('timm.models.vision_transformer')
@@ -187,7 +187,7 @@ def test_irpe_tables_into_a_model_without_them_are_reported():
 
 def ceit_state_from_twin(twin, depth=2):
   """The twin's weights under ceit_model.py's names, plus a random LCA."""
-  from drpl_jax.torch_ref.model import DRPLViTTorch  # noqa: F401
+  from drpl_jax.pytorch.twin.model import DRPLViTTorch  # noqa: F401
   sd = sd_numpy(twin)
   out = {}
   ren = {'patch_embed.stem_conv.': 'i2t.backbone.conv.',
@@ -221,7 +221,7 @@ def ceit_state_from_twin(twin, depth=2):
 
 
 def test_official_ceit_imports_stem_leff_and_batchnorm_statistics():
-  from drpl_jax.torch_ref.model import DRPLViTTorch
+  from drpl_jax.pytorch.twin.model import DRPLViTTorch
   cfg = config(stem='conv', stem_channels=8, patch_size=16, image_size=64,
                conv=dict(kind='leff', prefix='identity'))
   torch.manual_seed(0)
@@ -419,8 +419,8 @@ def test_init_from_ceit_file_loads_batchnorm_statistics(tmp_path):
   """config.init_from: the detected format; BatchNorm statistics in rest."""
   import ml_collections
   from safetensors.numpy import save_file
-  from drpl_jax import student_init
-  from drpl_jax.torch_ref.model import DRPLViTTorch
+  from drpl_jax.train import student_init
+  from drpl_jax.pytorch.twin.model import DRPLViTTorch
   cfg = config(stem='conv', stem_channels=8, patch_size=16, image_size=64,
                conv=dict(kind='leff', prefix='identity'))
   torch.manual_seed(0)
@@ -473,7 +473,8 @@ def test_formats_are_detected_and_remote_paths_read_through_epath(
 def test_cli_to_timm_writes_a_trained_run_timm_loads_strictly(
     demo_data_dir, tmp_path, capsys):
   """A one-step deit run -> to-timm -> timm strict load, same logits."""
-  from drpl_jax import predict, train
+  from drpl_jax.evaluation import predict
+  from drpl_jax.train import loop as train
   config_ = tiny_demo_config(demo_data_dir, 1, **DEIT_OVERRIDES)
   workdir = str(tmp_path / 'run')
   train.train_and_evaluate(config_, workdir)

@@ -1,4 +1,4 @@
-"""Shortcut probes and the attention-rollout summary (drpl_jax/probes.py)."""
+"""Shortcut probes and the attention-rollout summary (drpl_jax/evaluation/probes.py)."""
 
 import ml_collections
 import numpy as np
@@ -6,9 +6,10 @@ import pytest
 from flax import nnx
 
 import demo as demo_config_lib
-from drpl_jax import probes, train
-from drpl_jax import train_step as step_lib
+from drpl_jax.evaluation import probes
 from drpl_jax.models import create_model
+from drpl_jax.train import loop as train
+from drpl_jax.train import step as step_lib
 
 MEAN = (0.485, 0.456, 0.406)
 STD = (0.229, 0.224, 0.225)

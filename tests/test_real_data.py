@@ -9,7 +9,9 @@ import pytest
 
 import drpl_vit
 from conftest import SHARED_DATA
-from drpl_jax import data, evaluate, train
+from drpl_jax import data
+from drpl_jax.evaluation import evaluate
+from drpl_jax.train import loop as train
 
 SAMPLE = os.path.join(SHARED_DATA, 'covid19_radiography_sample')
 pytestmark = pytest.mark.skipif(not os.path.isdir(SAMPLE),

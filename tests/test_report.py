@@ -1,4 +1,4 @@
-"""Tests of drpl_jax.report: files, JSON round trip, images, Markdown."""
+"""Tests of drpl_jax.evaluation.report: files, JSON round trip, images, Markdown."""
 
 import json
 import os
@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from drpl_jax import metrics
-from drpl_jax import report as report_lib
+from drpl_jax.evaluation import metrics
+from drpl_jax.evaluation import report as report_lib
 
 NAMES = ['COVID', 'Lung_Opacity', 'Normal', 'Viral Pneumonia']
 PNGS = ('confusion_matrix', 'roc', 'pr', 'reliability')
@@ -24,7 +24,7 @@ def predictions(n=120, seed=0):
 
 
 def evaluator_like_report(logits, labels):
-  """What drpl_jax.evaluate builds: mean-head metrics plus extras."""
+  """What drpl_jax.evaluation.evaluate builds: mean-head metrics plus extras."""
   heads = {}
   for head, shift in (('cls', 0.0), ('dist', 0.3), ('mean', 0.15)):
     heads[head] = metrics.classification_metrics(
@@ -154,7 +154,7 @@ def test_overwrite_is_atomic_and_errors_are_clear(tmp_path):
 
 
 def test_import_is_light():
-  code = ('import sys, drpl_jax.report; '
+  code = ('import sys, drpl_jax.evaluation.report; '
           'print(sorted(m for m in ("matplotlib", "sklearn", "tensorflow") '
           'if m in sys.modules))')
   out = subprocess.run([sys.executable, '-c', code], capture_output=True,

@@ -18,8 +18,11 @@ from ml_collections import config_flags
 
 import drpl_vit
 from conftest import ROOT, SHARED_DATA
-from drpl_jax import metrics, reproduce, reproduce_table
-from drpl_jax.report import PAPER_CLASSES
+from drpl_jax.evaluation import metrics
+from drpl_jax.evaluation.report import PAPER_CLASSES
+from drpl_jax.reproduce import cli as reproduce_cli
+from drpl_jax.reproduce import protocol as reproduce
+from drpl_jax.reproduce import table as reproduce_table
 
 SAMPLE = os.path.join(SHARED_DATA, 'covid19_radiography_sample')
 SCRIPT = os.path.join(ROOT, 'launch', 'reproduce_paper.sh')
@@ -141,17 +144,17 @@ def test_teacher_is_trained_as_the_students_use_it(tmp_path, mode):
 
 def test_cli_args_and_errors(tmp_path, capsys):
   common = ['--workdir', str(tmp_path), '--mode', 'sample']
-  assert reproduce.main(['args', 'run', *common, '--preset', 'deit',
+  assert reproduce_cli.main(['args', 'run', *common, '--preset', 'deit',
                          '--seed', '1']) == 0
   lines = capsys.readouterr().out.splitlines()
   assert lines[0] == 'configs/drpl_vit.py:variant=micro,preset=deit,runlocal'
   assert '--config.seed=1' in lines and '--config.distill.kind=hard' in lines
-  assert reproduce.main(['args', 'run', *common, '--preset', 'deit']) == 2
+  assert reproduce_cli.main(['args', 'run', *common, '--preset', 'deit']) == 2
   assert '--preset and --seed' in capsys.readouterr().err
-  assert reproduce.main(['args', 'run', *common, '--preset', 'vit',
+  assert reproduce_cli.main(['args', 'run', *common, '--preset', 'vit',
                          '--seed', '7']) == 2
   assert 'seed 7' in capsys.readouterr().err
-  assert reproduce.main(['runs', *common, '--smoke']) == 0
+  assert reproduce_cli.main(['runs', *common, '--smoke']) == 0
   rows = [l.split('\t') for l in capsys.readouterr().out.splitlines()]
   assert [(r[0], r[1]) for r in rows] == [('vit', '0'), ('drpl', '0')]
   assert rows[1][3] == str(tmp_path / 'runs/drpl/seed0/eval/test/report.json')
@@ -160,16 +163,16 @@ def test_cli_args_and_errors(tmp_path, capsys):
 def test_plan_refuses_other_settings(tmp_path, capsys):
   common = ['plan', '--workdir', str(tmp_path), '--mode', 'sample',
             '--manual_dir', str(tmp_path), '--command', 'first']
-  assert reproduce.main(common) == 0
+  assert reproduce_cli.main(common) == 0
   plan = json.loads((tmp_path / 'reproduce.json').read_text())
   assert plan['command'] == 'first' and plan['settings']['seeds'] == [0, 1, 2]
-  assert reproduce.main(common + ['--smoke']) == 2
+  assert reproduce_cli.main(common + ['--smoke']) == 2
   err = capsys.readouterr().err
   assert 'reproduce.json' in err and 'first' in err and 'smoke' in err
-  assert reproduce.main(common + ['--seeds', '4']) == 0  # more seeds: fine
+  assert reproduce_cli.main(common + ['--seeds', '4']) == 0  # more seeds: fine
   plan = json.loads((tmp_path / 'reproduce.json').read_text())
   assert plan['settings']['seeds'] == [0, 1, 2, 3]
-  assert reproduce.main(common[:-4] + ['--manual_dir', '/no/such']) == 2
+  assert reproduce_cli.main(common[:-4] + ['--manual_dir', '/no/such']) == 2
   assert '/no/such' in capsys.readouterr().err
 
 
@@ -185,7 +188,7 @@ def test_record_adds_up_attempts(tmp_path):
 
 
 def fake_report(rng, class_names, n, skill, seed=0):
-  """A report.json as drpl_jax.evaluate writes it (metrics part)."""
+  """A report.json as drpl_jax.evaluation.evaluate writes it (metrics part)."""
   labels = rng.integers(0, len(class_names), n)
   logits = rng.normal(size=(n, len(class_names)))
   logits[np.arange(n), labels] += skill
@@ -199,7 +202,7 @@ def write_workdir(tmp_path, mode='sample', smoke=False, classes=None):
   workdir = tmp_path / 'w'
   args = ['plan', '--workdir', str(workdir), '--mode', mode,
           '--manual_dir', str(tmp_path), '--command', 'launch/x.sh W']
-  assert reproduce.main(args + (['--smoke'] if smoke else [])) == 0
+  assert reproduce_cli.main(args + (['--smoke'] if smoke else [])) == 0
   settings = reproduce.get_settings(mode, smoke=smoke)
   paths = reproduce.get_paths(settings, str(workdir), manual_dir=str(tmp_path))
   classes = classes or ['COVID', 'Normal']
@@ -258,7 +261,7 @@ def test_table_names_a_missing_or_bad_report(tmp_path, capsys):
   os.remove(path)
   with pytest.raises(FileNotFoundError, match=re.escape(path)):
     reproduce_table.write_table(str(workdir))
-  assert reproduce.main(['table', '--workdir', str(workdir)]) == 2
+  assert reproduce_cli.main(['table', '--workdir', str(workdir)]) == 2
   assert path in capsys.readouterr().err
   with open(path, 'w') as f:
     f.write('{"accuracy": 0.9')

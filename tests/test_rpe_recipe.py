@@ -11,9 +11,11 @@ from flax import nnx
 
 import demo as demo_config_lib
 from conftest import set_config
-from drpl_jax import optim, sharding, train
-from drpl_jax import train_step as step_lib
 from drpl_jax.models import create_model
+from drpl_jax.parallel import sharding
+from drpl_jax.train import loop as train
+from drpl_jax.train import optim
+from drpl_jax.train import step as step_lib
 
 
 def tiny_config(**overrides):
@@ -157,7 +159,7 @@ def test_training_writes_the_new_metrics(demo_data_dir, tmp_path,
                                          monkeypatch):
   """Online teacher, mixup on: the metrics reach the metric writer."""
   # pylint: disable=g-import-not-at-top
-  from drpl_jax import torch_io
+  from drpl_jax.pytorch import torch_io
   from drpl_jax.teacher import TeacherConfig, abstract_teacher
   from drpl_jax.teacher import random_state_dict
   # pylint: enable=g-import-not-at-top

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from jax.sharding import PartitionSpec as P
 
-from drpl_jax import sharding
+from drpl_jax.parallel import sharding
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 

@@ -1,4 +1,4 @@
-"""Tests of the offline teacher (drpl_jax.soft_labels) on the demo data set."""
+"""Tests of the offline teacher (drpl_jax.pytorch.soft_labels) on the demo data set."""
 
 import json
 import os
@@ -10,7 +10,8 @@ import warnings
 import numpy as np
 import pytest
 
-from drpl_jax import soft_labels
+from drpl_jax.pytorch import soft_labels
+from drpl_jax.teacher import load as teacher_load
 
 pytestmark = pytest.mark.torch  # Every file here is written with torch.
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -69,7 +70,7 @@ def config(demo_data_dir):
 def checkpoint(torch, tmp_path_factory):
   """A ResNet-18 state dict with 10 classes (random but fixed weights)."""
   import torchvision  # pylint: disable=g-import-not-at-top
-  from drpl_jax import torch_io  # pylint: disable=g-import-not-at-top
+  from drpl_jax.pytorch import torch_io  # pylint: disable=g-import-not-at-top
   torch.manual_seed(1)
   model = torchvision.models.resnet18(num_classes=10)
   path = str(tmp_path_factory.mktemp('ckpt') / 'teacher.safetensors')
@@ -106,7 +107,7 @@ def _examples(config, split):
 
 def _torch_logits(torch, model, config, examples):
   """The model's own output on the eval view of each example, one by one."""
-  from drpl_jax import torch_data  # pylint: disable=g-import-not-at-top
+  from drpl_jax.pytorch import torch_data  # pylint: disable=g-import-not-at-top
   model.eval()
   out = []
   with torch.no_grad():
@@ -142,7 +143,7 @@ def test_ids_cover_the_splits_exactly_once(npz, config, checkpoint):
 
 def test_logits_equal_the_torch_model_output(torch, npz, config, checkpoint):
   import torchvision  # pylint: disable=g-import-not-at-top
-  from drpl_jax import torch_io  # pylint: disable=g-import-not-at-top
+  from drpl_jax.pytorch import torch_io  # pylint: disable=g-import-not-at-top
   labels = soft_labels.SoftLabels.load(npz[0], class_names=CLASSES)
   model = torchvision.models.resnet18(num_classes=10)
   model.load_state_dict({k: torch.from_numpy(v) for k, v in
@@ -187,7 +188,7 @@ def test_load_refuses_wrong_classes_and_missing_ids(npz):
 
 
 def test_loading_needs_no_torch(npz):
-  code = ('import sys; from drpl_jax.soft_labels import SoftLabels; '
+  code = ('import sys; from drpl_jax.pytorch.soft_labels import SoftLabels; '
           f'l = SoftLabels.load({npz[0]!r}, class_names={list(CLASSES)!r}); '
           'l.lookup(l.ids[:4]); assert "torch" not in sys.modules, "torch"')
   run = subprocess.run([sys.executable, '-c', code], cwd=ROOT,
@@ -274,10 +275,9 @@ def test_bad_teachers_are_refused(torch, config, tiny_module, checkpoint,
 def test_offline_logits_match_the_converted_online_teacher(npz, config,
                                                           checkpoint):
   """The offline eval view equals what the Flax teacher computes in-step."""
-  convert = pytest.importorskip('drpl_jax.convert')
   out, metadata = npz
   labels = soft_labels.SoftLabels.load(out, class_names=CLASSES)
-  flax_teacher = convert.torch_teacher(
+  flax_teacher = teacher_load.torch_teacher(
       'resnet18', checkpoint, 10, image_size=metadata['image_size'],
       mean=metadata['mean'], std=metadata['std'])
   examples = _examples(config, 'validation')[:4]

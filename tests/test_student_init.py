@@ -1,4 +1,4 @@
-"""Starting the student from timm / DeiT weights (drpl_jax.student_init).
+"""Starting the student from timm / DeiT weights (drpl_jax.pretrained.mapping).
 
 timm models are built directly (pretrained=False), tiny, with randomised
 parameters so that a swapped or mis-transposed tensor changes the logits.
@@ -13,13 +13,13 @@ import pytest
 from flax import nnx
 
 from conftest import DEIT_OVERRIDES, randomize_torch_model, tiny_demo_config
-from drpl_jax import convert
-from drpl_jax import optim
-from drpl_jax import sharding
-from drpl_jax import student_init
-from drpl_jax import torch_io
-from drpl_jax import train
 from drpl_jax.models import ModelConfig, create_model, param_shapes
+from drpl_jax.parallel import sharding
+from drpl_jax.pytorch import convert
+from drpl_jax.pytorch import torch_io
+from drpl_jax.train import loop as train
+from drpl_jax.train import optim
+from drpl_jax.train import student_init
 
 torch = pytest.importorskip('torch')
 deit = pytest.importorskip('timm.models.deit')
@@ -418,7 +418,7 @@ def test_training_starts_from_init_from(demo_data_dir, tmp_path):
   config.init_from = str(path)
   workdir = str(tmp_path / 'run')
   train.train_and_evaluate(config, workdir)
-  from drpl_jax import evaluate  # pylint: disable=g-import-not-at-top
+  from drpl_jax.evaluation import evaluate  # pylint: disable=g-import-not-at-top
   params = evaluate.Evaluator(config, workdir).state['params']
   want = src.state_dict()['blocks.1.mlp.fc2.weight'].detach().numpy().T
   np.testing.assert_allclose(

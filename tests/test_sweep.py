@@ -1,4 +1,4 @@
-"""The validation sweep (drpl_jax/sweep.py) and the small-data recipe."""
+"""The validation sweep (drpl_jax/reproduce/sweep.py) and the small-data recipe."""
 
 import json
 import os
@@ -8,7 +8,7 @@ import pytest
 
 import small_data
 from conftest import ROOT
-from drpl_jax import sweep
+from drpl_jax.reproduce import sweep
 
 
 def test_candidates_one_at_a_time_and_grid():

@@ -1,5 +1,5 @@
 """Tests of the torchvision -> Flax teacher converters (drpl_jax.teacher,
-drpl_jax.convert): parity with torchvision in fp32, strict key/shape checks,
+drpl_jax.pytorch.convert): parity with torchvision in fp32, strict key/shape checks,
 the architecture table, preprocessing and the CLI."""
 
 import json
@@ -19,9 +19,10 @@ import torchvision
 from flax import nnx
 from torchvision.transforms.v2 import functional as TF
 
-from drpl_jax import convert
 from drpl_jax import teacher as teacher_lib
-from drpl_jax import torch_io
+from drpl_jax.pytorch import convert
+from drpl_jax.pytorch import torch_io
+from drpl_jax.teacher import load as teacher_load
 
 MEAN = np.asarray(teacher_lib.IMAGENET_MEAN, np.float32)
 STD = np.asarray(teacher_lib.IMAGENET_STD, np.float32)
@@ -85,7 +86,7 @@ def _check_parity(arch: str, size: int, tmp_path,
   model = _torch_model(arch, 4, size)
   path = os.path.join(tmp_path, f'{arch}.safetensors')
   safetensors.torch.save_file(model.state_dict(), path)
-  flax_model = convert.torch_teacher(arch, path, 4, image_size=size)
+  flax_model = teacher_load.torch_teacher(arch, path, 4, image_size=size)
   images = _images(size)
   expected = _torch_logits(model, images)
   got = _apply(flax_model, images)
@@ -135,7 +136,7 @@ def test_pth_training_checkpoint_converts(tmp_path):
   path = tmp_path / 'teacher.pth'
   sd = {f'module.{k}': v for k, v in model.state_dict().items()}
   torch.save({'model': sd, 'epoch': 7}, path)
-  flax_model = convert.torch_teacher('resnet18', str(path), 3, image_size=33)
+  flax_model = teacher_load.torch_teacher('resnet18', str(path), 3, image_size=33)
   images = _images(33)
   np.testing.assert_allclose(_apply(flax_model, images),
                              _torch_logits(model, images), atol=1e-4, rtol=0)
@@ -321,7 +322,7 @@ def test_classifier_size_mismatch_names_shapes(tmp_path):
   path = tmp_path / 'imagenet.safetensors'
   torch_io.save_safetensors(_fake_state('resnet18', num_classes=10), path)
   with pytest.raises(ValueError) as err:
-    convert.torch_teacher('resnet18', str(path), 4)
+    teacher_load.torch_teacher('resnet18', str(path), 4)
   msg = str(err.value)
   assert "'fc.weight'" in msg and '(10, 512)' in msg
   assert 'num_classes=4' in msg and 'imagenet.safetensors' in msg
@@ -338,7 +339,7 @@ def test_resize_matches_torchvision_transforms(input_size, image_size):
   model = _torch_model('resnet18', 4, image_size)
   state = {k: v.numpy() for k, v in model.state_dict().items()}
   cfg = teacher_lib.TeacherConfig('resnet18', 4, image_size=image_size)
-  flax_model, _ = convert.teacher_from_state_dict(cfg, state)
+  flax_model, _ = teacher_load.teacher_from_state_dict(cfg, state)
   images = _images(input_size)
   resized = TF.resize(
       torch.from_numpy(images).permute(0, 3, 1, 2), [image_size, image_size],
@@ -355,7 +356,7 @@ def test_resize_matches_torchvision_transforms(input_size, image_size):
 
 
 def test_custom_mean_std_and_grayscale_input():
-  module = convert.torch_teacher('resnet18', None, 3, image_size=33,
+  module = teacher_load.torch_teacher('resnet18', None, 3, image_size=33,
                                  mean=[0.5] * 3, std=[0.25] * 3, seed=1)
   gray = _images(33)[..., :1]
   rgb = np.repeat(gray, 3, axis=-1)
@@ -363,7 +364,7 @@ def test_custom_mean_std_and_grayscale_input():
                              rtol=0, atol=1e-6)
   # The module normalises with its own statistics: shifting the mean by
   # one std equals shifting the raw input by -0.25.
-  shifted = convert.torch_teacher('resnet18', None, 3, image_size=33,
+  shifted = teacher_load.torch_teacher('resnet18', None, 3, image_size=33,
                                   mean=[0.75] * 3, std=[0.25] * 3, seed=1)
   np.testing.assert_allclose(_apply(shifted, rgb + 0.25), _apply(module, rgb),
                              rtol=1e-5, atol=1e-5)
@@ -372,7 +373,7 @@ def test_custom_mean_std_and_grayscale_input():
 
 
 def test_random_teacher_is_eval_only_and_has_no_gradient():
-  module = convert.torch_teacher('resnet18', None, 4, image_size=33)
+  module = teacher_load.torch_teacher('resnet18', None, 4, image_size=33)
   images = _images(33)
   logits = _apply(module, images)
   assert logits.shape == (2, 4) and logits.dtype == np.float32
@@ -384,13 +385,13 @@ def test_random_teacher_is_eval_only_and_has_no_gradient():
   grads = grad_fn(module, jnp.asarray(images))
   assert all(float(jnp.abs(g).max()) == 0.0 for g in jax.tree.leaves(grads))
   # A different seed gives a different random teacher.
-  other = convert.torch_teacher('resnet18', None, 4, image_size=33, seed=1)
+  other = teacher_load.torch_teacher('resnet18', None, 4, image_size=33, seed=1)
   assert np.abs(_apply(other, images) - logits).max() > 1e-3
 
 
 def test_bfloat16_compute_returns_float32_close_to_fp32():
-  fp32 = convert.torch_teacher('resnet18', None, 4, image_size=33, seed=3)
-  bf16 = convert.torch_teacher('resnet18', None, 4, image_size=33, seed=3,
+  fp32 = teacher_load.torch_teacher('resnet18', None, 4, image_size=33, seed=3)
+  bf16 = teacher_load.torch_teacher('resnet18', None, 4, image_size=33, seed=3,
                                dtype='bfloat16')
   images = _images(33)
   a, b = _apply(fp32, images), _apply(bf16, images)
@@ -442,9 +443,10 @@ for name in ('torch', 'torchvision', 'tensorflow', 'tensorflow_datasets',
              'clu'):
   sys.modules[name] = None  # Any import of these now fails.
 import numpy as np
-from drpl_jax import convert
+from drpl_jax.teacher import load as teacher_load
+from drpl_jax.teacher import load as teacher_load
 from flax import nnx
-m = convert.torch_teacher('resnet18', sys.argv[1], 4, image_size=33)
+m = teacher_load.torch_teacher('resnet18', sys.argv[1], 4, image_size=33)
 x = np.load(sys.argv[3])
 np.save(sys.argv[2], np.asarray(nnx.jit(lambda m, x: m(x))(m, x)))
 """

@@ -1,4 +1,4 @@
-"""Tests of drpl_jax.torch_io: safe checkpoint loading."""
+"""Tests of drpl_jax.pytorch.torch_io: safe checkpoint loading."""
 
 import os
 import pickle
@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from drpl_jax import torch_io
+from drpl_jax.pytorch import torch_io
 
 
 class _WritesFileWhenUnpickled:

@@ -1,4 +1,4 @@
-"""The PyTorch twin of DRPL-ViT (drpl_jax/torch_ref/) against the Flax model.
+"""The PyTorch twin of DRPL-ViT (drpl_jax/pytorch/twin/) against the Flax model.
 
 Random models are made in each framework and converted to the other; the
 two must give the same logits (eval and train mode), the same loss and
@@ -17,13 +17,14 @@ import optax
 import pytest
 from flax import nnx
 
-from drpl_jax import losses, optim
 from drpl_jax.models import ModelConfig, create_model, param_names
+from drpl_jax.train import losses
+from drpl_jax.train import optim
 
 torch = pytest.importorskip('torch')
-torch_ref = pytest.importorskip('drpl_jax.torch_ref')
-convert = pytest.importorskip('drpl_jax.torch_ref.convert')
-train = pytest.importorskip('drpl_jax.torch_ref.train')
+torch_ref = pytest.importorskip('drpl_jax.pytorch.twin')
+convert = pytest.importorskip('drpl_jax.pytorch.twin.convert')
+train = pytest.importorskip('drpl_jax.pytorch.twin.train')
 pytestmark = pytest.mark.torch
 
 RPE = {
@@ -412,8 +413,8 @@ def test_bfloat16_compute_twin_returns_float32_logits():
 
 
 def test_importing_drpl_jax_does_not_import_torch():
-  code = ('import sys, drpl_jax, drpl_jax.models, drpl_jax.losses, '
-          'drpl_jax.train_step; '
+  code = ('import sys, drpl_jax, drpl_jax.models, drpl_jax.train.losses, '
+          'drpl_jax.train.step; '
           'assert "torch" not in sys.modules, "torch imported"')
   subprocess.run([sys.executable, '-c', code], check=True)
 

@@ -9,7 +9,8 @@ import pytest
 
 import demo as demo_config_lib
 from conftest import tiny_demo_config
-from drpl_jax import evaluate, train
+from drpl_jax.evaluation import evaluate
+from drpl_jax.train import loop as train
 
 
 def small_config(data_dir, steps=6, **overrides):

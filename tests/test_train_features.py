@@ -12,8 +12,11 @@ from flax import nnx
 
 import demo as demo_config_lib
 from conftest import set_config
-from drpl_jax import checkpointing, optim, sharding, train
-from drpl_jax import train_step as step_lib
+from drpl_jax.parallel import sharding
+from drpl_jax.train import checkpointing
+from drpl_jax.train import loop as train
+from drpl_jax.train import optim
+from drpl_jax.train import step as step_lib
 
 
 def tiny_config(steps=4, **overrides):

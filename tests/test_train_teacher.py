@@ -1,4 +1,4 @@
-"""Tests of the PyTorch teacher fine-tuning (drpl_jax.train_teacher).
+"""Tests of the PyTorch teacher fine-tuning (drpl_jax.pytorch.train_teacher).
 
 On the demo data set (32x32 digits, 10 classes) with ResNet-18 at 32 px and a
 few steps; the real training run is marked slow.
@@ -17,10 +17,12 @@ torchvision = pytest.importorskip('torchvision')
 
 # pylint: disable=g-import-not-at-top,wrong-import-position
 import demo as demo_config
-from drpl_jax import soft_labels
-from drpl_jax import torch_data
-from drpl_jax import torch_io
-from drpl_jax import train_teacher
+from drpl_jax.pytorch import soft_labels
+from drpl_jax.pytorch import torch_data
+from drpl_jax.pytorch import torch_io
+from drpl_jax.pytorch import torchvision_models as tv_models
+from drpl_jax.pytorch import train_teacher
+from drpl_jax.teacher import load as teacher_load
 
 pytestmark = pytest.mark.torch
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -81,10 +83,9 @@ def test_writes_torchvision_state_dict_and_metrics(config, tmp_path):
 
 
 def test_output_converts_to_the_flax_teacher(config, tmp_path):
-  convert = pytest.importorskip('drpl_jax.convert')
   out = str(tmp_path / 'teacher.safetensors')
   train_teacher.train_teacher(config, 'resnet18', out, **FAST)
-  flax_teacher = convert.torch_teacher('resnet18', out, 10, image_size=32)
+  flax_teacher = teacher_load.torch_teacher('resnet18', out, 10, image_size=32)
   model = torchvision.models.resnet18(num_classes=10).eval()
   state = torch_io.load_state_dict(out)
   model.load_state_dict({k: torch.from_numpy(v) for k, v in state.items()})
@@ -164,16 +165,16 @@ def _state(num_classes: int = 10) -> dict:
 def test_load_state_names_bad_keys(edit, match):
   state = _state()
   edit(state)
-  model = train_teacher.build_model('resnet18', 10)
+  model = tv_models.build_model('resnet18', 10)
   with pytest.raises(ValueError, match=match):
-    train_teacher.load_state(model, state, arch='resnet18', path='ck.pth',
+    tv_models.load_state(model, state, arch='resnet18', path='ck.pth',
                              reinit_head=True)
 
 
 def test_load_state_refuses_other_head_unless_reinit():
-  model = train_teacher.build_model('resnet18', 10)
+  model = tv_models.build_model('resnet18', 10)
   with pytest.raises(ValueError, match=r'fc\.weight: file \(4, 512\)'):
-    train_teacher.load_state(model, _state(4), arch='resnet18')
+    tv_models.load_state(model, _state(4), arch='resnet18')
 
 
 def test_init_with_missing_key_fails_before_training(config, tmp_path):
@@ -189,13 +190,13 @@ def test_init_with_missing_key_fails_before_training(config, tmp_path):
 
 
 def test_densenet_legacy_names_are_accepted():
-  model = train_teacher.build_model('densenet121', 10)
+  model = tv_models.build_model('densenet121', 10)
   state = {k: v.numpy().copy() for k, v in model.state_dict().items()}
   legacy = {k.replace('denselayer1.norm1.', 'denselayer1.norm.1.'): v
             for k, v in state.items()}
   assert legacy != state
-  fresh = train_teacher.build_model('densenet121', 10)
-  report = train_teacher.load_state(fresh, legacy, arch='densenet121')
+  fresh = tv_models.build_model('densenet121', 10)
+  report = tv_models.load_state(fresh, legacy, arch='densenet121')
   assert report['renamed_keys'] > 0
   key = 'features.denseblock1.denselayer1.norm1.weight'
   np.testing.assert_array_equal(fresh.state_dict()[key].numpy(), state[key])

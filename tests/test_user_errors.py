@@ -15,7 +15,8 @@ import numpy as np
 import PIL.Image
 import pytest
 
-from drpl_jax import evaluate, predict
+from drpl_jax.evaluation import evaluate
+from drpl_jax.evaluation import predict
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PYTHON = sys.executable
@@ -130,7 +131,7 @@ def test_evaluate_config_defaults_to_the_run_and_names_differences(tiny_run):
 
 def test_predict_and_export_without_meta_do_not_suggest_config(tmp_path,
                                                                capsys):
-  from drpl_jax import export  # pylint: disable=g-import-not-at-top
+  from drpl_jax.evaluation import export  # pylint: disable=g-import-not-at-top
   assert predict.main(['--workdir', str(tmp_path), 'x.png']) == 2
   assert export.main(['--workdir', str(tmp_path), '--out',
                       str(tmp_path / 'o')]) == 2
@@ -160,7 +161,9 @@ def test_input_bench_reports_null_not_an_absurd_rate(capsys):
 def test_soft_labels_of_another_data_set_refused_before_training(
     demo_data_dir, tmp_path):
   import demo  # pylint: disable=g-import-not-at-top
-  from drpl_jax import data, input_pipeline, soft_labels  # pylint: disable=g-import-not-at-top
+  from drpl_jax import data  # pylint: disable=g-import-not-at-top
+  from drpl_jax.input import pipeline as input_pipeline  # pylint: disable=g-import-not-at-top
+  from drpl_jax.pytorch import soft_labels  # pylint: disable=g-import-not-at-top
   config = demo.get_config('steps=2')
   config.data.data_dir = demo_data_dir
   info = data.ensure_prepared(config.data)
@@ -292,7 +295,7 @@ def test_bench_records_name_their_config_overrides(capsys, monkeypatch):
 
 
 def test_class_count_follows_the_data_unless_contradicted():
-  from drpl_jax import preflight  # pylint: disable=g-import-not-at-top
+  from drpl_jax.train import preflight  # pylint: disable=g-import-not-at-top
   import drpl_vit  # pylint: disable=g-import-not-at-top
   config = drpl_vit.get_config('variant=micro')
   config.data.classes = 'COVID,Normal'
@@ -309,7 +312,7 @@ def test_class_count_follows_the_data_unless_contradicted():
 
 
 def test_export_removes_a_stale_savedmodel(tiny_run, tmp_path):
-  from drpl_jax import export  # pylint: disable=g-import-not-at-top
+  from drpl_jax.evaluation import export  # pylint: disable=g-import-not-at-top
   out = tmp_path / 'export'
   (out / export.SAVEDMODEL_DIR).mkdir(parents=True)
   (out / export.SAVEDMODEL_DIR / 'saved_model.pb').write_bytes(b'old')
@@ -333,10 +336,11 @@ def test_tpu_pod_names_a_missing_config_file():
 
 
 def test_reproduce_plan_messages(tmp_path, capsys, monkeypatch):
-  from drpl_jax import reproduce  # pylint: disable=g-import-not-at-top
+  from drpl_jax.reproduce import cli as reproduce_cli  # pylint: disable=g-import-not-at-top
+  from drpl_jax.reproduce import protocol as reproduce  # pylint: disable=g-import-not-at-top
   monkeypatch.setitem(reproduce.DEFAULT_DATA, 'sample',
                       str(tmp_path / 'no_sample'))
-  assert reproduce.main(['plan', '--mode', 'sample', '--workdir',
+  assert reproduce_cli.main(['plan', '--mode', 'sample', '--workdir',
                          str(tmp_path / 'w'), '--dry_run']) == 2
   err = capsys.readouterr().err
   assert 'sample data' in err and 'beside this checkout' in err
@@ -345,10 +349,10 @@ def test_reproduce_plan_messages(tmp_path, capsys, monkeypatch):
   sample.mkdir()
   args = ['plan', '--mode', 'sample', '--workdir', str(tmp_path / 'w'),
           '--manual_dir', str(sample)]
-  assert reproduce.main(args + ['--dry_run']) == 0
+  assert reproduce_cli.main(args + ['--dry_run']) == 0
   assert 'would be written (dry run)' in capsys.readouterr().out
   assert not (tmp_path / 'w' / 'reproduce.json').exists()
-  assert reproduce.main(args) == 0 and reproduce.main(args + ['--dry_run']) == 0
+  assert reproduce_cli.main(args) == 0 and reproduce_cli.main(args + ['--dry_run']) == 0
   assert 'unchanged (dry run)' in capsys.readouterr().out.splitlines()[-1]
 
 
@@ -385,7 +389,7 @@ def test_predict_warns_about_images_below_the_minimum_side(tiny_run, tmp_path):
 
 
 def test_teacher_of_another_architecture_named_from_its_record(tmp_path):
-  from drpl_jax import preflight  # pylint: disable=g-import-not-at-top
+  from drpl_jax.train import preflight  # pylint: disable=g-import-not-at-top
   ckpt = tmp_path / 'resnet18.safetensors'
   ckpt.write_bytes(b'')
   (tmp_path / 'resnet18.json').write_text(json.dumps({'arch': 'resnet18'}))

@@ -18,7 +18,7 @@ from typing import Any, Callable, Sequence
 import jax
 import ml_collections
 
-from drpl_jax import hostmem
+from drpl_jax.parallel import hostmem
 
 
 def load_config(spec: str) -> ml_collections.ConfigDict:
@@ -71,7 +71,7 @@ def emit(record: dict[str, Any]) -> None:
   """Prints one measurement as a single JSON line on stdout.
 
   Adds whether this process runs with the tuned host allocator
-  (drpl_jax.hostmem), which changed XLA:CPU train steps by 14-17%, and
+  (drpl_jax.parallel.hostmem), which changed XLA:CPU train steps by 14-17%, and
   the `--config.*` overrides applied (e.g. model.materialize=off).
   """
   record = {**record, 'host_malloc_tuned': hostmem.applied(),

@@ -36,7 +36,7 @@ def _teacher(argv: Sequence[str]) -> None:
 
 
 def _compare(argv: Sequence[str]) -> None:
-  from drpl_jax.bench import compare as bench
+  from drpl_jax.pytorch import compare as bench
   bench.main(argv)
 
 
@@ -64,8 +64,9 @@ Prints one JSON object per measurement on stdout.
 `python -m drpl_jax.bench SUBCOMMAND --help` lists a subcommand's flags."""
 
 
-def main(argv: Sequence[str]) -> int:
-  """Runs the subcommand named by argv[0] with the remaining arguments."""
+def main(argv: Sequence[str] | None = None) -> int:
+  """Runs the subcommand named by argv[0] (default sys.argv[1:])."""
+  argv = sys.argv[1:] if argv is None else argv
   if argv and argv[0] in ('-h', '--help'):
     print(HELP)
     return 0
@@ -74,7 +75,7 @@ def main(argv: Sequence[str]) -> int:
     print(f'usage: python -m drpl_jax.bench {{{",".join(SUBCOMMANDS)}}} '
           f'[flags]; got {got}', file=sys.stderr)
     return 2
-  from drpl_jax import hostmem  # pylint: disable=g-import-not-at-top
+  from drpl_jax.parallel import hostmem  # pylint: disable=g-import-not-at-top
   hostmem.configure()  # before JAX starts its CPU client
   SUBCOMMANDS[argv[0]](list(argv[1:]))
   return 0

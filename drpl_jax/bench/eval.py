@@ -32,12 +32,12 @@ import jax
 import ml_collections
 import numpy as np
 
-from drpl_jax import optim
-from drpl_jax import sharding
-from drpl_jax import train
-from drpl_jax import train_step as step_lib
 from drpl_jax.bench import config_from_args, emit, parse_timing_args
 from drpl_jax.bench import tensorflow_imported, time_steps, timing_parser
+from drpl_jax.parallel import sharding
+from drpl_jax.train import loop as train
+from drpl_jax.train import optim
+from drpl_jax.train import step as step_lib
 
 MEASUREMENTS = ('eval', 'train')
 TARGET_RATIO = 3.0

@@ -28,9 +28,10 @@ from typing import Any, Callable, Iterator, Sequence
 import numpy as np
 from PIL import Image
 
-from drpl_jax import augment, input_pipeline
 from drpl_jax.bench import apply_overrides, emit, load_config
 from drpl_jax.bench import tensorflow_imported
+from drpl_jax.input import augment
+from drpl_jax.input import pipeline as input_pipeline
 
 
 def synthetic_xray(rng: np.random.Generator, size: int = 299) -> np.ndarray:

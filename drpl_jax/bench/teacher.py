@@ -11,7 +11,7 @@ Prints one JSON object per measurement:
       with offline (synthetic) teacher logits in the batch, so the losses
       are the same as with a teacher;
   train_step (teacher ARCH): the same step and batch with an online teacher
-      (`train.OnlineTeacher` from `convert.torch_teacher(arch, None, ...)`:
+      (`train.OnlineTeacher` from `teacher_load.torch_teacher(arch, None, ...)`:
       torchvision-initialised random weights, no checkpoint) running inside
       it on the mixed images;
   teacher_forward: the jitted teacher alone on the same batch;
@@ -44,16 +44,16 @@ import ml_collections
 import numpy as np
 from flax import nnx
 
-from drpl_jax import convert
-from drpl_jax import optim
-from drpl_jax import sharding
 from drpl_jax import teacher as teacher_lib
-from drpl_jax import train
-from drpl_jax import train_step as step_lib
 from drpl_jax.bench import config_from_args, emit, parse_timing_args
 from drpl_jax.bench import tensorflow_imported, timing_parser
 from drpl_jax.bench.eval import device_info, synthetic_batch
+from drpl_jax.parallel import sharding
+from drpl_jax.teacher import load as teacher_load
 from drpl_jax.teacher.common import DTYPES as TEACHER_DTYPES
+from drpl_jax.train import loop as train
+from drpl_jax.train import optim
+from drpl_jax.train import step as step_lib
 
 TARGET_OVERHEAD = 0.10
 
@@ -94,7 +94,7 @@ def online_teacher(config: ml_collections.ConfigDict, args, mesh
                    ) -> train.OnlineTeacher:
   """A random-weight converted teacher placed on the mesh, as training."""
   size = int(config.data.image_size)
-  module = convert.torch_teacher(
+  module = teacher_load.torch_teacher(
       args.arch, None, int(config.model.num_classes), image_size=size,
       dtype=args.teacher_dtype)
   graphdef, state = nnx.split(module)

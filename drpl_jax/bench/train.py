@@ -42,12 +42,12 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from drpl_jax import optim
-from drpl_jax import sharding
-from drpl_jax import train
-from drpl_jax import train_step as step_lib
 from drpl_jax.bench import config_from_args, emit, parse_timing_args
 from drpl_jax.bench import tensorflow_imported, time_steps, timing_parser
+from drpl_jax.parallel import sharding
+from drpl_jax.train import loop as train
+from drpl_jax.train import optim
+from drpl_jax.train import step as step_lib
 
 # Dense bf16 peak FLOP/s per device (datasheets), matched against
 # `device.device_kind` (lower case); the first match wins.
@@ -64,7 +64,7 @@ DATASHEET_PEAK_FLOPS = (
 
 def parse_args(argv: Sequence[str]) -> argparse.Namespace:
   # 5 warm-up steps: with asynchronous dispatch the tuned host allocator's
-  # heap (drpl_jax.hostmem) settles within about 5 steps.
+  # heap (drpl_jax.parallel.hostmem) settles within about 5 steps.
   parser = timing_parser('train', batch=32, steps=5, repeats=3, warmup=5)
   parser.add_argument('--matmul_size', type=int, default=2048,
                       help='side of the fp32 matmul measuring the CPU peak')
@@ -218,6 +218,6 @@ def main(argv: Sequence[str]) -> None:
 
 
 if __name__ == '__main__':
-  from drpl_jax import hostmem  # pylint: disable=g-import-not-at-top
+  from drpl_jax.parallel import hostmem  # pylint: disable=g-import-not-at-top
   hostmem.configure()
   main(sys.argv[1:])

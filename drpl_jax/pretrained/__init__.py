@@ -1,6 +1,6 @@
 """Starting a DRPL-ViT from public pretrained weights, in any of four formats.
 
-  timm        timm / DeiT ViT state dicts (`drpl_jax.student_init`).
+  timm        timm / DeiT ViT state dicts (`drpl_jax.pretrained.mapping`).
   irpe        official iRPE DeiT checkpoints (`irpe.py`).
   ceit        official CeiT checkpoints (`ceit.py`).
   big_vision  big_vision / vision_transformer AugReg `.npz` (`big_vision.py`).
@@ -23,9 +23,9 @@ from typing import Any
 import numpy as np
 from flax import nnx
 
-from drpl_jax import student_init
 from drpl_jax.models import DRPLViT, ModelConfig, create_model
 from drpl_jax.pretrained import big_vision, ceit, irpe
+from drpl_jax.pretrained import mapping
 from drpl_jax.pretrained.formats import FORMATS, detect_format, read_checkpoint
 
 __all__ = ['FORMATS', 'detect_format', 'read_checkpoint', 'load_source',
@@ -39,13 +39,13 @@ def load_source(checkpoint: str | os.PathLike[str] | Mapping[str, Any]
                 ) -> tuple[Mapping[str, Any], str]:
   """A path (local or gs://) or a mapping -> (flat state, its description)."""
   if isinstance(checkpoint, Mapping):
-    return student_init.load_timm_state(checkpoint)
+    return mapping.load_timm_state(checkpoint)
   path = os.fspath(checkpoint)
   return read_checkpoint(path), path
 
 
 def prepare(state: Mapping[str, Any], cfg: ModelConfig, source: str
-            ) -> tuple[dict[str, Any], student_init.Plan]:
+            ) -> tuple[dict[str, Any], mapping.Plan]:
   """Detects the format; returns the state to map and the format's plan."""
   fmt = detect_format(state, source)
   if fmt == 'big_vision':
@@ -55,7 +55,7 @@ def prepare(state: Mapping[str, Any], cfg: ModelConfig, source: str
   elif fmt == 'irpe':
     plan = irpe.plan(state, cfg, source)
   else:
-    plan = student_init.Plan()
+    plan = mapping.Plan()
   return {k: v for k, v in state.items() if k not in plan.ignored}, plan
 
 
@@ -64,13 +64,13 @@ def map_pretrained(state: Mapping[str, Any],
                    model_config: ModelConfig | Mapping[str, Any], *,
                    strict_head: bool = False, source: str = 'state dict'
                    ) -> tuple[dict[str, np.ndarray], Report]:
-  """`student_init.map_timm_state` for a checkpoint of any known format.
+  """`mapping.map_timm_state` for a checkpoint of any known format.
 
   The report gains 'format' (a key of FORMATS) and 'format_name'.
   """
   cfg = ModelConfig.from_config(model_config)
   state, plan = prepare(state, cfg, source)
-  values, report = student_init.map_timm_state(
+  values, report = mapping.map_timm_state(
       state, target_shapes, cfg, strict_head=strict_head, source=source,
       plan=plan)
   report['format_name'] = FORMATS[plan.format]
@@ -108,7 +108,7 @@ def student_from_pretrained(
   for kind in (nnx.Param, nnx.BatchStat):
     part = nnx.state(model, kind)
     names = _names(part)
-    nnx.update(model, student_init.update_params(
+    nnx.update(model, mapping.update_params(
         part, {k: v for k, v in values.items() if k in names}))
-  student_init.log_report(report)
+  mapping.log_report(report)
   return model, report

@@ -26,7 +26,7 @@ from collections.abc import Mapping
 import numpy as np
 
 from drpl_jax.models import ModelConfig
-from drpl_jax.student_init import Plan
+from drpl_jax.pretrained.mapping import Plan
 
 _PREFIXES = ('opt/target/', 'params/img/', 'params/', '')
 

@@ -19,7 +19,7 @@ from collections.abc import Mapping
 import numpy as np
 
 from drpl_jax.models import ModelConfig
-from drpl_jax.student_init import Plan, Transform, source_info
+from drpl_jax.pretrained.mapping import Plan, Transform, source_info
 
 _BLOCK = re.compile(r'^blocks\.(\d+)\.leff\.')
 

@@ -3,8 +3,8 @@
 Files are local paths or any path etils.epath opens (e.g. `gs://...`);
 nothing is fetched from the network by name. `.npz` (big_vision /
 vision_transformer) is read with numpy (no pickles); `.safetensors` and
-`.pth` go through `drpl_jax.torch_io` (a remote file is copied to a local
-temporary file first).
+`.pth` go through `drpl_jax.pytorch.torch_io` (a remote file is copied to a
+local temporary file first).
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from typing import Any
 
 import numpy as np
 
-from drpl_jax import torch_io
+from drpl_jax.pytorch import torch_io
 
 # Format name -> what it is, as reports and errors say it.
 FORMATS = {

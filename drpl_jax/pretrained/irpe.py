@@ -26,7 +26,7 @@ from collections.abc import Mapping
 import numpy as np
 
 from drpl_jax.models import ModelConfig
-from drpl_jax.student_init import Plan, Transform
+from drpl_jax.pretrained.mapping import Plan, Transform
 
 _TABLE = re.compile(
     r'^blocks\.(\d+)\.attn\.rpe_([qkv])\.lookup_table_(weight|bias)$')

@@ -6,7 +6,7 @@ layouts transposed back, `.scale` -> `.weight`, `ffn.fc1/fc2` ->
 `timm.create_model('deit_*_distilled_patch16_224')` (distilled) or the
 `deit_*_patch16_224` / `vit_*` models, and computes the same logits. Models
 with RPE, LeFF or the conv stem have no timm counterpart: they go to the
-project's PyTorch twin (`drpl_jax.torch_ref`).
+project's PyTorch twin (`drpl_jax.pytorch.twin`).
 """
 
 from __future__ import annotations
@@ -58,7 +58,7 @@ def timm_state_dict(model: DRPLViT) -> dict[str, np.ndarray]:
   if problems:
     raise ValueError(
         'no timm counterpart for a model with ' + ', '.join(problems) +
-        ': export it to the PyTorch twin (drpl_jax.torch_ref) instead')
+        ': export it to the PyTorch twin (drpl_jax.pytorch.twin) instead')
   p = _flat(model)
   out: dict[str, np.ndarray] = {}
   for name, value in p.items():

@@ -3,13 +3,13 @@
 ResNet-18..152, DenseNet-121..201 and RegNetY-400MF..128GF with torchvision's
 exact numerics and parameter names, so trained PyTorch weights convert
 mechanically (`load_torch_weights`) and run inside the jitted train step.
-Imports no torch, TensorFlow or clu; `drpl_jax.convert.torch_teacher` is the
-one-call entry point from a checkpoint file.
+Imports no torch, TensorFlow or clu; `load.torch_teacher` is the one-call
+entry point from a checkpoint file.
 """
 
 from drpl_jax.teacher.archs import TEACHER_ARCHS
-from drpl_jax.teacher.archs import abstract_teacher
 from drpl_jax.teacher.archs import Teacher
+from drpl_jax.teacher.archs import abstract_teacher
 from drpl_jax.teacher.archs import arch_spec
 from drpl_jax.teacher.archs import create_teacher
 from drpl_jax.teacher.common import IMAGENET_MEAN

@@ -63,7 +63,7 @@ def create_teacher(cfg: TeacherConfig, *, rngs: nnx.Rngs) -> Teacher:
   The module maps [B, H, W, 3] images in [0, 1] to [B, num_classes] float32
   logits with BatchNorm running averages and no gradient; it normalises and
   resizes its input itself (see `common.preprocess`). Load real weights with
-  `load_torch_weights` or use `drpl_jax.convert.torch_teacher`.
+  `load_torch_weights` or use `drpl_jax.teacher.load.torch_teacher`.
   """
   spec = arch_spec(cfg.arch)
   if isinstance(spec, ResNetSpec):

@@ -20,11 +20,12 @@ report.json / report.md:
   the evaluated images): it then classifies from what lies outside the
   lungs (borders, markers, the body outline), a shortcut.
 
-`attention`: the share of the attention-rollout mass (`drpl_jax.rollout`,
-  as in `predict --heatmap`) that falls on patches whose centre lies inside
-  the lung box, averaged over the images, beside the box's share of the
-  patches (what a uniform map would give). A share well below the box's
-  area means the prediction is read from the border.
+`attention`: the share of the attention-rollout mass
+  (`drpl_jax.evaluation.rollout`, as in `predict --heatmap`) that falls on
+  patches whose centre lies inside the lung box, averaged over the images,
+  beside the box's share of the patches (what a uniform map would give). A
+  share well below the box's area means the prediction is read from the
+  border.
 
 The box: `config.probes.lung_box = (top, bottom, left, right)` as fractions
 of the model's input image (after the evaluation resize and centre crop).
@@ -111,7 +112,7 @@ class _Masked:
 
 def _figures(logits: np.ndarray, labels: np.ndarray,
              class_names) -> dict[str, Any]:
-  from drpl_jax import metrics  # pylint: disable=g-import-not-at-top
+  from drpl_jax.evaluation import metrics  # pylint: disable=g-import-not-at-top
   m = metrics.classification_metrics(metrics.softmax(logits), labels,
                                      class_names, n_bootstrap=0)
   return {'accuracy': m['accuracy'],
@@ -165,8 +166,8 @@ def rollout_summary(config, graphdef, params, rest,
   """The `attention` entry: rollout mass inside the lung box (see doc)."""
   import jax  # pylint: disable=g-import-not-at-top
   from flax import nnx  # pylint: disable=g-import-not-at-top
-  from drpl_jax import rollout  # pylint: disable=g-import-not-at-top
-  from drpl_jax import train_step as step_lib  # pylint: disable=g-import-not-at-top
+  from drpl_jax.evaluation import rollout  # pylint: disable=g-import-not-at-top
+  from drpl_jax.train import step as step_lib  # pylint: disable=g-import-not-at-top
   mean, std = tuple(config.data.mean), tuple(config.data.std)
   box = probe_settings(config)['lung_box']
   prefix = 2 if config.model.distilled else 1

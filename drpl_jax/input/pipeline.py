@@ -30,7 +30,7 @@ import grain
 import jax
 import numpy as np
 
-from drpl_jax import augment
+from drpl_jax.input import augment
 
 # Threads each assembling a whole batch; PIL and PNG decoding release the
 # GIL, so a few threads keep a core busy without worker processes.
@@ -209,7 +209,7 @@ def train_iterator(source, *, batch_size: int, image_size: int, seed: int,
     balanced: class-balanced sampling (with replacement); needs `labels`.
     labels: the label of every source example, for `balanced`.
     teacher_logits: offline soft labels, example id -> float [C] (a dict or
-      a `drpl_jax.soft_labels.SoftLabels`); adds
+      a `drpl_jax.pytorch.soft_labels.SoftLabels`); adds
       `'teacher_logits': float32 [b, C]` to every batch (joined by the
       source's `'id'`). Exact only for views the teacher saw.
     num_threads: reader threads (per worker process when num_workers > 0).
@@ -356,7 +356,7 @@ def create_train_iterator(config, *, process_index: int | None = None,
   source = data.get_source(config.data, config.data.train_split)
   soft_path = config.get('teacher', {}).get('soft_labels', '')
   if teacher_logits is None and soft_path:
-    from drpl_jax import soft_labels  # pylint: disable=g-import-not-at-top
+    from drpl_jax.pytorch import soft_labels  # pylint: disable=g-import-not-at-top
     teacher_logits = soft_labels.SoftLabels.load(
         soft_path, class_names=info.class_names, expected_ids=source.ids,
         dataset=(info.name, info.version))

@@ -23,7 +23,7 @@ import torch
 from flax import nnx
 
 from drpl_jax.models import DRPLViT, create_model
-from drpl_jax.torch_ref.model import DRPLViTTorch
+from drpl_jax.pytorch.twin.model import DRPLViTTorch
 
 _LEAF_RENAMES = {'kernel': 'weight', 'scale': 'weight',
                  'mean': 'running_mean', 'var': 'running_var'}

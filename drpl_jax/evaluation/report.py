@@ -31,8 +31,8 @@ from typing import Any
 from etils import epath
 import numpy as np
 
-from drpl_jax import metrics
-from drpl_jax import probes
+from drpl_jax.evaluation import metrics
+from drpl_jax.evaluation import probes
 
 # Bai et al., "DRPL-ViT ...", Laser Journal 2024, 45(2): reported, not
 # reproduced; the paper publishes no code and no split.

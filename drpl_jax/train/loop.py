@@ -24,12 +24,13 @@ import numpy as np
 from absl import logging
 from flax import nnx
 
-from drpl_jax import checkpointing
-from drpl_jax import input_pipeline
-from drpl_jax import optim
-from drpl_jax import sharding
-from drpl_jax import train_step as step_lib
+from drpl_jax.input import pipeline as input_pipeline
 from drpl_jax.models import ModelConfig, create_model
+from drpl_jax.parallel import sharding
+from drpl_jax.teacher import load as teacher_load
+from drpl_jax.train import checkpointing
+from drpl_jax.train import optim
+from drpl_jax.train import step as step_lib
 
 State = dict[str, Any]
 
@@ -89,9 +90,9 @@ def create_online_teacher(config: ml_collections.ConfigDict, mesh
     raise ValueError(f'config.teacher.arch={t.arch!r} needs '
                      'config.teacher.checkpoint (a .safetensors or .pth '
                      'state dict; see python -m drpl_jax.train_teacher)')
-  from drpl_jax import convert, preflight  # pylint: disable=g-import-not-at-top
+  from drpl_jax.train import preflight  # pylint: disable=g-import-not-at-top
   preflight.check_teacher_arch(t.arch, t.checkpoint)
-  module = convert.torch_teacher(
+  module = teacher_load.torch_teacher(
       t.arch, t.checkpoint, config.model.num_classes,
       image_size=t.image_size, mean=tuple(t.mean), std=tuple(t.std),
       dtype=t.get('dtype', 'float32'))
@@ -336,7 +337,7 @@ def _setup(config: ml_collections.ConfigDict, workdir: str, info) -> _Run:
     train_iter.set_state(data_state)
     logging.info('Resumed from step %d in %s', int(state['step']), workdir)
   elif config.get('init_from'):
-    from drpl_jax import student_init  # pylint: disable=g-import-not-at-top
+    from drpl_jax.train import student_init  # pylint: disable=g-import-not-at-top
     state, _ = student_init.init_train_state(config, state)
   n_params = sum(x.size for x in jax.tree.leaves(state['params']))
   logging.info('Model %s: %d parameters, %d devices, mesh %s',

@@ -17,7 +17,7 @@ from torch import nn
 
 from drpl_jax.models import rpe as rpe_lib
 from drpl_jax.models.config import ModelConfig
-from drpl_jax.torch_ref.layers import linear, trunc_normal_02_
+from drpl_jax.pytorch.twin.layers import linear, trunc_normal_02_
 
 
 def _long(ids: np.ndarray, device: torch.device) -> torch.Tensor:

@@ -9,7 +9,8 @@ they need, so the settings live in one place and are tested:
   python -m drpl_jax.reproduce runs --workdir W --mode sample
   python -m drpl_jax.reproduce table --workdir W [--out FILE.md]
 
-(the table is written by drpl_jax/reproduce_table.py).
+(the command line is drpl_jax/reproduce/cli.py, the table
+drpl_jax/reproduce/table.py).
 
 Modes (`get_settings`): `paper` (4 classes, DeiT-S at 224 px, the config's
 full recipe, a ResNet-50 teacher, 1 seed), `sample` (COVID vs Normal on the
@@ -26,14 +27,12 @@ and `results.md`. Paths may be `gs://...` (etils.epath).
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import datetime
 import json
 import os
 import shlex
 import socket
-import sys
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -41,7 +40,9 @@ from etils import epath
 
 PRESETS = ('vit', 'deit', 'deit_rpe', 'deit_conv', 'drpl')
 MODES = ('paper', 'sample', 'cxr2k5')
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# The repository root: drpl_jax/reproduce/protocol.py is three levels down.
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(
+    os.path.abspath(__file__))))
 CONFIG_FILE = 'configs/drpl_vit.py'
 DEFAULT_SAMPLE_DIR = os.path.normpath(os.path.join(
     REPO, '..', 'shared', 'data', 'covid19_radiography_sample'))
@@ -345,7 +346,7 @@ def read_json(path: str, what: str) -> Any:
     raise ValueError(f'{what} {path} is unreadable: {e}') from e
 
 
-def _write_json(path: str, value: Any) -> None:
+def write_json(path: str, value: Any) -> None:
   p = epath.Path(path)
   p.parent.mkdir(parents=True, exist_ok=True)
   tmp = p.parent / (p.name + '.partial')
@@ -400,130 +401,9 @@ def record(path: str, step: str, command: Sequence[str], start: float,
       'seconds': round(end - start, 1), 'exit_code': rc,
       'host': socket.gethostname(), 'cpus': os.cpu_count()})
   entry['seconds'] = round(sum(a['seconds'] for a in entry['attempts']), 1)
-  _write_json(path, entry)
+  write_json(path, entry)
   return entry
 
 
 def run_step_name(preset: str, seed: int) -> str:
   return f'run-{preset}-seed{seed}'
-
-
-# --------------------------------------------------------------------- CLI
-
-
-def _lines(args: argparse.Namespace) -> list[str]:
-  """The output lines of a subcommand that works on one reproduction."""
-  settings = get_settings(args.mode, smoke=args.smoke, num_seeds=args.seeds)
-  if args.cmd == 'settings':
-    values = dataclasses.asdict(settings)
-    if settings.mode in TRAIN_IMAGES and not settings.smoke:
-      values['estimate_minutes_2_cores'] = {
-          k: round(v, 1) for k, v in estimate_minutes(settings).items()}
-    return [json.dumps(values, indent=1)]
-  paths = get_paths(settings, args.workdir, manual_dir=args.manual_dir,
-                    data_dir=args.data_dir, teacher=args.teacher,
-                    teacher_init=args.teacher_init)
-  if args.cmd == 'runs':
-    return ['\t'.join((p, str(s), paths.run_dir(p, s), paths.report(p, s)))
-            for p in settings.presets for s in settings.seeds]
-  if args.cmd == 'paths':
-    values = dict(dataclasses.asdict(paths), **paths.extra(),
-                  prepared=prepared_summary(settings, paths))
-    return [f'{k}\t{v}' for k, v in values.items()]
-  if args.cmd == 'plan':
-    return [_plan(settings, paths, args)]
-  if args.what == 'prepare':
-    return prepare_args(settings, paths)
-  if args.what == 'teacher':
-    return teacher_args(settings, paths)
-  if args.preset is None or args.seed is None:
-    raise ValueError('args run needs --preset and --seed')
-  return [config_arg(settings, args.preset)] + run_overrides(
-      settings, paths, args.preset, args.seed)
-
-
-def _plan(settings: Settings, paths: Paths, args: argparse.Namespace) -> str:
-  """Checks the arguments and writes (or checks) WORKDIR/reproduce.json."""
-  if not paths.manual_dir.startswith('gs://') and not os.path.exists(
-      paths.manual_dir):
-    raise ValueError(_missing_data(paths.manual_dir, args.manual_dir,
-                                   settings.mode))
-  plan = plan_dict(settings, paths, args.command, args.launcher)
-  path = paths.extra()['plan']
-  old = read_json(path, 'plan') if epath.Path(path).exists() else None
-  if check_plan(plan, old, path) and not args.dry_run:
-    _write_json(path, plan)
-    return f'wrote {path}'
-  if args.dry_run and old is None:
-    return f'plan {path}: would be written (dry run)'
-  return f'plan {path}: unchanged{" (dry run)" if args.dry_run else ""}'
-
-
-def _missing_data(path: str, given: str, mode: str) -> str:
-  """Why the raw data folder `path` is missing: given, or the mode's default."""
-  if given:
-    return f'--manual_dir {path} does not exist'
-  return (f'the {mode} data {path} does not exist (it is expected beside '
-          'this checkout, in ../shared/data); pass --manual_dir '
-          f'PATH/{os.path.basename(path)}')
-
-
-def _parser() -> argparse.ArgumentParser:
-  parser = argparse.ArgumentParser(prog='python -m drpl_jax.reproduce')
-  sub = parser.add_subparsers(dest='cmd', required=True)
-  for name in ('settings', 'args', 'runs', 'paths', 'plan'):
-    p = sub.add_parser(name)
-    p.add_argument('--mode', choices=MODES, default='paper')
-    p.add_argument('--smoke', action='store_true')
-    p.add_argument('--seeds', type=int, default=None, help='how many')
-    if name != 'settings':
-      p.add_argument('--workdir', required=True)
-      for flag in ('manual_dir', 'data_dir', 'teacher', 'teacher_init'):
-        p.add_argument(f'--{flag}', default='')
-    if name == 'args':
-      p.add_argument('what', choices=('prepare', 'teacher', 'run'))
-      p.add_argument('--preset', choices=PRESETS)
-      p.add_argument('--seed', type=int)
-    if name == 'plan':
-      p.add_argument('--launcher', default='local')
-      p.add_argument('--command', default='')
-      p.add_argument('--dry_run', action='store_true')
-  p = sub.add_parser('record', help='append an attempt to a step timing')
-  for flag, kind in (('workdir', str), ('step', str), ('start', float),
-                     ('end', float), ('rc', int)):
-    p.add_argument(f'--{flag}', type=kind, required=flag != 'rc', default=0)
-  p.add_argument('command', nargs=argparse.REMAINDER)
-  p = sub.add_parser('table', help='write the Markdown table')
-  p.add_argument('--workdir', required=True)
-  p.add_argument('--out', default='', help='default WORKDIR/results.md')
-  sub.add_parser('exists', help='exit 0 if PATH exists').add_argument('path')
-  return parser
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-  """Runs a subcommand; bad input exits 2 with a one-line message."""
-  args = _parser().parse_args(argv)
-  try:
-    if args.cmd == 'exists':
-      return 0 if epath.Path(args.path).exists() else 1
-    if args.cmd == 'record':
-      command = args.command[1:] if args.command[:1] == ['--'] else (
-          args.command)
-      path = os.path.join(args.workdir, 'timings', f'{args.step}.json')
-      entry = record(path, args.step, command, args.start, args.end, args.rc)
-      lines = [f'{args.step}: {entry["seconds"]}s in all ({path})']
-    elif args.cmd == 'table':
-      # pylint: disable-next=g-import-not-at-top
-      from drpl_jax import reproduce_table as table
-      lines = [f'wrote {table.write_table(args.workdir, args.out)}']
-    else:
-      lines = _lines(args)
-  except (ValueError, FileNotFoundError) as e:
-    print(f'reproduce: error: {e}', file=sys.stderr)
-    return 2
-  print('\n'.join(lines))
-  return 0
-
-
-if __name__ == '__main__':
-  sys.exit(main())

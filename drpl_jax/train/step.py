@@ -31,8 +31,8 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
-from drpl_jax import losses
-from drpl_jax import mixup as mixup_lib
+from drpl_jax.train import losses
+from drpl_jax.train import mixup as mixup_lib
 
 State = dict[str, Any]
 
@@ -305,7 +305,7 @@ def rpe_table_norms(params: Any) -> dict[str, jax.Array]:
   (iRPE q/k/v tables, or the bias table and its prefix entries);
   'rpe_norm': their mean over blocks. Empty for a model without RPE.
   """
-  from drpl_jax.optim import path_str  # pylint: disable=g-import-not-at-top
+  from drpl_jax.train.optim import path_str  # pylint: disable=g-import-not-at-top
   squares: dict[int, jax.Array] = {}
   for path, x in jax.tree_util.tree_leaves_with_path(params):
     match = _RPE_TABLE.match(path_str(path))

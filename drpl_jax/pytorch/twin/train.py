@@ -1,8 +1,8 @@
 """The DRPL-ViT training objective and one AdamW step in PyTorch.
 
-Mirrors `drpl_jax.losses.total_loss` (label-smoothed cross-entropy, DeiT
+Mirrors `drpl_jax.train.losses.total_loss` (label-smoothed cross-entropy, DeiT
 hard or soft distillation, optional class weights) and the optimizer of
-`drpl_jax.optim` (AdamW with decoupled weight decay on matrices and conv
+`drpl_jax.train.optim` (AdamW with decoupled weight decay on matrices and conv
 kernels only, global-norm clipping), so a step in either framework from the
 same weights and batch gives the same loss and gradients.
 """
@@ -15,8 +15,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from drpl_jax.losses import DISTILL_KINDS
-from drpl_jax.optim import decays
+from drpl_jax.train.losses import DISTILL_KINDS
+from drpl_jax.train.optim import decays
 
 Outputs = torch.Tensor | tuple[torch.Tensor, torch.Tensor]
 
@@ -50,7 +50,7 @@ def total_loss(outputs: Outputs, targets: torch.Tensor,
                tau: float = 1.0, label_smoothing: float = 0.0,
                class_weights: Sequence[float] | None = None
                ) -> torch.Tensor:
-  """The DRPL-ViT objective; see `drpl_jax.losses.total_loss`.
+  """The DRPL-ViT objective; see `drpl_jax.train.losses.total_loss`.
 
   'none': CE on one output, or the mean of both heads' CE; 'hard' / 'soft':
   (1 - alpha) CE(cls) + alpha distill(dist, teacher), hard = CE against the
@@ -83,7 +83,7 @@ def total_loss(outputs: Outputs, targets: torch.Tensor,
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
   """AdamW groups: decay on >= 2-D weights except tokens, pos_embed, bias RPE.
 
-  The same rule as `drpl_jax.optim.decay_mask` (names are shared); the
+  The same rule as `drpl_jax.train.optim.decay_mask` (names are shared); the
   iRPE tables are decayed, as in the official iRPE training.
   """
   decay, no_decay = [], []

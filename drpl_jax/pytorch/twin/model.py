@@ -2,7 +2,7 @@
 
 Same components, switches, parameter names (PyTorch's `weight` for Flax's
 `kernel`/`scale`), initial distributions and forward semantics as the Flax
-model, so weights convert both ways (`drpl_jax.torch_ref.convert`) and the
+model, so weights convert both ways (`drpl_jax.pytorch.twin.convert`) and the
 two frameworks can be compared on the same model. PyTorch conventions:
 images are NCHW [B, 3, H, W]; `model.train()` / `model.eval()` select the
 mode (train: (cls, dist) logits and BatchNorm batch statistics; eval: their
@@ -21,8 +21,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from drpl_jax.models.config import ModelConfig
-from drpl_jax.torch_ref.attention import Attention
-from drpl_jax.torch_ref.layers import (LayerScale, LeFF, Mlp, PatchEmbed,
+from drpl_jax.pytorch.twin.attention import Attention
+from drpl_jax.pytorch.twin.layers import (LayerScale, LeFF, Mlp, PatchEmbed,
                                        drop_path, layer_norm, linear,
                                        torch_dtype, trunc_normal_02_)
 

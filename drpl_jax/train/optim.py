@@ -66,7 +66,7 @@ def decays(name: str, ndim: int, rpe_weight_decay: bool = True) -> bool:
 
   Matrices and conv kernels only; `rpe_weight_decay=False` also exempts the
   iRPE tables (the reference recipe decays them; see the module docstring).
-  Shared with the PyTorch twin (`drpl_jax.torch_ref.train`).
+  Shared with the PyTorch twin (`drpl_jax.pytorch.twin.train`).
   """
   if not rpe_weight_decay and IRPE_TABLE.search(name):
     return False

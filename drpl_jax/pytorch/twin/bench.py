@@ -16,8 +16,8 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
 from drpl_jax.models.config import ModelConfig
-from drpl_jax.torch_ref import train as ttrain
-from drpl_jax.torch_ref.model import DRPLViTTorch
+from drpl_jax.pytorch.twin import train as ttrain
+from drpl_jax.pytorch.twin.model import DRPLViTTorch
 
 
 def sync(x: Any) -> Any:

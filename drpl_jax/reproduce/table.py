@@ -20,8 +20,9 @@ from typing import Any
 
 from etils import epath
 
-from drpl_jax import report as paper
-from drpl_jax.reproduce import Paths, Settings, read_json, run_step_name
+from drpl_jax.evaluation import report as paper
+from drpl_jax.reproduce.protocol import Paths, Settings, read_json
+from drpl_jax.reproduce.protocol import run_step_name
 
 
 def load_report(path: str) -> dict[str, Any]:
@@ -32,7 +33,7 @@ def load_report(path: str) -> dict[str, Any]:
   missing = [k for k in need if not isinstance(report, dict) or k not in report]
   if missing:
     raise ValueError(f'report {path} lacks {missing}; is it a report.json '
-                     'of drpl_jax.evaluate?')
+                     'of drpl_jax.evaluation.evaluate?')
   return report
 
 
@@ -45,7 +46,7 @@ def macro_f1_interval(confusion: Sequence[Sequence[int]], n_bootstrap: int,
   images (as the report's own intervals do when there are no patient ids).
   """
   import numpy as np  # pylint: disable=g-import-not-at-top
-  from drpl_jax import metrics  # pylint: disable=g-import-not-at-top
+  from drpl_jax.evaluation import metrics  # pylint: disable=g-import-not-at-top
   cm = np.asarray(confusion, np.int64)
   num = cm.shape[0]
   if n_bootstrap <= 0 or cm.sum() == 0:

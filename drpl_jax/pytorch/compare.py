@@ -5,7 +5,7 @@ r"""JAX vs PyTorch on the same DRPL-ViT, weights and batch, in one process.
       [--no_compile] [--markdown OUT.md] [--config.model.dtype=bfloat16 ...]
 
 Frameworks: `jax` (the project's jitted train step and a jitted forward),
-`torch_eager` and `torch_compile` (the PyTorch twin, `drpl_jax.torch_ref`,
+`torch_eager` and `torch_compile` (the PyTorch twin, `drpl_jax.pytorch.twin`,
 holding the Flax initialisation converted to PyTorch). For each: training
 images/s (forward + backward + clipping + AdamW), inference images/s (eval
 forward), the warm-up time to the first result (tracing and compilation
@@ -46,11 +46,13 @@ import numpy as np
 import torch
 from flax import nnx
 
-from drpl_jax import optim, torch_ref, train_step
 from drpl_jax.bench import apply_overrides, emit, load_config
 from drpl_jax.bench import tensorflow_imported
 from drpl_jax.models import ModelConfig, create_model
-from drpl_jax.torch_ref import bench as torch_bench
+from drpl_jax.pytorch import twin as torch_ref
+from drpl_jax.pytorch.twin import bench as torch_bench
+from drpl_jax.train import optim
+from drpl_jax.train import step as train_step
 
 # Datasheet dense bf16 tensor-core peaks (TFLOP/s): H100/H200 SXM, A100.
 GPU_PEAK_TFLOPS = {'H200': 989.0, 'H100': 989.0, 'A100': 312.0}

@@ -1,0 +1,10 @@
+"""Everything that imports torch, torchvision or timm (and only here).
+
+`torch_io` reads and writes state-dict files (torch only for .pth);
+`torch_data` and `train_teacher` fine-tune the torchvision teacher;
+`torchvision_models` builds it and loads checked state dicts;
+`soft_labels` writes (and reads) offline teacher logits; `convert` is the
+parity-checking converter command; `twin` is the PyTorch twin of the model
+and `compare` the JAX-vs-PyTorch benchmark. Modules imported by torch-free
+code (`torch_io`, `soft_labels`) import torch inside functions only.
+"""

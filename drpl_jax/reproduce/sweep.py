@@ -1,0 +1,355 @@
+r"""Choose a recipe's values by measurement on the validation split.
+
+  # Candidates one factor at a time around the config (or --grid: all
+  # combinations), each trained for a fixed budget, then evaluated on the
+  # VALIDATION split with the shortcut probes:
+  python -m drpl_jax.sweep run --config=configs/small_data.py \
+      --workdir /tmp/sweep --steps 600 [--seeds 1] [--grid] \
+      --sweep 'optim.base_lr=4e-3|8e-3|1.6e-2' \
+      --sweep 'distill.alpha=0.3|0.5|0.7' \
+      --sweep 'teacher_recipe.epochs=10|20' \
+      [--set data.image_size=96 ...]
+  # The recipe's teacher alone (train_teacher with config.teacher_recipe):
+  python -m drpl_jax.sweep teacher --config=configs/small_data.py \
+      --out /tmp/teacher.safetensors [--set ...]
+
+`--sweep KEY=V1|V2|...` lists candidate values (Python literals, else
+strings) of a config key; `--set KEY=V` changes the base for all. Keys under
+`teacher_recipe.` (the `train_teacher` flags) give candidates with their own
+teacher: every distinct teacher recipe is trained once under
+WORKDIR/teachers/ and shared by the candidates that use it (skipped when
+`teacher.checkpoint` is given). The base config is always candidate 0.
+
+Under WORKDIR: `candidates/<i>/seed<k>/` (a drpl_jax.main workdir each; its
+validation report in `eval/validation/report.json`), `sweep.json` (every
+candidate: overrides, per-seed validation figures, means, teacher validation
+accuracy, minutes) and `sweep.md` (one table), rewritten after each
+candidate. A rerun skips the finished ones. The test split is never read:
+a config whose evaluation split is the test split is refused.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import hashlib
+import importlib.util
+import itertools
+import json
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Sequence
+from typing import Any
+
+import ml_collections
+
+FIGURES = ('accuracy', 'balanced_accuracy', 'auc', 'lungs_hidden_accuracy',
+           'lungs_only_accuracy', 'attention_lung_share')
+
+
+def load_config(spec: str) -> ml_collections.ConfigDict:
+  """'configs/x.py[:args]' -> the file's get_config(args)."""
+  path, _, arg = spec.partition(':')
+  if not os.path.isfile(path):
+    raise FileNotFoundError(f'config file {path} does not exist')
+  name = 'sweep_config_' + hashlib.sha1(path.encode()).hexdigest()[:8]
+  module_spec = importlib.util.spec_from_file_location(name, path)
+  module = importlib.util.module_from_spec(module_spec)
+  module_spec.loader.exec_module(module)
+  return module.get_config(arg) if arg else module.get_config()
+
+
+def parse_value(text: str) -> Any:
+  """A Python literal ('4e-3', '(0.3, 1.0)', 'True'), else the string."""
+  try:
+    return ast.literal_eval(text)
+  except (ValueError, SyntaxError):
+    return text
+
+
+def parse_assignment(text: str, many: bool) -> tuple[str, Any]:
+  """'key=v' -> (key, value); with `many`, 'key=a|b' -> (key, [a, b])."""
+  key, sep, value = text.partition('=')
+  if not sep or not key:
+    raise ValueError(f'{text!r}: expected KEY=VALUE')
+  if many:
+    return key, [parse_value(v) for v in value.split('|')]
+  return key, parse_value(value)
+
+
+def set_key(config: ml_collections.ConfigDict, key: str, value: Any) -> None:
+  """Sets dotted `key`; an unknown key is an error naming it."""
+  node = config
+  *parents, leaf = key.split('.')
+  for p in parents:
+    if p not in node:
+      raise ValueError(f'unknown config key {key!r}')
+    node = node[p]
+  if leaf not in node:
+    raise ValueError(f'unknown config key {key!r}')
+  current = node[leaf]
+  if isinstance(current, tuple) and isinstance(value, list):
+    value = tuple(value)
+  try:
+    node[leaf] = value
+  except TypeError as e:
+    raise ValueError(f'config key {key!r} cannot take {value!r}: {e}') from e
+
+
+def candidates(sweeps: Sequence[tuple[str, list[Any]]], grid: bool
+               ) -> list[dict[str, Any]]:
+  """The base ({}) first, then one factor at a time or the full grid."""
+  out: list[dict[str, Any]] = [{}]
+  if grid and sweeps:
+    keys = [k for k, _ in sweeps]
+    for values in itertools.product(*(v for _, v in sweeps)):
+      out.append(dict(zip(keys, values)))
+  else:
+    for key, values in sweeps:
+      out += [{key: v} for v in values]
+  unique, seen = [], set()
+  for c in out:
+    token = json.dumps(c, sort_keys=True, default=str)
+    if token not in seen:
+      seen.add(token)
+      unique.append(c)
+  return unique
+
+
+def check_no_test(config: ml_collections.ConfigDict) -> None:
+  """Refuses a config that would evaluate (and so select on) the test split."""
+  if config.data.eval_split == config.data.test_split:
+    raise ValueError(f'config.data.eval_split={config.data.eval_split!r} is '
+                     'the test split: a sweep selects on validation only')
+
+
+# ------------------------------------------------------------------ teacher
+
+
+def teacher_argv(spec: str, config: ml_collections.ConfigDict,
+                 base_sets: Sequence[tuple[str, Any]], out: str) -> list[str]:
+  """`python -m drpl_jax.train_teacher` arguments for the config's recipe."""
+  recipe = config.get('teacher_recipe')
+  if recipe is None:
+    raise ValueError(f'{spec}: the config has no teacher_recipe; pass '
+                     'teacher.checkpoint instead')
+  argv = [sys.executable, '-m', 'drpl_jax.train_teacher', f'--config={spec}']
+  argv += [f'--config.{k}={v}' for k, v in base_sets
+           if not k.startswith('teacher_recipe.')]
+  argv += ['--out', out]
+  for key, value in recipe.items():
+    argv += [f'--{key}', str(value)]
+  return argv
+
+
+def _teacher_key(config: ml_collections.ConfigDict) -> str:
+  what = {'recipe': config.teacher_recipe.to_dict(),
+          'data': {k: config.data[k] for k in ('name', 'manual_dir', 'classes',
+                                                'split_seed')}}
+  token = json.dumps(what, sort_keys=True, default=str)
+  return hashlib.sha1(token.encode()).hexdigest()[:10]
+
+
+def ensure_teacher(spec: str, config: ml_collections.ConfigDict,
+                   base_sets: Sequence[tuple[str, Any]], workdir: str
+                   ) -> float | None:
+  """Trains (once) the teacher a distilled candidate needs; sets it in the
+  config. Returns its validation accuracy (from train_teacher's JSON)."""
+  if not config.model.distilled or config.distill.kind == 'none':
+    return None
+  if not config.teacher.checkpoint:
+    out = os.path.join(workdir, 'teachers',
+                       f'{_teacher_key(config)}.safetensors')
+    if not os.path.exists(out):
+      argv = teacher_argv(spec, config, base_sets, out)
+      os.makedirs(os.path.dirname(out), exist_ok=True)
+      subprocess.run(argv, check=True)
+    config.teacher.checkpoint = out
+    config.teacher.arch = config.teacher_recipe.arch
+    config.teacher.image_size = config.teacher_recipe.image_size
+  meta = os.path.splitext(config.teacher.checkpoint)[0] + '.json'
+  if os.path.exists(meta):
+    with open(meta) as f:
+      return json.load(f).get('validation', {}).get('accuracy')
+  return None
+
+
+# ------------------------------------------------------------------ the run
+
+
+def validation_figures(report: dict[str, Any]) -> dict[str, Any]:
+  """The sweep's figures from a validation report.json (with probes)."""
+  probes = report.get('probes') or {}
+  attention = report.get('attention') or {}
+  get = lambda name: (probes.get(name) or {}).get('accuracy')
+  return {'accuracy': report['accuracy'],
+          'balanced_accuracy': report['balanced_accuracy'],
+          'auc': report.get('macro', {}).get('auc'),
+          'lungs_hidden_accuracy': get('lungs_hidden'),
+          'lungs_only_accuracy': get('lungs_only'),
+          'attention_lung_share': attention.get('lung_share_mean'),
+          'shortcut_flag': probes.get('shortcut_flag')}
+
+
+def _train_one(config: ml_collections.ConfigDict, workdir: str
+               ) -> dict[str, Any]:
+  from drpl_jax.evaluation import evaluate  # pylint: disable=g-import-not-at-top
+  from drpl_jax.train import loop as train  # pylint: disable=g-import-not-at-top
+  train.train_and_evaluate(config, workdir)
+  report = evaluate.evaluate(config, workdir, split=config.data.eval_split,
+                             n_bootstrap=0, use_ema=False)
+  return validation_figures(report)
+
+
+def _mean(values: Sequence[Any]) -> float | None:
+  got = [v for v in values if v is not None]
+  return sum(got) / len(got) if got else None
+
+
+def run_candidate(spec: str, base: ml_collections.ConfigDict,
+                  base_sets: Sequence[tuple[str, Any]],
+                  overrides: dict[str, Any], index: int, workdir: str,
+                  steps: int | None, seeds: int) -> dict[str, Any]:
+  """Trains and evaluates one candidate (every seed); cached on disk."""
+  cand_dir = os.path.join(workdir, 'candidates', str(index))
+  done = os.path.join(cand_dir, 'result.json')
+  if os.path.exists(done):
+    with open(done) as f:
+      return json.load(f)
+  config = ml_collections.ConfigDict(base.to_dict())
+  for key, value in overrides.items():
+    set_key(config, key, value)
+  if steps:
+    config.total_steps = steps
+    config.eval_every_steps = config.checkpoint_every_steps = steps
+    config.optim.warmup_steps = min(config.optim.warmup_steps, steps // 10)
+  check_no_test(config)
+  tic = time.time()
+  teacher_acc = ensure_teacher(spec, config, base_sets, workdir)
+  per_seed = []
+  for seed in range(seeds):
+    config.seed = seed
+    per_seed.append(_train_one(config, os.path.join(cand_dir, f'seed{seed}')))
+  result = {'index': index, 'overrides': overrides,
+            'teacher_val_accuracy': teacher_acc,
+            'teacher': config.teacher.checkpoint or None,
+            'seeds': per_seed,
+            'mean': {k: _mean([s[k] for s in per_seed]) for k in FIGURES},
+            'shortcut_flags': sum(bool(s['shortcut_flag']) for s in per_seed),
+            'minutes': round((time.time() - tic) / 60, 2)}
+  os.makedirs(cand_dir, exist_ok=True)
+  with open(done, 'w') as f:
+    json.dump(result, f, indent=1, default=str)
+  return result
+
+
+def markdown(results: Sequence[dict[str, Any]], command: str,
+             split: str) -> str:
+  """The sweep table: one row per candidate, means over seeds."""
+  pct = lambda x: '—' if x is None else f'{100 * x:.1f}'
+  head = ['#', 'Overrides', 'Val acc', 'Bal acc', 'AUC', 'Lungs hidden',
+          'Lungs only', 'Attn in box', 'Flags', 'Teacher val', 'Min']
+  lines = [f'# Validation sweep ({split} split; never test)', '',
+           f'Command: `{command}`', '',
+           '| ' + ' | '.join(head) + ' |', '|' + '---|' * len(head)]
+  for r in results:
+    m = r['mean']
+    over = ', '.join(f'{k}={v}' for k, v in r['overrides'].items()) or 'base'
+    auc = '—' if m['auc'] is None else f'{m["auc"]:.3f}'
+    cells = [str(r['index']), over, pct(m['accuracy']),
+             pct(m['balanced_accuracy']), auc,
+             pct(m['lungs_hidden_accuracy']), pct(m['lungs_only_accuracy']),
+             pct(m['attention_lung_share']),
+             f'{r["shortcut_flags"]}/{len(r["seeds"])}',
+             pct(r['teacher_val_accuracy']), str(r['minutes'])]
+    lines.append('| ' + ' | '.join(cells) + ' |')
+  lines += ['', 'Means over seeds, in %. Lungs hidden / only: validation '
+            'accuracy with the central lung box masked / kept alone; a '
+            'high "lungs hidden" is a shortcut '
+            '(drpl_jax/evaluation/probes.py). Choose '
+            'border-related settings by these columns, not by accuracy '
+            'alone.', '']
+  return '\n'.join(lines)
+
+
+def run_sweep(args: argparse.Namespace, command: str) -> str:
+  """The `run` subcommand; returns the path of sweep.md."""
+  base = load_config(args.config)
+  base_sets = [parse_assignment(s, many=False) for s in args.set]
+  for key, value in base_sets:
+    set_key(base, key, value)
+  check_no_test(base)
+  sweeps = [parse_assignment(s, many=True) for s in args.sweep]
+  for key, values in sweeps:  # fail on a typo before hours of training
+    trial = ml_collections.ConfigDict(base.to_dict())
+    for value in values:
+      set_key(trial, key, value)
+  results = []
+  for i, overrides in enumerate(candidates(sweeps, args.grid)):
+    results.append(run_candidate(args.config, base, base_sets, overrides, i,
+                                 args.workdir, args.steps, args.seeds))
+    _write(args.workdir, results, command, base.data.eval_split)
+  return os.path.join(args.workdir, 'sweep.md')
+
+
+def _write(workdir: str, results, command: str, split: str) -> None:
+  os.makedirs(workdir, exist_ok=True)
+  for name, text in (
+      ('sweep.json', json.dumps({'command': command, 'split': split,
+                                 'candidates': results}, indent=1,
+                                default=str)),
+      ('sweep.md', markdown(results, command, split))):
+    tmp = os.path.join(workdir, name + '.partial')
+    with open(tmp, 'w') as f:
+      f.write(text)
+    os.replace(tmp, os.path.join(workdir, name))
+
+
+def _parser() -> argparse.ArgumentParser:
+  parser = argparse.ArgumentParser(prog='python -m drpl_jax.sweep')
+  sub = parser.add_subparsers(dest='cmd', required=True)
+  for name in ('run', 'teacher'):
+    p = sub.add_parser(name)
+    p.add_argument('--config', required=True, help='FILE[:ARGS]')
+    p.add_argument('--set', action='append', default=[],
+                   help='KEY=VALUE for every candidate')
+  run = sub.choices['run']
+  run.add_argument('--workdir', required=True)
+  run.add_argument('--sweep', action='append', default=[],
+                   help="KEY=V1|V2|...")
+  run.add_argument('--grid', action='store_true',
+                   help='all combinations (default: one factor at a time)')
+  run.add_argument('--steps', type=int, default=None,
+                   help='training steps of every candidate (default: the '
+                   "config's)")
+  run.add_argument('--seeds', type=int, default=1)
+  sub.choices['teacher'].add_argument('--out', required=True)
+  return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+  """Runs a subcommand; bad input exits 2 with a one-line message."""
+  argv = list(sys.argv[1:] if argv is None else argv)
+  args = _parser().parse_args(argv)
+  try:
+    if args.cmd == 'teacher':
+      config = load_config(args.config)
+      sets = [parse_assignment(s, many=False) for s in args.set]
+      for key, value in sets:
+        set_key(config, key, value)
+      return subprocess.run(teacher_argv(args.config, config, sets,
+                                         args.out)).returncode
+    if args.seeds < 1:
+      raise ValueError(f'--seeds {args.seeds} must be >= 1')
+    command = 'python -m drpl_jax.sweep ' + ' '.join(argv)
+    print(f'wrote {run_sweep(args, command)}')
+  except (ValueError, FileNotFoundError) as e:
+    print(f'sweep: error: {e}', file=sys.stderr)
+    return 2
+  return 0
+
+
+if __name__ == '__main__':
+  sys.exit(main())
