@@ -17,6 +17,7 @@ probes and the attention-rollout share in the lung box are added as
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import sys
@@ -34,6 +35,7 @@ from drpl_jax.evaluation import metrics as metrics_lib
 from drpl_jax.evaluation import probes as probes_lib
 from drpl_jax.evaluation import report as report_lib
 from drpl_jax.input import pipeline as input_pipeline
+from drpl_jax.models.config import ModelConfig
 from drpl_jax.parallel import sharding
 from drpl_jax.train import checkpointing
 from drpl_jax.train import loop as train
@@ -315,6 +317,12 @@ def _flat(config: ml_collections.ConfigDict) -> dict[str, Any]:
   return out
 
 
+def _model_fields(config: ml_collections.ConfigDict) -> dict[str, Any]:
+  """'model.depth' -> value of the ModelConfig `config.model` builds."""
+  typed = ModelConfig.from_config(config.model)
+  return _flat(ml_collections.ConfigDict({'model': dataclasses.asdict(typed)}))
+
+
 def run_config(workdir: str, given: ml_collections.ConfigDict | None,
                argv: Sequence[str] = ()) -> ml_collections.ConfigDict:
   """The config to evaluate `workdir` with.
@@ -329,12 +337,12 @@ def run_config(workdir: str, given: ml_collections.ConfigDict | None,
   if not os.path.exists(os.path.join(workdir, 'meta.json')):
     return given
   run = config_from_workdir(workdir)
-  ran, new = _flat(run), _flat(given)
+  # The typed models are compared: a key the run's meta.json predates
+  # reads as its ModelConfig default.
+  ran, new = _model_fields(run), _model_fields(given)
   explicit = {a[len('--config.'):].partition('=')[0] for a in argv
               if a.startswith('--config.')}
-  differ = sorted(k for k in set(ran) | set(new)
-                  if k.startswith('model.')
-                  and ran.get(k) != new.get(k))
+  differ = sorted(k for k in set(ran) | set(new) if ran.get(k) != new.get(k))
   if differ:
     shown = ', '.join(f'{k} (run: {ran.get(k)!r}, --config: {new.get(k)!r})'
                       for k in differ[:4])
@@ -342,7 +350,7 @@ def run_config(workdir: str, given: ml_collections.ConfigDict | None,
     raise ValueError(f'--config differs from the run\'s own config '
                      f'({workdir}/meta.json) in {shown}{more}; leave out '
                      '--config to evaluate with the run\'s own')
-  for key in sorted(explicit & set(new)):
+  for key in sorted(explicit & set(_flat(given))):
     *parents, leaf = key.split('.')
     node, src = run, given
     for name in parents:
