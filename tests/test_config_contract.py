@@ -189,3 +189,13 @@ def test_section_round_trips_a_dataclass():
   assert contract.build(RPEConfig, section, 'rpe') == RPEConfig()
   with pytest.raises(ValueError, match='no default'):
     contract.section(TeacherConfig)
+
+
+def test_no_config_file_or_test_edits_sys_path():
+  needle = 'sys.path' + '.insert'
+  offenders = [
+      os.path.relpath(os.path.join(folder, name), ROOT)
+      for folder in (os.path.join(ROOT, 'configs'), os.path.join(ROOT, 'tests'))
+      for name in sorted(os.listdir(folder)) if name.endswith('.py')
+      and needle in open(os.path.join(folder, name)).read()]
+  assert offenders == []
