@@ -70,3 +70,18 @@ def test_a_failed_write_keeps_the_old_file_and_leaves_no_temporary(tmp_path):
       files.atomic_write(path, 'new')
   assert path.read_text() == 'old'
   assert os.listdir(tmp_path) == ['meta.json']
+
+
+def test_run_metadata_is_read_from_a_gs_workdir(gcs):
+  from drpl_jax.evaluation import evaluate  # pylint: disable=g-import-not-at-top
+  from drpl_jax.evaluation import predict  # pylint: disable=g-import-not-at-top
+  run = f'{BUCKET}/run'
+  epath.Path(run).mkdir(parents=True)
+  with pytest.raises(FileNotFoundError, match='gs://bucket/run/meta.json'):
+    evaluate.config_from_workdir(run)
+  files.atomic_write(f'{run}/meta.json', '{"config": {"seed": 3}, '
+                     '"data": {"class_names": ["a", "b"]}}')
+  assert (gcs / 'run' / 'meta.json').exists()
+  assert evaluate.config_from_workdir(run).seed == 3
+  assert predict.class_names_from_workdir(run, 2) == ['a', 'b']
+  assert files.read_meta(run)['data']['class_names'] == ['a', 'b']

@@ -41,6 +41,7 @@ from drpl_jax.train import checkpointing
 from drpl_jax.train import loop as train
 from drpl_jax.train import optim
 from drpl_jax.train import step as step_lib
+from drpl_jax.utils import files
 
 
 
@@ -294,14 +295,14 @@ def config_from_workdir(workdir: str, *, config_flag: bool = False
 
   `config_flag`: the command has a --config flag to suggest instead.
   """
-  path = os.path.join(workdir, 'meta.json')
-  if not os.path.exists(path):
+  try:
+    meta = files.read_meta(workdir)
+  except FileNotFoundError as e:
     raise FileNotFoundError(
-        f'{path} not found: point --workdir at a training run\'s workdir '
+        f'{e}: point --workdir at a training run\'s workdir '
         '(it holds meta.json and checkpoints/)'
-        + (', or pass --config' if config_flag else ''))
-  with open(path) as f:
-    return ml_collections.ConfigDict(json.load(f)['config'])
+        + (', or pass --config' if config_flag else '')) from None
+  return ml_collections.ConfigDict(meta['config'])
 
 
 def _flat(config: ml_collections.ConfigDict) -> dict[str, Any]:

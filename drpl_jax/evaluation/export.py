@@ -46,6 +46,7 @@ from drpl_jax.evaluation import predict
 from drpl_jax.models import fence
 from drpl_jax.train import checkpointing
 from drpl_jax.train import step as step_lib
+from drpl_jax.utils import files as file_io
 
 FORMATS = ('stablehlo', 'savedmodel')
 INPUT_DTYPES = {'uint8': jnp.uint8, 'float32': jnp.float32}
@@ -139,8 +140,7 @@ def save_savedmodel(restored: predict.RestoredModel, out_dir: str, *,
 
 def _config_hash(workdir: str, config) -> str:
   """The hash the training run recorded in meta.json (else recomputed)."""
-  with open(os.path.join(workdir, 'meta.json')) as f:
-    recorded = json.load(f).get('config_hash')
+  recorded = file_io.read_meta(workdir).get('config_hash')
   return recorded or checkpointing.config_hash(config)
 
 

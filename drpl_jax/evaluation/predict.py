@@ -45,6 +45,7 @@ from drpl_jax.train import checkpointing
 from drpl_jax.train import loop as train
 from drpl_jax.train import optim
 from drpl_jax.train import step as step_lib
+from drpl_jax.utils import files
 
 ImageError = images_lib.ImageError
 
@@ -68,8 +69,8 @@ class RestoredModel:
 
 def class_names_from_workdir(workdir: str, num_classes: int) -> list[str]:
   """The class names recorded in workdir/meta.json, else class_0, ...."""
-  with open(os.path.join(workdir, 'meta.json')) as f:
-    names = list((json.load(f).get('data') or {}).get('class_names') or ())
+  meta = files.read_meta(workdir)
+  names = list((meta.get('data') or {}).get('class_names') or ())
   if len(names) != num_classes:
     return [f'class_{i}' for i in range(num_classes)]
   return names

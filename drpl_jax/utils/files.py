@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import uuid
 
@@ -26,3 +27,17 @@ def atomic_write(path: epath.PathLike, data: bytes | str) -> str:
     if tmp.exists():
       tmp.unlink()
   return os.fspath(path)
+
+
+META_FILE = 'meta.json'
+
+
+def read_meta(workdir: epath.PathLike) -> dict:
+  """A training run's metadata, `workdir/meta.json` (local or gs://).
+
+  Raises FileNotFoundError naming the file when the run has none.
+  """
+  path = epath.Path(workdir) / META_FILE
+  if not path.exists():
+    raise FileNotFoundError(f'{path} not found')
+  return json.loads(path.read_text())
