@@ -85,3 +85,16 @@ def test_run_metadata_is_read_from_a_gs_workdir(gcs):
   assert evaluate.config_from_workdir(run).seed == 3
   assert predict.class_names_from_workdir(run, 2) == ['a', 'b']
   assert files.read_meta(run)['data']['class_names'] == ['a', 'b']
+
+
+def test_heatmap_png_is_written_to_a_gs_folder(gcs):
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  from drpl_jax.config import base  # pylint: disable=g-import-not-at-top
+  from drpl_jax.evaluation import predict  # pylint: disable=g-import-not-at-top
+  config = base.drpl_vit('variant=micro,runlocal')
+  image = np.random.default_rng(0).integers(0, 255, (40, 48, 3), np.uint8)
+  maps = epath.Path(BUCKET) / 'maps'
+  maps.mkdir(parents=True)
+  predict.save_heatmap(image, np.full((8, 8), 0.5), 'x', f'{maps}/x.png',
+                       config)
+  assert (gcs / 'maps' / 'x.png').read_bytes()[:4] == b'\x89PNG'

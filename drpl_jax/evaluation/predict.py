@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import io
 import json
 import os
 import sys
@@ -32,6 +33,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
+from etils import epath
 from flax import nnx
 from PIL import Image
 
@@ -409,7 +411,9 @@ def save_heatmap(image: np.ndarray, heat: np.ndarray, title: str,
   ax.imshow(overlay)
   ax.set_title(title, fontsize=10)
   ax.axis('off')
-  fig.savefig(out_path, dpi=100, bbox_inches='tight')
+  png = io.BytesIO()
+  fig.savefig(png, format='png', dpi=100, bbox_inches='tight')
+  files.atomic_write(out_path, png.getvalue())  # local or gs://
 
 
 def _heatmap_path(heatmap_dir: str, path: str, used: set[str]) -> str:
@@ -441,7 +445,7 @@ def predict_images(workdir: str, paths: Sequence[str], *,
   restored = restore_model(workdir, step=step, use_ema=use_ema)
   predictor = Predictor(restored)
   if heatmap_dir:
-    os.makedirs(heatmap_dir, exist_ok=True)
+    epath.Path(heatmap_dir).mkdir(parents=True, exist_ok=True)
   used: set[str] = set()
   results = []
   for path in paths:
