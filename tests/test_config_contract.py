@@ -20,7 +20,8 @@ from drpl_jax.teacher.common import TeacherConfig
 from drpl_jax.train.step import StepConfig
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-CONFIG = os.path.join(ROOT, 'configs', 'drpl_vit.py') + ':variant=micro,runlocal'
+CONFIG = (os.path.join(ROOT, 'configs', 'drpl_vit.py')
+          + ':variant=micro,runlocal')
 
 
 def parse(*overrides: str):
