@@ -16,11 +16,7 @@ chest X-rays.
 trained on the labels (`distill.kind='none'`), as DeiT does without a teacher.
 """
 
-import os
-import sys
-
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import drpl_vit  # pylint: disable=g-import-not-at-top,wrong-import-position
+from drpl_jax.config import base
 
 
 def get_config(arg: str = ''):
@@ -29,8 +25,8 @@ def get_config(arg: str = ''):
   Arguments: `steps=N` (default 300), `teacher=PATH` (a resnet18 state dict
   from train_teacher: hard distillation from it, online).
   """
-  args = drpl_vit.parse_arg(arg, steps='300', teacher='')
-  config = drpl_vit.get_config('variant=micro,preset=drpl')
+  args = base.parse_arg(arg, steps='300', teacher='')
+  config = base.drpl_vit('variant=micro,preset=drpl')
   config.data.name = 'demo'
   config.data.image_size = 32
   config.data.mean = (0.5, 0.5, 0.5)

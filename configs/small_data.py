@@ -27,12 +27,10 @@ Arguments (comma separated `key=value`):
 """
 
 import os
-import sys
 
 import ml_collections
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import drpl_vit  # pylint: disable=g-import-not-at-top,wrong-import-position
+from drpl_jax.config import base
 
 DEFAULT_DATA = os.path.normpath(os.path.join(
     os.path.dirname(os.path.abspath(__file__)), '..', '..', 'shared', 'data',
@@ -42,9 +40,9 @@ PROVISIONAL = 'provisional: to be chosen by the validation sweep'
 
 def get_config(arg: str = '') -> ml_collections.ConfigDict:
   """The recipe for `preset=...,data=...,classes=...,teacher=...`."""
-  args = drpl_vit.parse_arg(arg, preset='drpl', data=DEFAULT_DATA,
+  args = base.parse_arg(arg, preset='drpl', data=DEFAULT_DATA,
                             classes='COVID+Normal', teacher='')
-  config = drpl_vit.get_config(f'variant=micro,preset={args.preset},runlocal')
+  config = base.drpl_vit(f'variant=micro,preset={args.preset},runlocal')
   classes = [c for c in args.classes.split('+') if c]
 
   config.data.name = 'covid19_radiography'

@@ -14,7 +14,16 @@ import pytest  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SHARED_DATA = os.path.join(os.path.dirname(ROOT), 'shared', 'data')
-sys.path.insert(0, os.path.join(ROOT, 'configs'))
+
+
+def config_module(name: str):
+  """The config file configs/<name>.py as a module (no sys.path change)."""
+  import importlib.util  # pylint: disable=g-import-not-at-top
+  path = os.path.join(ROOT, 'configs', f'{name}.py')
+  spec = importlib.util.spec_from_file_location(f'configs_{name}', path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module
 
 
 @pytest.fixture(scope='session')
@@ -79,7 +88,7 @@ def tiny_demo_config(data_dir, steps=2, **overrides):
   """The demo config at test size (batch 8, a checkpoint at the last step,
   evaluation only at the end), then dotted overrides:
   tiny_demo_config(d, 2, **{'model.depth': 1})."""
-  import demo as demo_config_lib  # pylint: disable=g-import-not-at-top
+  demo_config_lib = config_module('demo')
   config = demo_config_lib.get_config(f'steps={steps}')
   config.data.data_dir = data_dir
   config.batch_size = 8

@@ -4,16 +4,13 @@ Run as a script with XLA_FLAGS=--xla_force_host_platform_device_count=8 (set
 by tests/test_sharding.py before JAX starts): `python mesh_equivalence.py OUT`.
 """
 
-import os
 import sys
 
 import jax
 import numpy as np
 import optax
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(
-    os.path.abspath(__file__))), 'configs'))
-import drpl_vit  # pylint: disable=g-import-not-at-top,wrong-import-position
+from drpl_jax.config import base as config_base  # pylint: disable=g-import-not-at-top,wrong-import-position
 from drpl_jax.input import pipeline as input_pipeline  # pylint: disable=g-import-not-at-top,wrong-import-position
 from drpl_jax.parallel import sharding  # pylint: disable=g-import-not-at-top,wrong-import-position
 from drpl_jax.train import loop as train  # pylint: disable=g-import-not-at-top,wrong-import-position
@@ -39,7 +36,7 @@ def make_optimizer(config):
 
 
 def run(mesh_shape, devices, batches):
-  config = drpl_vit.get_config('variant=micro,preset=drpl')
+  config = config_base.drpl_vit('variant=micro,preset=drpl')
   config.model.depth = 1
   config.model.image_size = 32
   config.model.patch_size = 8

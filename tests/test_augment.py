@@ -1,8 +1,6 @@
 """Tests for the host-side DeiT augmentations (drpl_jax.input.augment)."""
 
 import math
-import os
-import sys
 
 import numpy as np
 import pytest
@@ -10,7 +8,6 @@ from PIL import Image
 
 from drpl_jax.input import augment
 
-CONFIGS = os.path.join(os.path.dirname(os.path.dirname(__file__)), 'configs')
 
 
 def _rgb(seed=0, shape=(48, 40, 3)):
@@ -197,8 +194,8 @@ def test_train_transform_gray_input_gives_gray_rgb():
 
 
 def test_augment_config_from_project_config():
-  sys.path.insert(0, CONFIGS)
-  import drpl_vit  # pylint: disable=g-import-not-at-top
+  from conftest import config_module  # pylint: disable=g-import-not-at-top
+  drpl_vit = config_module('drpl_vit')
   cfg = augment.AugmentConfig.from_config(
       drpl_vit.get_config('variant=micro').data.augment)
   assert cfg.randaugment_ops == 2 and cfg.random_erase == 0.25

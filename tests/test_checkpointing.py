@@ -182,7 +182,8 @@ def test_interrupted_run_with_debris_resumes_bit_identically(
     demo_data_dir, tmp_path, monkeypatch, compilation_cache):
   """Fast variant of the SIGKILL test below."""
   del compilation_cache
-  import demo as demo_config_lib  # pylint: disable=g-import-not-at-top
+  from conftest import config_module  # pylint: disable=g-import-not-at-top
+  demo_config_lib = config_module('demo')
   config = demo_config_lib.get_config('steps=6')
   config.data.data_dir = demo_data_dir
   config.model.conv.kind, config.model.rpe.kind = 'mlp', 'none'

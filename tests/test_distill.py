@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-import demo as demo_config_lib
+from conftest import config_module
 from drpl_jax.parallel import sharding
 from drpl_jax.pytorch import soft_labels
 from drpl_jax.pytorch import torch_io
@@ -17,6 +17,8 @@ from drpl_jax.train import loop as train
 from drpl_jax.train import mixup as mixup_lib
 from drpl_jax.train import optim
 from drpl_jax.train import step as step_lib
+
+demo_config_lib = config_module('demo')
 
 
 def tiny_config(data_dir, steps=2):

@@ -7,10 +7,12 @@ import numpy as np
 import pytest
 from PIL import Image
 
-import demo as demo_config_lib
+from conftest import config_module
 from drpl_jax import data
 from drpl_jax.evaluation import evaluate
 from drpl_jax.train import loop as train
+
+demo_config_lib = config_module('demo')
 
 
 @pytest.fixture(scope='module')

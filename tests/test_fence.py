@@ -106,7 +106,8 @@ def test_auto_follows_the_backend_and_bad_mode_is_named():
 
 
 def test_config_key_reaches_the_model():
-  import drpl_vit  # configs/ is on sys.path (conftest)
+  from conftest import config_module  # pylint: disable=g-import-not-at-top
+  drpl_vit = config_module('drpl_vit')
   from drpl_jax.train import loop as train
   cfg = drpl_vit.get_config('variant=micro')
   assert cfg.model.materialize == 'auto'

@@ -297,8 +297,8 @@ def _fake_data_module(source, calls):
 
 
 def test_create_iterators_from_config(monkeypatch):
-  sys.path.insert(0, os.path.join(ROOT, 'configs'))
-  import drpl_vit  # pylint: disable=g-import-not-at-top
+  from conftest import config_module  # pylint: disable=g-import-not-at-top
+  drpl_vit = config_module('drpl_vit')
   config = drpl_vit.get_config('variant=micro')
   config.batch_size = 4
   config.eval_batch_size = 8

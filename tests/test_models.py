@@ -396,7 +396,8 @@ def test_layer_scale_starts_at_its_init_value():
 
 
 def test_create_model_from_mapping_and_project_config():
-  import drpl_vit  # configs/ is on sys.path (tests/conftest.py)
+  from conftest import config_module  # pylint: disable=g-import-not-at-top
+  drpl_vit = config_module('drpl_vit')
   for preset in ('vit', 'deit', 'deit_rpe', 'deit_conv', 'drpl'):
     cfg = drpl_vit.get_config(f'variant=micro,preset={preset},runlocal')
     model = nnx.eval_shape(

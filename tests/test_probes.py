@@ -5,11 +5,13 @@ import numpy as np
 import pytest
 from flax import nnx
 
-import demo as demo_config_lib
+from conftest import config_module
 from drpl_jax.evaluation import probes
 from drpl_jax.models import create_model
 from drpl_jax.train import loop as train
 from drpl_jax.train import step as step_lib
+
+demo_config_lib = config_module('demo')
 
 MEAN = (0.485, 0.456, 0.406)
 STD = (0.229, 0.224, 0.225)

@@ -7,11 +7,13 @@ import os
 
 import pytest
 
-import drpl_vit
+from conftest import config_module
 from conftest import SHARED_DATA
 from drpl_jax import data
 from drpl_jax.evaluation import evaluate
 from drpl_jax.train import loop as train
+
+drpl_vit = config_module('drpl_vit')
 
 SAMPLE = os.path.join(SHARED_DATA, 'covid19_radiography_sample')
 pytestmark = pytest.mark.skipif(not os.path.isdir(SAMPLE),

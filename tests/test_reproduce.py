@@ -16,13 +16,15 @@ import pytest
 from absl import flags
 from ml_collections import config_flags
 
-import drpl_vit
+from conftest import config_module
 from conftest import ROOT, SHARED_DATA
 from drpl_jax.evaluation import metrics
 from drpl_jax.evaluation.report import PAPER_CLASSES
 from drpl_jax.reproduce import cli as reproduce_cli
 from drpl_jax.reproduce import protocol as reproduce
 from drpl_jax.reproduce import table as reproduce_table
+
+drpl_vit = config_module('drpl_vit')
 
 SAMPLE = os.path.join(SHARED_DATA, 'covid19_radiography_sample')
 SCRIPT = os.path.join(ROOT, 'launch', 'reproduce_paper.sh')

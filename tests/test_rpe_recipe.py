@@ -9,13 +9,15 @@ import numpy as np
 import pytest
 from flax import nnx
 
-import demo as demo_config_lib
+from conftest import config_module
 from conftest import set_config
 from drpl_jax.models import create_model
 from drpl_jax.parallel import sharding
 from drpl_jax.train import loop as train
 from drpl_jax.train import optim
 from drpl_jax.train import step as step_lib
+
+demo_config_lib = config_module('demo')
 
 
 def tiny_config(**overrides):

@@ -60,7 +60,8 @@ def torch():
 
 @pytest.fixture
 def config(demo_data_dir):
-  import demo as demo_config  # pylint: disable=g-import-not-at-top
+  from conftest import config_module  # pylint: disable=g-import-not-at-top
+  demo_config = config_module('demo')
   config = demo_config.get_config()
   config.data.data_dir = demo_data_dir
   return config

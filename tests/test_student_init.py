@@ -293,7 +293,8 @@ def test_pth_deit_release_and_safetensors_files_load(tmp_path):
 
 
 def _train_config(path, preset='deit', **model_changes):
-  import drpl_vit  # pylint: disable=g-import-not-at-top  # configs/
+  from conftest import config_module  # pylint: disable=g-import-not-at-top
+  drpl_vit = config_module('drpl_vit')
   config = drpl_vit.get_config(f'variant=micro,preset={preset}')
   config.model.image_size = 32
   config.model.patch_size = 16

@@ -6,9 +6,11 @@ import os
 import ml_collections
 import pytest
 
-import small_data
+from conftest import config_module
 from conftest import ROOT
 from drpl_jax.reproduce import sweep
+
+small_data = config_module('small_data')
 
 
 def test_candidates_one_at_a_time_and_grid():
@@ -67,9 +69,11 @@ def test_small_data_recipe_and_its_teacher_command():
 def test_sweep_trains_candidates_on_validation_only(demo_data_dir, tmp_path):
   spec = tmp_path / 'tiny.py'
   spec.write_text(
-      'import sys\n'
-      f'sys.path.insert(0, {os.path.join(ROOT, "configs")!r})\n'
-      'import demo\n'
+      'import importlib.util\n'
+      'spec = importlib.util.spec_from_file_location(\n'
+      f'    "demo", {os.path.join(ROOT, "configs", "demo.py")!r})\n'
+      'demo = importlib.util.module_from_spec(spec)\n'
+      'spec.loader.exec_module(demo)\n'
       'def get_config(arg=""):\n'
       '  c = demo.get_config("steps=2")\n'
       '  c.model.depth = 1\n'

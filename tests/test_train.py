@@ -7,10 +7,12 @@ import jax
 import numpy as np
 import pytest
 
-import demo as demo_config_lib
+from conftest import config_module
 from conftest import tiny_demo_config
 from drpl_jax.evaluation import evaluate
 from drpl_jax.train import loop as train
+
+demo_config_lib = config_module('demo')
 
 
 def small_config(data_dir, steps=6, **overrides):

@@ -16,13 +16,15 @@ torch = pytest.importorskip('torch')
 torchvision = pytest.importorskip('torchvision')
 
 # pylint: disable=g-import-not-at-top,wrong-import-position
-import demo as demo_config
+from conftest import config_module
 from drpl_jax.pytorch import soft_labels
 from drpl_jax.pytorch import torch_data
 from drpl_jax.pytorch import torch_io
 from drpl_jax.pytorch import torchvision_models as tv_models
 from drpl_jax.pytorch import train_teacher
 from drpl_jax.teacher import load as teacher_load
+
+demo_config = config_module('demo')
 
 pytestmark = pytest.mark.torch
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -92,7 +92,8 @@ def test_readers_fall_back_from_an_incomplete_checkpoint(tiny_run, tmp_path,
 
 
 def test_runlocal_keeps_an_explicit_variant():
-  import drpl_vit  # pylint: disable=g-import-not-at-top
+  from conftest import config_module  # pylint: disable=g-import-not-at-top
+  drpl_vit = config_module('drpl_vit')
   ti = drpl_vit.get_config('variant=ti,runlocal')
   assert ti.model.variant == 'ti' and ti.model.patch_size == 16
   assert ti.data.image_size == 64 and ti.total_steps == 200
@@ -106,7 +107,8 @@ def test_runlocal_keeps_an_explicit_variant():
 
 def test_evaluate_config_defaults_to_the_run_and_names_differences(tiny_run):
   workdir, _ = tiny_run
-  import demo  # pylint: disable=g-import-not-at-top
+  from conftest import config_module  # pylint: disable=g-import-not-at-top
+  demo = config_module('demo')
   run = evaluate.config_from_workdir(workdir)
   assert evaluate.run_config(workdir, None).model.depth == 1
   given = demo.get_config()  # the file alone: the training override is lost
@@ -160,7 +162,8 @@ def test_input_bench_reports_null_not_an_absurd_rate(capsys):
 
 def test_soft_labels_of_another_data_set_refused_before_training(
     demo_data_dir, tmp_path):
-  import demo  # pylint: disable=g-import-not-at-top
+  from conftest import config_module  # pylint: disable=g-import-not-at-top
+  demo = config_module('demo')
   from drpl_jax import data  # pylint: disable=g-import-not-at-top
   from drpl_jax.input import pipeline as input_pipeline  # pylint: disable=g-import-not-at-top
   from drpl_jax.pytorch import soft_labels  # pylint: disable=g-import-not-at-top
@@ -282,7 +285,8 @@ def test_documents_cited_by_the_code_exist():
 
 def test_bench_records_name_their_config_overrides(capsys, monkeypatch):
   from drpl_jax import bench  # pylint: disable=g-import-not-at-top
-  import drpl_vit  # pylint: disable=g-import-not-at-top
+  from conftest import config_module  # pylint: disable=g-import-not-at-top
+  drpl_vit = config_module('drpl_vit')
   monkeypatch.setattr(bench, '_APPLIED_OVERRIDES', {})
   bench.apply_overrides(drpl_vit.get_config('variant=micro'),
                         ['--config.model.materialize=off'])
@@ -296,7 +300,8 @@ def test_bench_records_name_their_config_overrides(capsys, monkeypatch):
 
 def test_class_count_follows_the_data_unless_contradicted():
   from drpl_jax.train import preflight  # pylint: disable=g-import-not-at-top
-  import drpl_vit  # pylint: disable=g-import-not-at-top
+  from conftest import config_module  # pylint: disable=g-import-not-at-top
+  drpl_vit = config_module('drpl_vit')
   config = drpl_vit.get_config('variant=micro')
   config.data.classes = 'COVID,Normal'
   preflight.infer_num_classes(config, ('COVID', 'Normal'), set())

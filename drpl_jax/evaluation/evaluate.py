@@ -17,6 +17,7 @@ probes and the attention-rollout share in the lung box are added as
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import sys
@@ -34,11 +35,13 @@ from drpl_jax.evaluation import metrics as metrics_lib
 from drpl_jax.evaluation import probes as probes_lib
 from drpl_jax.evaluation import report as report_lib
 from drpl_jax.input import pipeline as input_pipeline
+from drpl_jax.models.config import ModelConfig
 from drpl_jax.parallel import sharding
 from drpl_jax.train import checkpointing
 from drpl_jax.train import loop as train
 from drpl_jax.train import optim
 from drpl_jax.train import step as step_lib
+from drpl_jax.utils import files
 
 
 
@@ -292,14 +295,14 @@ def config_from_workdir(workdir: str, *, config_flag: bool = False
 
   `config_flag`: the command has a --config flag to suggest instead.
   """
-  path = os.path.join(workdir, 'meta.json')
-  if not os.path.exists(path):
+  try:
+    meta = files.read_meta(workdir)
+  except FileNotFoundError as e:
     raise FileNotFoundError(
-        f'{path} not found: point --workdir at a training run\'s workdir '
+        f'{e}: point --workdir at a training run\'s workdir '
         '(it holds meta.json and checkpoints/)'
-        + (', or pass --config' if config_flag else ''))
-  with open(path) as f:
-    return ml_collections.ConfigDict(json.load(f)['config'])
+        + (', or pass --config' if config_flag else '')) from None
+  return ml_collections.ConfigDict(meta['config'])
 
 
 def _flat(config: ml_collections.ConfigDict) -> dict[str, Any]:
@@ -313,6 +316,12 @@ def _flat(config: ml_collections.ConfigDict) -> dict[str, Any]:
         out[f'{prefix}{k}'] = v
   walk(json.loads(json.dumps(config.to_dict(), default=str)), '')
   return out
+
+
+def _model_fields(config: ml_collections.ConfigDict) -> dict[str, Any]:
+  """'model.depth' -> value of the ModelConfig `config.model` builds."""
+  typed = ModelConfig.from_config(config.model)
+  return _flat(ml_collections.ConfigDict({'model': dataclasses.asdict(typed)}))
 
 
 def run_config(workdir: str, given: ml_collections.ConfigDict | None,
@@ -329,12 +338,12 @@ def run_config(workdir: str, given: ml_collections.ConfigDict | None,
   if not os.path.exists(os.path.join(workdir, 'meta.json')):
     return given
   run = config_from_workdir(workdir)
-  ran, new = _flat(run), _flat(given)
+  # The typed models are compared: a key the run's meta.json predates
+  # reads as its ModelConfig default.
+  ran, new = _model_fields(run), _model_fields(given)
   explicit = {a[len('--config.'):].partition('=')[0] for a in argv
               if a.startswith('--config.')}
-  differ = sorted(k for k in set(ran) | set(new)
-                  if k.startswith('model.')
-                  and ran.get(k) != new.get(k))
+  differ = sorted(k for k in set(ran) | set(new) if ran.get(k) != new.get(k))
   if differ:
     shown = ', '.join(f'{k} (run: {ran.get(k)!r}, --config: {new.get(k)!r})'
                       for k in differ[:4])
@@ -342,7 +351,7 @@ def run_config(workdir: str, given: ml_collections.ConfigDict | None,
     raise ValueError(f'--config differs from the run\'s own config '
                      f'({workdir}/meta.json) in {shown}{more}; leave out '
                      '--config to evaluate with the run\'s own')
-  for key in sorted(explicit & set(new)):
+  for key in sorted(explicit & set(_flat(given))):
     *parents, leaf = key.split('.')
     node, src = run, given
     for name in parents:

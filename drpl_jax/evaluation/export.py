@@ -31,7 +31,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shutil
 import sys
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -40,12 +39,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from absl import logging
+from etils import epath
 from flax import nnx
 
 from drpl_jax.evaluation import predict
 from drpl_jax.models import fence
 from drpl_jax.train import checkpointing
 from drpl_jax.train import step as step_lib
+from drpl_jax.utils import files as file_io
 
 FORMATS = ('stablehlo', 'savedmodel')
 INPUT_DTYPES = {'uint8': jnp.uint8, 'float32': jnp.float32}
@@ -139,8 +140,7 @@ def save_savedmodel(restored: predict.RestoredModel, out_dir: str, *,
 
 def _config_hash(workdir: str, config) -> str:
   """The hash the training run recorded in meta.json (else recomputed)."""
-  with open(os.path.join(workdir, 'meta.json')) as f:
-    recorded = json.load(f).get('config_hash')
+  recorded = file_io.read_meta(workdir).get('config_hash')
   return recorded or checkpointing.config_hash(config)
 
 
@@ -171,15 +171,15 @@ def export_model(workdir: str, out: str, *, step: int | None = None,
   restored = predict.restore_model(workdir, step=step, use_ema=use_ema)
   cfg = restored.config
   size = int(cfg.data.image_size)
-  os.makedirs(out, exist_ok=True)
+  out_dir = epath.Path(out)  # local or gs://
+  out_dir.mkdir(parents=True, exist_ok=True)
   exported = export_stablehlo(restored, input_dtype=input_dtype,
                               platforms=platforms)
-  with open(os.path.join(out, STABLEHLO_FILE), 'wb') as f:
-    f.write(exported.serialize())
+  file_io.atomic_write(out_dir / STABLEHLO_FILE, exported.serialize())
   files = {'stablehlo': STABLEHLO_FILE}
-  stale = os.path.join(out, SAVEDMODEL_DIR)
-  if 'savedmodel' not in formats and os.path.isdir(stale):
-    shutil.rmtree(stale)  # an earlier export's; metadata.json won't list it
+  stale = out_dir / SAVEDMODEL_DIR
+  if 'savedmodel' not in formats and stale.is_dir():
+    stale.rmtree()  # an earlier export's; metadata.json won't list it
     logging.warning('Removed %s from an earlier export', stale)
   if 'savedmodel' in formats:
     save_savedmodel(restored, os.path.join(out, SAVEDMODEL_DIR),
@@ -209,8 +209,8 @@ def export_model(workdir: str, out: str, *, step: int | None = None,
       'jax_version': jax.__version__,
       'files': files,
   }
-  with open(os.path.join(out, METADATA_FILE), 'w') as f:
-    json.dump(metadata, f, indent=2, default=str)
+  file_io.atomic_write(out_dir / METADATA_FILE,
+                       json.dumps(metadata, indent=2, default=str))
   return metadata
 
 

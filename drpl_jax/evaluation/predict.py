@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import io
 import json
 import os
 import sys
@@ -32,6 +33,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
+from etils import epath
 from flax import nnx
 from PIL import Image
 
@@ -45,6 +47,7 @@ from drpl_jax.train import checkpointing
 from drpl_jax.train import loop as train
 from drpl_jax.train import optim
 from drpl_jax.train import step as step_lib
+from drpl_jax.utils import files
 
 ImageError = images_lib.ImageError
 
@@ -68,8 +71,8 @@ class RestoredModel:
 
 def class_names_from_workdir(workdir: str, num_classes: int) -> list[str]:
   """The class names recorded in workdir/meta.json, else class_0, ...."""
-  with open(os.path.join(workdir, 'meta.json')) as f:
-    names = list((json.load(f).get('data') or {}).get('class_names') or ())
+  meta = files.read_meta(workdir)
+  names = list((meta.get('data') or {}).get('class_names') or ())
   if len(names) != num_classes:
     return [f'class_{i}' for i in range(num_classes)]
   return names
@@ -408,7 +411,9 @@ def save_heatmap(image: np.ndarray, heat: np.ndarray, title: str,
   ax.imshow(overlay)
   ax.set_title(title, fontsize=10)
   ax.axis('off')
-  fig.savefig(out_path, dpi=100, bbox_inches='tight')
+  png = io.BytesIO()
+  fig.savefig(png, format='png', dpi=100, bbox_inches='tight')
+  files.atomic_write(out_path, png.getvalue())  # local or gs://
 
 
 def _heatmap_path(heatmap_dir: str, path: str, used: set[str]) -> str:
@@ -440,7 +445,7 @@ def predict_images(workdir: str, paths: Sequence[str], *,
   restored = restore_model(workdir, step=step, use_ema=use_ema)
   predictor = Predictor(restored)
   if heatmap_dir:
-    os.makedirs(heatmap_dir, exist_ok=True)
+    epath.Path(heatmap_dir).mkdir(parents=True, exist_ok=True)
   used: set[str] = set()
   results = []
   for path in paths:

@@ -24,7 +24,6 @@ import io
 import json
 import math
 import os
-import uuid
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -33,6 +32,7 @@ import numpy as np
 
 from drpl_jax.evaluation import metrics
 from drpl_jax.evaluation import probes
+from drpl_jax.utils import files
 
 # Bai et al., "DRPL-ViT ...", Laser Journal 2024, 45(2): reported, not
 # reproduced; the paper publishes no code and no split.
@@ -66,18 +66,6 @@ def _jsonable(obj: Any, where: str = 'report') -> Any:
     return os.fspath(obj)
   raise TypeError(f'{where} has a {type(obj).__name__} value that cannot be '
                   'written to report.json')
-
-
-def _atomic_write(path: epath.Path, data: bytes) -> str:
-  """Writes `data` to a temporary sibling of `path`, then renames it."""
-  tmp = path.parent / f'.{path.name}.tmp-{uuid.uuid4().hex}'
-  try:
-    tmp.write_bytes(data)
-    tmp.replace(path)
-  finally:
-    if tmp.exists():
-      tmp.unlink()
-  return os.fspath(path)
 
 
 # ------------------------------------------------------------------ Markdown
@@ -438,8 +426,8 @@ def write_report(out_dir: str | os.PathLike[str], report: Mapping[str, Any],
   out.mkdir(parents=True, exist_ok=True)
   text = json.dumps(_jsonable(report), indent=2, allow_nan=False)
   paths = {
-      'json': _atomic_write(out / 'report.json', (text + '\n').encode()),
-      'markdown': _atomic_write(out / 'report.md', render_markdown(
+      'json': files.atomic_write(out / 'report.json', (text + '\n').encode()),
+      'markdown': files.atomic_write(out / 'report.md', render_markdown(
           report, title=title, paper_reference=paper_reference).encode()),
   }
   figures = {
@@ -450,5 +438,5 @@ def write_report(out_dir: str | os.PathLike[str], report: Mapping[str, Any],
           probs, labels, int(main.get('ece_bins', 15))),
   }
   for name, draw in figures.items():
-    paths[name] = _atomic_write(out / f'{name}.png', _png(draw()))
+    paths[name] = files.atomic_write(out / f'{name}.png', _png(draw()))
   return paths

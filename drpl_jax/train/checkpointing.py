@@ -23,8 +23,6 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-import os
-import shutil
 import signal
 import threading
 from typing import Any
@@ -35,6 +33,8 @@ import orbax.checkpoint as ocp
 from jax.experimental import multihost_utils
 from absl import logging
 from etils import epath
+
+from drpl_jax.utils import files
 
 State = dict[str, Any]
 INCOMPLETE_DIR = 'checkpoints_incomplete'
@@ -143,9 +143,7 @@ class Checkpointer:
                         diff)
     if jax.process_index() == 0:
       self.workdir.mkdir(parents=True, exist_ok=True)
-      tmp = self.workdir / 'meta.json.tmp'
-      tmp.write_text(json.dumps(meta, indent=2, default=str))
-      os.replace(tmp, path)
+      files.atomic_write(path, json.dumps(meta, indent=2, default=str))
 
   def latest_step(self) -> int | None:
     return self.manager.latest_step()
@@ -302,8 +300,8 @@ class Checkpointer:
       target.mkdir(parents=True, exist_ok=True)
       dest = target / str(step)
       if dest.exists():
-        shutil.rmtree(dest)
-      shutil.move(os.fspath(self.directory / str(step)), os.fspath(dest))
+        dest.rmtree()
+      (self.directory / str(step)).rename(dest)
       logging.warning('Moved %s to %s', self.directory / str(step), dest)
     if jax.process_count() > 1:
       multihost_utils.sync_global_devices(f'drpl_set_aside_{step}')

@@ -24,6 +24,7 @@ import numpy as np
 from absl import logging
 from flax import nnx
 
+from drpl_jax.config import base as config_base
 from drpl_jax.input import pipeline as input_pipeline
 from drpl_jax.models import ModelConfig, create_model
 from drpl_jax.parallel import sharding
@@ -92,10 +93,11 @@ def create_online_teacher(config: ml_collections.ConfigDict, mesh
                      'state dict; see python -m drpl_jax.train_teacher)')
   from drpl_jax.train import preflight  # pylint: disable=g-import-not-at-top
   preflight.check_teacher_arch(t.arch, t.checkpoint)
+  typed = config_base.teacher_config(config)
   module = teacher_load.torch_teacher(
-      t.arch, t.checkpoint, config.model.num_classes,
-      image_size=t.image_size, mean=tuple(t.mean), std=tuple(t.std),
-      dtype=t.get('dtype', 'float32'))
+      typed.arch, t.checkpoint, typed.num_classes,
+      image_size=typed.image_size, mean=typed.mean, std=typed.std,
+      dtype=typed.dtype)
   graphdef, state = nnx.split(module)
   shardings = sharding.state_shardings(
       jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), state),

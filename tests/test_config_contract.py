@@ -1,0 +1,202 @@
+"""Every field of the typed configs is a --config key that reaches them.
+
+Each override goes through absl's real config_flags parsing of
+configs/drpl_vit.py, then through the function the code builds the typed
+config with. The tables must name every dataclass field, so a field added
+without a config key fails here.
+"""
+
+import dataclasses
+import os
+
+import pytest
+from absl import flags
+from ml_collections import config_flags
+
+from drpl_jax.config import base, contract
+from drpl_jax.input.augment import AugmentConfig
+from drpl_jax.models.config import ConvConfig, ModelConfig, RPEConfig
+from drpl_jax.teacher.common import TeacherConfig
+from drpl_jax.train.step import StepConfig
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CONFIG = (os.path.join(ROOT, 'configs', 'drpl_vit.py')
+          + ':variant=micro,runlocal')
+
+
+def parse(*overrides: str):
+  """The ConfigDict drpl_jax.main gets for `--config.<override>` flags."""
+  argv = ['prog', f'--config={CONFIG}', *(f'--config.{o}' for o in overrides)]
+  values = flags.FlagValues()
+  config_flags.DEFINE_config_file('config', None, 'config',
+                                  flag_values=values, sys_argv=argv)
+  values(argv)
+  return values.config
+
+
+def typed_model(config):
+  return ModelConfig.from_config(config.model)
+
+
+def typed_step(config):
+  return StepConfig.from_config(config, typed_model(config))
+
+
+# field (dotted for nested) -> (flags, expected typed value)
+MODEL = {
+    'num_classes': (['model.num_classes=3'], 3),
+    'image_size': (['model.image_size=96'], 96),
+    'patch_size': (['model.patch_size=16'], 16),
+    'width': (['model.width=96'], 96),
+    'depth': (['model.depth=2'], 2),
+    'num_heads': (['model.num_heads=4'], 4),
+    'mlp_ratio': (['model.mlp_ratio=2.0'], 2.0),
+    'distilled': (['model.distilled=False'], False),
+    'abs_pos_embed': (['model.abs_pos_embed=False'], False),
+    'stem': (['model.stem=conv'], 'conv'),
+    'stem_channels': (['model.stem_channels=32'], 32),
+    'qkv_bias': (['model.qkv_bias=False'], False),
+    'dropout_rate': (['model.dropout_rate=0.1'], 0.1),
+    'attn_dropout_rate': (['model.attn_dropout_rate=0.2'], 0.2),
+    'drop_path_rate': (['model.drop_path_rate=0.3'], 0.3),
+    'layer_scale_init': (['model.layer_scale_init=1e-5'], 1e-5),
+    'dtype': (['model.dtype=bfloat16'], 'bfloat16'),
+    'param_dtype': (['model.param_dtype=bfloat16'], 'bfloat16'),
+    'attention_impl': (['model.dtype=bfloat16', 'model.attention_impl=cudnn'],
+                       'cudnn'),
+    'materialize': (['model.materialize=off'], 'off'),
+    'rpe.kind': (['model.rpe.kind=bias'], 'bias'),
+    'rpe.ratio': (['model.rpe.ratio=2.5'], 2.5),
+    'rpe.on_q': (['model.rpe.on_q=True'], True),
+    'rpe.on_k': (['model.rpe.on_q=True', 'model.rpe.on_k=False'], False),
+    'rpe.on_v': (['model.rpe.on_v=True'], True),
+    'rpe.shared_heads': (['model.rpe.shared_heads=False'], False),
+    'conv.kind': (['model.conv.kind=mlp'], 'mlp'),
+    'conv.kernel_size': (['model.conv.kernel_size=5'], 5),
+    'conv.norm': (['model.conv.norm=layer'], 'layer'),
+    'conv.prefix': (['model.conv.prefix=shared'], 'shared'),
+}
+AUGMENT = {
+    'random_resized_crop': (['data.augment.random_resized_crop=False'], False),
+    'crop_scale': (['data.augment.crop_scale=(0.5,1.0)'], (0.5, 1.0)),
+    'crop_ratio': (['data.augment.crop_ratio=(0.5,2.0)'], (0.5, 2.0)),
+    'hflip': (['data.augment.hflip=True'], True),
+    'randaugment_ops': (['data.augment.randaugment_ops=3'], 3),
+    'randaugment_magnitude': (['data.augment.randaugment_magnitude=7'], 7.0),
+    'randaugment_mstd': (['data.augment.randaugment_mstd=0.0'], 0.0),
+    'random_erase': (['data.augment.random_erase=0.5'], 0.5),
+    'repeated_aug': (['data.augment.repeated_aug=3'], 3),
+    'interpolation': (['data.augment.interpolation=bilinear'], 'bilinear'),
+}
+TEACHER = {
+    'arch': (['teacher.arch=resnet18'], 'resnet18'),
+    'num_classes': (['model.num_classes=3'], 3),
+    'image_size': (['teacher.image_size=48'], 48),
+    'mean': (['teacher.mean=(0.5,0.5,0.5)'], (0.5, 0.5, 0.5)),
+    'std': (['teacher.std=(0.25,0.25,0.25)'], (0.25, 0.25, 0.25)),
+    'dtype': (['teacher.dtype=bfloat16'], 'bfloat16'),
+}
+STEP = {
+    'num_classes': (['model.num_classes=3'], 3),
+    'distilled': (['model.distilled=False'], False),
+    'mean': (['data.mean=(0.5,0.5,0.5)'], (0.5, 0.5, 0.5)),
+    'std': (['data.std=(0.25,0.25,0.25)'], (0.25, 0.25, 0.25)),
+    'label_smoothing': (['loss.label_smoothing=0.2'], 0.2),
+    'class_weights': (['loss.class_weights=1,2,1,1'], (1.0, 2.0, 1.0, 1.0)),
+    'distill_kind': (['distill.kind=soft'], 'soft'),
+    'distill_alpha': (['distill.alpha=0.25'], 0.25),
+    'distill_tau': (['distill.tau=2.0'], 2.0),
+    'mixup_alpha': (['mixup.mixup_alpha=0.4'], 0.4),
+    'cutmix_alpha': (['mixup.cutmix_alpha=0.5'], 0.5),
+    'mixup_prob': (['mixup.prob=0.5'], 0.5),
+    'mixup_switch_prob': (['mixup.switch_prob=0.25'], 0.25),
+    'ema_decay': (['optim.ema_decay=0.999'], 0.999),
+    'skip_nonfinite': (['nonfinite=stop'], False),
+    'grad_accum_steps': (['optim.grad_accum_steps=2'], 2),
+}
+CASES = [(name, typed, table)
+         for name, typed, table in (
+             ('model', typed_model, MODEL),
+             ('augment', lambda c: AugmentConfig.from_config(c.data.augment),
+              AUGMENT),
+             ('teacher', base.teacher_config, TEACHER),
+             ('step', typed_step, STEP))]
+
+
+def field_names(cls, prefix=''):
+  """Dotted names of every (nested) dataclass field."""
+  out = set()
+  for f in dataclasses.fields(cls):
+    nested = {'rpe': RPEConfig, 'conv': ConvConfig}.get(f.name)
+    if cls is ModelConfig and nested:
+      out |= field_names(nested, f'{prefix}{f.name}.')
+    else:
+      out.add(prefix + f.name)
+  return out
+
+
+def get(obj, dotted):
+  for part in dotted.split('.'):
+    obj = getattr(obj, part)
+  return obj
+
+
+@pytest.mark.parametrize('cls,table', [
+    (ModelConfig, MODEL), (AugmentConfig, AUGMENT), (TeacherConfig, TEACHER),
+    (StepConfig, STEP)])
+def test_tables_cover_every_field(cls, table):
+  assert set(table) == field_names(cls)
+
+
+@pytest.mark.parametrize(
+    'section,field', [(name, field) for name, _, table in CASES
+                      for field in table])
+def test_each_field_is_set_by_its_config_flag(section, field):
+  _, typed, table = next(c for c in CASES if c[0] == section)
+  overrides, expected = table[field]
+  before = get(typed(parse()), field)
+  assert before != expected, f'{field}: pick a value unlike {before!r}'
+  after = get(typed(parse(*overrides)), field)
+  assert after == pytest.approx(expected) if isinstance(expected, float) \
+      else after == expected
+
+
+def test_defaults_come_from_the_dataclasses():
+  config = base.drpl_vit('variant=s')
+  # Not set by any run setting: the ml_collections value is the default.
+  assert config.model.attention_impl == ModelConfig().attention_impl
+  assert config.model.stem_channels == ModelConfig().stem_channels
+  assert config.teacher.dtype == 'float32'
+  assert config.data.augment.interpolation == AugmentConfig().interpolation
+  # Variant fields are unset until a flag sets them: the variant decides.
+  assert config.model.width is None
+  assert typed_model(config).width == 384
+
+
+def test_unknown_keys_are_named():
+  with pytest.raises(ValueError, match=r'teacher\.bogus'):
+    contract.build(TeacherConfig, {'arch': 'resnet18', 'bogus': 1},
+                   'teacher', num_classes=2)
+  config = base.drpl_vit('variant=micro')
+  config.teacher.unlisted = 1  # e.g. an old meta.json's key
+  with pytest.raises(ValueError, match=r'teacher\.unlisted'):
+    base.teacher_config(config)
+  with pytest.raises(ValueError, match='no_such_key'):
+    ModelConfig.from_config({**parse().model.to_dict(), 'no_such_key': 1})
+
+
+def test_section_round_trips_a_dataclass():
+  section = contract.section(RPEConfig)
+  assert contract.build(RPEConfig, section, 'rpe') == RPEConfig()
+  with pytest.raises(ValueError, match='no default'):
+    contract.section(TeacherConfig)
+
+
+def test_no_config_file_or_test_edits_sys_path():
+  needle = 'sys.path' + '.insert'
+  offenders = [
+      os.path.relpath(os.path.join(folder, name), ROOT)
+      for folder in (os.path.join(ROOT, 'configs'), os.path.join(ROOT, 'tests'))
+      for name in sorted(os.listdir(folder)) if name.endswith('.py')
+      and needle in open(os.path.join(folder, name)).read()]
+  assert offenders == []
