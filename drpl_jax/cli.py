@@ -13,6 +13,9 @@ bad input) raised by `main`, and a flag that does not parse (an unknown `--confi
 flag). The argparse commands already exit 2 with `error:` on bad flags and
 return 2 themselves on a `UserError`.
 
+Unless `--verbosity` is given, `run` also keeps the console for what a
+person needs (`quiet_libraries`; drpl_jax/train/console.py prints it).
+
 This module imports nothing of drpl_jax, so that library modules can raise
 `UserError` without depending on the commands; it defines flags only when a
 command calls its `define_*` functions.
@@ -21,7 +24,9 @@ command calls its `define_*` functions.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
+import tempfile
 from collections.abc import Callable, Sequence
 
 from absl import app, flags
@@ -115,6 +120,42 @@ def _unknown_config_key(argv: Sequence[str], error: Exception) -> str:
   return f'a --config.KEY flag names a key the config lacks: {error}'
 
 
+def quiet_libraries() -> None:
+  """Silences library chatter unless `--verbosity` was given.
+
+  absl's INFO logging (orbax, TFDS, grain, our own details) is off: the
+  level becomes WARNING, so warnings and errors still show. TensorFlow's C++
+  INFO and WARNING lines are off through TF_CPP_MIN_LOG_LEVEL, which must be
+  set before TensorFlow is imported (the commands import it lazily, after
+  this). `--verbosity=0` (INFO) or higher shows all of it again.
+  """
+  if flags.FLAGS['verbosity'].present:
+    return
+  flags.FLAGS.verbosity = -1  # WARNING; absl.app.run had raised it to INFO
+  os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
+  _import_tensorflow_quietly()
+
+
+def _import_tensorflow_quietly() -> None:
+  """Imports TensorFlow (when installed) with stderr's file descriptor
+  pointed away: its import prints C++ INFO lines (oneDNN, CPU features)
+  that TF_CPP_MIN_LOG_LEVEL does not reach (tensorflow issue 100442).
+  Python errors of the import still show; they are raised after."""
+  if 'tensorflow' in sys.modules:
+    return
+  sys.stderr.flush()
+  saved = os.dup(2)
+  with tempfile.TemporaryFile() as sink:
+    os.dup2(sink.fileno(), 2)
+    try:
+      import tensorflow  # pylint: disable=g-import-not-at-top,unused-import
+    except ImportError:
+      pass  # the accelerator machines have none; nothing to silence
+    finally:
+      os.dup2(saved, 2)
+      os.close(saved)
+
+
 def run(main: Callable[[Sequence[str]], object],
         user_errors: tuple[type[BaseException], ...] = (UserError,)) -> None:
   """Runs an absl `main` under the exit policy (see the module docstring).
@@ -124,6 +165,7 @@ def run(main: Callable[[Sequence[str]], object],
   """
 
   def guarded(argv: Sequence[str]) -> object:
+    quiet_libraries()
     try:
       return main(argv)
     except user_errors as e:  # pylint: disable=catching-non-exception

@@ -2,6 +2,7 @@
 bad input is one `error:` line on stderr and exit status 2, a bug keeps its
 traceback, and one idea has one flag name in every command."""
 
+import json
 import os
 import subprocess
 import sys
@@ -106,3 +107,26 @@ def test_one_idea_has_one_flag_name_in_every_command():
   assert timing.parse_args(['--config=c', '--batch_size', '4']
                            ).batch_size == 4
   assert '--batch ' not in timing.format_help()  # gone, not an alias
+
+
+def test_the_demo_console_is_short_unless_verbose(demo_data_dir, tmp_path):
+  workdir = tmp_path / 'w'
+  command = ['-m', 'drpl_jax.main', '--config=configs/demo.py:steps=4',
+             f'--workdir={workdir}', f'--config.data.data_dir={demo_data_dir}',
+             '--config.batch_size=8', '--config.eval_batch_size=64',
+             '--config.log_every_steps=2', '--config.eval_every_steps=4',
+             '--config.optim.warmup_steps=1']
+  quiet = _run(*command)
+  assert quiet.returncode == 0, quiet.stderr[-3000:]
+  lines = (quiet.stdout + quiet.stderr).splitlines()
+  assert len(lines) < 40, '\n'.join(lines)
+  assert not [l for l in lines if l.startswith('I1') or 'oneDNN' in l], lines
+  assert json.loads(quiet.stdout.splitlines()[-1])['step'] == 4
+  assert sum(l.startswith('step ') and 'images/s' in l and 'ETA' in l
+             for l in lines) == 2  # plain lines: stdout is not a terminal
+  assert sum(l.startswith('eval at step 4') for l in lines) == 1
+  table = workdir / 'params.txt'
+  assert str(table) in quiet.stdout and 'Total' in table.read_text()
+  verbose = _run(*command, '--verbosity=0')  # resumes at step 4: evaluates
+  assert verbose.returncode == 0, verbose.stderr[-3000:]
+  assert any(l.startswith('I1') for l in verbose.stderr.splitlines())

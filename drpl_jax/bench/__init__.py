@@ -143,7 +143,7 @@ def parse_timing_args(parser: argparse.ArgumentParser, argv: Sequence[str],
   """
   args, overrides = parser.parse_known_args(list(argv))
   args.overrides = overrides
-  for name in ('batch', 'steps', 'repeats', *positive):
+  for name in ('batch_size', 'steps', 'repeats', *positive):
     if getattr(args, name) < 1:
       raise ValueError(f'--{name}={getattr(args, name)} must be >= 1')
   if args.warmup < 0:

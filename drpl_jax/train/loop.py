@@ -30,6 +30,7 @@ from drpl_jax.models import ModelConfig, create_model
 from drpl_jax.parallel import sharding
 from drpl_jax.teacher import load as teacher_load
 from drpl_jax.train import checkpointing
+from drpl_jax.train import console
 from drpl_jax.train import optim
 from drpl_jax.train import step as step_lib
 
@@ -244,6 +245,16 @@ def _writer(workdir: str):
       workdir, just_logging=jax.process_index() > 0)
 
 
+def _write_parameter_table(workdir: str, params: Any, n_params: int) -> None:
+  """Writes the parameter table to workdir/params.txt and says where."""
+  from etils import epath  # pylint: disable=g-import-not-at-top
+  path = epath.Path(workdir) / 'params.txt'
+  table = parameter_overview(params)
+  path.write_text(table + '\n')
+  logging.info('Parameters:\n%s', table)
+  console.line(f'{n_params:,} parameters; table in {path}')
+
+
 def parameter_overview(params: Any) -> str:
   """A table of parameter names, shapes, sizes and the total count."""
   # pylint: disable-next=g-import-not-at-top
@@ -344,7 +355,7 @@ def _setup(config: ml_collections.ConfigDict, workdir: str, info) -> _Run:
   logging.info('Model %s: %d parameters, %d devices, mesh %s',
                model_cfg, n_params, jax.device_count(), dict(mesh.shape))
   if jax.process_index() == 0:
-    logging.info('Parameters:\n%s', parameter_overview(state['params']))
+    _write_parameter_table(workdir, state['params'], n_params)
   return _Run(config, workdir, mesh, state, train_step, eval_step,
               teacher.state if teacher else None, train_iter, ckpt)
 
@@ -356,6 +367,7 @@ class _Monitor:
     self.stop_on_nonfinite = config.get('nonfinite', 'skip') == 'stop'
     self.writer = writer
     self.batch_size = config.batch_size
+    self.total_steps = config.total_steps
     self.pending: list[dict[str, jax.Array]] = []
     self.unchecked: list[tuple[int, dict[str, jax.Array]]] = []
     self.t0, self.step0 = time.time(), step
@@ -390,6 +402,9 @@ class _Monitor:
                    examples_per_sec_per_device=(
                        rate * self.batch_size / jax.device_count()))
     self.writer.write_scalars(step, summary)
+    eta_s = (self.total_steps - step) / max(rate, 1e-9)
+    console.progress(step, self.total_steps, rate * self.batch_size,
+                     summary['loss'], eta_s)
     count = int(summary['nonfinite'])
     if count > self.nonfinite_logged:
       logging.warning('Skipped %d updates with a non-finite loss or '
@@ -410,6 +425,9 @@ def _evaluate(run: _Run, step: int) -> dict[str, float]:
                              run.config.data.eval_split)
     out.update({prefix + k: v for k, v in metrics.items()})
   run.writer.write_scalars(step, out)
+  shown = ', '.join(f'{k} {v:.4f}' for k, v in sorted(out.items())
+                    if k.endswith(('accuracy', 'loss')))
+  console.line(f'eval at step {step} ({run.config.data.eval_split}): {shown}')
   return out
 
 
