@@ -124,7 +124,8 @@ def test_the_demo_console_is_short_unless_verbose(demo_data_dir, tmp_path):
   assert json.loads(quiet.stdout.splitlines()[-1])['step'] == 4
   assert sum(l.startswith('step ') and 'images/s' in l and 'ETA' in l
              for l in lines) == 2  # plain lines: stdout is not a terminal
-  assert sum(l.startswith('eval at step 4') for l in lines) == 1
+  (evals,) = [l for l in lines if l.startswith('eval at step 4')]
+  assert 'val_accuracy_' in evals, evals
   table = workdir / 'params.txt'
   assert str(table) in quiet.stdout and 'Total' in table.read_text()
   verbose = _run(*command, '--verbosity=0')  # resumes at step 4: evaluates

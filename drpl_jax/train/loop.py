@@ -426,7 +426,7 @@ def _evaluate(run: _Run, step: int) -> dict[str, float]:
     out.update({prefix + k: v for k, v in metrics.items()})
   run.writer.write_scalars(step, out)
   shown = ', '.join(f'{k} {v:.4f}' for k, v in sorted(out.items())
-                    if k.endswith(('accuracy', 'loss')))
+                    if '_accuracy_' in k)
   console.line(f'eval at step {step} ({run.config.data.eval_split}): {shown}')
   return out
 
