@@ -19,9 +19,10 @@ from collections.abc import Sequence
 from absl import app, flags, logging
 from ml_collections import config_flags
 
+from drpl_jax import cli
+
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'Config file.')
-_WORKDIR = flags.DEFINE_string('workdir', None, 'Directory for checkpoints, '
-                               'logs and reports.')
+_WORKDIR = cli.define_workdir()
 _COORDINATOR = flags.DEFINE_string(
     'coordinator_address', None,
     'host:port of process 0 for a multi-process run on a generic cluster; '
@@ -30,7 +31,7 @@ _NUM_PROCESSES = flags.DEFINE_integer('num_processes', None,
                                       'Total processes (generic clusters).')
 _PROCESS_ID = flags.DEFINE_integer('process_id', None,
                                    'This process, 0..N-1 (generic clusters).')
-flags.mark_flags_as_required(['config', 'workdir'])
+flags.mark_flags_as_required(['config'])
 
 
 def main(argv: Sequence[str]) -> None:
@@ -38,10 +39,7 @@ def main(argv: Sequence[str]) -> None:
     raise app.UsageError(f'unexpected arguments: {argv[1:]}')
   from drpl_jax.parallel import hostmem  # pylint: disable=g-import-not-at-top
   from drpl_jax.train import preflight  # pylint: disable=g-import-not-at-top
-  try:  # mistakes in the config: one line, before any work
-    preflight.check_teacher(_CONFIG.value)
-  except ValueError as e:
-    sys.exit(f'error: {e}')
+  preflight.check_teacher(_CONFIG.value)  # before any work
   hostmem.configure()  # before JAX starts its CPU client
   # Imported here so that --help is fast and flags parse before JAX starts.
   from drpl_jax.parallel import distributed  # pylint: disable=g-import-not-at-top
@@ -51,12 +49,12 @@ def main(argv: Sequence[str]) -> None:
   from drpl_jax.train import loop as train  # pylint: disable=g-import-not-at-top
   config, workdir = _CONFIG.value, _WORKDIR.value
   from drpl_jax import data  # pylint: disable=g-import-not-at-top
-  try:
+  try:  # a data set that is missing or contradicts the config
     preflight.infer_num_classes(
         config, data.ensure_prepared(config.data).class_names,
         preflight.explicit_overrides(sys.argv))
   except ValueError as e:
-    sys.exit(f'error: {e}')
+    raise cli.UserError(str(e)) from e
   result = train.train_and_evaluate(config, workdir)
   if result.get('preempted'):
     logging.info('Preempted at step %d; rerun the same command to resume.',
@@ -79,8 +77,9 @@ def main(argv: Sequence[str]) -> None:
 
 
 def run() -> None:
-  """The command line (the `drpl-train` console script)."""
-  app.run(main)
+  """The command line (the `drpl-train` console script); bad input exits 2
+  with one `error:` line (drpl_jax/cli.py)."""
+  cli.run(main)
 
 
 if __name__ == '__main__':

@@ -28,7 +28,7 @@ def run_compare(tmp_path, preset: str, *extra: str):
   md = tmp_path / 'compare.md'
   cmd = [sys.executable, '-m', 'drpl_jax.bench', 'compare',
          f'--config=configs/drpl_vit.py:variant=micro,preset={preset}',
-         '--batch', '4', '--image_size', '32', '--steps', '2',
+         '--batch_size', '4', '--image_size', '32', '--steps', '2',
          '--warmup', '0', '--matmul_size', '256', '--markdown', str(md),
          *extra]
   proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True,

@@ -15,7 +15,7 @@ from drpl_jax.bench import eval as eval_bench
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # A micro model on a 4x4 token grid: compiles in seconds.
 TINY = ['--config=configs/drpl_vit.py:variant=micro', '--image_size', '32',
-        '--config.model.patch_size=8', '--batch', '2', '--steps', '2',
+        '--config.model.patch_size=8', '--batch_size', '2', '--steps', '2',
         '--repeats', '3', '--warmup', '1']
 
 
@@ -36,8 +36,8 @@ def test_parse_args_validates():
   args = eval_bench.parse_args(TINY + ['--config.seed=3'])
   assert args.overrides == ['--config.model.patch_size=8', '--config.seed=3']
   assert args.measure == ('eval', 'train')
-  with pytest.raises(ValueError, match='--batch=0'):
-    eval_bench.parse_args(['--config=x.py', '--batch', '0'])
+  with pytest.raises(ValueError, match='--batch_size=0'):
+    eval_bench.parse_args(['--config=x.py', '--batch_size', '0'])
   with pytest.raises(ValueError, match='predict'):
     eval_bench.parse_args(['--config=x.py', '--measure', 'eval,predict'])
   with pytest.raises(ValueError, match='--warmup'):

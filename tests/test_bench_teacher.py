@@ -92,7 +92,7 @@ def test_teacher_forward_flops_match_the_architecture():
 def test_tiny_run_prints_json():
   """micro student, 32 px, resnet18 teacher, batch 4, 2 steps (1-2 min)."""
   cmd = [sys.executable, '-m', 'drpl_jax.bench', 'teacher',
-         f'--config={CONFIG}', '--arch', 'resnet18', '--batch', '4',
+         f'--config={CONFIG}', '--arch', 'resnet18', '--batch_size', '4',
          '--image_size', '32', '--steps', '2', '--repeats', '2',
          '--warmup', '1']
   proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True,

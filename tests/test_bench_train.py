@@ -17,7 +17,7 @@ def test_bench_train_reports_a_consistent_measurement():
   batch = 4
   cmd = [sys.executable, '-m', 'drpl_jax.bench', 'train',
          '--config=configs/drpl_vit.py:variant=micro,preset=deit',
-         '--batch', str(batch),
+         '--batch_size', str(batch),
          '--steps', '2', '--repeats', '2', '--warmup', '1',
          '--image_size', '32', '--matmul_size', '512',
          '--config.model.patch_size=8']

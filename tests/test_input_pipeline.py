@@ -363,7 +363,7 @@ def test_input_benchmark_prints_json_without_tensorflow():
   from drpl_jax.bench import input as bench_input  # pylint: disable=g-import-not-at-top
   cmd = [sys.executable, '-m', 'drpl_jax.bench', 'input',
          '--config=configs/drpl_vit.py:variant=micro', '--synthetic',
-         '--batch', '8', '--steps', '2', '--warmup', '1']
+         '--batch_size', '8', '--steps', '2', '--warmup', '1']
   result = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True,
                           timeout=300, env=dict(os.environ,
                                                 JAX_PLATFORMS='cpu'))

@@ -121,7 +121,8 @@ def timing_parser(name: str, *, batch: int, steps: int, repeats: int,
   parser.add_argument('--config', required=True,
                       help='config file and argument, e.g. '
                            'configs/drpl_vit.py:variant=micro')
-  parser.add_argument('--batch', type=int, default=batch, help='global batch')
+  parser.add_argument('--batch_size', type=int, default=batch,
+                      help='global batch')
   parser.add_argument('--steps', type=int, default=steps,
                       help='steps per timed repetition')
   parser.add_argument('--repeats', type=int, default=repeats,
@@ -137,12 +138,12 @@ def parse_timing_args(parser: argparse.ArgumentParser, argv: Sequence[str],
                       positive: Sequence[str] = ()) -> argparse.Namespace:
   """Parses `argv`; unknown arguments become `args.overrides` (--config.*).
 
-  --batch, --steps, --repeats and the `positive` options must be >= 1,
+  --batch_size, --steps, --repeats and the `positive` options must be >= 1,
   --warmup >= 0; a bad value is an error naming the option.
   """
   args, overrides = parser.parse_known_args(list(argv))
   args.overrides = overrides
-  for name in ('batch', 'steps', 'repeats', *positive):
+  for name in ('batch_size', 'steps', 'repeats', *positive):
     if getattr(args, name) < 1:
       raise ValueError(f'--{name}={getattr(args, name)} must be >= 1')
   if args.warmup < 0:

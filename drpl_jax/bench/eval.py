@@ -1,7 +1,7 @@
 r"""Jitted evaluation throughput against training, same config and device.
 
   python -m drpl_jax.bench eval --config=configs/drpl_vit.py:variant=micro \
-      [--batch 32] [--steps 10] [--repeats 5] [--warmup 2] \
+      [--batch_size 32] [--steps 10] [--repeats 5] [--warmup 2] \
       [--image_size S] [--measure eval,train] [--config.key=value ...]
 
 Prints one JSON object per measurement:
@@ -95,7 +95,7 @@ class _Bench:
     self.model_cfg = train.model_config_from(config)
     self.mesh = sharding.create_mesh(tuple(config.get('mesh_shape', (-1, 1))))
     if batch % self.mesh.size:
-      raise ValueError(f'--batch={batch} is not divisible by the '
+      raise ValueError(f'--batch_size={batch} is not divisible by the '
                        f'{self.mesh.size} devices of the mesh')
     self.tx, self.schedule = optim.create_optimizer(config)
     self.graphdef, self.state, self.shardings = train.create_train_state(
@@ -157,11 +157,11 @@ def main(argv: Sequence[str]) -> None:
   """Measures eval and train throughput; prints one JSON line for each."""
   args = parse_args(argv)
   config = build_config(args)
-  bench = _Bench(config, args.batch)
+  bench = _Bench(config, args.batch_size)
   common = {
       'benchmark': 'eval', 'config': args.config,
       'variant': config.model.get('variant', ''),
-      'image_size': int(config.data.image_size), 'batch': args.batch,
+      'image_size': int(config.data.image_size), 'batch': args.batch_size,
       'steps': args.steps, 'repeats': args.repeats, 'warmup': args.warmup,
       'dtype': str(config.model.get('dtype', 'float32')),
       'distilled': bool(config.model.distilled), **device_info()}

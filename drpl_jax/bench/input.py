@@ -1,7 +1,7 @@
 r"""Input pipeline throughput: images/s, total and per host CPU core used.
 
   python -m drpl_jax.bench input --config=configs/drpl_vit.py:variant=micro \
-      [--batch 64] [--steps 20] [--workers 0] [--threads 4] [--synthetic] \
+      [--batch_size 64] [--steps 20] [--workers 0] [--threads 4] [--synthetic] \
       [--config.data.manual_dir=PATH ...]
 
 Prints one JSON object per measured pipeline:
@@ -189,7 +189,8 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
   parser.add_argument('--config', required=True,
                       help='config file and argument, e.g. '
                            'configs/drpl_vit.py:variant=micro')
-  parser.add_argument('--batch', type=int, default=64, help='global batch')
+  parser.add_argument('--batch_size', type=int, default=64,
+                      help='global batch')
   parser.add_argument('--steps', type=int, default=20)
   parser.add_argument('--warmup', type=int, default=2)
   parser.add_argument('--workers', type=int, default=0,
@@ -212,18 +213,18 @@ def main(argv: Sequence[str]) -> None:
   source = None if args.synthetic else _real_source(config)
   kind = 'prepared' if source is not None else 'synthetic_png_299'
   if source is None:
-    n = max(args.batch * (args.steps + args.warmup + 1), 256)
+    n = max(args.batch_size * (args.steps + args.warmup + 1), 256)
     source = SyntheticPngSource(n, num_classes=config.model.num_classes)
   size = config.data.image_size
   recipe = augment.AugmentConfig.from_config(config.data.augment)
   pipelines = {
-      'decode': lambda: _decode_iter(source, args.batch),
+      'decode': lambda: _decode_iter(source, args.batch_size),
       'train': lambda: input_pipeline.train_iterator(
-          source, batch_size=args.batch, image_size=size, seed=config.seed,
+          source, batch_size=args.batch_size, image_size=size, seed=config.seed,
           augment_config=recipe, num_workers=args.workers,
           num_threads=args.threads),
       'eval': lambda: input_pipeline.eval_batches(
-          source, batch_size=args.batch, image_size=size,
+          source, batch_size=args.batch_size, image_size=size,
           crop_ratio=config.data.eval_crop_ratio, num_threads=args.threads),
   }
   for name in filter(None, args.pipelines.split(',')):
@@ -232,7 +233,7 @@ def main(argv: Sequence[str]) -> None:
                        f'{list(pipelines)}')
     result = measure(pipelines[name], steps=args.steps, warmup=args.warmup)
     emit({'benchmark': 'input', 'pipeline': name, 'source': kind,
-          'image_size': size, 'batch': args.batch,
+          'image_size': size, 'batch': args.batch_size,
           'workers': args.workers if name == 'train' else 0,
           'threads': args.threads if name != 'decode' else 1,
           'host_cpus': os.cpu_count(),

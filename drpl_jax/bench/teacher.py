@@ -1,7 +1,7 @@
 r"""What an online teacher costs the train step, against what its FLOPs cost.
 
   python -m drpl_jax.bench teacher --config=configs/drpl_vit.py:variant=micro \
-      [--arch resnet50] [--batch 8] [--image_size S] [--steps 5] \
+      [--arch resnet50] [--batch_size 8] [--image_size S] [--steps 5] \
       [--repeats 3] [--warmup 1] [--teacher_dtype float32] \
       [--config.key=value ...]
 
@@ -158,7 +158,7 @@ def _record(times: list[float], compile_s: float, step_flops: float,
   return {'compile_s': round(compile_s, 3),
           'step_ms': round(1000.0 * step_s, 3),
           'step_ms_all': [round(1000.0 * t / args.steps, 3) for t in times],
-          'images_per_s': round(args.batch / step_s, 2),
+          'images_per_s': round(args.batch_size / step_s, 2),
           'flops': step_flops}
 
 
@@ -171,7 +171,7 @@ def measure(config: ml_collections.ConfigDict, args, mesh
                                                        tx, mesh)
   step_cfg = step_lib.StepConfig.from_config(config, model_cfg)
   teacher = online_teacher(config, args, mesh)
-  batch = synthetic_batch(config, args.batch, mesh, train_batch=True,
+  batch = synthetic_batch(config, args.batch_size, mesh, train_batch=True,
                           distill_kind=step_cfg.distill_kind)
   # The steps donate their state: the teacher run gets its own copy.
   copy = jax.jit(lambda s: jax.tree.map(jnp.copy, s), out_shardings=state_sh)
@@ -186,7 +186,7 @@ def measure(config: ml_collections.ConfigDict, args, mesh
                               t_state)
   size = int(config.data.image_size)
   images = jax.device_put(
-      np.random.default_rng(0).random((args.batch, size, size, 3),
+      np.random.default_rng(0).random((args.batch_size, size, size, 3),
                                       np.float32),
       sharding.batch_sharding(mesh))
   compiled['teacher_forward'] = _compile(teacher_forward(teacher),
@@ -204,13 +204,13 @@ def main(argv: Sequence[str]) -> None:
   args = parse_args(argv)
   config = build_config(args)
   mesh = sharding.create_mesh(tuple(config.get('mesh_shape', (-1, 1))))
-  if args.batch % mesh.size:
-    raise ValueError(f'--batch={args.batch} is not divisible by the '
+  if args.batch_size % mesh.size:
+    raise ValueError(f'--batch_size={args.batch_size} is not divisible by the '
                      f'{mesh.size} devices of the mesh')
   results = measure(config, args, mesh)
   common = {'benchmark': 'teacher', 'config': args.config,
             'variant': config.model.get('variant', ''),
-            'image_size': int(config.data.image_size), 'batch': args.batch,
+            'image_size': int(config.data.image_size), 'batch': args.batch_size,
             'steps': args.steps, 'repeats': args.repeats,
             'warmup': args.warmup, 'distill_kind': config.distill.kind,
             'dtype': str(config.model.get('dtype', 'float32')),

@@ -1,7 +1,8 @@
 r"""Training-step throughput, compile time, memory, FLOPs and MFU.
 
   python -m drpl_jax.bench train --config=configs/drpl_vit.py:variant=micro \
-      [--batch 32] [--steps 5] [--repeats 3] [--warmup 2] [--image_size S] \
+      [--batch_size 32] [--steps 5] [--repeats 3] [--warmup 2] \
+      [--image_size S] \
       [--config.key=value ...]
 
 Prints one JSON object per measurement (one per run of this command):
@@ -72,9 +73,9 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
 
 
 def build_config(args: argparse.Namespace) -> ml_collections.ConfigDict:
-  """The config with --config.* overrides, --image_size and --batch."""
+  """The config with --config.* overrides, --image_size and --batch_size."""
   config = config_from_args(args)
-  config.batch_size = args.batch
+  config.batch_size = args.batch_size
   return config
 
 
@@ -159,8 +160,8 @@ def measure(config: ml_collections.ConfigDict, args: argparse.Namespace
   """Compiles and times the train step of `config`; returns the figures."""
   model_cfg = train.model_config_from(config)
   mesh = sharding.create_mesh(tuple(config.get('mesh_shape', (-1, 1))))
-  if args.batch % mesh.size:
-    raise ValueError(f'--batch={args.batch} is not divisible by the '
+  if args.batch_size % mesh.size:
+    raise ValueError(f'--batch_size={args.batch_size} is not divisible by the '
                      f'{mesh.size} devices of the mesh')
   tx, schedule = optim.create_optimizer(config)
   graphdef, state, shardings = train.create_train_state(config, model_cfg,
@@ -168,7 +169,7 @@ def measure(config: ml_collections.ConfigDict, args: argparse.Namespace
   step_cfg = step_lib.StepConfig.from_config(config, model_cfg)
   step = train.jit_train_step(graphdef, tx, step_cfg, schedule, shardings,
                               mesh)
-  batch = synthetic_batch(config, args.batch, mesh, step_cfg.distill_kind)
+  batch = synthetic_batch(config, args.batch_size, mesh, step_cfg.distill_kind)
   t0 = time.perf_counter()
   compiled = step.lower(state, batch, None).compile()
   compile_s = time.perf_counter() - t0
@@ -185,7 +186,7 @@ def measure(config: ml_collections.ConfigDict, args: argparse.Namespace
   return {'num_params': int(n_params), 'compile_s': round(compile_s, 3),
           'step_ms': round(1000 * step_s, 3),
           'step_ms_all': [round(1000 * t, 3) for t in per_step],
-          'images_per_s': round(args.batch / step_s, 3),
+          'images_per_s': round(args.batch_size / step_s, 3),
           'flops_per_step': compiled_flops(compiled),
           'distill_kind': step_cfg.distill_kind,
           'grad_accum_steps': step_cfg.grad_accum_steps}
@@ -205,7 +206,7 @@ def main(argv: Sequence[str]) -> None:
   emit({
       'benchmark': 'train', 'config': args.config,
       'variant': config.model.get('variant', ''),
-      'image_size': int(config.data.image_size), 'batch': args.batch,
+      'image_size': int(config.data.image_size), 'batch': args.batch_size,
       'steps': args.steps, 'repeats': args.repeats, 'warmup': args.warmup,
       'dtype': str(config.model.get('dtype', 'float32')),
       'device': device.device_kind, 'platform': device.platform,

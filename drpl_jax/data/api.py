@@ -21,6 +21,7 @@ import sys
 from typing import Any
 
 import numpy as np
+from absl import logging as absl_logging
 
 from drpl_jax.data import images
 from drpl_jax.data.files import DataError
@@ -129,6 +130,8 @@ def prepare(name: str, *, data_dir: str, manual_dir: str | None = None,
   if summary is not None:
     return dict(summary, reused=True)
   import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+  if not absl_logging.level_info():  # quiet console (drpl_jax/cli.py): our
+    tfds.disable_progress_bar()  # own per-1000-image lines show progress
   # TFDS prints progress to stdout; keep stdout for the caller (CLI JSON).
   with contextlib.redirect_stdout(sys.stderr):
     builder = cls(config=config, data_dir=data_dir)  # Validates the input.

@@ -31,6 +31,7 @@ import numpy as np
 from absl import app, flags, logging
 from flax import nnx
 
+from drpl_jax import cli
 from drpl_jax.evaluation import metrics as metrics_lib
 from drpl_jax.evaluation import probes as probes_lib
 from drpl_jax.evaluation import report as report_lib
@@ -377,7 +378,7 @@ def main(argv: Sequence[str]) -> None:
                       n_bootstrap=flags.FLAGS.n_bootstrap)
   except (FileNotFoundError, ValueError,
           checkpointing.IncompleteCheckpointError) as e:
-    sys.exit(f'error: {e}')
+    raise cli.UserError(str(e)) from e
   print(json.dumps({'accuracy': report['accuracy'],
                     'balanced_accuracy': report['balanced_accuracy'],
                     'num_examples': report['num_examples'],
@@ -387,15 +388,16 @@ def main(argv: Sequence[str]) -> None:
 
 
 def run() -> None:
-  """The command line: defines the flags, then runs `main` under absl."""
+  """The command line: defines the flags, then runs `main` under the exit
+  policy of drpl_jax/cli.py."""
   global _CONFIG
   from ml_collections import config_flags  # pylint: disable=g-import-not-at-top
   _CONFIG = config_flags.DEFINE_config_file(
       'config', None,
       'Config file (default: the one saved in workdir/meta.json).')
-  flags.DEFINE_string('workdir', None, 'Training workdir.', required=True)
-  flags.DEFINE_integer('step', None, 'Checkpoint step (default latest).')
+  cli.define_workdir()
+  cli.define_step()
   flags.DEFINE_string('split', None, 'Split (default config.data.test_split).')
   flags.DEFINE_string('data', None, 'External data: cxr_folder:PATH.')
   flags.DEFINE_integer('n_bootstrap', 1000, 'Bootstrap resamples.')
-  app.run(main)
+  cli.run(main)

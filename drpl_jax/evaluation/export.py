@@ -42,6 +42,7 @@ from absl import logging
 from etils import epath
 from flax import nnx
 
+from drpl_jax import cli
 from drpl_jax.evaluation import predict
 from drpl_jax.models import fence
 from drpl_jax.train import checkpointing
@@ -251,16 +252,14 @@ def load_stablehlo(path: str) -> Callable[[Any], jax.Array]:
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
   parser = argparse.ArgumentParser(prog='python -m drpl_jax.export',
                                    description=__doc__.split('\n\n')[0])
-  parser.add_argument('--workdir', required=True, help='training workdir')
+  cli.add_workdir(parser)
   parser.add_argument('--out', required=True, help='output directory')
-  parser.add_argument('--step', type=int, default=None,
-                      help='checkpoint step (default: latest)')
+  cli.add_step(parser)
   parser.add_argument('--format', default='stablehlo',
                       choices=FORMATS + ('both',))
   parser.add_argument('--input_dtype', default='uint8',
                       choices=tuple(INPUT_DTYPES))
-  parser.add_argument('--ema', action='store_true',
-                      help='export the EMA weights of the run')
+  cli.add_ema(parser, 'export the EMA weights of the run')
   parser.add_argument('--platforms', default=','.join(DEFAULT_PLATFORMS),
                       help='comma separated lowering platforms')
   return parser.parse_args(None if argv is None else list(argv))

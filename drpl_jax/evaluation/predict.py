@@ -37,6 +37,7 @@ from etils import epath
 from flax import nnx
 from PIL import Image
 
+from drpl_jax import cli
 from drpl_jax.data import images as images_lib
 from drpl_jax.evaluation import evaluate
 from drpl_jax.evaluation import rollout
@@ -476,15 +477,13 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
   parser = argparse.ArgumentParser(
       prog='python -m drpl_jax.predict',
       description='Class probabilities (and rollout heatmaps) for X-rays.')
-  parser.add_argument('--workdir', required=True, help='training workdir')
+  cli.add_workdir(parser)
   parser.add_argument('images', nargs='+', metavar='IMAGE',
                       help='PNG, JPEG, 16-bit PNG or DICOM files')
   parser.add_argument('--heatmap', metavar='OUT', default=None,
                       help='directory for one rollout heatmap PNG per image')
-  parser.add_argument('--step', type=int, default=None,
-                      help='checkpoint step (default: latest)')
-  parser.add_argument('--ema', action='store_true',
-                      help='use the EMA weights of the run')
+  cli.add_step(parser)
+  cli.add_ema(parser)
   return parser.parse_args(None if argv is None else list(argv))
 
 

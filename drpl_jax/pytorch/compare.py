@@ -1,7 +1,8 @@
 r"""JAX vs PyTorch on the same DRPL-ViT, weights and batch, in one process.
 
   python -m drpl_jax.bench compare --config=configs/drpl_vit.py:variant=micro \
-      [--batch 16] [--image_size 224] [--steps 10] [--warmup 2] [--rounds 5] \
+      [--batch_size 16] [--image_size 224] [--steps 10] [--warmup 2] \
+      [--rounds 5] \
       [--no_compile] [--markdown OUT.md] [--config.model.dtype=bfloat16 ...]
 
 Frameworks: `jax` (the project's jitted train step and a jitted forward),
@@ -62,7 +63,7 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
   parser = argparse.ArgumentParser(prog='python -m drpl_jax.bench compare')
   parser.add_argument('--config', required=True,
                       help='e.g. configs/drpl_vit.py:variant=micro')
-  parser.add_argument('--batch', type=int, default=16)
+  parser.add_argument('--batch_size', type=int, default=16)
   parser.add_argument('--image_size', type=int, default=0,
                       help='input resolution (default: the config)')
   parser.add_argument('--steps', type=int, default=10, help='timed steps')
@@ -77,8 +78,8 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
                       help='n of the n^3 reference matmul (CPU peak)')
   args, overrides = parser.parse_known_args(list(argv))
   args.overrides = overrides
-  if min(args.batch, args.steps, args.rounds) < 1 or args.warmup < 0:
-    parser.error('--batch, --steps, --rounds must be >= 1, --warmup >= 0')
+  if min(args.batch_size, args.steps, args.rounds) < 1 or args.warmup < 0:
+    parser.error('--batch_size, --steps, --rounds must be >= 1, --warmup >= 0')
   args.rounds = min(args.rounds, args.steps)
   return args
 
@@ -235,7 +236,7 @@ def bench_config(args: argparse.Namespace):
   config.mixup.mixup_alpha = 0.0
   config.mixup.cutmix_alpha = 0.0
   config.optim.ema_decay = 0.0
-  config.batch_size = args.batch
+  config.batch_size = args.batch_size
   return config
 
 
@@ -448,7 +449,7 @@ def main(argv: Sequence[str]) -> None:
   _setup_torch(device, threads)
   model = create_model(model_cfg, rngs=nnx.Rngs(config.seed))
   state = torch_ref.state_dict_from_flax(model)  # before JAX donates it
-  batch = make_batch(model_cfg, args.batch, config.seed)
+  batch = make_batch(model_cfg, args.batch_size, config.seed)
   matmuls = matmul_runners(args.matmul_size, device)
   runners, errors = start_all(config, model_cfg, model, state, batch, args,
                               device)
@@ -456,7 +457,7 @@ def main(argv: Sequence[str]) -> None:
   matmul = matmul_rates(matmuls, args.matmul_size)
   peak, peak_source = peak_reference(device, matmul)
   meta = dict(benchmark='compare', config=args.config,
-              image_size=model_cfg.image_size, batch=args.batch,
+              image_size=model_cfg.image_size, batch=args.batch_size,
               steps=args.steps, warmup=args.warmup, rounds=args.rounds,
               dtype=model_cfg.dtype, device=device_name(device),
               threads=threads, matmul_n=args.matmul_size,
@@ -473,7 +474,7 @@ def main(argv: Sequence[str]) -> None:
                                   torch_bench.loss_for(config, model_cfg))
   meta['tensorflow_imported'] = tensorflow_imported()
   recs = records(runners, errors, flops, dict(meta, measurement='model'),
-                 peak, args.batch)
+                 peak, args.batch_size)
   for rec in recs:
     emit(rec)
   if args.markdown:

@@ -46,6 +46,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from drpl_jax import cli
 from drpl_jax import teacher as teacher_lib
 from drpl_jax.models import DRPLViT, ModelConfig
 from drpl_jax.pretrained import mapping
@@ -205,7 +206,7 @@ def _teacher_command(args: argparse.Namespace) -> dict[str, Any]:
     result['out'] = args.out
   if args.parity:
     result['parity'] = parity_report(
-        args.arch, args.checkpoint, args.num_classes, batch=args.batch,
+        args.arch, args.checkpoint, args.num_classes, batch=args.batch_size,
         image_size=args.image_size, seed=args.seed)
   return result
 
@@ -225,7 +226,8 @@ def _add_teacher_parser(subparsers: Any) -> None:
                  default=list(teacher_lib.IMAGENET_STD))
   p.add_argument('--parity', action='store_true',
                  help='compare logits with torchvision (needs torch)')
-  p.add_argument('--batch', type=int, default=2, help='parity batch size')
+  p.add_argument('--batch_size', type=int, default=2,
+                 help='parity batch size')
   p.add_argument('--seed', type=int, default=0, help='parity image seed')
   p.add_argument('--out', default=None,
                  help='write the canonical state dict as .safetensors')
@@ -375,7 +377,7 @@ def _student_command(args: argparse.Namespace) -> dict[str, Any]:
   if args.parity:
     try:
       result['parity'] = student_parity_report(
-          args.checkpoint, model, batch=args.batch, seed=args.seed)
+          args.checkpoint, model, batch=args.batch_size, seed=args.seed)
     except ValueError as e:
       result['parity'] = {'error': str(e)}
       result['exit_code'] = 2
@@ -411,11 +413,10 @@ def _to_timm_command(args: argparse.Namespace) -> dict[str, Any]:
 def _add_to_timm_parser(subparsers: Any) -> None:
   p = subparsers.add_parser(
       'to-timm', help='write a trained deit/vit run as a timm state dict')
-  p.add_argument('--workdir', required=True, help='the training run')
+  cli.add_workdir(p)
   p.add_argument('--out', required=True, help='output .safetensors file')
-  p.add_argument('--step', type=int, default=None,
-                 help='checkpoint step (default: the latest)')
-  p.add_argument('--ema', action='store_true', help='the EMA weights')
+  cli.add_step(p)
+  cli.add_ema(p)
 
 
 def _add_student_parser(subparsers: Any) -> None:
@@ -436,7 +437,8 @@ def _add_student_parser(subparsers: Any) -> None:
                       'heads start fresh)')
   p.add_argument('--parity', action='store_true',
                  help='compare logits with timm (needs torch and timm)')
-  p.add_argument('--batch', type=int, default=2, help='parity batch size')
+  p.add_argument('--batch_size', type=int, default=2,
+                 help='parity batch size')
   p.add_argument('--seed', type=int, default=0, help='parity image seed')
 
 

@@ -60,6 +60,8 @@ import warnings
 import numpy as np
 from absl import flags
 
+from drpl_jax import cli
+
 FORMATS = ('.npz', '.safetensors')
 FORMAT_VERSION = 1
 _SAFETENSORS_KEY = 'drpl_soft_labels'
@@ -473,7 +475,7 @@ def _define_flags() -> Any:
   flags.DEFINE_string('module', None, 'pkg.mod:callable returning the '
                       'nn.Module.')
   flags.DEFINE_list('splits', ['train'], 'Splits to label.')
-  flags.DEFINE_integer('batch_size', 64, 'Batch size.')
+  cli.define_batch_size(64)
   flags.DEFINE_integer('image_size', 0, '0 = config.teacher.image_size.')
   flags.DEFINE_integer('num_workers', 0, 'DataLoader workers.')
   flags.DEFINE_string('device', None, 'torch device (default cuda if any).')
@@ -484,7 +486,7 @@ def _define_flags() -> Any:
 def main(argv: Sequence[str]) -> None:
   """CLI entry: writes the file, prints the metadata as JSON to stdout."""
   if len(argv) > 1:
-    raise SystemExit(f'unexpected arguments: {argv[1:]}')
+    raise cli.UserError(f'unexpected arguments: {argv[1:]}')
   f = flags.FLAGS
   try:
     metadata = write_soft_labels(
@@ -493,12 +495,12 @@ def main(argv: Sequence[str]) -> None:
         batch_size=f.batch_size, image_size=f.image_size or None,
         num_workers=f.num_workers, device=f.device)
   except (ValueError, OSError) as e:  # Bad input: the message, no traceback.
-    raise SystemExit(f'soft_labels: error: {e}') from e
+    raise cli.UserError(str(e)) from e
   print(json.dumps(dict(metadata, out=os.path.abspath(f.out))))
 
 
 def run() -> None:
-  """The command line: defines the flags, then runs `main` under absl."""
-  from absl import app  # pylint: disable=g-import-not-at-top
+  """The command line: defines the flags, then runs `main` under the exit
+  policy of drpl_jax/cli.py."""
   _define_flags()
-  app.run(main)
+  cli.run(main)

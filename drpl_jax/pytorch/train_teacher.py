@@ -43,6 +43,7 @@ from absl import flags
 import torch
 import torchvision
 
+from drpl_jax import cli
 from drpl_jax.pytorch import soft_labels
 from drpl_jax.pytorch import torch_data
 from drpl_jax.pytorch import torch_io
@@ -324,7 +325,7 @@ def _define_flags() -> Any:
   flags.DEFINE_string('out', None, 'Output PATH.safetensors (+ PATH.json).')
   flags.DEFINE_string('init', None, 'torchvision state dict to start from.')
   flags.DEFINE_integer('epochs', 10, 'Epochs.')
-  flags.DEFINE_integer('batch_size', 32, 'Batch size.')
+  cli.define_batch_size(32)
   flags.DEFINE_float('lr', 1e-3, 'Peak AdamW learning rate.')
   flags.DEFINE_float('weight_decay', 0.05, 'AdamW weight decay.')
   flags.DEFINE_integer('image_size', 0, '0 = config.teacher.image_size.')
@@ -341,7 +342,7 @@ def _define_flags() -> Any:
 def main(argv: Sequence[str]) -> None:
   """CLI entry: trains, prints the JSON summary to stdout."""
   if len(argv) > 1:
-    raise SystemExit(f'unexpected arguments: {argv[1:]}')
+    raise cli.UserError(f'unexpected arguments: {argv[1:]}')
   f = flags.FLAGS
   try:
     from drpl_jax import data  # pylint: disable=g-import-not-at-top
@@ -357,14 +358,14 @@ def main(argv: Sequence[str]) -> None:
         max_steps_per_epoch=f.max_steps_per_epoch or None,
         num_workers=f.num_workers, device=f.device)
   except (ValueError, OSError) as e:  # Bad input: the message, no traceback.
-    raise SystemExit(f'train_teacher: error: {e}') from e
+    raise cli.UserError(str(e)) from e
   print(json.dumps({k: result[k] for k in (
       'arch', 'best_epoch', 'weights_file', 'json_file', 'sha256')} | {
           'val_accuracy': result['validation']['accuracy']}))
 
 
 def run() -> None:
-  """The command line: defines the flags, then runs `main` under absl."""
-  from absl import app  # pylint: disable=g-import-not-at-top
+  """The command line: defines the flags, then runs `main` under the exit
+  policy of drpl_jax/cli.py."""
   _define_flags()
-  app.run(main)
+  cli.run(main)

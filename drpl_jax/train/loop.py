@@ -24,12 +24,14 @@ import numpy as np
 from absl import logging
 from flax import nnx
 
+from drpl_jax import cli
 from drpl_jax.config import base as config_base
 from drpl_jax.input import pipeline as input_pipeline
 from drpl_jax.models import ModelConfig, create_model
 from drpl_jax.parallel import sharding
 from drpl_jax.teacher import load as teacher_load
 from drpl_jax.train import checkpointing
+from drpl_jax.train import console
 from drpl_jax.train import optim
 from drpl_jax.train import step as step_lib
 
@@ -84,13 +86,13 @@ def create_online_teacher(config: ml_collections.ConfigDict, mesh
   if not t.arch:
     return None
   if t.get('soft_labels'):
-    raise ValueError('config.teacher.arch and config.teacher.soft_labels are '
-                     'both set; choose online (arch + checkpoint) or offline '
-                     '(soft_labels) distillation')
+    raise cli.UserError('config.teacher.arch and config.teacher.soft_labels '
+                        'are both set; choose online (arch + checkpoint) or '
+                        'offline (soft_labels) distillation')
   if not t.checkpoint:
-    raise ValueError(f'config.teacher.arch={t.arch!r} needs '
-                     'config.teacher.checkpoint (a .safetensors or .pth '
-                     'state dict; see python -m drpl_jax.train_teacher)')
+    raise cli.UserError(f'config.teacher.arch={t.arch!r} needs '
+                        'config.teacher.checkpoint (a .safetensors or .pth '
+                        'state dict; see python -m drpl_jax.train_teacher)')
   from drpl_jax.train import preflight  # pylint: disable=g-import-not-at-top
   preflight.check_teacher_arch(t.arch, t.checkpoint)
   typed = config_base.teacher_config(config)
@@ -245,6 +247,16 @@ def _writer(workdir: str):
       workdir, just_logging=jax.process_index() > 0)
 
 
+def _write_parameter_table(workdir: str, params: Any, n_params: int) -> None:
+  """Writes the parameter table to workdir/params.txt and says where."""
+  from etils import epath  # pylint: disable=g-import-not-at-top
+  path = epath.Path(workdir) / 'params.txt'
+  table = parameter_overview(params)
+  path.write_text(table + '\n')
+  logging.info('Parameters:\n%s', table)
+  console.line(f'{n_params:,} parameters; table in {path}')
+
+
 def parameter_overview(params: Any) -> str:
   """A table of parameter names, shapes, sizes and the total count."""
   # pylint: disable-next=g-import-not-at-top
@@ -345,7 +357,7 @@ def _setup(config: ml_collections.ConfigDict, workdir: str, info) -> _Run:
   logging.info('Model %s: %d parameters, %d devices, mesh %s',
                model_cfg, n_params, jax.device_count(), dict(mesh.shape))
   if jax.process_index() == 0:
-    logging.info('Parameters:\n%s', parameter_overview(state['params']))
+    _write_parameter_table(workdir, state['params'], n_params)
   return _Run(config, workdir, mesh, state, train_step, eval_step,
               teacher.state if teacher else None, train_iter, ckpt)
 
@@ -357,6 +369,7 @@ class _Monitor:
     self.stop_on_nonfinite = config.get('nonfinite', 'skip') == 'stop'
     self.writer = writer
     self.batch_size = config.batch_size
+    self.total_steps = config.total_steps
     self.pending: list[dict[str, jax.Array]] = []
     self.unchecked: list[tuple[int, dict[str, jax.Array]]] = []
     self.t0, self.step0 = time.time(), step
@@ -391,6 +404,9 @@ class _Monitor:
                    examples_per_sec_per_device=(
                        rate * self.batch_size / jax.device_count()))
     self.writer.write_scalars(step, summary)
+    eta_s = (self.total_steps - step) / max(rate, 1e-9)
+    console.progress(step, self.total_steps, rate * self.batch_size,
+                     summary['loss'], eta_s)
     count = int(summary['nonfinite'])
     if count > self.nonfinite_logged:
       logging.warning('Skipped %d updates with a non-finite loss or '
@@ -411,6 +427,9 @@ def _evaluate(run: _Run, step: int) -> dict[str, float]:
                              run.config.data.eval_split)
     out.update({prefix + k: v for k, v in metrics.items()})
   run.writer.write_scalars(step, out)
+  shown = ', '.join(f'{k} {v:.4f}' for k, v in sorted(out.items())
+                    if '_accuracy_' in k)
+  console.line(f'eval at step {step} ({run.config.data.eval_split}): {shown}')
   return out
 
 

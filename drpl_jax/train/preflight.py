@@ -1,7 +1,8 @@
 """Checks a command runs on its config before any work starts.
 
 Each check either fixes what can be inferred (the class count from the data
-set) or raises a one-line ValueError that names the flag to change. The CLI
+set) or raises a one-line `cli.UserError` (a ValueError) that names the
+flag, file or value to change. The CLI
 entry points call them right after parsing their flags.
 """
 
@@ -13,6 +14,8 @@ from collections.abc import Iterable, Sequence
 
 import ml_collections
 from absl import logging
+
+from drpl_jax import cli
 
 
 def explicit_overrides(argv: Iterable[str]) -> set[str]:
@@ -26,10 +29,16 @@ def check_teacher(config: ml_collections.ConfigDict) -> None:
   saying which flags to add (before data is prepared or a model built)."""
   kind = config.get('distill', {}).get('kind', 'none')
   teacher = config.get('teacher', {})
+  checkpoint = teacher.get('checkpoint')
+  if (checkpoint and teacher.get('arch') and '://' not in checkpoint
+      and not os.path.isfile(checkpoint)):
+    raise cli.UserError(
+        f'config.teacher.checkpoint={checkpoint!r}: no such file (python -m '
+        'drpl_jax.train_teacher makes one)')
   if (kind == 'none' or not config.model.get('distilled', False)
       or teacher.get('arch') or teacher.get('soft_labels')):
     return
-  raise ValueError(
+  raise cli.UserError(
       f'config.distill.kind={kind!r} needs a teacher: add '
       '--config.teacher.arch=resnet50 --config.teacher.checkpoint=FILE '
       '(online; python -m drpl_jax.train_teacher makes one), or '
@@ -49,7 +58,7 @@ def infer_num_classes(config: ml_collections.ConfigDict,
   if configured == len(class_names):
     return
   if 'model.num_classes' in explicit:
-    raise ValueError(
+    raise cli.UserError(
         f'--config.model.num_classes={configured} contradicts the data set '
         f'{config.data.name}, which has {len(class_names)} classes '
         f'{list(class_names)}; leave the flag out to use the data\'s count')
@@ -69,6 +78,6 @@ def check_teacher_arch(arch: str, checkpoint: str) -> None:
   except (OSError, ValueError, AttributeError):
     return  # no readable record: the converter's shape check decides
   if recorded and recorded != arch:
-    raise ValueError(
+    raise cli.UserError(
         f'{checkpoint} holds a {recorded} (per {record}), not {arch}: set '
         f'--config.teacher.arch={recorded}')

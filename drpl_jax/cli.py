@@ -1,0 +1,174 @@
+"""What every command line shares: its common flags and one exit policy.
+
+One idea has one flag name in every command: `--workdir` (the training
+run's directory), `--batch_size`, `--step` (a checkpoint step, default the
+latest), `--ema` (the EMA weights), and absl's own `--verbosity`. They are
+defined here once, for the absl commands (`define_*`) and for the argparse
+ones (`add_*`), so the spelling and the help text cannot drift apart.
+
+`run(main)` runs an absl command so that bad user input ends in one line
+`error: ...` naming the file, key or value on stderr and exit status 2, with
+no traceback: a `UserError` (or the exception types a command names as
+bad input) raised by `main`, and a flag that does not parse (an unknown `--config.KEY`, a value of the wrong type, a missing required
+flag). The argparse commands already exit 2 with `error:` on bad flags and
+return 2 themselves on a `UserError`.
+
+Unless `--verbosity` is given, `run` also keeps the console for what a
+person needs (`quiet_libraries`; drpl_jax/train/console.py prints it).
+
+This module imports nothing of drpl_jax, so that library modules can raise
+`UserError` without depending on the commands; it defines flags only when a
+command calls its `define_*` functions.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import tempfile
+from collections.abc import Callable, Sequence
+
+from absl import app, flags
+
+EXIT_USER_ERROR = 2
+
+WORKDIR_HELP = 'The training run\'s directory (checkpoints, logs, reports).'
+STEP_HELP = 'Checkpoint step (default: the latest).'
+EMA_HELP = 'Use the EMA weights of the run.'
+BATCH_SIZE_HELP = 'Batch size.'
+
+
+class UserError(ValueError):
+  """Bad user input; the message names the flag, file, key or value."""
+
+
+def define_workdir(help_text: str = WORKDIR_HELP, required: bool = True
+                   ) -> flags.FlagHolder:
+  """Defines absl's `--workdir`."""
+  return flags.DEFINE_string('workdir', None, help_text, required=required)
+
+
+def define_step(help_text: str = STEP_HELP) -> flags.FlagHolder:
+  """Defines absl's `--step` (None: the latest checkpoint)."""
+  return flags.DEFINE_integer('step', None, help_text)
+
+
+def define_ema(help_text: str = EMA_HELP) -> flags.FlagHolder:
+  """Defines absl's `--ema` (a boolean, `--ema` / `--noema`)."""
+  return flags.DEFINE_bool('ema', False, help_text)
+
+
+def define_batch_size(default: int, help_text: str = BATCH_SIZE_HELP
+                      ) -> flags.FlagHolder:
+  """Defines absl's `--batch_size`."""
+  return flags.DEFINE_integer('batch_size', default, help_text)
+
+
+def add_workdir(parser: argparse.ArgumentParser,
+                help_text: str = WORKDIR_HELP) -> None:
+  """Adds a required `--workdir` to an argparse parser."""
+  parser.add_argument('--workdir', required=True, help=help_text)
+
+
+def add_step(parser: argparse.ArgumentParser,
+             help_text: str = STEP_HELP) -> None:
+  """Adds `--step` (default None: the latest) to an argparse parser."""
+  parser.add_argument('--step', type=int, default=None, help=help_text)
+
+
+def add_ema(parser: argparse.ArgumentParser, help_text: str = EMA_HELP
+            ) -> None:
+  """Adds the switch `--ema` to an argparse parser."""
+  parser.add_argument('--ema', action='store_true', help=help_text)
+
+
+def add_batch_size(parser: argparse.ArgumentParser, default: int,
+                   help_text: str = BATCH_SIZE_HELP) -> None:
+  """Adds `--batch_size` to an argparse parser."""
+  parser.add_argument('--batch_size', type=int, default=default,
+                      help=help_text)
+
+
+def fail(message: object) -> None:
+  """Prints `error: message` (its first line) to stderr and exits 2."""
+  line = str(message).strip().splitlines()[0] if str(message).strip() else (
+      type(message).__name__)
+  print(f'error: {line}', file=sys.stderr, flush=True)
+  sys.exit(EXIT_USER_ERROR)
+
+
+def _parse_flags(argv: Sequence[str]) -> list[str]:
+  """absl's flag parsing, with a bad flag reported under the exit policy."""
+  try:
+    return flags.FLAGS(list(argv))
+  except flags.Error as e:
+    fail(e)
+  except (AttributeError, KeyError) as e:  # ml_collections: an unknown key
+    fail(_unknown_config_key(argv, e))
+  raise AssertionError('unreachable')
+
+
+def _unknown_config_key(argv: Sequence[str], error: Exception) -> str:
+  """Names the `--config.KEY` override whose key the config lacks."""
+  name = str(error).strip('"\' ')
+  for arg in argv:
+    key = arg[len('--config.'):].partition('=')[0]
+    if arg.startswith('--config.') and name in key.split('.'):
+      return (f'--config.{key}: the config has no key {name!r} '
+              '(see the config file for the keys it has)')
+  return f'a --config.KEY flag names a key the config lacks: {error}'
+
+
+def quiet_libraries() -> None:
+  """Silences library chatter unless `--verbosity` was given.
+
+  absl's INFO logging (orbax, TFDS, grain, our own details) is off: the
+  level becomes WARNING, so warnings and errors still show. TensorFlow's C++
+  INFO and WARNING lines are off through TF_CPP_MIN_LOG_LEVEL, which must be
+  set before TensorFlow is imported (the commands import it lazily, after
+  this). `--verbosity=0` (INFO) or higher shows all of it again.
+  """
+  if flags.FLAGS['verbosity'].present:
+    return
+  flags.FLAGS.verbosity = -1  # WARNING; absl.app.run had raised it to INFO
+  os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
+  _import_tensorflow_quietly()
+
+
+def _import_tensorflow_quietly() -> None:
+  """Imports TensorFlow (when installed) with stderr's file descriptor
+  pointed away: its import prints C++ INFO lines (oneDNN, CPU features)
+  that TF_CPP_MIN_LOG_LEVEL does not reach (tensorflow issue 100442).
+  Python errors of the import still show; they are raised after."""
+  if 'tensorflow' in sys.modules:
+    return
+  sys.stderr.flush()
+  saved = os.dup(2)
+  with tempfile.TemporaryFile() as sink:
+    os.dup2(sink.fileno(), 2)
+    try:
+      import tensorflow  # pylint: disable=g-import-not-at-top,unused-import
+    except ImportError:
+      pass  # the accelerator machines have none; nothing to silence
+    finally:
+      os.dup2(saved, 2)
+      os.close(saved)
+
+
+def run(main: Callable[[Sequence[str]], object],
+        user_errors: tuple[type[BaseException], ...] = (UserError,)) -> None:
+  """Runs an absl `main` under the exit policy (see the module docstring).
+
+  `user_errors`: the exception types that mean bad input; anything else is
+  a bug and keeps its traceback.
+  """
+
+  def guarded(argv: Sequence[str]) -> object:
+    quiet_libraries()
+    try:
+      return main(argv)
+    except user_errors as e:  # pylint: disable=catching-non-exception
+      fail(e)
+
+  app.run(guarded, flags_parser=_parse_flags)
