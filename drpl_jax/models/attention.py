@@ -93,7 +93,7 @@ class Attention(nnx.Module):
     """q, k, v [B, L, D] from one matmul against the three kernels side by side.
 
     The same function as the three Linear layers, but one [D, 3D] matmul is
-    about 2x faster than three [D, D] ones on the CPU (docs/performance.md),
+    faster than three [D, D] ones on the CPU (docs/performance.md),
     and larger GEMMs help every backend.
     """
     layers = (self.q, self.k, self.v)
@@ -113,7 +113,7 @@ class Attention(nnx.Module):
 
     On the CPU there is no fused kernel, and XLA's own lowering of
     `dot_product_attention` (batch and head dims kept apart) runs its
-    batched matmuls about 1.3x slower than the explicit path's, which folds
+    batched matmuls more slowly than the explicit path, which folds
     heads into the batch (docs/performance.md).
     """
     if self.implementation == 'explicit':

@@ -149,7 +149,7 @@ def depthwise_conv(x: Array, kernel: Array, bias: Array, *,
   x [B, H, W, C], kernel [k, k, 1, C] (nnx.Conv's layout with
   feature_group_count=C), bias [C]. Written as k*k shifted multiply-adds: the
   same result as `lax.conv_general_dilated(..., feature_group_count=C)` but
-  4-8x faster forward+backward on CPU, where XLA has no depthwise kernel,
+  faster forward+backward on CPU, where XLA has no depthwise kernel,
   and fused into a few elementwise passes on GPU/TPU. `fused_grad` uses
   `_depthwise_conv_fused` (same values; a faster backward on XLA:CPU).
   """
@@ -166,8 +166,8 @@ def _depthwise_conv_fused(x: Array, kernel: Array, bias: Array) -> Array:
   [B, H, W] (one per tap), each reading x and the output gradient again;
   on XLA:CPU these took a quarter of the Ti/DRPL train step. Here all taps
   and the bias are summed by one variadic `lax.reduce` (one pass, float32
-  accumulation, over the positions and then the batch): 5x faster in
-  isolation than the per-tap reductions. The input gradient is the same
+  accumulation, over the positions and then the batch), faster than the
+  per-tap reductions (docs/performance.md). The input gradient is the same
   shifted multiply-add with the kernel flipped.
   """
   return _shift_add(x, kernel) + bias.astype(x.dtype)
@@ -192,7 +192,7 @@ def _dw_bwd(res, g: Array):
   add = lambda s, t: tuple(u + v for u, v in zip(s, t))
   zeros = (jnp.float32(0),) * len(terms)
   # Over the positions first, then the batch: XLA:CPU's reduction of all
-  # three leading axes at once is 2.5x slower (docs/performance.md).
+  # three leading axes at once is slower (docs/performance.md).
   sums = jax.lax.reduce(tuple(terms), zeros, add, (1,))  # [B, C] each
   sums = jax.lax.reduce(sums, zeros, add, (0,))  # k*k + 1 arrays of [C]
   dkernel = jnp.stack(sums[:-1]).reshape(kernel.shape).astype(kernel.dtype)

@@ -5,9 +5,9 @@ every call and frees them afterwards. With glibc's defaults, blocks of a
 thread that is not the main thread come from per-thread arenas whose heaps
 are at most 64 MiB, so every larger block is a fresh `mmap`: the kernel
 page-faults and zero-fills each 4 KiB page on first touch and `munmap`s it
-again at `free`. For the Ti/DeiT train step at 224 px and batch 16 that was
-300,000 minor faults (1.2 GB) and about 0.5 s of kernel time per step;
-with the settings below the step ran 14-17% faster (docs/performance.md). PyTorch's CPU allocator reuses its
+again at `free`: for a large train step, hundreds of thousands of minor
+faults and a large share of kernel time per step, which the settings below
+remove (figures in docs/performance.md). PyTorch's CPU allocator reuses its
 blocks and does not pay this.
 
 `configure()` sets, through `mallopt`:
