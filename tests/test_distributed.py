@@ -171,7 +171,7 @@ def test_multihost_detection_leaves_values_to_jax(env, source):
 def test_forced_without_a_cluster_says_what_to_set():
   proc = subprocess.run(
       [sys.executable, '-c',
-       'from drpl_jax import distributed; distributed.initialize()'],
+       'from drpl_jax.parallel import distributed; distributed.initialize()'],
       env=clean_env(DRPL_DISTRIBUTED='1', JAX_PLATFORMS='cpu'),
       capture_output=True, text=True, timeout=120, cwd=ROOT, check=False)
   assert proc.returncode != 0

@@ -478,6 +478,7 @@ def test_cli_to_timm_writes_a_trained_run_timm_loads_strictly(
   config_ = tiny_demo_config(demo_data_dir, 1, **DEIT_OVERRIDES)
   workdir = str(tmp_path / 'run')
   train.train_and_evaluate(config_, workdir)
+  capsys.readouterr()  # the run's own console lines
   out = str(tmp_path / 'deit.safetensors')
   assert convert.main(['to-timm', '--workdir', workdir, '--out', out]) == 0
   result = json.loads(capsys.readouterr().out)
