@@ -226,7 +226,9 @@ def main_command(data_dir, workdir, steps, every=1):
           '--config.eval_batch_size=256', '--config.log_every_steps=1',
           f'--config.eval_every_steps={steps}',
           f'--config.checkpoint_every_steps={every}',
-          '--config.optim.warmup_steps=2']
+          '--config.optim.warmup_steps=2',
+          # absl INFO on: the tests watch clu's per-step log lines.
+          '--verbosity=0']
 
 
 def subprocess_env(cache_dir):

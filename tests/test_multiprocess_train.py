@@ -35,7 +35,9 @@ def command(data_dir, workdir, steps=STEPS):
           '--config.batch_size=8', '--config.eval_batch_size=64',
           '--config.log_every_steps=1', '--config.eval_every_steps=2',
           '--config.checkpoint_every_steps=2',
-          '--config.optim.warmup_steps=1', '--config.optim.base_lr=0.5']
+          '--config.optim.warmup_steps=1', '--config.optim.base_lr=0.5',
+          # absl INFO on: the tests watch clu's per-step log lines.
+          '--verbosity=0']
 
 
 def env_for(devices, **extra):
