@@ -110,6 +110,11 @@ def test_two_processes_match_one_process(demo_data_dir, tmp_path):
   params_one, params_multi = ckpts_one[STEPS], ckpts_multi[STEPS]
   assert params_one.keys() == params_multi.keys()
   for name, value in params_one.items():
+    if "['attn']['k']['bias']" in name:
+      # A key bias adds q.b to every key's logit alike, so softmax leaves
+      # it an exactly-zero gradient; Adam turns the rounding left there
+      # into +-lr steps that differ with the reduction order.
+      continue
     np.testing.assert_allclose(params_multi[name], value, rtol=1e-5,
                                atol=1e-5, err_msg=name)
   # Steps 3-4 moved the parameters far beyond that tolerance.
