@@ -1,11 +1,14 @@
-"""Entry point of `python -m drpl_jax.convert`.
+"""Entry point of `python -m drpl_jax.convert` (drpl_jax/pytorch/convert.py).
 
-Runs `main` of drpl_jax/pytorch/convert.py, where the command is documented.
+Also keeps the stable import paths of DESIGN section 7:
+`drpl_jax.convert.torch_teacher` and `drpl_jax.convert.student_from_timm`.
 """
 
 import sys
 
 from drpl_jax.pytorch.convert import main
+from drpl_jax.teacher.load import torch_teacher  # pylint: disable=unused-import
+from drpl_jax.train.student_init import student_from_timm  # pylint: disable=unused-import
 
 if __name__ == '__main__':
   sys.exit(main())

@@ -326,3 +326,14 @@ def test_top_level_entry_modules_are_thin():
     kinds = {type(n).__name__ for n in body}
     assert kinds <= {'Expr', 'Import', 'ImportFrom', 'If'}, path
     assert len(path.read_text().splitlines()) <= 15, path
+
+
+def test_design_section_7_import_paths_still_resolve():
+  """Modules moved; the import paths DESIGN.md promises keep working."""
+  from drpl_jax import convert  # pylint: disable=g-import-not-at-top
+  from drpl_jax.models import create_model  # pylint: disable=g-import-not-at-top
+  from drpl_jax.teacher import load  # pylint: disable=g-import-not-at-top
+  from drpl_jax.train import student_init  # pylint: disable=g-import-not-at-top
+  assert callable(create_model)
+  assert convert.torch_teacher is load.torch_teacher
+  assert convert.student_from_timm is student_init.student_from_timm
