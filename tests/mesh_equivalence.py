@@ -27,7 +27,9 @@ def make_optimizer(config):
   A larger eps leaves them still and keeps every real update comparable
   at fp32 tolerance.
   """
-  schedule = optim.learning_rate_schedule(config)
+  schedule = optim.learning_rate_schedule(
+      optim.OptimConfig.from_config(config.optim),
+      batch_size=config.batch_size, total_steps=config.total_steps)
   tx = optax.chain(
       optax.clip_by_global_norm(config.optim.grad_clip),
       optax.adamw(schedule, eps=1e-3, weight_decay=config.optim.weight_decay,

@@ -9,14 +9,17 @@ without a config key fails here.
 import dataclasses
 import os
 
+import ml_collections
 import pytest
 from absl import flags
 from ml_collections import config_flags
 
 from drpl_jax.config import base, contract
 from drpl_jax.input.augment import AugmentConfig
+from drpl_jax.input.config import DataConfig
 from drpl_jax.models.config import ConvConfig, ModelConfig, RPEConfig
 from drpl_jax.teacher.common import TeacherConfig
+from drpl_jax.train.optim import OptimConfig
 from drpl_jax.train.step import StepConfig
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -114,21 +117,57 @@ STEP = {
     'skip_nonfinite': (['nonfinite=stop'], False),
     'grad_accum_steps': (['optim.grad_accum_steps=2'], 2),
 }
+DATA = {
+    'name': (['data.name=demo'], 'demo'),
+    'manual_dir': (['data.manual_dir=/raw'], '/raw'),
+    'data_dir': (['data.data_dir=/tfds'], '/tfds'),
+    'classes': (['data.classes=COVID,Normal'], 'COVID,Normal'),
+    'split_seed': (['data.split_seed=3'], 3),
+    'min_side': (['data.min_side=64'], 64),
+    'image_size': (['data.image_size=96'], 96),
+    'train_split': (['data.train_split=train_all'], 'train_all'),
+    'eval_split': (['data.eval_split=test'], 'test'),
+    'test_split': (['data.test_split=validation'], 'validation'),
+    'mean': (['data.mean=(0.5,0.5,0.5)'], (0.5, 0.5, 0.5)),
+    'std': (['data.std=(0.25,0.25,0.25)'], (0.25, 0.25, 0.25)),
+    'num_workers': (['data.num_workers=2'], 2),
+    'balanced_sampler': (['data.balanced_sampler=True'], True),
+    'eval_crop_ratio': (['data.eval_crop_ratio=1.0'], 1.0),
+    **{f'augment.{k}': v for k, v in AUGMENT.items()},
+}
+OPTIM = {
+    'base_lr': (['optim.base_lr=1e-3'], 1e-3),
+    'min_lr': (['optim.min_lr=1e-5'], 1e-5),
+    'warmup_steps': (['optim.warmup_steps=7'], 7),
+    'weight_decay': (['optim.weight_decay=0.3'], 0.3),
+    'rpe_weight_decay': (['optim.rpe_weight_decay=False'], False),
+    'b1': (['optim.b1=0.8'], 0.8),
+    'b2': (['optim.b2=0.95'], 0.95),
+    'grad_clip': (['optim.grad_clip=0.5'], 0.5),
+    'ema_decay': (['optim.ema_decay=0.99'], 0.99),
+    'grad_accum_steps': (['optim.grad_accum_steps=4'], 4),
+    'mu_dtype': (['optim.mu_dtype=bfloat16'], 'bfloat16'),
+    'layer_decay': (['optim.layer_decay=0.75'], 0.75),
+}
 CASES = [(name, typed, table)
          for name, typed, table in (
              ('model', typed_model, MODEL),
              ('augment', lambda c: AugmentConfig.from_config(c.data.augment),
               AUGMENT),
              ('teacher', base.teacher_config, TEACHER),
-             ('step', typed_step, STEP))]
+             ('step', typed_step, STEP),
+             ('data', lambda c: DataConfig.from_config(c.data), DATA),
+             ('optim', lambda c: OptimConfig.from_config(c.optim), OPTIM))]
+NESTED = {(ModelConfig, 'rpe'): RPEConfig, (ModelConfig, 'conv'): ConvConfig,
+          (DataConfig, 'augment'): AugmentConfig}
 
 
 def field_names(cls, prefix=''):
   """Dotted names of every (nested) dataclass field."""
   out = set()
   for f in dataclasses.fields(cls):
-    nested = {'rpe': RPEConfig, 'conv': ConvConfig}.get(f.name)
-    if cls is ModelConfig and nested:
+    nested = NESTED.get((cls, f.name))
+    if nested:
       out |= field_names(nested, f'{prefix}{f.name}.')
     else:
       out.add(prefix + f.name)
@@ -143,7 +182,7 @@ def get(obj, dotted):
 
 @pytest.mark.parametrize('cls,table', [
     (ModelConfig, MODEL), (AugmentConfig, AUGMENT), (TeacherConfig, TEACHER),
-    (StepConfig, STEP)])
+    (StepConfig, STEP), (DataConfig, DATA), (OptimConfig, OPTIM)])
 def test_tables_cover_every_field(cls, table):
   assert set(table) == field_names(cls)
 
@@ -168,9 +207,48 @@ def test_defaults_come_from_the_dataclasses():
   assert config.model.stem_channels == ModelConfig().stem_channels
   assert config.teacher.dtype == 'float32'
   assert config.data.augment.interpolation == AugmentConfig().interpolation
+  assert config.data.eval_crop_ratio == DataConfig().eval_crop_ratio
+  assert config.optim.b2 == OptimConfig().b2
+  assert config.distill.tau == StepConfig.__dataclass_fields__[
+      'distill_tau'].default
+  assert config.loss.class_weights == ''  # StepConfig's None, as stored
   # Variant fields are unset until a flag sets them: the variant decides.
   assert config.model.width is None
   assert typed_model(config).width == 384
+
+
+def test_advertised_overrides_parse():
+  # The docs' examples: both reach the ConfigDict and the typed config.
+  config = parse('model.attention_impl=cudnn', 'model.dtype=bfloat16',
+                 'teacher.arch=resnet18', 'teacher.dtype=bfloat16')
+  assert typed_model(config).attention_impl == 'cudnn'
+  assert base.teacher_config(config).dtype == 'bfloat16'
+  # cudnn alone parses; the typed config then names what it needs.
+  alone = parse('model.attention_impl=cudnn')
+  assert alone.model.attention_impl == 'cudnn'
+  with pytest.raises(ValueError, match='needs dtype'):
+    typed_model(alone)
+
+
+def test_every_section_key_is_a_typed_field():
+  """No key of a generated section lives outside its dataclass (the
+  reverse direction of test_tables_cover_every_field)."""
+  config = parse()
+  assert DataConfig.from_config(config.data).augment == AugmentConfig(
+      **config.data.augment.to_dict())
+  assert set(config.optim) == {f.name for f in dataclasses.fields(OptimConfig)}
+  step_keys = {f.metadata['key'] for f in dataclasses.fields(StepConfig)}
+  for section in ('loss', 'distill', 'mixup'):
+    assert {f'{section}.{k}' for k in config[section]} <= step_keys
+  assert set(config.data) == {f.name for f in dataclasses.fields(DataConfig)}
+
+
+def test_step_keys_owned_elsewhere_must_exist():
+  config = ml_collections.ConfigDict()
+  with pytest.raises(ValueError, match='model.num_classes'):
+    contract.place(config, StepConfig)
+  with pytest.raises(ValueError, match=r'model\.distilled is missing'):
+    contract.read_bound(StepConfig, {'model': {'num_classes': 2}})
 
 
 def test_unknown_keys_are_named():
@@ -183,6 +261,10 @@ def test_unknown_keys_are_named():
     base.teacher_config(config)
   with pytest.raises(ValueError, match='no_such_key'):
     ModelConfig.from_config({**parse().model.to_dict(), 'no_such_key': 1})
+  with pytest.raises(ValueError, match=r'optim\.lr_typo'):
+    OptimConfig.from_config({'lr_typo': 1.0})
+  with pytest.raises(ValueError, match=r'data\.augment\.bogus'):
+    DataConfig.from_config({'augment': {'bogus': 1}})
 
 
 def test_section_round_trips_a_dataclass():

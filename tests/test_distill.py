@@ -59,7 +59,9 @@ def test_online_teacher_sees_the_mixed_batch(demo_data_dir,
   config = with_teacher(tiny_config(demo_data_dir), teacher_checkpoint)
   model_cfg = train.model_config_from(config)
   mesh = sharding.create_mesh((-1, 1))
-  tx, _ = optim.create_optimizer(config)
+  tx, _ = optim.create_optimizer(
+      optim.OptimConfig.from_config(config.optim), config.batch_size,
+      config.total_steps, model_cfg.depth)
   _, state, _ = train.create_train_state(config, model_cfg, tx, mesh)
   teacher = train.create_online_teacher(config, mesh)
   cfg = step_lib.StepConfig.from_config(config, model_cfg)

@@ -73,7 +73,9 @@ def test_optimizer_shrinks_irpe_tables_with_zero_gradients(rpe_decay):
   shrink by lr * wd exactly when they are decayed (the old mask: never)."""
   config = tiny_config(**{'optim.weight_decay': 0.5,
                           'optim.rpe_weight_decay': rpe_decay})
-  tx, schedule = optim.create_optimizer(config)
+  tx, schedule = optim.create_optimizer(
+      optim.OptimConfig.from_config(config.optim), config.batch_size,
+      config.total_steps, train.model_config_from(config).depth)
   params = jax.tree.map(lambda x: jnp.ones_like(x), params_of(config))
   zeros = jax.tree.map(jnp.zeros_like, params)
   updates, _ = tx.update(zeros, tx.init(params), params)
@@ -118,7 +120,9 @@ def test_step_metrics_report_rpe_norms_and_the_teacher():
   RPE norms are those of the updated tables."""
   config = tiny_config(**{'distill.kind': 'hard'})
   model_cfg = train.model_config_from(config)
-  tx, schedule = optim.create_optimizer(config)
+  tx, schedule = optim.create_optimizer(
+      optim.OptimConfig.from_config(config.optim), config.batch_size,
+      config.total_steps, model_cfg.depth)
   mesh = sharding.create_mesh((-1, 1), jax.devices()[:1])
   graphdef, state, _ = train.create_train_state(config, model_cfg, tx, mesh)
   cfg = step_lib.StepConfig.from_config(config, model_cfg)

@@ -314,7 +314,9 @@ def test_init_from_checkpoint_keeps_tree_dtypes_and_shardings(tmp_path):
   config = _train_config(path)
   config.optim.ema_decay = 0.999
   model_cfg = train.model_config_from(config)
-  tx, _ = optim.create_optimizer(config)
+  tx, _ = optim.create_optimizer(
+      optim.OptimConfig.from_config(config.optim), config.batch_size,
+      config.total_steps, model_cfg.depth)
   mesh = sharding.create_mesh((-1, 1))
   _, state, _ = train.create_train_state(config, model_cfg, tx, mesh)
   fresh_rest = jax.tree.map(np.asarray, state['rest'])

@@ -78,7 +78,9 @@ def test_train_step_compiles_once(demo_data_dir):
   config = small_config(demo_data_dir)
   model_cfg = train.model_config_from(config)
   mesh = train.sharding.create_mesh((-1, 1))
-  tx, schedule = train.optim.create_optimizer(config)
+  tx, schedule = train.optim.create_optimizer(
+      train.optim.OptimConfig.from_config(config.optim), config.batch_size,
+      config.total_steps, model_cfg.depth)
   graphdef, state, shardings = train.create_train_state(config, model_cfg, tx,
                                                         mesh)
   step_cfg = train.step_lib.StepConfig.from_config(config, model_cfg)

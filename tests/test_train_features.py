@@ -61,7 +61,9 @@ class Built:
   def __init__(self, config, state=None):
     self.config = config
     self.model_cfg = train.model_config_from(config)
-    self.tx, self.schedule = optim.create_optimizer(config)
+    self.tx, self.schedule = optim.create_optimizer(
+        optim.OptimConfig.from_config(config.optim), config.batch_size,
+        config.total_steps, self.model_cfg.depth)
     if state is None:
       mesh = sharding.create_mesh((-1, 1), jax.devices()[:1])
       self.graphdef, state, _ = train.create_train_state(
@@ -159,7 +161,9 @@ def test_layer_decay_scales_the_whole_update(plain):
   updates = {}
   for decay in (1.0, 0.5):
     config.optim.layer_decay = decay
-    tx, _ = optim.create_optimizer(config)
+    tx, _ = optim.create_optimizer(
+        optim.OptimConfig.from_config(config.optim), config.batch_size,
+        config.total_steps, train.model_config_from(config).depth)
     updates[decay], _ = jax.jit(tx.update)(grads, tx.init(params), params)
   scales = optim.layer_scales(params, depth=1, decay=0.5)
   for full, decayed, scale in zip(leaves(updates[1.0]), leaves(updates[0.5]),

@@ -97,7 +97,9 @@ class _Bench:
     if batch % self.mesh.size:
       raise ValueError(f'--batch_size={batch} is not divisible by the '
                        f'{self.mesh.size} devices of the mesh')
-    self.tx, self.schedule = optim.create_optimizer(config)
+    self.tx, self.schedule = optim.create_optimizer(
+        optim.OptimConfig.from_config(config.optim), config.batch_size,
+        config.total_steps, self.model_cfg.depth)
     self.graphdef, self.state, self.shardings = train.create_train_state(
         config, self.model_cfg, self.tx, self.mesh)
     self.step_cfg = step_lib.StepConfig.from_config(config, self.model_cfg)

@@ -166,7 +166,9 @@ def measure(config: ml_collections.ConfigDict, args, mesh
             ) -> dict[str, dict[str, Any]]:
   """Student step, step with the teacher and teacher forward: times, FLOPs."""
   model_cfg = train.model_config_from(config)
-  tx, schedule = optim.create_optimizer(config)
+  tx, schedule = optim.create_optimizer(
+      optim.OptimConfig.from_config(config.optim), config.batch_size,
+      config.total_steps, model_cfg.depth)
   graphdef, state, state_sh = train.create_train_state(config, model_cfg,
                                                        tx, mesh)
   step_cfg = step_lib.StepConfig.from_config(config, model_cfg)

@@ -163,7 +163,9 @@ def measure(config: ml_collections.ConfigDict, args: argparse.Namespace
   if args.batch_size % mesh.size:
     raise ValueError(f'--batch_size={args.batch_size} is not divisible by the '
                      f'{mesh.size} devices of the mesh')
-  tx, schedule = optim.create_optimizer(config)
+  tx, schedule = optim.create_optimizer(
+      optim.OptimConfig.from_config(config.optim), config.batch_size,
+      config.total_steps, model_cfg.depth)
   graphdef, state, shardings = train.create_train_state(config, model_cfg,
                                                         tx, mesh)
   step_cfg = step_lib.StepConfig.from_config(config, model_cfg)

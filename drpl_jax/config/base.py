@@ -1,9 +1,10 @@
 """The DRPL-ViT config every file in configs/ starts from.
 
-The typed sections (`model`, `data.augment`, `teacher`) are generated from
-their dataclasses (`contract.section`), so every typed field is a
-`--config.` key and its default is the dataclass's; this module sets only
-the run settings and the paper's presets on top. Config files import it
+The typed sections (`model`, `data` with `data.augment`, `teacher`,
+`optim`, and the train step's `loss`, `distill`, `mixup`, `nonfinite`) are
+generated from their dataclasses (`contract.section`, `contract.place`), so
+every typed field is a `--config.` key and its default is the dataclass's;
+this module sets only the run settings and the paper's presets on top. Config files import it
 (`from drpl_jax.config import base`), never each other through sys.path.
 """
 
@@ -12,9 +13,11 @@ from __future__ import annotations
 import ml_collections
 
 from drpl_jax.config import contract
-from drpl_jax.input.augment import AugmentConfig
+from drpl_jax.input.config import DataConfig
 from drpl_jax.models.config import ModelConfig
 from drpl_jax.teacher.common import TeacherConfig
+from drpl_jax.train.optim import OptimConfig
+from drpl_jax.train.step import StepConfig
 
 PRESETS = {
     # preset: (distilled, rpe.kind, conv.kind)
@@ -93,10 +96,10 @@ def drpl_vit(arg: str = '') -> ml_collections.ConfigDict:
   num_classes = ml_collections.FieldReference(4)
   _data_settings(config, image_size)
   _model_settings(config, args, image_size, num_classes)
+  config.optim = contract.section(OptimConfig)
   _loss_settings(config)
   config.teacher = teacher_section()
   config.teacher.image_size = image_size
-  _optim_settings(config)
   if args.runlocal:
     _runlocal(config, image_size, args.variant)
   return config
@@ -112,7 +115,6 @@ def _run_settings(config: ml_collections.ConfigDict) -> None:
   config.checkpoint_every_steps = 1000
   config.keep_checkpoints = 3
   config.mesh_shape = (-1, 1)  # (data, fsdp); -1 = all remaining devices
-  config.nonfinite = 'skip'  # non-finite loss/grad: 'skip' the update or 'stop'
   config.init_from = ''  # timm/DeiT checkpoint to start the student from
   # Keep the best checkpoint by this validation metric besides the last
   # keep_checkpoints ('' = off); e.g. 'val_accuracy_mean',
@@ -125,26 +127,9 @@ def _run_settings(config: ml_collections.ConfigDict) -> None:
 
 def _data_settings(config: ml_collections.ConfigDict,
                    image_size: ml_collections.FieldReference) -> None:
-  config.data = ml_collections.ConfigDict()
-  config.data.name = 'covid19_radiography'
-  config.data.manual_dir = ''
-  config.data.data_dir = ''  # default: ~/tensorflow_datasets
-  config.data.classes = ''  # comma separated subset, '' = all
-  config.data.split_seed = 0  # seed of the stored train/val/test split
-  config.data.min_side = 32  # smaller images are skipped at preparation
-  config.data.image_size = image_size
-  config.data.train_split = 'train'
-  config.data.eval_split = 'validation'
-  config.data.test_split = 'test'
-  # Model input normalisation (applied on device).
-  config.data.mean = (0.485, 0.456, 0.406)
-  config.data.std = (0.229, 0.224, 0.225)
-  config.data.num_workers = 0  # grain worker processes per host
-  config.data.balanced_sampler = False  # class-balanced sampling
-  # DeiT training recipe, each part switchable (numpy, on the host); hflip
-  # is off (AugmentConfig): on a chest X-ray the heart sits on the left.
-  config.data.augment = contract.section(AugmentConfig)
-  config.data.eval_crop_ratio = 0.875
+  # DataConfig's fields; the augmentation is DeiT's recipe with hflip off
+  # (AugmentConfig): on a chest X-ray the heart sits on the left.
+  config.data = contract.section(DataConfig, image_size=image_size)
 
 
 def _model_settings(config: ml_collections.ConfigDict, args,
@@ -165,20 +150,14 @@ def _model_settings(config: ml_collections.ConfigDict, args,
 
 
 def _loss_settings(config: ml_collections.ConfigDict) -> None:
-  # Mixup / CutMix run on device inside the train step, so an online teacher
-  # sees the same mixed image as the student.
-  config.mixup = ml_collections.ConfigDict()
+  # StepConfig's own keys (loss.*, distill.*, mixup.*, nonfinite), then the
+  # DeiT recipe over their defaults. Mixup / CutMix run on device inside
+  # the train step, so an online teacher sees the same mixed image.
+  contract.place(config, StepConfig)
   config.mixup.mixup_alpha = 0.8  # 0 = off
   config.mixup.cutmix_alpha = 1.0  # 0 = off
-  config.mixup.prob = 1.0
-  config.mixup.switch_prob = 0.5
-  config.loss = ml_collections.ConfigDict()
   config.loss.label_smoothing = 0.1
-  config.loss.class_weights = ''  # '' or comma separated, one per class
-  config.distill = ml_collections.ConfigDict()
   config.distill.kind = 'hard' if config.model.distilled else 'none'
-  config.distill.alpha = 0.5
-  config.distill.tau = 1.0
   # Shortcut probes of `evaluate` (drpl_jax/evaluation/probes.py): the test
   # images are re-run with a central lung box hidden and with only the box
   # kept.
@@ -191,28 +170,6 @@ def _loss_settings(config: ml_collections.ConfigDict) -> None:
   # above_chance.
   config.probes.margin = 0.10
   config.probes.above_chance = 0.15
-
-
-def _optim_settings(config: ml_collections.ConfigDict) -> None:
-  config.optim = ml_collections.ConfigDict()
-  config.optim.base_lr = 5e-4  # for a global batch of 512, scaled linearly
-  config.optim.min_lr = 1e-6
-  config.optim.warmup_steps = 1000
-  config.optim.weight_decay = 0.05
-  # Decay the iRPE tables too, as the official iRPE DeiT training does
-  # (timm's optimizer exempts only 1-D tensors, pos_embed and cls_token);
-  # False = the old exemption.
-  config.optim.rpe_weight_decay = True
-  config.optim.b1 = 0.9
-  config.optim.b2 = 0.999
-  config.optim.grad_clip = 1.0  # 0 = off
-  config.optim.ema_decay = 0.0  # 0 = no EMA
-  # Micro-batches per update (global batch split inside the jitted step).
-  config.optim.grad_accum_steps = 1
-  config.optim.mu_dtype = ''  # Adam first moment dtype, '' = param dtype
-  # Layer-wise lr decay for fine-tuning (BEiT/DeiT-III), 1.0 = off; e.g.
-  # 0.65-0.75 from DeiT weights.
-  config.optim.layer_decay = 1.0
 
 
 def _runlocal(config: ml_collections.ConfigDict,

@@ -5,6 +5,12 @@ field's default (defaults live only in the dataclass); `build(cls, section)`
 is the inverse and rejects keys the dataclass does not have, naming them.
 Optional fields (`float | None`) become typed placeholders, so that
 `--config.<section>.<field>=value` still parses to the right type.
+
+A typed config whose fields come from several sections (the train step's:
+`loss.*`, `distill.*`, `mixup.*`, `nonfinite`, and keys owned by other
+sections such as `model.num_classes`) declares each field with
+`bound(key, default)`: `place` writes the defaults of the keys it owns into
+the ConfigDict and `read_bound` reads every field back from its key.
 """
 
 from __future__ import annotations
@@ -70,6 +76,64 @@ def section(cls: type, *, exclude: Iterable[str] = (),
     setattr(out, field.name, value)
   if values:
     raise ValueError(f'{cls.__name__} has no fields {sorted(values)}')
+  return out
+
+
+def bound(key: str, default: Any = dataclasses.MISSING, *,
+          stored: Any = dataclasses.MISSING) -> Any:
+  """A dataclass field read from the dotted config `key`.
+
+  Without `default` the key is owned by another typed section (whose
+  dataclass holds its default). `stored` is the ConfigDict's default when
+  it is spelled differently from the typed one (e.g. '' for None).
+  """
+  metadata = {'key': key}
+  if stored is not dataclasses.MISSING:
+    metadata['stored'] = stored
+  return dataclasses.field(default=default, metadata=metadata)
+
+
+def _bound_fields(cls: type) -> list[dataclasses.Field]:
+  fields = [f for f in dataclasses.fields(cls) if 'key' in f.metadata]
+  if len(fields) != len(dataclasses.fields(cls)):
+    raise TypeError(f'every field of {cls.__name__} must be declared with '
+                    'contract.bound(key, ...)')
+  return fields
+
+
+def place(config: ml_collections.ConfigDict, cls: type) -> None:
+  """Writes the default of every key `cls` owns into `config`.
+
+  Owned keys are the fields with a default; their sections are created as
+  needed. Keys without a default belong to another section and must exist.
+  """
+  for field in _bound_fields(cls):
+    *sections, leaf = field.metadata['key'].split('.')
+    node = config
+    for name in sections:
+      if name not in node:
+        setattr(node, name, ml_collections.ConfigDict())
+      node = node[name]
+    if field.default is dataclasses.MISSING:
+      if leaf not in node:
+        raise ValueError(f'{cls.__name__}.{field.name} reads config key '
+                         f'{field.metadata["key"]}, which is not set')
+      continue
+    stored = field.metadata.get('stored', field.default)
+    setattr(node, leaf, stored)
+
+
+def read_bound(cls: type, config: Mapping[str, Any]) -> dict[str, Any]:
+  """Every field of `cls` as its config key holds it (stored spelling)."""
+  out = {}
+  for field in _bound_fields(cls):
+    node = config
+    for name in field.metadata['key'].split('.'):
+      if name not in node:
+        raise ValueError(f'config key {field.metadata["key"]} is missing '
+                         f'({cls.__name__}.{field.name} reads it)')
+      node = node[name]
+    out[field.name] = _plain(node)
   return out
 
 

@@ -54,7 +54,9 @@ class Evaluator:
     self.config = config
     model_cfg = train.model_config_from(config)
     self.mesh = sharding.create_mesh(tuple(config.get('mesh_shape', (-1, 1))))
-    tx, _ = optim.create_optimizer(config)
+    tx, _ = optim.create_optimizer(
+        optim.OptimConfig.from_config(config.optim), config.batch_size,
+        config.total_steps, model_cfg.depth)
     graphdef, state, shardings = train.create_train_state(
         config, model_cfg, tx, self.mesh)
     ckpt = checkpointing.Checkpointer(workdir)

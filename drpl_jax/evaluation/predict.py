@@ -121,7 +121,9 @@ def _abstract_train_state(config: ml_collections.ConfigDict
   """
   model_cfg = train.model_config_from(config)
   mesh = sharding.create_mesh(tuple(config.get('mesh_shape', (-1, 1))))
-  tx, _ = optim.create_optimizer(config)
+  tx, _ = optim.create_optimizer(
+      optim.OptimConfig.from_config(config.optim), config.batch_size,
+      config.total_steps, model_cfg.depth)
   static = {}
 
   def create():

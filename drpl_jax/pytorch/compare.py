@@ -272,7 +272,9 @@ def jax_runners(config, model, batch: dict[str, np.ndarray]
   t0 = time.perf_counter()
   infer = jax.jit(forward).lower(params, rest, data['image']).compile()
   infer_s = time.perf_counter() - t0
-  tx, schedule = optim.create_optimizer(config)
+  tx, schedule = optim.create_optimizer(
+      optim.OptimConfig.from_config(config.optim), config.batch_size,
+      config.total_steps, model.config.depth)
   step = jax.jit(train_step.make_train_step(graphdef, tx, step_cfg, schedule),
                  donate_argnums=0)
 

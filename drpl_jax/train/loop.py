@@ -322,7 +322,9 @@ def _setup(config: ml_collections.ConfigDict, workdir: str, info) -> _Run:
   """Model, optimizer, sharded state, jitted steps, data, restored state."""
   model_cfg = model_config_from(config)
   mesh = sharding.create_mesh(tuple(config.get('mesh_shape', (-1, 1))))
-  tx, schedule = optim.create_optimizer(config)
+  tx, schedule = optim.create_optimizer(
+      optim.OptimConfig.from_config(config.optim), config.batch_size,
+      config.total_steps, model_cfg.depth)
   graphdef, state, state_sh = create_train_state(config, model_cfg, tx, mesh)
   best_metric = config.get('best_metric', '')
   names = val_metric_names(model_cfg, state['ema'] is not None)

@@ -1,6 +1,6 @@
 """Optimizer: AdamW with linear warmup + cosine decay, DeiT conventions.
 
-Options (all under `config.optim`):
+Options (`OptimConfig`, the `config.optim` section):
   grad_clip      global-norm clipping (0 = off), before AdamW.
   mu_dtype       dtype of Adam's first moment ('' = the parameter dtype;
                  'bfloat16' halves its memory). The second moment stays in
@@ -28,13 +28,16 @@ Options (all under `config.optim`):
 
 from __future__ import annotations
 
+import dataclasses
 import re
+from collections.abc import Mapping
 from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
-import ml_collections
 import optax
+
+from drpl_jax.config import contract
 
 # Parameters that never get weight decay besides all 1-D ones (biases, norm
 # scales, layer-scale gammas): DeiT's `no_weight_decay` set, plus the
@@ -46,6 +49,40 @@ IRPE_TABLE = re.compile(r'(^|\.)rpe_[qkv]\.table(\.value)?$')
 EMBEDDING_NAMES = ('patch_embed', 'cls_token', 'dist_token', 'pos_embed')
 _BLOCK = re.compile(r'^blocks\.(\d+)\.')
 MU_DTYPES = ('', 'float32', 'bfloat16', 'float16')
+
+
+@dataclasses.dataclass(frozen=True)
+class OptimConfig:
+  """AdamW, its schedule and the EMA; `config.optim` is generated from it."""
+
+  base_lr: float = 5e-4  # for a global batch of 512, scaled linearly
+  min_lr: float = 1e-6
+  warmup_steps: int = 1000
+  weight_decay: float = 0.05
+  # Decay the iRPE tables too (see the module docstring); False = exempt.
+  rpe_weight_decay: bool = True
+  b1: float = 0.9
+  b2: float = 0.999
+  grad_clip: float = 1.0  # global norm, 0 = off
+  ema_decay: float = 0.0  # 0 = no EMA
+  # Micro-batches per update (global batch split inside the jitted step).
+  grad_accum_steps: int = 1
+  mu_dtype: str = ''  # Adam first moment dtype, '' = param dtype
+  # Layer-wise lr decay for fine-tuning (BEiT/DeiT-III), 1.0 = off.
+  layer_decay: float = 1.0
+
+  def __post_init__(self):
+    if self.mu_dtype not in MU_DTYPES:
+      raise ValueError(f'config.optim.mu_dtype={self.mu_dtype!r} is not one '
+                       f'of {list(MU_DTYPES)}')
+    if not 0.0 < self.layer_decay <= 1.0:
+      raise ValueError(f'config.optim.layer_decay={self.layer_decay} must be '
+                       'in (0, 1]')
+
+  @classmethod
+  def from_config(cls, section: Mapping[str, Any]) -> OptimConfig:
+    """The typed `config.optim`; unknown keys are named in the error."""
+    return contract.build(cls, section, 'optim')
 
 
 def path_str(path: tuple[Any, ...]) -> str:
@@ -131,45 +168,39 @@ def scale_by_layer(depth: int, decay: float
   return optax.GradientTransformation(init, update)
 
 
-def learning_rate_schedule(config: ml_collections.ConfigDict
-                           ) -> optax.Schedule:
-  """Linear warmup to base_lr * batch/512, then cosine decay to min_lr."""
-  opt = config.optim
-  peak = opt.base_lr * config.batch_size / 512
-  warmup = min(opt.warmup_steps, max(config.total_steps - 1, 0))
+def learning_rate_schedule(cfg: OptimConfig, *, batch_size: int,
+                           total_steps: int) -> optax.Schedule:
+  """Linear warmup to base_lr * batch/512, then cosine decay to min_lr.
+
+  `batch_size` is the global batch, `total_steps` the run's updates.
+  """
+  peak = cfg.base_lr * batch_size / 512
+  warmup = min(cfg.warmup_steps, max(total_steps - 1, 0))
   return optax.warmup_cosine_decay_schedule(
       init_value=0.0, peak_value=peak, warmup_steps=warmup,
-      decay_steps=max(config.total_steps, warmup + 1),
-      end_value=min(opt.min_lr, peak))
+      decay_steps=max(total_steps, warmup + 1),
+      end_value=min(cfg.min_lr, peak))
 
 
-def _mu_dtype(config: ml_collections.ConfigDict) -> Any:
-  name = config.optim.get('mu_dtype', '') or ''
-  if name not in MU_DTYPES:
-    raise ValueError(f'config.optim.mu_dtype={name!r} is not one of '
-                     f'{list(MU_DTYPES)}')
-  return jnp.dtype(name) if name else None
-
-
-def _model_depth(config: ml_collections.ConfigDict) -> int:
-  from drpl_jax.models import ModelConfig  # pylint: disable=g-import-not-at-top
-  return ModelConfig.from_config(config.model).depth
-
-
-def create_optimizer(config: ml_collections.ConfigDict
+def create_optimizer(cfg: OptimConfig, batch_size: int, total_steps: int,
+                     depth: int
                      ) -> tuple[optax.GradientTransformation, optax.Schedule]:
-  """AdamW (decoupled decay on matrices only), clipping, layer decay."""
-  opt = config.optim
-  schedule = learning_rate_schedule(config)
+  """AdamW (decoupled decay on matrices only), clipping, layer decay.
+
+  `batch_size` (global) and `total_steps` shape the schedule; `depth` is
+  the model's number of blocks (for `layer_decay`).
+  """
+  schedule = learning_rate_schedule(cfg, batch_size=batch_size,
+                                    total_steps=total_steps)
   parts = []
-  if opt.grad_clip > 0:
-    parts.append(optax.clip_by_global_norm(opt.grad_clip))
-  rpe_decay = bool(opt.get('rpe_weight_decay', True))
-  mask = lambda params: decay_mask(params, rpe_weight_decay=rpe_decay)
-  parts.append(optax.adamw(schedule, b1=opt.b1, b2=opt.b2,
-                           weight_decay=opt.weight_decay, mask=mask,
-                           mu_dtype=_mu_dtype(config)))
-  layer_decay = float(opt.get('layer_decay', 1.0))
-  if layer_decay != 1.0:
-    parts.append(scale_by_layer(_model_depth(config), layer_decay))
+  if cfg.grad_clip > 0:
+    parts.append(optax.clip_by_global_norm(cfg.grad_clip))
+  mask = lambda params: decay_mask(params,
+                                   rpe_weight_decay=cfg.rpe_weight_decay)
+  mu_dtype = jnp.dtype(cfg.mu_dtype) if cfg.mu_dtype else None
+  parts.append(optax.adamw(schedule, b1=cfg.b1, b2=cfg.b2,
+                           weight_decay=cfg.weight_decay, mask=mask,
+                           mu_dtype=mu_dtype))
+  if cfg.layer_decay != 1.0:
+    parts.append(scale_by_layer(depth, cfg.layer_decay))
   return optax.chain(*parts), schedule

@@ -31,71 +31,74 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
+from drpl_jax.config import contract
 from drpl_jax.train import losses
 from drpl_jax.train import mixup as mixup_lib
 
 State = dict[str, Any]
 
 
-@dataclasses.dataclass(frozen=True)
-class StepConfig:
-  """The static (hashable) settings a step needs; built from the config."""
+NONFINITE_MODES = ('skip', 'stop')
+_key = contract.bound
 
-  num_classes: int
-  distilled: bool
-  mean: tuple[float, ...] = (0.485, 0.456, 0.406)
-  std: tuple[float, ...] = (0.229, 0.224, 0.225)
-  label_smoothing: float = 0.0
-  class_weights: tuple[float, ...] | None = None
-  distill_kind: str = 'none'
-  distill_alpha: float = 0.5
-  distill_tau: float = 1.0
-  mixup_alpha: float = 0.0
-  cutmix_alpha: float = 0.0
-  mixup_prob: float = 1.0
-  mixup_switch_prob: float = 0.5
-  ema_decay: float = 0.0
-  skip_nonfinite: bool = True
-  grad_accum_steps: int = 1
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class StepConfig:
+  """The static (hashable) settings a step needs; built from the config.
+
+  Each field is read from the config key beside it (`contract.bound`); the
+  keys with a default here (`loss.*`, `distill.*`, `mixup.*`, `nonfinite`)
+  are generated into the config from this class (`contract.place`), the
+  others belong to the model, data and optimizer sections.
+  """
+
+  num_classes: int = _key('model.num_classes')
+  distilled: bool = _key('model.distilled')
+  mean: tuple[float, ...] = _key('data.mean')
+  std: tuple[float, ...] = _key('data.std')
+  label_smoothing: float = _key('loss.label_smoothing', 0.0)
+  # '' or one comma separated weight per class in the config.
+  class_weights: tuple[float, ...] | None = _key('loss.class_weights', None,
+                                                 stored='')
+  distill_kind: str = _key('distill.kind', 'none')
+  distill_alpha: float = _key('distill.alpha', 0.5)
+  distill_tau: float = _key('distill.tau', 1.0)
+  mixup_alpha: float = _key('mixup.mixup_alpha', 0.0)
+  cutmix_alpha: float = _key('mixup.cutmix_alpha', 0.0)
+  mixup_prob: float = _key('mixup.prob', 1.0)
+  mixup_switch_prob: float = _key('mixup.switch_prob', 0.5)
+  ema_decay: float = _key('optim.ema_decay')
+  # config.nonfinite: 'skip' the update of a non-finite loss/grad, or 'stop'.
+  skip_nonfinite: bool = _key('nonfinite', True, stored='skip')
+  grad_accum_steps: int = _key('optim.grad_accum_steps')
 
   @classmethod
   def from_config(cls, config, model_cfg) -> StepConfig:
-    weights = parse_class_weights(config.loss.get('class_weights', ''),
-                                  model_cfg.num_classes)
-    kind = config.distill.kind if model_cfg.distilled else 'none'
-    return cls(
-        num_classes=model_cfg.num_classes,
-        distilled=model_cfg.distilled,
-        mean=tuple(config.data.mean), std=tuple(config.data.std),
-        label_smoothing=config.loss.label_smoothing,
-        class_weights=weights,
-        distill_kind=kind, distill_alpha=config.distill.alpha,
-        distill_tau=config.distill.tau,
-        mixup_alpha=config.mixup.mixup_alpha,
-        cutmix_alpha=config.mixup.cutmix_alpha,
-        mixup_prob=config.mixup.prob,
-        mixup_switch_prob=config.mixup.switch_prob,
-        ema_decay=config.optim.ema_decay,
-        skip_nonfinite=_nonfinite_mode(config) == 'skip',
-        grad_accum_steps=_grad_accum_steps(config))
+    """The step settings of `config`; classes and heads from `model_cfg`."""
+    values = contract.read_bound(cls, config)
+    values.update(
+        num_classes=model_cfg.num_classes, distilled=model_cfg.distilled,
+        class_weights=parse_class_weights(values['class_weights'],
+                                          model_cfg.num_classes),
+        distill_kind=(values['distill_kind'] if model_cfg.distilled
+                      else 'none'),
+        skip_nonfinite=_nonfinite_mode(values['skip_nonfinite']) == 'skip',
+        grad_accum_steps=_grad_accum_steps(values['grad_accum_steps'],
+                                           config.get('batch_size')))
+    return cls(**values)
 
 
-NONFINITE_MODES = ('skip', 'stop')
-
-
-def _nonfinite_mode(config) -> str:
-  mode = config.get('nonfinite', 'skip')
+def _nonfinite_mode(mode: str) -> str:
   if mode not in NONFINITE_MODES:
     raise ValueError(f'config.nonfinite={mode!r} is not one of '
                      f'{list(NONFINITE_MODES)}')
   return mode
 
 
-def _grad_accum_steps(config) -> int:
-  k = int(config.optim.get('grad_accum_steps', 1))
+def _grad_accum_steps(k: int, batch: int | None) -> int:
+  k = int(k)
   if k < 1:
     raise ValueError(f'config.optim.grad_accum_steps={k} must be >= 1')
-  batch = config.get('batch_size')
   if batch is not None and batch % k:
     raise ValueError(f'config.batch_size={batch} is not divisible by '
                      f'config.optim.grad_accum_steps={k}')
