@@ -197,7 +197,7 @@ def test_interrupted_run_with_debris_resumes_bit_identically(
   resumed = str(tmp_path / 'resumed')
   original = train.input_pipeline.create_train_iterator
   monkeypatch.setattr(train.input_pipeline, 'create_train_iterator',
-                      lambda cfg: SignalBefore(original(cfg), 3))
+                      lambda *a, **k: SignalBefore(original(*a, **k), 3))
   assert train.train_and_evaluate(config, resumed)['step'] == 3
   monkeypatch.undo()
   # What a SIGKILL during saves leaves: a half-written folder, and a step

@@ -8,6 +8,7 @@ import sys
 import textwrap
 import types
 
+import jax
 import numpy as np
 import pytest
 from PIL import Image
@@ -15,6 +16,7 @@ from PIL import Image
 import drpl_jax
 from drpl_jax.input import augment
 from drpl_jax.input import pipeline as ip
+from drpl_jax.input.config import DataConfig
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SAMPLE = os.path.join(os.path.dirname(ROOT), 'shared', 'data',
@@ -37,7 +39,7 @@ class ListSource:
 
   def __getitem__(self, i):
     return {'image': self.images[i], 'label': int(self.labels[i]),
-            'id': f'ex{i}', 'patient_id': ''}
+            'id': f'ex{i}', 'patient_id': f'p{i // 2}'}
 
 
 def _train(source, **kw):
@@ -283,39 +285,49 @@ def test_real_xrays_through_train_and_eval():
 
 
 def _fake_data_module(source, calls):
-  def ensure_prepared(data_config):
-    calls.append(('ensure_prepared', data_config.name))
-    return types.SimpleNamespace(class_names=['a', 'b'], name='fake',
-                                 num_examples=len(source), version='1')
+  def find_prepared(data_config):
+    calls.append(('find_prepared', data_config.name))
+    return 'found-info'
 
-  def get_source(data_config, split):
-    calls.append(('get_source', split))
+  def get_source(info, split):
+    calls.append(('get_source', info, split))
     return source
 
-  return types.SimpleNamespace(ensure_prepared=ensure_prepared,
+  return types.SimpleNamespace(find_prepared=find_prepared,
                                get_source=get_source)
 
 
-def test_create_iterators_from_config(monkeypatch):
-  from conftest import config_module  # pylint: disable=g-import-not-at-top
-  drpl_vit = config_module('drpl_vit')
-  config = drpl_vit.get_config('variant=micro')
-  config.batch_size = 4
-  config.eval_batch_size = 8
-  config.data.image_size = S
-  config.data.balanced_sampler = True
+def test_create_iterators_from_typed_config(monkeypatch):
+  cfg = DataConfig(image_size=S, balanced_sampler=True)
   source = ListSource(10, classes=2)
   calls = []
   fake = _fake_data_module(source, calls)
   monkeypatch.setitem(sys.modules, 'drpl_jax.data', fake)
   monkeypatch.setattr(drpl_jax, 'data', fake, raising=False)
-  batch = next(ip.create_train_iterator(config))
+  # The setup's info is passed down: nothing is looked up again.
+  batch = next(ip.create_train_iterator(cfg, batch_size=4, seed=0,
+                                        info='setup-info'))
   assert batch['image'].shape == (4, S, S, 3)
-  assert ('get_source', 'train') in calls
-  batches = list(ip.create_eval_iterator(config, 'test', process_index=0,
-                                         process_count=2))
+  assert calls == [('get_source', 'setup-info', 'train')]
+  batches = list(ip.create_eval_iterator(cfg, 'test', batch_size=8,
+                                         process_index=0, process_count=2))
   assert len(batches) == 2 and batches[0]['image'].shape == (4, S, S, 3)
-  assert ('get_source', 'test') in calls
+  assert calls[1:] == [('find_prepared', cfg.name),
+                       ('get_source', 'found-info', 'test')]
+
+
+def test_eval_batches_carry_ids_and_patient_ids():
+  source = ListSource(5, classes=2)
+  ids = [source[i]['id'] for i in range(5)]
+  batches = list(ip.eval_batches(source, batch_size=4, image_size=S))
+  got = [str(i) for b in batches for i, m in zip(b['id'], b['mask']) if m]
+  assert got == ids
+  patients = [str(p) for b in batches for p in b['patient_id']]
+  assert patients == [f'p{i // 2}' for i in range(5)] + ['', '', '']
+  # Text stays on the host; the numeric entries go to the devices.
+  mesh = jax.sharding.Mesh(np.array(jax.devices()[:1]), ('data',))
+  glob = ip.to_global_batch(batches[0], mesh)
+  assert set(glob) == {'image', 'label', 'mask', 'index'}
 
 
 _GLOBAL_BATCH_SCRIPT = textwrap.dedent('''

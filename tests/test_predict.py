@@ -260,7 +260,9 @@ def _test_image(config, index=0):
   """(source image, its eval-pipeline view) of a demo test example."""
   from drpl_jax import data  # pylint: disable=g-import-not-at-top
   source = data.get_source(config.data, 'test')
-  batch = next(input_pipeline.create_eval_iterator(config, 'test'))
+  batch = next(input_pipeline.create_eval_iterator(
+      input_pipeline.DataConfig.from_config(config.data), 'test',
+      batch_size=config.eval_batch_size))
   assert batch['index'][index] == index
   return source[index]['image'], batch['image'][index]
 

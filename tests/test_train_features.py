@@ -224,7 +224,8 @@ class FloatBatches:
 def wrap_iterator(monkeypatch, **kwargs):
   original = train.input_pipeline.create_train_iterator
   monkeypatch.setattr(train.input_pipeline, 'create_train_iterator',
-                      lambda config: FloatBatches(original(config), **kwargs))
+                      lambda *a, **k: FloatBatches(original(*a, **k),
+                                                   **kwargs))
 
 
 def loop_config(data_dir, steps, **overrides):

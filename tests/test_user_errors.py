@@ -180,14 +180,18 @@ def test_soft_labels_of_another_data_set_refused_before_training(
   config.teacher.soft_labels = path
   with pytest.raises(ValueError, match='made for data set '
                      'covid19_radiography 1.0.0, this run trains on demo'):
-    input_pipeline.create_train_iterator(config)
+    input_pipeline.create_train_iterator(
+        input_pipeline.DataConfig.from_config(config.data), batch_size=8,
+        seed=0, soft_labels=config.teacher.soft_labels)
   # Right data set but missing ids: refused too, before any batch.
   meta['dataset'] = {'name': info.name, 'version': info.version}
   soft_labels.save_soft_labels(
       path, ids[1:], np.zeros((len(ids) - 1, len(info.class_names))),
       ['train'] * (len(ids) - 1), meta)
   with pytest.raises(ValueError, match='have no soft label'):
-    input_pipeline.create_train_iterator(config)
+    input_pipeline.create_train_iterator(
+        input_pipeline.DataConfig.from_config(config.data), batch_size=8,
+        seed=0, soft_labels=config.teacher.soft_labels)
 
 
 # 9, 14, 15 -----------------------------------------------------------------

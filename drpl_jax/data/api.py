@@ -7,8 +7,12 @@ beside the shards; later calls reuse it. `get_source` reads a split through
 as the grain input pipeline wants. TFDS is imported only inside functions, so
 `import drpl_jax.data` (e.g. for `decode_image`) needs neither TF nor TFDS.
 
-On several hosts, prepare once beforehand (`python -m drpl_jax.data prepare`)
-into a shared `data_dir`; `ensure_prepared` then only reads.
+Data is resolved once per run: the run's setup calls `ensure_prepared`,
+which prepares (or finds) the data set, on several processes only on
+process 0 behind a barrier; everything after it (`get_source`, the input
+pipeline's iterators) only finds prepared data (`find_prepared`) and stops
+with the `prepare` command to run when there is none. On several hosts,
+prepare once beforehand into a shared `data_dir`.
 """
 
 from collections.abc import Mapping, Sequence
@@ -176,21 +180,84 @@ def _info(summary: Mapping[str, Any]) -> DatasetInfo:
       data_dir=summary['data_dir'], splits_csv=summary['splits_csv'])
 
 
-def ensure_prepared(data_config: Any) -> DatasetInfo:
-  """Prepares `config.data` on first use; returns its `DatasetInfo`.
-
-  Keys: `name`, `manual_dir`, `data_dir` ('' = default), `classes` ('' or a
-  comma separated string), and optionally `split_seed` (0) and `min_side`.
-  """
-  summary = prepare(
-      _config_get(data_config, 'name', ''),
+def _arguments(data_config: Any) -> dict[str, Any]:
+  """`prepare`'s arguments from `config.data` (or a DataConfig, a dict)."""
+  return dict(
+      name=_config_get(data_config, 'name', ''),
       data_dir=_config_get(data_config, 'data_dir', ''),
       manual_dir=_config_get(data_config, 'manual_dir', ''),
       classes=parse_classes(_config_get(data_config, 'classes', '')),
       seed=int(_config_get(data_config, 'split_seed', 0)),
       min_side=int(_config_get(data_config, 'min_side',
                                images.DEFAULT_MIN_SIDE)))
+
+
+def prepare_command(data_config: Any) -> str:
+  """The `python -m drpl_jax.data prepare ...` line for `config.data`."""
+  args = _arguments(data_config)
+  words = ['python -m drpl_jax.data prepare', f'--name={args["name"]}',
+           f'--data_dir={args["data_dir"] or default_data_dir()}']
+  if args['manual_dir']:
+    words.append(f'--manual_dir={args["manual_dir"]}')
+  if args['classes']:
+    words.append(f'--classes={",".join(args["classes"])}')
+  if args['seed']:
+    words.append(f'--seed={args["seed"]}')
+  if args['min_side'] != images.DEFAULT_MIN_SIDE:
+    words.append(f'--min_side={args["min_side"]}')
+  return ' '.join(words)
+
+
+def find_prepared(data_config: Any) -> DatasetInfo:
+  """The `DatasetInfo` of `config.data` if it is prepared; never builds.
+
+  Raises:
+    DataError: not prepared; the message names the `prepare` command.
+  """
+  args = _arguments(data_config)
+  name = args.pop('name')
+  folder = prepared_dir(name, **args)
+  summary = _read_summary(folder)
+  if summary is None:
+    raise DataError(f'data set {name} is not prepared in {folder}; prepare '
+                    f'it first: {prepare_command(data_config)}')
   return _info(summary)
+
+
+def ensure_prepared(data_config: Any) -> DatasetInfo:
+  """Prepares (or finds) `config.data` once, in a run's setup.
+
+  Keys: `name`, `manual_dir`, `data_dir` ('' = default), `classes` ('' or a
+  comma separated string), and optionally `split_seed` (0) and `min_side`.
+  With several JAX processes only process 0 prepares; the others wait at a
+  barrier and then find its result (a shared `data_dir`), or stop with the
+  `prepare` command to run.
+  """
+  import jax  # pylint: disable=g-import-not-at-top
+  if jax.process_count() == 1:
+    args = _arguments(data_config)
+    return _info(prepare(args.pop('name'), **args))
+  error = None
+  if jax.process_index() == 0:
+    args = _arguments(data_config)
+    try:
+      prepare(args.pop('name'), **args)
+    except Exception as e:  # pylint: disable=broad-except
+      error = e  # raised after the barrier, which the others wait at
+  _barrier('drpl_jax.data.ensure_prepared')
+  if error is not None:
+    raise error
+  return find_prepared(data_config)
+
+
+def _barrier(name: str) -> None:
+  """All JAX processes meet here (a no-op with one process)."""
+  from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+  multihost_utils.sync_global_devices(name)
+
+
+def _text(value: Any) -> str:
+  return value.decode('utf-8') if isinstance(value, bytes) else str(value)
 
 
 class Source:
@@ -229,11 +296,9 @@ class Source:
 
   @staticmethod
   def _decode(record: Mapping[str, Any]) -> dict[str, Any]:
-    def text(value):
-      return value.decode('utf-8') if isinstance(value, bytes) else str(value)
     return {'image': images.decode_png_rgb(record['image']),
-            'label': int(record['label']), 'id': text(record['id']),
-            'patient_id': text(record['patient_id'])}
+            'label': int(record['label']), 'id': _text(record['id']),
+            'patient_id': _text(record['patient_id'])}
 
   def __getitem__(self, index: int) -> dict[str, Any]:
     length = len(self)
@@ -251,26 +316,29 @@ class Source:
     records = self._open().__getitems__([int(i) % length for i in indices])
     return [self._decode(r) for r in records]
 
-  @functools.cached_property
-  def labels(self) -> np.ndarray:
-    """All labels in source order (int32 [N]); read once, images skipped."""
+  def _column(self, key: str) -> list[Any]:
+    """One field of every record in source order; images are not decoded."""
     source, out = self._open(), []
     for start in range(0, len(self), 1024):
       records = source.__getitems__(
           list(range(start, min(start + 1024, len(self)))))
-      out += [int(r['label']) for r in records]
-    return np.asarray(out, dtype=np.int32)
+      out += [r[key] for r in records]
+    return out
+
+  @functools.cached_property
+  def labels(self) -> np.ndarray:
+    """All labels in source order (int32 [N]); read once."""
+    return np.asarray(self._column('label'), dtype=np.int32)
 
   @functools.cached_property
   def ids(self) -> list[str]:
-    """All example ids in source order; read once, images skipped."""
-    source, out = self._open(), []
-    for start in range(0, len(self), 1024):
-      records = source.__getitems__(
-          list(range(start, min(start + 1024, len(self)))))
-      out += [r['id'].decode('utf-8') if isinstance(r['id'], bytes)
-              else str(r['id']) for r in records]
-    return out
+    """All example ids in source order; read once."""
+    return [_text(v) for v in self._column('id')]
+
+  @functools.cached_property
+  def patient_ids(self) -> list[str]:
+    """All patient ids in source order ('' = unknown); read once."""
+    return [_text(v) for v in self._column('patient_id')]
 
   def __getstate__(self) -> dict[str, Any]:
     state = dict(self.__dict__)
@@ -281,9 +349,13 @@ class Source:
     return f'Source({self.data_dir!r}, split={self.split!r})'
 
 
-def get_source(data_config: Any, split: str) -> Source:
-  """The random-access source of `split` of `config.data` (prepared first)."""
-  info = ensure_prepared(data_config)
+def get_source(data: Any, split: str) -> Source:
+  """The random-access source of `split`; never builds.
+
+  `data` is the `DatasetInfo` the run's setup resolved (no file is read),
+  or `config.data` (found with `find_prepared`).
+  """
+  info = data if isinstance(data, DatasetInfo) else find_prepared(data)
   if split not in info.num_examples or not info.num_examples[split]:
     raise DataError(f'{info.name} ({info.data_dir}) has no examples in split '
                     f'{split!r}; splits: {info.num_examples}')

@@ -79,7 +79,9 @@ class Evaluator:
 def _batches(config, data_config, split):
   cfg = ml_collections.ConfigDict(config.to_dict())
   cfg.data.update(data_config)
-  return input_pipeline.create_eval_iterator(cfg, split)
+  return input_pipeline.create_eval_iterator(
+      input_pipeline.DataConfig.from_config(cfg.data), split,
+      batch_size=cfg.eval_batch_size)
 
 
 def head_reports(logits: dict[str, np.ndarray], labels: np.ndarray,
@@ -168,9 +170,11 @@ def _predict_splits(evaluator, config, data_config, splits, params_key,
     cfg = ml_collections.ConfigDict(config.to_dict())
     cfg.data.update(data_config)
     logits, labels, indices = evaluator.predict(
-        input_pipeline.create_eval_iterator(cfg, split), params_key)
+        input_pipeline.create_eval_iterator(
+            input_pipeline.DataConfig.from_config(cfg.data), split,
+            batch_size=cfg.eval_batch_size), params_key)
     source = data_lib.get_source(cfg.data, split)
-    patients = [source[int(i)]['patient_id'] for i in indices]
+    patients = [source.patient_ids[int(i)] for i in indices]
     if label_map is not None:
       labels = label_map[labels]
     for k, v in logits.items():
@@ -241,7 +245,9 @@ def teacher_report(config, mesh, splits: str | Sequence[str],
 
 def _temperature(evaluator, config, test_logits, test_labels, params_key):
   val_logits, val_labels, _ = evaluator.predict(
-      input_pipeline.create_eval_iterator(config, config.data.eval_split),
+      input_pipeline.create_eval_iterator(
+          input_pipeline.DataConfig.from_config(config.data),
+          batch_size=config.eval_batch_size),
       params_key)
   t = metrics_lib.fit_temperature(val_logits['mean'], val_labels)
   ece = metrics_lib.expected_calibration_error

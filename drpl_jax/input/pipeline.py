@@ -16,13 +16,15 @@ global batch `k` holds example `k * B + s` or, past the end, a masked pad with
 `index` -1. Every example appears exactly once with `mask` True over all
 processes, and all processes run the same number of steps.
 
-Nothing here imports TensorFlow; `drpl_jax.data` is imported lazily by the
-`create_*` helpers that read a config.
+Nothing here imports TensorFlow. The `create_*` helpers take the typed
+`DataConfig` and the `DatasetInfo` the run's setup resolved
+(`drpl_jax.data.ensure_prepared`); they never start a build.
 """
 
 from __future__ import annotations
 
 import collections
+import dataclasses
 import threading
 from typing import Any, Iterator, Mapping, Sequence
 
@@ -31,6 +33,7 @@ import jax
 import numpy as np
 
 from drpl_jax.input import augment
+from drpl_jax.input.config import DataConfig
 
 # Threads each assembling a whole batch; PIL and PNG decoding release the
 # GIL, so a few threads keep a core busy without worker processes.
@@ -120,30 +123,35 @@ def _stack(examples: Sequence[dict[str, Any]]) -> dict[str, np.ndarray]:
   return {key: np.stack([e[key] for e in examples]) for key in examples[0]}
 
 
-class _TrainBatch:
-  """Maps a step number to this process's augmented batch (picklable)."""
+@dataclasses.dataclass
+class _Slice:
+  """This process's slots of every global batch (picklable for workers)."""
 
-  def __init__(self, source, order: _EpochOrder, *, seed: int,
-               batch_size: int, per_process: int, process_index: int,
-               steps_per_epoch: int, image_size: int,
-               augment_config: augment.AugmentConfig,
-               teacher_logits: Mapping[str, Any] | None = None):
-    self.source = source
-    self.order = order
-    self.seed = seed
-    self.batch_size = batch_size
-    self.per_process = per_process
-    self.process_index = process_index
-    self.steps_per_epoch = steps_per_epoch
-    self.image_size = image_size
-    self.augment_config = augment_config
-    self.teacher_logits = teacher_logits
+  source: Any
+  batch_size: int  # global
+  per_process: int
+  process_index: int
+  image_size: int
+
+  def positions(self, step: int) -> range:
+    """Global positions of this process's examples in batch `step`."""
+    start = step * self.batch_size + self.process_index * self.per_process
+    return range(start, start + self.per_process)
+
+
+@dataclasses.dataclass
+class _TrainBatch(_Slice):
+  """Maps a step number to this process's augmented batch."""
+
+  order: _EpochOrder
+  seed: int
+  steps_per_epoch: int
+  augment_config: augment.AugmentConfig
+  teacher_logits: Mapping[str, Any] | None = None
 
   def __call__(self, step: int, _: Any) -> dict[str, np.ndarray]:
     epoch, step_in_epoch = divmod(step, self.steps_per_epoch)
-    start = (step_in_epoch * self.batch_size
-             + self.process_index * self.per_process)
-    positions = range(start, start + self.per_process)
+    positions = self.positions(step_in_epoch)
     order = self.order(epoch)
     indices = [int(order[p]) for p in positions]
     examples = _read(self.source, indices)
@@ -230,9 +238,8 @@ def train_iterator(source, *, batch_size: int, image_size: int, seed: int,
   label_array = _check_labels(labels, n) if balanced else None
   order = _EpochOrder(n, seed, config.repeated_aug, label_array)
   batch_fn = _TrainBatch(
-      source, order, seed=seed, batch_size=batch_size,
-      per_process=per_process, process_index=process_index,
-      steps_per_epoch=steps_per_epoch, image_size=image_size,
+      source, batch_size, per_process, process_index, image_size,
+      order=order, seed=seed, steps_per_epoch=steps_per_epoch,
       augment_config=config, teacher_logits=teacher_logits)
   # One element per step (index = steps since the start, endless): grain
   # workers then split the stream by whole batches, so batches do not
@@ -268,34 +275,34 @@ def num_eval_batches(num_examples: int, batch_size: int) -> int:
   return -(-num_examples // batch_size)
 
 
-class _EvalBatch:
+@dataclasses.dataclass
+class _EvalBatch(_Slice):
   """Maps a step number to this process's eval batch, padded and masked."""
 
-  def __init__(self, source, *, batch_size: int, per_process: int,
-               process_index: int, image_size: int, crop_ratio: float):
-    self.source = source
-    self.batch_size = batch_size
-    self.per_process = per_process
-    self.process_index = process_index
-    self.image_size = image_size
-    self.crop_ratio = crop_ratio
+  crop_ratio: float = 0.875
 
   def __call__(self, step: int, _: Any) -> dict[str, np.ndarray]:
-    start = step * self.batch_size + self.process_index * self.per_process
-    wanted = range(start, start + self.per_process)
-    real = [i for i in wanted if i < len(self.source)]
-    examples = _read(self.source, real)
-    out = []
-    for index, example in zip(real, examples):
-      image, label = _check_example(example, index)
-      image = augment.eval_transform(image, size=self.image_size,
-                                     crop_ratio=self.crop_ratio)
-      out.append({'image': image, 'label': np.int32(label),
-                  'mask': np.bool_(True), 'index': np.int64(index)})
+    real = [i for i in self.positions(step) if i < len(self.source)]
+    out = [self._one(example, index) for index, example in
+           zip(real, _read(self.source, real))]
     pad = {'image': np.zeros((self.image_size,) * 2 + (3,), np.uint8),
            'label': np.int32(0), 'mask': np.bool_(False),
-           'index': np.int64(-1)}
+           'index': np.int64(-1), 'id': np.str_(''),
+           'patient_id': np.str_('')}
     return _stack(out + [pad] * (self.per_process - len(out)))
+
+  def _one(self, example: Any, index: int) -> dict[str, np.ndarray]:
+    image, label = _check_example(example, index)
+    image = augment.eval_transform(image, size=self.image_size,
+                                   crop_ratio=self.crop_ratio)
+    return {'image': image, 'label': np.int32(label), 'mask': np.bool_(True),
+            'index': np.int64(index), 'id': _text(example.get('id', '')),
+            'patient_id': _text(example.get('patient_id', ''))}
+
+
+def _text(value: Any) -> np.str_:
+  return np.str_(value.decode('utf-8') if isinstance(value, bytes)
+                 else value)
 
 
 def eval_batches(source, *, batch_size: int, image_size: int,
@@ -307,15 +314,15 @@ def eval_batches(source, *, batch_size: int, image_size: int,
 
   `batch_size` is global. Yields `num_eval_batches(len(source), batch_size)`
   batches of `{'image': uint8 [b, S, S, 3], 'label': int32 [b], 'mask':
-  bool [b], 'index': int64 [b]}` on every process (`b = batch_size //
-  process_count`); pads have `mask` False and `index` -1.
+  bool [b], 'index': int64 [b], 'id': str [b], 'patient_id': str [b]}` on
+  every process (`b = batch_size // process_count`); pads have `mask`
+  False, `index` -1 and empty ids. The ids come with the image, so a
+  report needs no second read of the source.
   """
   per_process = _per_process_batch(batch_size, process_count, process_index)
   steps = num_eval_batches(len(source), batch_size)
-  batch_fn = _EvalBatch(
-      source, batch_size=batch_size, per_process=per_process,
-      process_index=process_index, image_size=image_size,
-      crop_ratio=crop_ratio)
+  batch_fn = _EvalBatch(source, batch_size, per_process, process_index,
+                        image_size, crop_ratio=crop_ratio)
   ds = grain.MapDataset.range(steps).map_with_index(batch_fn)
   return iter(ds.to_iter_dataset(_read_options(num_threads)))
 
@@ -341,56 +348,61 @@ def source_labels(source) -> np.ndarray:
   return np.asarray(labels, dtype=np.int64)
 
 
-def create_train_iterator(config, *, process_index: int | None = None,
-                          process_count: int | None = None,
-                          teacher_logits: Mapping[str, Any] | None = None
-                          ) -> grain.DatasetIterator:
-  """The train iterator of `config` (prepares the data set if needed).
+def _info(cfg: DataConfig, info: Any) -> Any:
+  """The setup's `DatasetInfo`, else the prepared one found (never built)."""
+  from drpl_jax import data  # pylint: disable=g-import-not-at-top
+  return info if info is not None else data.find_prepared(cfg)
 
-  Offline soft labels are joined when `teacher_logits` (example id ->
-  logits) is given, else read from `config.teacher.soft_labels` if set.
+
+def create_train_iterator(cfg: DataConfig, *, batch_size: int, seed: int,
+                          info: Any = None, soft_labels: str = '',
+                          teacher_logits: Mapping[str, Any] | None = None,
+                          process_index: int | None = None,
+                          process_count: int | None = None
+                          ) -> grain.DatasetIterator:
+  """The train iterator of `cfg.train_split`; never prepares data.
+
+  `info` is the `DatasetInfo` the run's setup resolved
+  (`drpl_jax.data.ensure_prepared`); without it the prepared data set is
+  found, or a `DataError` names the `prepare` command. Offline soft labels
+  are joined when `teacher_logits` (example id -> logits) is given, else
+  read from the file `soft_labels` if set. `batch_size` is global.
   """
   from drpl_jax import data  # pylint: disable=g-import-not-at-top
   process_index, process_count = _process(process_index, process_count)
-  info = data.ensure_prepared(config.data)
-  source = data.get_source(config.data, config.data.train_split)
-  soft_path = config.get('teacher', {}).get('soft_labels', '')
-  if teacher_logits is None and soft_path:
-    from drpl_jax.pytorch import soft_labels  # pylint: disable=g-import-not-at-top
-    teacher_logits = soft_labels.SoftLabels.load(
-        soft_path, class_names=info.class_names, expected_ids=source.ids,
+  info = _info(cfg, info)
+  source = data.get_source(info, cfg.train_split)
+  if teacher_logits is None and soft_labels:
+    from drpl_jax.pytorch import soft_labels as soft_lib  # pylint: disable=g-import-not-at-top
+    teacher_logits = soft_lib.SoftLabels.load(
+        soft_labels, class_names=info.class_names, expected_ids=source.ids,
         dataset=(info.name, info.version))
-  balanced = bool(config.data.get('balanced_sampler', False))
   return train_iterator(
-      source, batch_size=config.batch_size,
-      image_size=config.data.image_size, seed=config.seed,
-      augment_config=config.data.augment, process_index=process_index,
-      process_count=process_count,
-      num_workers=config.data.get('num_workers', 0), balanced=balanced,
-      labels=source_labels(source) if balanced else None,
+      source, batch_size=batch_size, image_size=cfg.image_size, seed=seed,
+      augment_config=cfg.augment, process_index=process_index,
+      process_count=process_count, num_workers=cfg.num_workers,
+      balanced=cfg.balanced_sampler,
+      labels=source_labels(source) if cfg.balanced_sampler else None,
       teacher_logits=teacher_logits)
 
 
-def create_eval_iterator(config, split: str | None = None, *,
-                         batch_size: int | None = None,
+def create_eval_iterator(cfg: DataConfig, split: str | None = None, *,
+                         batch_size: int, info: Any = None,
                          process_index: int | None = None,
                          process_count: int | None = None
                          ) -> Iterator[dict[str, np.ndarray]]:
-  """Eval batches of `split` (default `config.data.eval_split`).
+  """Eval batches of `split` (default `cfg.eval_split`); never prepares.
 
-  As `eval_batches`; `batch_size` defaults to `config.eval_batch_size`
-  (global). The iterator is finite: iterate it to the end.
+  As `eval_batches` (`batch_size` global); `info` as for
+  `create_train_iterator`. The iterator is finite: iterate it to the end.
   """
   from drpl_jax import data  # pylint: disable=g-import-not-at-top
   process_index, process_count = _process(process_index, process_count)
-  split = split or config.data.eval_split
-  batch_size = batch_size or config.eval_batch_size
-  data.ensure_prepared(config.data)
-  source = data.get_source(config.data, split)
+  source = data.get_source(_info(cfg, info), split or cfg.eval_split)
   return eval_batches(
-      source, batch_size=batch_size, image_size=config.data.image_size,
-      crop_ratio=config.data.get('eval_crop_ratio', 0.875),
-      process_index=process_index, process_count=process_count)
+      source, batch_size=batch_size, image_size=cfg.image_size,
+      crop_ratio=cfg.eval_crop_ratio, process_index=process_index,
+      process_count=process_count)
 
 
 def to_global_batch(batch: dict[str, np.ndarray], mesh: jax.sharding.Mesh,
@@ -400,7 +412,8 @@ def to_global_batch(batch: dict[str, np.ndarray], mesh: jax.sharding.Mesh,
 
   The leading (batch) dimension is sharded over the mesh axes in
   `data_axes` that the mesh has; the global batch is the concatenation of
-  all processes' batches in process order.
+  all processes' batches in process order. Text entries (the eval batches'
+  `id` and `patient_id`) stay on the host and are left out.
   """
   axes = tuple(a for a in data_axes if a in mesh.axis_names)
   if not axes:
@@ -415,4 +428,5 @@ def to_global_batch(batch: dict[str, np.ndarray], mesh: jax.sharding.Mesh,
       raise ValueError(f'batch[{name!r}] is a scalar; expected a batch axis')
     return jax.make_array_from_process_local_data(sharding, x)
 
-  return {name: put(name, x) for name, x in batch.items()}
+  return {name: put(name, x) for name, x in batch.items()
+          if np.asarray(x).dtype.kind not in 'USO'}

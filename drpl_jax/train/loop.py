@@ -201,7 +201,9 @@ def evaluate_split(config, eval_step, params, rest, mesh, split: str
                    ) -> dict[str, float]:
   """Accuracy and loss per head on a split (quick, for training logs)."""
   from drpl_jax import data  # pylint: disable=g-import-not-at-top
-  batches = input_pipeline.create_eval_iterator(config, split)
+  batches = input_pipeline.create_eval_iterator(
+      input_pipeline.DataConfig.from_config(config.data), split,
+      batch_size=config.eval_batch_size)
   total = input_pipeline.num_eval_batches(
       len(data.get_source(config.data, split)), config.eval_batch_size)
   logits, labels, _ = predict_split(eval_step, params, rest, batches, mesh,
@@ -337,7 +339,10 @@ def _setup(config: ml_collections.ConfigDict, workdir: str, info) -> _Run:
   train_step = jit_train_step(graphdef, tx, step_cfg, schedule, state_sh,
                               mesh, teacher)
   eval_step = jit_eval_step(graphdef, step_cfg, state_sh, mesh)
-  train_iter = input_pipeline.create_train_iterator(config)
+  train_iter = input_pipeline.create_train_iterator(
+      input_pipeline.DataConfig.from_config(config.data),
+      batch_size=config.batch_size, seed=config.seed, info=info,
+      soft_labels=config.teacher.soft_labels)
   ckpt = checkpointing.Checkpointer(
       workdir, keep=config.keep_checkpoints,
       save_every=config.checkpoint_every_steps, best_metric=best_metric,
