@@ -5,10 +5,6 @@ import os
 import subprocess
 import sys
 
-import pytest
-
-from drpl_jax.data import __main__ as cli
-
 
 def _run(*args):
   return subprocess.run([sys.executable, '-m', 'drpl_jax.data', *args],
@@ -40,14 +36,17 @@ def test_missing_manual_dir_exits_2_with_one_line(tmp_path):
   assert 'Traceback' not in result.stderr
 
 
-def test_in_process_errors(tmp_path, capsys):
-  code = cli.main(['prepare', '--name', 'mnist', '--data_dir', str(tmp_path)])
-  assert code == 2
-  assert "unknown data set 'mnist'" in capsys.readouterr().err
-  code = cli.main(['info', '--name', 'demo', '--data_dir', str(tmp_path),
-                   '--seed', '3'])
-  assert code == 2
-  assert 'is not prepared' in capsys.readouterr().err
-  with pytest.raises(SystemExit) as exit_info:
-    cli.main(['prepare'])  # --name is required (argparse exits 2)
-  assert exit_info.value.code == 2
+def test_bad_input_exits_2_with_one_line(tmp_path):
+  for args, message in [
+      (['prepare', '--name', 'mnist', '--data_dir', str(tmp_path)],
+       "unknown data set 'mnist'"),
+      (['info', '--name=demo', f'--data_dir={tmp_path}', '--seed=3'],
+       'is not prepared'),
+      (['prepare'], '--name'),  # required
+      (['--name=demo'], 'expected one command'),
+      (['build', '--name=demo'], "got ['build']")]:
+    result = _run(*args)
+    assert result.returncode == 2, (args, result.stderr[-2000:])
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith('error: ') and message in last, (args, last)
+    assert 'Traceback' not in result.stderr
