@@ -113,7 +113,7 @@ class CxrBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
   }
   BUILDER_CONFIG_CLS = CxrConfig
   USES_MANUAL_DIR = True
-  DESCRIPTION = ''
+  DESCRIPTION = ''  # '' = the docstring of the subclass's module
   HOMEPAGE = ''
   CITATION = ''
 
@@ -186,7 +186,8 @@ class CxrBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
   def _info(self) -> tfds.core.DatasetInfo:
     return tfds.core.DatasetInfo(
         builder=self,
-        description=self.DESCRIPTION,
+        description=(self.DESCRIPTION
+                     or sys.modules[type(self).__module__].__doc__),
         features=tfds.features.FeaturesDict({
             'image': tfds.features.Image(shape=(None, None, 3),
                                          encoding_format='png'),

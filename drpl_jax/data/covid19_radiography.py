@@ -93,7 +93,6 @@ class Covid19Radiography(builder.CxrBuilder, skip_registration=True):
 
   name = 'covid19_radiography'
   MANUAL_DOWNLOAD_INSTRUCTIONS = MANUAL_DOWNLOAD_INSTRUCTIONS
-  DESCRIPTION = __doc__
   HOMEPAGE = ('https://www.kaggle.com/datasets/tawsifurrahman/'
               'covid19-radiography-database')
   CITATION = """\

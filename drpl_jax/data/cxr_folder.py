@@ -127,7 +127,6 @@ class CxrFolder(builder.CxrBuilder, skip_registration=True):
 
   name = 'cxr_folder'
   MANUAL_DOWNLOAD_INSTRUCTIONS = MANUAL_DOWNLOAD_INSTRUCTIONS
-  DESCRIPTION = __doc__
 
   def _list(self) -> builder.Listing:
     manual_dir = self.builder_config.manual_dir

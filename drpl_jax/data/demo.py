@@ -40,7 +40,6 @@ class Demo(builder.CxrBuilder, skip_registration=True):
 
   name = 'demo'
   USES_MANUAL_DIR = False
-  DESCRIPTION = __doc__
   HOMEPAGE = ('https://scikit-learn.org/stable/modules/generated/'
               'sklearn.datasets.load_digits.html')
 

@@ -121,15 +121,14 @@ def from_pil(img: Image.Image) -> np.ndarray:
 # Crops.
 
 
-def rrc_box(height: int, width: int, rng: np.random.Generator, *,
-            scale: tuple[float, float] = (0.08, 1.0),
-            ratio: tuple[float, float] = (3 / 4, 4 / 3)
-            ) -> tuple[int, int, int, int]:
-  """Samples a random-resized-crop box `(top, left, h, w)` like torchvision.
+def drawn_box(height: int, width: int, rng: np.random.Generator, *,
+              scale: tuple[float, float], ratio: tuple[float, float]
+              ) -> tuple[int, int, int, int] | None:
+  """Inception-style crop tries: a fitting `(top, left, h, w)` or None.
 
-  Tries 10 times to draw a box of area `scale * H * W` and aspect ratio
-  log-uniform in `ratio` that fits; otherwise falls back to the largest
-  centred box whose aspect ratio is clamped to `ratio`.
+  Up to 10 draws of a box of area `scale * H * W` and aspect ratio
+  log-uniform in `ratio`; the first that fits is returned. Shared by
+  `rrc_box` and the PyTorch teacher's views, which fall back differently.
   """
   area = height * width
   log_ratio = (math.log(ratio[0]), math.log(ratio[1]))
@@ -142,6 +141,21 @@ def rrc_box(height: int, width: int, rng: np.random.Generator, *,
       top = int(rng.integers(0, height - h + 1))
       left = int(rng.integers(0, width - w + 1))
       return top, left, h, w
+  return None
+
+
+def rrc_box(height: int, width: int, rng: np.random.Generator, *,
+            scale: tuple[float, float] = (0.08, 1.0),
+            ratio: tuple[float, float] = (3 / 4, 4 / 3)
+            ) -> tuple[int, int, int, int]:
+  """Samples a random-resized-crop box `(top, left, h, w)` like torchvision.
+
+  `drawn_box`'s tries; when none fits, the largest centred box whose aspect
+  ratio is clamped to `ratio`.
+  """
+  box = drawn_box(height, width, rng, scale=scale, ratio=ratio)
+  if box is not None:
+    return box
   in_ratio = width / height
   if in_ratio < min(ratio):
     w = width

@@ -64,7 +64,7 @@ class RPEConfig:
   shared_heads: bool = True
 
   def __post_init__(self):
-    _check_choice('rpe.kind', self.kind, RPE_KINDS)
+    _check_choices(self, 'rpe.', kind=RPE_KINDS)
     if self.kind == 'irpe' and not (self.on_q or self.on_k or self.on_v):
       raise ValueError('rpe.kind=irpe needs at least one of rpe.on_q, '
                        'rpe.on_k, rpe.on_v')
@@ -91,9 +91,8 @@ class ConvConfig:
   prefix: str = 'shared'
 
   def __post_init__(self):
-    _check_choice('conv.kind', self.kind, CONV_KINDS)
-    _check_choice('conv.norm', self.norm, CONV_NORMS)
-    _check_choice('conv.prefix', self.prefix, CONV_PREFIX)
+    _check_choices(self, 'conv.', kind=CONV_KINDS, norm=CONV_NORMS,
+                   prefix=CONV_PREFIX)
     if self.kernel_size < 1 or self.kernel_size % 2 == 0:
       raise ValueError(
           f'conv.kernel_size must be a positive odd number, got '
@@ -137,11 +136,9 @@ class ModelConfig:
   materialize: str = 'auto'
 
   def __post_init__(self):
-    _check_choice('stem', self.stem, STEMS)
-    _check_choice('dtype', self.dtype, DTYPES)
-    _check_choice('param_dtype', self.param_dtype, DTYPES)
-    _check_choice('attention_impl', self.attention_impl, ATTENTION_IMPLS)
-    _check_choice('materialize', self.materialize, MATERIALIZE_MODES)
+    _check_choices(self, '', stem=STEMS, dtype=DTYPES, param_dtype=DTYPES,
+                   attention_impl=ATTENTION_IMPLS,
+                   materialize=MATERIALIZE_MODES)
     if self.attention_impl == 'cudnn' and self.dtype == 'float32':
       raise ValueError("model.attention_impl='cudnn' needs dtype "
                        "'bfloat16' or 'float16', got 'float32'")
@@ -216,6 +213,11 @@ class ModelConfig:
     return cls(**kwargs)
 
 
-def _check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:
-  if value not in choices:
-    raise ValueError(f'model.{name}={value!r} is not one of {list(choices)}')
+def _check_choices(config: Any, section: str, /,
+                   **choices: tuple[str, ...]) -> None:
+  """Each named field of `config` must be one of its choices."""
+  for name, allowed in choices.items():
+    value = getattr(config, name)
+    if value not in allowed:
+      raise ValueError(f'model.{section}{name}={value!r} is not one of '
+                       f'{list(allowed)}')

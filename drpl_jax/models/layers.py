@@ -31,6 +31,12 @@ def jnp_dtype(name: str) -> jnp.dtype:
     raise ValueError(f'unknown dtype {name!r}') from e
 
 
+def precision(cfg: ModelConfig) -> dict[str, jnp.dtype]:
+  """A layer's `dtype` (compute) and `param_dtype` keywords from `cfg`."""
+  return {'dtype': jnp_dtype(cfg.dtype),
+          'param_dtype': jnp_dtype(cfg.param_dtype)}
+
+
 def gelu(x: Array) -> Array:
   """Exact (erf) GELU, as torch.nn.GELU()."""
   return jax.nn.gelu(x, approximate=False)
@@ -42,26 +48,21 @@ def linear(in_features: int, out_features: int, cfg: ModelConfig, *,
   return nnx.Linear(
       in_features, out_features, use_bias=use_bias,
       kernel_init=trunc_normal_02, bias_init=nnx.initializers.zeros_init(),
-      dtype=jnp_dtype(cfg.dtype), param_dtype=jnp_dtype(cfg.param_dtype),
-      rngs=rngs)
+      rngs=rngs, **precision(cfg))
 
 
 def layer_norm(num_features: int, cfg: ModelConfig, *,
                rngs: nnx.Rngs) -> nnx.LayerNorm:
   """LayerNorm with eps 1e-6; statistics are computed in float32."""
-  return nnx.LayerNorm(
-      num_features, epsilon=LN_EPS, use_fast_variance=False,
-      dtype=jnp_dtype(cfg.dtype), param_dtype=jnp_dtype(cfg.param_dtype),
-      rngs=rngs)
+  return nnx.LayerNorm(num_features, epsilon=LN_EPS, use_fast_variance=False,
+                       rngs=rngs, **precision(cfg))
 
 
 def batch_norm(num_features: int, cfg: ModelConfig, *,
                rngs: nnx.Rngs) -> nnx.BatchNorm:
   """BatchNorm over all axes but the last, PyTorch eps and momentum."""
-  return nnx.BatchNorm(
-      num_features, momentum=BN_MOMENTUM, epsilon=BN_EPS,
-      use_fast_variance=False, dtype=jnp_dtype(cfg.dtype),
-      param_dtype=jnp_dtype(cfg.param_dtype), rngs=rngs)
+  return nnx.BatchNorm(num_features, momentum=BN_MOMENTUM, epsilon=BN_EPS,
+                       use_fast_variance=False, rngs=rngs, **precision(cfg))
 
 
 def apply_norm(norm: nnx.Module, x: Array, train: bool) -> Array:
@@ -220,8 +221,7 @@ class LeFF(nnx.Module):
     self.dwconv = nnx.Conv(
         hidden, hidden, (conv.kernel_size, conv.kernel_size),
         padding=((pad, pad), (pad, pad)), feature_group_count=hidden,
-        use_bias=True, dtype=jnp_dtype(cfg.dtype),
-        param_dtype=jnp_dtype(cfg.param_dtype), rngs=rngs)
+        use_bias=True, rngs=rngs, **precision(cfg))
     self.dw_norm = norm(hidden, cfg, rngs=rngs)
     self.project = linear(hidden, dim, cfg, rngs=rngs)
     self.project_norm = norm(dim, cfg, rngs=rngs)
