@@ -45,110 +45,69 @@ def typed_step(config):
   return StepConfig.from_config(config, typed_model(config))
 
 
+def plain(section, **values):
+  """{field: ([flag], value)}: `--config.<section>.<field>=<value>` sets
+  the field to `value` (fields dotted for nested sections)."""
+  return {k: ([f'{section}.{k}={v}'], v) for k, v in values.items()}
+
+
+def bound(cls, **values):
+  """As `plain`, for a config whose fields name their own config keys."""
+  keys = {f.name: f.metadata['key'] for f in dataclasses.fields(cls)}
+  return {k: ([f'{keys[k]}={v}'], v) for k, v in values.items()}
+
+
 # field (dotted for nested) -> (flags, expected typed value)
 MODEL = {
-    'num_classes': (['model.num_classes=3'], 3),
-    'image_size': (['model.image_size=96'], 96),
-    'patch_size': (['model.patch_size=16'], 16),
-    'width': (['model.width=96'], 96),
-    'depth': (['model.depth=2'], 2),
-    'num_heads': (['model.num_heads=4'], 4),
-    'mlp_ratio': (['model.mlp_ratio=2.0'], 2.0),
-    'distilled': (['model.distilled=False'], False),
-    'abs_pos_embed': (['model.abs_pos_embed=False'], False),
-    'stem': (['model.stem=conv'], 'conv'),
-    'stem_channels': (['model.stem_channels=32'], 32),
-    'qkv_bias': (['model.qkv_bias=False'], False),
-    'dropout_rate': (['model.dropout_rate=0.1'], 0.1),
-    'attn_dropout_rate': (['model.attn_dropout_rate=0.2'], 0.2),
-    'drop_path_rate': (['model.drop_path_rate=0.3'], 0.3),
-    'layer_scale_init': (['model.layer_scale_init=1e-5'], 1e-5),
-    'dtype': (['model.dtype=bfloat16'], 'bfloat16'),
-    'param_dtype': (['model.param_dtype=bfloat16'], 'bfloat16'),
+    **plain('model', num_classes=3, image_size=96, patch_size=16, width=96,
+            depth=2, num_heads=4, mlp_ratio=2.0, distilled=False,
+            abs_pos_embed=False, stem='conv', stem_channels=32,
+            qkv_bias=False, dropout_rate=0.1, attn_dropout_rate=0.2,
+            drop_path_rate=0.3, layer_scale_init=1e-5, dtype='bfloat16',
+            param_dtype='bfloat16', materialize='off'),
+    **plain('model', **{'rpe.kind': 'bias', 'rpe.ratio': 2.5,
+                        'rpe.on_q': True, 'rpe.on_v': True,
+                        'rpe.shared_heads': False, 'conv.kind': 'mlp',
+                        'conv.kernel_size': 5, 'conv.norm': 'layer',
+                        'conv.prefix': 'shared'}),
+    # Fields valid only beside another setting.
     'attention_impl': (['model.dtype=bfloat16', 'model.attention_impl=cudnn'],
                        'cudnn'),
-    'materialize': (['model.materialize=off'], 'off'),
-    'rpe.kind': (['model.rpe.kind=bias'], 'bias'),
-    'rpe.ratio': (['model.rpe.ratio=2.5'], 2.5),
-    'rpe.on_q': (['model.rpe.on_q=True'], True),
     'rpe.on_k': (['model.rpe.on_q=True', 'model.rpe.on_k=False'], False),
-    'rpe.on_v': (['model.rpe.on_v=True'], True),
-    'rpe.shared_heads': (['model.rpe.shared_heads=False'], False),
-    'conv.kind': (['model.conv.kind=mlp'], 'mlp'),
-    'conv.kernel_size': (['model.conv.kernel_size=5'], 5),
-    'conv.norm': (['model.conv.norm=layer'], 'layer'),
-    'conv.prefix': (['model.conv.prefix=shared'], 'shared'),
 }
-AUGMENT = {
-    'random_resized_crop': (['data.augment.random_resized_crop=False'], False),
-    'crop_scale': (['data.augment.crop_scale=(0.5,1.0)'], (0.5, 1.0)),
-    'crop_ratio': (['data.augment.crop_ratio=(0.5,2.0)'], (0.5, 2.0)),
-    'hflip': (['data.augment.hflip=True'], True),
-    'randaugment_ops': (['data.augment.randaugment_ops=3'], 3),
-    'randaugment_magnitude': (['data.augment.randaugment_magnitude=7'], 7.0),
-    'randaugment_mstd': (['data.augment.randaugment_mstd=0.0'], 0.0),
-    'random_erase': (['data.augment.random_erase=0.5'], 0.5),
-    'repeated_aug': (['data.augment.repeated_aug=3'], 3),
-    'interpolation': (['data.augment.interpolation=bilinear'], 'bilinear'),
-}
+AUGMENT = plain(
+    'data.augment', random_resized_crop=False, crop_scale=(0.5, 1.0),
+    crop_ratio=(0.5, 2.0), hflip=True, randaugment_ops=3,
+    randaugment_magnitude=7.0, randaugment_mstd=0.0, random_erase=0.5,
+    repeated_aug=3, interpolation='bilinear')
 TEACHER = {
-    'arch': (['teacher.arch=resnet18'], 'resnet18'),
-    'num_classes': (['model.num_classes=3'], 3),
-    'image_size': (['teacher.image_size=48'], 48),
-    'mean': (['teacher.mean=(0.5,0.5,0.5)'], (0.5, 0.5, 0.5)),
-    'std': (['teacher.std=(0.25,0.25,0.25)'], (0.25, 0.25, 0.25)),
-    'dtype': (['teacher.dtype=bfloat16'], 'bfloat16'),
+    **plain('teacher', arch='resnet18', image_size=48, mean=(0.5, 0.5, 0.5),
+            std=(0.25, 0.25, 0.25), dtype='bfloat16'),
+    'num_classes': (['model.num_classes=3'], 3),  # the model's classes
 }
 STEP = {
-    'num_classes': (['model.num_classes=3'], 3),
-    'distilled': (['model.distilled=False'], False),
-    'mean': (['data.mean=(0.5,0.5,0.5)'], (0.5, 0.5, 0.5)),
-    'std': (['data.std=(0.25,0.25,0.25)'], (0.25, 0.25, 0.25)),
-    'label_smoothing': (['loss.label_smoothing=0.2'], 0.2),
+    **bound(StepConfig, num_classes=3, distilled=False, mean=(0.5, 0.5, 0.5),
+            std=(0.25, 0.25, 0.25), label_smoothing=0.2, distill_kind='soft',
+            distill_alpha=0.25, distill_tau=2.0, mixup_alpha=0.4,
+            cutmix_alpha=0.5, mixup_prob=0.5, mixup_switch_prob=0.25,
+            ema_decay=0.999, grad_accum_steps=2),
+    # Spelled differently in the config than in the typed config.
     'class_weights': (['loss.class_weights=1,2,1,1'], (1.0, 2.0, 1.0, 1.0)),
-    'distill_kind': (['distill.kind=soft'], 'soft'),
-    'distill_alpha': (['distill.alpha=0.25'], 0.25),
-    'distill_tau': (['distill.tau=2.0'], 2.0),
-    'mixup_alpha': (['mixup.mixup_alpha=0.4'], 0.4),
-    'cutmix_alpha': (['mixup.cutmix_alpha=0.5'], 0.5),
-    'mixup_prob': (['mixup.prob=0.5'], 0.5),
-    'mixup_switch_prob': (['mixup.switch_prob=0.25'], 0.25),
-    'ema_decay': (['optim.ema_decay=0.999'], 0.999),
     'skip_nonfinite': (['nonfinite=stop'], False),
-    'grad_accum_steps': (['optim.grad_accum_steps=2'], 2),
 }
 DATA = {
-    'name': (['data.name=demo'], 'demo'),
-    'manual_dir': (['data.manual_dir=/raw'], '/raw'),
-    'data_dir': (['data.data_dir=/tfds'], '/tfds'),
-    'classes': (['data.classes=COVID,Normal'], 'COVID,Normal'),
-    'split_seed': (['data.split_seed=3'], 3),
-    'min_side': (['data.min_side=64'], 64),
-    'image_size': (['data.image_size=96'], 96),
-    'train_split': (['data.train_split=train_all'], 'train_all'),
-    'eval_split': (['data.eval_split=test'], 'test'),
-    'test_split': (['data.test_split=validation'], 'validation'),
-    'mean': (['data.mean=(0.5,0.5,0.5)'], (0.5, 0.5, 0.5)),
-    'std': (['data.std=(0.25,0.25,0.25)'], (0.25, 0.25, 0.25)),
-    'num_workers': (['data.num_workers=2'], 2),
-    'balanced_sampler': (['data.balanced_sampler=True'], True),
-    'eval_crop_ratio': (['data.eval_crop_ratio=1.0'], 1.0),
+    **plain('data', name='demo', manual_dir='/raw', data_dir='/tfds',
+            classes='COVID,Normal', split_seed=3, min_side=64,
+            image_size=96, train_split='train_all', eval_split='test',
+            test_split='validation', mean=(0.5, 0.5, 0.5),
+            std=(0.25, 0.25, 0.25), num_workers=2, balanced_sampler=True,
+            eval_crop_ratio=1.0),
     **{f'augment.{k}': v for k, v in AUGMENT.items()},
 }
-OPTIM = {
-    'base_lr': (['optim.base_lr=1e-3'], 1e-3),
-    'min_lr': (['optim.min_lr=1e-5'], 1e-5),
-    'warmup_steps': (['optim.warmup_steps=7'], 7),
-    'weight_decay': (['optim.weight_decay=0.3'], 0.3),
-    'rpe_weight_decay': (['optim.rpe_weight_decay=False'], False),
-    'b1': (['optim.b1=0.8'], 0.8),
-    'b2': (['optim.b2=0.95'], 0.95),
-    'grad_clip': (['optim.grad_clip=0.5'], 0.5),
-    'ema_decay': (['optim.ema_decay=0.99'], 0.99),
-    'grad_accum_steps': (['optim.grad_accum_steps=4'], 4),
-    'mu_dtype': (['optim.mu_dtype=bfloat16'], 'bfloat16'),
-    'layer_decay': (['optim.layer_decay=0.75'], 0.75),
-}
+OPTIM = plain('optim', base_lr=1e-3, min_lr=1e-5, warmup_steps=7,
+              weight_decay=0.3, rpe_weight_decay=False, b1=0.8, b2=0.95,
+              grad_clip=0.5, ema_decay=0.99, grad_accum_steps=4,
+              mu_dtype='bfloat16', layer_decay=0.75)
 CASES = [(name, typed, table)
          for name, typed, table in (
              ('model', typed_model, MODEL),

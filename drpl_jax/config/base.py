@@ -172,24 +172,24 @@ def _loss_settings(config: ml_collections.ConfigDict) -> None:
   config.probes.above_chance = 0.15
 
 
+# A small run for a CPU: micro budget, and for a few hundred images from
+# scratch a gentler recipe than ImageNet's.
+RUNLOCAL = {
+    'total_steps': 200, 'batch_size': 32, 'eval_batch_size': 64,
+    'log_every_steps': 10, 'eval_every_steps': 100,
+    'checkpoint_every_steps': 100, 'optim.warmup_steps': 20,
+    'optim.base_lr': 8e-3,  # 5e-4 at batch 32 after linear scaling
+    'data.augment.crop_scale': (0.35, 1.0),
+    'data.augment.randaugment_magnitude': 5, 'data.augment.random_erase': 0.0,
+    'mixup.mixup_alpha': 0.0, 'mixup.cutmix_alpha': 0.0,
+    'model.drop_path_rate': 0.0,
+}
+
+
 def _runlocal(config: ml_collections.ConfigDict,
               image_size: ml_collections.FieldReference, variant: str) -> None:
-  """A small run for a CPU: micro budget, a gentler recipe."""
+  """`RUNLOCAL` at 64 px; the micro model with patch 8."""
   image_size.set(64)
   if variant == 'micro':  # ti/s/b keep patch 16 (pretrained weights)
     config.model.patch_size = 8
-  config.total_steps = 200
-  config.batch_size = 32
-  config.eval_batch_size = 64
-  config.log_every_steps = 10
-  config.eval_every_steps = 100
-  config.checkpoint_every_steps = 100
-  config.optim.warmup_steps = 20
-  config.optim.base_lr = 8e-3  # 5e-4 at batch 32 after linear scaling
-  # A few hundred images from scratch: a gentler recipe than ImageNet's.
-  config.data.augment.crop_scale = (0.35, 1.0)
-  config.data.augment.randaugment_magnitude = 5
-  config.data.augment.random_erase = 0.0
-  config.mixup.mixup_alpha = 0.0
-  config.mixup.cutmix_alpha = 0.0
-  config.model.drop_path_rate = 0.0
+  config.update_from_flattened_dict(RUNLOCAL)
