@@ -43,6 +43,20 @@ def test_prepare_command_names_every_non_default_argument():
       '--manual_dir=/raw --classes=A,B --seed=2 --min_side=64')
 
 
+def test_one_process_prepares_without_a_barrier(tmp_path, monkeypatch):
+  # No jax.distributed here: a single process, whose JAX (if any) is not
+  # asked, so a PyTorch-only command starts no JAX backend.
+  assert api._process_index() is None  # pylint: disable=protected-access
+  events = []
+  monkeypatch.setattr(api, 'prepare', lambda name, **kw: events.append(
+      name) or {'name': name, 'version': '1.0.0', 'class_names': ['a'],
+                'num_examples': {'train': 1}, 'data_dir': 'd',
+                'splits_csv': 'd/splits.csv'})
+  monkeypatch.setattr(api, '_barrier', lambda name: events.append('barrier'))
+  info = data.ensure_prepared(DataConfig(name='demo', data_dir=str(tmp_path)))
+  assert events == ['demo'] and info.class_names == ('a',)
+
+
 def test_setup_prepares_once_and_passes_the_info_down(demo_data_dir,
                                                       monkeypatch):
   cfg = DataConfig(name='demo', data_dir=demo_data_dir, image_size=32)
@@ -60,25 +74,11 @@ def test_setup_prepares_once_and_passes_the_info_down(demo_data_dir,
   assert list(evals['patient_id']) == source.patient_ids[:8]
 
 
-class _FakeJax:
-  def __init__(self, index, count=2):
-    self.index, self.count = index, count
-
-  def process_index(self):
-    return self.index
-
-  def process_count(self):
-    return self.count
-
-
 @pytest.mark.parametrize('index', [0, 1])
 def test_only_process_zero_prepares_behind_a_barrier(index, tmp_path,
                                                      monkeypatch):
-  import jax  # pylint: disable=g-import-not-at-top
   events = []
-  fake = _FakeJax(index)
-  monkeypatch.setattr(jax, 'process_index', fake.process_index)
-  monkeypatch.setattr(jax, 'process_count', fake.process_count)
+  monkeypatch.setattr(api, '_process_index', lambda: index)
   monkeypatch.setattr(api, 'prepare',
                       lambda name, **kw: events.append(('prepare', name)))
   monkeypatch.setattr(api, '_barrier', lambda name: events.append('barrier'))
@@ -93,11 +93,8 @@ def test_only_process_zero_prepares_behind_a_barrier(index, tmp_path,
 
 def test_a_failed_prepare_on_process_zero_still_meets_the_barrier(
     tmp_path, monkeypatch):
-  import jax  # pylint: disable=g-import-not-at-top
   events = []
-  fake = _FakeJax(0)
-  monkeypatch.setattr(jax, 'process_index', fake.process_index)
-  monkeypatch.setattr(jax, 'process_count', fake.process_count)
+  monkeypatch.setattr(api, '_process_index', lambda: 0)
 
   def bad_prepare(name, **kwargs):
     raise data.DataError(f'manual_dir {kwargs["manual_dir"]}: no images')

@@ -233,12 +233,12 @@ def ensure_prepared(data_config: Any) -> DatasetInfo:
   barrier and then find its result (a shared `data_dir`), or stop with the
   `prepare` command to run.
   """
-  import jax  # pylint: disable=g-import-not-at-top
-  if jax.process_count() == 1:
+  index = _process_index()
+  if index is None:  # one process
     args = _arguments(data_config)
     return _info(prepare(args.pop('name'), **args))
   error = None
-  if jax.process_index() == 0:
+  if index == 0:
     args = _arguments(data_config)
     try:
       prepare(args.pop('name'), **args)
@@ -248,6 +248,18 @@ def ensure_prepared(data_config: Any) -> DatasetInfo:
   if error is not None:
     raise error
   return find_prepared(data_config)
+
+
+def _process_index() -> int | None:
+  """This JAX process in a multi-process run, else None.
+
+  Asks JAX only when `jax.distributed` was initialised, so that a single
+  process (e.g. the PyTorch teacher's training) starts no JAX backend.
+  """
+  jax = sys.modules.get('jax')
+  if jax is None or not jax.distributed.is_initialized():
+    return None
+  return jax.process_index() if jax.process_count() > 1 else None
 
 
 def _barrier(name: str) -> None:
