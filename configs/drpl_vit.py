@@ -14,8 +14,9 @@ Arguments (comma separated `key=value`):
                          explicit variant= is kept.
 
 The config is built by drpl_jax/config/base.py: its typed sections come
-from the dataclasses, so every field of ModelConfig, AugmentConfig and
-TeacherConfig is a `--config.` key.
+from the dataclasses, so every field of ModelConfig, DataConfig (with
+AugmentConfig), TeacherConfig, OptimConfig and StepConfig is a `--config.`
+key.
 
 Launch:
   python -m drpl_jax.main \

@@ -4,8 +4,9 @@ The typed sections (`model`, `data` with `data.augment`, `teacher`,
 `optim`, and the train step's `loss`, `distill`, `mixup`, `nonfinite`) are
 generated from their dataclasses (`contract.section`, `contract.place`), so
 every typed field is a `--config.` key and its default is the dataclass's;
-this module sets only the run settings and the paper's presets on top. Config files import it
-(`from drpl_jax.config import base`), never each other through sys.path.
+this module sets only the run settings and the paper's presets on top.
+Config files import it (`from drpl_jax.config import base`), never each
+other through sys.path.
 """
 
 from __future__ import annotations
