@@ -43,10 +43,8 @@ from drpl_jax.evaluation import evaluate
 from drpl_jax.evaluation import rollout
 from drpl_jax.input import augment
 from drpl_jax.parallel import hostmem
-from drpl_jax.parallel import sharding
 from drpl_jax.train import checkpointing
-from drpl_jax.train import loop as train
-from drpl_jax.train import optim
+from drpl_jax.train import state as state_lib
 from drpl_jax.train import step as step_lib
 from drpl_jax.utils import files
 
@@ -93,45 +91,18 @@ def restore_model(workdir: str, *, step: int | None = None,
     ValueError: `use_ema` but the run has no EMA weights.
   """
   config = evaluate.config_from_workdir(workdir)
-  graphdef, abstract, shardings = _abstract_train_state(config)
-  ckpt = checkpointing.Checkpointer(workdir)
-  try:
-    step, state = ckpt.restore_for_inference(step, abstract, shardings)
-  finally:
-    ckpt.close()
+  setup = state_lib.build_inference(config)
+  step, state = setup.restore(workdir, step)
   weights = 'ema' if use_ema else 'params'
-  if use_ema and state.get('ema') is None:
+  if use_ema and state.ema is None:
     raise ValueError(
         f'{workdir}: checkpoint {step} has no EMA weights '
         f'(config.optim.ema_decay={config.optim.ema_decay}); drop --ema')
   return RestoredModel(
-      config=config, graphdef=graphdef, params=state[weights],
-      rest=state['rest'], step=int(step), weights=weights,
+      config=config, graphdef=setup.graphdef, params=state.weights(weights),
+      rest=state.rest, step=int(step), weights=weights,
       class_names=class_names_from_workdir(workdir,
                                            config.model.num_classes))
-
-
-def _abstract_train_state(config: ml_collections.ConfigDict
-                          ) -> tuple[nnx.GraphDef, Any, Any]:
-  """(graphdef, abstract train state, shardings) without initialising.
-
-  Traces `train.create_train_state` under `jax.eval_shape`, so restoring
-  needs no compile of the initialiser (seconds saved per call on a CPU) and
-  the restored tree is exactly the one training saves.
-  """
-  model_cfg = train.model_config_from(config)
-  mesh = sharding.create_mesh(tuple(config.get('mesh_shape', (-1, 1))))
-  tx, _ = optim.create_optimizer(config)
-  static = {}
-
-  def create():
-    graphdef, state, shardings = train.create_train_state(
-        config, model_cfg, tx, mesh)
-    static.update(graphdef=graphdef, shardings=shardings)
-    return state
-
-  abstract = jax.eval_shape(create)
-  return static['graphdef'], abstract, static['shardings']
 
 
 # ----------------------------------------------------------------------------
