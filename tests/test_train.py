@@ -65,7 +65,7 @@ def test_resume_is_exact(demo_data_dir, tmp_path, compilation_cache):
     config.eval_every_steps = 100
     train.train_and_evaluate(config, workdir)
     ev = evaluate.Evaluator(config, workdir)
-    return jax.tree.leaves(jax.device_get(ev.state['params']))
+    return jax.tree.leaves(jax.device_get(ev.state.params))
 
   straight = params_of(str(tmp_path / 'a'), 6)
   params_of(str(tmp_path / 'b'), 3)
@@ -96,7 +96,7 @@ def test_train_step_compiles_once(demo_data_dir):
              'label': rng.integers(0, 10, (16,), np.int32)}
     state, metrics = step(state, batch)
   assert len(traces) == 1
-  assert int(state['step']) == 3
+  assert int(state.step) == 3
   assert np.isfinite(float(metrics['loss']))
 
 
