@@ -115,8 +115,24 @@ def time_steps(run: Callable[[], Any], *, steps: int, repeats: int,
   return times
 
 
+def define_config_flag(flag_values: flags.FlagValues,
+                       sys_argv: Sequence[str] | None = None) -> None:
+  """Defines the required `--config` (config_flags) on `flag_values`.
+
+  `sys_argv`: the command line whose `--config.KEY=VALUE` overrides
+  config_flags should accept (default sys.argv).
+  """
+  config_flags.DEFINE_config_file(
+      'config', None, 'Config file and argument, e.g. '
+      'configs/drpl_vit.py:variant=micro; --config.KEY=VALUE overrides.',
+      flag_values=flag_values,
+      sys_argv=None if sys_argv is None else list(sys_argv))
+  flags.mark_flag_as_required('config', flag_values=flag_values)
+
+
 def define_timing_flags(flag_values: flags.FlagValues, *, batch: int,
-                        steps: int, repeats: int, warmup: int) -> None:
+                        steps: int, repeats: int, warmup: int,
+                        sys_argv: Sequence[str] | None = None) -> None:
   """Defines the flags of every timed-step benchmark on `flag_values`.
 
   `--config` is an ml_collections config file (`path.py[:arg]`) with its
@@ -124,11 +140,7 @@ def define_timing_flags(flag_values: flags.FlagValues, *, batch: int,
   keeps the name and help text of drpl_jax/cli.py. `--image_size` sets
   the resolution of the data and the model together.
   """
-  config_flags.DEFINE_config_file(
-      'config', None, 'Config file and argument, e.g. '
-      'configs/drpl_vit.py:variant=micro; --config.KEY=VALUE overrides.',
-      flag_values=flag_values)
-  flags.mark_flag_as_required('config', flag_values=flag_values)
+  define_config_flag(flag_values, sys_argv)
   flags.DEFINE_integer('batch_size', batch, f'{cli.BATCH_SIZE_HELP} Global.',
                        flag_values=flag_values)
   flags.DEFINE_integer('steps', steps, 'Steps per timed repetition.',
@@ -175,13 +187,14 @@ def timing_args(flag_values: flags.FlagValues, extra: Sequence[str] = (),
   return args
 
 
-def parse_flags(define: Callable[[flags.FlagValues], None],
-                argv: Sequence[str], name: str) -> flags.FlagValues:
+def parse_flags(define: Callable[..., None], argv: Sequence[str],
+                name: str) -> flags.FlagValues:
   """Defines a benchmark's flags on a fresh FlagValues and parses `argv`
   (for tests and programs; the command line uses absl's global flags)."""
+  full = [f'drpl-bench {name}', *argv]
   flag_values = flags.FlagValues()
-  define(flag_values)
-  flag_values([f'drpl-bench {name}', *argv])
+  define(flag_values, sys_argv=full)
+  flag_values(full)
   return flag_values
 
 

@@ -25,12 +25,13 @@ def _absl(name: str) -> Callable[[Sequence[str]], None]:
   def run(argv: Sequence[str]) -> None:
     import importlib
     module = importlib.import_module(f'drpl_jax.bench.{name}')
-    module.define_flags()
+    full = [f'drpl-bench {name}', *argv]
+    module.define_flags(sys_argv=full)
     # --help lists the flags of the subcommand (defined in its module and in
     # drpl_jax/bench/__init__.py) as this module's own.
     flags.adopt_module_key_flags(module)
     flags.adopt_module_key_flags(sys.modules['drpl_jax.bench'])
-    app.run(_guarded(module.main), argv=[f'drpl-bench {name}', *argv],
+    app.run(_guarded(module.main), argv=full,
             flags_parser=cli._parse_flags)  # pylint: disable=protected-access
 
   return run

@@ -43,9 +43,11 @@ MEASUREMENTS = ('eval', 'train')
 TARGET_RATIO = 3.0
 
 
-def define_flags(flag_values: flags.FlagValues = flags.FLAGS) -> None:
+def define_flags(flag_values: flags.FlagValues = flags.FLAGS,
+                 sys_argv: Sequence[str] | None = None) -> None:
   """The flags of `bench eval`."""
-  define_timing_flags(flag_values, batch=32, steps=10, repeats=5, warmup=2)
+  define_timing_flags(flag_values, batch=32, steps=10, repeats=5, warmup=2,
+                      sys_argv=sys_argv)
   flags.DEFINE_list('measure', list(MEASUREMENTS),
                     'Comma separated subset of eval,train.',
                     flag_values=flag_values)

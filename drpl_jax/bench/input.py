@@ -27,11 +27,11 @@ from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
 from absl import flags
-from ml_collections import config_flags
 from PIL import Image
 
 from drpl_jax import cli
-from drpl_jax.bench import emit, no_arguments, parse_flags
+from drpl_jax.bench import define_config_flag, emit, no_arguments
+from drpl_jax.bench import parse_flags
 from drpl_jax.bench import tensorflow_imported
 from drpl_jax.input import augment
 from drpl_jax.input import pipeline as input_pipeline
@@ -187,13 +187,10 @@ def _real_source(config) -> Any | None:
     return None
 
 
-def define_flags(flag_values: flags.FlagValues = flags.FLAGS) -> None:
+def define_flags(flag_values: flags.FlagValues = flags.FLAGS,
+                 sys_argv: Sequence[str] | None = None) -> None:
   """The flags of `bench input`."""
-  config_flags.DEFINE_config_file(
-      'config', None, 'Config file and argument, e.g. '
-      'configs/drpl_vit.py:variant=micro; --config.KEY=VALUE overrides.',
-      flag_values=flag_values)
-  flags.mark_flag_as_required('config', flag_values=flag_values)
+  define_config_flag(flag_values, sys_argv)
   flags.DEFINE_integer('batch_size', 64, f'{cli.BATCH_SIZE_HELP} Global.',
                        flag_values=flag_values)
   flags.DEFINE_integer('steps', 20, 'Timed batches.',

@@ -58,9 +58,11 @@ from drpl_jax.train import state as state_lib
 TARGET_OVERHEAD = 0.10
 
 
-def define_flags(flag_values: flags.FlagValues = flags.FLAGS) -> None:
+def define_flags(flag_values: flags.FlagValues = flags.FLAGS,
+                 sys_argv: Sequence[str] | None = None) -> None:
   """The flags of `bench teacher`."""
-  define_timing_flags(flag_values, batch=8, steps=5, repeats=3, warmup=1)
+  define_timing_flags(flag_values, batch=8, steps=5, repeats=3, warmup=1,
+                      sys_argv=sys_argv)
   flags.DEFINE_enum('arch', 'resnet50', sorted(teacher_lib.TEACHER_ARCHS),
                     'Torchvision teacher (random weights).',
                     flag_values=flag_values)

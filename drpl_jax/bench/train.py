@@ -62,11 +62,13 @@ DATASHEET_PEAK_FLOPS = (
 )
 
 
-def define_flags(flag_values: flags.FlagValues = flags.FLAGS) -> None:
+def define_flags(flag_values: flags.FlagValues = flags.FLAGS,
+                 sys_argv: Sequence[str] | None = None) -> None:
   """The flags of `bench train`."""
   # 5 warm-up steps: with asynchronous dispatch the tuned host allocator's
   # heap (drpl_jax.parallel.hostmem) settles within about 5 steps.
-  define_timing_flags(flag_values, batch=32, steps=5, repeats=3, warmup=5)
+  define_timing_flags(flag_values, batch=32, steps=5, repeats=3, warmup=5,
+                      sys_argv=sys_argv)
   flags.DEFINE_integer('matmul_size', 2048, 'Side of the fp32 matmul '
                        'measuring the CPU peak.', flag_values=flag_values)
 
