@@ -20,11 +20,13 @@ from typing import Any, Callable, Sequence
 
 import jax
 import ml_collections
+import numpy as np
 from absl import flags
 from ml_collections import config_flags
 
 from drpl_jax import cli
 from drpl_jax.parallel import hostmem
+from drpl_jax.parallel.sharding import batch_sharding
 
 
 def load_config(spec: str) -> ml_collections.ConfigDict:
@@ -87,6 +89,25 @@ def emit(record: dict[str, Any]) -> None:
   record = {**record, 'host_malloc_tuned': hostmem.applied(),
             'config_overrides': dict(_APPLIED_OVERRIDES)}
   print(json.dumps(record, sort_keys=True), flush=True)
+
+
+def synthetic_batch(config: ml_collections.ConfigDict, batch: int, mesh,
+                    *, train_batch: bool,
+                    distill_kind: str = 'none', seed: int = 0
+                    ) -> dict[str, jax.Array]:
+  """The benchmarks' one synthetic batch: random uint8 images [B, S, S, 3]
+  and, for a train step, labels and (distill_kind hard/soft) offline
+  teacher logits, placed on the mesh."""
+  rng = np.random.default_rng(seed)
+  size = int(config.data.image_size)
+  host = {'image': rng.integers(0, 256, (batch, size, size, 3), np.uint8)}
+  if train_batch:
+    classes = int(config.model.num_classes)
+    host['label'] = rng.integers(0, classes, (batch,)).astype(np.int32)
+    if distill_kind != 'none':
+      host['teacher_logits'] = rng.normal(
+          size=(batch, classes)).astype(np.float32)
+  return jax.device_put(host, batch_sharding(mesh))
 
 
 def tensorflow_imported() -> bool:

@@ -29,14 +29,13 @@ from typing import Any
 
 import jax
 import ml_collections
-import numpy as np
 from absl import flags
 
 from drpl_jax import cli
 from drpl_jax.bench import define_timing_flags, emit, no_arguments
-from drpl_jax.bench import parse_flags, tensorflow_imported, time_steps
+from drpl_jax.bench import parse_flags, synthetic_batch
+from drpl_jax.bench import tensorflow_imported, time_steps
 from drpl_jax.bench import timing_args
-from drpl_jax.parallel import sharding
 from drpl_jax.train import state as state_lib
 
 MEASUREMENTS = ('eval', 'train')
@@ -76,22 +75,6 @@ def _compile(jitted, *args) -> tuple[Any, float, float]:
   t1 = time.perf_counter()
   compiled = lowered.compile()
   return compiled, t1 - t0, time.perf_counter() - t1
-
-
-def synthetic_batch(config, batch: int, mesh, *, train_batch: bool,
-                    distill_kind: str = 'none', seed: int = 0
-                    ) -> dict[str, jax.Array]:
-  """A random uint8 batch (labels, teacher logits) placed on the mesh."""
-  rng = np.random.default_rng(seed)
-  size = int(config.data.image_size)
-  host = {'image': rng.integers(0, 256, (batch, size, size, 3), np.uint8)}
-  if train_batch:
-    classes = int(config.model.num_classes)
-    host['label'] = rng.integers(0, classes, (batch,)).astype(np.int32)
-    if distill_kind != 'none':
-      host['teacher_logits'] = rng.normal(
-          size=(batch, classes)).astype(np.float32)
-  return jax.device_put(host, sharding.batch_sharding(mesh))
 
 
 class _Bench:

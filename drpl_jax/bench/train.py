@@ -40,13 +40,12 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import ml_collections
-import numpy as np
 from absl import flags
 
 from drpl_jax.bench import define_timing_flags, emit, no_arguments
-from drpl_jax.bench import parse_flags, tensorflow_imported, time_steps
+from drpl_jax.bench import parse_flags, synthetic_batch
+from drpl_jax.bench import tensorflow_imported, time_steps
 from drpl_jax.bench import timing_args
-from drpl_jax.parallel import sharding
 from drpl_jax.train import state as state_lib
 
 # Dense bf16 peak FLOP/s per device (datasheets), matched against
@@ -84,21 +83,6 @@ def args_from(flag_values: flags.FlagValues) -> types.SimpleNamespace:
 def parse_args(argv: Sequence[str]) -> types.SimpleNamespace:
   """Parses `argv` (flags only) into args, for tests and programs."""
   return args_from(parse_flags(define_flags, argv, 'train'))
-
-
-def synthetic_batch(config: ml_collections.ConfigDict, batch: int, mesh,
-                    distill_kind: str, seed: int = 0
-                    ) -> dict[str, jax.Array]:
-  """A random uint8 train batch (labels, teacher logits) on the mesh."""
-  rng = np.random.default_rng(seed)
-  size = int(config.data.image_size)
-  classes = int(config.model.num_classes)
-  host = {'image': rng.integers(0, 256, (batch, size, size, 3), np.uint8),
-          'label': rng.integers(0, classes, (batch,)).astype(np.int32)}
-  if distill_kind != 'none':
-    host['teacher_logits'] = rng.normal(size=(batch, classes)).astype(
-        np.float32)
-  return jax.device_put(host, sharding.batch_sharding(mesh))
 
 
 def time_repeats(run: Callable[[], Any], *, steps: int, repeats: int,
@@ -172,7 +156,8 @@ def measure(config: ml_collections.ConfigDict, args: types.SimpleNamespace
   setup = state_lib.build(config, mesh)
   state, step_cfg = setup.state, setup.step_cfg
   step = setup.train_step()
-  batch = synthetic_batch(config, args.batch_size, mesh, step_cfg.distill_kind)
+  batch = synthetic_batch(config, args.batch_size, mesh, train_batch=True,
+                          distill_kind=step_cfg.distill_kind)
   t0 = time.perf_counter()
   compiled = step.lower(state, batch, None).compile()
   compile_s = time.perf_counter() - t0

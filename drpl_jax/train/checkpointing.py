@@ -197,16 +197,7 @@ class Checkpointer:
     `partial`: `state` holds some of the checkpoint's fields (inference);
     what only the checkpoint has is then expected, not an error.
     """
-    try:
-      stored = self.manager.item_metadata(step)['state']
-    except Exception as e:  # pylint: disable=broad-except
-      raise IncompleteCheckpointError(
-          f'{self.directory / str(step)}: cannot read its metadata '
-          f'({type(e).__name__}: {str(e)[:300]})') from e
-    if stored is None:
-      raise IncompleteCheckpointError(
-          f'{self.directory / str(step)}: no state metadata')
-    theirs = _flat_shapes(stored)
+    theirs = _flat_shapes(self._stored_metadata(step))
     ours = _flat_shapes(_to_tree(state))
     lines = [f'{name}: checkpoint {theirs[name]}, config {shape}'
              for name, shape in ours.items()
@@ -281,6 +272,11 @@ class Checkpointer:
 
   def _stored_fields(self, step: int) -> dict[str, Any]:
     """The top-level fields of checkpoint `step`'s state tree."""
+    stored = self._stored_metadata(step)
+    return dict(getattr(stored, 'tree', stored))
+
+  def _stored_metadata(self, step: int) -> Any:
+    """Orbax's metadata of checkpoint `step`'s state tree."""
     try:
       stored = self.manager.item_metadata(step)['state']
     except Exception as e:  # pylint: disable=broad-except
@@ -290,7 +286,7 @@ class Checkpointer:
     if stored is None:
       raise IncompleteCheckpointError(
           f'{self.directory / str(step)}: no state metadata')
-    return dict(getattr(stored, 'tree', stored))
+    return stored
 
   def restore_latest(self, state: State, shardings: Any
                      ) -> tuple[State, Any] | None:
