@@ -1,9 +1,9 @@
 """The training loop: sharded state, jitted steps, periodic eval, checkpoints.
 
 `train_and_evaluate(config, workdir)` is what `python -m drpl_jax.main` runs.
-State is created already sharded (`jax.eval_shape`, then `jax.jit` with
-`out_shardings`); the step is jitted once with in/out shardings and the state
-donated. Around it: validation of the weights and their EMA, asynchronous
+The model, optimizer, sharded `TrainState` and jitted steps come from the
+one builder, `state.build` (drpl_jax/train/state.py): state created already
+sharded, the step jitted once with in/out shardings and the state donated. Around it: validation of the weights and their EMA, asynchronous
 checkpoints (latest N + best by `config.best_metric`), resume, a clean stop
 on SIGTERM, the non-finite policy (`config.nonfinite`), clu summaries
 (TensorBoard + console on process 0), progress with ETA, a parameter table
