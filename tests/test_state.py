@@ -124,7 +124,7 @@ def test_inference_builds_no_optimizer_and_predicts_as_before(
       0, 256, (4, config.data.image_size, config.data.image_size, 3),
       np.uint8)
   expected = jax.device_get(setup.eval_step()(full.params, full.rest,
-                                              images))
+                                              {'image': images}))
 
   def no_optimizer(*args, **kwargs):
     raise AssertionError('inference built an optimizer')
@@ -134,7 +134,8 @@ def test_inference_builds_no_optimizer_and_predicts_as_before(
     state_lib.build(config)  # the patch is live
   evaluator = evaluate.Evaluator(config, workdir)
   got = jax.device_get(evaluator.eval_step(evaluator.state.params,
-                                           evaluator.state.rest, images))
+                                           evaluator.state.rest,
+                                           {'image': images}))
   assert set(got) == set(expected)
   for head in expected:
     np.testing.assert_array_equal(got[head], expected[head])

@@ -250,7 +250,8 @@ class Checkpointer:
     tree = {k: (None if stored.get(k) is None else v)
             for k, v in tree.items()}
     self.check_shapes(step, tree, partial=True)
-    abstract = _abstract(tree, {k: shardings[k] for k in tree})
+    abstract = _abstract(tree, {k: None if v is None else shardings[k]
+                                for k, v in tree.items()})
     restore_args = jax.tree.map(
         lambda x: ocp.ArrayRestoreArgs(sharding=x.sharding), abstract)
     # The pytree handler restores a subset; the standard one cannot.
