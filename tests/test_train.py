@@ -11,6 +11,8 @@ from conftest import config_module
 from conftest import tiny_demo_config
 from drpl_jax.evaluation import evaluate
 from drpl_jax.train import loop as train
+from drpl_jax.train import state as state_lib
+from drpl_jax.train import step as step_lib
 
 demo_config_lib = config_module('demo')
 
@@ -76,14 +78,11 @@ def test_resume_is_exact(demo_data_dir, tmp_path, compilation_cache):
 
 def test_train_step_compiles_once(demo_data_dir):
   config = small_config(demo_data_dir)
-  model_cfg = train.model_config_from(config)
-  mesh = train.sharding.create_mesh((-1, 1))
-  tx, schedule = train.optim.create_optimizer(config)
-  graphdef, state, shardings = train.create_train_state(config, model_cfg, tx,
-                                                        mesh)
-  step_cfg = train.step_lib.StepConfig.from_config(config, model_cfg)
+  setup = state_lib.build(config)
+  state = setup.state
   traces = []
-  raw = train.step_lib.make_train_step(graphdef, tx, step_cfg, schedule)
+  raw = step_lib.make_train_step(setup.graphdef, setup.tx, setup.step_cfg,
+                                 setup.schedule)
 
   def counted(state, batch):
     traces.append(1)
