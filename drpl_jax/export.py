@@ -1,11 +1,9 @@
-"""Entry point of `python -m drpl_jax.export`.
+"""Entry point of `python -m drpl_jax.export` (and `drpl-export`).
 
-Runs `main` of drpl_jax/evaluation/export.py, where the command is documented.
+Runs `run` of drpl_jax/evaluation/export.py, where the command is documented.
 """
 
-import sys
-
-from drpl_jax.evaluation.export import main
+from drpl_jax.evaluation.export import run
 
 if __name__ == '__main__':
-  sys.exit(main())
+  run()

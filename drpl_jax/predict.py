@@ -1,11 +1,9 @@
-"""Entry point of `python -m drpl_jax.predict`.
+"""Entry point of `python -m drpl_jax.predict` (and `drpl-predict`).
 
-Runs `main` of drpl_jax/evaluation/predict.py, where the command is documented.
+Runs `run` of drpl_jax/evaluation/predict.py, where the command is documented.
 """
 
-import sys
-
-from drpl_jax.evaluation.predict import main
+from drpl_jax.evaluation.predict import run
 
 if __name__ == '__main__':
-  sys.exit(main())
+  run()

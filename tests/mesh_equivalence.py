@@ -58,18 +58,18 @@ def run(mesh_shape, devices, batches):
                               step_lib.StepConfig.from_config(config,
                                                               model_cfg),
                               schedule, shardings, mesh)
-  initial = [np.asarray(x) for x in jax.tree.leaves(state['params'])]
+  initial = [np.asarray(x) for x in jax.tree.leaves(state.params)]
   for batch in batches:
     state, _ = step(state, input_pipeline.to_global_batch(batch, mesh), None)
   # Parameters really are split over 'fsdp' when that axis is > 1 (the
   # threshold is lowered so the micro model's matrices qualify).
   fsdp = sum('fsdp' in str(x.sharding.spec)
-             for x in jax.tree.leaves(state['params']))
+             for x in jax.tree.leaves(state.params))
   return {
-      'params': [np.asarray(x) for x in jax.tree.leaves(state['params'])],
+      'params': [np.asarray(x) for x in jax.tree.leaves(state.params)],
       'initial': initial,
-      'ema': [np.asarray(x) for x in jax.tree.leaves(state['ema'])],
-      'batch_stats': [np.asarray(x) for x in jax.tree.leaves(state['rest'])],
+      'ema': [np.asarray(x) for x in jax.tree.leaves(state.ema)],
+      'batch_stats': [np.asarray(x) for x in jax.tree.leaves(state.rest)],
       'fsdp_sharded': [np.asarray(fsdp)],
   }
 

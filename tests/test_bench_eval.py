@@ -34,24 +34,36 @@ def test_registered_as_a_subcommand():
 
 def test_parse_args_validates():
   args = eval_bench.parse_args(TINY + ['--config.seed=3'])
-  assert args.overrides == ['--config.model.patch_size=8', '--config.seed=3']
+  assert args.overrides == {'model.patch_size': '8', 'seed': '3'}
+  assert args.config.seed == 3 and args.config.model.patch_size == 8
+  assert args.config_spec == 'configs/drpl_vit.py:variant=micro'
   assert args.measure == ('eval', 'train')
   with pytest.raises(ValueError, match='--batch_size=0'):
-    eval_bench.parse_args(['--config=x.py', '--batch_size', '0'])
+    eval_bench.parse_args(TINY + ['--batch_size', '0'])
   with pytest.raises(ValueError, match='predict'):
-    eval_bench.parse_args(['--config=x.py', '--measure', 'eval,predict'])
+    eval_bench.parse_args(TINY + ['--measure', 'eval,predict'])
   with pytest.raises(ValueError, match='--warmup'):
-    eval_bench.parse_args(['--config=x.py', '--warmup', '-1'])
+    eval_bench.parse_args(TINY + ['--warmup', '-1'])
 
 
-def test_build_config_sets_the_resolution_everywhere():
+def test_image_size_sets_the_resolution_everywhere():
   args = eval_bench.parse_args(TINY + ['--config.model.num_classes=3'])
-  config = eval_bench.build_config(args)
+  config = args.config
   assert config.data.image_size == 32 and config.model.image_size == 32
   assert config.model.patch_size == 8 and config.model.num_classes == 3
-  with pytest.raises(KeyError, match='no_such_key'):
-    eval_bench.build_config(
-        eval_bench.parse_args(TINY + ['--config.model.no_such_key=1']))
+  with pytest.raises((KeyError, AttributeError), match='no_such_key'):
+    eval_bench.parse_args(TINY + ['--config.model.no_such_key=1'])
+
+
+def test_bad_flags_exit_2_with_one_line(tmp_path):
+  out = subprocess.run(
+      [sys.executable, '-m', 'drpl_jax.bench', 'eval', *TINY,
+       '--config.model.no_such_key=1'], cwd=ROOT, capture_output=True,
+      text=True, timeout=300, check=False)
+  assert out.returncode == 2
+  assert out.stderr.strip().splitlines() == [
+      "error: --config.model.no_such_key: the config has no key "
+      "'no_such_key' (see the config file for the keys it has)"]
 
 
 def test_time_steps_counts_and_blocks():
@@ -74,8 +86,7 @@ def test_rates_are_medians():
 
 
 def test_synthetic_batches():
-  args = eval_bench.parse_args(TINY)
-  config = eval_bench.build_config(args)
+  config = eval_bench.parse_args(TINY).config
   mesh = jax.sharding.Mesh(np.array(jax.devices()[:1]).reshape(1, 1),
                            ('data', 'fsdp'))
   batch = eval_bench.synthetic_batch(config, 2, mesh, train_batch=True,

@@ -69,4 +69,5 @@ def test_datasheet_peaks(kind, platform, peak):
 
 def test_bad_arguments_are_named():
   with pytest.raises(ValueError, match='--steps=0'):
-    bench_train.parse_args(['--config=x.py', '--steps', '0'])
+    bench_train.parse_args(['--config=configs/drpl_vit.py:variant=micro',
+                            '--steps', '0'])

@@ -95,18 +95,27 @@ def test_user_error_is_a_value_error_and_preflight_raises_it():
 
 
 def test_one_idea_has_one_flag_name_in_every_command():
-  from drpl_jax import bench  # pylint: disable=g-import-not-at-top
-  from drpl_jax.evaluation import export  # pylint: disable=g-import-not-at-top
-  from drpl_jax.evaluation import predict  # pylint: disable=g-import-not-at-top
-  common = ['--workdir', 'w', '--step', '3', '--ema']
-  for args in (predict.parse_args(common + ['x.png']),
-               export.parse_args(common + ['--out', 'o'])):
-    assert (args.workdir, args.step, args.ema) == ('w', 3, True)
-  timing = bench.timing_parser('train', batch=8, steps=1, repeats=1,
-                               warmup=0)
-  assert timing.parse_args(['--config=c', '--batch_size', '4']
-                           ).batch_size == 4
-  assert '--batch ' not in timing.format_help()  # gone, not an alias
+  """predict, export and every benchmark are absl commands: --workdir,
+  --step, --ema and --batch_size mean the same everywhere (cli.py)."""
+  from absl import flags  # pylint: disable=g-import-not-at-top
+  from drpl_jax.bench import eval as bench_eval  # pylint: disable=g-import-not-at-top
+  from drpl_jax.bench import input as bench_input  # pylint: disable=g-import-not-at-top
+  from drpl_jax.bench import teacher as bench_teacher  # pylint: disable=g-import-not-at-top
+  from drpl_jax.bench import train as bench_train  # pylint: disable=g-import-not-at-top
+  for module in (bench_eval, bench_input, bench_teacher, bench_train):
+    flag_values = flags.FlagValues()
+    module.define_flags(flag_values)
+    assert 'batch_size' in flag_values and 'batch' not in flag_values
+    assert flag_values['batch_size'].help.startswith(cli.BATCH_SIZE_HELP)
+  args = bench_train.parse_args(
+      ['--config=configs/drpl_vit.py:variant=micro', '--batch_size', '4'])
+  assert args.batch_size == 4 and args.config.batch_size == 4
+  for command in ('predict', 'export'):
+    text = _run('-m', f'drpl_jax.{command}', '--helpfull').stdout
+    for flag, help_text in (('workdir', cli.WORKDIR_HELP),
+                            ('step', cli.STEP_HELP)):
+      assert f'--{flag}: {help_text}' in text, (command, flag)
+    assert '--[no]ema:' in text, command
 
 
 def test_the_demo_console_is_short_unless_verbose(demo_data_dir, tmp_path):

@@ -72,7 +72,7 @@ def test_online_teacher_sees_the_mixed_batch(demo_data_dir,
       lambda s, b, t: step_lib.step_inputs(cfg, s, b, teacher.graphdef, t))(
           state, batch, teacher.state)
   # Independently: the same key derivation, mixup, then the teacher.
-  key = jax.random.fold_in(state['rng'], state['step'])
+  key = jax.random.fold_in(state.rng, state.step)
   mix_key, _ = jax.random.split(key)
   expected_images, expected_targets = mixup_lib.mixup_cutmix(
       mix_key, batch['image'].astype(np.float32) / 255.0,

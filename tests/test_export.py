@@ -118,17 +118,26 @@ def test_bad_arguments_are_named(run, tmp_path):
     export.export_model(str(tmp_path / 'nowhere'), str(tmp_path / 'o'))
 
 
-def test_cli(run, tmp_path, capsys):
+def test_cli(run, tmp_path):
+  """`python -m drpl_jax.export`: absl flags; bad input one `error:` line
+  and exit 2."""
   workdir, _ = run
   out = str(tmp_path / 'cli')
-  assert export.main(['--workdir', workdir, '--out', out, '--step', '2',
-                      '--platforms', 'cpu']) == 0
-  printed = json.loads(capsys.readouterr().out)
+  command = [sys.executable, '-m', 'drpl_jax.export', '--workdir', workdir,
+             '--out', out]
+  env = dict(os.environ, PYTHONPATH=ROOT)
+  ok = subprocess.run(command + ['--step', '2', '--platforms', 'cpu'],
+                      cwd=ROOT, env=env, capture_output=True, text=True,
+                      timeout=300)
+  assert ok.returncode == 0, ok.stderr[-2000:]
+  printed = json.loads(ok.stdout.strip().splitlines()[-1])
   assert printed['out'] == out and printed['platforms'] == ['cpu']
   assert os.path.isfile(os.path.join(out, 'model.stablehlo'))
-  assert export.main(['--workdir', workdir, '--out', out, '--step',
-                      '5']) == 2
-  assert 'no checkpoint for step 5' in capsys.readouterr().err
+  bad = subprocess.run(command + ['--step', '5'], cwd=ROOT, env=env,
+                       capture_output=True, text=True, timeout=300)
+  assert bad.returncode == 2
+  assert bad.stderr.strip().splitlines()[-1].startswith(
+      'error: no checkpoint for step 5')
 
 
 def test_export_module_does_not_import_tensorflow():

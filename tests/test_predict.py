@@ -2,6 +2,7 @@
 
 import json
 import os
+import subprocess
 import sys
 import types
 
@@ -11,11 +12,14 @@ import PIL.Image
 import pytest
 
 from conftest import tiny_demo_config, write_dicom
+from drpl_jax import cli
 from drpl_jax.evaluation import predict
 from drpl_jax.evaluation import rollout
 from drpl_jax.input import pipeline as input_pipeline
 from drpl_jax.train import loop as train
 from drpl_jax.train import step as step_lib
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 SAMPLE = os.path.join(
     os.path.dirname(os.path.dirname(os.path.dirname(
@@ -339,8 +343,8 @@ def test_cli_prints_json_lines_and_fails_on_bad_images(run, tmp_path,
   bad = str(tmp_path / 'scan.dcm')
   with open(bad, 'wb') as f:
     f.write(b'garbage')
-  code = predict.main(['--workdir', workdir, good, bad, '--heatmap',
-                       str(tmp_path / 'maps'), '--step', '2'])
+  code = predict.predict_command(workdir, [good, bad], step=2,
+                                 heatmap_dir=str(tmp_path / 'maps'))
   out, err = capsys.readouterr()
   assert code == 1
   lines = [json.loads(line) for line in out.strip().splitlines()]
@@ -349,6 +353,29 @@ def test_cli_prints_json_lines_and_fails_on_bad_images(run, tmp_path,
   assert bad in err and ('pydicom' in err or 'DICOM' in err)
   assert good not in err
 
-  assert predict.main(['--workdir', workdir, good]) == 0
-  assert predict.main(['--workdir', workdir, good, '--step', '7']) == 2
-  assert 'no checkpoint for step 7' in capsys.readouterr().err
+  assert predict.predict_command(workdir, [good]) == 0
+  with pytest.raises(cli.UserError, match='no checkpoint for step 7'):
+    predict.predict_command(workdir, [good], step=7)
+  with pytest.raises(cli.UserError, match='no IMAGE'):
+    predict.predict_command(workdir, [])
+
+
+def test_the_command_line_runs_under_the_exit_policy(run, tmp_path):
+  """`python -m drpl_jax.predict`: absl flags, images as arguments, bad
+  input one `error:` line and exit 2."""
+  workdir, config = run
+  image, _ = _test_image(config, 1)
+  good = str(tmp_path / 'one.png')
+  PIL.Image.fromarray(image).save(good)
+  command = [sys.executable, '-m', 'drpl_jax.predict', f'--workdir={workdir}']
+  env = dict(os.environ, PYTHONPATH=ROOT)
+  ok = subprocess.run(command + [good, '--ema=false'], cwd=ROOT, env=env,
+                      capture_output=True, text=True, timeout=300)
+  assert ok.returncode == 0, ok.stderr[-2000:]
+  assert json.loads(ok.stdout.strip().splitlines()[-1])['path'] == good
+  bad = subprocess.run(command + ['--step=7', good], cwd=ROOT, env=env,
+                       capture_output=True, text=True, timeout=300)
+  assert bad.returncode == 2
+  assert bad.stderr.strip().splitlines()[-1].startswith(
+      'error: no checkpoint for step 7')
+  assert 'Traceback' not in bad.stderr

@@ -137,7 +137,7 @@ def test_step_metrics_report_rpe_norms_and_the_teacher():
   assert float(m['teacher_accuracy']) == 1.0
   assert float(m['teacher_agreement_cls']) == float(m['accuracy_cls'])
   assert float(m['teacher_agreement_dist']) == float(m['accuracy_dist'])
-  tables = {n: np.asarray(v) for n, v in flat(new['params']).items()
+  tables = {n: np.asarray(v) for n, v in flat(new.params).items()
             if '.rpe_' in n}
   assert len(tables) == 3
   expected = np.sqrt(sum(np.sum(v.astype(np.float64) ** 2)

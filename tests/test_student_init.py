@@ -319,11 +319,11 @@ def test_init_from_checkpoint_keeps_tree_dtypes_and_shardings(tmp_path):
       config.total_steps, model_cfg.depth)
   mesh = sharding.create_mesh((-1, 1))
   _, state, _ = train.create_train_state(config, model_cfg, tx, mesh)
-  fresh_rest = jax.tree.map(np.asarray, state['rest'])
+  fresh_rest = jax.tree.map(np.asarray, state.rest)
   new_params, new_rest, report = student_init.init_from_checkpoint(
-      config, state['params'], state['rest'])
+      config, state.params, state.rest)
   assert report['fresh'] == []
-  for old, new in ((state['params'], new_params), (state['rest'], new_rest)):
+  for old, new in ((state.params, new_params), (state.rest, new_rest)):
     assert jax.tree.structure(old) == jax.tree.structure(new)
     for a, b in zip(jax.tree.leaves(old), jax.tree.leaves(new)):
       assert a.dtype == b.dtype and a.shape == b.shape
@@ -340,13 +340,13 @@ def test_init_from_checkpoint_keeps_tree_dtypes_and_shardings(tmp_path):
   # in buffers of its own (the jitted step donates the state).
   loaded, _ = student_init.init_train_state(config, state)
   assert jax.tree.structure(loaded) == jax.tree.structure(state)
-  for p_leaf, e_leaf, new_leaf in zip(jax.tree.leaves(loaded['params']),
-                                      jax.tree.leaves(loaded['ema']),
+  for p_leaf, e_leaf, new_leaf in zip(jax.tree.leaves(loaded.params),
+                                      jax.tree.leaves(loaded.ema),
                                       jax.tree.leaves(new_params)):
     np.testing.assert_array_equal(e_leaf, new_leaf)
     np.testing.assert_array_equal(p_leaf, new_leaf)
     assert e_leaf is not p_leaf and e_leaf.sharding == p_leaf.sharding
-  assert loaded['opt_state'] is state['opt_state']
+  assert loaded.opt_state is state.opt_state
 
 
 def test_init_from_checkpoint_bfloat16_params_and_missing_file(tmp_path):
@@ -422,7 +422,7 @@ def test_training_starts_from_init_from(demo_data_dir, tmp_path):
   workdir = str(tmp_path / 'run')
   train.train_and_evaluate(config, workdir)
   from drpl_jax.evaluation import evaluate  # pylint: disable=g-import-not-at-top
-  params = evaluate.Evaluator(config, workdir).state['params']
+  params = evaluate.Evaluator(config, workdir).state.params
   want = src.state_dict()['blocks.1.mlp.fc2.weight'].detach().numpy().T
   np.testing.assert_allclose(
       np.asarray(params['blocks'][1]['ffn']['fc2']['kernel']), want,

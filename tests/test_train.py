@@ -11,6 +11,8 @@ from conftest import config_module
 from conftest import tiny_demo_config
 from drpl_jax.evaluation import evaluate
 from drpl_jax.train import loop as train
+from drpl_jax.train import state as state_lib
+from drpl_jax.train import step as step_lib
 
 demo_config_lib = config_module('demo')
 
@@ -65,7 +67,7 @@ def test_resume_is_exact(demo_data_dir, tmp_path, compilation_cache):
     config.eval_every_steps = 100
     train.train_and_evaluate(config, workdir)
     ev = evaluate.Evaluator(config, workdir)
-    return jax.tree.leaves(jax.device_get(ev.state['params']))
+    return jax.tree.leaves(jax.device_get(ev.state.params))
 
   straight = params_of(str(tmp_path / 'a'), 6)
   params_of(str(tmp_path / 'b'), 3)
@@ -76,16 +78,11 @@ def test_resume_is_exact(demo_data_dir, tmp_path, compilation_cache):
 
 def test_train_step_compiles_once(demo_data_dir):
   config = small_config(demo_data_dir)
-  model_cfg = train.model_config_from(config)
-  mesh = train.sharding.create_mesh((-1, 1))
-  tx, schedule = train.optim.create_optimizer(
-      train.optim.OptimConfig.from_config(config.optim), config.batch_size,
-      config.total_steps, model_cfg.depth)
-  graphdef, state, shardings = train.create_train_state(config, model_cfg, tx,
-                                                        mesh)
-  step_cfg = train.step_lib.StepConfig.from_config(config, model_cfg)
+  setup = state_lib.build(config)
+  state = setup.state
   traces = []
-  raw = train.step_lib.make_train_step(graphdef, tx, step_cfg, schedule)
+  raw = step_lib.make_train_step(setup.graphdef, setup.tx, setup.step_cfg,
+                                 setup.schedule)
 
   def counted(state, batch):
     traces.append(1)
@@ -98,7 +95,7 @@ def test_train_step_compiles_once(demo_data_dir):
              'label': rng.integers(0, 10, (16,), np.int32)}
     state, metrics = step(state, batch)
   assert len(traces) == 1
-  assert int(state['step']) == 3
+  assert int(state.step) == 3
   assert np.isfinite(float(metrics['loss']))
 
 

@@ -71,7 +71,7 @@ class Built:
     else:  # same parameters, new graph (e.g. dtype) and optimizer state
       self.graphdef, _, _ = nnx.split(train.abstract_model(self.model_cfg),
                                       nnx.Param, ...)
-      state = dict(state, opt_state=self.tx.init(state['params']))
+      state = state.replace(opt_state=self.tx.init(state.params))
     self.state = state
     cfg = step_lib.StepConfig.from_config(config, self.model_cfg)
     # No donation: tests reuse the input state.
@@ -96,7 +96,7 @@ def test_grad_accumulation_equals_the_large_batch(plain):
     state = plain.state
     for batch in batches:
       state, metrics = built.step(state, batch)
-    results[k] = (leaves(state['params']) + leaves(state['ema']),
+    results[k] = (leaves(state.params) + leaves(state.ema),
                   jax.device_get(metrics))
   (p1, m1), (p4, m4) = results[1], results[4]
   for a, b in zip(p1, p4):
@@ -104,7 +104,7 @@ def test_grad_accumulation_equals_the_large_batch(plain):
   for key in ('loss', 'grad_norm', 'accuracy_cls', 'loss_dist'):
     np.testing.assert_allclose(m1[key], m4[key], rtol=1e-5, err_msg=key)
   # The updates are not trivial: parameters moved well beyond tolerance.
-  initial = leaves(plain.state['params'])
+  initial = leaves(plain.state.params)
   assert np.median([np.abs(a - b).max() for a, b in zip(initial, p1)]) > 1e-4
   with pytest.raises(ValueError, match='grad_accum_steps=3'):
     step_lib.StepConfig.from_config(
@@ -117,7 +117,7 @@ def test_grad_accumulation_threads_batchnorm_statistics():
   new, metrics = built.step(built.state, random_batch(0))
   assert np.isfinite(float(metrics['loss']))
   assert any(not np.allclose(a, b) for a, b in
-             zip(leaves(built.state['rest']), leaves(new['rest'])))
+             zip(leaves(built.state.rest), leaves(new.rest)))
 
 
 def test_bf16_compute_keeps_fp32_master_weights(plain):
@@ -127,8 +127,8 @@ def test_bf16_compute_keeps_fp32_master_weights(plain):
                plain.state)
   assert 'bf16' in bf16.step.lower(bf16.state, batch).as_text()
   new, metrics = bf16.step(bf16.state, batch)
-  assert {x.dtype for x in leaves(new['params'])} == {np.dtype('float32')}
-  adam = new['opt_state'][1][0]  # chain(clip, adamw) -> adamw -> adam
+  assert {x.dtype for x in leaves(new.params)} == {np.dtype('float32')}
+  adam = new.opt_state[1][0]  # chain(clip, adamw) -> adamw -> adam
   assert {x.dtype for x in leaves(adam.mu)} == {np.dtype(jax.numpy.bfloat16)}
   assert {x.dtype for x in leaves(adam.nu)} == {np.dtype('float32')}
   _, metrics32 = plain.step(plain.state, batch)
@@ -155,7 +155,7 @@ def test_layer_decay_follows_depth():
 
 
 def test_layer_decay_scales_the_whole_update(plain):
-  params = plain.state['params']  # depth 1: scales 1, 0.5, 0.25
+  params = plain.state.params  # depth 1: scales 1, 0.5, 0.25
   grads = jax.tree.map(lambda x: jax.numpy.full_like(x, 0.01), params)
   config = tiny_config(**PLAIN)
   updates = {}
@@ -179,15 +179,16 @@ def test_nonfinite_update_is_skipped_and_counted(plain):
   bad['image'][0, 0, 0, 0] = np.nan
   skipped, metrics = step(state, bad)
   assert float(metrics['finite']) == 0.0
-  assert int(skipped['nonfinite']) == 1 and int(skipped['step']) == 1
+  assert int(skipped.nonfinite) == 1 and int(skipped.step) == 1
   for key in ('params', 'ema', 'opt_state', 'rest'):
-    for a, b in zip(leaves(state[key]), leaves(skipped[key])):
+    for a, b in zip(leaves(getattr(state, key)),
+                    leaves(getattr(skipped, key))):
       np.testing.assert_array_equal(a, b, err_msg=key)
   after, metrics = step(skipped, good)
-  assert float(metrics['finite']) == 1.0 and int(after['nonfinite']) == 1
-  assert all(np.isfinite(x).all() for x in leaves(after['params']))
+  assert float(metrics['finite']) == 1.0 and int(after.nonfinite) == 1
+  assert all(np.isfinite(x).all() for x in leaves(after.params))
   assert any(not np.array_equal(a, b) for a, b in
-             zip(leaves(skipped['params']), leaves(after['params'])))
+             zip(leaves(skipped.params), leaves(after.params)))
 
 
 # ----------------------------------------------------------------------------

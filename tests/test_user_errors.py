@@ -15,6 +15,7 @@ import numpy as np
 import PIL.Image
 import pytest
 
+from drpl_jax import cli
 from drpl_jax.evaluation import evaluate
 from drpl_jax.evaluation import predict
 
@@ -82,9 +83,10 @@ def test_readers_fall_back_from_an_incomplete_checkpoint(tiny_run, tmp_path,
   assert evaluator.step == 1
   image = str(tmp_path / 'x.png')
   PIL.Image.fromarray(np.zeros((40, 40, 3), np.uint8)).save(image)
-  assert predict.main(['--workdir', workdir, '--step', '2', image]) == 2
-  err = capsys.readouterr().err.strip().splitlines()
-  assert len(err) == 1 and 'is incomplete' in err[0] and '--step' in err[0]
+  with pytest.raises(cli.UserError, match='is incomplete') as error:
+    predict.predict_command(workdir, [image], step=2)
+  assert len(str(error.value).splitlines()) == 1
+  assert '--step' in str(error.value)
   assert os.path.isdir(os.path.join(workdir, 'checkpoints', '2'))  # kept
 
 
@@ -134,11 +136,12 @@ def test_evaluate_config_defaults_to_the_run_and_names_differences(tiny_run):
 def test_predict_and_export_without_meta_do_not_suggest_config(tmp_path,
                                                                capsys):
   from drpl_jax.evaluation import export  # pylint: disable=g-import-not-at-top
-  assert predict.main(['--workdir', str(tmp_path), 'x.png']) == 2
-  assert export.main(['--workdir', str(tmp_path), '--out',
-                      str(tmp_path / 'o')]) == 2
-  err = capsys.readouterr().err
-  assert 'meta.json not found' in err and '--config' not in err
+  for command in (lambda: predict.predict_command(str(tmp_path), ['x.png']),
+                  lambda: export.export_command(str(tmp_path),
+                                                str(tmp_path / 'o'))):
+    with pytest.raises(cli.UserError, match='meta.json not found') as error:
+      command()
+    assert '--config' not in str(error.value)
 
 
 # 7 ------------------------------------------------------------------------
@@ -289,11 +292,11 @@ def test_documents_cited_by_the_code_exist():
 
 def test_bench_records_name_their_config_overrides(capsys, monkeypatch):
   from drpl_jax import bench  # pylint: disable=g-import-not-at-top
-  from conftest import config_module  # pylint: disable=g-import-not-at-top
-  drpl_vit = config_module('drpl_vit')
+  from drpl_jax.bench import train as bench_train  # pylint: disable=g-import-not-at-top
   monkeypatch.setattr(bench, '_APPLIED_OVERRIDES', {})
-  bench.apply_overrides(drpl_vit.get_config('variant=micro'),
-                        ['--config.model.materialize=off'])
+  args = bench_train.parse_args(['--config=configs/drpl_vit.py:variant=micro',
+                                 '--config.model.materialize=off'])
+  assert args.config.model.materialize == 'off'
   bench.emit({'benchmark': 'x'})
   record = json.loads(capsys.readouterr().out)
   assert record['config_overrides'] == {'model.materialize': 'off'}

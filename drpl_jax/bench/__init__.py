@@ -1,24 +1,32 @@
 """Benchmarks: `python -m drpl_jax.bench {input,...} ...`.
 
 Each subcommand lives in `drpl_jax/bench/<name>.py` and exposes
-`main(argv) -> None`; it prints one JSON object per measurement on stdout.
-This package imports neither TensorFlow nor TFDS.
+`define_flags(flag_values)` and an absl `main(argv)`; `__main__` runs it
+under the exit policy of drpl_jax/cli.py. It prints one JSON object per
+measurement on stdout. `--config` is an ml_collections config file with
+`--config.KEY=VALUE` overrides, as in every other command. This package
+imports neither TensorFlow nor TFDS.
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import runpy
 import sys
 import time
+import types
 from typing import Any, Callable, Sequence
 
 import jax
 import ml_collections
+import numpy as np
+from absl import flags
+from ml_collections import config_flags
 
+from drpl_jax import cli
 from drpl_jax.parallel import hostmem
+from drpl_jax.parallel.sharding import batch_sharding
 
 
 def load_config(spec: str) -> ml_collections.ConfigDict:
@@ -49,7 +57,11 @@ _APPLIED_OVERRIDES: dict[str, str] = {}
 
 def apply_overrides(config: ml_collections.ConfigDict,
                     overrides: Sequence[str]) -> ml_collections.ConfigDict:
-  """Applies `--config.a.b=value` arguments, parsed like the old value."""
+  """Applies `--config.a.b=value` arguments, parsed like the old value.
+
+  Only for `bench compare` (drpl_jax/pytorch/compare.py), which still
+  parses its own arguments; the JAX benchmarks here use config_flags.
+  """
   for arg in overrides:
     _APPLIED_OVERRIDES[arg.partition('=')[0][len('--config.'):]] = (
         arg.partition('=')[2])
@@ -79,6 +91,25 @@ def emit(record: dict[str, Any]) -> None:
   print(json.dumps(record, sort_keys=True), flush=True)
 
 
+def synthetic_batch(config: ml_collections.ConfigDict, batch: int, mesh,
+                    *, train_batch: bool,
+                    distill_kind: str = 'none', seed: int = 0
+                    ) -> dict[str, jax.Array]:
+  """The benchmarks' one synthetic batch: random uint8 images [B, S, S, 3]
+  and, for a train step, labels and (distill_kind hard/soft) offline
+  teacher logits, placed on the mesh."""
+  rng = np.random.default_rng(seed)
+  size = int(config.data.image_size)
+  host = {'image': rng.integers(0, 256, (batch, size, size, 3), np.uint8)}
+  if train_batch:
+    classes = int(config.model.num_classes)
+    host['label'] = rng.integers(0, classes, (batch,)).astype(np.int32)
+    if distill_kind != 'none':
+      host['teacher_logits'] = rng.normal(
+          size=(batch, classes)).astype(np.float32)
+  return jax.device_put(host, batch_sharding(mesh))
+
+
 def tensorflow_imported() -> bool:
   """Whether anything in this process has imported TensorFlow."""
   return 'tensorflow' in sys.modules
@@ -105,47 +136,91 @@ def time_steps(run: Callable[[], Any], *, steps: int, repeats: int,
   return times
 
 
-def config_from_args(args: Any) -> ml_collections.ConfigDict:
-  """`args.config` with its `--config.*` overrides and `--image_size`."""
-  config = apply_overrides(load_config(args.config), args.overrides)
+def define_config_flag(flag_values: flags.FlagValues,
+                       sys_argv: Sequence[str] | None = None) -> None:
+  """Defines the required `--config` (config_flags) on `flag_values`.
+
+  `sys_argv`: the command line whose `--config.KEY=VALUE` overrides
+  config_flags should accept (default sys.argv).
+  """
+  config_flags.DEFINE_config_file(
+      'config', None, 'Config file and argument, e.g. '
+      'configs/drpl_vit.py:variant=micro; --config.KEY=VALUE overrides.',
+      flag_values=flag_values,
+      sys_argv=None if sys_argv is None else list(sys_argv))
+  flags.mark_flag_as_required('config', flag_values=flag_values)
+
+
+def define_timing_flags(flag_values: flags.FlagValues, *, batch: int,
+                        steps: int, repeats: int, warmup: int,
+                        sys_argv: Sequence[str] | None = None) -> None:
+  """Defines the flags of every timed-step benchmark on `flag_values`.
+
+  `--config` is an ml_collections config file (`path.py[:arg]`) with its
+  `--config.KEY=VALUE` overrides, as in every other command; `--batch_size`
+  keeps the name and help text of drpl_jax/cli.py. `--image_size` sets
+  the resolution of the data and the model together.
+  """
+  define_config_flag(flag_values, sys_argv)
+  flags.DEFINE_integer('batch_size', batch, f'{cli.BATCH_SIZE_HELP} Global.',
+                       flag_values=flag_values)
+  flags.DEFINE_integer('steps', steps, 'Steps per timed repetition.',
+                       flag_values=flag_values)
+  flags.DEFINE_integer('repeats', repeats,
+                       'Timed repetitions (the median is reported).',
+                       flag_values=flag_values)
+  flags.DEFINE_integer('warmup', warmup, 'Untimed steps after compilation.',
+                       flag_values=flag_values)
+  flags.DEFINE_integer('image_size', None,
+                       "Input resolution (default: the config's).",
+                       flag_values=flag_values)
+
+
+TIMING_FLAGS = ('batch_size', 'steps', 'repeats', 'warmup', 'image_size')
+
+
+def timing_args(flag_values: flags.FlagValues, extra: Sequence[str] = (),
+                positive: Sequence[str] = ()) -> types.SimpleNamespace:
+  """The parsed flags as attributes; `config` with --image_size applied.
+
+  `config_spec` is the --config argument as given, `overrides` the
+  `--config.KEY=VALUE` values (recorded by `emit`). --batch_size, --steps,
+  --repeats and the `positive` flags must be >= 1, --warmup >= 0; a bad
+  value is a UserError naming the flag.
+  """
+  args = types.SimpleNamespace(**{name: flag_values[name].value
+                                   for name in (*TIMING_FLAGS, *extra)})
+  for name in ('batch_size', 'steps', 'repeats', *positive):
+    if getattr(args, name) < 1:
+      raise cli.UserError(f'--{name}={getattr(args, name)} must be >= 1')
+  if args.warmup < 0:
+    raise cli.UserError(f'--warmup={args.warmup} must be >= 0')
+  config = flag_values.config
   if args.image_size is not None:
     config.data.image_size = args.image_size
     config.model.image_size = args.image_size
-  return config
-
-
-def timing_parser(name: str, *, batch: int, steps: int, repeats: int,
-                  warmup: int) -> argparse.ArgumentParser:
-  """A parser with the options of every timed-step benchmark and defaults."""
-  parser = argparse.ArgumentParser(prog=f'python -m drpl_jax.bench {name}')
-  parser.add_argument('--config', required=True,
-                      help='config file and argument, e.g. '
-                           'configs/drpl_vit.py:variant=micro')
-  parser.add_argument('--batch_size', type=int, default=batch,
-                      help='global batch')
-  parser.add_argument('--steps', type=int, default=steps,
-                      help='steps per timed repetition')
-  parser.add_argument('--repeats', type=int, default=repeats,
-                      help='timed repetitions (the median is reported)')
-  parser.add_argument('--warmup', type=int, default=warmup,
-                      help='untimed steps after compilation')
-  parser.add_argument('--image_size', type=int, default=None,
-                      help="input resolution (default: the config's)")
-  return parser
-
-
-def parse_timing_args(parser: argparse.ArgumentParser, argv: Sequence[str],
-                      positive: Sequence[str] = ()) -> argparse.Namespace:
-  """Parses `argv`; unknown arguments become `args.overrides` (--config.*).
-
-  --batch_size, --steps, --repeats and the `positive` options must be >= 1,
-  --warmup >= 0; a bad value is an error naming the option.
-  """
-  args, overrides = parser.parse_known_args(list(argv))
-  args.overrides = overrides
-  for name in ('batch_size', 'steps', 'repeats', *positive):
-    if getattr(args, name) < 1:
-      raise ValueError(f'--{name}={getattr(args, name)} must be >= 1')
-  if args.warmup < 0:
-    raise ValueError(f'--warmup={args.warmup} must be >= 0')
+  args.config = config
+  args.config_spec = config_flags.get_config_filename(flag_values['config'])
+  args.overrides = {k: str(v) for k, v in config_flags.get_override_values(
+      flag_values['config']).items()}
+  _APPLIED_OVERRIDES.clear()
+  _APPLIED_OVERRIDES.update(args.overrides)
   return args
+
+
+def parse_flags(define: Callable[..., None], argv: Sequence[str],
+                name: str) -> flags.FlagValues:
+  """Defines a benchmark's flags on a fresh FlagValues and parses `argv`
+  (for tests and programs; the command line uses absl's global flags)."""
+  full = [f'drpl-bench {name}', *argv]
+  flag_values = flags.FlagValues()
+  define(flag_values, sys_argv=full)
+  flag_values(full)
+  return flag_values
+
+
+def no_arguments(argv: Sequence[str]) -> None:
+  """A benchmark takes flags only: a positional argument is an error."""
+  if len(argv) > 1:
+    raise cli.UserError(f'unexpected arguments {list(argv[1:])}: flags '
+                        'look like --steps=5 or --config.seed=1')

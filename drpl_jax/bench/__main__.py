@@ -1,7 +1,8 @@
 """Dispatches `python -m drpl_jax.bench SUBCOMMAND [flags]`.
 
-Add a subcommand by writing `drpl_jax/bench/<name>.py` with `main(argv)` and
-one entry (a function importing it lazily) in `SUBCOMMANDS`.
+Add a subcommand by writing `drpl_jax/bench/<name>.py` with
+`define_flags(flag_values)` and an absl `main(argv)`, and one entry
+`_absl('<name>')` in `SUBCOMMANDS`.
 """
 
 from __future__ import annotations
@@ -9,44 +10,65 @@ from __future__ import annotations
 import sys
 from typing import Callable, Sequence
 
+from absl import app, flags
 
-# One function per subcommand, each importing its module only when run (the
-# GPU machines lack TensorFlow, and `compare` needs torch).
+from drpl_jax import cli
+
+
 # pylint: disable=g-import-not-at-top
 
 
-def _input(argv: Sequence[str]) -> None:
-  from drpl_jax.bench import input as bench
-  bench.main(argv)
+def _absl(name: str) -> Callable[[Sequence[str]], None]:
+  """Runs drpl_jax/bench/<name>.py as an absl command: its flags defined on
+  absl's global flags, `main` under the exit policy of drpl_jax/cli.py."""
+
+  def run(argv: Sequence[str]) -> None:
+    import importlib
+    module = importlib.import_module(f'drpl_jax.bench.{name}')
+    full = [f'drpl-bench {name}', *argv]
+    module.define_flags(sys_argv=full)
+    # --help lists the flags of the subcommand (defined in its module and in
+    # drpl_jax/bench/__init__.py) as this module's own.
+    flags.adopt_module_key_flags(module)
+    flags.adopt_module_key_flags(sys.modules['drpl_jax.bench'])
+    app.run(_guarded(module.main), argv=full,
+            flags_parser=cli._parse_flags)  # pylint: disable=protected-access
+
+  return run
 
 
-def _train(argv: Sequence[str]) -> None:
-  from drpl_jax.bench import train as bench
-  bench.main(argv)
+def _guarded(main: Callable[[Sequence[str]], None]
+             ) -> Callable[[Sequence[str]], None]:
+  """`main` under cli.py's exit policy (a UserError: one `error:` line,
+  exit 2). Not `cli.run`: its quieting imports TensorFlow, which the
+  benchmarks must not (they record `tensorflow_imported`)."""
 
+  def guarded(argv: Sequence[str]) -> None:
+    if not flags.FLAGS['verbosity'].present:
+      flags.FLAGS.verbosity = -1  # WARNING, as cli.quiet_libraries
+    try:
+      main(argv)
+    except cli.UserError as e:
+      cli.fail(e)
 
-def _eval(argv: Sequence[str]) -> None:
-  from drpl_jax.bench import eval as bench
-  bench.main(argv)
-
-
-def _teacher(argv: Sequence[str]) -> None:
-  from drpl_jax.bench import teacher as bench
-  bench.main(argv)
+  return guarded
 
 
 def _compare(argv: Sequence[str]) -> None:
+  # PyTorch side (needs torch); parses its own arguments.
   from drpl_jax.pytorch import compare as bench
   bench.main(argv)
 
 
 # pylint: enable=g-import-not-at-top
 
+# Each subcommand imports its module only when run (the GPU machines lack
+# TensorFlow, and `compare` needs torch).
 SUBCOMMANDS: dict[str, Callable[[Sequence[str]], None]] = {
-    'input': _input,
-    'train': _train,
-    'eval': _eval,
-    'teacher': _teacher,
+    'input': _absl('input'),
+    'train': _absl('train'),
+    'eval': _absl('eval'),
+    'teacher': _absl('teacher'),
     'compare': _compare,
 }
 

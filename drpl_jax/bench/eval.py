@@ -6,11 +6,10 @@ r"""Jitted evaluation throughput against training, same config and device.
 
 Prints one JSON object per measurement:
   eval_step:  images/s of the jitted, sharded eval step evaluation uses
-              (`train.jit_eval_step`: normalisation + forward, logits of
+              (`state.Setup.eval_step`: normalisation + forward, logits of
               every head) on a synthetic uint8 batch already on the devices;
-  train_step: images/s of the jitted train step (`train.create_train_state`
-              + `train_step.make_train_step`, as `train.jit_train_step`
-              builds it, state donated) on the same kind of batch; a
+  train_step: images/s of the jitted train step (`state.build`, as
+              training builds it, state donated) on the same kind of batch; a
               distilled config with `distill.kind` hard/soft gets synthetic
               offline teacher logits (an online teacher is not included);
   ratio:      eval images/s over train images/s (target >= 3).
@@ -22,43 +21,51 @@ Imports neither TensorFlow, TFDS nor clu.
 
 from __future__ import annotations
 
-import argparse
 import statistics
 import time
 from collections.abc import Callable, Sequence
+import types
 from typing import Any
 
 import jax
 import ml_collections
-import numpy as np
+from absl import flags
 
-from drpl_jax.bench import config_from_args, emit, parse_timing_args
-from drpl_jax.bench import tensorflow_imported, time_steps, timing_parser
-from drpl_jax.parallel import sharding
-from drpl_jax.train import loop as train
-from drpl_jax.train import optim
-from drpl_jax.train import step as step_lib
+from drpl_jax import cli
+from drpl_jax.bench import define_timing_flags, emit, no_arguments
+from drpl_jax.bench import parse_flags, synthetic_batch
+from drpl_jax.bench import tensorflow_imported, time_steps
+from drpl_jax.bench import timing_args
+from drpl_jax.train import state as state_lib
 
 MEASUREMENTS = ('eval', 'train')
 TARGET_RATIO = 3.0
 
 
-def parse_args(argv: Sequence[str]) -> argparse.Namespace:
-  parser = timing_parser('eval', batch=32, steps=10, repeats=5, warmup=2)
-  parser.add_argument('--measure', default=','.join(MEASUREMENTS),
-                      help='comma separated subset of eval,train')
-  args = parse_timing_args(parser, argv)
-  args.measure = tuple(filter(None, args.measure.split(',')))
+def define_flags(flag_values: flags.FlagValues = flags.FLAGS,
+                 sys_argv: Sequence[str] | None = None) -> None:
+  """The flags of `bench eval`."""
+  define_timing_flags(flag_values, batch=32, steps=10, repeats=5, warmup=2,
+                      sys_argv=sys_argv)
+  flags.DEFINE_list('measure', list(MEASUREMENTS),
+                    'Comma separated subset of eval,train.',
+                    flag_values=flag_values)
+
+
+def args_from(flag_values: flags.FlagValues) -> types.SimpleNamespace:
+  """Parsed flags -> args; names an unknown --measure."""
+  args = timing_args(flag_values, extra=('measure',))
+  args.measure = tuple(filter(None, args.measure))
   unknown = [m for m in args.measure if m not in MEASUREMENTS]
   if unknown or not args.measure:
-    raise ValueError(f'--measure: unknown {unknown}; choose from '
-                     f'{list(MEASUREMENTS)}')
+    raise cli.UserError(f'--measure: unknown {unknown}; choose from '
+                        f'{list(MEASUREMENTS)}')
   return args
 
 
-def build_config(args: argparse.Namespace) -> ml_collections.ConfigDict:
-  """The config with --config.* overrides and --image_size applied."""
-  return config_from_args(args)
+def parse_args(argv: Sequence[str]) -> types.SimpleNamespace:
+  """Parses `argv` (flags only) into args, for tests and programs."""
+  return args_from(parse_flags(define_flags, argv, 'eval'))
 
 
 def _compile(jitted, *args) -> tuple[Any, float, float]:
@@ -70,46 +77,25 @@ def _compile(jitted, *args) -> tuple[Any, float, float]:
   return compiled, t1 - t0, time.perf_counter() - t1
 
 
-def synthetic_batch(config, batch: int, mesh, *, train_batch: bool,
-                    distill_kind: str = 'none', seed: int = 0
-                    ) -> dict[str, jax.Array]:
-  """A random uint8 batch (labels, teacher logits) placed on the mesh."""
-  rng = np.random.default_rng(seed)
-  size = int(config.data.image_size)
-  host = {'image': rng.integers(0, 256, (batch, size, size, 3), np.uint8)}
-  if train_batch:
-    classes = int(config.model.num_classes)
-    host['label'] = rng.integers(0, classes, (batch,)).astype(np.int32)
-    if distill_kind != 'none':
-      host['teacher_logits'] = rng.normal(
-          size=(batch, classes)).astype(np.float32)
-  return jax.device_put(host, sharding.batch_sharding(mesh))
-
-
 class _Bench:
   """The train state, steps and batches of one config on this host's mesh."""
 
   def __init__(self, config: ml_collections.ConfigDict, batch: int):
     self.config = config
     self.batch = batch
-    self.model_cfg = train.model_config_from(config)
-    self.mesh = sharding.create_mesh(tuple(config.get('mesh_shape', (-1, 1))))
+    self.mesh = state_lib.create_mesh(config)
     if batch % self.mesh.size:
       raise ValueError(f'--batch_size={batch} is not divisible by the '
                        f'{self.mesh.size} devices of the mesh')
-    self.tx, self.schedule = optim.create_optimizer(
-        optim.OptimConfig.from_config(config.optim), config.batch_size,
-        config.total_steps, self.model_cfg.depth)
-    self.graphdef, self.state, self.shardings = train.create_train_state(
-        config, self.model_cfg, self.tx, self.mesh)
-    self.step_cfg = step_lib.StepConfig.from_config(config, self.model_cfg)
+    self.setup = state_lib.build(config, self.mesh)
+    self.state = self.setup.state
+    self.step_cfg = self.setup.step_cfg
 
   def eval(self, args) -> dict[str, Any]:
-    step = train.jit_eval_step(self.graphdef, self.step_cfg, self.shardings,
-                               self.mesh)
+    step = self.setup.eval_step()
     batch = synthetic_batch(self.config, self.batch, self.mesh,
                             train_batch=False)
-    params, rest = self.state['params'], self.state['rest']
+    params, rest = self.state.params, self.state.rest
     compiled, lower_s, compile_s = _compile(step, params, rest, batch)
     times = time_steps(lambda: compiled(params, rest, batch),
                        steps=args.steps, repeats=args.repeats,
@@ -118,8 +104,7 @@ class _Bench:
                 **rates(times, self.batch * args.steps, args.steps))
 
   def train(self, args) -> dict[str, Any]:
-    step = train.jit_train_step(self.graphdef, self.tx, self.step_cfg,
-                                self.schedule, self.shardings, self.mesh)
+    step = self.setup.train_step()
     batch = synthetic_batch(self.config, self.batch, self.mesh,
                             train_batch=True,
                             distill_kind=self.step_cfg.distill_kind)
@@ -129,7 +114,7 @@ class _Bench:
 
     def run():
       holder['state'], metrics = compiled(holder['state'], batch, None)
-      return metrics['loss'], holder['state']['params']
+      return metrics['loss'], holder['state'].params
 
     times = time_steps(run, steps=args.steps, repeats=args.repeats,
                        warmup=args.warmup)
@@ -157,11 +142,12 @@ def device_info() -> dict[str, Any]:
 
 def main(argv: Sequence[str]) -> None:
   """Measures eval and train throughput; prints one JSON line for each."""
-  args = parse_args(argv)
-  config = build_config(args)
+  no_arguments(argv)
+  args = args_from(flags.FLAGS)
+  config = args.config
   bench = _Bench(config, args.batch_size)
   common = {
-      'benchmark': 'eval', 'config': args.config,
+      'benchmark': 'eval', 'config': args.config_spec,
       'variant': config.model.get('variant', ''),
       'image_size': int(config.data.image_size), 'batch': args.batch_size,
       'steps': args.steps, 'repeats': args.repeats, 'warmup': args.warmup,

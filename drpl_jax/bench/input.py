@@ -18,17 +18,20 @@ benchmark runs anywhere and imports no TensorFlow.
 
 from __future__ import annotations
 
-import argparse
 import io
 import os
 import sys
 import time
+import types
 from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
+from absl import flags
 from PIL import Image
 
-from drpl_jax.bench import apply_overrides, emit, load_config
+from drpl_jax import cli
+from drpl_jax.bench import define_config_flag, emit, no_arguments
+from drpl_jax.bench import parse_flags
 from drpl_jax.bench import tensorflow_imported
 from drpl_jax.input import augment
 from drpl_jax.input import pipeline as input_pipeline
@@ -184,32 +187,49 @@ def _real_source(config) -> Any | None:
     return None
 
 
-def parse_args(argv: Sequence[str]) -> argparse.Namespace:
-  parser = argparse.ArgumentParser(prog='python -m drpl_jax.bench input')
-  parser.add_argument('--config', required=True,
-                      help='config file and argument, e.g. '
-                           'configs/drpl_vit.py:variant=micro')
-  parser.add_argument('--batch_size', type=int, default=64,
-                      help='global batch')
-  parser.add_argument('--steps', type=int, default=20)
-  parser.add_argument('--warmup', type=int, default=2)
-  parser.add_argument('--workers', type=int, default=0,
-                      help='grain worker processes (train pipeline)')
-  parser.add_argument('--threads', type=int,
-                      default=input_pipeline.DEFAULT_NUM_THREADS)
-  parser.add_argument('--synthetic', action='store_true',
-                      help='use in-memory synthetic PNGs')
-  parser.add_argument('--pipelines', default='decode,train,eval',
-                      help='comma separated subset of decode,train,eval')
-  args, overrides = parser.parse_known_args(list(argv))
-  args.overrides = overrides
+def define_flags(flag_values: flags.FlagValues = flags.FLAGS,
+                 sys_argv: Sequence[str] | None = None) -> None:
+  """The flags of `bench input`."""
+  define_config_flag(flag_values, sys_argv)
+  flags.DEFINE_integer('batch_size', 64, f'{cli.BATCH_SIZE_HELP} Global.',
+                       flag_values=flag_values)
+  flags.DEFINE_integer('steps', 20, 'Timed batches.',
+                       flag_values=flag_values)
+  flags.DEFINE_integer('warmup', 2, 'Untimed batches first.',
+                       flag_values=flag_values)
+  flags.DEFINE_integer('workers', 0, 'grain worker processes (train '
+                       'pipeline).', flag_values=flag_values)
+  flags.DEFINE_integer('threads', input_pipeline.DEFAULT_NUM_THREADS,
+                       'Decoding threads.', flag_values=flag_values)
+  flags.DEFINE_bool('synthetic', False, 'Use in-memory synthetic PNGs.',
+                    flag_values=flag_values)
+  flags.DEFINE_list('pipelines', ['decode', 'train', 'eval'],
+                    'Comma separated subset of decode,train,eval.',
+                    flag_values=flag_values)
+
+
+def args_from(flag_values: flags.FlagValues) -> types.SimpleNamespace:
+  """Parsed flags -> args (`args.config` is the config with overrides)."""
+  names = ('batch_size', 'steps', 'warmup', 'workers', 'threads',
+           'synthetic', 'pipelines')
+  args = types.SimpleNamespace(**{n: flag_values[n].value for n in names})
+  for name in ('batch_size', 'steps'):
+    if getattr(args, name) < 1:
+      raise cli.UserError(f'--{name}={getattr(args, name)} must be >= 1')
+  args.config = flag_values.config
   return args
+
+
+def parse_args(argv: Sequence[str]) -> types.SimpleNamespace:
+  """Parses `argv` (flags only) into args, for tests and programs."""
+  return args_from(parse_flags(define_flags, argv, 'input'))
 
 
 def main(argv: Sequence[str]) -> None:
   """Measures the decode, train and eval pipelines; prints JSON lines."""
-  args = parse_args(argv)
-  config = apply_overrides(load_config(args.config), args.overrides)
+  no_arguments(argv)
+  args = args_from(flags.FLAGS)
+  config = args.config
   source = None if args.synthetic else _real_source(config)
   kind = 'prepared' if source is not None else 'synthetic_png_299'
   if source is None:
@@ -227,9 +247,9 @@ def main(argv: Sequence[str]) -> None:
           source, batch_size=args.batch_size, image_size=size,
           crop_ratio=config.data.eval_crop_ratio, num_threads=args.threads),
   }
-  for name in filter(None, args.pipelines.split(',')):
+  for name in filter(None, args.pipelines):
     if name not in pipelines:
-      raise ValueError(f'--pipelines: unknown {name!r}; known: '
+      raise cli.UserError(f'--pipelines: unknown {name!r}; known: '
                        f'{list(pipelines)}')
     result = measure(pipelines[name], steps=args.steps, warmup=args.warmup)
     emit({'benchmark': 'input', 'pipeline': name, 'source': kind,

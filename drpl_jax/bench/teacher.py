@@ -7,11 +7,11 @@ r"""What an online teacher costs the train step, against what its FLOPs cost.
 
 Prints one JSON object per measurement:
   train_step (teacher null): the jitted train step as training builds it
-      (`train.create_train_state`, `train.jit_train_step`, state donated)
+      (`state.build`, `Setup.train_step`, state donated)
       with offline (synthetic) teacher logits in the batch, so the losses
       are the same as with a teacher;
   train_step (teacher ARCH): the same step and batch with an online teacher
-      (`train.OnlineTeacher` from `teacher_load.torch_teacher(arch, None, ...)`:
+      (`state.OnlineTeacher` from `teacher_load.torch_teacher(arch, None, ...)`:
       torchvision-initialised random weights, no checkpoint) running inside
       it on the mixed images;
   teacher_forward: the jitted teacher alone on the same batch;
@@ -31,53 +31,65 @@ the devices. Imports neither TensorFlow, TFDS nor clu.
 
 from __future__ import annotations
 
-import argparse
 import functools
 import statistics
 import time
 from collections.abc import Callable, Sequence
+import types
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
+from absl import flags
 from flax import nnx
 
+from drpl_jax import cli
 from drpl_jax import teacher as teacher_lib
-from drpl_jax.bench import config_from_args, emit, parse_timing_args
-from drpl_jax.bench import tensorflow_imported, timing_parser
+from drpl_jax.bench import define_timing_flags, emit, no_arguments
+from drpl_jax.bench import parse_flags, tensorflow_imported, timing_args
 from drpl_jax.bench.eval import device_info, synthetic_batch
 from drpl_jax.parallel import sharding
 from drpl_jax.teacher import load as teacher_load
 from drpl_jax.teacher.common import DTYPES as TEACHER_DTYPES
-from drpl_jax.train import loop as train
-from drpl_jax.train import optim
-from drpl_jax.train import step as step_lib
+from drpl_jax.train import state as state_lib
 
 TARGET_OVERHEAD = 0.10
 
 
-def parse_args(argv: Sequence[str]) -> argparse.Namespace:
-  parser = timing_parser('teacher', batch=8, steps=5, repeats=3, warmup=1)
-  parser.add_argument('--arch', default='resnet50',
-                      choices=sorted(teacher_lib.TEACHER_ARCHS),
-                      help='torchvision teacher (random weights)')
-  parser.add_argument('--teacher_dtype', default='float32',
-                      choices=TEACHER_DTYPES)
-  return parse_timing_args(parser, argv)
+def define_flags(flag_values: flags.FlagValues = flags.FLAGS,
+                 sys_argv: Sequence[str] | None = None) -> None:
+  """The flags of `bench teacher`."""
+  define_timing_flags(flag_values, batch=8, steps=5, repeats=3, warmup=1,
+                      sys_argv=sys_argv)
+  flags.DEFINE_enum('arch', 'resnet50', sorted(teacher_lib.TEACHER_ARCHS),
+                    'Torchvision teacher (random weights).',
+                    flag_values=flag_values)
+  flags.DEFINE_enum('teacher_dtype', 'float32', list(TEACHER_DTYPES),
+                    'Teacher compute dtype.', flag_values=flag_values)
 
 
-def build_config(args: argparse.Namespace) -> ml_collections.ConfigDict:
-  """The config with overrides; the student must use the teacher."""
-  config = config_from_args(args)
+def args_from(flag_values: flags.FlagValues) -> types.SimpleNamespace:
+  """Parsed flags -> args; the student must use the teacher.
+
+  Raises UserError for a student that is not distilled or has
+  distill.kind none (XLA would drop the unused teacher).
+  """
+  args = timing_args(flag_values, extra=('arch', 'teacher_dtype'))
+  config = args.config
   if not config.model.distilled or config.distill.kind == 'none':
-    raise ValueError(
-        f'{args.config}: bench teacher needs a distilled student with '
+    raise cli.UserError(
+        f'{args.config_spec}: bench teacher needs a distilled student with '
         f'distill.kind hard or soft (got distilled={config.model.distilled}'
         f', distill.kind={config.distill.kind!r}); otherwise XLA drops the '
         'unused teacher')
-  return config
+  return args
+
+
+def parse_args(argv: Sequence[str]) -> types.SimpleNamespace:
+  """Parses `argv` (flags only) into args, for tests and programs."""
+  return args_from(parse_flags(define_flags, argv, 'teacher'))
 
 
 def flops(compiled: Any) -> float:
@@ -91,7 +103,7 @@ def flops(compiled: Any) -> float:
 
 
 def online_teacher(config: ml_collections.ConfigDict, args, mesh
-                   ) -> train.OnlineTeacher:
+                   ) -> state_lib.OnlineTeacher:
   """A random-weight converted teacher placed on the mesh, as training."""
   size = int(config.data.image_size)
   module = teacher_load.torch_teacher(
@@ -101,11 +113,11 @@ def online_teacher(config: ml_collections.ConfigDict, args, mesh
   abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype),
                           state)
   shardings = sharding.state_shardings(abstract, mesh)
-  return train.OnlineTeacher(graphdef, jax.device_put(state, shardings),
+  return state_lib.OnlineTeacher(graphdef, jax.device_put(state, shardings),
                              shardings, f'{args.arch} (random weights)')
 
 
-def teacher_forward(teacher: train.OnlineTeacher) -> Callable[..., Any]:
+def teacher_forward(teacher: state_lib.OnlineTeacher) -> Callable[..., Any]:
   """The jitted teacher alone: (state, [B, H, W, 3] images) -> logits."""
   return jax.jit(lambda state, x: nnx.merge(teacher.graphdef, state)(x))
 
@@ -165,13 +177,8 @@ def _record(times: list[float], compile_s: float, step_flops: float,
 def measure(config: ml_collections.ConfigDict, args, mesh
             ) -> dict[str, dict[str, Any]]:
   """Student step, step with the teacher and teacher forward: times, FLOPs."""
-  model_cfg = train.model_config_from(config)
-  tx, schedule = optim.create_optimizer(
-      optim.OptimConfig.from_config(config.optim), config.batch_size,
-      config.total_steps, model_cfg.depth)
-  graphdef, state, state_sh = train.create_train_state(config, model_cfg,
-                                                       tx, mesh)
-  step_cfg = step_lib.StepConfig.from_config(config, model_cfg)
+  setup = state_lib.build(config, mesh)
+  state, state_sh, step_cfg = setup.state, setup.shardings, setup.step_cfg
   teacher = online_teacher(config, args, mesh)
   batch = synthetic_batch(config, args.batch_size, mesh, train_batch=True,
                           distill_kind=step_cfg.distill_kind)
@@ -180,8 +187,7 @@ def measure(config: ml_collections.ConfigDict, args, mesh
   states = {'student': state, 'teacher': copy(state)}
   runs, compiled = {}, {}
   for name, online in (('student', None), ('teacher', teacher)):
-    step = train.jit_train_step(graphdef, tx, step_cfg, schedule, state_sh,
-                                mesh, online)
+    step = setup.train_step(online)
     t_state = online.state if online else None
     compiled[name] = _compile(step, states[name], batch, t_state)
     runs[name] = _step_runner(compiled[name][0], states[name], batch,
@@ -203,14 +209,15 @@ def measure(config: ml_collections.ConfigDict, args, mesh
 
 def main(argv: Sequence[str]) -> None:
   """Times the train step without and with the online teacher."""
-  args = parse_args(argv)
-  config = build_config(args)
-  mesh = sharding.create_mesh(tuple(config.get('mesh_shape', (-1, 1))))
+  no_arguments(argv)
+  args = args_from(flags.FLAGS)
+  config = args.config
+  mesh = state_lib.create_mesh(config)
   if args.batch_size % mesh.size:
     raise ValueError(f'--batch_size={args.batch_size} is not divisible by the '
                      f'{mesh.size} devices of the mesh')
   results = measure(config, args, mesh)
-  common = {'benchmark': 'teacher', 'config': args.config,
+  common = {'benchmark': 'teacher', 'config': args.config_spec,
             'variant': config.model.get('variant', ''),
             'image_size': int(config.data.image_size), 'batch': args.batch_size,
             'steps': args.steps, 'repeats': args.repeats,

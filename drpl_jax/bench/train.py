@@ -2,8 +2,7 @@ r"""Training-step throughput, compile time, memory, FLOPs and MFU.
 
   python -m drpl_jax.bench train --config=configs/drpl_vit.py:variant=micro \
       [--batch_size 32] [--steps 5] [--repeats 3] [--warmup 2] \
-      [--image_size S] \
-      [--config.key=value ...]
+      [--image_size S] [--config.key=value ...]
 
 Prints one JSON object per measurement (one per run of this command):
   images_per_s       global batch / median step time.
@@ -11,7 +10,7 @@ Prints one JSON object per measurement (one per run of this command):
                      steps each (after `--warmup` untimed steps), every
                      repetition closed by `block_until_ready`.
   compile_s          lowering + XLA compilation of the jitted, sharded step
-                     (`train.jit_train_step`, state donated).
+                     (`state.build(config).train_step()`, state donated).
   peak_memory_bytes  `device.memory_stats()['peak_bytes_in_use']` where the
                      backend has it (GPU, TPU), else the host's peak RSS
                      (`memory_source` says which).
@@ -30,25 +29,24 @@ TensorFlow, TFDS nor clu.
 
 from __future__ import annotations
 
-import argparse
 import resource
 import statistics
 import sys
 import time
 from collections.abc import Callable, Sequence
+import types
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import ml_collections
-import numpy as np
+from absl import flags
 
-from drpl_jax.bench import config_from_args, emit, parse_timing_args
-from drpl_jax.bench import tensorflow_imported, time_steps, timing_parser
-from drpl_jax.parallel import sharding
-from drpl_jax.train import loop as train
-from drpl_jax.train import optim
-from drpl_jax.train import step as step_lib
+from drpl_jax.bench import define_timing_flags, emit, no_arguments
+from drpl_jax.bench import parse_flags, synthetic_batch
+from drpl_jax.bench import tensorflow_imported, time_steps
+from drpl_jax.bench import timing_args
+from drpl_jax.train import state as state_lib
 
 # Dense bf16 peak FLOP/s per device (datasheets), matched against
 # `device.device_kind` (lower case); the first match wins.
@@ -63,35 +61,28 @@ DATASHEET_PEAK_FLOPS = (
 )
 
 
-def parse_args(argv: Sequence[str]) -> argparse.Namespace:
+def define_flags(flag_values: flags.FlagValues = flags.FLAGS,
+                 sys_argv: Sequence[str] | None = None) -> None:
+  """The flags of `bench train`."""
   # 5 warm-up steps: with asynchronous dispatch the tuned host allocator's
   # heap (drpl_jax.parallel.hostmem) settles within about 5 steps.
-  parser = timing_parser('train', batch=32, steps=5, repeats=3, warmup=5)
-  parser.add_argument('--matmul_size', type=int, default=2048,
-                      help='side of the fp32 matmul measuring the CPU peak')
-  return parse_timing_args(parser, argv, positive=('matmul_size',))
+  define_timing_flags(flag_values, batch=32, steps=5, repeats=3, warmup=5,
+                      sys_argv=sys_argv)
+  flags.DEFINE_integer('matmul_size', 2048, 'Side of the fp32 matmul '
+                       'measuring the CPU peak.', flag_values=flag_values)
 
 
-def build_config(args: argparse.Namespace) -> ml_collections.ConfigDict:
-  """The config with --config.* overrides, --image_size and --batch_size."""
-  config = config_from_args(args)
-  config.batch_size = args.batch_size
-  return config
+def args_from(flag_values: flags.FlagValues) -> types.SimpleNamespace:
+  """Parsed flags -> args; `args.config` has --batch_size applied."""
+  args = timing_args(flag_values, extra=('matmul_size',),
+                     positive=('matmul_size',))
+  args.config.batch_size = args.batch_size
+  return args
 
 
-def synthetic_batch(config: ml_collections.ConfigDict, batch: int, mesh,
-                    distill_kind: str, seed: int = 0
-                    ) -> dict[str, jax.Array]:
-  """A random uint8 train batch (labels, teacher logits) on the mesh."""
-  rng = np.random.default_rng(seed)
-  size = int(config.data.image_size)
-  classes = int(config.model.num_classes)
-  host = {'image': rng.integers(0, 256, (batch, size, size, 3), np.uint8),
-          'label': rng.integers(0, classes, (batch,)).astype(np.int32)}
-  if distill_kind != 'none':
-    host['teacher_logits'] = rng.normal(size=(batch, classes)).astype(
-        np.float32)
-  return jax.device_put(host, sharding.batch_sharding(mesh))
+def parse_args(argv: Sequence[str]) -> types.SimpleNamespace:
+  """Parses `argv` (flags only) into args, for tests and programs."""
+  return args_from(parse_flags(define_flags, argv, 'train'))
 
 
 def time_repeats(run: Callable[[], Any], *, steps: int, repeats: int,
@@ -155,23 +146,18 @@ def peak_memory(device: jax.Device) -> tuple[int, str]:
   return int(rss_kb) * 1024, 'host_rss'
 
 
-def measure(config: ml_collections.ConfigDict, args: argparse.Namespace
+def measure(config: ml_collections.ConfigDict, args: types.SimpleNamespace
             ) -> dict[str, Any]:
   """Compiles and times the train step of `config`; returns the figures."""
-  model_cfg = train.model_config_from(config)
-  mesh = sharding.create_mesh(tuple(config.get('mesh_shape', (-1, 1))))
+  mesh = state_lib.create_mesh(config)
   if args.batch_size % mesh.size:
     raise ValueError(f'--batch_size={args.batch_size} is not divisible by the '
                      f'{mesh.size} devices of the mesh')
-  tx, schedule = optim.create_optimizer(
-      optim.OptimConfig.from_config(config.optim), config.batch_size,
-      config.total_steps, model_cfg.depth)
-  graphdef, state, shardings = train.create_train_state(config, model_cfg,
-                                                        tx, mesh)
-  step_cfg = step_lib.StepConfig.from_config(config, model_cfg)
-  step = train.jit_train_step(graphdef, tx, step_cfg, schedule, shardings,
-                              mesh)
-  batch = synthetic_batch(config, args.batch_size, mesh, step_cfg.distill_kind)
+  setup = state_lib.build(config, mesh)
+  state, step_cfg = setup.state, setup.step_cfg
+  step = setup.train_step()
+  batch = synthetic_batch(config, args.batch_size, mesh, train_batch=True,
+                          distill_kind=step_cfg.distill_kind)
   t0 = time.perf_counter()
   compiled = step.lower(state, batch, None).compile()
   compile_s = time.perf_counter() - t0
@@ -184,7 +170,7 @@ def measure(config: ml_collections.ConfigDict, args: argparse.Namespace
   per_step = time_repeats(run, steps=args.steps, repeats=args.repeats,
                           warmup=args.warmup)
   step_s = statistics.median(per_step)
-  n_params = sum(x.size for x in jax.tree.leaves(holder['state']['params']))
+  n_params = sum(x.size for x in jax.tree.leaves(holder['state'].params))
   return {'num_params': int(n_params), 'compile_s': round(compile_s, 3),
           'step_ms': round(1000 * step_s, 3),
           'step_ms_all': [round(1000 * t, 3) for t in per_step],
@@ -196,8 +182,9 @@ def measure(config: ml_collections.ConfigDict, args: argparse.Namespace
 
 def main(argv: Sequence[str]) -> None:
   """Measures one config's train step; prints one JSON line."""
-  args = parse_args(argv)
-  config = build_config(args)
+  no_arguments(argv)
+  args = args_from(flags.FLAGS)
+  config = args.config
   result = measure(config, args)
   device = jax.devices()[0]
   memory, memory_source = peak_memory(device)
@@ -206,7 +193,7 @@ def main(argv: Sequence[str]) -> None:
   step_s = result['step_ms'] / 1000
   mfu = (flops / step_s / peak) if (flops and peak) else None
   emit({
-      'benchmark': 'train', 'config': args.config,
+      'benchmark': 'train', 'config': args.config_spec,
       'variant': config.model.get('variant', ''),
       'image_size': int(config.data.image_size), 'batch': args.batch_size,
       'steps': args.steps, 'repeats': args.repeats, 'warmup': args.warmup,
@@ -221,6 +208,5 @@ def main(argv: Sequence[str]) -> None:
 
 
 if __name__ == '__main__':
-  from drpl_jax.parallel import hostmem  # pylint: disable=g-import-not-at-top
-  hostmem.configure()
-  main(sys.argv[1:])
+  from drpl_jax.bench import __main__ as bench_main  # pylint: disable=g-import-not-at-top
+  sys.exit(bench_main.main(['train', *sys.argv[1:]]))

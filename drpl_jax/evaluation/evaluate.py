@@ -40,40 +40,33 @@ from drpl_jax.models.config import ModelConfig
 from drpl_jax.parallel import sharding
 from drpl_jax.train import checkpointing
 from drpl_jax.train import loop as train
-from drpl_jax.train import optim
-from drpl_jax.train import step as step_lib
+from drpl_jax.train import state as state_lib
 from drpl_jax.utils import files
 
 
 
 class Evaluator:
-  """A restored checkpoint plus a jitted eval step on a mesh."""
+  """A restored checkpoint (weights only) plus a jitted eval step on a mesh.
+
+  Built by `state.build_inference`: no optimizer, and only params, model
+  state and EMA are read from the checkpoint.
+  """
 
   def __init__(self, config: ml_collections.ConfigDict, workdir: str,
                step: int | None = None):
     self.config = config
-    model_cfg = train.model_config_from(config)
-    self.mesh = sharding.create_mesh(tuple(config.get('mesh_shape', (-1, 1))))
-    tx, _ = optim.create_optimizer(
-        optim.OptimConfig.from_config(config.optim), config.batch_size,
-        config.total_steps, model_cfg.depth)
-    graphdef, state, shardings = train.create_train_state(
-        config, model_cfg, tx, self.mesh)
-    ckpt = checkpointing.Checkpointer(workdir)
-    self.graphdef = graphdef
-    try:
-      step, self.state = ckpt.restore_for_inference(step, state, shardings)
-    finally:
-      ckpt.close()
-    self.step = step
-    self.step_cfg = step_lib.StepConfig.from_config(config, model_cfg)
-    self.eval_step = train.jit_eval_step(graphdef, self.step_cfg, shardings,
-                                         self.mesh)
+    setup = state_lib.build_inference(config)
+    self.mesh = setup.mesh
+    self.graphdef = setup.graphdef
+    self.step, self.state = setup.restore(workdir, step)
+    self.step_cfg = setup.step_cfg
+    self.eval_step = setup.eval_step()
 
   def predict(self, batches, params_key: str = 'params'
               ) -> tuple[dict[str, np.ndarray], np.ndarray, np.ndarray]:
-    return train.predict_split(self.eval_step, self.state[params_key],
-                               self.state['rest'], batches, self.mesh)
+    return train.predict_split(self.eval_step,
+                               self.state.weights(params_key),
+                               self.state.rest, batches, self.mesh)
 
 
 def _batches(config, data_config, split):
@@ -122,7 +115,7 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str, *,
     split = split or config.data.test_split
     name, splits = split, (split,)
   params_keys = ['params']
-  if (use_ema is None or use_ema) and evaluator.state.get('ema') is not None:
+  if (use_ema is None or use_ema) and evaluator.state.ema is not None:
     params_keys.append('ema')
   out_dir = os.path.join(workdir, 'eval', name)
   result = None
@@ -196,8 +189,8 @@ def _add_probes(report, evaluator, config, data_config, splits, params_key,
       lambda ev: _predict_splits(ev, config, data_config, splits, params_key,
                                  label_map)[:2])
   report['attention'] = probes_lib.rollout_summary(
-      config, evaluator.graphdef, evaluator.state[params_key],
-      evaluator.state['rest'],
+      config, evaluator.graphdef, evaluator.state.weights(params_key),
+      evaluator.state.rest,
       (b for s in splits for b in _batches(config, data_config, s)))
 
 

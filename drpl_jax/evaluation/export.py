@@ -28,17 +28,14 @@ kept off any GPU.
 
 from __future__ import annotations
 
-import argparse
 import json
-import os
-import sys
 from collections.abc import Callable, Sequence
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-from absl import logging
+from absl import flags, logging
 from etils import epath
 from flax import nnx
 
@@ -183,7 +180,7 @@ def export_model(workdir: str, out: str, *, step: int | None = None,
     stale.rmtree()  # an earlier export's; metadata.json won't list it
     logging.warning('Removed %s from an earlier export', stale)
   if 'savedmodel' in formats:
-    save_savedmodel(restored, os.path.join(out, SAVEDMODEL_DIR),
+    save_savedmodel(restored, str(out_dir / SAVEDMODEL_DIR),
                     input_dtype=input_dtype, platforms=platforms)
     files['savedmodel'] = SAVEDMODEL_DIR
   metadata = {
@@ -222,13 +219,13 @@ def load_stablehlo(path: str) -> Callable[[Any], jax.Array]:
   function checks the dtype and shape of its input and names the expected
   ones on a mismatch.
   """
-  file = (os.path.join(path, STABLEHLO_FILE) if os.path.isdir(path)
-          else path)
-  if not os.path.isfile(file):
+  file = epath.Path(path)  # local or gs://
+  if file.is_dir():
+    file = file / STABLEHLO_FILE
+  if not file.is_file():
     raise FileNotFoundError(f'{file} not found: export first (python -m '
                             'drpl_jax.export --workdir=DIR --out PATH)')
-  with open(file, 'rb') as f:
-    data = f.read()
+  data = file.read_bytes()
   try:
     exported = jax.export.deserialize(bytearray(data))
   except Exception as e:  # pylint: disable=broad-except
@@ -249,38 +246,44 @@ def load_stablehlo(path: str) -> Callable[[Any], jax.Array]:
   return fn
 
 
-def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
-  parser = argparse.ArgumentParser(prog='python -m drpl_jax.export',
-                                   description=__doc__.split('\n\n')[0])
-  cli.add_workdir(parser)
-  parser.add_argument('--out', required=True, help='output directory')
-  cli.add_step(parser)
-  parser.add_argument('--format', default='stablehlo',
-                      choices=FORMATS + ('both',))
-  parser.add_argument('--input_dtype', default='uint8',
-                      choices=tuple(INPUT_DTYPES))
-  cli.add_ema(parser, 'export the EMA weights of the run')
-  parser.add_argument('--platforms', default=','.join(DEFAULT_PLATFORMS),
-                      help='comma separated lowering platforms')
-  return parser.parse_args(None if argv is None else list(argv))
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-  """Exports and prints the metadata as one JSON line; returns exit code."""
-  args = parse_args(argv)
-  platforms = tuple(p for p in args.platforms.split(',') if p)
+def export_command(workdir: str, out: str, *, step: int | None = None,
+                   formats: str = 'stablehlo', input_dtype: str = 'uint8',
+                   use_ema: bool = False,
+                   platforms: Sequence[str] = DEFAULT_PLATFORMS) -> None:
+  """What the command does: exports and prints the metadata as one JSON
+  line. Bad input raises cli.UserError."""
   try:
-    metadata = export_model(args.workdir, args.out, step=args.step,
-                            formats=args.format,
-                            input_dtype=args.input_dtype, use_ema=args.ema,
+    metadata = export_model(workdir, out, step=step, formats=formats,
+                            input_dtype=input_dtype, use_ema=use_ema,
                             platforms=platforms)
   except (FileNotFoundError, ValueError,
           checkpointing.IncompleteCheckpointError) as e:
-    print(f'error: {e}', file=sys.stderr)
-    return 2
-  print(json.dumps({'out': args.out, **metadata}), flush=True)
-  return 0
+    raise cli.UserError(str(e)) from e
+  print(json.dumps({'out': out, **metadata}), flush=True)
 
 
-if __name__ == '__main__':
-  sys.exit(main(sys.argv[1:]))
+def main(argv: Sequence[str]) -> None:
+  """The absl main (flags only)."""
+  if len(argv) > 1:
+    raise cli.UserError(f'unexpected arguments {list(argv[1:])}')
+  f = flags.FLAGS
+  export_command(f.workdir, f.out, step=f.step, formats=f.format,
+                 input_dtype=f.input_dtype, use_ema=f.ema,
+                 platforms=tuple(p for p in f.platforms if p))
+
+
+def run() -> None:
+  """The command line: defines the flags, then runs `main` under the exit
+  policy of drpl_jax/cli.py."""
+  cli.define_workdir()
+  flags.DEFINE_string('out', None, 'Output directory (local or gs://).',
+                      required=True)
+  cli.define_step()
+  flags.DEFINE_enum('format', 'stablehlo', [*FORMATS, 'both'],
+                    'What to write.')
+  flags.DEFINE_enum('input_dtype', 'uint8', list(INPUT_DTYPES),
+                    'Image dtype the export takes.')
+  cli.define_ema('Export the EMA weights of the run.')
+  flags.DEFINE_list('platforms', list(DEFAULT_PLATFORMS),
+                    'Comma separated lowering platforms.')
+  cli.run(main)

@@ -3,6 +3,8 @@ r"""Class probabilities and attention-rollout heatmaps for single X-rays.
   python -m drpl_jax.predict --workdir=DIR IMAGE... [--heatmap OUT] \
       [--step N] [--ema]
 
+(absl flags; bad input prints one `error:` line and exits 2).
+
 Loads the run's config (DIR/meta.json) and checkpoint and prints one JSON
 line per image: its path, the predicted class, the probability of every
 class (softmax of the mean of both heads' logits, which is what the model
@@ -20,7 +22,6 @@ upsampled to the region the model saw and overlaid on the X-ray, titled with the
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import io
 import json
@@ -33,6 +34,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
+from absl import flags
 from etils import epath
 from flax import nnx
 from PIL import Image
@@ -43,10 +45,8 @@ from drpl_jax.evaluation import evaluate
 from drpl_jax.evaluation import rollout
 from drpl_jax.input import augment
 from drpl_jax.parallel import hostmem
-from drpl_jax.parallel import sharding
 from drpl_jax.train import checkpointing
-from drpl_jax.train import loop as train
-from drpl_jax.train import optim
+from drpl_jax.train import state as state_lib
 from drpl_jax.train import step as step_lib
 from drpl_jax.utils import files
 
@@ -93,47 +93,18 @@ def restore_model(workdir: str, *, step: int | None = None,
     ValueError: `use_ema` but the run has no EMA weights.
   """
   config = evaluate.config_from_workdir(workdir)
-  graphdef, abstract, shardings = _abstract_train_state(config)
-  ckpt = checkpointing.Checkpointer(workdir)
-  try:
-    step, state = ckpt.restore_for_inference(step, abstract, shardings)
-  finally:
-    ckpt.close()
+  setup = state_lib.build_inference(config)
+  step, state = setup.restore(workdir, step)
   weights = 'ema' if use_ema else 'params'
-  if use_ema and state.get('ema') is None:
+  if use_ema and state.ema is None:
     raise ValueError(
         f'{workdir}: checkpoint {step} has no EMA weights '
         f'(config.optim.ema_decay={config.optim.ema_decay}); drop --ema')
   return RestoredModel(
-      config=config, graphdef=graphdef, params=state[weights],
-      rest=state['rest'], step=int(step), weights=weights,
+      config=config, graphdef=setup.graphdef, params=state.weights(weights),
+      rest=state.rest, step=int(step), weights=weights,
       class_names=class_names_from_workdir(workdir,
                                            config.model.num_classes))
-
-
-def _abstract_train_state(config: ml_collections.ConfigDict
-                          ) -> tuple[nnx.GraphDef, Any, Any]:
-  """(graphdef, abstract train state, shardings) without initialising.
-
-  Traces `train.create_train_state` under `jax.eval_shape`, so restoring
-  needs no compile of the initialiser (seconds saved per call on a CPU) and
-  the restored tree is exactly the one training saves.
-  """
-  model_cfg = train.model_config_from(config)
-  mesh = sharding.create_mesh(tuple(config.get('mesh_shape', (-1, 1))))
-  tx, _ = optim.create_optimizer(
-      optim.OptimConfig.from_config(config.optim), config.batch_size,
-      config.total_steps, model_cfg.depth)
-  static = {}
-
-  def create():
-    graphdef, state, shardings = train.create_train_state(
-        config, model_cfg, tx, mesh)
-    static.update(graphdef=graphdef, shardings=shardings)
-    return state
-
-  abstract = jax.eval_shape(create)
-  return static['graphdef'], abstract, static['shardings']
 
 
 # ----------------------------------------------------------------------------
@@ -221,15 +192,16 @@ def dicom_to_rgb(pixels: np.ndarray, ds: Any, *, path: str = '<dicom>',
   return np.repeat(gray[:, :, None], 3, axis=2)  # [H, W] -> [H, W, 3]
 
 
-def read_dicom(path: str) -> np.ndarray:
-  """Reads a DICOM file with pydicom to uint8 RGB [H, W, 3]."""
+def read_dicom(path: str, data: bytes | None = None) -> np.ndarray:
+  """Reads a DICOM file (its bytes `data`, if read already) with pydicom
+  to uint8 RGB [H, W, 3]."""
   try:
     import pydicom  # pylint: disable=g-import-not-at-top
   except ImportError:
     raise ImageError(path, 'reading DICOM needs pydicom: pip install '
                      'pydicom') from None
   try:
-    ds = pydicom.dcmread(path)
+    ds = pydicom.dcmread(path if data is None else io.BytesIO(data))
     pixels = ds.pixel_array
   except Exception as e:  # pylint: disable=broad-except
     # pydicom raises many types (InvalidDicomError, missing decoders, ...).
@@ -257,15 +229,15 @@ def read_image(path: str) -> np.ndarray:
   Raises:
     ImageError: missing, unreadable or unsupported file (names the path).
   """
-  if os.path.isdir(path):
+  file = epath.Path(path)  # local or gs://
+  if file.is_dir():
     raise ImageError(path, 'is a directory, not an image')
   try:
-    with open(path, 'rb') as f:
-      data = f.read()
+    data = file.read_bytes()
   except OSError as e:
     raise ImageError(path, f'cannot read file: {e.strerror or e}') from None
   if is_dicom(path, data):
-    return read_dicom(path)
+    return read_dicom(path, data)
   return images_lib.decode_image(data, path=path)
 
 
@@ -426,7 +398,7 @@ def _heatmap_path(heatmap_dir: str, path: str, used: set[str]) -> str:
     n += 1
     name = f'{stem}_{n}_rollout.png'
   used.add(name)
-  return os.path.join(heatmap_dir, name)
+  return str(epath.Path(heatmap_dir) / name)
 
 
 # ----------------------------------------------------------------------------
@@ -475,31 +447,21 @@ def predict_images(workdir: str, paths: Sequence[str], *,
   return results
 
 
-def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
-  parser = argparse.ArgumentParser(
-      prog='python -m drpl_jax.predict',
-      description='Class probabilities (and rollout heatmaps) for X-rays.')
-  cli.add_workdir(parser)
-  parser.add_argument('images', nargs='+', metavar='IMAGE',
-                      help='PNG, JPEG, 16-bit PNG or DICOM files')
-  parser.add_argument('--heatmap', metavar='OUT', default=None,
-                      help='directory for one rollout heatmap PNG per image')
-  cli.add_step(parser)
-  cli.add_ema(parser)
-  return parser.parse_args(None if argv is None else list(argv))
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-  """Prints one JSON line per image; returns the exit code (1 on failures)."""
-  args = parse_args(argv)
-  hostmem.configure()  # before JAX starts its CPU client
+def predict_command(workdir: str, paths: Sequence[str], *,
+                    step: int | None = None, heatmap_dir: str | None = None,
+                    use_ema: bool = False) -> int:
+  """What the command does: one JSON line per image on stdout, one
+  `error: PATH: reason` line per unreadable image on stderr; returns the
+  exit code (1 if any image failed). Bad input raises cli.UserError."""
+  if not paths:
+    raise cli.UserError('no IMAGE given: python -m drpl_jax.predict '
+                        '--workdir=DIR IMAGE...')
   try:
-    results = predict_images(args.workdir, args.images, step=args.step,
-                             heatmap_dir=args.heatmap, use_ema=args.ema)
+    results = predict_images(workdir, paths, step=step,
+                             heatmap_dir=heatmap_dir, use_ema=use_ema)
   except (FileNotFoundError, ValueError,
           checkpointing.IncompleteCheckpointError) as e:
-    print(f'error: {e}', file=sys.stderr)
-    return 2
+    raise cli.UserError(str(e)) from e
   failed = 0
   for record in results:
     if 'error' in record:
@@ -510,5 +472,20 @@ def main(argv: Sequence[str] | None = None) -> int:
   return 1 if failed else 0
 
 
-if __name__ == '__main__':
-  sys.exit(main(sys.argv[1:]))
+def main(argv: Sequence[str]) -> int:
+  """The absl main: the positional arguments are the images."""
+  hostmem.configure()  # before JAX starts its CPU client
+  f = flags.FLAGS
+  return predict_command(f.workdir, list(argv[1:]), step=f.step,
+                         heatmap_dir=f.heatmap, use_ema=f.ema)
+
+
+def run() -> None:
+  """The command line: defines the flags, then runs `main` under the exit
+  policy of drpl_jax/cli.py."""
+  cli.define_workdir()
+  flags.DEFINE_string('heatmap', None, 'Directory for one rollout heatmap '
+                      'PNG per image (OUT/<name>_rollout.png).')
+  cli.define_step()
+  cli.define_ema()
+  cli.run(main)

@@ -36,7 +36,10 @@ from etils import epath
 
 from drpl_jax.utils import files
 
-State = dict[str, Any]
+# The train state as saved: a dict of its fields (TrainState.to_dict()).
+# A typed state (drpl_jax/train/state.py) is converted here, at the
+# boundary, so the on-disk tree is the same dict earlier versions wrote.
+State = Any
 INCOMPLETE_DIR = 'checkpoints_incomplete'
 _TMP_MARK = '.orbax-checkpoint-tmp'
 
@@ -183,29 +186,25 @@ class Checkpointer:
     if metrics is not None:
       metrics = {k: float(v) for k, v in metrics.items()}
     self.manager.save(step, args=ocp.args.Composite(
-        state=ocp.args.StandardSave(state),
+        state=ocp.args.StandardSave(_to_tree(state)),
         data=ocp.args.JsonSave(_jsonable(data_state))), metrics=metrics)
     return True
 
-  def check_shapes(self, step: int, state: State) -> None:
-    """Refuses a checkpoint whose tree or shapes differ from `state`."""
-    try:
-      stored = self.manager.item_metadata(step)['state']
-    except Exception as e:  # pylint: disable=broad-except
-      raise IncompleteCheckpointError(
-          f'{self.directory / str(step)}: cannot read its metadata '
-          f'({type(e).__name__}: {str(e)[:300]})') from e
-    if stored is None:
-      raise IncompleteCheckpointError(
-          f'{self.directory / str(step)}: no state metadata')
-    theirs = _flat_shapes(stored)
-    ours = _flat_shapes(state)
+  def check_shapes(self, step: int, state: State, *,
+                   partial: bool = False) -> None:
+    """Refuses a checkpoint whose tree or shapes differ from `state`.
+
+    `partial`: `state` holds some of the checkpoint's fields (inference);
+    what only the checkpoint has is then expected, not an error.
+    """
+    theirs = _flat_shapes(self._stored_metadata(step))
+    ours = _flat_shapes(_to_tree(state))
     lines = [f'{name}: checkpoint {theirs[name]}, config {shape}'
              for name, shape in ours.items()
              if name in theirs and theirs[name] != shape]
     only_ckpt = sorted(set(theirs) - set(ours))
     only_cfg = sorted(set(ours) - set(theirs))
-    if only_ckpt:
+    if only_ckpt and not partial:
       lines.append(f'only in the checkpoint: {only_ckpt[:20]}')
     if only_cfg:
       lines.append(f'only in the configured model: {only_cfg[:20]}')
@@ -223,9 +222,8 @@ class Checkpointer:
     IncompleteCheckpointError for unreadable or missing files.
     """
     self.check_shapes(step, state)
-    abstract = jax.tree.map(
-        lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
-        state, shardings)
+    typed = type(state) if hasattr(state, 'from_dict') else None
+    abstract = _abstract(_to_tree(state), _to_tree(shardings))
     try:
       out = self.manager.restore(step, args=ocp.args.Composite(
           state=ocp.args.StandardRestore(abstract),
@@ -237,7 +235,59 @@ class Checkpointer:
     if out['data'] is None:
       raise IncompleteCheckpointError(
           f'{self.directory / str(step)}: the data iterator state is missing')
-    return out['state'], _from_jsonable(out['data'])
+    restored = typed.from_dict(out['state']) if typed else out['state']
+    return restored, _from_jsonable(out['data'])
+
+  def restore_subset(self, step: int, tree: dict[str, Any],
+                     shardings: dict[str, Any]) -> dict[str, Any]:
+    """Restores only the top-level fields in `tree` (e.g. params, rest,
+    ema) of checkpoint `step`; the others (optimizer state) are not read.
+
+    A field the checkpoint saved as None (a run without EMA) comes back as
+    None. Raises as `restore`.
+    """
+    stored = self._stored_fields(step)
+    tree = {k: (None if stored.get(k) is None else v)
+            for k, v in tree.items()}
+    self.check_shapes(step, tree, partial=True)
+    abstract = _abstract(tree, {k: None if v is None else shardings[k]
+                                for k, v in tree.items()})
+    restore_args = jax.tree.map(
+        lambda x: ocp.ArrayRestoreArgs(sharding=x.sharding), abstract)
+    # The pytree handler restores a subset; the standard one cannot.
+    reader = ocp.CheckpointManager(
+        self.directory, options=ocp.CheckpointManagerOptions(create=False),
+        item_handlers={'state': ocp.PyTreeCheckpointHandler()})
+    try:
+      out = reader.restore(step, args=ocp.args.Composite(
+          state=ocp.args.PyTreeRestore(item=abstract,
+                                       restore_args=restore_args,
+                                       partial_restore=True)))
+    except Exception as e:  # pylint: disable=broad-except
+      raise IncompleteCheckpointError(
+          f'{self.directory / str(step)}: cannot be restored '
+          f'({type(e).__name__}: {str(e)[:300]})') from e
+    finally:
+      reader.close()
+    return {k: out['state'].get(k) for k in tree}
+
+  def _stored_fields(self, step: int) -> dict[str, Any]:
+    """The top-level fields of checkpoint `step`'s state tree."""
+    stored = self._stored_metadata(step)
+    return dict(getattr(stored, 'tree', stored))
+
+  def _stored_metadata(self, step: int) -> Any:
+    """Orbax's metadata of checkpoint `step`'s state tree."""
+    try:
+      stored = self.manager.item_metadata(step)['state']
+    except Exception as e:  # pylint: disable=broad-except
+      raise IncompleteCheckpointError(
+          f'{self.directory / str(step)}: cannot read its metadata '
+          f'({type(e).__name__}: {str(e)[:300]})') from e
+    if stored is None:
+      raise IncompleteCheckpointError(
+          f'{self.directory / str(step)}: no state metadata')
+    return stored
 
   def restore_latest(self, state: State, shardings: Any
                      ) -> tuple[State, Any] | None:
@@ -259,10 +309,13 @@ class Checkpointer:
           self._set_aside(step)
     return None
 
-  def restore_for_inference(self, step: int | None, state: State,
-                            shardings: Any) -> tuple[int, State]:
-    """(step, state) for evaluate/predict/export: `step`, or the latest
-    complete checkpoint (incomplete newer ones skipped with a warning).
+  def restore_for_inference(self, step: int | None, tree: dict[str, Any],
+                            shardings: dict[str, Any]
+                            ) -> tuple[int, dict[str, Any]]:
+    """(step, fields) for evaluate/predict/export: the top-level fields of
+    `tree` (params, rest, ema) of checkpoint `step`, or of the latest
+    complete one (incomplete newer ones skipped with a warning). The
+    optimizer state is not read.
 
     Raises:
       FileNotFoundError: no checkpoint, or none for `step`.
@@ -280,7 +333,7 @@ class Checkpointer:
     bad = []
     for s in ([step] if step is not None else reversed(steps)):
       try:
-        return s, self.restore(s, state, shardings)[0]
+        return s, self.restore_subset(s, tree, shardings)
       except IncompleteCheckpointError as e:
         if step is not None:
           raise IncompleteCheckpointError(
@@ -313,6 +366,18 @@ class Checkpointer:
 
   def close(self) -> None:
     self.manager.close()
+
+
+def _to_tree(state: Any) -> Any:
+  """A typed state (with `to_dict`) -> the dict tree saved on disk."""
+  return state.to_dict() if hasattr(state, 'to_dict') else state
+
+
+def _abstract(tree: Any, shardings: Any) -> Any:
+  """ShapeDtypeStructs carrying the shardings, for orbax's restore."""
+  return jax.tree.map(
+      lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+      tree, shardings)
 
 
 def _key_name(key: Any) -> str:

@@ -1,9 +1,9 @@
 """The training loop: sharded state, jitted steps, periodic eval, checkpoints.
 
 `train_and_evaluate(config, workdir)` is what `python -m drpl_jax.main` runs.
-State is created already sharded (`jax.eval_shape`, then `jax.jit` with
-`out_shardings`); the step is jitted once with in/out shardings and the state
-donated. Around it: validation of the weights and their EMA, asynchronous
+The model, optimizer, sharded `TrainState` and jitted steps come from the
+one builder, `state.build` (drpl_jax/train/state.py): state created already
+sharded, the step jitted once with in/out shardings and the state donated. Around it: validation of the weights and their EMA, asynchronous
 checkpoints (latest N + best by `config.best_metric`), resume, a clean stop
 on SIGTERM, the non-finite policy (`config.nonfinite`), clu summaries
 (TensorBoard + console on process 0), progress with ETA, a parameter table
@@ -27,56 +27,22 @@ from flax import nnx
 from drpl_jax import cli
 from drpl_jax.config import base as config_base
 from drpl_jax.input import pipeline as input_pipeline
-from drpl_jax.models import ModelConfig, create_model
+from drpl_jax.models import ModelConfig
 from drpl_jax.parallel import sharding
 from drpl_jax.teacher import load as teacher_load
 from drpl_jax.train import checkpointing
 from drpl_jax.train import console
-from drpl_jax.train import optim
-from drpl_jax.train import step as step_lib
+from drpl_jax.train import state as state_lib
 
-State = dict[str, Any]
-
-
-def model_config_from(config: ml_collections.ConfigDict) -> ModelConfig:
-  return ModelConfig.from_config(config.model)
-
-
-def abstract_model(model_cfg: ModelConfig) -> nnx.Module:
-  return nnx.eval_shape(lambda: create_model(model_cfg, rngs=nnx.Rngs(0)))
-
-
-def create_train_state(config: ml_collections.ConfigDict,
-                       model_cfg: ModelConfig, tx, mesh
-                       ) -> tuple[nnx.GraphDef, State, Any]:
-  """Initialises the train state directly into its shardings."""
-  graphdef, _, _ = nnx.split(abstract_model(model_cfg), nnx.Param, ...)
-  use_ema = config.optim.ema_decay > 0
-
-  def init() -> State:
-    rng = jax.random.PRNGKey(config.seed)
-    init_rng, step_rng = jax.random.split(rng)
-    model = create_model(model_cfg, rngs=nnx.Rngs(init_rng))
-    _, params, rest = nnx.split(model, nnx.Param, ...)
-    return dict(step=jnp.zeros((), jnp.int32), rng=step_rng, params=params,
-                rest=rest, opt_state=tx.init(params),
-                ema=params if use_ema else None,
-                nonfinite=jnp.zeros((), jnp.int32))
-
-  abstract = jax.eval_shape(init)
-  shardings = sharding.state_shardings(abstract, mesh)
-  state = jax.jit(init, out_shardings=shardings)()
-  return graphdef, state, shardings
-
-
-@dataclasses.dataclass(frozen=True)
-class OnlineTeacher:
-  """A converted teacher placed on the mesh (never trained, never saved)."""
-
-  graphdef: nnx.GraphDef
-  state: Any
-  shardings: Any
-  description: str
+# The one builder (drpl_jax/train/state.py), re-exported for callers that
+# know these names from here.
+TrainState = state_lib.TrainState
+OnlineTeacher = state_lib.OnlineTeacher
+model_config_from = state_lib.model_config_from
+abstract_model = state_lib.abstract_model
+create_train_state = state_lib.create_train_state
+jit_train_step = state_lib.jit_train_step
+jit_eval_step = state_lib.jit_eval_step
 
 
 def create_online_teacher(config: ml_collections.ConfigDict, mesh
@@ -120,30 +86,6 @@ def check_distillation(config: ml_collections.ConfigDict, model_cfg,
         f'config.distill.kind={kind!r} needs a teacher: set '
         'config.teacher.arch and config.teacher.checkpoint (online) or '
         'config.teacher.soft_labels (offline), or config.distill.kind=none')
-
-
-def jit_train_step(graphdef, tx, step_cfg, schedule, state_shardings, mesh,
-                   teacher: OnlineTeacher | None = None):
-  """`step(state, batch, teacher_state)` jitted with shardings + donation."""
-  step = step_lib.make_train_step(
-      graphdef, tx, step_cfg, schedule,
-      teacher_graphdef=teacher.graphdef if teacher else None)
-  batch_sh = sharding.batch_sharding(mesh)
-  teacher_sh = teacher.shardings if teacher else None
-  return jax.jit(
-      step,
-      in_shardings=(state_shardings, batch_sh, teacher_sh),
-      out_shardings=(state_shardings, sharding.replicated(mesh)),
-      donate_argnums=(0,))
-
-
-def jit_eval_step(graphdef, step_cfg, state_shardings, mesh):
-  step = step_lib.make_eval_step(graphdef, step_cfg)
-  return jax.jit(
-      step,
-      in_shardings=(state_shardings['params'], state_shardings['rest'],
-                    sharding.batch_sharding(mesh)),
-      out_shardings=sharding.batch_sharding(mesh))
 
 
 def gather(x: jax.Array) -> np.ndarray:
@@ -310,7 +252,7 @@ class _Run:
   config: ml_collections.ConfigDict
   workdir: str
   mesh: Any
-  state: State
+  state: state_lib.TrainState
   train_step: Any
   eval_step: Any
   teacher_state: Any
@@ -322,23 +264,17 @@ class _Run:
 
 def _setup(config: ml_collections.ConfigDict, workdir: str, info) -> _Run:
   """Model, optimizer, sharded state, jitted steps, data, restored state."""
-  model_cfg = model_config_from(config)
-  mesh = sharding.create_mesh(tuple(config.get('mesh_shape', (-1, 1))))
-  tx, schedule = optim.create_optimizer(
-      optim.OptimConfig.from_config(config.optim), config.batch_size,
-      config.total_steps, model_cfg.depth)
-  graphdef, state, state_sh = create_train_state(config, model_cfg, tx, mesh)
+  setup = state_lib.build(config)
+  model_cfg, mesh, state = setup.model_cfg, setup.mesh, setup.state
   best_metric = config.get('best_metric', '')
-  names = val_metric_names(model_cfg, state['ema'] is not None)
+  names = val_metric_names(model_cfg, state.ema is not None)
   if best_metric and best_metric not in names:
     raise ValueError(f'config.best_metric={best_metric!r} is not a '
                      f'validation metric of this run; choose from {names}')
-  step_cfg = step_lib.StepConfig.from_config(config, model_cfg)
   teacher = create_online_teacher(config, mesh)
   check_distillation(config, model_cfg, teacher)
-  train_step = jit_train_step(graphdef, tx, step_cfg, schedule, state_sh,
-                              mesh, teacher)
-  eval_step = jit_eval_step(graphdef, step_cfg, state_sh, mesh)
+  train_step = setup.train_step(teacher)
+  eval_step = setup.eval_step()
   train_iter = input_pipeline.create_train_iterator(
       input_pipeline.DataConfig.from_config(config.data),
       batch_size=config.batch_size, seed=config.seed, info=info,
@@ -348,7 +284,7 @@ def _setup(config: ml_collections.ConfigDict, workdir: str, info) -> _Run:
       save_every=config.checkpoint_every_steps, best_metric=best_metric,
       cleanup_incomplete=True)
   try:
-    restored = ckpt.restore_latest(state, state_sh)
+    restored = ckpt.restore_latest(state, setup.shardings)
     ckpt.write_meta(config, model_cfg, info)
   except Exception:
     ckpt.close()
@@ -356,15 +292,15 @@ def _setup(config: ml_collections.ConfigDict, workdir: str, info) -> _Run:
   if restored is not None:
     state, data_state = restored
     train_iter.set_state(data_state)
-    logging.info('Resumed from step %d in %s', int(state['step']), workdir)
+    logging.info('Resumed from step %d in %s', int(state.step), workdir)
   elif config.get('init_from'):
     from drpl_jax.train import student_init  # pylint: disable=g-import-not-at-top
     state, _ = student_init.init_train_state(config, state)
-  n_params = sum(x.size for x in jax.tree.leaves(state['params']))
+  n_params = sum(x.size for x in jax.tree.leaves(state.params))
   logging.info('Model %s: %d parameters, %d devices, mesh %s',
                model_cfg, n_params, jax.device_count(), dict(mesh.shape))
   if jax.process_index() == 0:
-    _write_parameter_table(workdir, state['params'], n_params)
+    _write_parameter_table(workdir, state.params, n_params)
   return _Run(config, workdir, mesh, state, train_step, eval_step,
               teacher.state if teacher else None, train_iter, ckpt)
 
@@ -427,10 +363,10 @@ def _evaluate(run: _Run, step: int) -> dict[str, float]:
   """Validation metrics of the weights and, with EMA, of the EMA weights."""
   out = {}
   for key, prefix in (('params', 'val_'), ('ema', 'val_ema_')):
-    if run.state.get(key) is None:
+    if getattr(run.state, key) is None:
       continue
-    metrics = evaluate_split(run.config, run.eval_step, run.state[key],
-                             run.state['rest'], run.mesh,
+    metrics = evaluate_split(run.config, run.eval_step,
+                             getattr(run.state, key), run.state.rest, run.mesh,
                              run.config.data.eval_split)
     out.update({prefix + k: v for k, v in metrics.items()})
   run.writer.write_scalars(step, out)
@@ -465,7 +401,7 @@ def _train_loop(run: _Run) -> bool:
   """Runs updates to config.total_steps; True when stopped by preemption."""
   from clu import periodic_actions  # pylint: disable=g-import-not-at-top
   config = run.config
-  step = int(run.state['step'])
+  step = int(run.state.step)
   progress = periodic_actions.ReportProgress(
       num_train_steps=config.total_steps, writer=run.writer,
       every_secs=config.get('progress_every_secs', 60.0))
@@ -514,7 +450,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str
     run.writer = _writer(workdir)
     run.writer.write_hparams({
         'num_params': sum(x.size for x in jax.tree.leaves(
-            run.state['params'])),
+            run.state.params)),
         'batch_size': config.batch_size, 'total_steps': config.total_steps})
     preempted = _train_loop(run)
     run.ckpt.wait()
@@ -527,12 +463,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str
     logging.info('Best checkpoint by %s: step %d', run.ckpt.best_metric,
                  best)
   return {
-      'step': int(run.state['step']),
+      'step': int(run.state.step),
       'validation': {k[4:]: v for k, v in val.items()
                      if k.startswith('val_') and not k.startswith('val_ema_')},
       'validation_ema': {k[8:]: v for k, v in val.items()
                          if k.startswith('val_ema_')},
-      'nonfinite': int(run.state['nonfinite']),
+      'nonfinite': int(run.state.nonfinite),
       'preempted': preempted, 'best_step': best}
 
 

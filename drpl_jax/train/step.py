@@ -4,7 +4,7 @@ The NNX model is split once (`nnx.split`) into a static graphdef and state
 pytrees; the steps `nnx.merge` inside. Nothing here imports TensorFlow, TFDS
 or clu, so the step runs (and is benchmarked) on bare accelerator machines.
 
-Train state (a dict, checkpointed as is):
+Train state (`TrainState` of drpl_jax/train/state.py, a pytree dataclass):
   step       int32 []           number of updates applied
   rng        uint32 [2]         base key; step keys are fold_in(rng, step)
   params     nnx.State          trainable parameters (nnx.Param)
@@ -35,7 +35,7 @@ from drpl_jax.config import contract
 from drpl_jax.train import losses
 from drpl_jax.train import mixup as mixup_lib
 
-State = dict[str, Any]
+State = Any  # drpl_jax.train.state.TrainState (imported there, not here)
 
 
 NONFINITE_MODES = ('skip', 'stop')
@@ -151,7 +151,7 @@ def step_inputs(cfg: StepConfig, state: State, batch: dict[str, jax.Array],
   runs on exactly the mixed images the student gets (consistent teaching);
   offline logits come from the batch ('teacher_logits').
   """
-  key = jax.random.fold_in(state['rng'], state['step'])
+  key = jax.random.fold_in(state.rng, state.step)
   mix_key, drop_key = jax.random.split(key)
   images = _to_unit(batch['image'])  # [B, H, W, 3] in [0, 1]
   targets = jax.nn.one_hot(batch['label'], cfg.num_classes)
@@ -199,11 +199,11 @@ def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation,
     if teacher_logits is not None:
       inputs['teacher_logits'] = teacher_logits
     if cfg.grad_accum_steps == 1:
-      grads, rest, metrics = one(state['params'], state['rest'], inputs,
+      grads, rest, metrics = one(state.params, state.rest, inputs,
                                  drop_key)
     else:
       grads, rest, metrics = _accumulate(one, cfg.grad_accum_steps,
-                                         state['params'], state['rest'],
+                                         state.params, state.rest,
                                          inputs, drop_key)
     return _apply(tx, cfg, schedule, state, grads, rest, metrics)
 
@@ -274,25 +274,25 @@ def _apply(tx: optax.GradientTransformation, cfg: StepConfig,
            ) -> tuple[State, dict[str, jax.Array]]:
   """One optimizer update; a non-finite loss or gradient skips it (or not)."""
   grad_norm = optax.tree.norm(grads)
-  updates, opt_state = tx.update(grads, state['opt_state'], state['params'])
-  params = optax.apply_updates(state['params'], updates)
+  updates, opt_state = tx.update(grads, state.opt_state, state.params)
+  params = optax.apply_updates(state.params, updates)
   finite = jnp.isfinite(metrics['loss']) & jnp.isfinite(grad_norm)
   if cfg.skip_nonfinite:
     keep = lambda new, old: jax.tree.map(
         lambda n, o: jnp.where(finite, n, o), new, old)
-    params = keep(params, state['params'])
-    opt_state = keep(opt_state, state['opt_state'])
-    rest = keep(rest, state['rest'])
-  nonfinite = state['nonfinite'] + (~finite).astype(jnp.int32)
-  new_state = dict(state, step=state['step'] + 1, params=params, rest=rest,
-                   opt_state=opt_state, nonfinite=nonfinite)
-  if state.get('ema') is not None:
+    params = keep(params, state.params)
+    opt_state = keep(opt_state, state.opt_state)
+    rest = keep(rest, state.rest)
+  nonfinite = state.nonfinite + (~finite).astype(jnp.int32)
+  ema = state.ema
+  if ema is not None:
     d = cfg.ema_decay
-    new_state['ema'] = jax.tree.map(
-        lambda e, p: jnp.where(finite, d * e + (1 - d) * p, e),
-        state['ema'], params)
+    ema = jax.tree.map(lambda e, p: jnp.where(finite, d * e + (1 - d) * p, e),
+                       ema, params)
+  new_state = state.replace(step=state.step + 1, params=params, rest=rest,
+                            opt_state=opt_state, ema=ema, nonfinite=nonfinite)
   metrics = dict(metrics, grad_norm=grad_norm,
-                 learning_rate=schedule(state['step']), nonfinite=nonfinite,
+                 learning_rate=schedule(state.step), nonfinite=nonfinite,
                  finite=finite.astype(jnp.float32))
   metrics.update(rpe_table_norms(params))
   return new_state, metrics

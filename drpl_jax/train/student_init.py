@@ -20,6 +20,7 @@ from flax import nnx
 from drpl_jax import pretrained
 from drpl_jax.models import DRPLViT, ModelConfig
 from drpl_jax.pretrained import mapping
+from drpl_jax.train.state import TrainState
 
 Report = dict[str, Any]
 
@@ -98,22 +99,22 @@ def init_from_checkpoint(config: Any, params_state: Any, rest_state: Any
           mapping.update_params(rest_state, _only(values, rest_state)), report)
 
 
-def init_train_state(config: Any, state: dict[str, Any]
-                     ) -> tuple[dict[str, Any], Report]:
-  """`train.create_train_state`'s state with `config.init_from` loaded.
+def init_train_state(config: Any, state: TrainState
+                     ) -> tuple[TrainState, Report]:
+  """`state.build`'s train state with `config.init_from` loaded.
 
   Loads the parameters and, when the state keeps an EMA of them, the EMA
   too (it starts equal to the parameters, in its own buffers), and the
   BatchNorm statistics a source has. The optimizer state (AdamW moments
   start at zero) is kept.
   """
-  values, report = _init_from_values(config, state['params'],
-                                     state.get('rest'))
-  params = _only(values, state['params'])
-  out = dict(state, params=mapping.update_params(state['params'], params))
-  if state.get('rest') is not None:
-    out['rest'] = mapping.update_params(state['rest'],
-                                        _only(values, state['rest']))
-  if state.get('ema') is not None:
-    out['ema'] = mapping.update_params(state['ema'], params)
-  return out, report
+  values, report = _init_from_values(config, state.params, state.rest)
+  params = _only(values, state.params)
+  rest = state.rest
+  if rest is not None:
+    rest = mapping.update_params(rest, _only(values, rest))
+  ema = state.ema
+  if ema is not None:
+    ema = mapping.update_params(ema, params)
+  return state.replace(params=mapping.update_params(state.params, params),
+                       rest=rest, ema=ema), report
