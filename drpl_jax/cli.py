@@ -16,9 +16,9 @@ return 2 themselves on a `UserError`.
 Unless `--verbosity` is given, `run` also keeps the console for what a
 person needs (`quiet_libraries`; drpl_jax/train/console.py prints it).
 
-This module imports nothing of drpl_jax, so that library modules can raise
-`UserError` without depending on the commands; it defines flags only when a
-command calls its `define_*` functions.
+`UserError` lives in drpl_jax/utils/errors.py (re-exported here), so that
+library modules raise it without importing the command line; this module
+defines flags only when a command calls its `define_*` functions.
 """
 
 from __future__ import annotations
@@ -31,16 +31,14 @@ from collections.abc import Callable, Sequence
 
 from absl import app, flags
 
+from drpl_jax.utils.errors import UserError  # re-exported: cli.UserError
+
 EXIT_USER_ERROR = 2
 
 WORKDIR_HELP = 'The training run\'s directory (checkpoints, logs, reports).'
 STEP_HELP = 'Checkpoint step (default: the latest).'
 EMA_HELP = 'Use the EMA weights of the run.'
 BATCH_SIZE_HELP = 'Batch size.'
-
-
-class UserError(ValueError):
-  """Bad user input; the message names the flag, file, key or value."""
 
 
 def define_workdir(help_text: str = WORKDIR_HELP, required: bool = True
