@@ -99,12 +99,27 @@ def fail(message: object) -> None:
 def _parse_flags(argv: Sequence[str]) -> list[str]:
   """absl's flag parsing, with a bad flag reported under the exit policy."""
   try:
-    return flags.FLAGS(list(argv))
+    rest = flags.FLAGS(list(argv))
   except flags.Error as e:
     fail(e)
   except (AttributeError, KeyError) as e:  # ml_collections: an unknown key
     fail(_unknown_config_key(argv, e))
-  raise AssertionError('unreachable')
+  _check_config_files()
+  return rest
+
+
+def _check_config_files() -> None:
+  """Loads each `config_flags` config now: a file that is missing or fails
+  to load is bad input, named with the flag, not a traceback in `main`."""
+  for name in list(flags.FLAGS):
+    flag = flags.FLAGS[name]
+    if not flag.present or not hasattr(flag, 'config_filename'):
+      continue
+    try:  # a config that failed to load raises on its first attribute
+      getattr(flag.value, 'get', None)
+    except OSError as e:  # ml_collections' report: the cause is last
+      lines = [l.strip() for l in str(e).splitlines() if l.strip()]
+      fail(f'--{name}={flag.config_filename}: cannot load it: {lines[-1]}')
 
 
 def _unknown_config_key(argv: Sequence[str], error: Exception) -> str:
