@@ -170,18 +170,25 @@ def _import_tensorflow_quietly() -> None:
 
 
 def run(main: Callable[[Sequence[str]], object],
-        user_errors: tuple[type[BaseException], ...] = (UserError,)) -> None:
+        user_errors: tuple[type[BaseException], ...] = (UserError,), *,
+        positional: bool = True, argv: Sequence[str] | None = None) -> None:
   """Runs an absl `main` under the exit policy (see the module docstring).
 
   `user_errors`: the exception types that mean bad input; anything else is
-  a bug and keeps its traceback.
+  a bug and keeps its traceback. `positional=False`: the command takes only
+  flags, and a positional argument is bad input. `argv`: the command line
+  (default sys.argv), for a command run under a dispatcher.
   """
 
-  def guarded(argv: Sequence[str]) -> object:
+  def guarded(args: Sequence[str]) -> object:
     quiet_libraries()
+    if not positional and len(args) > 1:
+      fail(f'unexpected arguments: {list(args[1:])} (this command takes '
+           'only --flags)')
     try:
-      return main(argv)
+      return main(args)
     except user_errors as e:  # pylint: disable=catching-non-exception
       fail(e)
 
-  app.run(guarded, flags_parser=_parse_flags)
+  app.run(guarded, argv=None if argv is None else list(argv),
+          flags_parser=_parse_flags)
