@@ -38,6 +38,8 @@ from typing import Any
 
 from etils import epath
 
+from drpl_jax.utils import files
+
 PRESETS = ('vit', 'deit', 'deit_rpe', 'deit_conv', 'drpl')
 MODES = ('paper', 'sample', 'cxr2k5')
 # The repository root: drpl_jax/reproduce/protocol.py is three levels down.
@@ -344,11 +346,10 @@ def read_json(path: str, what: str) -> Any:
 
 
 def write_json(path: str, value: Any) -> None:
+  """Writes `value` as JSON to `path` (local or gs://), atomically."""
   p = epath.Path(path)
   p.parent.mkdir(parents=True, exist_ok=True)
-  tmp = p.parent / (p.name + '.partial')
-  tmp.write_text(json.dumps(value, indent=1) + '\n')
-  tmp.replace(p)
+  files.atomic_write(p, json.dumps(value, indent=1) + '\n')
 
 
 def plan_dict(settings: Settings, paths: Paths, command: str,
