@@ -133,7 +133,7 @@ def _unknown_config_key(argv: Sequence[str], error: Exception) -> str:
   return f'a --config.KEY flag names a key the config lacks: {error}'
 
 
-def quiet_libraries() -> None:
+def quiet_libraries(tensorflow: bool = True) -> None:
   """Silences library chatter unless `--verbosity` was given.
 
   absl's INFO logging (orbax, TFDS, grain, our own details) is off: the
@@ -141,12 +141,15 @@ def quiet_libraries() -> None:
   INFO and WARNING lines are off through TF_CPP_MIN_LOG_LEVEL, which must be
   set before TensorFlow is imported (the commands import it lazily, after
   this). `--verbosity=0` (INFO) or higher shows all of it again.
+  `tensorflow=False`: a command that never imports TensorFlow (the
+  benchmarks, the reproduction's bookkeeping) skips its quiet import.
   """
   if flags.FLAGS['verbosity'].present:
     return
   flags.FLAGS.verbosity = -1  # WARNING; absl.app.run had raised it to INFO
   os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
-  _import_tensorflow_quietly()
+  if tensorflow:
+    _import_tensorflow_quietly()
 
 
 def _import_tensorflow_quietly() -> None:
@@ -171,17 +174,19 @@ def _import_tensorflow_quietly() -> None:
 
 def run(main: Callable[[Sequence[str]], object],
         user_errors: tuple[type[BaseException], ...] = (UserError,), *,
-        positional: bool = True, argv: Sequence[str] | None = None) -> None:
+        positional: bool = True, argv: Sequence[str] | None = None,
+        tensorflow: bool = True) -> None:
   """Runs an absl `main` under the exit policy (see the module docstring).
 
   `user_errors`: the exception types that mean bad input; anything else is
   a bug and keeps its traceback. `positional=False`: the command takes only
   flags, and a positional argument is bad input. `argv`: the command line
-  (default sys.argv), for a command run under a dispatcher.
+  (default sys.argv), for a command run under a dispatcher. `tensorflow`:
+  see `quiet_libraries`.
   """
 
   def guarded(args: Sequence[str]) -> object:
-    quiet_libraries()
+    quiet_libraries(tensorflow)
     if not positional and len(args) > 1:
       fail(f'unexpected arguments: {list(args[1:])} (this command takes '
            'only --flags)')
