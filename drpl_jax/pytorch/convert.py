@@ -468,6 +468,7 @@ def main(argv: Sequence[str]) -> int:
 
 def run() -> None:
   """`python -m drpl_jax.convert` and `drpl-convert`: bad input (a
-  ValueError, a missing file) exits 2 with one `error:` line."""
+  ValueError, a missing file) exits 2 with one `error:` line. TensorFlow is
+  not pre-imported: beside torch in one process it can crash."""
   _define_flags()
-  cli.run(main, (ValueError, FileNotFoundError))
+  cli.run(main, (ValueError, FileNotFoundError), tensorflow=False)
