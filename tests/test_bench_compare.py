@@ -183,7 +183,9 @@ from drpl_jax.pytorch import compare
 compare._define_flags()  # pylint: disable=protected-access
 from absl import flags
 flags.FLAGS(['compare', '--config=configs/drpl_vit.py:variant=micro'])
-assert compare.parse_flags().config.model.depth > 0
+args = compare.parse_flags()
+assert args.config_spec == 'configs/drpl_vit.py:variant=micro'
+assert compare.bench_config(args).batch_size == 16
 assert not tensorflow_imported()
 bad = [m for m in ('tensorflow_datasets', 'clu') if m in sys.modules]
 assert not bad, bad
