@@ -16,9 +16,9 @@ return 2 themselves on a `UserError`.
 Unless `--verbosity` is given, `run` also keeps the console for what a
 person needs (`quiet_libraries`; drpl_jax/train/console.py prints it).
 
-This module imports nothing of drpl_jax, so that library modules can raise
-`UserError` without depending on the commands; it defines flags only when a
-command calls its `define_*` functions.
+`UserError` lives in drpl_jax/utils/errors.py (re-exported here), so that
+library modules raise it without importing the command line; this module
+defines flags only when a command calls its `define_*` functions.
 """
 
 from __future__ import annotations
@@ -31,16 +31,14 @@ from collections.abc import Callable, Sequence
 
 from absl import app, flags
 
+from drpl_jax.utils.errors import UserError  # re-exported: cli.UserError
+
 EXIT_USER_ERROR = 2
 
 WORKDIR_HELP = 'The training run\'s directory (checkpoints, logs, reports).'
 STEP_HELP = 'Checkpoint step (default: the latest).'
 EMA_HELP = 'Use the EMA weights of the run.'
 BATCH_SIZE_HELP = 'Batch size.'
-
-
-class UserError(ValueError):
-  """Bad user input; the message names the flag, file, key or value."""
 
 
 def define_workdir(help_text: str = WORKDIR_HELP, required: bool = True
@@ -101,12 +99,27 @@ def fail(message: object) -> None:
 def _parse_flags(argv: Sequence[str]) -> list[str]:
   """absl's flag parsing, with a bad flag reported under the exit policy."""
   try:
-    return flags.FLAGS(list(argv))
+    rest = flags.FLAGS(list(argv))
   except flags.Error as e:
     fail(e)
   except (AttributeError, KeyError) as e:  # ml_collections: an unknown key
     fail(_unknown_config_key(argv, e))
-  raise AssertionError('unreachable')
+  _check_config_files()
+  return rest
+
+
+def _check_config_files() -> None:
+  """Loads each `config_flags` config now: a file that is missing or fails
+  to load is bad input, named with the flag, not a traceback in `main`."""
+  for name in list(flags.FLAGS):
+    flag = flags.FLAGS[name]
+    if not flag.present or not hasattr(flag, 'config_filename'):
+      continue
+    try:  # a config that failed to load raises on its first attribute
+      getattr(flag.value, 'get', None)
+    except OSError as e:  # ml_collections' report: the cause is last
+      lines = [l.strip() for l in str(e).splitlines() if l.strip()]
+      fail(f'--{name}={flag.config_filename}: cannot load it: {lines[-1]}')
 
 
 def _unknown_config_key(argv: Sequence[str], error: Exception) -> str:
@@ -120,7 +133,7 @@ def _unknown_config_key(argv: Sequence[str], error: Exception) -> str:
   return f'a --config.KEY flag names a key the config lacks: {error}'
 
 
-def quiet_libraries() -> None:
+def quiet_libraries(tensorflow: bool = True) -> None:
   """Silences library chatter unless `--verbosity` was given.
 
   absl's INFO logging (orbax, TFDS, grain, our own details) is off: the
@@ -128,12 +141,15 @@ def quiet_libraries() -> None:
   INFO and WARNING lines are off through TF_CPP_MIN_LOG_LEVEL, which must be
   set before TensorFlow is imported (the commands import it lazily, after
   this). `--verbosity=0` (INFO) or higher shows all of it again.
+  `tensorflow=False`: a command that never imports TensorFlow (the
+  benchmarks, the reproduction's bookkeeping) skips its quiet import.
   """
   if flags.FLAGS['verbosity'].present:
     return
   flags.FLAGS.verbosity = -1  # WARNING; absl.app.run had raised it to INFO
   os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
-  _import_tensorflow_quietly()
+  if tensorflow:
+    _import_tensorflow_quietly()
 
 
 def _import_tensorflow_quietly() -> None:
@@ -157,18 +173,27 @@ def _import_tensorflow_quietly() -> None:
 
 
 def run(main: Callable[[Sequence[str]], object],
-        user_errors: tuple[type[BaseException], ...] = (UserError,)) -> None:
+        user_errors: tuple[type[BaseException], ...] = (UserError,), *,
+        positional: bool = True, argv: Sequence[str] | None = None,
+        tensorflow: bool = True) -> None:
   """Runs an absl `main` under the exit policy (see the module docstring).
 
   `user_errors`: the exception types that mean bad input; anything else is
-  a bug and keeps its traceback.
+  a bug and keeps its traceback. `positional=False`: the command takes only
+  flags, and a positional argument is bad input. `argv`: the command line
+  (default sys.argv), for a command run under a dispatcher. `tensorflow`:
+  see `quiet_libraries`.
   """
 
-  def guarded(argv: Sequence[str]) -> object:
-    quiet_libraries()
+  def guarded(args: Sequence[str]) -> object:
+    quiet_libraries(tensorflow)
+    if not positional and len(args) > 1:
+      fail(f'unexpected arguments: {list(args[1:])} (this command takes '
+           'only --flags)')
     try:
-      return main(argv)
+      return main(args)
     except user_errors as e:  # pylint: disable=catching-non-exception
       fail(e)
 
-  app.run(guarded, flags_parser=_parse_flags)
+  app.run(guarded, argv=None if argv is None else list(argv),
+          flags_parser=_parse_flags)

@@ -4,11 +4,9 @@ Also keeps the stable import paths of DESIGN section 7:
 `drpl_jax.convert.torch_teacher` and `drpl_jax.convert.student_from_timm`.
 """
 
-import sys
-
-from drpl_jax.pytorch.convert import main
+from drpl_jax.pytorch.convert import run
 from drpl_jax.teacher.load import torch_teacher  # pylint: disable=unused-import
 from drpl_jax.train.student_init import student_from_timm  # pylint: disable=unused-import
 
 if __name__ == '__main__':
-  sys.exit(main())
+  run()

@@ -1,11 +1,9 @@
 """Entry point of `python -m drpl_jax.sweep`.
 
-Runs `main` of drpl_jax/reproduce/sweep.py, where the command is documented.
+Runs `run` of drpl_jax/reproduce/sweep.py, where the command is documented.
 """
 
-import sys
-
-from drpl_jax.reproduce.sweep import main
+from drpl_jax.reproduce.sweep import run
 
 if __name__ == '__main__':
-  sys.exit(main())
+  run()

@@ -169,3 +169,15 @@ def tiny_run(demo_data_dir, tmp_path_factory):
   workdir = str(tmp_path_factory.mktemp('tiny_run'))
   train.train_and_evaluate(config, workdir)
   return workdir, config
+
+
+def run_module(module: str, *args: str, timeout: int = 600
+               ) -> 'subprocess.CompletedProcess[str]':
+  """`python -m MODULE ARGS` from the worktree root, output captured (the
+  absl commands parse global flags, so tests run them in a subprocess)."""
+  import subprocess  # pylint: disable=g-import-not-at-top
+  import sys  # pylint: disable=g-import-not-at-top
+  return subprocess.run([sys.executable, '-m', module, *args], cwd=ROOT,
+                        env=dict(os.environ, PYTHONPATH=ROOT),
+                        capture_output=True, text=True, timeout=timeout,
+                        check=False)

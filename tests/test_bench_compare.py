@@ -180,9 +180,31 @@ class Block:
 sys.meta_path.insert(0, Block())
 from drpl_jax.bench import tensorflow_imported
 from drpl_jax.pytorch import compare
-compare.parse_args(['--config=x.py'])
+compare._define_flags()  # pylint: disable=protected-access
+from absl import flags
+flags.FLAGS(['compare', '--config=configs/drpl_vit.py:variant=micro'])
+args = compare.parse_flags()
+assert args.config_spec == 'configs/drpl_vit.py:variant=micro'
+assert compare.bench_config(args).batch_size == 16
 assert not tensorflow_imported()
 bad = [m for m in ('tensorflow_datasets', 'clu') if m in sys.modules]
 assert not bad, bad
 '''
   subprocess.run([sys.executable, '-c', code], cwd=ROOT, check=True)
+
+
+@pytest.mark.parametrize('args, needle', [
+    (['--steps=0'], '--steps=0'),
+    (['--batch_size=0'], '--batch_size=0'),
+    (['--config.model.no_such_key=1'], 'no_such_key'),
+    (['extra'], "'extra'"),
+])
+def test_bad_compare_input_exits_2_naming_it(args, needle):
+  cmd = [sys.executable, '-m', 'drpl_jax.bench', 'compare',
+         '--config=configs/drpl_vit.py:variant=micro', *args]
+  proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True,
+                        env=dict(os.environ, PYTHONPATH=ROOT), check=False)
+  assert proc.returncode == 2, proc.stderr[-2000:]
+  assert 'Traceback' not in proc.stderr, proc.stderr[-2000:]
+  last = proc.stderr.strip().splitlines()[-1]
+  assert last.startswith('error: ') and needle in last, last

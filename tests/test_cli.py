@@ -140,3 +140,11 @@ def test_the_demo_console_is_short_unless_verbose(demo_data_dir, tmp_path):
   verbose = _run(*command, '--verbosity=0')  # resumes at step 4: evaluates
   assert verbose.returncode == 0, verbose.stderr[-3000:]
   assert any(l.startswith('I1') for l in verbose.stderr.splitlines())
+
+
+def test_a_config_file_that_does_not_exist_exits_2_naming_it(tmp_path):
+  missing = tmp_path / 'none.py'
+  proc = _run('-m', 'drpl_jax.main', f'--config={missing}',
+              f'--workdir={tmp_path}/w')
+  _user_error(proc, f'--config={missing}', 'No such file')
+  assert not (tmp_path / 'w').exists()

@@ -15,6 +15,7 @@ import pytest
 from flax import nnx
 
 from conftest import DEIT_OVERRIDES, randomize_torch_model, tiny_demo_config
+from conftest import run_module
 from drpl_jax import pretrained
 from drpl_jax.models import ModelConfig, count_params, create_model
 from drpl_jax.pretrained import to_timm
@@ -370,8 +371,7 @@ def test_npz_resized_resolution_and_wrong_shapes_are_named(tmp_path):
 # --- 1000 classes into 4, and back to timm --------------------------------
 
 
-def test_1000_class_checkpoint_into_4_classes_compares_features(
-    tmp_path, capsys):
+def test_1000_class_checkpoint_into_4_classes_compares_features(tmp_path):
   torch.manual_seed(0)
   ref = randomize_torch_model(deit.VisionTransformerDistilled(
       img_size=32, patch_size=16, embed_dim=64, depth=4, num_heads=2,
@@ -379,11 +379,12 @@ def test_1000_class_checkpoint_into_4_classes_compares_features(
   path = tmp_path / 'deit_in1k.safetensors'
   from safetensors.torch import save_file
   save_file(ref.state_dict(), str(path))
-  assert convert.main([
-      'student', '--checkpoint', str(path),
+  proc = run_module(
+      'drpl_jax.convert', 'student', '--checkpoint', str(path),
       '--config=configs/drpl_vit.py:variant=micro,preset=deit',
-      '--image_size', '32', '--num_classes', '4', '--parity']) == 0
-  out = json.loads(capsys.readouterr().out)
+      '--image_size', '32', '--num_classes', '4', '--parity')
+  assert proc.returncode == 0, proc.stderr[-2000:]
+  out = json.loads(proc.stdout)
   assert out['format'] == 'timm'
   assert 'head.kernel' in out['report']['fresh']
   assert out['parity']['compared'] == 'features'
@@ -480,8 +481,10 @@ def test_cli_to_timm_writes_a_trained_run_timm_loads_strictly(
   train.train_and_evaluate(config_, workdir)
   capsys.readouterr()  # the run's own console lines
   out = str(tmp_path / 'deit.safetensors')
-  assert convert.main(['to-timm', '--workdir', workdir, '--out', out]) == 0
-  result = json.loads(capsys.readouterr().out)
+  proc = run_module('drpl_jax.convert', 'to-timm', '--workdir', workdir,
+                    '--out', out)
+  assert proc.returncode == 0, proc.stderr[-2000:]
+  result = json.loads(proc.stdout)
   assert result['target'] == 'timm' and result['step'] == 1
   model = predict.restore_model(workdir).model()
   cfg = model.config

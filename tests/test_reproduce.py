@@ -9,6 +9,7 @@ import json
 import os
 import re
 import subprocess
+import sys
 import time
 
 import numpy as np
@@ -20,7 +21,6 @@ from conftest import config_module
 from conftest import ROOT, SHARED_DATA
 from drpl_jax.evaluation import metrics
 from drpl_jax.evaluation.report import PAPER_CLASSES
-from drpl_jax.reproduce import cli as reproduce_cli
 from drpl_jax.reproduce import protocol as reproduce
 from drpl_jax.reproduce import table as reproduce_table
 
@@ -31,6 +31,23 @@ SCRIPT = os.path.join(ROOT, 'launch', 'reproduce_paper.sh')
 needs_sample = pytest.mark.skipif(not os.path.isdir(SAMPLE),
                                   reason=f'{SAMPLE} not present')
 
+
+
+def repro(*args: str) -> subprocess.CompletedProcess:
+  """`python -m drpl_jax.reproduce ARGS`, its output captured."""
+  return subprocess.run([sys.executable, '-m', 'drpl_jax.reproduce', *args],
+                        cwd=ROOT, env=dict(os.environ, PYTHONPATH=ROOT),
+                        capture_output=True, text=True, timeout=300,
+                        check=False)
+
+
+def user_error(proc: subprocess.CompletedProcess) -> str:
+  """The one `error:` line of a command that exited 2 without a traceback."""
+  assert proc.returncode == 2, (proc.returncode, proc.stderr[-2000:])
+  assert 'Traceback' not in proc.stderr, proc.stderr[-2000:]
+  last = proc.stderr.strip().splitlines()[-1]
+  assert last.startswith('error: '), last
+  return last
 
 def parse_config(args):
   """The ConfigDict drpl_jax.main builds from CONFIG and --config.* flags."""
@@ -144,38 +161,49 @@ def test_teacher_is_trained_as_the_students_use_it(tmp_path, mode):
   assert prepare[prepare.index('--data_dir') + 1] == student.data.data_dir
 
 
-def test_cli_args_and_errors(tmp_path, capsys):
+def test_cli_args_and_errors(tmp_path):
   common = ['--workdir', str(tmp_path), '--mode', 'sample']
-  assert reproduce_cli.main(['args', 'run', *common, '--preset', 'deit',
-                         '--seed', '1']) == 0
-  lines = capsys.readouterr().out.splitlines()
+  proc = repro('args', 'run', *common, '--preset', 'deit', '--seed', '1')
+  assert proc.returncode == 0, proc.stderr[-2000:]
+  lines = proc.stdout.splitlines()
   assert lines[0] == 'configs/drpl_vit.py:variant=micro,preset=deit,runlocal'
   assert '--config.seed=1' in lines and '--config.distill.kind=hard' in lines
-  assert reproduce_cli.main(['args', 'run', *common, '--preset', 'deit']) == 2
-  assert '--preset and --seed' in capsys.readouterr().err
-  assert reproduce_cli.main(['args', 'run', *common, '--preset', 'vit',
-                         '--seed', '7']) == 2
-  assert 'seed 7' in capsys.readouterr().err
-  assert reproduce_cli.main(['runs', *common, '--smoke']) == 0
-  rows = [l.split('\t') for l in capsys.readouterr().out.splitlines()]
+  assert '--preset and --seed' in user_error(
+      repro('args', 'run', *common, '--preset', 'deit'))
+  assert 'seed 7' in user_error(
+      repro('args', 'run', *common, '--preset', 'vit', '--seed', '7'))
+  proc = repro('runs', *common, '--smoke')
+  rows = [l.split('\t') for l in proc.stdout.splitlines()]
   assert [(r[0], r[1]) for r in rows] == [('vit', '0'), ('drpl', '0')]
   assert rows[1][3] == str(tmp_path / 'runs/drpl/seed0/eval/test/report.json')
 
 
-def test_plan_refuses_other_settings(tmp_path, capsys):
+@pytest.mark.parametrize('args, needle', [
+    (['walk'], "'walk'"),
+    (['args', 'fly', '--workdir=w'], "'fly'"),
+    (['runs'], '--workdir'),
+    (['settings', '--mode=paperish'], 'paperish'),
+    (['args', 'run', '--workdir=w', '--preset=vitt', '--seed=0'], 'vitt'),
+    (['record', '--workdir=w', '--step=x', '--start=1'], '--end'),
+    (['settings', '--seeds=many'], 'many'),
+])
+def test_bad_input_exits_2_naming_it(args, needle):
+  assert needle in user_error(repro(*args))
+
+
+def test_plan_refuses_other_settings(tmp_path):
   common = ['plan', '--workdir', str(tmp_path), '--mode', 'sample',
             '--manual_dir', str(tmp_path), '--command', 'first']
-  assert reproduce_cli.main(common) == 0
+  assert repro(*common).returncode == 0
   plan = json.loads((tmp_path / 'reproduce.json').read_text())
   assert plan['command'] == 'first' and plan['settings']['seeds'] == [0, 1, 2]
-  assert reproduce_cli.main(common + ['--smoke']) == 2
-  err = capsys.readouterr().err
+  err = user_error(repro(*common, '--smoke'))
   assert 'reproduce.json' in err and 'first' in err and 'smoke' in err
-  assert reproduce_cli.main(common + ['--seeds', '4']) == 0  # more seeds: fine
+  assert repro(*common, '--seeds', '4').returncode == 0  # more seeds: fine
   plan = json.loads((tmp_path / 'reproduce.json').read_text())
   assert plan['settings']['seeds'] == [0, 1, 2, 3]
-  assert reproduce_cli.main(common[:-4] + ['--manual_dir', '/no/such']) == 2
-  assert '/no/such' in capsys.readouterr().err
+  assert '/no/such' in user_error(
+      repro(*common[:-4], '--manual_dir', '/no/such'))
 
 
 def test_record_adds_up_attempts(tmp_path):
@@ -204,7 +232,8 @@ def write_workdir(tmp_path, mode='sample', smoke=False, classes=None):
   workdir = tmp_path / 'w'
   args = ['plan', '--workdir', str(workdir), '--mode', mode,
           '--manual_dir', str(tmp_path), '--command', 'launch/x.sh W']
-  assert reproduce_cli.main(args + (['--smoke'] if smoke else [])) == 0
+  proc = repro(*args, *(['--smoke'] if smoke else []))
+  assert proc.returncode == 0, proc.stderr[-2000:]
   settings = reproduce.get_settings(mode, smoke=smoke)
   paths = reproduce.get_paths(settings, str(workdir), manual_dir=str(tmp_path))
   classes = classes or ['COVID', 'Normal']
@@ -257,14 +286,13 @@ def test_table_for_four_classes_is_not_flagged(tmp_path):
   assert 'Not comparable' not in text and 'Same four classes' in text
 
 
-def test_table_names_a_missing_or_bad_report(tmp_path, capsys):
+def test_table_names_a_missing_or_bad_report(tmp_path):
   workdir, _, paths, _ = write_workdir(tmp_path, smoke=True)
   path = paths.report('drpl', 0)
   os.remove(path)
   with pytest.raises(FileNotFoundError, match=re.escape(path)):
     reproduce_table.write_table(str(workdir))
-  assert reproduce_cli.main(['table', '--workdir', str(workdir)]) == 2
-  assert path in capsys.readouterr().err
+  assert path in user_error(repro('table', '--workdir', str(workdir)))
   with open(path, 'w') as f:
     f.write('{"accuracy": 0.9')
   with pytest.raises(ValueError, match=re.escape(path)):

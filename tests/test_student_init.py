@@ -13,6 +13,7 @@ import pytest
 from flax import nnx
 
 from conftest import DEIT_OVERRIDES, randomize_torch_model, tiny_demo_config
+from conftest import run_module
 from drpl_jax.models import ModelConfig, create_model, param_shapes
 from drpl_jax.parallel import sharding
 from drpl_jax.pytorch import convert
@@ -367,7 +368,7 @@ def test_init_from_checkpoint_bfloat16_params_and_missing_file(tmp_path):
     student_init.init_from_checkpoint(config, p, rest)
 
 
-def test_cli_student_prints_report_and_parity(tmp_path, capsys):
+def test_cli_student_prints_report_and_parity(tmp_path):
   torch.manual_seed(0)
   ref = randomize_torch_model(deit.VisionTransformerDistilled(
       img_size=32, patch_size=16, embed_dim=64, depth=4, num_heads=2,
@@ -375,11 +376,12 @@ def test_cli_student_prints_report_and_parity(tmp_path, capsys):
   path = tmp_path / 'deit_micro.safetensors'
   from safetensors.torch import save_file  # pylint: disable=g-import-not-at-top
   save_file(ref.state_dict(), path)
-  assert convert.main([
-      'student', '--checkpoint', str(path),
+  proc = run_module(
+      'drpl_jax.convert', 'student', '--checkpoint', str(path),
       '--config=configs/drpl_vit.py:variant=micro,preset=deit',
-      '--image_size', '32', '--num_classes', '4', '--parity']) == 0
-  out = json.loads(capsys.readouterr().out)
+      '--image_size', '32', '--num_classes', '4', '--parity')
+  assert proc.returncode == 0, proc.stderr[-2000:]
+  out = json.loads(proc.stdout)
   assert out['command'] == 'student' and out['image_size'] == 32
   assert out['report']['fresh'] == [] and out['report']['loaded']
   assert out['parity']['max_abs_diff'] < 1e-5
@@ -387,11 +389,12 @@ def test_cli_student_prints_report_and_parity(tmp_path, capsys):
   assert out['format'] == 'timm' and out['parity']['compared'] == 'logits'
   # Parity is refused (clearly) where the functions cannot agree, and the
   # import report is printed all the same.
-  assert convert.main([
-      'student', '--checkpoint', str(path),
+  proc = run_module(
+      'drpl_jax.convert', 'student', '--checkpoint', str(path),
       '--config=configs/drpl_vit.py:variant=micro,preset=drpl',
-      '--image_size', '32', '--parity']) == 2
-  out = json.loads(capsys.readouterr().out)
+      '--image_size', '32', '--parity')
+  assert proc.returncode == 2, proc.stderr[-2000:]
+  out = json.loads(proc.stdout)
   assert 'rpe.kind' in out['parity']['error'] and out['report']['loaded']
 
 

@@ -2,6 +2,8 @@
 
 import json
 import os
+import subprocess
+import sys
 
 import ml_collections
 import pytest
@@ -83,7 +85,7 @@ def test_sweep_trains_candidates_on_validation_only(demo_data_dir, tmp_path):
   workdir = tmp_path / 'sweep'
   args = ['run', f'--config={spec}', '--workdir', str(workdir), '--steps',
           '2', '--sweep', 'optim.base_lr=0.001']
-  assert sweep.main(args) == 0
+  assert _sweep(*args).returncode == 0
   result = json.loads((workdir / 'sweep.json').read_text())
   cands = result['candidates']
   assert [c['overrides'] for c in cands] == [{}, {'optim.base_lr': 0.001}]
@@ -99,11 +101,44 @@ def test_sweep_trains_candidates_on_validation_only(demo_data_dir, tmp_path):
   md = (workdir / 'sweep.md').read_text()
   assert '| 1 | optim.base_lr=0.001 |' in md and '| 0 | base |' in md
   stamp = os.path.getmtime(workdir / 'candidates' / '1' / 'result.json')
-  assert sweep.main(args) == 0  # a rerun reuses the finished candidates
+  assert _sweep(*args).returncode == 0  # reuses the finished candidates
   assert os.path.getmtime(
       workdir / 'candidates' / '1' / 'result.json') == stamp
-  bad = ['run', f'--config={spec}', '--workdir', str(tmp_path / 'b'),
-         '--set', 'data.eval_split=test']
-  assert sweep.main(bad) == 2
-  assert sweep.main(['run', f'--config={spec}', '--workdir',
-                     str(tmp_path / 'c'), '--sweep', 'optim.nope=1']) == 2
+
+
+def _sweep(*args: str) -> subprocess.CompletedProcess:
+  """`python -m drpl_jax.sweep ARGS` in a subprocess, output captured."""
+  return subprocess.run([sys.executable, '-m', 'drpl_jax.sweep', *args],
+                        cwd=ROOT, env=dict(os.environ, PYTHONPATH=ROOT),
+                        capture_output=True, text=True, timeout=600,
+                        check=False)
+
+
+def _exits_2_naming(proc: subprocess.CompletedProcess, *needles: str) -> None:
+  assert proc.returncode == 2, proc.stderr[-2000:]
+  assert 'Traceback' not in proc.stderr, proc.stderr[-2000:]
+  last = proc.stderr.strip().splitlines()[-1]
+  assert last.startswith('error: ') and all(n in last for n in needles), last
+
+
+@pytest.mark.parametrize('args, needles', [
+    (['--config.data.eval_split=test'], ["'test'", 'validation only']),
+    (['--sweep', 'optim.nope=1'], ["'optim.nope'"]),
+    (['--sweep', 'optim.base_lr'], ["'optim.base_lr'", 'KEY=VALUE']),
+    (['--seeds=0'], ['--seeds=0']),
+    (['--config.optim.nope=1'], ['--config.optim.nope']),
+])
+def test_bad_sweep_input_exits_2_naming_it(tmp_path, args, needles):
+  workdir = tmp_path / 'w'
+  proc = _sweep('run', '--config=configs/demo.py', f'--workdir={workdir}',
+                *args)
+  _exits_2_naming(proc, *needles)
+  assert not workdir.exists()
+
+
+def test_bad_subcommands_exit_2_naming_them(tmp_path):
+  _exits_2_naming(_sweep('walk', '--config=configs/demo.py'), 'walk')
+  _exits_2_naming(_sweep('run', '--config=configs/demo.py'), '--workdir')
+  _exits_2_naming(_sweep('teacher', '--config=configs/demo.py'), '--out')
+  _exits_2_naming(_sweep('run', f'--config={tmp_path}/none.py',
+                         f'--workdir={tmp_path}/w'), 'none.py')

@@ -19,6 +19,7 @@ import torchvision
 from flax import nnx
 from torchvision.transforms.v2 import functional as TF
 
+from conftest import run_module
 from drpl_jax import teacher as teacher_lib
 from drpl_jax.pytorch import convert
 from drpl_jax.pytorch import torch_io
@@ -416,16 +417,16 @@ def test_parity_report_random_init():
 
 @pytest.mark.torch
 def test_cli_teacher_converts_checks_parity_and_writes_safetensors(
-    tmp_path, capsys):
+    tmp_path):
   model = _torch_model('resnet18', 4, 65)
   src = tmp_path / 'teacher.pth'
   torch.save(model.state_dict(), src)
   out = tmp_path / 'converted.safetensors'
-  rc = convert.main(['teacher', '--arch', 'resnet18', '--checkpoint',
-                     str(src), '--num_classes', '4', '--image_size', '65',
-                     '--parity', '--out', str(out)])
-  assert rc == 0
-  result = json.loads(capsys.readouterr().out)
+  proc = run_module('drpl_jax.convert', 'teacher', '--arch', 'resnet18',
+                    '--checkpoint', str(src), '--num_classes', '4',
+                    '--image_size', '65', '--parity', '--out', str(out))
+  assert proc.returncode == 0, proc.stderr[-2000:]
+  result = json.loads(proc.stdout)
   assert result['consumed'] == 102 and result['ignored'] == 20
   assert result['num_params'] == sum(
       p.numel() for p in model.parameters())
@@ -465,3 +466,25 @@ def test_safetensors_teacher_runs_without_torch(tmp_path):
       check=True, env={**os.environ, 'JAX_PLATFORMS': 'cpu'})
   np.testing.assert_allclose(np.load(tmp_path / 'y.npy'),
                              _torch_logits(model, images), atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize('args, needle', [
+    (['teacher', '--arch=resnet9'], 'resnet9'),
+    (['teacher', '--arch=resnet18', '--checkpoint=/no/such.pth',
+      '--num_classes=4'], '/no/such.pth'),
+    (['teacher', '--arch=resnet18', '--checkpoint=x.pth'], '--num_classes'),
+    (['teacher', '--arch=resnet18', '--checkpoint=x.pth', '--num_classes=4',
+      '--mean=0.5,0.5'], '--mean=0.5,0.5'),
+    (['teacher', '--arch=resnet18', '--num_classes=0'], '--num_classes'),
+    (['fold'], "'fold'"),
+    (['student', '--checkpoint=/no/such.pth',
+      '--config=configs/drpl_vit.py:variant=micro,preset=deit'],
+     '/no/such.pth'),
+    (['to-timm', '--workdir=/no/run', '--out=x.safetensors'], '/no/run'),
+])
+def test_bad_convert_input_exits_2_naming_it(args, needle):
+  proc = run_module('drpl_jax.convert', *args)
+  assert proc.returncode == 2, proc.stderr[-2000:]
+  assert 'Traceback' not in proc.stderr, proc.stderr[-2000:]
+  last = proc.stderr.strip().splitlines()[-1]
+  assert last.startswith('error: ') and needle in last, last

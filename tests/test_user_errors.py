@@ -347,25 +347,35 @@ def test_tpu_pod_names_a_missing_config_file():
   assert 'relative to the repo root' not in text
 
 
-def test_reproduce_plan_messages(tmp_path, capsys, monkeypatch):
+def test_reproduce_plan_messages(tmp_path, monkeypatch):
+  """The plan's messages (`_lines` is what the absl command prints; the
+  default data folder is patched, so this runs in-process)."""
+  import types  # pylint: disable=g-import-not-at-top
   from drpl_jax.reproduce import cli as reproduce_cli  # pylint: disable=g-import-not-at-top
   from drpl_jax.reproduce import protocol as reproduce  # pylint: disable=g-import-not-at-top
   monkeypatch.setitem(reproduce.DEFAULT_DATA, 'sample',
                       str(tmp_path / 'no_sample'))
-  assert reproduce_cli.main(['plan', '--mode', 'sample', '--workdir',
-                         str(tmp_path / 'w'), '--dry_run']) == 2
-  err = capsys.readouterr().err
-  assert 'sample data' in err and 'beside this checkout' in err
-  assert '--manual_dir ' + str(tmp_path) not in err
+
+  def plan(**values):
+    args = dict(cmd='plan', what=None, mode='sample', smoke=False,
+                seeds=None, workdir=str(tmp_path / 'w'), manual_dir='',
+                data_dir='', teacher='', teacher_init='', launcher='local',
+                command='', dry_run=False)
+    return reproduce_cli._lines(types.SimpleNamespace(**dict(args, **values)))  # pylint: disable=protected-access
+
+  with pytest.raises(ValueError) as error:
+    plan(dry_run=True)
+  assert 'sample data' in str(error.value)
+  assert 'beside this checkout' in str(error.value)
+  assert '--manual_dir ' + str(tmp_path) not in str(error.value)
   sample = tmp_path / 'sample'
   sample.mkdir()
-  args = ['plan', '--mode', 'sample', '--workdir', str(tmp_path / 'w'),
-          '--manual_dir', str(sample)]
-  assert reproduce_cli.main(args + ['--dry_run']) == 0
-  assert 'would be written (dry run)' in capsys.readouterr().out
+  assert 'would be written (dry run)' in plan(manual_dir=str(sample),
+                                              dry_run=True)[0]
   assert not (tmp_path / 'w' / 'reproduce.json').exists()
-  assert reproduce_cli.main(args) == 0 and reproduce_cli.main(args + ['--dry_run']) == 0
-  assert 'unchanged (dry run)' in capsys.readouterr().out.splitlines()[-1]
+  assert plan(manual_dir=str(sample))[0].startswith('wrote ')
+  assert 'unchanged (dry run)' in plan(manual_dir=str(sample),
+                                       dry_run=True)[0]
 
 
 # 19 ------------------------------------------------------------------------

@@ -1,5 +1,6 @@
 """Workdir writes go through etils.epath: a gs:// workdir served locally."""
 
+import json
 import os
 
 import pytest
@@ -98,3 +99,56 @@ def test_heatmap_png_is_written_to_a_gs_folder(gcs):
   predict.save_heatmap(image, np.full((8, 8), 0.5), 'x', f'{maps}/x.png',
                        config)
   assert (gcs / 'maps' / 'x.png').read_bytes()[:4] == b'\x89PNG'
+
+
+def test_report_and_plots_are_written_to_a_gs_folder(gcs):
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  from drpl_jax.evaluation import metrics  # pylint: disable=g-import-not-at-top
+  from drpl_jax.evaluation import report  # pylint: disable=g-import-not-at-top
+  rng = np.random.default_rng(0)
+  labels = rng.integers(0, 2, 40)
+  probs = metrics.softmax(rng.normal(size=(40, 2)) + 2 * np.eye(2)[labels])
+  names = ['COVID', 'Normal']
+  values = metrics.classification_metrics(probs, labels, names,
+                                          n_bootstrap=20)
+  out = f'{BUCKET}/run/eval/test'
+  written = report.write_report(out, values, probs, labels, names,
+                                title='gs test')
+  local = gcs / 'run' / 'eval' / 'test'
+  assert written['json'] == f'{out}/report.json'
+  got = json.loads((local / 'report.json').read_text())
+  assert got['accuracy'] == values['accuracy']
+  assert (local / 'report.md').is_file()
+  assert {p.name for p in local.glob('*.png')} >= {'roc.png', 'pr.png'}
+  assert not list(gcs.rglob('*.tmp-*'))
+
+
+def test_sweep_and_reproduce_files_on_a_gs_workdir(gcs):
+  from drpl_jax.reproduce import protocol  # pylint: disable=g-import-not-at-top
+  from drpl_jax.reproduce import sweep  # pylint: disable=g-import-not-at-top
+  results = [{'index': 0, 'overrides': {}, 'teacher_val_accuracy': None,
+              'seeds': [{}], 'shortcut_flags': 0, 'minutes': 0.1,
+              'mean': dict.fromkeys(sweep.FIGURES, 0.5)}]
+  sweep._write(f'{BUCKET}/sweep', results, 'cmd', 'validation')  # pylint: disable=protected-access
+  assert json.loads((gcs / 'sweep' / 'sweep.json').read_text())[
+      'candidates'] == results
+  assert '| 0 | base |' in (gcs / 'sweep' / 'sweep.md').read_text()
+  # A finished candidate is read back from the gs:// workdir, not rerun.
+  (gcs / 'sweep' / 'candidates' / '3').mkdir(parents=True)
+  (gcs / 'sweep' / 'candidates' / '3' / 'result.json').write_text(
+      '{"index": 3}')
+  assert sweep.run_candidate('unused', None, [], {}, 3, f'{BUCKET}/sweep',
+                             None, 1) == {'index': 3}
+  timing = f'{BUCKET}/repro/timings/teacher.json'
+  protocol.record(timing, 'teacher', ['python', 'x'], 1.0, 3.5, 0)
+  entry = json.loads((gcs / 'repro' / 'timings' / 'teacher.json').read_text())
+  assert entry['seconds'] == 2.5
+
+
+def test_teacher_record_is_read_from_gs(gcs):
+  from drpl_jax.train import preflight  # pylint: disable=g-import-not-at-top
+  from drpl_jax.utils.errors import UserError  # pylint: disable=g-import-not-at-top
+  (gcs / 't.json').write_text('{"arch": "resnet18"}')
+  with pytest.raises(UserError, match='resnet18'):
+    preflight.check_teacher_arch('resnet50', f'{BUCKET}/t.safetensors')
+  preflight.check_teacher_arch('resnet18', f'{BUCKET}/t.safetensors')

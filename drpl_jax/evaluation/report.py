@@ -24,7 +24,7 @@ import io
 import json
 import math
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
 from etils import epath
@@ -317,17 +317,29 @@ def plot_confusion_matrix(cm: np.ndarray, class_names: Sequence[str]):
   return fig
 
 
+def _scored_classes(ax, probs: np.ndarray, labels: np.ndarray,
+                    class_names: Sequence[str], score, what: str
+                    ) -> Iterator[tuple[int, str, np.ndarray, float]]:
+  """(class, name, one-vs-rest truth, score) of each class whose `score`
+  (e.g. metrics.roc_auc) is defined; an undefined one only gets a legend
+  entry saying so."""
+  for c, name in enumerate(class_names):
+    truth = labels == c
+    value = score(probs[:, c], truth)
+    if value is None:
+      ax.plot([], [], label=f'{name} ({what} undefined)')
+      continue
+    yield c, name, truth, value
+
+
 def plot_roc(probs: np.ndarray, labels: np.ndarray,
              class_names: Sequence[str]):
   """One-vs-rest ROC curve of every class, AUC in the legend."""
   fig = _new_figure(6, 5.5, layout='constrained')
   ax = fig.subplots()
-  for c, name in enumerate(class_names):
-    auc = metrics.roc_auc(probs[:, c], labels == c)
-    if auc is None:
-      ax.plot([], [], label=f'{name} (AUC undefined)')
-      continue
-    fpr, tpr, _ = metrics.roc_curve(probs[:, c], labels == c)
+  for c, name, truth, auc in _scored_classes(
+      ax, probs, labels, class_names, metrics.roc_auc, 'AUC'):
+    fpr, tpr, _ = metrics.roc_curve(probs[:, c], truth)
     ax.plot(fpr, tpr, label=f'{name} (AUC {auc:.3f})')
   ax.plot([0, 1], [0, 1], ls='--', color='grey', lw=1)
   ax.set(xlim=(0, 1), ylim=(0, 1.01), xlabel='False positive rate',
@@ -343,15 +355,12 @@ def plot_pr(probs: np.ndarray, labels: np.ndarray,
   legend; dotted lines mark each class's prevalence (a random classifier)."""
   fig = _new_figure(6, 5.5, layout='constrained')
   ax = fig.subplots()
-  for c, name in enumerate(class_names):
-    ap = metrics.average_precision(probs[:, c], labels == c)
-    if ap is None:
-      ax.plot([], [], label=f'{name} (AP undefined)')
-      continue
-    precision, recall, _ = metrics.pr_curve(probs[:, c], labels == c)
+  for c, name, truth, ap in _scored_classes(
+      ax, probs, labels, class_names, metrics.average_precision, 'AP'):
+    precision, recall, _ = metrics.pr_curve(probs[:, c], truth)
     (line,) = ax.step(recall, precision, where='pre',
                       label=f'{name} (AP {ap:.3f})')
-    ax.axhline(np.mean(labels == c), ls=':', lw=1, color=line.get_color())
+    ax.axhline(np.mean(truth), ls=':', lw=1, color=line.get_color())
   ax.set(xlim=(0, 1), ylim=(0, 1.01), xlabel='Recall (sensitivity)',
          ylabel='Precision (PPV)', title='Precision-recall, one vs rest')
   ax.legend(loc='lower left', fontsize=8)

@@ -32,12 +32,12 @@ JAX's and torch's n^3 fp32 matmul, timed in the same rounds as the models
 
 from __future__ import annotations
 
-import argparse
 import ctypes
 import dataclasses
 import os
 import statistics
 import time
+import types
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -45,41 +45,56 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import torch
+from absl import flags
 from flax import nnx
 
-from drpl_jax.bench import apply_overrides, emit, load_config
-from drpl_jax.bench import tensorflow_imported
+from drpl_jax import cli
+from drpl_jax.bench import emit, tensorflow_imported
 from drpl_jax.models import ModelConfig, create_model
 from drpl_jax.pytorch import twin as torch_ref
 from drpl_jax.pytorch.twin import bench as torch_bench
 from drpl_jax.train import optim
 from drpl_jax.train import step as train_step
+from drpl_jax.utils import files
 
 # Datasheet dense bf16 tensor-core peaks (TFLOP/s): H100/H200 SXM, A100.
 GPU_PEAK_TFLOPS = {'H200': 989.0, 'H100': 989.0, 'A100': 312.0}
 
 
-def parse_args(argv: Sequence[str]) -> argparse.Namespace:
-  parser = argparse.ArgumentParser(prog='python -m drpl_jax.bench compare')
-  parser.add_argument('--config', required=True,
-                      help='e.g. configs/drpl_vit.py:variant=micro')
-  parser.add_argument('--batch_size', type=int, default=16)
-  parser.add_argument('--image_size', type=int, default=0,
-                      help='input resolution (default: the config)')
-  parser.add_argument('--steps', type=int, default=10, help='timed steps')
-  parser.add_argument('--warmup', type=int, default=2,
-                      help='untimed steps after the first (compiling) one')
-  parser.add_argument('--rounds', type=int, default=5,
-                      help='round-robin rounds the timed steps are split in')
-  parser.add_argument('--no_compile', action='store_true',
-                      help='skip torch.compile')
-  parser.add_argument('--markdown', default='', help='write a table here')
-  parser.add_argument('--matmul_size', type=int, default=2048,
-                      help='n of the n^3 reference matmul (CPU peak)')
-  args, overrides = parser.parse_known_args(list(argv))
-  args.overrides = overrides
-  if min(args.batch_size, args.steps, args.rounds) < 1 or args.warmup < 0:
-    parser.error('--batch_size, --steps, --rounds must be >= 1, --warmup >= 0')
+def _define_flags() -> None:
+  """The command's flags (defined only when it runs, not on import)."""
+  # pylint: disable=g-import-not-at-top
+  from ml_collections import config_flags
+  # pylint: enable=g-import-not-at-top
+  config_flags.DEFINE_config_file(
+      'config', None, 'e.g. configs/drpl_vit.py:variant=micro; '
+      '--config.KEY=VALUE overrides a key.')
+  cli.define_batch_size(16)
+  flags.DEFINE_integer('image_size', 0, 'Input resolution (0: the config\'s).',
+                       lower_bound=0)
+  flags.DEFINE_integer('steps', 10, 'Timed steps.', lower_bound=1)
+  flags.DEFINE_integer('warmup', 2, 'Untimed steps after the first '
+                       '(compiling) one.', lower_bound=0)
+  flags.DEFINE_integer('rounds', 5, 'Round-robin rounds the timed steps are '
+                       'split in.', lower_bound=1)
+  flags.DEFINE_bool('no_compile', False, 'Skip torch.compile.')
+  flags.DEFINE_string('markdown', '', 'Write a table here.')
+  flags.DEFINE_integer('matmul_size', 2048, 'n of the n^3 reference matmul '
+                       '(CPU peak).', lower_bound=1)
+  flags.mark_flags_as_required(['config'])
+
+
+def parse_flags() -> Any:
+  """The parsed flags as one namespace (`args.steps`, ...); `args.config`
+  is the ConfigDict, `args.config_spec` the FILE[:ARGS] it came from."""
+  # pylint: disable=g-import-not-at-top
+  from ml_collections import config_flags
+  # pylint: enable=g-import-not-at-top
+  f = flags.FLAGS
+  if f.batch_size < 1:
+    raise cli.UserError(f'--batch_size={f.batch_size} must be >= 1')
+  args = types.SimpleNamespace(**{name: f[name].value for name in f})
+  args.config_spec = config_flags.get_config_filename(f['config'])
   args.rounds = min(args.rounds, args.steps)
   return args
 
@@ -227,9 +242,9 @@ def _xla_flops(compiled: Any) -> float | None:
   return float(flops) if flops is not None else None
 
 
-def bench_config(args: argparse.Namespace):
+def bench_config(args: Any):
   """The config with the benchmark's image size, mixup and EMA off."""
-  config = apply_overrides(load_config(args.config), args.overrides)
+  config = args.config
   if args.image_size:
     config.model.image_size = args.image_size
     config.data.image_size = args.image_size
@@ -440,8 +455,17 @@ def start_all(config, model_cfg, model, state, batch, args, device
 
 
 def main(argv: Sequence[str]) -> None:
+  """`python -m drpl_jax.bench compare FLAGS` (argv: the FLAGS): defines
+  the flags and runs the comparison under drpl_jax/cli.py's exit policy."""
+  _define_flags()
+  cli.run(_main, positional=False, tensorflow=False,
+          argv=['python -m drpl_jax.bench compare', *argv])
+
+
+def _main(argv: Sequence[str]) -> None:
   """Runs the comparison; prints JSON lines, optionally a Markdown table."""
-  args = parse_args(argv)
+  del argv  # only flags
+  args = parse_flags()
   # JAX would take 75% of a GPU up front and leave torch the rest.
   os.environ.setdefault('XLA_PYTHON_CLIENT_PREALLOCATE', 'false')
   config = bench_config(args)
@@ -458,7 +482,7 @@ def main(argv: Sequence[str]) -> None:
   time_rounds(matmuls + runners, args.steps, args.rounds)
   matmul = matmul_rates(matmuls, args.matmul_size)
   peak, peak_source = peak_reference(device, matmul)
-  meta = dict(benchmark='compare', config=args.config,
+  meta = dict(benchmark='compare', config=args.config_spec,
               image_size=model_cfg.image_size, batch=args.batch_size,
               steps=args.steps, warmup=args.warmup, rounds=args.rounds,
               dtype=model_cfg.dtype, device=device_name(device),
@@ -480,5 +504,4 @@ def main(argv: Sequence[str]) -> None:
   for rec in recs:
     emit(rec)
   if args.markdown:
-    with open(args.markdown, 'w') as f:
-      f.write(markdown(recs, meta, matmul))
+    files.atomic_write(args.markdown, markdown(recs, meta, matmul))

@@ -6,7 +6,8 @@ no torch for .safetensors), which runs inside the jitted train step.
 `parity_report` measures the largest logit difference against the PyTorch
 forward in fp32.
 
-Command line (prints one JSON object):
+Command line (an absl command under drpl_jax/cli.py's exit policy; prints
+one JSON object):
 
   python -m drpl_jax.convert teacher --arch resnet50 \
       --checkpoint teacher.pth --num_classes 4 [--image_size 224] \
@@ -35,15 +36,14 @@ to-timm: a trained deit / vit preset run as a timm state dict
 
 from __future__ import annotations
 
-import argparse
 import json
-import sys
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from absl import flags
 from flax import nnx
 
 from drpl_jax import cli
@@ -180,11 +180,15 @@ def parity_report(
   }
 
 
-def _teacher_command(args: argparse.Namespace) -> dict[str, Any]:
+def _teacher_command(args: Any) -> dict[str, Any]:
   """`teacher` subcommand: convert, optionally check parity and save."""
+  if not args.arch or not args.checkpoint or not args.num_classes:
+    raise cli.UserError('teacher needs --arch, --checkpoint and --num_classes')
+  args.image_size = args.image_size or 224
   cfg = teacher_lib.TeacherConfig(
       arch=args.arch, num_classes=args.num_classes,
-      image_size=args.image_size, mean=tuple(args.mean), std=tuple(args.std),
+      image_size=args.image_size, mean=_three_floats('mean', args.mean),
+      std=_three_floats('std', args.std),
   )
   state = torch_io.load_state_dict(args.checkpoint)
   module, report = teacher_from_state_dict(cfg, state, source=args.checkpoint)
@@ -211,26 +215,16 @@ def _teacher_command(args: argparse.Namespace) -> dict[str, Any]:
   return result
 
 
-def _add_teacher_parser(subparsers: Any) -> None:
-  p = subparsers.add_parser(
-      'teacher', help='convert a torchvision CNN teacher checkpoint')
-  p.add_argument('--arch', required=True,
-                 choices=sorted(teacher_lib.TEACHER_ARCHS))
-  p.add_argument('--checkpoint', required=True,
-                 help='.safetensors, or .pth/.pt/.bin state dict')
-  p.add_argument('--num_classes', type=int, required=True)
-  p.add_argument('--image_size', type=int, default=224)
-  p.add_argument('--mean', type=float, nargs=3,
-                 default=list(teacher_lib.IMAGENET_MEAN))
-  p.add_argument('--std', type=float, nargs=3,
-                 default=list(teacher_lib.IMAGENET_STD))
-  p.add_argument('--parity', action='store_true',
-                 help='compare logits with torchvision (needs torch)')
-  p.add_argument('--batch_size', type=int, default=2,
-                 help='parity batch size')
-  p.add_argument('--seed', type=int, default=0, help='parity image seed')
-  p.add_argument('--out', default=None,
-                 help='write the canonical state dict as .safetensors')
+def _three_floats(name: str, values: Sequence[str]) -> tuple[float, ...]:
+  """`--mean` / `--std`: three comma-separated numbers, one per channel."""
+  try:
+    out = tuple(float(v) for v in values)
+  except ValueError:
+    out = ()
+  if len(out) != 3:
+    raise cli.UserError(f'--{name}={",".join(values)}: expected three '
+                        'numbers, one per channel (R,G,B)')
+  return out
 
 
 # -----------------------------------------------------------------------------
@@ -350,15 +344,15 @@ def student_parity_report(checkpoint: str | Mapping[str, Any],
 _features = nnx.jit(lambda module, images: module.forward_features(images)[0])
 
 
-def _student_command(args: argparse.Namespace) -> dict[str, Any]:
+def _student_command(args: Any) -> dict[str, Any]:
   """`student` subcommand: map weights, report, optionally parity.
 
   The import report is in the output even when the parity check cannot
   run (its reason is under 'parity.error', and the exit code is 2).
   """
-  from drpl_jax.bench import load_config  # pylint: disable=g-import-not-at-top
-
-  config = load_config(args.config)
+  if not args.checkpoint or args.config is None:
+    raise cli.UserError('student needs --checkpoint and --config')
+  config = args.config
   model_dict = config.model.to_dict()
   for key in ('num_classes', 'image_size'):
     if getattr(args, key) is not None:
@@ -369,7 +363,7 @@ def _student_command(args: argparse.Namespace) -> dict[str, Any]:
   result = {
       'command': 'student', 'checkpoint': args.checkpoint,
       'format': report['format'], 'format_name': report['format_name'],
-      'config': args.config, 'num_classes': cfg.num_classes,
+      'config': args.config_spec, 'num_classes': cfg.num_classes,
       'image_size': cfg.image_size,
       'num_params': int(sum(x.size for x in jax.tree.leaves(
           nnx.state(model, nnx.Param)))),
@@ -384,11 +378,13 @@ def _student_command(args: argparse.Namespace) -> dict[str, Any]:
   return result
 
 
-def _to_timm_command(args: argparse.Namespace) -> dict[str, Any]:
+def _to_timm_command(args: Any) -> dict[str, Any]:
   """`to-timm`: a trained run's weights as a timm (or twin) state dict."""
   from drpl_jax.evaluation import predict  # pylint: disable=g-import-not-at-top
   from drpl_jax.pretrained import to_timm  # pylint: disable=g-import-not-at-top
 
+  if not args.workdir or not args.out:
+    raise cli.UserError('to-timm needs --workdir and --out')
   restored = predict.restore_model(args.workdir, step=args.step,
                                    use_ema=args.ema)
   model = restored.model()
@@ -410,61 +406,69 @@ def _to_timm_command(args: argparse.Namespace) -> dict[str, Any]:
   return result
 
 
-def _add_to_timm_parser(subparsers: Any) -> None:
-  p = subparsers.add_parser(
-      'to-timm', help='write a trained deit/vit run as a timm state dict')
-  cli.add_workdir(p)
-  p.add_argument('--out', required=True, help='output .safetensors file')
-  cli.add_step(p)
-  cli.add_ema(p)
-
-
-def _add_student_parser(subparsers: Any) -> None:
-  p = subparsers.add_parser(
-      'student', help='start a DRPL-ViT from pretrained ViT weights (timm/'
-      'DeiT, official iRPE or CeiT, big_vision .npz)')
-  p.add_argument('--checkpoint', required=True,
-                 help='.safetensors, .pth/.pt/.bin or .npz; local or gs://')
-  p.add_argument('--config', required=True,
-                 help='config file and argument, e.g. '
-                      'configs/drpl_vit.py:variant=s,preset=deit')
-  p.add_argument('--num_classes', type=int, default=None,
-                 help="default: the config's model.num_classes")
-  p.add_argument('--image_size', type=int, default=None,
-                 help="default: the config's model.image_size")
-  p.add_argument('--strict_head', action='store_true',
-                 help='a class-count mismatch is an error (default: the '
-                      'heads start fresh)')
-  p.add_argument('--parity', action='store_true',
-                 help='compare logits with timm (needs torch and timm)')
-  p.add_argument('--batch_size', type=int, default=2,
-                 help='parity batch size')
-  p.add_argument('--seed', type=int, default=0, help='parity image seed')
-
-
-# Subcommand name -> (parser builder, handler).
-_COMMANDS: dict[str, tuple[Callable[[Any], None],
-                           Callable[[argparse.Namespace], dict[str, Any]]]] = {
-    'teacher': (_add_teacher_parser, _teacher_command),
-    'student': (_add_student_parser, _student_command),
-    'to-timm': (_add_to_timm_parser, _to_timm_command),
+# Subcommand name -> handler.
+_COMMANDS: dict[str, Callable[[Any], dict[str, Any]]] = {
+    'teacher': _teacher_command,
+    'student': _student_command,
+    'to-timm': _to_timm_command,
 }
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-  """Entry point of `python -m drpl_jax.convert`; prints a JSON summary."""
-  parser = argparse.ArgumentParser(
-      prog='python -m drpl_jax.convert',
-      description='Convert PyTorch weights for drpl_jax.')
-  subparsers = parser.add_subparsers(dest='command', required=True)
-  for add_parser, _ in _COMMANDS.values():
-    add_parser(subparsers)
-  args = parser.parse_args(argv)
-  result = _COMMANDS[args.command][1](args)
+def _define_flags() -> None:
+  """The flags of the three subcommands (defined only when run)."""
+  # pylint: disable=g-import-not-at-top
+  from ml_collections import config_flags
+  # pylint: enable=g-import-not-at-top
+  flags.DEFINE_enum('arch', None, sorted(teacher_lib.TEACHER_ARCHS),
+                    'teacher: the torchvision architecture.')
+  flags.DEFINE_string('checkpoint', None, 'teacher: .safetensors or .pth/.pt'
+                      '/.bin state dict; student: also .npz; local or gs://.')
+  flags.DEFINE_integer('num_classes', None, "teacher: required; student: "
+                       "default the config's model.num_classes.", lower_bound=1)
+  flags.DEFINE_integer('image_size', None, "teacher: default 224; student: "
+                       "default the config's model.image_size.", lower_bound=1)
+  flags.DEFINE_list('mean', [str(v) for v in teacher_lib.IMAGENET_MEAN],
+                    'teacher: per-channel input mean, R,G,B.')
+  flags.DEFINE_list('std', [str(v) for v in teacher_lib.IMAGENET_STD],
+                    'teacher: per-channel input std, R,G,B.')
+  config_flags.DEFINE_config_file(
+      'config', None, 'student: config file and argument, e.g. '
+      'configs/drpl_vit.py:variant=s,preset=deit.')
+  flags.DEFINE_bool('strict_head', False, 'student: a class-count mismatch '
+                    'is an error (default: the heads start fresh).')
+  flags.DEFINE_bool('parity', False, 'teacher, student: compare logits with '
+                    'torchvision / timm (needs torch).')
+  cli.define_batch_size(2, 'Parity batch size.')
+  flags.DEFINE_integer('seed', 0, 'Parity image seed.')
+  flags.DEFINE_string('out', None, 'teacher: write the canonical state dict '
+                      '(.safetensors); to-timm: the output file.')
+  cli.define_workdir(required=False)
+  cli.define_step()
+  cli.define_ema()
+
+
+def main(argv: Sequence[str]) -> int:
+  """Runs the subcommand argv[1]; prints its JSON summary."""
+  # pylint: disable=g-import-not-at-top
+  import types
+  from ml_collections import config_flags
+  # pylint: enable=g-import-not-at-top
+  if len(argv) != 2 or argv[1] not in _COMMANDS:
+    raise cli.UserError(f'expected one subcommand of {sorted(_COMMANDS)}, '
+                        f'got {list(argv[1:])}')
+  f = flags.FLAGS
+  args = types.SimpleNamespace(**{name: f[name].value for name in f})
+  args.config_spec = (config_flags.get_config_filename(f['config'])
+                      if f['config'].present else None)
+  result = _COMMANDS[argv[1]](args)
   code = int(result.pop('exit_code', 0))
   print(json.dumps(result, indent=2, sort_keys=True))
   return code
 
 
-if __name__ == '__main__':
-  sys.exit(main())
+def run() -> None:
+  """`python -m drpl_jax.convert` and `drpl-convert`: bad input (a
+  ValueError, a missing file) exits 2 with one `error:` line. TensorFlow is
+  not pre-imported: beside torch in one process it can crash."""
+  _define_flags()
+  cli.run(main, (ValueError, FileNotFoundError), tensorflow=False)

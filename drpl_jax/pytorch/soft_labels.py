@@ -463,9 +463,8 @@ def load_teacher(*, arch: str | None = None, checkpoint: str | None = None,
                  'sha256': sha256_file(file) if file else None}
 
 
-def _define_flags() -> Any:
+def _define_flags() -> None:
   """The CLI flags (defined only when run as a program)."""
-  from absl import flags  # pylint: disable=g-import-not-at-top
   from ml_collections import config_flags  # pylint: disable=g-import-not-at-top
   config_flags.DEFINE_config_file('config', None, 'Config file.')
   flags.DEFINE_string('out', None, f'Output file, one of {FORMATS}.')
@@ -480,27 +479,22 @@ def _define_flags() -> Any:
   flags.DEFINE_integer('num_workers', 0, 'DataLoader workers.')
   flags.DEFINE_string('device', None, 'torch device (default cuda if any).')
   flags.mark_flags_as_required(['config', 'out'])
-  return flags.FLAGS
 
 
 def main(argv: Sequence[str]) -> None:
   """CLI entry: writes the file, prints the metadata as JSON to stdout."""
-  if len(argv) > 1:
-    raise cli.UserError(f'unexpected arguments: {argv[1:]}')
+  del argv  # only flags (cli.run checks)
   f = flags.FLAGS
-  try:
-    metadata = write_soft_labels(
-        f.config, f.out, arch=f.arch, checkpoint=f.checkpoint,
-        torchscript=f.torchscript, module=f.module, splits=f.splits,
-        batch_size=f.batch_size, image_size=f.image_size or None,
-        num_workers=f.num_workers, device=f.device)
-  except (ValueError, OSError) as e:  # Bad input: the message, no traceback.
-    raise cli.UserError(str(e)) from e
+  metadata = write_soft_labels(
+      f.config, f.out, arch=f.arch, checkpoint=f.checkpoint,
+      torchscript=f.torchscript, module=f.module, splits=f.splits,
+      batch_size=f.batch_size, image_size=f.image_size or None,
+      num_workers=f.num_workers, device=f.device)
   print(json.dumps(dict(metadata, out=os.path.abspath(f.out))))
 
 
 def run() -> None:
   """The command line: defines the flags, then runs `main` under the exit
-  policy of drpl_jax/cli.py."""
+  policy of drpl_jax/cli.py (bad input, a ValueError or OSError: exit 2)."""
   _define_flags()
-  cli.run(main)
+  cli.run(main, (ValueError, OSError), positional=False)

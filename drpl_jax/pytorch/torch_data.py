@@ -20,12 +20,13 @@ extra and imports torch at import time.
 from __future__ import annotations
 
 from collections.abc import Sequence
-import math
 from typing import Any
 
 import numpy as np
 import torch
 from torch.nn import functional as F
+
+from drpl_jax.input import augment
 
 DEFAULT_CROP_SCALE = (0.5, 1.0)
 DEFAULT_CROP_RATIO = (3 / 4, 4 / 3)
@@ -64,36 +65,18 @@ def eval_view(image: np.ndarray, image_size: int, mean: Sequence[float],
   return normalise(resize(to_float_chw(image), image_size), mean, std)
 
 
-def random_crop_box(height: int, width: int, rng: np.random.Generator,
-                    scale: Sequence[float] = DEFAULT_CROP_SCALE,
-                    ratio: Sequence[float] = DEFAULT_CROP_RATIO
-                    ) -> tuple[int, int, int, int]:
-  """A random (top, left, h, w) of `scale` x area and aspect `ratio`.
-
-  Up to 10 tries as in Inception-style cropping, then the whole image.
-  """
-  area = height * width
-  log_ratio = (math.log(ratio[0]), math.log(ratio[1]))
-  for _ in range(10):
-    target = area * rng.uniform(scale[0], scale[1])
-    aspect = math.exp(rng.uniform(*log_ratio))
-    w = int(round(math.sqrt(target * aspect)))
-    h = int(round(math.sqrt(target / aspect)))
-    if 0 < w <= width and 0 < h <= height:
-      top = int(rng.integers(0, height - h + 1))
-      left = int(rng.integers(0, width - w + 1))
-      return top, left, h, w
-  return 0, 0, height, width
-
-
 def train_view(image: np.ndarray, image_size: int, mean: Sequence[float],
                std: Sequence[float], rng: np.random.Generator,
                scale: Sequence[float] = DEFAULT_CROP_SCALE,
                ratio: Sequence[float] = DEFAULT_CROP_RATIO) -> torch.Tensor:
-  """A random resized crop (no flip), then as `eval_view` -> [3, S, S]."""
+  """A random resized crop (no flip), then as `eval_view` -> [3, S, S].
+
+  The box is drawn as the student's recipe draws it (`augment.rrc_box`,
+  torchvision's RandomResizedCrop sampling).
+  """
   image = np.asarray(image)
-  top, left, h, w = random_crop_box(image.shape[0], image.shape[1], rng,
-                                    scale, ratio)
+  top, left, h, w = augment.rrc_box(image.shape[0], image.shape[1], rng,
+                                    scale=tuple(scale), ratio=tuple(ratio))
   crop = image[top:top + h, left:left + w]  # [h, w, 3]
   return eval_view(crop, image_size, mean, std)
 

@@ -315,9 +315,8 @@ def _fit(model: torch.nn.Module, train_set: torch_data.TeacherDataset,
   return (history,) + best[1:]
 
 
-def _define_flags() -> Any:
+def _define_flags() -> None:
   """The CLI flags (defined only when run as a program)."""
-  from absl import flags  # pylint: disable=g-import-not-at-top
   from ml_collections import config_flags  # pylint: disable=g-import-not-at-top
   config_flags.DEFINE_config_file('config', None, 'Config file.')
   flags.DEFINE_string('arch', None,
@@ -336,29 +335,24 @@ def _define_flags() -> Any:
   flags.DEFINE_integer('num_workers', 0, 'DataLoader workers.')
   flags.DEFINE_string('device', None, 'torch device (default cuda if any).')
   flags.mark_flags_as_required(['config', 'arch', 'out'])
-  return flags.FLAGS
 
 
 def main(argv: Sequence[str]) -> None:
   """CLI entry: trains, prints the JSON summary to stdout."""
-  if len(argv) > 1:
-    raise cli.UserError(f'unexpected arguments: {argv[1:]}')
+  del argv  # only flags (cli.run checks)
   f = flags.FLAGS
-  try:
-    from drpl_jax import data  # pylint: disable=g-import-not-at-top
-    from drpl_jax.train import preflight  # pylint: disable=g-import-not-at-top
-    preflight.infer_num_classes(
-        f.config, data.ensure_prepared(f.config.data).class_names,
-        preflight.explicit_overrides(sys.argv))
-    result = train_teacher(
-        f.config, f.arch, f.out, init=f.init, epochs=f.epochs,
-        batch_size=f.batch_size, lr=f.lr, weight_decay=f.weight_decay,
-        image_size=f.image_size or None,
-        crop_scale=(f.crop_min_scale, 1.0), select_by=f.select_by,
-        max_steps_per_epoch=f.max_steps_per_epoch or None,
-        num_workers=f.num_workers, device=f.device)
-  except (ValueError, OSError) as e:  # Bad input: the message, no traceback.
-    raise cli.UserError(str(e)) from e
+  from drpl_jax import data  # pylint: disable=g-import-not-at-top
+  from drpl_jax.train import preflight  # pylint: disable=g-import-not-at-top
+  preflight.infer_num_classes(
+      f.config, data.ensure_prepared(f.config.data).class_names,
+      preflight.explicit_overrides(sys.argv))
+  result = train_teacher(
+      f.config, f.arch, f.out, init=f.init, epochs=f.epochs,
+      batch_size=f.batch_size, lr=f.lr, weight_decay=f.weight_decay,
+      image_size=f.image_size or None,
+      crop_scale=(f.crop_min_scale, 1.0), select_by=f.select_by,
+      max_steps_per_epoch=f.max_steps_per_epoch or None,
+      num_workers=f.num_workers, device=f.device)
   print(json.dumps({k: result[k] for k in (
       'arch', 'best_epoch', 'weights_file', 'json_file', 'sha256')} | {
           'val_accuracy': result['validation']['accuracy']}))
@@ -366,6 +360,6 @@ def main(argv: Sequence[str]) -> None:
 
 def run() -> None:
   """The command line: defines the flags, then runs `main` under the exit
-  policy of drpl_jax/cli.py."""
+  policy of drpl_jax/cli.py (bad input, a ValueError or OSError: exit 2)."""
   _define_flags()
-  cli.run(main)
+  cli.run(main, (ValueError, OSError), positional=False)

@@ -1,11 +1,9 @@
 """Entry point of `python -m drpl_jax.reproduce`.
 
-Runs `main` of drpl_jax/reproduce/cli.py, where the command is documented.
+Runs `run` of drpl_jax/reproduce/cli.py, where the command is documented.
 """
 
-import sys
-
-from drpl_jax.reproduce.cli import main
+from drpl_jax.reproduce.cli import run
 
 if __name__ == '__main__':
-  sys.exit(main())
+  run()

@@ -1,20 +1,32 @@
-"""`python -m drpl_jax.reproduce`: the subcommands over one reproduction.
+"""`python -m drpl_jax.reproduce SUBCOMMAND [flags]`: one reproduction.
+
+  settings [--mode M] [--smoke] [--seeds N]      the settings, as JSON
+  args {prepare,teacher,run} --workdir W ...     a step's arguments
+  runs | paths | plan --workdir W ...            runs, paths; check the plan
+  record --workdir W --step NAME --start S --end E [--rc RC] -- COMMAND...
+  table --workdir W [--out FILE]                 the Markdown table
+  exists PATH                                    exit 0 if PATH exists
 
 Settings, paths and bookkeeping come from `protocol`; `table` writes the
-Markdown table. This module is the command line only, above both, so that
-neither imports the other's caller.
+Markdown table. This module is the command line only (an absl command under
+drpl_jax/cli.py's exit policy), above both, so that neither imports the
+other's caller. launch/reproduce_paper.sh drives it.
 """
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 import os
 import sys
+import types
 from collections.abc import Sequence
+from typing import Any
 
+from absl import flags
 from etils import epath
+
+from drpl_jax import cli
 
 from drpl_jax.reproduce import table
 from drpl_jax.reproduce.protocol import (
@@ -39,8 +51,9 @@ from drpl_jax.reproduce.protocol import (
 )
 
 
-def _lines(args: argparse.Namespace) -> list[str]:
-  """The output lines of a subcommand that works on one reproduction."""
+def _lines(args: Any) -> list[str]:
+  """The output lines of a subcommand that works on one reproduction
+  (`args`: the parsed flags, plus `cmd` and `what`)."""
   settings = get_settings(args.mode, smoke=args.smoke, num_seeds=args.seeds)
   if args.cmd == 'settings':
     values = dataclasses.asdict(settings)
@@ -70,7 +83,7 @@ def _lines(args: argparse.Namespace) -> list[str]:
       settings, paths, args.preset, args.seed)
 
 
-def _plan(settings: Settings, paths: Paths, args: argparse.Namespace) -> str:
+def _plan(settings: Settings, paths: Paths, args: Any) -> str:
   """Checks the arguments and writes (or checks) WORKDIR/reproduce.json."""
   if not paths.manual_dir.startswith('gs://') and not os.path.exists(
       paths.manual_dir):
@@ -96,56 +109,76 @@ def _missing_data(path: str, given: str, mode: str) -> str:
           f'PATH/{os.path.basename(path)}')
 
 
-def _parser() -> argparse.ArgumentParser:
-  parser = argparse.ArgumentParser(prog='python -m drpl_jax.reproduce')
-  sub = parser.add_subparsers(dest='cmd', required=True)
-  for name in ('settings', 'args', 'runs', 'paths', 'plan'):
-    p = sub.add_parser(name)
-    p.add_argument('--mode', choices=MODES, default='paper')
-    p.add_argument('--smoke', action='store_true')
-    p.add_argument('--seeds', type=int, default=None, help='how many')
-    if name != 'settings':
-      p.add_argument('--workdir', required=True)
-      for flag in ('manual_dir', 'data_dir', 'teacher', 'teacher_init'):
-        p.add_argument(f'--{flag}', default='')
-    if name == 'args':
-      p.add_argument('what', choices=('prepare', 'teacher', 'run'))
-      p.add_argument('--preset', choices=PRESETS)
-      p.add_argument('--seed', type=int)
-    if name == 'plan':
-      p.add_argument('--launcher', default='local')
-      p.add_argument('--command', default='')
-      p.add_argument('--dry_run', action='store_true')
-  p = sub.add_parser('record', help='append an attempt to a step timing')
-  for flag, kind in (('workdir', str), ('step', str), ('start', float),
-                     ('end', float), ('rc', int)):
-    p.add_argument(f'--{flag}', type=kind, required=flag != 'rc', default=0)
-  p.add_argument('command', nargs=argparse.REMAINDER)
-  p = sub.add_parser('table', help='write the Markdown table')
-  p.add_argument('--workdir', required=True)
-  p.add_argument('--out', default='', help='default WORKDIR/results.md')
-  sub.add_parser('exists', help='exit 0 if PATH exists').add_argument('path')
-  return parser
+SUBCOMMANDS = ('settings', 'args', 'runs', 'paths', 'plan', 'record',
+               'table', 'exists')
+WHAT = ('prepare', 'teacher', 'run')
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-  """Runs a subcommand; bad input exits 2 with a one-line message."""
-  args = _parser().parse_args(argv)
-  try:
-    if args.cmd == 'exists':
-      return 0 if epath.Path(args.path).exists() else 1
-    if args.cmd == 'record':
-      command = args.command[1:] if args.command[:1] == ['--'] else (
-          args.command)
-      path = os.path.join(args.workdir, 'timings', f'{args.step}.json')
-      entry = record(path, args.step, command, args.start, args.end, args.rc)
-      lines = [f'{args.step}: {entry["seconds"]}s in all ({path})']
-    elif args.cmd == 'table':
-      lines = [f'wrote {table.write_table(args.workdir, args.out)}']
-    else:
-      lines = _lines(args)
-  except (ValueError, FileNotFoundError) as e:
-    print(f'reproduce: error: {e}', file=sys.stderr)
-    return 2
+def _define_flags() -> None:
+  """The flags of every subcommand (defined only when the command runs)."""
+  flags.DEFINE_enum('mode', 'paper', MODES, 'The reproduction\'s mode.')
+  flags.DEFINE_bool('smoke', False, 'A few steps of everything.')
+  flags.DEFINE_integer('seeds', None, 'How many seeds (default: the mode\'s).')
+  cli.define_workdir('The reproduction\'s directory.', required=False)
+  for name in ('manual_dir', 'data_dir', 'teacher', 'teacher_init'):
+    flags.DEFINE_string(name, '', f'{name} (default: the mode\'s).')
+  flags.DEFINE_enum('preset', None, PRESETS, 'args run: the preset.')
+  flags.DEFINE_integer('seed', None, 'args run: the seed.')
+  flags.DEFINE_string('launcher', 'local', 'plan: the launcher.')
+  flags.DEFINE_string('command', '', 'plan: the command line to record.')
+  flags.DEFINE_bool('dry_run', False, 'plan: check, write nothing.')
+  flags.DEFINE_string('step', None, 'record: the step\'s name.')
+  flags.DEFINE_float('start', None, 'record: start time (seconds).')
+  flags.DEFINE_float('end', None, 'record: end time (seconds).')
+  flags.DEFINE_integer('rc', 0, 'record: the exit status.')
+  flags.DEFINE_string('out', '', 'table: output (default WORKDIR/results.md).')
+
+
+def _subcommand(argv: Sequence[str]) -> tuple[str, list[str]]:
+  """(subcommand, its positional arguments), checked."""
+  if len(argv) < 2 or argv[1] not in SUBCOMMANDS:
+    got = repr(argv[1]) if len(argv) > 1 else 'none'
+    raise cli.UserError(f'expected a subcommand of {SUBCOMMANDS}, got {got}')
+  cmd, rest = argv[1], list(argv[2:])
+  wanted = {'args': 1, 'exists': 1}.get(cmd, 0)
+  if cmd != 'record' and len(rest) != wanted:
+    raise cli.UserError(f'{cmd} takes {wanted} positional argument(s), got '
+                        f'{rest}')
+  if cmd == 'args' and rest[0] not in WHAT:
+    raise cli.UserError(f'args {rest[0]!r}: expected one of {WHAT}')
+  if cmd not in ('settings', 'exists') and not flags.FLAGS.workdir:
+    raise cli.UserError(f'{cmd} needs --workdir')
+  if cmd == 'record' and (not flags.FLAGS.step or flags.FLAGS.start is None
+                          or flags.FLAGS.end is None):
+    raise cli.UserError('record needs --step, --start and --end')
+  return cmd, rest
+
+
+def main(argv: Sequence[str]) -> None:
+  """Runs a subcommand and prints its lines."""
+  f = flags.FLAGS
+  cmd, rest = _subcommand(argv)
+  if cmd == 'exists':
+    sys.exit(0 if epath.Path(rest[0]).exists() else 1)
+  if cmd == 'record':  # rest: the command, after `--`
+    path = os.fspath(epath.Path(f.workdir) / 'timings' / f'{f.step}.json')
+    entry = record(path, f.step, rest, f.start, f.end, f.rc)
+    lines = [f'{f.step}: {entry["seconds"]}s in all ({path})']
+  elif cmd == 'table':
+    lines = [f'wrote {table.write_table(f.workdir, f.out)}']
+  else:
+    args = _namespace(f, cmd=cmd, what=rest[0] if rest else None)
+    lines = _lines(args)
   print('\n'.join(lines))
-  return 0
+
+
+def _namespace(f: Any, **extra: Any) -> Any:
+  """The flag values as one namespace (`args.mode`, ...) with `extra`."""
+  return types.SimpleNamespace(**{name: f[name].value for name in f}, **extra)
+
+
+def run() -> None:
+  """The command line (`python -m drpl_jax.reproduce`, `drpl-reproduce`):
+  bad input (a ValueError, a missing file) exits 2 with one `error:` line."""
+  _define_flags()
+  cli.run(main, (ValueError, FileNotFoundError), tensorflow=False)

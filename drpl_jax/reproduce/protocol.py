@@ -38,6 +38,8 @@ from typing import Any
 
 from etils import epath
 
+from drpl_jax.utils import files
+
 PRESETS = ('vit', 'deit', 'deit_rpe', 'deit_conv', 'drpl')
 MODES = ('paper', 'sample', 'cxr2k5')
 # The repository root: drpl_jax/reproduce/protocol.py is three levels down.
@@ -131,15 +133,12 @@ def _cxr2k5() -> dict[str, Any]:
   # About 90 minutes in all; the rest is margin for a busier machine. A
   # shorter schedule than the small-data recipe (configs/small_data.py) at
   # the sample's 64 px, so that the table can be rerun in one sitting.
-  return dict(
-      presets=PRESETS, seeds=3, variant='micro', runlocal=True,
-      classes='COVID,Normal', num_classes=2, image_size=64, patch_size=8,
-      student={'total_steps': 1800, 'batch_size': 32, 'eval_batch_size': 64,
-               'optim.warmup_steps': 90, 'eval_every_steps': 1800,
-               'checkpoint_every_steps': 600, 'log_every_steps': 100},
-      teacher_arch='regnet_y_400mf',
-      teacher={'epochs': 30, 'batch_size': 32, 'lr': 1e-3,
-               'image_size': 64})
+  # Everything else (model, data, teacher) is the sample mode's.
+  values = _sample()
+  values['student'] = dict(values['student'], **{
+      'total_steps': 1800, 'optim.warmup_steps': 90, 'eval_every_steps': 1800,
+      'checkpoint_every_steps': 600, 'log_every_steps': 100})
+  return values
 
 
 def _smoke(base: dict[str, Any]) -> dict[str, Any]:
@@ -347,11 +346,10 @@ def read_json(path: str, what: str) -> Any:
 
 
 def write_json(path: str, value: Any) -> None:
+  """Writes `value` as JSON to `path` (local or gs://), atomically."""
   p = epath.Path(path)
   p.parent.mkdir(parents=True, exist_ok=True)
-  tmp = p.parent / (p.name + '.partial')
-  tmp.write_text(json.dumps(value, indent=1) + '\n')
-  tmp.replace(p)
+  files.atomic_write(p, json.dumps(value, indent=1) + '\n')
 
 
 def plan_dict(settings: Settings, paths: Paths, command: str,

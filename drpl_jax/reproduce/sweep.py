@@ -8,13 +8,13 @@ r"""Choose a recipe's values by measurement on the validation split.
       --sweep 'optim.base_lr=4e-3|8e-3|1.6e-2' \
       --sweep 'distill.alpha=0.3|0.5|0.7' \
       --sweep 'teacher_recipe.epochs=10|20' \
-      [--set data.image_size=96 ...]
+      [--config.data.image_size=96 ...]
   # The recipe's teacher alone (train_teacher with config.teacher_recipe):
   python -m drpl_jax.sweep teacher --config=configs/small_data.py \
-      --out /tmp/teacher.safetensors [--set ...]
+      --out /tmp/teacher.safetensors [--config.KEY=VALUE ...]
 
 `--sweep KEY=V1|V2|...` lists candidate values (Python literals, else
-strings) of a config key; `--set KEY=V` changes the base for all. Keys under
+strings) of a config key; `--config.KEY=V` changes the base for all. Keys under
 `teacher_recipe.` (the `train_teacher` flags) give candidates with their own
 teacher: every distinct teacher recipe is trained once under
 WORKDIR/teachers/ and shared by the candidates that use it (skipped when
@@ -24,16 +24,15 @@ Under WORKDIR: `candidates/<i>/seed<k>/` (a drpl_jax.main workdir each; its
 validation report in `eval/validation/report.json`), `sweep.json` (every
 candidate: overrides, per-seed validation figures, means, teacher validation
 accuracy, minutes) and `sweep.md` (one table), rewritten after each
-candidate. A rerun skips the finished ones. The test split is never read:
+candidate. A rerun skips the finished ones. WORKDIR may be local or gs://
+(every file goes through etils.epath). The test split is never read:
 a config whose evaluation split is the test split is refused.
 """
 
 from __future__ import annotations
 
-import argparse
 import ast
 import hashlib
-import importlib.util
 import itertools
 import json
 import os
@@ -44,21 +43,14 @@ from collections.abc import Sequence
 from typing import Any
 
 import ml_collections
+from absl import flags
+from etils import epath
+
+from drpl_jax import cli
+from drpl_jax.utils import files
 
 FIGURES = ('accuracy', 'balanced_accuracy', 'auc', 'lungs_hidden_accuracy',
            'lungs_only_accuracy', 'attention_lung_share')
-
-
-def load_config(spec: str) -> ml_collections.ConfigDict:
-  """'configs/x.py[:args]' -> the file's get_config(args)."""
-  path, _, arg = spec.partition(':')
-  if not os.path.isfile(path):
-    raise FileNotFoundError(f'config file {path} does not exist')
-  name = 'sweep_config_' + hashlib.sha1(path.encode()).hexdigest()[:8]
-  module_spec = importlib.util.spec_from_file_location(name, path)
-  module = importlib.util.module_from_spec(module_spec)
-  module_spec.loader.exec_module(module)
-  return module.get_config(arg) if arg else module.get_config()
 
 
 def parse_value(text: str) -> Any:
@@ -160,19 +152,18 @@ def ensure_teacher(spec: str, config: ml_collections.ConfigDict,
   if not config.model.distilled or config.distill.kind == 'none':
     return None
   if not config.teacher.checkpoint:
-    out = os.path.join(workdir, 'teachers',
-                       f'{_teacher_key(config)}.safetensors')
-    if not os.path.exists(out):
-      argv = teacher_argv(spec, config, base_sets, out)
-      os.makedirs(os.path.dirname(out), exist_ok=True)
+    out = epath.Path(workdir) / 'teachers' / (
+        f'{_teacher_key(config)}.safetensors')
+    if not out.exists():
+      argv = teacher_argv(spec, config, base_sets, os.fspath(out))
+      out.parent.mkdir(parents=True, exist_ok=True)
       subprocess.run(argv, check=True)
-    config.teacher.checkpoint = out
+    config.teacher.checkpoint = os.fspath(out)
     config.teacher.arch = config.teacher_recipe.arch
     config.teacher.image_size = config.teacher_recipe.image_size
-  meta = os.path.splitext(config.teacher.checkpoint)[0] + '.json'
-  if os.path.exists(meta):
-    with open(meta) as f:
-      return json.load(f).get('validation', {}).get('accuracy')
+  meta = epath.Path(config.teacher.checkpoint).with_suffix('.json')
+  if meta.exists():
+    return json.loads(meta.read_text()).get('validation', {}).get('accuracy')
   return None
 
 
@@ -213,11 +204,10 @@ def run_candidate(spec: str, base: ml_collections.ConfigDict,
                   overrides: dict[str, Any], index: int, workdir: str,
                   steps: int | None, seeds: int) -> dict[str, Any]:
   """Trains and evaluates one candidate (every seed); cached on disk."""
-  cand_dir = os.path.join(workdir, 'candidates', str(index))
-  done = os.path.join(cand_dir, 'result.json')
-  if os.path.exists(done):
-    with open(done) as f:
-      return json.load(f)
+  cand_dir = epath.Path(workdir) / 'candidates' / str(index)
+  done = cand_dir / 'result.json'
+  if done.exists():
+    return json.loads(done.read_text())
   config = ml_collections.ConfigDict(base.to_dict())
   for key, value in overrides.items():
     set_key(config, key, value)
@@ -231,7 +221,7 @@ def run_candidate(spec: str, base: ml_collections.ConfigDict,
   per_seed = []
   for seed in range(seeds):
     config.seed = seed
-    per_seed.append(_train_one(config, os.path.join(cand_dir, f'seed{seed}')))
+    per_seed.append(_train_one(config, os.fspath(cand_dir / f'seed{seed}')))
   result = {'index': index, 'overrides': overrides,
             'teacher_val_accuracy': teacher_acc,
             'teacher': config.teacher.checkpoint or None,
@@ -239,9 +229,8 @@ def run_candidate(spec: str, base: ml_collections.ConfigDict,
             'mean': {k: _mean([s[k] for s in per_seed]) for k in FIGURES},
             'shortcut_flags': sum(bool(s['shortcut_flag']) for s in per_seed),
             'minutes': round((time.time() - tic) / 60, 2)}
-  os.makedirs(cand_dir, exist_ok=True)
-  with open(done, 'w') as f:
-    json.dump(result, f, indent=1, default=str)
+  cand_dir.mkdir(parents=True, exist_ok=True)
+  files.atomic_write(done, json.dumps(result, indent=1, default=str))
   return result
 
 
@@ -274,82 +263,93 @@ def markdown(results: Sequence[dict[str, Any]], command: str,
   return '\n'.join(lines)
 
 
-def run_sweep(args: argparse.Namespace, command: str) -> str:
-  """The `run` subcommand; returns the path of sweep.md."""
-  base = load_config(args.config)
-  base_sets = [parse_assignment(s, many=False) for s in args.set]
-  for key, value in base_sets:
-    set_key(base, key, value)
+def run_sweep(spec: str, base: ml_collections.ConfigDict,
+              base_sets: Sequence[tuple[str, Any]], sweeps: Sequence[str],
+              *, workdir: str, grid: bool, steps: int | None, seeds: int,
+              command: str) -> str:
+  """Trains and evaluates every candidate; returns the path of sweep.md.
+
+  `base` is the config of `spec` with the `base_sets` overrides applied;
+  `sweeps` are the `KEY=V1|V2|...` strings of `--sweep`.
+  """
   check_no_test(base)
-  sweeps = [parse_assignment(s, many=True) for s in args.sweep]
-  for key, values in sweeps:  # fail on a typo before hours of training
+  if seeds < 1:
+    raise ValueError(f'--seeds={seeds} must be >= 1')
+  parsed = [parse_assignment(s, many=True) for s in sweeps]
+  for key, values in parsed:  # fail on a typo before hours of training
     trial = ml_collections.ConfigDict(base.to_dict())
     for value in values:
       set_key(trial, key, value)
   results = []
-  for i, overrides in enumerate(candidates(sweeps, args.grid)):
-    results.append(run_candidate(args.config, base, base_sets, overrides, i,
-                                 args.workdir, args.steps, args.seeds))
-    _write(args.workdir, results, command, base.data.eval_split)
-  return os.path.join(args.workdir, 'sweep.md')
+  for i, overrides in enumerate(candidates(parsed, grid)):
+    results.append(run_candidate(spec, base, base_sets, overrides, i,
+                                 workdir, steps, seeds))
+    _write(workdir, results, command, base.data.eval_split)
+  return os.fspath(epath.Path(workdir) / 'sweep.md')
 
 
 def _write(workdir: str, results, command: str, split: str) -> None:
-  os.makedirs(workdir, exist_ok=True)
-  for name, text in (
-      ('sweep.json', json.dumps({'command': command, 'split': split,
-                                 'candidates': results}, indent=1,
-                                default=str)),
-      ('sweep.md', markdown(results, command, split))):
-    tmp = os.path.join(workdir, name + '.partial')
-    with open(tmp, 'w') as f:
-      f.write(text)
-    os.replace(tmp, os.path.join(workdir, name))
+  """Rewrites WORKDIR/sweep.json and sweep.md (each atomically)."""
+  out = epath.Path(workdir)
+  out.mkdir(parents=True, exist_ok=True)
+  files.atomic_write(out / 'sweep.json', json.dumps(
+      {'command': command, 'split': split, 'candidates': results}, indent=1,
+      default=str))
+  files.atomic_write(out / 'sweep.md', markdown(results, command, split))
 
 
-def _parser() -> argparse.ArgumentParser:
-  parser = argparse.ArgumentParser(prog='python -m drpl_jax.sweep')
-  sub = parser.add_subparsers(dest='cmd', required=True)
-  for name in ('run', 'teacher'):
-    p = sub.add_parser(name)
-    p.add_argument('--config', required=True, help='FILE[:ARGS]')
-    p.add_argument('--set', action='append', default=[],
-                   help='KEY=VALUE for every candidate')
-  run = sub.choices['run']
-  run.add_argument('--workdir', required=True)
-  run.add_argument('--sweep', action='append', default=[],
-                   help="KEY=V1|V2|...")
-  run.add_argument('--grid', action='store_true',
-                   help='all combinations (default: one factor at a time)')
-  run.add_argument('--steps', type=int, default=None,
-                   help='training steps of every candidate (default: the '
-                   "config's)")
-  run.add_argument('--seeds', type=int, default=1)
-  sub.choices['teacher'].add_argument('--out', required=True)
-  return parser
+# ------------------------------------------------------------ command line
+
+SUBCOMMANDS = ('run', 'teacher')
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-  """Runs a subcommand; bad input exits 2 with a one-line message."""
-  argv = list(sys.argv[1:] if argv is None else argv)
-  args = _parser().parse_args(argv)
-  try:
-    if args.cmd == 'teacher':
-      config = load_config(args.config)
-      sets = [parse_assignment(s, many=False) for s in args.set]
-      for key, value in sets:
-        set_key(config, key, value)
-      return subprocess.run(teacher_argv(args.config, config, sets,
-                                         args.out)).returncode
-    if args.seeds < 1:
-      raise ValueError(f'--seeds {args.seeds} must be >= 1')
-    command = 'python -m drpl_jax.sweep ' + ' '.join(argv)
-    print(f'wrote {run_sweep(args, command)}')
-  except (ValueError, FileNotFoundError) as e:
-    print(f'sweep: error: {e}', file=sys.stderr)
-    return 2
+def _define_flags() -> None:
+  """The command's flags (defined only when it runs, not on import)."""
+  # pylint: disable=g-import-not-at-top
+  from ml_collections import config_flags
+  # pylint: enable=g-import-not-at-top
+  config_flags.DEFINE_config_file(
+      'config', None, 'FILE[:ARGS]; --config.KEY=VALUE changes the base of '
+      'every candidate.')
+  cli.define_workdir('The sweep\'s directory (run).', required=False)
+  flags.DEFINE_multi_string('sweep', [], 'KEY=V1|V2|... (run; repeatable).')
+  flags.DEFINE_bool('grid', False, 'All combinations (run; default: one '
+                    'factor at a time).')
+  flags.DEFINE_integer('steps', None, 'Training steps of every candidate '
+                       "(run; default: the config's).")
+  flags.DEFINE_integer('seeds', 1, 'Seeds per candidate (run).')
+  flags.DEFINE_string('out', None, 'The teacher\'s output file (teacher).')
+  flags.mark_flags_as_required(['config'])
+
+
+def main(argv: Sequence[str]) -> int:
+  """`run` or `teacher` (argv[1]) with the parsed flags."""
+  # pylint: disable=g-import-not-at-top
+  from ml_collections import config_flags
+  # pylint: enable=g-import-not-at-top
+  f = flags.FLAGS
+  if len(argv) != 2 or argv[1] not in SUBCOMMANDS:
+    raise cli.UserError(f'expected one subcommand of {SUBCOMMANDS}, got '
+                        f'{list(argv[1:])}')
+  spec = config_flags.get_config_filename(f['config'])
+  base_sets = list(config_flags.get_override_values(f['config']).items())
+  if argv[1] == 'teacher':
+    if not f.out:
+      raise cli.UserError('teacher needs --out FILE.safetensors')
+    return subprocess.run(teacher_argv(spec, f.config, base_sets,
+                                       f.out)).returncode
+  if not f.workdir:
+    raise cli.UserError('run needs --workdir DIR')
+  command = 'python -m drpl_jax.sweep ' + ' '.join(sys.argv[1:])
+  path = run_sweep(spec, f.config, base_sets, f.sweep, workdir=f.workdir,
+                   grid=f.grid, steps=f.steps, seeds=f.seeds,
+                   command=command)
+  print(f'wrote {path}')
   return 0
 
 
-if __name__ == '__main__':
-  sys.exit(main())
+def run() -> None:
+  """The command line (`python -m drpl_jax.sweep`, `drpl-sweep`): defines
+  the flags, then runs `main` under the exit policy of drpl_jax/cli.py."""
+  _define_flags()
+  cli.run(main, user_errors=(ValueError, FileNotFoundError))

@@ -23,6 +23,7 @@ from etils import epath
 from drpl_jax.evaluation import report as paper
 from drpl_jax.reproduce.protocol import Paths, Settings, read_json
 from drpl_jax.reproduce.protocol import run_step_name
+from drpl_jax.utils import files
 
 
 def load_report(path: str) -> dict[str, Any]:
@@ -274,5 +275,5 @@ def write_table(workdir: str, out: str = '') -> str:
   lines += _notes(settings, paths, reports) + _run_lines(plan, steps, timings)
   out = out or paths.extra()['table']
   epath.Path(out).parent.mkdir(parents=True, exist_ok=True)
-  epath.Path(out).write_text('\n'.join(lines))
+  files.atomic_write(out, '\n'.join(lines))
   return out

@@ -195,3 +195,30 @@ def preprocess(images: jax.Array, cfg: TeacherConfig) -> jax.Array:
 def finish_logits(logits: jax.Array) -> jax.Array:
   """float32 logits with no gradient path: the teacher is never trained."""
   return jax.lax.stop_gradient(logits.astype(jnp.float32))
+
+
+class TeacherCNN(nnx.Module):
+  """What every teacher CNN shares: its config, the input preprocessing,
+  global average pooling and the float32, gradient-free logits.
+
+  A subclass builds its layers (keeping torchvision's names, which the
+  converters map) and defines `trunk` (preprocessed images -> the last
+  feature map) and `head` (its final linear layer).
+  """
+
+  def __init__(self, cfg: TeacherConfig):
+    self.arch = cfg.arch
+    self.cfg = cfg
+
+  def trunk(self, x: jax.Array) -> jax.Array:
+    """[B, H, W, 3] network input -> [B, h, w, C] features."""
+    raise NotImplementedError
+
+  def head(self) -> nnx.Linear:
+    """The classifier applied to the pooled features."""
+    raise NotImplementedError
+
+  def __call__(self, images: jax.Array) -> jax.Array:
+    """[B, H, W, 3] images in [0, 1] -> [B, num_classes] float32 logits."""
+    x = self.trunk(preprocess(images, self.cfg))
+    return finish_logits(self.head()(global_avg_pool(x)))

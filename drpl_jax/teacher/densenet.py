@@ -113,21 +113,20 @@ class DenseNetFeatures(nnx.Module):
     return self.norm5(x)
 
 
-class DenseNet(nnx.Module):
+class DenseNet(common.TeacherCNN):
   """A torchvision DenseNet in inference mode; takes images in [0, 1]."""
 
   def __init__(self, spec: DenseNetSpec, cfg: common.TeacherConfig, *,
                rngs: nnx.Rngs):
-    self.arch = cfg.arch
-    self.cfg = cfg
+    super().__init__(cfg)
     dtype = jnp.dtype(cfg.dtype)
     self.features = DenseNetFeatures(spec, dtype=dtype, rngs=rngs)
     self.classifier = common.linear(
         self.features.out_features, cfg.num_classes, dtype=dtype, rngs=rngs
     )
 
-  def __call__(self, images: jax.Array) -> jax.Array:
-    """[B, H, W, 3] images in [0, 1] -> [B, num_classes] float32 logits."""
-    x = common.preprocess(images, self.cfg)
-    x = jax.nn.relu(self.features(x))  # final BN + ReLU before pooling.
-    return common.finish_logits(self.classifier(common.global_avg_pool(x)))
+  def trunk(self, x: jax.Array) -> jax.Array:
+    return jax.nn.relu(self.features(x))  # final BN + ReLU before pooling.
+
+  def head(self) -> nnx.Linear:
+    return self.classifier

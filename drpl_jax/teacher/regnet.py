@@ -138,21 +138,19 @@ class TrunkOutput(nnx.Module):
     return x
 
 
-class RegNet(nnx.Module):
+class RegNet(common.TeacherCNN):
   """A torchvision RegNetY in inference mode; takes images in [0, 1]."""
 
   def __init__(self, spec: RegNetSpec, cfg: common.TeacherConfig, *,
                rngs: nnx.Rngs):
-    self.arch = cfg.arch
-    self.cfg = cfg
+    super().__init__(cfg)
     kw = dict(dtype=jnp.dtype(cfg.dtype), rngs=rngs)
     self.stem = common.conv_bn(3, spec.stem_width, 3, stride=2, **kw)
     self.trunk_output = TrunkOutput(spec, **kw)
     self.fc = common.linear(spec.widths[-1], cfg.num_classes, **kw)
 
-  def __call__(self, images: jax.Array) -> jax.Array:
-    """[B, H, W, 3] images in [0, 1] -> [B, num_classes] float32 logits."""
-    x = common.preprocess(images, self.cfg)
-    x = common.apply_conv_bn(self.stem, x, relu=True)
-    x = self.trunk_output(x)
-    return common.finish_logits(self.fc(common.global_avg_pool(x)))
+  def trunk(self, x: jax.Array) -> jax.Array:
+    return self.trunk_output(common.apply_conv_bn(self.stem, x, relu=True))
+
+  def head(self) -> nnx.Linear:
+    return self.fc

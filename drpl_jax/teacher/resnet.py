@@ -82,13 +82,12 @@ def _downsample(inplanes: int, outplanes: int, stride: int, *,
                         rngs=rngs)
 
 
-class ResNet(nnx.Module):
+class ResNet(common.TeacherCNN):
   """A torchvision ResNet in inference mode; takes images in [0, 1]."""
 
   def __init__(self, spec: ResNetSpec, cfg: common.TeacherConfig, *,
                rngs: nnx.Rngs):
-    self.arch = cfg.arch
-    self.cfg = cfg
+    super().__init__(cfg)
     dtype = jnp.dtype(cfg.dtype)
     kw = dict(dtype=dtype, rngs=rngs)
     self.conv1 = common.conv(3, 64, 7, stride=2, padding=3, **kw)
@@ -104,12 +103,13 @@ class ResNet(nnx.Module):
       setattr(self, f'layer{i + 1}', nnx.List(blocks))
     self.fc = common.linear(inplanes, cfg.num_classes, **kw)
 
-  def __call__(self, images: jax.Array) -> jax.Array:
-    """[B, H, W, 3] images in [0, 1] -> [B, num_classes] float32 logits."""
-    x = common.preprocess(images, self.cfg)
+  def trunk(self, x: jax.Array) -> jax.Array:
     x = jax.nn.relu(self.bn1(self.conv1(x)))
     x = common.max_pool_3x3_s2(x)
     for stage in (self.layer1, self.layer2, self.layer3, self.layer4):
       for blk in stage:
         x = blk(x)
-    return common.finish_logits(self.fc(common.global_avg_pool(x)))
+    return x
+
+  def head(self) -> nnx.Linear:
+    return self.fc

@@ -24,7 +24,7 @@ import numpy as np
 from absl import logging
 from flax import nnx
 
-from drpl_jax import cli
+from drpl_jax.utils import errors
 from drpl_jax.config import base as config_base
 from drpl_jax.input import pipeline as input_pipeline
 from drpl_jax.models import ModelConfig
@@ -52,11 +52,11 @@ def create_online_teacher(config: ml_collections.ConfigDict, mesh
   if not t.arch:
     return None
   if t.get('soft_labels'):
-    raise cli.UserError('config.teacher.arch and config.teacher.soft_labels '
+    raise errors.UserError('config.teacher.arch and config.teacher.soft_labels '
                         'are both set; choose online (arch + checkpoint) or '
                         'offline (soft_labels) distillation')
   if not t.checkpoint:
-    raise cli.UserError(f'config.teacher.arch={t.arch!r} needs '
+    raise errors.UserError(f'config.teacher.arch={t.arch!r} needs '
                         'config.teacher.checkpoint (a .safetensors or .pth '
                         'state dict; see python -m drpl_jax.train_teacher)')
   from drpl_jax.train import preflight  # pylint: disable=g-import-not-at-top

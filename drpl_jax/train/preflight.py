@@ -1,7 +1,7 @@
 """Checks a command runs on its config before any work starts.
 
 Each check either fixes what can be inferred (the class count from the data
-set) or raises a one-line `cli.UserError` (a ValueError) that names the
+set) or raises a one-line `UserError` (a ValueError) that names the
 flag, file or value to change. The CLI
 entry points call them right after parsing their flags.
 """
@@ -9,13 +9,13 @@ entry points call them right after parsing their flags.
 from __future__ import annotations
 
 import json
-import os
 from collections.abc import Iterable, Sequence
 
 import ml_collections
 from absl import logging
+from etils import epath
 
-from drpl_jax import cli
+from drpl_jax.utils.errors import UserError
 
 
 def explicit_overrides(argv: Iterable[str]) -> set[str]:
@@ -30,15 +30,15 @@ def check_teacher(config: ml_collections.ConfigDict) -> None:
   kind = config.get('distill', {}).get('kind', 'none')
   teacher = config.get('teacher', {})
   checkpoint = teacher.get('checkpoint')
-  if (checkpoint and teacher.get('arch') and '://' not in checkpoint
-      and not os.path.isfile(checkpoint)):
-    raise cli.UserError(
+  if (checkpoint and teacher.get('arch')
+      and not epath.Path(checkpoint).is_file()):
+    raise UserError(
         f'config.teacher.checkpoint={checkpoint!r}: no such file (python -m '
         'drpl_jax.train_teacher makes one)')
   if (kind == 'none' or not config.model.get('distilled', False)
       or teacher.get('arch') or teacher.get('soft_labels')):
     return
-  raise cli.UserError(
+  raise UserError(
       f'config.distill.kind={kind!r} needs a teacher: add '
       '--config.teacher.arch=resnet50 --config.teacher.checkpoint=FILE '
       '(online; python -m drpl_jax.train_teacher makes one), or '
@@ -58,7 +58,7 @@ def infer_num_classes(config: ml_collections.ConfigDict,
   if configured == len(class_names):
     return
   if 'model.num_classes' in explicit:
-    raise cli.UserError(
+    raise UserError(
         f'--config.model.num_classes={configured} contradicts the data set '
         f'{config.data.name}, which has {len(class_names)} classes '
         f'{list(class_names)}; leave the flag out to use the data\'s count')
@@ -71,13 +71,12 @@ def infer_num_classes(config: ml_collections.ConfigDict,
 def check_teacher_arch(arch: str, checkpoint: str) -> None:
   """Refuses a teacher checkpoint whose record (the `.json` train_teacher
   writes beside it) names another architecture, in one line."""
-  record = os.path.splitext(checkpoint)[0] + '.json'
+  record = epath.Path(checkpoint).with_suffix('.json')
   try:
-    with open(record) as f:
-      recorded = json.load(f).get('arch')
+    recorded = json.loads(record.read_text()).get('arch')
   except (OSError, ValueError, AttributeError):
     return  # no readable record: the converter's shape check decides
   if recorded and recorded != arch:
-    raise cli.UserError(
+    raise UserError(
         f'{checkpoint} holds a {recorded} (per {record}), not {arch}: set '
         f'--config.teacher.arch={recorded}')
