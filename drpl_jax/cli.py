@@ -3,15 +3,14 @@
 One idea has one flag name in every command: `--workdir` (the training
 run's directory), `--batch_size`, `--step` (a checkpoint step, default the
 latest), `--ema` (the EMA weights), and absl's own `--verbosity`. They are
-defined here once, for the absl commands (`define_*`) and for the argparse
-ones (`add_*`), so the spelling and the help text cannot drift apart.
+defined here once (`define_*`), so the spelling and the help text cannot
+drift apart; every command is an absl command.
 
 `run(main)` runs an absl command so that bad user input ends in one line
 `error: ...` naming the file, key or value on stderr and exit status 2, with
 no traceback: a `UserError` (or the exception types a command names as
-bad input) raised by `main`, and a flag that does not parse (an unknown `--config.KEY`, a value of the wrong type, a missing required
-flag). The argparse commands already exit 2 with `error:` on bad flags and
-return 2 themselves on a `UserError`.
+bad input) raised by `main`, and a flag that does not parse (an unknown
+`--config.KEY`, a value of the wrong type, a missing required flag).
 
 Unless `--verbosity` is given, `run` also keeps the console for what a
 person needs (`quiet_libraries`; drpl_jax/train/console.py prints it).
@@ -23,7 +22,6 @@ defines flags only when a command calls its `define_*` functions.
 
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 import tempfile
@@ -61,31 +59,6 @@ def define_batch_size(default: int, help_text: str = BATCH_SIZE_HELP
                       ) -> flags.FlagHolder:
   """Defines absl's `--batch_size`."""
   return flags.DEFINE_integer('batch_size', default, help_text)
-
-
-def add_workdir(parser: argparse.ArgumentParser,
-                help_text: str = WORKDIR_HELP) -> None:
-  """Adds a required `--workdir` to an argparse parser."""
-  parser.add_argument('--workdir', required=True, help=help_text)
-
-
-def add_step(parser: argparse.ArgumentParser,
-             help_text: str = STEP_HELP) -> None:
-  """Adds `--step` (default None: the latest) to an argparse parser."""
-  parser.add_argument('--step', type=int, default=None, help=help_text)
-
-
-def add_ema(parser: argparse.ArgumentParser, help_text: str = EMA_HELP
-            ) -> None:
-  """Adds the switch `--ema` to an argparse parser."""
-  parser.add_argument('--ema', action='store_true', help=help_text)
-
-
-def add_batch_size(parser: argparse.ArgumentParser, default: int,
-                   help_text: str = BATCH_SIZE_HELP) -> None:
-  """Adds `--batch_size` to an argparse parser."""
-  parser.add_argument('--batch_size', type=int, default=default,
-                      help=help_text)
 
 
 def fail(message: object) -> None:

@@ -29,6 +29,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 from absl import app, flags, logging
+from etils import epath
 from flax import nnx
 
 from drpl_jax import cli
@@ -337,7 +338,7 @@ def run_config(workdir: str, given: ml_collections.ConfigDict | None,
   """
   if given is None:
     return config_from_workdir(workdir)
-  if not os.path.exists(os.path.join(workdir, 'meta.json')):
+  if not (epath.Path(workdir) / 'meta.json').exists():
     return given
   run = config_from_workdir(workdir)
   # The typed models are compared: a key the run's meta.json predates

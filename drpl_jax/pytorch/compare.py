@@ -54,6 +54,7 @@ from drpl_jax.models import ModelConfig, create_model
 from drpl_jax.pytorch import twin as torch_ref
 from drpl_jax.pytorch.twin import bench as torch_bench
 from drpl_jax.train import optim
+from drpl_jax.train.state import TrainState
 from drpl_jax.train import step as train_step
 from drpl_jax.utils import files
 
@@ -294,10 +295,7 @@ def jax_runners(config, model, batch: dict[str, np.ndarray]
                  donate_argnums=0)
 
   def new_state(params, rest):
-    return dict(step=jnp.zeros((), jnp.int32),
-                rng=jax.random.key(config.seed), params=params, rest=rest,
-                opt_state=tx.init(params), ema=None,
-                nonfinite=jnp.zeros((), jnp.int32))
+    return TrainState.fresh(params, rest, tx, jax.random.key(config.seed))
 
   t0 = time.perf_counter()
   compiled = step.lower(jax.eval_shape(lambda: new_state(params, rest)),

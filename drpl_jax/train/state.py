@@ -57,6 +57,15 @@ class TrainState:
     return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
 
   @classmethod
+  def fresh(cls, params: Any, rest: Any, tx: Any, rng: jax.Array, *,
+            ema: bool = False) -> TrainState:
+    """Step 0: the optimizer initialised on `params`, EMA starting there."""
+    return cls(step=jnp.zeros((), jnp.int32), rng=rng, params=params,
+               rest=rest, opt_state=tx.init(params),
+               ema=params if ema else None,
+               nonfinite=jnp.zeros((), jnp.int32))
+
+  @classmethod
   def from_dict(cls, tree: dict[str, Any]) -> TrainState:
     """The inverse of `to_dict`; names missing or unknown keys."""
     names = [f.name for f in dataclasses.fields(cls)]
@@ -131,10 +140,7 @@ def create_train_state(config: ml_collections.ConfigDict,
     init_rng, step_rng = jax.random.split(rng)
     model = create_model(model_cfg, rngs=nnx.Rngs(init_rng))
     _, params, rest = nnx.split(model, nnx.Param, ...)
-    return TrainState(step=jnp.zeros((), jnp.int32), rng=step_rng,
-                      params=params, rest=rest, opt_state=tx.init(params),
-                      ema=params if use_ema else None,
-                      nonfinite=jnp.zeros((), jnp.int32))
+    return TrainState.fresh(params, rest, tx, step_rng, ema=use_ema)
 
   abstract = jax.eval_shape(init)
   shardings = sharding.state_shardings(abstract, mesh)
