@@ -22,6 +22,7 @@ defines flags only when a command calls its `define_*` functions.
 
 from __future__ import annotations
 
+import importlib
 import os
 import sys
 import tempfile
@@ -91,7 +92,7 @@ def _check_config_files() -> None:
     try:  # a config that failed to load raises on its first attribute
       getattr(flag.value, 'get', None)
     except OSError as e:  # ml_collections' report: the cause is last
-      lines = [l.strip() for l in str(e).splitlines() if l.strip()]
+      lines = [t.strip() for t in str(e).splitlines() if t.strip()]
       fail(f'--{name}={flag.config_filename}: cannot load it: {lines[-1]}')
 
 
@@ -137,7 +138,7 @@ def _import_tensorflow_quietly() -> None:
   with tempfile.TemporaryFile() as sink:
     os.dup2(sink.fileno(), 2)
     try:
-      import tensorflow  # pylint: disable=g-import-not-at-top,unused-import
+      importlib.import_module('tensorflow')
     except ImportError:
       pass  # the accelerator machines have none; nothing to silence
     finally:

@@ -5,8 +5,8 @@ Also keeps the stable import paths of DESIGN section 7:
 """
 
 from drpl_jax.pytorch.convert import run
-from drpl_jax.teacher.load import torch_teacher  # pylint: disable=unused-import
-from drpl_jax.train.student_init import student_from_timm  # pylint: disable=unused-import
+from drpl_jax.teacher.load import torch_teacher as torch_teacher
+from drpl_jax.train.student_init import student_from_timm as student_from_timm
 
 if __name__ == '__main__':
   run()

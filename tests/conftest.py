@@ -3,6 +3,7 @@ XLA_FLAGS=--xla_force_host_platform_device_count=8 (see tests/multidevice.py),
 so this process keeps the default single CPU device."""
 
 import os
+import subprocess
 import sys
 
 # Tests run two pytest-xdist workers on 2 cores: PyTorch's OpenMP pool with
@@ -172,11 +173,9 @@ def tiny_run(demo_data_dir, tmp_path_factory):
 
 
 def run_module(module: str, *args: str, timeout: int = 600
-               ) -> 'subprocess.CompletedProcess[str]':
+               ) -> subprocess.CompletedProcess[str]:
   """`python -m MODULE ARGS` from the worktree root, output captured (the
   absl commands parse global flags, so tests run them in a subprocess)."""
-  import subprocess  # pylint: disable=g-import-not-at-top
-  import sys  # pylint: disable=g-import-not-at-top
   return subprocess.run([sys.executable, '-m', module, *args], cwd=ROOT,
                         env=dict(os.environ, PYTHONPATH=ROOT),
                         capture_output=True, text=True, timeout=timeout,

@@ -34,8 +34,8 @@ def run_compare(tmp_path, preset: str, *extra: str):
   proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True,
                         check=False)
   assert proc.returncode == 0, proc.stderr[-3000:]
-  lines = [l for l in proc.stdout.splitlines() if l.strip()]
-  return [json.loads(l) for l in lines], md.read_text()
+  lines = [t for t in proc.stdout.splitlines() if t.strip()]
+  return [json.loads(t) for t in lines], md.read_text()
 
 
 def check_model_records(recs, frameworks):
@@ -71,7 +71,7 @@ def test_tiny_run_without_compile(tmp_path):
   assert {r['framework'] for r in matmul} == {'jax', 'torch'}
   assert all(r['gflops'] > 0 for r in matmul)
   check_model_records(recs, ('jax', 'torch_eager'))
-  rows = [l for l in md.splitlines() if l.startswith('| ')][1:]  # no header
+  rows = [t for t in md.splitlines() if t.startswith('| ')][1:]  # no header
   assert [r.split('|')[1].strip() for r in rows] == ['jax', 'torch_eager']
 
 
@@ -79,7 +79,7 @@ def test_tiny_run_without_compile(tmp_path):
 def test_tiny_run_with_torch_compile(tmp_path):
   recs, md = run_compare(tmp_path, 'drpl')
   check_model_records(recs, ('jax', 'torch_eager', 'torch_compile'))
-  rows = [l for l in md.splitlines() if l.startswith('| ')][1:]
+  rows = [t for t in md.splitlines() if t.startswith('| ')][1:]
   assert [r.split('|')[1].strip() for r in rows] == [
       'jax', 'torch_eager', 'torch_compile']
 
@@ -115,7 +115,7 @@ def test_records_and_markdown_rows():
   assert by[('torch_eager', 'inference')]['xla_flops_per_image'] == 2e9
   assert by[('torch_compile', None)]['error'].startswith('Backend')
   md = compare.markdown(recs, meta, {'jax': 90.0, 'torch': 80.0})
-  rows = [l for l in md.splitlines() if l.startswith('| ')][1:]
+  rows = [t for t in md.splitlines() if t.startswith('| ')][1:]
   assert [r.split('|')[1].strip() for r in rows] == [
       'jax', 'torch_eager', 'torch_compile']
   assert 'failed: BackendCompilerFailed' in rows[2]

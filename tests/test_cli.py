@@ -129,17 +129,17 @@ def test_the_demo_console_is_short_unless_verbose(demo_data_dir, tmp_path):
   assert quiet.returncode == 0, quiet.stderr[-3000:]
   lines = (quiet.stdout + quiet.stderr).splitlines()
   assert len(lines) < 40, '\n'.join(lines)
-  assert not [l for l in lines if l.startswith('I1') or 'oneDNN' in l], lines
+  assert not [t for t in lines if t.startswith('I1') or 'oneDNN' in t], lines
   assert json.loads(quiet.stdout.splitlines()[-1])['step'] == 4
-  assert sum(l.startswith('step ') and 'images/s' in l and 'ETA' in l
-             for l in lines) == 2  # plain lines: stdout is not a terminal
-  (evals,) = [l for l in lines if l.startswith('eval at step 4')]
+  assert sum(t.startswith('step ') and 'images/s' in t and 'ETA' in t
+             for t in lines) == 2  # plain lines: stdout is not a terminal
+  (evals,) = [t for t in lines if t.startswith('eval at step 4')]
   assert 'val_accuracy_' in evals, evals
   table = workdir / 'params.txt'
   assert str(table) in quiet.stdout and 'Total' in table.read_text()
   verbose = _run(*command, '--verbosity=0')  # resumes at step 4: evaluates
   assert verbose.returncode == 0, verbose.stderr[-3000:]
-  assert any(l.startswith('I1') for l in verbose.stderr.splitlines())
+  assert any(t.startswith('I1') for t in verbose.stderr.splitlines())
 
 
 def test_a_config_file_that_does_not_exist_exits_2_naming_it(tmp_path):

@@ -1,7 +1,6 @@
 """Distillation inside training: the online teacher and offline soft labels."""
 
 import json
-import os
 
 import jax
 import numpy as np

@@ -227,7 +227,7 @@ def test_two_processes_agree_on_a_global_sum():
   results = []
   for p, (out, err) in zip(procs, outs):
     assert p.returncode == 0, err[-3000:]
-    line = [l for l in out.splitlines() if l.startswith('RESULT ')][-1]
+    line = [t for t in out.splitlines() if t.startswith('RESULT ')][-1]
     results.append(json.loads(line[len('RESULT '):]))
   # Each process holds 3 values per local device: pid*100 + 0..5.
   expected = sum(100.0 * pid * 6 + sum(range(6)) for pid in range(2))

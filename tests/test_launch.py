@@ -208,9 +208,9 @@ def tpu(*args, env=None):
   proc = run(['launch/tpu_pod.sh', '--dry-run', '--name=pod1',
               '--zone', 'us-central2-b', '--project=proj', *args], env=env)
   assert proc.returncode == 0, proc.stderr
-  lines = [l[2:] for l in proc.stdout.splitlines() if l.startswith('+ ')]
+  lines = [t[2:] for t in proc.stdout.splitlines() if t.startswith('+ ')]
   assert len(lines) == len(proc.stdout.splitlines())
-  return [shlex.split(l) for l in lines]
+  return [shlex.split(t) for t in lines]
 
 
 def remote(cmd: list[str]) -> str:

@@ -528,7 +528,7 @@ def test_depthwise_conv_fused_gradient_matches_autodiff():
     x, kernel, bias = _depthwise_inputs(rng, k)
     target = jnp.asarray(rng.normal(size=(2, 7, 6, 12)), jnp.float32)
 
-    def loss(x, kernel, bias, fused):
+    def loss(x, kernel, bias, fused, target=target):
       out = layers.depthwise_conv(x, kernel, bias, fused_grad=fused)
       return jnp.sum(jnp.sin(out) * target)
 

@@ -173,7 +173,7 @@ def test_cli_args_and_errors(tmp_path):
   assert 'seed 7' in user_error(
       repro('args', 'run', *common, '--preset', 'vit', '--seed', '7'))
   proc = repro('runs', *common, '--smoke')
-  rows = [l.split('\t') for l in proc.stdout.splitlines()]
+  rows = [t.split('\t') for t in proc.stdout.splitlines()]
   assert [(r[0], r[1]) for r in rows] == [('vit', '0'), ('drpl', '0')]
   assert rows[1][3] == str(tmp_path / 'runs/drpl/seed0/eval/test/report.json')
 
@@ -258,8 +258,8 @@ def test_table_has_every_run_with_intervals(tmp_path):
   text = open(out).read()
   cell = r'\d+\.\d \[\d+\.\d, \d+\.\d\]'
   for (preset, seed), report in reports.items():
-    row = next(l for l in text.splitlines()
-               if l.startswith(f'| {preset} | {seed} |'))
+    row = next(t for t in text.splitlines()
+               if t.startswith(f'| {preset} | {seed} |'))
     cells = row.split(' | ')
     assert cells[2] == reproduce_table._cell(report['accuracy'],
                                        report['ci95']['accuracy'])
@@ -393,8 +393,8 @@ def test_smoke_reproduction_end_to_end_and_rerun(tmp_path):
   table = (workdir / 'results.md').read_text()
   assert (tmp_path / 'copy.md').read_text() == table
   for preset in ('vit', 'drpl'):
-    row = next(l for l in table.splitlines()
-               if l.startswith(f'| {preset} | 0 |'))
+    row = next(t for t in table.splitlines()
+               if t.startswith(f'| {preset} | 0 |'))
     assert len(re.findall(r'\d+\.\d \[\d+\.\d, \d+\.\d\]', row)) == 4, row
   assert 'Not comparable with the paper' in table
   assert 'Teacher: regnet_y_400mf' in table
@@ -473,8 +473,8 @@ def test_table_has_the_teacher_row(tmp_path):
       with open(paths.report(*key), 'w') as f:
         json.dump(dict(report, teacher=teacher), f)
   text = open(reproduce_table.write_table(str(workdir))).read()
-  row = next(l for l in text.splitlines()
-             if l.startswith('| teacher (regnet_y_400mf) |'))
+  row = next(t for t in text.splitlines()
+             if t.startswith('| teacher (regnet_y_400mf) |'))
   assert reproduce_table._cell(teacher['accuracy'],
                                teacher['ci95']['accuracy']) in row
   assert len(re.findall(r'\d+\.\d \[\d+\.\d, \d+\.\d\]', row)) == 4, row

@@ -5,7 +5,6 @@ import os
 import subprocess
 import sys
 
-import ml_collections
 import pytest
 
 from conftest import config_module

@@ -139,7 +139,7 @@ def prepare(name: str, *, data_dir: str, manual_dir: str | None = None,
   # TFDS prints progress to stdout; keep stdout for the caller (CLI JSON).
   with contextlib.redirect_stdout(sys.stderr):
     builder = cls(config=config, data_dir=data_dir)  # Validates the input.
-    builder.listing  # pylint: disable=pointless-statement
+    _ = builder.listing  # the property validates the input
     mode = (tfds.download.GenerateMode.REUSE_CACHE_IF_EXISTS
             if os.path.exists(folder)  # Data without summary: rebuild.
             else tfds.download.GenerateMode.REUSE_DATASET_IF_EXISTS)

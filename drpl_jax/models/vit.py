@@ -116,7 +116,7 @@ class DRPLViT(nnx.Module):
   def embed(self, images: Array, *, train: bool = False,
             rngs: nnx.Rngs | None = None) -> tuple[Array, tuple[int, int]]:
     """Images [B, H, W, 3] -> tokens [B, prefix + N, D] and the grid."""
-    grid = self._check_inputs(images, train, rngs)
+    self._check_inputs(images, train, rngs)
     dtype = jnp_dtype(self.config.dtype)
     x = self.patch_embed(images.astype(dtype), train=train)  # [B, Gh, Gw, D]
     b, gh, gw, d = x.shape

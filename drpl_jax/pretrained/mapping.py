@@ -31,7 +31,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from absl import logging
-from flax import nnx
 
 from drpl_jax.models import ModelConfig
 from drpl_jax.models.resample import resample_grid

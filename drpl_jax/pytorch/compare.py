@@ -111,7 +111,7 @@ def _host_rss(field: str) -> int | None:
   """VmRSS or VmHWM (peak RSS) of this process in bytes; None off Linux."""
   try:
     with open('/proc/self/status') as f:
-      line = next(l for l in f if l.startswith(field + ':'))
+      line = next(t for t in f if t.startswith(field + ':'))
   except (OSError, StopIteration):
     return None
   return int(line.split()[1]) * 1024

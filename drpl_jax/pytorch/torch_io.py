@@ -151,9 +151,9 @@ def _load_torch_pickle(path: str, key: str | None) -> dict[str, np.ndarray]:
 
 def _torch_reason(error: Exception) -> str:
   """The informative line of a torch.load error (e.g. the refused class)."""
-  lines = [re.sub(r'\x1b\[[0-9;]*m', '', l).strip()
-           for l in str(error).splitlines()]
-  lines = [l for l in lines if l]
+  lines = [re.sub(r'\x1b\[[0-9;]*m', '', t).strip()
+           for t in str(error).splitlines()]
+  lines = [t for t in lines if t]
   for line in lines:
     if 'Unsupported global' in line or 'Unsupported operand' in line:
       return line
