@@ -32,16 +32,24 @@ import ml_collections
 
 from drpl_jax.config import base
 
-DEFAULT_DATA = os.path.normpath(os.path.join(
-    os.path.dirname(os.path.abspath(__file__)), '..', '..', 'shared', 'data',
-    'covid19_radiography_2k5'))
+DEFAULT_DATA = os.path.normpath(
+    os.path.join(
+        os.path.dirname(os.path.abspath(__file__)),
+        '..',
+        '..',
+        'shared',
+        'data',
+        'covid19_radiography_2k5',
+    )
+)
 PROVISIONAL = 'provisional: to be chosen by the validation sweep'
 
 
 def get_config(arg: str = '') -> ml_collections.ConfigDict:
   """The recipe for `preset=...,data=...,classes=...,teacher=...`."""
-  args = base.parse_arg(arg, preset='drpl', data=DEFAULT_DATA,
-                            classes='COVID+Normal', teacher='')
+  args = base.parse_arg(
+      arg, preset='drpl', data=DEFAULT_DATA, classes='COVID+Normal', teacher=''
+  )
   config = base.drpl_vit(f'variant=micro,preset={args.preset},runlocal')
   classes = [c for c in args.classes.split('+') if c]
 
@@ -89,18 +97,22 @@ def get_config(arg: str = '') -> ml_collections.ConfigDict:
 
   # The teacher: `python -m drpl_jax.train_teacher` flags (sweep teacher
   # runs it with these). Trained from scratch (nothing is downloaded).
-  config.teacher_recipe = ml_collections.ConfigDict(dict(
-      arch='resnet18',  # provisional: to be chosen by the sweep
-      epochs=15,  # provisional: to be chosen by the sweep
-      batch_size=32,  # provisional: to be chosen by the sweep
-      lr=1e-3,  # provisional: to be chosen by the sweep
-      weight_decay=0.05,  # train_teacher's default
-      image_size=112,  # provisional: the student's resolution
-      crop_min_scale=0.35))  # provisional: the student's crop scale
+  config.teacher_recipe = ml_collections.ConfigDict(
+      dict(
+          arch='resnet18',  # provisional: to be chosen by the sweep
+          epochs=15,  # provisional: to be chosen by the sweep
+          batch_size=32,  # provisional: to be chosen by the sweep
+          lr=1e-3,  # provisional: to be chosen by the sweep
+          weight_decay=0.05,  # train_teacher's default
+          image_size=112,  # provisional: the student's resolution
+          crop_min_scale=0.35,
+      )
+  )  # provisional: the student's crop scale
   # The teacher's input size is its own (not tied to the student's).
   config.teacher = ml_collections.ConfigDict(config.teacher.to_dict())
-  config.teacher.arch = (config.teacher_recipe.arch if config.model.distilled
-                         else '')
+  config.teacher.arch = (
+      config.teacher_recipe.arch if config.model.distilled else ''
+  )
   config.teacher.checkpoint = args.teacher
   config.teacher.image_size = config.teacher_recipe.image_size
   return config

@@ -34,14 +34,15 @@ from drpl_jax.utils.errors import UserError  # re-exported: cli.UserError
 
 EXIT_USER_ERROR = 2
 
-WORKDIR_HELP = 'The training run\'s directory (checkpoints, logs, reports).'
+WORKDIR_HELP = "The training run's directory (checkpoints, logs, reports)."
 STEP_HELP = 'Checkpoint step (default: the latest).'
 EMA_HELP = 'Use the EMA weights of the run.'
 BATCH_SIZE_HELP = 'Batch size.'
 
 
-def define_workdir(help_text: str = WORKDIR_HELP, required: bool = True
-                   ) -> flags.FlagHolder:
+def define_workdir(
+    help_text: str = WORKDIR_HELP, required: bool = True
+) -> flags.FlagHolder:
   """Defines absl's `--workdir`."""
   return flags.DEFINE_string('workdir', None, help_text, required=required)
 
@@ -56,16 +57,20 @@ def define_ema(help_text: str = EMA_HELP) -> flags.FlagHolder:
   return flags.DEFINE_bool('ema', False, help_text)
 
 
-def define_batch_size(default: int, help_text: str = BATCH_SIZE_HELP
-                      ) -> flags.FlagHolder:
+def define_batch_size(
+    default: int, help_text: str = BATCH_SIZE_HELP
+) -> flags.FlagHolder:
   """Defines absl's `--batch_size`."""
   return flags.DEFINE_integer('batch_size', default, help_text)
 
 
 def fail(message: object) -> None:
   """Prints `error: message` (its first line) to stderr and exits 2."""
-  line = str(message).strip().splitlines()[0] if str(message).strip() else (
-      type(message).__name__)
+  line = (
+      str(message).strip().splitlines()[0]
+      if str(message).strip()
+      else (type(message).__name__)
+  )
   print(f'error: {line}', file=sys.stderr, flush=True)
   sys.exit(EXIT_USER_ERROR)
 
@@ -100,10 +105,12 @@ def _unknown_config_key(argv: Sequence[str], error: Exception) -> str:
   """Names the `--config.KEY` override whose key the config lacks."""
   name = str(error).strip('"\' ')
   for arg in argv:
-    key = arg[len('--config.'):].partition('=')[0]
+    key = arg[len('--config.') :].partition('=')[0]
     if arg.startswith('--config.') and name in key.split('.'):
-      return (f'--config.{key}: the config has no key {name!r} '
-              '(see the config file for the keys it has)')
+      return (
+          f'--config.{key}: the config has no key {name!r} '
+          '(see the config file for the keys it has)'
+      )
   return f'a --config.KEY flag names a key the config lacks: {error}'
 
 
@@ -146,10 +153,14 @@ def _import_tensorflow_quietly() -> None:
       os.close(saved)
 
 
-def run(main: Callable[[Sequence[str]], object],
-        user_errors: tuple[type[BaseException], ...] = (UserError,), *,
-        positional: bool = True, argv: Sequence[str] | None = None,
-        tensorflow: bool = True) -> None:
+def run(
+    main: Callable[[Sequence[str]], object],
+    user_errors: tuple[type[BaseException], ...] = (UserError,),
+    *,
+    positional: bool = True,
+    argv: Sequence[str] | None = None,
+    tensorflow: bool = True,
+) -> None:
   """Runs an absl `main` under the exit policy (see the module docstring).
 
   `user_errors`: the exception types that mean bad input; anything else is
@@ -162,12 +173,17 @@ def run(main: Callable[[Sequence[str]], object],
   def guarded(args: Sequence[str]) -> object:
     quiet_libraries(tensorflow)
     if not positional and len(args) > 1:
-      fail(f'unexpected arguments: {list(args[1:])} (this command takes '
-           'only --flags)')
+      fail(
+          f'unexpected arguments: {list(args[1:])} (this command takes '
+          'only --flags)'
+      )
     try:
       return main(args)
     except user_errors as e:  # pylint: disable=catching-non-exception
       fail(e)
 
-  app.run(guarded, argv=None if argv is None else list(argv),
-          flags_parser=_parse_flags)
+  app.run(
+      guarded,
+      argv=None if argv is None else list(argv),
+      flags_parser=_parse_flags,
+  )

@@ -24,13 +24,17 @@ from drpl_jax import cli
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'Config file.')
 _WORKDIR = cli.define_workdir()
 _COORDINATOR = flags.DEFINE_string(
-    'coordinator_address', None,
+    'coordinator_address',
+    None,
     'host:port of process 0 for a multi-process run on a generic cluster; '
-    'TPU pods and SLURM detect themselves (docs/scaling.md).')
-_NUM_PROCESSES = flags.DEFINE_integer('num_processes', None,
-                                      'Total processes (generic clusters).')
-_PROCESS_ID = flags.DEFINE_integer('process_id', None,
-                                   'This process, 0..N-1 (generic clusters).')
+    'TPU pods and SLURM detect themselves (docs/scaling.md).',
+)
+_NUM_PROCESSES = flags.DEFINE_integer(
+    'num_processes', None, 'Total processes (generic clusters).'
+)
+_PROCESS_ID = flags.DEFINE_integer(
+    'process_id', None, 'This process, 0..N-1 (generic clusters).'
+)
 flags.mark_flags_as_required(['config'])
 
 
@@ -39,39 +43,53 @@ def main(argv: Sequence[str]) -> None:
     raise app.UsageError(f'unexpected arguments: {argv[1:]}')
   from drpl_jax.parallel import hostmem  # pylint: disable=g-import-not-at-top
   from drpl_jax.train import preflight  # pylint: disable=g-import-not-at-top
+
   preflight.check_teacher(_CONFIG.value)  # before any work
   hostmem.configure()  # before JAX starts its CPU client
   # Imported here so that --help is fast and flags parse before JAX starts.
   from drpl_jax.parallel import distributed  # pylint: disable=g-import-not-at-top
-  distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value,
-                         _PROCESS_ID.value)
+
+  distributed.initialize(
+      _COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value
+  )
   from drpl_jax.evaluation import evaluate  # pylint: disable=g-import-not-at-top
   from drpl_jax.train import loop as train  # pylint: disable=g-import-not-at-top
+
   config, workdir = _CONFIG.value, _WORKDIR.value
   from drpl_jax import data  # pylint: disable=g-import-not-at-top
+
   try:  # a data set that is missing or contradicts the config
     preflight.infer_num_classes(
-        config, data.ensure_prepared(config.data).class_names,
-        preflight.explicit_overrides(sys.argv))
+        config,
+        data.ensure_prepared(config.data).class_names,
+        preflight.explicit_overrides(sys.argv),
+    )
   except ValueError as e:
     raise cli.UserError(str(e)) from e
   result = train.train_and_evaluate(config, workdir)
   if result.get('preempted'):
-    logging.info('Preempted at step %d; rerun the same command to resume.',
-                 result['step'])
+    logging.info(
+        'Preempted at step %d; rerun the same command to resume.',
+        result['step'],
+    )
     # Launchers read the last stdout line of every run, preempted or not.
-    print(json.dumps({'step': result['step'], 'preempted': True,
-                      'workdir': workdir}))
+    print(
+        json.dumps(
+            {'step': result['step'], 'preempted': True, 'workdir': workdir}
+        )
+    )
     return
   report = evaluate.evaluate(config, workdir)
   path = os.path.join(workdir, 'eval', report['data']['split'], 'report.json')
-  summary = {'step': result['step'], 'test_accuracy': report['accuracy'],
-             'test_balanced_accuracy': report['balanced_accuracy'],
-             'num_test_examples': report['num_examples'],
-             'chance_accuracy': 1 / len(report['class_names']),
-             'teacher_test_accuracy': report.get('teacher', {}).get(
-                 'accuracy'),
-             'report': path}
+  summary = {
+      'step': result['step'],
+      'test_accuracy': report['accuracy'],
+      'test_balanced_accuracy': report['balanced_accuracy'],
+      'num_test_examples': report['num_examples'],
+      'chance_accuracy': 1 / len(report['class_names']),
+      'teacher_test_accuracy': report.get('teacher', {}).get('accuracy'),
+      'report': path,
+  }
   logging.info('Done: %s', summary)
   print(json.dumps(summary))
 

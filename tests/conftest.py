@@ -20,6 +20,7 @@ SHARED_DATA = os.path.join(os.path.dirname(ROOT), 'shared', 'data')
 def config_module(name: str):
   """The config file configs/<name>.py as a module (no sys.path change)."""
   import importlib.util  # pylint: disable=g-import-not-at-top
+
   path = os.path.join(ROOT, 'configs', f'{name}.py')
   spec = importlib.util.spec_from_file_location(f'configs_{name}', path)
   module = importlib.util.module_from_spec(spec)
@@ -31,6 +32,7 @@ def config_module(name: str):
 def demo_data_dir(tmp_path_factory):
   """The demo data set, prepared once per test session (per xdist worker)."""
   from drpl_jax import data  # pylint: disable=g-import-not-at-top
+
   path = tmp_path_factory.mktemp('demo_data')
   data.prepare('demo', data_dir=str(path))
   return str(path)
@@ -42,8 +44,11 @@ def compilation_cache(tmp_path):
   import jax  # pylint: disable=g-import-not-at-top
   # pylint: disable-next=g-import-not-at-top
   from jax.experimental.compilation_cache import compilation_cache as cache
-  names = ('jax_compilation_cache_dir',
-           'jax_persistent_cache_min_compile_time_secs')
+
+  names = (
+      'jax_compilation_cache_dir',
+      'jax_persistent_cache_min_compile_time_secs',
+  )
   old = {name: getattr(jax.config, name) for name in names}
   cache.reset_cache()
   cache.set_cache_dir(str(tmp_path / 'jax_cache'))
@@ -70,19 +75,27 @@ def restore_on_one_device(ckpt, step):
   devices or processes that wrote it."""
   import jax  # pylint: disable=g-import-not-at-top
   import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
+
   meta = ckpt.manager.item_metadata(step)['state']
   device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
   is_leaf = lambda x: hasattr(x, 'shape') and not isinstance(x, dict)
   target = jax.tree.map(
       lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device),
-      meta, is_leaf=is_leaf)
-  return ckpt.manager.restore(step, args=ocp.args.Composite(
-      state=ocp.args.StandardRestore(target)))['state']
+      meta,
+      is_leaf=is_leaf,
+  )
+  return ckpt.manager.restore(
+      step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target))
+  )['state']
 
 
 # A plain 2-block DeiT at patch 8 (what a timm checkpoint fills entirely).
-DEIT_OVERRIDES = {'model.depth': 2, 'model.patch_size': 8,
-                  'model.rpe.kind': 'none', 'model.conv.kind': 'mlp'}
+DEIT_OVERRIDES = {
+    'model.depth': 2,
+    'model.patch_size': 8,
+    'model.rpe.kind': 'none',
+    'model.conv.kind': 'mlp',
+}
 
 
 def tiny_demo_config(data_dir, steps=2, **overrides):
@@ -107,6 +120,7 @@ def randomize_torch_model(model, seed=0):
   parity test; returns the model in eval mode."""
   import numpy as np  # pylint: disable=g-import-not-at-top
   import torch  # pylint: disable=g-import-not-at-top
+
   g = torch.Generator().manual_seed(seed)
   with torch.no_grad():
     for name, t in model.named_parameters():
@@ -126,13 +140,15 @@ def randomize_torch_model(model, seed=0):
   return model.eval()
 
 
-def write_dicom(path, pixels, photometric='MONOCHROME2', bits_stored=None,
-                **attrs):
+def write_dicom(
+    path, pixels, photometric='MONOCHROME2', bits_stored=None, **attrs
+):
   """A minimal single-frame DICOM file of unsigned `pixels` [H, W]; extra
   dataset attributes (RescaleSlope=1, ...) as keywords."""
   import numpy as np  # pylint: disable=g-import-not-at-top
   from pydicom.dataset import Dataset, FileMetaDataset  # pylint: disable=g-import-not-at-top
   from pydicom.uid import ExplicitVRLittleEndian, generate_uid  # pylint: disable=g-import-not-at-top
+
   pixels = np.ascontiguousarray(pixels)
   meta = FileMetaDataset()
   meta.TransferSyntaxUID = ExplicitVRLittleEndian
@@ -165,18 +181,25 @@ def tiny_run(demo_data_dir, tmp_path_factory):
   Returns (workdir, config); copy the workdir before changing it."""
   from drpl_jax.train import loop as train  # pylint: disable=g-import-not-at-top
   # The smallest model: the least compile time.
-  config = tiny_demo_config(demo_data_dir, 2, checkpoint_every_steps=1,
-                            **{'model.depth': 1})
+  config = tiny_demo_config(
+      demo_data_dir, 2, checkpoint_every_steps=1, **{'model.depth': 1}
+  )
   workdir = str(tmp_path_factory.mktemp('tiny_run'))
   train.train_and_evaluate(config, workdir)
   return workdir, config
 
 
-def run_module(module: str, *args: str, timeout: int = 600
-               ) -> subprocess.CompletedProcess[str]:
+def run_module(
+    module: str, *args: str, timeout: int = 600
+) -> subprocess.CompletedProcess[str]:
   """`python -m MODULE ARGS` from the worktree root, output captured (the
   absl commands parse global flags, so tests run them in a subprocess)."""
-  return subprocess.run([sys.executable, '-m', module, *args], cwd=ROOT,
-                        env=dict(os.environ, PYTHONPATH=ROOT),
-                        capture_output=True, text=True, timeout=timeout,
-                        check=False)
+  return subprocess.run(
+      [sys.executable, '-m', module, *args],
+      cwd=ROOT,
+      env=dict(os.environ, PYTHONPATH=ROOT),
+      capture_output=True,
+      text=True,
+      timeout=timeout,
+      check=False,
+  )

@@ -29,11 +29,18 @@ def make_optimizer(config):
   """
   schedule = optim.learning_rate_schedule(
       optim.OptimConfig.from_config(config.optim),
-      batch_size=config.batch_size, total_steps=config.total_steps)
+      batch_size=config.batch_size,
+      total_steps=config.total_steps,
+  )
   tx = optax.chain(
       optax.clip_by_global_norm(config.optim.grad_clip),
-      optax.adamw(schedule, eps=1e-3, weight_decay=config.optim.weight_decay,
-                  mask=optim.decay_mask))
+      optax.adamw(
+          schedule,
+          eps=1e-3,
+          weight_decay=config.optim.weight_decay,
+          mask=optim.decay_mask,
+      ),
+  )
   return tx, schedule
 
 
@@ -52,19 +59,25 @@ def run(mesh_shape, devices, batches):
   mesh = sharding.create_mesh(mesh_shape, devices)
   model_cfg = train.model_config_from(config)
   tx, schedule = make_optimizer(config)
-  graphdef, state, shardings = train.create_train_state(config, model_cfg, tx,
-                                                        mesh)
-  step = train.jit_train_step(graphdef, tx,
-                              step_lib.StepConfig.from_config(config,
-                                                              model_cfg),
-                              schedule, shardings, mesh)
+  graphdef, state, shardings = train.create_train_state(
+      config, model_cfg, tx, mesh
+  )
+  step = train.jit_train_step(
+      graphdef,
+      tx,
+      step_lib.StepConfig.from_config(config, model_cfg),
+      schedule,
+      shardings,
+      mesh,
+  )
   initial = [np.asarray(x) for x in jax.tree.leaves(state.params)]
   for batch in batches:
     state, _ = step(state, input_pipeline.to_global_batch(batch, mesh), None)
   # Parameters really are split over 'fsdp' when that axis is > 1 (the
   # threshold is lowered so the micro model's matrices qualify).
-  fsdp = sum('fsdp' in str(x.sharding.spec)
-             for x in jax.tree.leaves(state.params))
+  fsdp = sum(
+      'fsdp' in str(x.sharding.spec) for x in jax.tree.leaves(state.params)
+  )
   return {
       'params': [np.asarray(x) for x in jax.tree.leaves(state.params)],
       'initial': initial,
@@ -78,17 +91,23 @@ def main(out):
   sharding.DEFAULT_MIN_FSDP_SIZE = 1024
   rng = np.random.default_rng(0)
   # Offline teacher logits feed the 'hard' distillation of the preset.
-  batches = [{'image': rng.integers(0, 256, (16, 32, 32, 3), np.uint8),
-              'label': rng.integers(0, 4, (16,), np.int32),
-              'teacher_logits': rng.normal(size=(16, 4)).astype(np.float32)}
-             for _ in range(3)]
+  batches = [
+      {
+          'image': rng.integers(0, 256, (16, 32, 32, 3), np.uint8),
+          'label': rng.integers(0, 4, (16,), np.int32),
+          'teacher_logits': rng.normal(size=(16, 4)).astype(np.float32),
+      }
+      for _ in range(3)
+  ]
   results = {}
   devices = jax.devices()
   assert len(devices) == 8, devices
-  for name, shape, devs in [('1', (1, 1), devices[:1]),
-                            ('8x1', (8, 1), devices),
-                            ('4x2', (4, 2), devices),
-                            ('2x4', (2, 4), devices)]:
+  for name, shape, devs in [
+      ('1', (1, 1), devices[:1]),
+      ('8x1', (8, 1), devices),
+      ('4x2', (4, 2), devices),
+      ('2x4', (2, 4), devices),
+  ]:
     r = run(shape, devs, batches)
     for key, leaves in r.items():
       for i, leaf in enumerate(leaves):

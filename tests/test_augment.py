@@ -9,7 +9,6 @@ from PIL import Image
 from drpl_jax.input import augment
 
 
-
 def _rgb(seed=0, shape=(48, 40, 3)):
   return np.random.default_rng(seed).integers(0, 256, shape, dtype=np.uint8)
 
@@ -48,10 +47,12 @@ def test_rrc_box_falls_back_to_clamped_center_crop():
 
 def test_random_resized_crop_full_box_is_a_plain_resize():
   image = _rgb(1, (50, 50, 3))
-  out = augment.random_resized_crop(image, 24, np.random.default_rng(0),
-                                    scale=(1.0, 1.0), ratio=(1.0, 1.0))
-  ref = np.asarray(Image.fromarray(image).resize((24, 24),
-                                                 Image.Resampling.BICUBIC))
+  out = augment.random_resized_crop(
+      image, 24, np.random.default_rng(0), scale=(1.0, 1.0), ratio=(1.0, 1.0)
+  )
+  ref = np.asarray(
+      Image.fromarray(image).resize((24, 24), Image.Resampling.BICUBIC)
+  )
   assert out.shape == (24, 24, 3) and out.dtype == np.uint8
   np.testing.assert_array_equal(out, ref)
 
@@ -62,9 +63,12 @@ def test_random_resized_crop_takes_content_from_the_box():
   image = np.zeros((64, 64, 3), np.uint8)
   image[:, 32:] = 255
   rng = np.random.default_rng(3)
-  means = [augment.random_resized_crop(image, 16, rng, scale=(0.02, 0.03),
-                                       ratio=(1.0, 1.0)).mean()
-           for _ in range(50)]
+  means = [
+      augment.random_resized_crop(
+          image, 16, rng, scale=(0.02, 0.03), ratio=(1.0, 1.0)
+      ).mean()
+      for _ in range(50)
+  ]
   assert min(means) == 0 and max(means) == 255
 
 
@@ -81,8 +85,9 @@ def test_eval_crop_matches_resize_then_center_crop_on_non_square():
   image = np.stack([(xx + yy) % 256, xx % 256, yy % 256], -1).astype(np.uint8)
   out = augment.eval_resize_crop(image, 56, crop_ratio=0.875)
   # Reference: shorter side (200) -> 64, so 300 -> 96; centre crop 56.
-  ref = np.asarray(Image.fromarray(image).resize(
-      (64, 96), Image.Resampling.BICUBIC))[20:76, 4:60]
+  ref = np.asarray(
+      Image.fromarray(image).resize((64, 96), Image.Resampling.BICUBIC)
+  )[20:76, 4:60]
   assert out.shape == (56, 56, 3)
   assert np.abs(out.astype(int) - ref.astype(int)).mean() < 3.0
 
@@ -91,47 +96,51 @@ def test_horizontal_flip():
   image = _rgb(3)
   rng = np.random.default_rng(0)
   np.testing.assert_array_equal(
-      augment.horizontal_flip(image, rng, prob=1.0), image[:, ::-1])
+      augment.horizontal_flip(image, rng, prob=1.0), image[:, ::-1]
+  )
   np.testing.assert_array_equal(
-      augment.horizontal_flip(image, rng, prob=0.0), image)
+      augment.horizontal_flip(image, rng, prob=0.0), image
+  )
 
 
 @pytest.mark.parametrize('name', list(augment.RAND_AUGMENT_OPS))
 def test_each_op_gray_fast_path_equals_rgb_path(name):
   gray = _gray_rgb(4, (40, 40))
   op = augment.RAND_AUGMENT_OPS[name]
-  out_l = op(Image.fromarray(gray[..., 0], 'L'), 7.0,
-             np.random.default_rng(5))
+  out_l = op(Image.fromarray(gray[..., 0], 'L'), 7.0, np.random.default_rng(5))
   out_rgb = op(Image.fromarray(gray, 'RGB'), 7.0, np.random.default_rng(5))
   assert out_l.size == (40, 40) and out_rgb.mode == 'RGB'
-  np.testing.assert_array_equal(augment.from_pil(out_l),
-                                np.asarray(out_rgb))
+  np.testing.assert_array_equal(augment.from_pil(out_l), np.asarray(out_rgb))
 
 
 @pytest.mark.parametrize('name', list(augment.RAND_AUGMENT_OPS))
 def test_each_op_changes_an_image(name):
   # Colour noise in [40, 200): every op, Color and AutoContrast included,
   # has something to change.
-  image = np.random.default_rng(0).integers(40, 200, (40, 40, 3),
-                                            dtype=np.uint8)
+  image = np.random.default_rng(0).integers(
+      40, 200, (40, 40, 3), dtype=np.uint8
+  )
   img = Image.fromarray(image, 'RGB')
-  out = np.asarray(augment.RAND_AUGMENT_OPS[name](
-      img, 9.0, np.random.default_rng(0)))
+  out = np.asarray(
+      augment.RAND_AUGMENT_OPS[name](img, 9.0, np.random.default_rng(0))
+  )
   assert out.shape == image.shape
   assert not np.array_equal(out, image), name
 
 
 def test_rand_augment_is_deterministic_per_rng_and_changes_images():
   image = _rgb(6)
-  outs = [augment.rand_augment(image, np.random.default_rng(s))
-          for s in range(20)]
+  outs = [
+      augment.rand_augment(image, np.random.default_rng(s)) for s in range(20)
+  ]
   again = augment.rand_augment(image, np.random.default_rng(0))
   np.testing.assert_array_equal(outs[0], again)
   assert all(o.shape == image.shape and o.dtype == np.uint8 for o in outs)
   changed = sum(not np.array_equal(o, image) for o in outs)
   assert changed >= 10  # each of 2 ops applies with prob 0.5: P(none) 1/4
   assert np.array_equal(
-      augment.rand_augment(image, np.random.default_rng(0), num_ops=0), image)
+      augment.rand_augment(image, np.random.default_rng(0), num_ops=0), image
+  )
 
 
 def test_rand_augment_rejects_unknown_op():
@@ -162,32 +171,39 @@ def test_random_erasing_probability_and_box_area():
 def test_train_transform_shape_dtype_determinism():
   cfg = augment.AugmentConfig(hflip=True)
   image = _rgb(7, (60, 50, 3))
-  a = augment.train_transform(image, np.random.default_rng(1), size=32,
-                              config=cfg)
-  b = augment.train_transform(image, np.random.default_rng(1), size=32,
-                              config=cfg)
-  c = augment.train_transform(image, np.random.default_rng(2), size=32,
-                              config=cfg)
+  a = augment.train_transform(
+      image, np.random.default_rng(1), size=32, config=cfg
+  )
+  b = augment.train_transform(
+      image, np.random.default_rng(1), size=32, config=cfg
+  )
+  c = augment.train_transform(
+      image, np.random.default_rng(2), size=32, config=cfg
+  )
   assert a.shape == (32, 32, 3) and a.dtype == np.uint8
   np.testing.assert_array_equal(a, b)
   assert not np.array_equal(a, c)
 
 
 def test_train_transform_all_off_is_a_resize():
-  cfg = augment.AugmentConfig(random_resized_crop=False, randaugment_ops=0,
-                              random_erase=0.0)
+  cfg = augment.AugmentConfig(
+      random_resized_crop=False, randaugment_ops=0, random_erase=0.0
+  )
   image = _rgb(8, (60, 50, 3))
-  out = augment.train_transform(image, np.random.default_rng(0), size=20,
-                                config=cfg)
-  ref = np.asarray(Image.fromarray(image).resize((20, 20),
-                                                 Image.Resampling.BICUBIC))
+  out = augment.train_transform(
+      image, np.random.default_rng(0), size=20, config=cfg
+  )
+  ref = np.asarray(
+      Image.fromarray(image).resize((20, 20), Image.Resampling.BICUBIC)
+  )
   np.testing.assert_array_equal(out, ref)
 
 
 def test_train_transform_gray_input_gives_gray_rgb():
   cfg = augment.AugmentConfig(random_erase=0.0)
-  out = augment.train_transform(_gray_rgb(9, (60, 50)),
-                                np.random.default_rng(0), size=24, config=cfg)
+  out = augment.train_transform(
+      _gray_rgb(9, (60, 50)), np.random.default_rng(0), size=24, config=cfg
+  )
   assert out.shape == (24, 24, 3)
   assert np.array_equal(out[..., 0], out[..., 1])
   assert np.array_equal(out[..., 0], out[..., 2])
@@ -195,9 +211,11 @@ def test_train_transform_gray_input_gives_gray_rgb():
 
 def test_augment_config_from_project_config():
   from conftest import config_module  # pylint: disable=g-import-not-at-top
+
   drpl_vit = config_module('drpl_vit')
   cfg = augment.AugmentConfig.from_config(
-      drpl_vit.get_config('variant=micro').data.augment)
+      drpl_vit.get_config('variant=micro').data.augment
+  )
   assert cfg.randaugment_ops == 2 and cfg.random_erase == 0.25
   assert cfg.crop_scale == (0.08, 1.0) and not cfg.hflip
   with pytest.raises(ValueError, match='bogus'):
@@ -227,8 +245,7 @@ def test_ops_match_timm_rand_augment_ops(monkeypatch):
   aa = pytest.importorskip('timm.data.auto_augment')
   assert set(augment.RAND_AUGMENT_OPS) == set(aa._RAND_INCREASING_TRANSFORMS)
   hparams = {'translate_pct': 0.45, 'magnitude_max': 10}
-  kwargs = {'fillcolor': (128, 128, 128),
-            'resample': Image.Resampling.BICUBIC}
+  kwargs = {'fillcolor': (128, 128, 128), 'resample': Image.Resampling.BICUBIC}
   image = Image.fromarray(_rgb(10, (40, 48, 3)), 'RGB')
   for name, op in augment.RAND_AUGMENT_OPS.items():
     mine = np.asarray(op(image, 7.3, np.random.default_rng(0)))

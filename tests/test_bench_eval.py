@@ -14,18 +14,37 @@ from drpl_jax.bench import eval as eval_bench
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # A micro model on a 4x4 token grid: compiles in seconds.
-TINY = ['--config=configs/drpl_vit.py:variant=micro', '--image_size', '32',
-        '--config.model.patch_size=8', '--batch_size', '2', '--steps', '2',
-        '--repeats', '3', '--warmup', '1']
+TINY = [
+    '--config=configs/drpl_vit.py:variant=micro',
+    '--image_size',
+    '32',
+    '--config.model.patch_size=8',
+    '--batch_size',
+    '2',
+    '--steps',
+    '2',
+    '--repeats',
+    '3',
+    '--warmup',
+    '1',
+]
 
 
 def _run_bench(args, timeout=600):
   out = subprocess.run(
-      [sys.executable, '-m', 'drpl_jax.bench', 'eval', *args], cwd=ROOT,
-      capture_output=True, text=True, timeout=timeout, check=False)
+      [sys.executable, '-m', 'drpl_jax.bench', 'eval', *args],
+      cwd=ROOT,
+      capture_output=True,
+      text=True,
+      timeout=timeout,
+      check=False,
+  )
   assert out.returncode == 0, out.stderr[-3000:]
-  return [json.loads(line) for line in out.stdout.splitlines()
-          if line.startswith('{')]
+  return [
+      json.loads(line)
+      for line in out.stdout.splitlines()
+      if line.startswith('{')
+  ]
 
 
 def test_registered_as_a_subcommand():
@@ -57,13 +76,25 @@ def test_image_size_sets_the_resolution_everywhere():
 
 def test_bad_flags_exit_2_with_one_line(tmp_path):
   out = subprocess.run(
-      [sys.executable, '-m', 'drpl_jax.bench', 'eval', *TINY,
-       '--config.model.no_such_key=1'], cwd=ROOT, capture_output=True,
-      text=True, timeout=300, check=False)
+      [
+          sys.executable,
+          '-m',
+          'drpl_jax.bench',
+          'eval',
+          *TINY,
+          '--config.model.no_such_key=1',
+      ],
+      cwd=ROOT,
+      capture_output=True,
+      text=True,
+      timeout=300,
+      check=False,
+  )
   assert out.returncode == 2
   assert out.stderr.strip().splitlines() == [
-      "error: --config.model.no_such_key: the config has no key "
-      "'no_such_key' (see the config file for the keys it has)"]
+      'error: --config.model.no_such_key: the config has no key '
+      "'no_such_key' (see the config file for the keys it has)"
+  ]
 
 
 def test_time_steps_counts_and_blocks():
@@ -87,10 +118,12 @@ def test_rates_are_medians():
 
 def test_synthetic_batches():
   config = eval_bench.parse_args(TINY).config
-  mesh = jax.sharding.Mesh(np.array(jax.devices()[:1]).reshape(1, 1),
-                           ('data', 'fsdp'))
-  batch = eval_bench.synthetic_batch(config, 2, mesh, train_batch=True,
-                                     distill_kind='hard')
+  mesh = jax.sharding.Mesh(
+      np.array(jax.devices()[:1]).reshape(1, 1), ('data', 'fsdp')
+  )
+  batch = eval_bench.synthetic_batch(
+      config, 2, mesh, train_batch=True, distill_kind='hard'
+  )
   assert batch['image'].shape == (2, 32, 32, 3)
   assert batch['image'].dtype == np.uint8
   assert batch['label'].shape == (2,) and int(batch['label'].max()) < 4
@@ -118,10 +151,10 @@ def test_eval_and_train_and_their_ratio():
   assert list(by_name) == ['eval_step', 'train_step', 'ratio']
   ratio = by_name['ratio']
   assert ratio['eval_images_per_s'] == by_name['eval_step']['images_per_s']
-  assert ratio['train_images_per_s'] == by_name['train_step'][
-      'images_per_s']
+  assert ratio['train_images_per_s'] == by_name['train_step']['images_per_s']
   assert ratio['eval_over_train'] == pytest.approx(
-      ratio['eval_images_per_s'] / ratio['train_images_per_s'], rel=1e-3)
+      ratio['eval_images_per_s'] / ratio['train_images_per_s'], rel=1e-3
+  )
   assert ratio['meets_target'] == (ratio['eval_over_train'] >= 3.0)
   assert by_name['train_step']['distill_kind'] == 'hard'
   assert all(r['tensorflow_imported'] is False for r in records)

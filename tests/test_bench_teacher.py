@@ -26,14 +26,17 @@ def test_flops_counts_a_matmul():
   a = jax.ShapeDtypeStruct((8, 16), jnp.float32)
   b = jax.ShapeDtypeStruct((16, 32), jnp.float32)
   compiled = jax.jit(jnp.matmul).lower(a, b).compile()
-  assert bench_teacher.flops(compiled) == pytest.approx(2 * 8 * 16 * 32,
-                                                       rel=0.05)
+  assert bench_teacher.flops(compiled) == pytest.approx(
+      2 * 8 * 16 * 32, rel=0.05
+  )
 
 
 def test_overhead_against_flop_prediction():
-  results = {'student': {'step_ms': 10.0, 'flops': 100.0},
-             'teacher': {'step_ms': 36.0, 'flops': 400.0},
-             'teacher_forward': {'step_ms': 20.0, 'flops': 200.0}}
+  results = {
+      'student': {'step_ms': 10.0, 'flops': 100.0},
+      'teacher': {'step_ms': 36.0, 'flops': 400.0},
+      'teacher_forward': {'step_ms': 20.0, 'flops': 200.0},
+  }
   out = bench_teacher.overhead(results)
   assert out['predicted_ratio'] == pytest.approx(3.0)
   assert out['measured_ratio'] == pytest.approx(3.6)
@@ -49,8 +52,7 @@ def test_overhead_against_flop_prediction():
 def test_interleaved_times_runs_each_in_every_repetition():
   calls = []
   runs = {'a': lambda: calls.append('a'), 'b': lambda: calls.append('b')}
-  times = bench_teacher.interleaved_times(runs, steps=2, repeats=3,
-                                          warmup=1)
+  times = bench_teacher.interleaved_times(runs, steps=2, repeats=3, warmup=1)
   assert calls == ['a', 'b'] + ['a', 'a', 'b', 'b'] * 3
   assert {k: len(v) for k, v in times.items()} == {'a': 3, 'b': 3}
 
@@ -58,18 +60,19 @@ def test_interleaved_times_runs_each_in_every_repetition():
 def test_rejects_a_student_that_ignores_the_teacher():
   with pytest.raises(ValueError, match='distilled'):
     bench_teacher.parse_args(
-        ['--config', 'configs/drpl_vit.py:variant=micro,preset=vit'])
+        ['--config', 'configs/drpl_vit.py:variant=micro,preset=vit']
+    )
   with pytest.raises(ValueError, match="distill.kind='none'"):
-    bench_teacher.parse_args(
-        ['--config', CONFIG, '--config.distill.kind=none'])
+    bench_teacher.parse_args(['--config', CONFIG, '--config.distill.kind=none'])
   with pytest.raises(ValueError, match='--steps=0'):
     bench_teacher.parse_args(['--config', CONFIG, '--steps', '0'])
 
 
 def test_teacher_forward_flops_match_the_architecture():
   """resnet18 at 32 px: the forward's FLOPs scale with the batch."""
-  args = bench_teacher.parse_args(['--config', CONFIG, '--arch', 'resnet18',
-                                   '--image_size', '32'])
+  args = bench_teacher.parse_args(
+      ['--config', CONFIG, '--arch', 'resnet18', '--image_size', '32']
+  )
   config = args.config
   mesh = sharding.create_mesh((-1, 1))
   teacher = bench_teacher.online_teacher(config, args, mesh)
@@ -89,46 +92,90 @@ def test_teacher_forward_flops_match_the_architecture():
 @pytest.mark.slow
 def test_tiny_run_prints_json():
   """micro student, 32 px, resnet18 teacher, batch 4, 2 steps (1-2 min)."""
-  cmd = [sys.executable, '-m', 'drpl_jax.bench', 'teacher',
-         f'--config={CONFIG}', '--arch', 'resnet18', '--batch_size', '4',
-         '--image_size', '32', '--steps', '2', '--repeats', '2',
-         '--warmup', '1']
-  proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True,
-                        timeout=600, check=False)
+  cmd = [
+      sys.executable,
+      '-m',
+      'drpl_jax.bench',
+      'teacher',
+      f'--config={CONFIG}',
+      '--arch',
+      'resnet18',
+      '--batch_size',
+      '4',
+      '--image_size',
+      '32',
+      '--steps',
+      '2',
+      '--repeats',
+      '2',
+      '--warmup',
+      '1',
+  ]
+  proc = subprocess.run(
+      cmd, cwd=ROOT, capture_output=True, text=True, timeout=600, check=False
+  )
   assert proc.returncode == 0, proc.stderr[-3000:]
   records = [json.loads(line) for line in proc.stdout.splitlines()]
   assert [r['measurement'] for r in records] == [
-      'train_step', 'train_step', 'teacher_forward', 'teacher_overhead']
+      'train_step',
+      'train_step',
+      'teacher_forward',
+      'teacher_overhead',
+  ]
   student, with_teacher, forward, summary = records
   assert forward['step_ms'] > 0 and forward['flops'] > 0
   assert student['teacher'] is None and with_teacher['teacher'] == 'resnet18'
   for r in (student, with_teacher):
-    assert {'step_ms', 'step_ms_all', 'images_per_s', 'flops',
-            'compile_s'} <= set(r)
+    assert {
+        'step_ms',
+        'step_ms_all',
+        'images_per_s',
+        'flops',
+        'compile_s',
+    } <= set(r)
     assert r['step_ms'] > 0 and len(r['step_ms_all']) == 2
     assert r['batch'] == 4 and r['image_size'] == 32
   assert with_teacher['flops'] > student['flops']
-  for key in ('student_step_ms', 'teacher_step_ms', 'measured_ratio',
-              'predicted_ratio', 'overhead', 'target_overhead',
-              'meets_target', 'teacher_forward_flops', 'student_step_flops',
-              'compiled_flops_ratio', 'teacher_forward_ms',
-              'standalone_ratio', 'overhead_vs_standalone'):
+  for key in (
+      'student_step_ms',
+      'teacher_step_ms',
+      'measured_ratio',
+      'predicted_ratio',
+      'overhead',
+      'target_overhead',
+      'meets_target',
+      'teacher_forward_flops',
+      'student_step_flops',
+      'compiled_flops_ratio',
+      'teacher_forward_ms',
+      'standalone_ratio',
+      'overhead_vs_standalone',
+  ):
     assert key in summary, key
   assert summary['predicted_ratio'] > 1.0
   # The compiled step with the teacher costs what the two parts predict.
   assert summary['compiled_flops_ratio'] == pytest.approx(
-      summary['predicted_ratio'], rel=0.05)
+      summary['predicted_ratio'], rel=0.05
+  )
   assert summary['overhead'] == pytest.approx(
-      summary['measured_ratio'] / summary['predicted_ratio'] - 1, abs=1e-3)
+      summary['measured_ratio'] / summary['predicted_ratio'] - 1, abs=1e-3
+  )
   assert not any(r['tensorflow_imported'] for r in records)
 
 
 def test_imports_no_tensorflow_tfds_clu_or_torch():
-  code = ('import sys; import drpl_jax.bench.teacher, drpl_jax.pretrained.mapping, '
-          'drpl_jax.pytorch.convert; print(sorted({m.split(".")[0] for m in '
-          'sys.modules} & {"tensorflow", "tensorflow_datasets", "clu", '
-          '"torch", "timm"}))')
-  proc = subprocess.run([sys.executable, '-c', code], cwd=ROOT,
-                        capture_output=True, text=True, timeout=300,
-                        check=True)
+  code = (
+      'import sys; import drpl_jax.bench.teacher, drpl_jax.pretrained.mapping, '
+      'drpl_jax.pytorch.convert; print(sorted({m.split(".")[0] for m in '
+      'sys.modules} & {"tensorflow", "tensorflow_datasets", "clu", '
+      '"torch", "timm"}))'
+  )
+  proc = subprocess.run(
+      [sys.executable, '-c', code],
+      cwd=ROOT,
+      capture_output=True,
+      text=True,
+      timeout=300,
+      check=True,
+  )
   assert proc.stdout.strip().splitlines()[-1] == '[]'

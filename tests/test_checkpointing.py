@@ -28,9 +28,13 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def small_state(value=0.0, shape=(4, 4)):
-  return {'step': np.int32(value),
-          'params': {'w': np.full(shape, value, np.float32),
-                     'b': np.full((4,), value, np.float32)}}
+  return {
+      'step': np.int32(value),
+      'params': {
+          'w': np.full(shape, value, np.float32),
+          'b': np.full((4,), value, np.float32),
+      },
+  }
 
 
 def shardings_of(state):
@@ -44,8 +48,12 @@ def save_steps(workdir, values, **kwargs):
     metrics = None
     if isinstance(value, tuple):
       value, metrics = value
-    ckpt.maybe_save(step, jax.device_put(small_state(value)),
-                    {'position': step}, metrics=metrics)
+    ckpt.maybe_save(
+        step,
+        jax.device_put(small_state(value)),
+        {'position': step},
+        metrics=metrics,
+    )
   ckpt.wait()
   return ckpt
 
@@ -53,21 +61,36 @@ def save_steps(workdir, values, **kwargs):
 def test_latest_and_best_are_kept_across_restarts(tmp_path):
   workdir = str(tmp_path)
   metric = 'val_accuracy_mean'
-  ckpt = save_steps(workdir, {1: (1.0, {metric: 0.5}), 2: (2.0, {metric: 0.9}),
-                              3: (3.0, {metric: 0.1})},
-                    keep=1, best_metric=metric)
+  ckpt = save_steps(
+      workdir,
+      {
+          1: (1.0, {metric: 0.5}),
+          2: (2.0, {metric: 0.9}),
+          3: (3.0, {metric: 0.1}),
+      },
+      keep=1,
+      best_metric=metric,
+  )
   assert ckpt.all_steps() == [2, 3] and ckpt.best_step() == 2
   ckpt.close()
   # A restarted run still knows the metrics on disk: 2 survives new saves.
-  ckpt = save_steps(workdir, {4: (4.0, {metric: 0.3}), 5: 5.0}, keep=1,
-                    best_metric=metric)
+  ckpt = save_steps(
+      workdir, {4: (4.0, {metric: 0.3}), 5: 5.0}, keep=1, best_metric=metric
+  )
   assert ckpt.all_steps() == [2, 5] and ckpt.best_step() == 2
   ckpt.close()
   # Minimised when the name says loss.
   assert checkpointing.best_mode('val_loss_mean') == 'min'
-  ckpt = save_steps(str(tmp_path / 'loss'), {
-      1: (1.0, {'val_loss_mean': 0.5}), 2: (2.0, {'val_loss_mean': 0.2}),
-      3: (3.0, {'val_loss_mean': 0.7})}, keep=1, best_metric='val_loss_mean')
+  ckpt = save_steps(
+      str(tmp_path / 'loss'),
+      {
+          1: (1.0, {'val_loss_mean': 0.5}),
+          2: (2.0, {'val_loss_mean': 0.2}),
+          3: (3.0, {'val_loss_mean': 0.7}),
+      },
+      keep=1,
+      best_metric='val_loss_mean',
+  )
   assert ckpt.all_steps() == [2, 3]
   ckpt.close()
 
@@ -80,8 +103,9 @@ def test_incomplete_checkpoints_are_skipped(tmp_path, caplog):
   tmp = ckpt_dir / ('4' + '.orbax-checkpoint-tmp-1234')  # save cut short
   shutil.copytree(ckpt_dir / '2', tmp)
   caplog.set_level(logging.WARNING)
-  ckpt = checkpointing.Checkpointer(workdir, keep=5, save_every=1,
-                                    cleanup_incomplete=True)
+  ckpt = checkpointing.Checkpointer(
+      workdir, keep=5, save_every=1, cleanup_incomplete=True
+  )
   assert str(tmp) in caplog.text
   target = jax.device_put(small_state(0.0))
   state, data = ckpt.restore_latest(target, shardings_of(target))
@@ -109,19 +133,25 @@ def test_other_shapes_are_refused_naming_them(tmp_path):
   save_steps(str(tmp_path), {1: 1.0}, keep=5).close()
   ckpt = checkpointing.Checkpointer(str(tmp_path))
   target = jax.device_put(small_state(0.0, shape=(4, 8)))
-  with pytest.raises(ValueError, match=r'params\.w: checkpoint \(4, 4\), '
-                     r'config \(4, 8\)'):
+  with pytest.raises(
+      ValueError, match=r'params\.w: checkpoint \(4, 4\), ' r'config \(4, 8\)'
+  ):
     ckpt.restore(1, target, shardings_of(target))
   ckpt.close()
 
 
 def test_other_model_config_is_refused_naming_shapes(tmp_path):
   def model_state(**changes):
-    kwargs = dict(num_classes=4, image_size=32, patch_size=8, width=32,
-                  depth=1, num_heads=2)
+    kwargs = dict(
+        num_classes=4,
+        image_size=32,
+        patch_size=8,
+        width=32,
+        depth=1,
+        num_heads=2,
+    )
     cfg = ModelConfig(**{**kwargs, **changes})
-    return {'params': nnx.state(create_model(cfg, rngs=nnx.Rngs(0)),
-                                nnx.Param)}
+    return {'params': nnx.state(create_model(cfg, rngs=nnx.Rngs(0)), nnx.Param)}
 
   saved = model_state()
   ckpt = checkpointing.Checkpointer(str(tmp_path), save_every=1)
@@ -132,7 +162,8 @@ def test_other_model_config_is_refused_naming_shapes(tmp_path):
     ckpt.restore(1, other, shardings_of(other))
   message = str(err.value)
   assert 'params.pos_embed: checkpoint (1, 18, 32), config (1, 65, 32)' in (
-      message)
+      message
+  )
   assert 'params.patch_embed.proj.kernel: checkpoint (8, 8, 3, 32)' in message
   assert "only in the checkpoint: ['params.dist_token'" in message
   ckpt.close()
@@ -179,10 +210,12 @@ class SignalBefore:
 
 
 def test_interrupted_run_with_debris_resumes_bit_identically(
-    demo_data_dir, tmp_path, monkeypatch, compilation_cache):
+    demo_data_dir, tmp_path, monkeypatch, compilation_cache
+):
   """Fast variant of the SIGKILL test below."""
   del compilation_cache
   from conftest import config_module  # pylint: disable=g-import-not-at-top
+
   demo_config_lib = config_module('demo')
   config = demo_config_lib.get_config('steps=6')
   config.data.data_dir = demo_data_dir
@@ -196,15 +229,20 @@ def test_interrupted_run_with_debris_resumes_bit_identically(
 
   resumed = str(tmp_path / 'resumed')
   original = train.input_pipeline.create_train_iterator
-  monkeypatch.setattr(train.input_pipeline, 'create_train_iterator',
-                      lambda *a, **k: SignalBefore(original(*a, **k), 3))
+  monkeypatch.setattr(
+      train.input_pipeline,
+      'create_train_iterator',
+      lambda *a, **k: SignalBefore(original(*a, **k), 3),
+  )
   assert train.train_and_evaluate(config, resumed)['step'] == 3
   monkeypatch.undo()
   # What a SIGKILL during saves leaves: a half-written folder, and a step
   # folder whose array data never reached the disk.
   ckpt_dir = os.path.join(resumed, 'checkpoints')
-  shutil.copytree(os.path.join(ckpt_dir, '3'),
-                  os.path.join(ckpt_dir, '5.orbax-checkpoint-tmp-77'))
+  shutil.copytree(
+      os.path.join(ckpt_dir, '3'),
+      os.path.join(ckpt_dir, '5.orbax-checkpoint-tmp-77'),
+  )
   shutil.copytree(os.path.join(ckpt_dir, '3'), os.path.join(ckpt_dir, '4'))
   shutil.rmtree(os.path.join(ckpt_dir, '4', 'state', 'd'))
   result = train.train_and_evaluate(config, resumed)
@@ -217,31 +255,49 @@ def test_interrupted_run_with_debris_resumes_bit_identically(
 
 
 def main_command(data_dir, workdir, steps, every=1):
-  return [sys.executable, '-m', 'drpl_jax.main',
-          f'--config={ROOT}/configs/demo.py:steps={steps}',
-          f'--workdir={workdir}', f'--config.data.data_dir={data_dir}',
-          # A plain micro ViT (MLP, no RPE) compiles fastest.
-          '--config.model.conv.kind=mlp', '--config.model.rpe.kind=none',
-          '--config.batch_size=8',
-          '--config.eval_batch_size=256', '--config.log_every_steps=1',
-          f'--config.eval_every_steps={steps}',
-          f'--config.checkpoint_every_steps={every}',
-          '--config.optim.warmup_steps=2',
-          # absl INFO on: the tests watch clu's per-step log lines.
-          '--verbosity=0']
+  return [
+      sys.executable,
+      '-m',
+      'drpl_jax.main',
+      f'--config={ROOT}/configs/demo.py:steps={steps}',
+      f'--workdir={workdir}',
+      f'--config.data.data_dir={data_dir}',
+      # A plain micro ViT (MLP, no RPE) compiles fastest.
+      '--config.model.conv.kind=mlp',
+      '--config.model.rpe.kind=none',
+      '--config.batch_size=8',
+      '--config.eval_batch_size=256',
+      '--config.log_every_steps=1',
+      f'--config.eval_every_steps={steps}',
+      f'--config.checkpoint_every_steps={every}',
+      '--config.optim.warmup_steps=2',
+      # absl INFO on: the tests watch clu's per-step log lines.
+      '--verbosity=0',
+  ]
 
 
 def subprocess_env(cache_dir):
-  env = dict(os.environ, JAX_PLATFORMS='cpu', DRPL_DISTRIBUTED='0',
-             JAX_COMPILATION_CACHE_DIR=str(cache_dir),
-             JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS='0')
+  env = dict(
+      os.environ,
+      JAX_PLATFORMS='cpu',
+      DRPL_DISTRIBUTED='0',
+      JAX_COMPILATION_CACHE_DIR=str(cache_dir),
+      JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS='0',
+  )
   env.pop('XLA_FLAGS', None)
   return env
 
 
 def run_to_end(cmd, env, timeout=600):
-  proc = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True,
-                        text=True, timeout=timeout, check=False)
+  proc = subprocess.run(
+      cmd,
+      env=env,
+      cwd=ROOT,
+      capture_output=True,
+      text=True,
+      timeout=timeout,
+      check=False,
+  )
   assert proc.returncode == 0, proc.stderr[-4000:]
   return proc
 
@@ -265,8 +321,7 @@ class LineReader:
 
   def __init__(self, pipe):
     self.lines = []
-    self.thread = threading.Thread(target=self._read, args=(pipe,),
-                                   daemon=True)
+    self.thread = threading.Thread(target=self._read, args=(pipe,), daemon=True)
     self.thread.start()
 
   def _read(self, pipe):
@@ -284,8 +339,9 @@ def wait_for(predicate, proc, timeout, what, stderr=None):
       return
     if proc.poll() is not None:
       text = stderr.text() if stderr else proc.stderr.read()
-      raise AssertionError(f'process ended ({proc.returncode}) before '
-                           f'{what}: {text[-3000:]}')
+      raise AssertionError(
+          f'process ended ({proc.returncode}) before ' f'{what}: {text[-3000:]}'
+      )
     time.sleep(0.2)
   raise AssertionError(f'timed out waiting for {what}')
 
@@ -298,48 +354,66 @@ def kill_all(procs):
 
 
 @pytest.mark.slow
-def test_sigkill_at_a_random_step_resumes_bit_identically(demo_data_dir,
-                                                          tmp_path):
+def test_sigkill_at_a_random_step_resumes_bit_identically(
+    demo_data_dir, tmp_path
+):
   steps = 8
   kill_after = random.SystemRandom().randint(2, steps - 2)
   env = subprocess_env(tmp_path / 'jax_cache')
   straight = str(tmp_path / 'straight')
   run_to_end(main_command(demo_data_dir, straight, steps), env)
   killed = str(tmp_path / 'killed')
-  proc = subprocess.Popen(main_command(demo_data_dir, killed, steps),
-                          env=env, cwd=ROOT, stdout=subprocess.DEVNULL,
-                          stderr=subprocess.PIPE, text=True)
+  proc = subprocess.Popen(
+      main_command(demo_data_dir, killed, steps),
+      env=env,
+      cwd=ROOT,
+      stdout=subprocess.DEVNULL,
+      stderr=subprocess.PIPE,
+      text=True,
+  )
   try:
     err = LineReader(proc.stderr)
     marker = os.path.join(killed, 'checkpoints', str(kill_after))
-    wait_for(lambda: os.path.isdir(marker), proc, 600,
-             f'checkpoint {kill_after}', err)
+    wait_for(
+        lambda: os.path.isdir(marker),
+        proc,
+        600,
+        f'checkpoint {kill_after}',
+        err,
+    )
     proc.send_signal(signal.SIGKILL)
     proc.wait(timeout=60)
   finally:
     kill_all([proc])
   assert proc.returncode == -signal.SIGKILL
-  done = sorted(int(s) for s in os.listdir(os.path.dirname(marker))
-                if s.isdigit())
+  done = sorted(
+      int(s) for s in os.listdir(os.path.dirname(marker)) if s.isdigit()
+  )
   assert done[-1] < steps, f'killed after {kill_after}, too late: {done}'
   run_to_end(main_command(demo_data_dir, killed, steps), env)
-  assert final_params_hash(killed) == final_params_hash(straight), (
-      f'killed after checkpoint {kill_after}')
+  assert final_params_hash(killed) == final_params_hash(
+      straight
+  ), f'killed after checkpoint {kill_after}'
 
 
 @pytest.mark.slow
 def test_sigterm_saves_and_exits_cleanly(demo_data_dir, tmp_path):
   env = subprocess_env(tmp_path / 'jax_cache')
   workdir = str(tmp_path / 'run')
-  proc = subprocess.Popen(main_command(demo_data_dir, workdir, 10_000,
-                                       every=10_000),
-                          env=env, cwd=ROOT, stdout=subprocess.PIPE,
-                          stderr=subprocess.PIPE, text=True)
+  proc = subprocess.Popen(
+      main_command(demo_data_dir, workdir, 10_000, every=10_000),
+      env=env,
+      cwd=ROOT,
+      stdout=subprocess.PIPE,
+      stderr=subprocess.PIPE,
+      text=True,
+  )
   try:
     out, err = LineReader(proc.stdout), LineReader(proc.stderr)
     # Training runs: clu has logged the summary of step 2.
-    wait_for(lambda: re.search(r'\[2\] .*loss', err.text()), proc, 600,
-             'step 2', err)
+    wait_for(
+        lambda: re.search(r'\[2\] .*loss', err.text()), proc, 600, 'step 2', err
+    )
     proc.send_signal(signal.SIGTERM)
     proc.wait(timeout=600)
     out.thread.join(30)
@@ -347,8 +421,11 @@ def test_sigterm_saves_and_exits_cleanly(demo_data_dir, tmp_path):
   finally:
     kill_all([proc])
   assert proc.returncode == 0, err.text()[-4000:]
-  steps = [int(s) for s in os.listdir(os.path.join(workdir, 'checkpoints'))
-           if s.isdigit()]
+  steps = [
+      int(s)
+      for s in os.listdir(os.path.join(workdir, 'checkpoints'))
+      if s.isdigit()
+  ]
   assert len(steps) == 1 and 2 <= steps[0] < 10_000
   assert f'Preempted: saved checkpoint at step {steps[0]}' in err.text()
   summary = json.loads(out.lines[-1])

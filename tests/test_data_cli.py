@@ -7,9 +7,13 @@ import sys
 
 
 def _run(*args):
-  return subprocess.run([sys.executable, '-m', 'drpl_jax.data', *args],
-                        capture_output=True, text=True, timeout=120,
-                        check=False)
+  return subprocess.run(
+      [sys.executable, '-m', 'drpl_jax.data', *args],
+      capture_output=True,
+      text=True,
+      timeout=120,
+      check=False,
+  )
 
 
 def test_prepare_prints_json_and_writes_splits_csv(tmp_path):
@@ -27,8 +31,15 @@ def test_prepare_prints_json_and_writes_splits_csv(tmp_path):
 
 def test_missing_manual_dir_exits_2_with_one_line(tmp_path):
   missing = tmp_path / 'no_such_folder'
-  result = _run('prepare', '--name', 'covid19_radiography', '--manual_dir',
-                str(missing), '--data_dir', str(tmp_path / 'd'))
+  result = _run(
+      'prepare',
+      '--name',
+      'covid19_radiography',
+      '--manual_dir',
+      str(missing),
+      '--data_dir',
+      str(tmp_path / 'd'),
+  )
   assert result.returncode == 2
   assert result.stdout == ''
   lines = result.stderr.strip().splitlines()
@@ -38,13 +49,18 @@ def test_missing_manual_dir_exits_2_with_one_line(tmp_path):
 
 def test_bad_input_exits_2_with_one_line(tmp_path):
   for args, message in [
-      (['prepare', '--name', 'mnist', '--data_dir', str(tmp_path)],
-       "unknown data set 'mnist'"),
-      (['info', '--name=demo', f'--data_dir={tmp_path}', '--seed=3'],
-       'is not prepared'),
+      (
+          ['prepare', '--name', 'mnist', '--data_dir', str(tmp_path)],
+          "unknown data set 'mnist'",
+      ),
+      (
+          ['info', '--name=demo', f'--data_dir={tmp_path}', '--seed=3'],
+          'is not prepared',
+      ),
       (['prepare'], '--name'),  # required
       (['--name=demo'], 'expected one command'),
-      (['build', '--name=demo'], "got ['build']")]:
+      (['build', '--name=demo'], "got ['build']"),
+  ]:
     result = _run(*args)
     assert result.returncode == 2, (args, result.stderr[-2000:])
     last = result.stderr.strip().splitlines()[-1]

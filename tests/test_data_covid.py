@@ -12,9 +12,14 @@ import pytest
 from drpl_jax import data
 from drpl_jax.data import covid19_radiography as covid
 
-SAMPLE = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(
-    os.path.abspath(__file__)))), 'shared', 'data',
-                      'covid19_radiography_sample')
+SAMPLE = os.path.join(
+    os.path.dirname(
+        os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    ),
+    'shared',
+    'data',
+    'covid19_radiography_sample',
+)
 DATASET = covid.DATASET_FOLDER
 
 
@@ -55,20 +60,24 @@ def sample_summary(tmp_path_factory):
   if not os.path.isdir(SAMPLE):
     pytest.skip(f'{SAMPLE} not available')
   data_dir = tmp_path_factory.mktemp('covid_sample')
-  return data.prepare('covid19_radiography', data_dir=str(data_dir),
-                      manual_dir=SAMPLE, classes=['COVID', 'Normal'])
+  return data.prepare(
+      'covid19_radiography',
+      data_dir=str(data_dir),
+      manual_dir=SAMPLE,
+      classes=['COVID', 'Normal'],
+  )
 
 
 def test_sample_subset_counts(sample_summary):
   summary = sample_summary
   assert summary['class_names'] == ['COVID', 'Normal']
   assert sum(summary['num_examples'].values()) == 600
-  assert summary['num_examples'] == {'train': 480, 'validation': 60,
-                                     'test': 60}
+  assert summary['num_examples'] == {'train': 480, 'validation': 60, 'test': 60}
   for name in ('COVID', 'Normal'):
-    assert {s: summary['examples_per_class'][s][name]
-            for s in ('train', 'validation', 'test')} == {
-                'train': 240, 'validation': 30, 'test': 30}
+    assert {
+        s: summary['examples_per_class'][s][name]
+        for s in ('train', 'validation', 'test')
+    } == {'train': 240, 'validation': 30, 'test': 30}
   assert summary['num_skipped'] == 0 and summary['patients'] is None
 
 
@@ -84,12 +93,14 @@ def test_sample_splits_csv_and_ids(sample_summary):
 
 
 def test_sample_source_matches_original(sample_summary):
-  source = data.Source(sample_summary['data_dir'], 'validation',
-                       sample_summary['class_names'])
+  source = data.Source(
+      sample_summary['data_dir'], 'validation', sample_summary['class_names']
+  )
   example = source[0]
   assert example['image'].shape == (224, 224, 3)
-  original = data.decode_image(open(os.path.join(
-      SAMPLE, DATASET, example['id']), 'rb').read())
+  original = data.decode_image(
+      open(os.path.join(SAMPLE, DATASET, example['id']), 'rb').read()
+  )
   np.testing.assert_array_equal(example['image'], original)
   assert source.class_names[example['label']] == example['id'].split('/')[0]
 
@@ -97,10 +108,14 @@ def test_sample_source_matches_original(sample_summary):
 def test_sample_without_subset_names_missing_class(tmp_path):
   if not os.path.isdir(SAMPLE):
     pytest.skip(f'{SAMPLE} not available')
-  with pytest.raises(data.DataError, match='class folder Lung_Opacity/images '
-                     'not found.*classes=COVID,Normal'):
-    data.prepare('covid19_radiography', data_dir=str(tmp_path),
-                 manual_dir=SAMPLE)
+  with pytest.raises(
+      data.DataError,
+      match='class folder Lung_Opacity/images '
+      'not found.*classes=COVID,Normal',
+  ):
+    data.prepare(
+        'covid19_radiography', data_dir=str(tmp_path), manual_dir=SAMPLE
+    )
   assert not os.listdir(tmp_path)  # Validated before any work.
 
 
@@ -110,12 +125,16 @@ def test_zip_nested_twice_with_masks(tmp_path):
   with zipfile.ZipFile(archive, 'w') as zf:
     for rel, content in _synthetic_files().items():
       zf.writestr(f'{DATASET}/{DATASET}/{rel}', content)
-  summary = data.prepare('covid19_radiography', data_dir=str(tmp_path / 'd'),
-                         manual_dir=str(archive.parent))
+  summary = data.prepare(
+      'covid19_radiography',
+      data_dir=str(tmp_path / 'd'),
+      manual_dir=str(archive.parent),
+  )
   assert summary['class_names'] == list(covid.CLASS_NAMES)
   for split, n in (('train', 8), ('validation', 1), ('test', 1)):
     assert summary['examples_per_class'][split] == dict.fromkeys(
-        covid.CLASS_NAMES, n)
+        covid.CLASS_NAMES, n
+    )
   with open(summary['splits_csv']) as f:
     ids = {r['id'] for r in csv.DictReader(f)}
   assert 'Viral Pneumonia/images/Viral Pneumonia-3.png' in ids
@@ -142,11 +161,17 @@ def test_locate_layouts(tmp_path, layout):
       for rel, content in files.items():
         zf.writestr(f'{DATASET}/{rel}', content)
   tree, root = covid.locate(str(manual_dir), covid.CLASS_NAMES)
-  assert tree.is_dir(f'{root}/Viral Pneumonia/images' if root else
-                     'Viral Pneumonia/images')
-  assert tree.ref(f'{root}/COVID/images/COVID-1.png' if root else
-                  'COVID/images/COVID-1.png').read() == files[
-                      'COVID/images/COVID-1.png']
+  assert tree.is_dir(
+      f'{root}/Viral Pneumonia/images' if root else 'Viral Pneumonia/images'
+  )
+  assert (
+      tree.ref(
+          f'{root}/COVID/images/COVID-1.png'
+          if root
+          else 'COVID/images/COVID-1.png'
+      ).read()
+      == files['COVID/images/COVID-1.png']
+  )
 
 
 def test_errors_before_work(tmp_path):
@@ -156,15 +181,26 @@ def test_errors_before_work(tmp_path):
   os.remove(manual / DATASET / 'Normal' / 'images' / 'Normal-1.png')
   data_dir = tmp_path / 'd'
   with pytest.raises(data.DataError, match='Normal/images has no images'):
-    data.prepare('covid19_radiography', data_dir=str(data_dir),
-                 manual_dir=str(manual))
+    data.prepare(
+        'covid19_radiography', data_dir=str(data_dir), manual_dir=str(manual)
+    )
   with pytest.raises(data.DataError, match=r"unknown classes \['Covid'\]"):
-    data.prepare('covid19_radiography', data_dir=str(data_dir),
-                 manual_dir=str(manual), classes=['Covid'])
+    data.prepare(
+        'covid19_radiography',
+        data_dir=str(data_dir),
+        manual_dir=str(manual),
+        classes=['Covid'],
+    )
   with pytest.raises(data.DataError, match='does not exist'):
-    data.prepare('covid19_radiography', data_dir=str(data_dir),
-                 manual_dir=str(tmp_path / 'missing'))
+    data.prepare(
+        'covid19_radiography',
+        data_dir=str(data_dir),
+        manual_dir=str(tmp_path / 'missing'),
+    )
   with pytest.raises(data.DataError, match='no `<class>/images/` folders'):
-    data.prepare('covid19_radiography', data_dir=str(data_dir),
-                 manual_dir=str(data_dir.parent / 'manual' / DATASET / 'COVID'))
+    data.prepare(
+        'covid19_radiography',
+        data_dir=str(data_dir),
+        manual_dir=str(data_dir.parent / 'manual' / DATASET / 'COVID'),
+    )
   assert not data_dir.exists() or not any(data_dir.rglob('*.array_record*'))

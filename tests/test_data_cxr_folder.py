@@ -21,8 +21,11 @@ def _save(path, array, fmt='PNG', mode=None):
 
 
 def _gray(seed, size=40):
-  return np.random.default_rng(seed).integers(0, 256, (size, size)).astype(
-      np.uint8)
+  return (
+      np.random.default_rng(seed)
+      .integers(0, 256, (size, size))
+      .astype(np.uint8)
+  )
 
 
 def _write_manifest(path, rows, columns):
@@ -41,12 +44,16 @@ def test_folder_layout_with_images_subfolder(tmp_path):
   manual = tmp_path / 'cxr'
   for i in range(10):
     _save(str(manual / 'pneumonia' / f'p{i}.png'), _gray(i))
-    _save(str(manual / 'normal' / 'images' / f'n{i}.jpg'), _gray(50 + i),
-          fmt='JPEG')
+    _save(
+        str(manual / 'normal' / 'images' / f'n{i}.jpg'),
+        _gray(50 + i),
+        fmt='JPEG',
+    )
     _save(str(manual / 'normal' / 'masks' / f'n{i}.png'), _gray(0))
   (manual / 'normal' / 'images' / 'notes.txt').write_text('x')
-  summary = data.prepare('cxr_folder', data_dir=str(tmp_path / 'd'),
-                         manual_dir=str(manual))
+  summary = data.prepare(
+      'cxr_folder', data_dir=str(tmp_path / 'd'), manual_dir=str(manual)
+  )
   assert summary['class_names'] == ['normal', 'pneumonia']  # sorted
   assert summary['num_examples'] == {'train': 16, 'validation': 2, 'test': 2}
   assert summary['num_ignored'] == 1
@@ -56,18 +63,30 @@ def test_folder_layout_with_images_subfolder(tmp_path):
   assert ids['pneumonia/p3.png'] == 'pneumonia'
   assert not any('masks' in i for i in ids)
   # classes= fixes the order and selects a subset; own prepared folder.
-  subset = data.prepare('cxr_folder', data_dir=str(tmp_path / 'd'),
-                        manual_dir=str(manual), classes=['pneumonia'])
+  subset = data.prepare(
+      'cxr_folder',
+      data_dir=str(tmp_path / 'd'),
+      manual_dir=str(manual),
+      classes=['pneumonia'],
+  )
   assert subset['class_names'] == ['pneumonia']
   assert subset['data_dir'] != summary['data_dir']
   assert sum(subset['num_examples'].values()) == 10
   other = tmp_path / 'cxr2'
   _save(str(other / 'normal' / 'x.png'), _gray(1))
-  assert data.prepared_dir('cxr_folder', data_dir=str(tmp_path / 'd'),
-                           manual_dir=str(other)) != summary['data_dir']
+  assert (
+      data.prepared_dir(
+          'cxr_folder', data_dir=str(tmp_path / 'd'), manual_dir=str(other)
+      )
+      != summary['data_dir']
+  )
   with pytest.raises(data.DataError, match=r"unknown classes \['covid'\]"):
-    data.prepare('cxr_folder', data_dir=str(tmp_path / 'd'),
-                 manual_dir=str(manual), classes=['covid'])
+    data.prepare(
+        'cxr_folder',
+        data_dir=str(tmp_path / 'd'),
+        manual_dir=str(manual),
+        classes=['covid'],
+    )
 
 
 def test_manifest_patients_never_in_two_splits(tmp_path):
@@ -80,10 +99,12 @@ def test_manifest_patients_never_in_two_splits(tmp_path):
       path = f'img/{patient}_{k}.png'
       _save(str(manual / path), _gray(patient * 10 + k, size=32))
       rows.append((path, label, f'P{patient:03d}'))
-  _write_manifest(manual / 'manifest.csv', rows,
-                  ['path', 'label', 'patient_id'])
-  summary = data.prepare('cxr_folder', data_dir=str(tmp_path / 'd'),
-                         manual_dir=str(manual))
+  _write_manifest(
+      manual / 'manifest.csv', rows, ['path', 'label', 'patient_id']
+  )
+  summary = data.prepare(
+      'cxr_folder', data_dir=str(tmp_path / 'd'), manual_dir=str(manual)
+  )
   assert summary['split_method'] == 'grouped by patient'
   assert sum(summary['patients'].values()) == 120
   out = _read_csv(summary['splits_csv'])
@@ -110,60 +131,82 @@ def test_manifest_split_respected_and_missing_file_skipped(tmp_path):
     rows.append((f'{i}.png', 'ab'[i % 2], ['train', 'val', 'test'][i % 3]))
   rows.append(('gone.png', 'a', 'train'))
   _write_manifest(manual / 'manifest.csv', rows, ['path', 'label', 'split'])
-  summary = data.prepare('cxr_folder', data_dir=str(tmp_path / 'd'),
-                         manual_dir=str(manual))
+  summary = data.prepare(
+      'cxr_folder', data_dir=str(tmp_path / 'd'), manual_dir=str(manual)
+  )
   assert summary['split_method'] == 'manifest'
-  expected = {f'{i}.png': ['train', 'validation', 'test'][i % 3]
-              for i in range(12)}
+  expected = {
+      f'{i}.png': ['train', 'validation', 'test'][i % 3] for i in range(12)
+  }
   got = {r['id']: r['split'] for r in _read_csv(summary['splits_csv'])}
   assert got == expected
   assert summary['num_skipped'] == 1
   skipped = summary['skipped'][0]
   assert skipped['path'].endswith('gone.png')
-  assert 'file not found' in skipped['reason'] and 'line 14' in skipped[
-      'reason']
+  assert (
+      'file not found' in skipped['reason'] and 'line 14' in skipped['reason']
+  )
 
 
 def test_manifest_errors_named(tmp_path):
   manual = tmp_path / 'cxr'
   _save(str(manual / 'x.png'), _gray(0))
   data_dir = str(tmp_path / 'd')
-  _write_manifest(manual / 'manifest.csv', [('x.png', 'tumour')],
-                  ['path', 'label'])
-  with pytest.raises(data.DataError, match=r"line 2: label 'tumour' is not "
-                     r"one of the classes \['a', 'b'\]"):
-    data.prepare('cxr_folder', data_dir=data_dir, manual_dir=str(manual),
-                 classes=['a', 'b'])
+  _write_manifest(
+      manual / 'manifest.csv', [('x.png', 'tumour')], ['path', 'label']
+  )
+  with pytest.raises(
+      data.DataError,
+      match=r"line 2: label 'tumour' is not "
+      r"one of the classes \['a', 'b'\]",
+  ):
+    data.prepare(
+        'cxr_folder',
+        data_dir=data_dir,
+        manual_dir=str(manual),
+        classes=['a', 'b'],
+    )
   _write_manifest(manual / 'manifest.csv', [('x.png',)], ['path'])
-  with pytest.raises(data.DataError, match=r"manifest.csv: missing column\(s\) "
-                     r"\['label'\]"):
+  with pytest.raises(
+      data.DataError, match=r'manifest.csv: missing column\(s\) ' r"\['label'\]"
+  ):
     data.prepare('cxr_folder', data_dir=data_dir, manual_dir=str(manual))
-  _write_manifest(manual / 'manifest.csv', [('x.png', 'a', 'holdout')],
-                  ['path', 'label', 'split'])
+  _write_manifest(
+      manual / 'manifest.csv',
+      [('x.png', 'a', 'holdout')],
+      ['path', 'label', 'split'],
+  )
   with pytest.raises(data.DataError, match="line 2: unknown split 'holdout'"):
     data.prepare('cxr_folder', data_dir=data_dir, manual_dir=str(manual))
-  _write_manifest(manual / 'manifest.csv', [('x.png', 'a'), ('x.png', 'a')],
-                  ['path', 'label'])
+  _write_manifest(
+      manual / 'manifest.csv',
+      [('x.png', 'a'), ('x.png', 'a')],
+      ['path', 'label'],
+  )
   with pytest.raises(data.DataError, match="id 'x.png' occurs twice"):
     data.prepare('cxr_folder', data_dir=data_dir, manual_dir=str(manual))
 
 
 def test_folder_errors_named(tmp_path):
   data_dir = str(tmp_path / 'd')
-  with pytest.raises(data.DataError, match='manual_dir .*nowhere does not '
-                     'exist'):
-    data.prepare('cxr_folder', data_dir=data_dir,
-                 manual_dir=str(tmp_path / 'nowhere'))
+  with pytest.raises(
+      data.DataError, match='manual_dir .*nowhere does not ' 'exist'
+  ):
+    data.prepare(
+        'cxr_folder', data_dir=data_dir, manual_dir=str(tmp_path / 'nowhere')
+    )
   manual = tmp_path / 'cxr'
   _save(str(manual / 'a' / '1.png'), _gray(1))
   (manual / 'b').mkdir()
-  with pytest.raises(data.DataError, match=r'class folder .*cxr/b has no '
-                     'images'):
+  with pytest.raises(
+      data.DataError, match=r'class folder .*cxr/b has no ' 'images'
+  ):
     data.prepare('cxr_folder', data_dir=data_dir, manual_dir=str(manual))
   (tmp_path / 'empty').mkdir()
   with pytest.raises(data.DataError, match='no class folders'):
-    data.prepare('cxr_folder', data_dir=data_dir,
-                 manual_dir=str(tmp_path / 'empty'))
+    data.prepare(
+        'cxr_folder', data_dir=data_dir, manual_dir=str(tmp_path / 'empty')
+    )
   assert not os.path.exists(data_dir)
 
 
@@ -177,16 +220,20 @@ def _bad_files(folder) -> dict[str, str]:
       'zero.png': b'',
       'text.png': b'this is not an image',
       'corrupt.png': b'\x89PNG\r\n\x1a\n' + os.urandom(200),
-      'truncated.png': good.getvalue()[:len(good.getvalue()) // 2],
-      'truncated.jpg': jpeg.getvalue()[:len(jpeg.getvalue()) // 2],
+      'truncated.png': good.getvalue()[: len(good.getvalue()) // 2],
+      'truncated.jpg': jpeg.getvalue()[: len(jpeg.getvalue()) // 2],
   }
   for name, content in contents.items():
     (folder / name).write_bytes(content)
   _save(str(folder / 'small.png'), _gray(5, size=16))
-  return {'zero.png': 'empty file', 'text.png': 'not an image',
-          'corrupt.png': 'not an image', 'truncated.png': 'truncated',
-          'truncated.jpg': 'truncated', 'small.png': '16x16 is smaller than '
-          'the minimum side 32'}
+  return {
+      'zero.png': 'empty file',
+      'text.png': 'not an image',
+      'corrupt.png': 'not an image',
+      'truncated.png': 'truncated',
+      'truncated.jpg': 'truncated',
+      'small.png': '16x16 is smaller than ' 'the minimum side 32',
+  }
 
 
 def test_every_bad_image_skipped_with_reason(tmp_path):
@@ -203,10 +250,12 @@ def test_every_bad_image_skipped_with_reason(tmp_path):
   for i in range(5):
     _save(str(manual / 'bad' / f'ok{i}.png'), _gray(10 + i))
   expected = _bad_files(manual / 'bad')
-  summary = data.prepare('cxr_folder', data_dir=str(tmp_path / 'd'),
-                         manual_dir=str(manual))
-  reasons = {os.path.basename(s['path']): s['reason']
-             for s in summary['skipped']}
+  summary = data.prepare(
+      'cxr_folder', data_dir=str(tmp_path / 'd'), manual_dir=str(manual)
+  )
+  reasons = {
+      os.path.basename(s['path']): s['reason'] for s in summary['skipped']
+  }
   assert set(reasons) == set(expected)
   for name, reason in expected.items():
     assert reason in reasons[name], (name, reasons[name])
@@ -216,10 +265,12 @@ def test_every_bad_image_skipped_with_reason(tmp_path):
   for split in ('train', 'validation', 'test'):
     if summary['num_examples'][split]:
       source = data.Source(summary['data_dir'], split, summary['class_names'])
-      images.update({source[i]['id']: source[i]['image']
-                     for i in range(len(source))})
-  assert all(im.dtype == np.uint8 and im.shape == (40, 40, 3)
-             for im in images.values())
+      images.update(
+          {source[i]['id']: source[i]['image'] for i in range(len(source))}
+      )
+  assert all(
+      im.dtype == np.uint8 and im.shape == (40, 40, 3) for im in images.values()
+  )
   gray16 = images['good/gray16.png']
   assert gray16[0, 0].tolist() == [255, 255, 255]
   assert gray16[1, 1, 0] == round(2048 * 255 / 4095)

@@ -18,8 +18,9 @@ from drpl_jax.data import demo
 
 
 def _data_config(data_dir, **overrides):
-  config = ml_collections.ConfigDict(dict(
-      name='demo', manual_dir='', data_dir=data_dir, classes=''))
+  config = ml_collections.ConfigDict(
+      dict(name='demo', manual_dir='', data_dir=data_dir, classes='')
+  )
   config.update(overrides)
   return config
 
@@ -58,8 +59,9 @@ def test_sources_return_images_labels_ids(demo_data_dir):
       # The id names the digit and its index in scikit-learn's array.
       digit, index = example['id'].split('/digit-')
       assert info.class_names[example['label']] == digit
-      np.testing.assert_array_equal(example['image'],
-                                    demo.digit_image(int(index)))
+      np.testing.assert_array_equal(
+          example['image'], demo.digit_image(int(index))
+      )
     labels = source.labels
     assert labels.shape == (len(source),)
     assert [source[i]['label'] for i in range(5)] == list(labels[:5])
@@ -82,23 +84,26 @@ def test_source_indexing_and_pickle(demo_data_dir):
 
 def test_splits_csv(demo_data_dir):
   summary = data.prepare('demo', data_dir=demo_data_dir)
-  assert summary['splits_csv'] == os.path.join(summary['data_dir'],
-                                               'splits.csv')
+  assert summary['splits_csv'] == os.path.join(
+      summary['data_dir'], 'splits.csv'
+  )
   with open(summary['splits_csv']) as f:
     rows = list(csv.DictReader(f))
   assert len(rows) == 1797
   assert set(rows[0]) == {'id', 'split', 'label', 'patient_id'}
   assert all(r['id'].startswith(r['label'] + '/') for r in rows)
-  assert collections.Counter(r['split'] for r in rows) == summary[
-      'num_examples']
+  assert (
+      collections.Counter(r['split'] for r in rows) == summary['num_examples']
+  )
 
 
 def test_second_prepare_reuses(tmp_path):
   first = data.prepare('demo', data_dir=str(tmp_path))
   assert first['reused'] is False
   assert data.prepared_dir('demo', data_dir=str(tmp_path)) == first['data_dir']
-  shards = [os.path.join(first['data_dir'], f)
-            for f in os.listdir(first['data_dir'])]
+  shards = [
+      os.path.join(first['data_dir'], f) for f in os.listdir(first['data_dir'])
+  ]
   mtimes = {p: os.stat(p).st_mtime_ns for p in shards}
   second = data.prepare('demo', data_dir=str(tmp_path))
   assert second['reused'] is True
@@ -111,8 +116,9 @@ def test_class_subset_and_seed_get_own_folders(tmp_path):
   subset = data.prepare('demo', data_dir=str(tmp_path), classes=['3', '1'])
   assert subset['class_names'] == ['3', '1']
   assert sum(subset['num_examples'].values()) == 183 + 182
-  other_seed = data.prepare('demo', data_dir=str(tmp_path),
-                            classes=['3', '1'], seed=1)
+  other_seed = data.prepare(
+      'demo', data_dir=str(tmp_path), classes=['3', '1'], seed=1
+  )
   assert other_seed['data_dir'] != subset['data_dir']
   with open(subset['splits_csv']) as f, open(other_seed['splits_csv']) as g:
     assert f.read() != g.read()  # another seed, another split
@@ -136,7 +142,12 @@ def test_no_tensorflow_and_lazy_tfds(tmp_path):
                                        'demo']
       print('OK')
   """)
-  result = subprocess.run([sys.executable, '-c', script], capture_output=True,
-                          text=True, timeout=120, check=False)
+  result = subprocess.run(
+      [sys.executable, '-c', script],
+      capture_output=True,
+      text=True,
+      timeout=120,
+      check=False,
+  )
   assert result.returncode == 0, result.stderr[-2000:]
   assert result.stdout.strip().endswith('OK')

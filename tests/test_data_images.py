@@ -17,7 +17,8 @@ def _encode(image: PIL.Image.Image, fmt: str = 'PNG', **kwargs) -> bytes:
 
 def _gradient(height=40, width=48) -> np.ndarray:
   return (np.arange(height * width).reshape(height, width) % 256).astype(
-      np.uint8)
+      np.uint8
+  )
 
 
 def test_gray8_replicated_to_rgb():
@@ -92,11 +93,14 @@ def test_jpeg_gray_and_rgb():
   assert out[..., 0].mean() > 240 and out[..., 1].mean() < 15
 
 
-@pytest.mark.parametrize('data,reason', [
-    (b'', 'empty file'),
-    (b'hello, this is text and not an image at all', 'not an image'),
-    (b'\x89PNG\r\n\x1a\n' + b'\x00garbage' * 10, 'not an image'),
-])
+@pytest.mark.parametrize(
+    'data,reason',
+    [
+        (b'', 'empty file'),
+        (b'hello, this is text and not an image at all', 'not an image'),
+        (b'\x89PNG\r\n\x1a\n' + b'\x00garbage' * 10, 'not an image'),
+    ],
+)
 def test_bad_bytes_raise_with_reason(data, reason):
   with pytest.raises(images.ImageError, match=reason) as info:
     images.decode_image(data, path='x/y.png')
@@ -108,21 +112,22 @@ def test_truncated_raises(fmt):
   rgb = np.random.default_rng(2).integers(0, 256, (64, 64, 3), np.uint8)
   data = _encode(PIL.Image.fromarray(rgb), fmt)
   with pytest.raises(images.ImageError, match='truncated|corrupt'):
-    images.decode_image(data[:len(data) // 2], path='t')
+    images.decode_image(data[: len(data) // 2], path='t')
 
 
 def test_min_side():
   data = _encode(PIL.Image.fromarray(np.zeros((20, 50), np.uint8)))
-  assert images.decode_checked(data, path='s', min_side=16).shape == (20, 50,
-                                                                      3)
-  with pytest.raises(images.ImageError, match='50x20 is smaller than the '
-                     'minimum side 32'):
+  assert images.decode_checked(data, path='s', min_side=16).shape == (20, 50, 3)
+  with pytest.raises(
+      images.ImageError, match='50x20 is smaller than the ' 'minimum side 32'
+  ):
     images.decode_checked(data, path='s', min_side=32)
 
 
 def test_png_round_trip():
   rgb = np.random.default_rng(3).integers(0, 256, (7, 9, 3), np.uint8)
-  np.testing.assert_array_equal(images.decode_png_rgb(images.encode_png(rgb)),
-                                rgb)
+  np.testing.assert_array_equal(
+      images.decode_png_rgb(images.encode_png(rgb)), rgb
+  )
   with pytest.raises(ValueError, match='uint8'):
     images.encode_png(rgb.astype(np.float32))

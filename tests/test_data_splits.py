@@ -28,8 +28,9 @@ def test_stratified_deterministic_and_order_free():
   assert a != splits.stratified_split(labels, keys, seed=6)
   # Listing order does not matter: the split follows the keys.
   perm = np.random.default_rng(0).permutation(90)
-  b = splits.stratified_split([labels[i] for i in perm],
-                              [keys[i] for i in perm], seed=5)
+  b = splits.stratified_split(
+      [labels[i] for i in perm], [keys[i] for i in perm], seed=5
+  )
   assert {keys[i]: s for i, s in zip(perm, b)} == dict(zip(keys, a))
 
 
@@ -60,7 +61,7 @@ def test_grouped_mixed_label_patients_stay_together():
   groups = [f'p{i // 4}' for i in range(200)]
   out = splits.grouped_split(labels, groups, seed=0)
   for p in range(50):
-    assert len(set(out[4 * p:4 * p + 4])) == 1
+    assert len(set(out[4 * p : 4 * p + 4])) == 1
   assert set(out) == set(splits.SPLITS)
 
 

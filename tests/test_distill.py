@@ -53,29 +53,37 @@ def with_teacher(config, checkpoint, kind='hard'):
   return config
 
 
-def test_online_teacher_sees_the_mixed_batch(demo_data_dir,
-                                             teacher_checkpoint):
+def test_online_teacher_sees_the_mixed_batch(demo_data_dir, teacher_checkpoint):
   config = with_teacher(tiny_config(demo_data_dir), teacher_checkpoint)
   model_cfg = train.model_config_from(config)
   mesh = sharding.create_mesh((-1, 1))
   tx, _ = optim.create_optimizer(
-      optim.OptimConfig.from_config(config.optim), config.batch_size,
-      config.total_steps, model_cfg.depth)
+      optim.OptimConfig.from_config(config.optim),
+      config.batch_size,
+      config.total_steps,
+      model_cfg.depth,
+  )
   _, state, _ = train.create_train_state(config, model_cfg, tx, mesh)
   teacher = train.create_online_teacher(config, mesh)
   cfg = step_lib.StepConfig.from_config(config, model_cfg)
   rng = np.random.default_rng(0)
-  batch = {'image': rng.integers(0, 256, (8, 32, 32, 3), np.uint8),
-           'label': rng.integers(0, 10, (8,), np.int32)}
+  batch = {
+      'image': rng.integers(0, 256, (8, 32, 32, 3), np.uint8),
+      'label': rng.integers(0, 10, (8,), np.int32),
+  }
   images, targets, logits, _ = jax.jit(
-      lambda s, b, t: step_lib.step_inputs(cfg, s, b, teacher.graphdef, t))(
-          state, batch, teacher.state)
+      lambda s, b, t: step_lib.step_inputs(cfg, s, b, teacher.graphdef, t)
+  )(state, batch, teacher.state)
   # Independently: the same key derivation, mixup, then the teacher.
   key = jax.random.fold_in(state.rng, state.step)
   mix_key, _ = jax.random.split(key)
   expected_images, expected_targets = mixup_lib.mixup_cutmix(
-      mix_key, batch['image'].astype(np.float32) / 255.0,
-      jax.nn.one_hot(batch['label'], 10), mixup_alpha=0.8, cutmix_alpha=1.0)
+      mix_key,
+      batch['image'].astype(np.float32) / 255.0,
+      jax.nn.one_hot(batch['label'], 10),
+      mixup_alpha=0.8,
+      cutmix_alpha=1.0,
+  )
   module = nnx.merge(teacher.graphdef, teacher.state)
   np.testing.assert_allclose(images, expected_images, atol=1e-6)
   np.testing.assert_allclose(targets, expected_targets, atol=1e-6)
@@ -84,10 +92,12 @@ def test_online_teacher_sees_the_mixed_batch(demo_data_dir,
   assert not np.allclose(images, batch['image'] / 255.0)
 
 
-def test_online_distillation_trains(demo_data_dir, teacher_checkpoint,
-                                    tmp_path):
-  config = with_teacher(tiny_config(demo_data_dir), teacher_checkpoint,
-                        kind='soft')
+def test_online_distillation_trains(
+    demo_data_dir, teacher_checkpoint, tmp_path
+):
+  config = with_teacher(
+      tiny_config(demo_data_dir), teacher_checkpoint, kind='soft'
+  )
   result = train.train_and_evaluate(config, str(tmp_path / 'run'))
   assert result['step'] == 2
   # The teacher is not part of the student's checkpoint.
@@ -107,6 +117,7 @@ def test_distillation_without_teacher_is_an_error(demo_data_dir, tmp_path):
 
 def test_offline_soft_labels_train(demo_data_dir, tmp_path):
   from drpl_jax import data  # pylint: disable=g-import-not-at-top
+
   config = tiny_config(demo_data_dir)
   info = data.ensure_prepared(config.data)
   source = data.get_source(config.data, 'train')
@@ -114,17 +125,29 @@ def test_offline_soft_labels_train(demo_data_dir, tmp_path):
   logits = np.random.default_rng(0).normal(size=(len(ids), 10))
   path = str(tmp_path / 'soft.npz')
   soft_labels.save_soft_labels(
-      path, ids, logits, ['train'] * len(ids),
-      {'class_names': list(info.class_names), 'teacher': 'test',
-       'dataset': {'name': info.name, 'version': info.version}})
+      path,
+      ids,
+      logits,
+      ['train'] * len(ids),
+      {
+          'class_names': list(info.class_names),
+          'teacher': 'test',
+          'dataset': {'name': info.name, 'version': info.version},
+      },
+  )
   config.teacher.soft_labels = path
   config.distill.kind = 'hard'
   result = train.train_and_evaluate(config, str(tmp_path / 'run'))
   assert result['step'] == 2
   # A file for other classes is refused before training starts.
   bad = str(tmp_path / 'bad.npz')
-  soft_labels.save_soft_labels(bad, ids, logits[:, :4], ['train'] * len(ids),
-                               {'class_names': list('abcd')})
+  soft_labels.save_soft_labels(
+      bad,
+      ids,
+      logits[:, :4],
+      ['train'] * len(ids),
+      {'class_names': list('abcd')},
+  )
   config.teacher.soft_labels = bad
   with pytest.raises(ValueError, match='bad.npz'):
     train.train_and_evaluate(config, str(tmp_path / 'run2'))

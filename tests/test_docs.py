@@ -34,8 +34,9 @@ from conftest import write_dicom
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SHARED = os.path.join(os.path.dirname(ROOT), 'shared')
 DOCS = ['README.md'] + sorted(
-    os.path.relpath(p, ROOT) for p in glob.glob(os.path.join(ROOT, 'docs',
-                                                             '*.md')))
+    os.path.relpath(p, ROOT)
+    for p in glob.glob(os.path.join(ROOT, 'docs', '*.md'))
+)
 FENCE = re.compile(r'^(\s*)```(\w*)\s*$')
 MARKER = re.compile(r'<!--\s*docs-test:\s*(skip|env)\b\s*(.*?)\s*-->')
 BLOCK_TIMEOUT_S = 240
@@ -44,6 +45,7 @@ BLOCK_TIMEOUT_S = 240
 @dataclasses.dataclass
 class Block:
   """One ```bash block: where it is, its text and its marker."""
+
   doc: str
   line: int
   text: str
@@ -69,12 +71,14 @@ def collect_blocks(doc: str) -> list[Block]:
     body = []
     i += 1
     while i < len(lines) and not FENCE.match(lines[i]):
-      body.append(lines[i][len(indent):] if lines[i].startswith(indent)
-                  else lines[i])
+      body.append(
+          lines[i][len(indent) :] if lines[i].startswith(indent) else lines[i]
+      )
       i += 1
     block = Block(doc, start + 1, '\n'.join(body) + '\n')
-    previous = next((lines[j] for j in range(start - 1, -1, -1)
-                     if lines[j].strip()), '')
+    previous = next(
+        (lines[j] for j in range(start - 1, -1, -1) if lines[j].strip()), ''
+    )
     marker = MARKER.search(previous)
     if marker:
       block.action, block.argument = marker.group(1), marker.group(2)
@@ -99,6 +103,7 @@ def test_every_block_is_collected_and_skips_give_reasons():
 def _demo_images(config, n):
   """(image, class name) of the first `n` demo test examples."""
   from drpl_jax import data  # pylint: disable=g-import-not-at-top
+
   names = data.ensure_prepared(config.data).class_names
   source = data.get_source(config.data, 'test')
   return [(source[i]['image'], names[source[i]['label']]) for i in range(n)]
@@ -132,28 +137,37 @@ def sandbox(tiny_run, tmp_path_factory):
 
 def _sandboxed(text: str, top) -> str:
   """The block's text with /tmp/ and /data/ moved into the sandbox."""
-  return re.sub(r'(?<![\w./~])/(tmp|data)/', lambda m: f'{top}/{m.group(1)}/',
-                text)
+  return re.sub(
+      r'(?<![\w./~])/(tmp|data)/', lambda m: f'{top}/{m.group(1)}/', text
+  )
 
 
 @pytest.mark.parametrize(
-    'block', [b for b in ALL_BLOCKS if b.action != 'skip'],
-    ids=lambda b: b.name)
+    'block', [b for b in ALL_BLOCKS if b.action != 'skip'], ids=lambda b: b.name
+)
 def test_block_runs_as_written(block, sandbox):
   # Blocks marked skip are not test cases: the collection test above checks
   # each gives a reason and prints them.
-  env = dict(os.environ, HOME=str(sandbox / 'home'), PYTHONPATH='',
-             OMP_NUM_THREADS='1')
+  env = dict(
+      os.environ, HOME=str(sandbox / 'home'), PYTHONPATH='', OMP_NUM_THREADS='1'
+  )
   env.pop('DRPL_DRY_RUN', None)
   if block.action == 'env':
     for item in block.argument.split():
       key, _, value = item.partition('=')
       env[key] = value
   script = 'set -euo pipefail\n' + _sandboxed(block.text, sandbox)
-  proc = subprocess.run(['bash', '-c', script], cwd=sandbox / 'clone',
-                        env=env, text=True, capture_output=True,
-                        timeout=BLOCK_TIMEOUT_S, check=False)
+  proc = subprocess.run(
+      ['bash', '-c', script],
+      cwd=sandbox / 'clone',
+      env=env,
+      text=True,
+      capture_output=True,
+      timeout=BLOCK_TIMEOUT_S,
+      check=False,
+  )
   assert proc.returncode == 0, (
       f'{block.name} failed (exit {proc.returncode}):\n{script}\n'
-      f'--- stderr (tail):\n{proc.stderr[-3000:]}')
+      f'--- stderr (tail):\n{proc.stderr[-3000:]}'
+  )
   assert 'Traceback' not in proc.stderr, proc.stderr[-3000:]

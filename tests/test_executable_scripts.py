@@ -12,8 +12,13 @@ SOURCED = 'sourced, not run'  # what a helper file that is not run says
 
 def git_modes() -> dict[str, str]:
   """{path: mode} of every tracked file, as git records it."""
-  out = subprocess.run(['git', 'ls-files', '-s'], cwd=ROOT, text=True,
-                       capture_output=True, check=True).stdout
+  out = subprocess.run(
+      ['git', 'ls-files', '-s'],
+      cwd=ROOT,
+      text=True,
+      capture_output=True,
+      check=True,
+  ).stdout
   modes = {}
   for line in out.splitlines():
     meta, _, path = line.partition('\t')
@@ -25,8 +30,10 @@ def documented_scripts() -> set[str]:
   """Repository files the docs run: `launch/...` and any `*.sh` path."""
   found = set()
   for doc in DOCS:
-    for path in re.findall(r'(?<![\w/.-])((?:launch/|\./)?[\w/.-]+\.(?:sh|sbatch))\b',
-                           doc.read_text()):
+    for path in re.findall(
+        r'(?<![\w/.-])((?:launch/|\./)?[\w/.-]+\.(?:sh|sbatch))\b',
+        doc.read_text(),
+    ):
       path = path.removeprefix('./')
       if (ROOT / path).is_file():
         found.add(path)
@@ -44,7 +51,8 @@ def launcher_scripts() -> set[str]:
     if not text.startswith('#!'):
       assert SOURCED in text.splitlines()[0], (
           f'{path.name}: neither a #! script nor a helper that says '
-          f'"{SOURCED}" on its first line')
+          f'"{SOURCED}" on its first line'
+      )
       continue
     out.add(str(path.relative_to(ROOT)))
   return out
@@ -59,7 +67,8 @@ def test_documented_and_launch_scripts_are_executable_in_git():
   not_executable = sorted(p for p in scripts if modes.get(p) != '100755')
   assert not not_executable, (
       f'not executable in git: {not_executable}; run git update-index '
-      '--chmod=+x on them')
+      '--chmod=+x on them'
+  )
 
 
 def test_the_check_reads_modes_that_git_records():

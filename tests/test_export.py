@@ -31,9 +31,11 @@ def _reference(restored, images):
   """The JAX model's probabilities (float images are in [0, 1])."""
   model = restored.model()
   cfg = restored.config
-  x = (np.asarray(images, np.float32) / (255.0 if images.dtype == np.uint8
-                                         else 1.0) - np.asarray(
-      cfg.data.mean, np.float32)) / np.asarray(cfg.data.std, np.float32)
+  x = (
+      np.asarray(images, np.float32)
+      / (255.0 if images.dtype == np.uint8 else 1.0)
+      - np.asarray(cfg.data.mean, np.float32)
+  ) / np.asarray(cfg.data.std, np.float32)
   forward = jax.jit(lambda x: jax.nn.softmax(model(x, train=False), axis=-1))
   return np.asarray(forward(x))
 
@@ -58,10 +60,10 @@ def test_stablehlo_reloads_and_serves_any_batch(run, tmp_path):
     images = _images(batch, seed=batch)
     probs = np.asarray(fn(images))
     assert probs.shape == (batch, 10)
-    np.testing.assert_allclose(probs, _reference(restored, images),
-                               atol=1e-5)
+    np.testing.assert_allclose(probs, _reference(restored, images), atol=1e-5)
     np.testing.assert_allclose(
-        np.asarray(exported.call(images)), probs, atol=1e-7)
+        np.asarray(exported.call(images)), probs, atol=1e-7
+    )
 
   with open(os.path.join(workdir, 'meta.json')) as f:
     meta = json.load(f)
@@ -80,15 +82,19 @@ def test_stablehlo_reloads_and_serves_any_batch(run, tmp_path):
 
 def test_float_input_export(run):
   _, restored = run
-  exported = export.export_stablehlo(restored, input_dtype='float32',
-                                     platforms=('cpu',))
+  exported = export.export_stablehlo(
+      restored, input_dtype='float32', platforms=('cpu',)
+  )
   images = _images(3, 'float32', seed=7)
-  np.testing.assert_allclose(np.asarray(exported.call(images)),
-                             _reference(restored, images), atol=1e-5)
+  np.testing.assert_allclose(
+      np.asarray(exported.call(images)), _reference(restored, images), atol=1e-5
+  )
   # The same pixels as uint8 give the same probabilities.
   np.testing.assert_allclose(
       np.asarray(exported.call(images)),
-      _reference(restored, _images(3, seed=7)), atol=1e-5)
+      _reference(restored, _images(3, seed=7)),
+      atol=1e-5,
+  )
 
 
 def test_load_stablehlo_errors(run, tmp_path):
@@ -123,28 +129,57 @@ def test_cli(run, tmp_path):
   and exit 2."""
   workdir, _ = run
   out = str(tmp_path / 'cli')
-  command = [sys.executable, '-m', 'drpl_jax.export', '--workdir', workdir,
-             '--out', out]
+  command = [
+      sys.executable,
+      '-m',
+      'drpl_jax.export',
+      '--workdir',
+      workdir,
+      '--out',
+      out,
+  ]
   env = dict(os.environ, PYTHONPATH=ROOT)
-  ok = subprocess.run(command + ['--step', '2', '--platforms', 'cpu'],
-                      cwd=ROOT, env=env, capture_output=True, text=True,
-                      timeout=300)
+  ok = subprocess.run(
+      command + ['--step', '2', '--platforms', 'cpu'],
+      cwd=ROOT,
+      env=env,
+      capture_output=True,
+      text=True,
+      timeout=300,
+  )
   assert ok.returncode == 0, ok.stderr[-2000:]
   printed = json.loads(ok.stdout.strip().splitlines()[-1])
   assert printed['out'] == out and printed['platforms'] == ['cpu']
   assert os.path.isfile(os.path.join(out, 'model.stablehlo'))
-  bad = subprocess.run(command + ['--step', '5'], cwd=ROOT, env=env,
-                       capture_output=True, text=True, timeout=300)
+  bad = subprocess.run(
+      command + ['--step', '5'],
+      cwd=ROOT,
+      env=env,
+      capture_output=True,
+      text=True,
+      timeout=300,
+  )
   assert bad.returncode == 2
-  assert bad.stderr.strip().splitlines()[-1].startswith(
-      'error: no checkpoint for step 5')
+  assert (
+      bad.stderr.strip()
+      .splitlines()[-1]
+      .startswith('error: no checkpoint for step 5')
+  )
 
 
 def test_export_module_does_not_import_tensorflow():
-  code = ('import sys, drpl_jax.evaluation.export, drpl_jax.evaluation.predict; '
-          'print("tensorflow" in sys.modules)')
-  out = subprocess.run([sys.executable, '-c', code], cwd=ROOT, check=True,
-                       capture_output=True, text=True, timeout=120)
+  code = (
+      'import sys, drpl_jax.evaluation.export, drpl_jax.evaluation.predict; '
+      'print("tensorflow" in sys.modules)'
+  )
+  out = subprocess.run(
+      [sys.executable, '-c', code],
+      cwd=ROOT,
+      check=True,
+      capture_output=True,
+      text=True,
+      timeout=120,
+  )
   assert out.stdout.strip() == 'False'
 
 
@@ -152,10 +187,13 @@ def test_savedmodel_matches(run, tmp_path):
   tf = pytest.importorskip('tensorflow')
   workdir, restored = run
   out = str(tmp_path / 'both')
-  metadata = export.export_model(workdir, out, formats='both',
-                                 platforms=('cpu',))
-  assert metadata['files'] == {'stablehlo': 'model.stablehlo',
-                               'savedmodel': 'savedmodel'}
+  metadata = export.export_model(
+      workdir, out, formats='both', platforms=('cpu',)
+  )
+  assert metadata['files'] == {
+      'stablehlo': 'model.stablehlo',
+      'savedmodel': 'savedmodel',
+  }
   assert tf.config.get_visible_devices('GPU') == []
   loaded = tf.saved_model.load(os.path.join(out, 'savedmodel'))
   serve = loaded.signatures['serving_default']
@@ -163,5 +201,4 @@ def test_savedmodel_matches(run, tmp_path):
     images = _images(batch, seed=10 + batch)
     probs = serve(images=tf.constant(images))['probabilities'].numpy()
     assert probs.shape == (batch, 10)
-    np.testing.assert_allclose(probs, _reference(restored, images),
-                               atol=1e-4)
+    np.testing.assert_allclose(probs, _reference(restored, images), atol=1e-4)

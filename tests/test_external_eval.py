@@ -46,8 +46,9 @@ def test_external_folder_with_a_subset_of_classes(trained, tmp_path):
   config, workdir = trained
   site = tmp_path / 'hospital_b'
   n = write_folder(config, str(site), ['3', '7'])
-  report = evaluate.evaluate(config, workdir, data=f'cxr_folder:{site}',
-                             n_bootstrap=20)
+  report = evaluate.evaluate(
+      config, workdir, data=f'cxr_folder:{site}', n_bootstrap=20
+  )
   path = os.path.join(workdir, 'eval', 'hospital_b', 'report.json')
   with open(path) as f:
     on_disk = json.load(f)
@@ -93,8 +94,12 @@ def test_external_folder_reports_the_teacher(trained, tmp_path):
   from drpl_jax.teacher import random_state_dict
   # pylint: enable=g-import-not-at-top
   config, workdir = trained
-  state = random_state_dict(abstract_teacher(TeacherConfig(
-      arch='resnet18', num_classes=10, image_size=32)), 0)
+  state = random_state_dict(
+      abstract_teacher(
+          TeacherConfig(arch='resnet18', num_classes=10, image_size=32)
+      ),
+      0,
+  )
   path = str(tmp_path / 'resnet18.safetensors')
   torch_io.save_safetensors(state, path)
   config = config.copy_and_resolve_references()
@@ -103,8 +108,9 @@ def test_external_folder_reports_the_teacher(trained, tmp_path):
   config.probes.enabled = False
   site = tmp_path / 'hospital_t'
   write_folder(config, str(site), ['3', '7'])
-  report = evaluate.evaluate(config, workdir, data=f'cxr_folder:{site}',
-                             n_bootstrap=0)
+  report = evaluate.evaluate(
+      config, workdir, data=f'cxr_folder:{site}', n_bootstrap=0
+  )
   assert report['teacher']['num_examples'] == 8
   assert 0 <= report['teacher']['accuracy'] <= 1
   assert 'probes' not in report

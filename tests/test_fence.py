@@ -13,10 +13,16 @@ from drpl_jax.models import ConvConfig, ModelConfig, create_model, fence
 
 def config(materialize: str, **changes) -> ModelConfig:
   """A 3-block distilled LeFF model (layer norms) on 16x16 images."""
-  base = ModelConfig(num_classes=3, image_size=16, patch_size=4, width=32,
-                     depth=3, num_heads=2,
-                     conv=ConvConfig(kind='leff', norm='layer'),
-                     materialize=materialize)
+  base = ModelConfig(
+      num_classes=3,
+      image_size=16,
+      patch_size=4,
+      width=32,
+      depth=3,
+      num_heads=2,
+      conv=ConvConfig(kind='leff', norm='layer'),
+      materialize=materialize,
+  )
   return base.replace(**changes)
 
 
@@ -48,8 +54,7 @@ def test_gradients_do_not_change():
   grads = {}
   for mode in ('on', 'off'):
     graphdef, params, rest = split(mode)
-    grad = jax.jit(jax.value_and_grad(loss_fn, argnums=1),
-                   static_argnums=0)
+    grad = jax.jit(jax.value_and_grad(loss_fn, argnums=1), static_argnums=0)
     grads[mode] = grad(graphdef, params, rest, images, labels)
   (loss_on, g_on), (loss_off, g_off) = grads['on'], grads['off']
   np.testing.assert_allclose(loss_on, loss_off, rtol=1e-6)
@@ -58,8 +63,9 @@ def test_gradients_do_not_change():
   assert len(flat_on) == len(flat_off)
   # Equal up to float rounding: XLA fuses (and so rounds) differently.
   for path, value in flat_on:
-    np.testing.assert_allclose(value[...], flat_off[path][...], rtol=1e-4,
-                               atol=1e-6, err_msg=str(path))
+    np.testing.assert_allclose(
+        value[...], flat_off[path][...], rtol=1e-4, atol=1e-6, err_msg=str(path)
+    )
 
 
 def test_fences_survive_xla_cpu_optimisation():
@@ -91,6 +97,7 @@ def test_evaluation_fences_only_the_leff_and_off_removes_all():
   assert ' conditional(' not in eval_text(graphdef, params, rest, False)
   # Exported programs are traced inside fence.off().
   from drpl_jax.evaluation import export
+
   fn = export.probabilities_fn(graphdef, (0.5,) * 3, (0.5,) * 3)
   text = jax.jit(fn).lower(params, rest, batch()[0]).as_text()
   assert 'stablehlo.case' not in text and 'stablehlo.if' not in text
@@ -107,8 +114,10 @@ def test_auto_follows_the_backend_and_bad_mode_is_named():
 
 def test_config_key_reaches_the_model():
   from conftest import config_module  # pylint: disable=g-import-not-at-top
+
   drpl_vit = config_module('drpl_vit')
   from drpl_jax.train import loop as train
+
   cfg = drpl_vit.get_config('variant=micro')
   assert cfg.model.materialize == 'auto'
   cfg.model.materialize = 'off'

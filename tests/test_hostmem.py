@@ -13,7 +13,7 @@ from drpl_jax.parallel import hostmem
 # Runs in a fresh process (the settings must precede JAX's CPU client):
 # a jitted program with a 256 MiB temporary, called repeatedly; prints the
 # minor page faults per call after warm-up (the fewest of three windows).
-_PROBE = textwrap.dedent('''
+_PROBE = textwrap.dedent("""
     import json, resource
     from drpl_jax.parallel import hostmem
     applied = hostmem.configure()
@@ -36,14 +36,20 @@ _PROBE = textwrap.dedent('''
           (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before) / 8)
     faults = min(windows)
     print(json.dumps({'applied': applied, 'faults': faults}))
-''')
+""")
 
 
 def _probe(mode: str) -> dict:
   env = dict(os.environ, DRPL_JAX_HOST_MALLOC=mode, JAX_PLATFORMS='cpu')
   env.pop('XLA_FLAGS', None)
-  out = subprocess.run([sys.executable, '-c', _PROBE], env=env, check=True,
-                       capture_output=True, text=True, timeout=300)
+  out = subprocess.run(
+      [sys.executable, '-c', _PROBE],
+      env=env,
+      check=True,
+      capture_output=True,
+      text=True,
+      timeout=300,
+  )
   return json.loads(out.stdout.strip().splitlines()[-1])
 
 
@@ -79,6 +85,7 @@ def test_bad_mode_is_named(monkeypatch):
 def test_too_late_is_refused(caplog):
   """In a process whose JAX backends are up, the arena limit cannot act."""
   import jax  # pylint: disable=g-import-not-at-top
+
   jax.devices()
   assert not hostmem.applied()
   assert not hostmem.configure('on')

@@ -19,8 +19,9 @@ from drpl_jax.input import pipeline as ip
 from drpl_jax.input.config import DataConfig
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SAMPLE = os.path.join(os.path.dirname(ROOT), 'shared', 'data',
-                      'covid19_radiography_sample')
+SAMPLE = os.path.join(
+    os.path.dirname(ROOT), 'shared', 'data', 'covid19_radiography_sample'
+)
 S = 16  # output image side in most tests
 
 
@@ -38,8 +39,12 @@ class ListSource:
     return len(self.images)
 
   def __getitem__(self, i):
-    return {'image': self.images[i], 'label': int(self.labels[i]),
-            'id': f'ex{i}', 'patient_id': f'p{i // 2}'}
+    return {
+        'image': self.images[i],
+        'label': int(self.labels[i]),
+        'id': f'ex{i}',
+        'patient_id': f'p{i // 2}',
+    }
 
 
 def _train(source, **kw):
@@ -96,6 +101,7 @@ def test_batched_reads_give_the_same_batches():
   calls = []
 
   class Batched(ListSource):
+
     def __getitems__(self, indices):
       calls.append(len(indices))
       return [self[i] for i in indices]
@@ -115,8 +121,7 @@ def test_teacher_logits_are_joined_by_id():
   table = {f'ex{i}': np.array([i, -i, 0.5], np.float32) for i in range(12)}
   batch = next(_train(source, teacher_logits=table))
   assert batch['teacher_logits'].dtype == np.float32
-  np.testing.assert_array_equal(batch['teacher_logits'][:, 0],
-                                batch['label'])
+  np.testing.assert_array_equal(batch['teacher_logits'][:, 0], batch['label'])
   del table['ex3'], table['ex7']
   it = _train(source, teacher_logits=table)
   with pytest.raises(ValueError, match="'ex[37]'"):
@@ -127,11 +132,11 @@ def test_teacher_logits_from_a_soft_labels_file_object():
   soft_labels = pytest.importorskip('drpl_jax.pytorch.soft_labels')
   ids = [f'ex{i}' for i in range(12)]
   logits = np.stack([np.arange(12.0), np.zeros(12)], -1)
-  table = soft_labels.SoftLabels(ids, logits, ['train'] * 12,
-                                 {'class_names': ['a', 'b']})
+  table = soft_labels.SoftLabels(
+      ids, logits, ['train'] * 12, {'class_names': ['a', 'b']}
+  )
   batch = next(_train(ListSource(12), teacher_logits=table))
-  np.testing.assert_array_equal(batch['teacher_logits'][:, 0],
-                                batch['label'])
+  np.testing.assert_array_equal(batch['teacher_logits'][:, 0], batch['label'])
 
 
 def test_same_seed_agrees_different_seed_differs():
@@ -139,15 +144,16 @@ def test_same_seed_agrees_different_seed_differs():
   a, b = _take(_train(source), 3), _take(_train(source), 3)
   c = _take(_train(source, seed=1), 3)
   _assert_same(a, b)
-  assert any(not np.array_equal(x['image'], y['image'])
-             for x, y in zip(a, c))
+  assert any(not np.array_equal(x['image'], y['image']) for x, y in zip(a, c))
 
 
 def test_each_epoch_is_a_new_permutation():
   source = ListSource(12)  # label = index
   batches = _take(_train(source, augment_config={'randaugment_ops': 0}), 6)
-  epochs = [np.concatenate([b['label'] for b in batches[e * 3:e * 3 + 3]])
-            for e in range(2)]
+  epochs = [
+      np.concatenate([b['label'] for b in batches[e * 3 : e * 3 + 3]])
+      for e in range(2)
+  ]
   for labels in epochs:
     assert sorted(labels) == list(range(12))
   assert not np.array_equal(epochs[0], epochs[1])
@@ -157,8 +163,12 @@ def test_each_epoch_is_a_new_permutation():
 def test_process_shards_partition_the_global_batch(count):
   source = ListSource(30)  # label = index
   single = _take(_train(source, batch_size=6), 6)
-  shards = [_take(_train(source, batch_size=6, process_index=p,
-                         process_count=count), 6) for p in range(count)]
+  shards = [
+      _take(
+          _train(source, batch_size=6, process_index=p, process_count=count), 6
+      )
+      for p in range(count)
+  ]
   for step in range(6):
     parts = [shards[p][step] for p in range(count)]
     assert all(len(part['label']) == 6 // count for part in parts)
@@ -167,14 +177,15 @@ def test_process_shards_partition_the_global_batch(count):
     # The global batch does not depend on the process count, pixel for pixel.
     np.testing.assert_array_equal(labels, single[step]['label'])
     np.testing.assert_array_equal(
-        np.concatenate([part['image'] for part in parts]),
-        single[step]['image'])
+        np.concatenate([part['image'] for part in parts]), single[step]['image']
+    )
 
 
 def test_repeated_augmentation_repeats_examples_with_new_views():
   source = ListSource(12)  # label = index
-  batches = _take(_train(source, batch_size=12,
-                         augment_config={'repeated_aug': 3}), 2)
+  batches = _take(
+      _train(source, batch_size=12, augment_config={'repeated_aug': 3}), 2
+  )
   for batch in batches:
     labels = batch['label']
     values, counts = np.unique(labels, return_counts=True)
@@ -187,8 +198,13 @@ def test_repeated_augmentation_repeats_examples_with_new_views():
 def test_balanced_sampler_equalises_classes():
   labels = np.array([0] * 80 + [1] * 15 + [2] * 5)
   source = ListSource(100, labels=labels, shape=(8, 8, 3))
-  it = _train(source, batch_size=20, balanced=True, labels=labels,
-              augment_config={'randaugment_ops': 0, 'random_erase': 0.0})
+  it = _train(
+      source,
+      batch_size=20,
+      balanced=True,
+      labels=labels,
+      augment_config={'randaugment_ops': 0, 'random_erase': 0.0},
+  )
   seen = np.concatenate([b['label'] for b in _take(it, 30)])
   freq = np.bincount(seen, minlength=3) / len(seen)
   np.testing.assert_allclose(freq, 1 / 3, atol=0.05)
@@ -205,6 +221,7 @@ def test_train_errors_name_the_problem():
     _train(ListSource(12), augment_config={'bogus': True})
 
   class NoLabel(ListSource):
+
     def __getitem__(self, i):
       return {'image': self.images[i]}
 
@@ -217,9 +234,18 @@ def test_eval_covers_every_example_once(count):
   source = ListSource(23)  # label = index
   n_batches = ip.num_eval_batches(23, 6)
   assert n_batches == 4
-  per_process = [list(ip.eval_batches(source, batch_size=6, image_size=S,
-                                      process_index=p, process_count=count))
-                 for p in range(count)]
+  per_process = [
+      list(
+          ip.eval_batches(
+              source,
+              batch_size=6,
+              image_size=S,
+              process_index=p,
+              process_count=count,
+          )
+      )
+      for p in range(count)
+  ]
   assert all(len(batches) == n_batches for batches in per_process)
   indices = []
   for batches in per_process:
@@ -236,12 +262,14 @@ def test_eval_covers_every_example_once(count):
 
 def test_eval_images_are_the_center_crop():
   source = ListSource(5, shape=(40, 30, 3))
-  batch = next(ip.eval_batches(source, batch_size=8, image_size=S,
-                               crop_ratio=0.875))
+  batch = next(
+      ip.eval_batches(source, batch_size=8, image_size=S, crop_ratio=0.875)
+  )
   for k in range(5):
     np.testing.assert_array_equal(
         batch['image'][k],
-        augment.eval_transform(source.images[k], size=S, crop_ratio=0.875))
+        augment.eval_transform(source.images[k], size=S, crop_ratio=0.875),
+    )
   assert np.all(batch['image'][5:] == 0)
 
 
@@ -266,8 +294,12 @@ class _RealXrays:
     with Image.open(self.paths[i]) as img:
       image = np.asarray(img.convert('RGB'))
     label = 0 if '/COVID/' in self.paths[i] else 1
-    return {'image': image, 'label': label, 'id': self.paths[i],
-            'patient_id': ''}
+    return {
+        'image': image,
+        'label': label,
+        'id': self.paths[i],
+        'patient_id': '',
+    }
 
 
 def test_real_xrays_through_train_and_eval():
@@ -293,8 +325,9 @@ def _fake_data_module(source, calls):
     calls.append(('get_source', info, split))
     return source
 
-  return types.SimpleNamespace(find_prepared=find_prepared,
-                               get_source=get_source)
+  return types.SimpleNamespace(
+      find_prepared=find_prepared, get_source=get_source
+  )
 
 
 def test_create_iterators_from_typed_config(monkeypatch):
@@ -305,15 +338,21 @@ def test_create_iterators_from_typed_config(monkeypatch):
   monkeypatch.setitem(sys.modules, 'drpl_jax.data', fake)
   monkeypatch.setattr(drpl_jax, 'data', fake, raising=False)
   # The setup's info is passed down: nothing is looked up again.
-  batch = next(ip.create_train_iterator(cfg, batch_size=4, seed=0,
-                                        info='setup-info'))
+  batch = next(
+      ip.create_train_iterator(cfg, batch_size=4, seed=0, info='setup-info')
+  )
   assert batch['image'].shape == (4, S, S, 3)
   assert calls == [('get_source', 'setup-info', 'train')]
-  batches = list(ip.create_eval_iterator(cfg, 'test', batch_size=8,
-                                         process_index=0, process_count=2))
+  batches = list(
+      ip.create_eval_iterator(
+          cfg, 'test', batch_size=8, process_index=0, process_count=2
+      )
+  )
   assert len(batches) == 2 and batches[0]['image'].shape == (4, S, S, 3)
-  assert calls[1:] == [('find_prepared', cfg.name),
-                       ('get_source', 'found-info', 'test')]
+  assert calls[1:] == [
+      ('find_prepared', cfg.name),
+      ('get_source', 'found-info', 'test'),
+  ]
 
 
 def test_eval_batches_carry_ids_and_patient_ids():
@@ -330,7 +369,7 @@ def test_eval_batches_carry_ids_and_patient_ids():
   assert set(glob) == {'image', 'label', 'mask', 'index'}
 
 
-_GLOBAL_BATCH_SCRIPT = textwrap.dedent('''
+_GLOBAL_BATCH_SCRIPT = textwrap.dedent("""
     import jax, numpy as np
     from drpl_jax.input import pipeline as ip
     assert jax.device_count() == 8, jax.devices()
@@ -357,28 +396,52 @@ _GLOBAL_BATCH_SCRIPT = textwrap.dedent('''
     else:
       raise AssertionError('no error for a mesh without data axes')
     print('OK')
-''')
+""")
 
 
 def test_to_global_batch_on_8_fake_devices():
-  env = dict(os.environ,
-             XLA_FLAGS='--xla_force_host_platform_device_count=8',
-             JAX_PLATFORMS='cpu')
-  result = subprocess.run([sys.executable, '-c', _GLOBAL_BATCH_SCRIPT],
-                          env=env, cwd=ROOT, capture_output=True, text=True,
-                          timeout=300)
+  env = dict(
+      os.environ,
+      XLA_FLAGS='--xla_force_host_platform_device_count=8',
+      JAX_PLATFORMS='cpu',
+  )
+  result = subprocess.run(
+      [sys.executable, '-c', _GLOBAL_BATCH_SCRIPT],
+      env=env,
+      cwd=ROOT,
+      capture_output=True,
+      text=True,
+      timeout=300,
+  )
   assert result.returncode == 0, result.stderr[-3000:]
   assert result.stdout.strip().endswith('OK')
 
 
 def test_input_benchmark_prints_json_without_tensorflow():
   from drpl_jax.bench import input as bench_input  # pylint: disable=g-import-not-at-top
-  cmd = [sys.executable, '-m', 'drpl_jax.bench', 'input',
-         '--config=configs/drpl_vit.py:variant=micro', '--synthetic',
-         '--batch_size', '8', '--steps', '2', '--warmup', '1']
-  result = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True,
-                          timeout=300, env=dict(os.environ,
-                                                JAX_PLATFORMS='cpu'))
+
+  cmd = [
+      sys.executable,
+      '-m',
+      'drpl_jax.bench',
+      'input',
+      '--config=configs/drpl_vit.py:variant=micro',
+      '--synthetic',
+      '--batch_size',
+      '8',
+      '--steps',
+      '2',
+      '--warmup',
+      '1',
+  ]
+  result = subprocess.run(
+      cmd,
+      cwd=ROOT,
+      capture_output=True,
+      text=True,
+      timeout=300,
+      env=dict(os.environ, JAX_PLATFORMS='cpu'),
+  )
   assert result.returncode == 0, result.stderr[-3000:]
   records = [json.loads(line) for line in result.stdout.splitlines()]
   assert [r['pipeline'] for r in records] == ['decode', 'train', 'eval']
@@ -396,6 +459,7 @@ def test_input_benchmark_prints_json_without_tensorflow():
 def test_bench_dispatch_rejects_unknown_subcommand(capsys):
   # pylint: disable-next=g-import-not-at-top
   from drpl_jax.bench import __main__ as bench_main
+
   assert bench_main.main(['nope']) == 2
   assert 'input' in capsys.readouterr().err
 
@@ -403,6 +467,7 @@ def test_bench_dispatch_rejects_unknown_subcommand(capsys):
 def test_synthetic_source_protocol():
   # pylint: disable-next=g-import-not-at-top
   from drpl_jax.bench import input as bench_input
+
   source = bench_input.SyntheticPngSource(5, num_distinct=2)
   ex = source[4]
   assert len(source) == 5

@@ -7,8 +7,9 @@ import pytest
 
 from drpl_jax.train import losses
 
-LOGITS = np.array([[2.0, 0.5, -1.0], [0.1, 0.2, 3.0], [1.0, 1.0, 1.0]],
-                  np.float32)
+LOGITS = np.array(
+    [[2.0, 0.5, -1.0], [0.1, 0.2, 3.0], [1.0, 1.0, 1.0]], np.float32
+)
 LABELS = np.array([0, 1, 2])
 
 
@@ -56,8 +57,9 @@ def test_cross_entropy_matches_numpy_with_smoothing():
 def test_cross_entropy_soft_targets():
   targets = np.array([[0.7, 0.3, 0.0], [0.0, 0.4, 0.6], [0.2, 0.2, 0.6]])
   want = np_ce(LOGITS, targets).mean()
-  np.testing.assert_allclose(losses.cross_entropy(LOGITS, targets), want,
-                             rtol=1e-5)
+  np.testing.assert_allclose(
+      losses.cross_entropy(LOGITS, targets), want, rtol=1e-5
+  )
 
 
 def test_cross_entropy_mask_excludes_padding():
@@ -69,8 +71,9 @@ def test_cross_entropy_mask_excludes_padding():
   # Garbage in the padded row changes nothing.
   noisy = LOGITS.copy()
   noisy[2] = [100.0, -100.0, 50.0]
-  np.testing.assert_allclose(losses.cross_entropy(noisy, onehot, mask=mask),
-                             want, rtol=1e-5)
+  np.testing.assert_allclose(
+      losses.cross_entropy(noisy, onehot, mask=mask), want, rtol=1e-5
+  )
   # Everything masked: 0, not NaN.
   assert float(losses.cross_entropy(LOGITS, onehot, mask=np.zeros(3))) == 0.0
 
@@ -91,7 +94,8 @@ def test_cross_entropy_class_weights():
   ew = mixed @ w
   want = (np_ce(LOGITS, mixed) * ew).sum() / ew.sum()
   np.testing.assert_allclose(
-      losses.cross_entropy(LOGITS, mixed, class_weights=w), want, rtol=1e-5)
+      losses.cross_entropy(LOGITS, mixed, class_weights=w), want, rtol=1e-5
+  )
   with pytest.raises(ValueError, match='class_weights'):
     losses.cross_entropy(LOGITS, onehot, class_weights=[1.0, 2.0])
 
@@ -104,7 +108,8 @@ def test_hard_distillation_uses_teacher_argmax():
   mask = np.array([0.0, 1.0, 1.0])
   want = np_ce(LOGITS[1:], np.eye(3)[[0, 2]]).mean()
   np.testing.assert_allclose(
-      losses.hard_distillation(LOGITS, teacher, mask=mask), want, rtol=1e-5)
+      losses.hard_distillation(LOGITS, teacher, mask=mask), want, rtol=1e-5
+  )
 
 
 def np_soft(student, teacher, tau):
@@ -122,15 +127,18 @@ def test_soft_distillation_matches_numpy_and_tau_squared():
   s = np.array([[0.0, 0.0]])
   t = np.array([[np.log(3.0), 0.0]])  # p_t = (3/4, 1/4), p_s = (1/2, 1/2)
   kl = 0.75 * np.log(1.5) + 0.25 * np.log(0.5)
-  np.testing.assert_allclose(losses.soft_distillation(s, t, tau=1.0), kl,
-                             rtol=1e-5)
+  np.testing.assert_allclose(
+      losses.soft_distillation(s, t, tau=1.0), kl, rtol=1e-5
+  )
   # tau^2 scaling: at tau=2 the logits are halved, then multiplied by 4.
   t2 = np.array([[2 * np.log(3.0), 0.0]])
-  np.testing.assert_allclose(losses.soft_distillation(s, t2, tau=2.0),
-                             4 * kl, rtol=1e-5)
+  np.testing.assert_allclose(
+      losses.soft_distillation(s, t2, tau=2.0), 4 * kl, rtol=1e-5
+  )
   # Identical distributions: zero.
   np.testing.assert_allclose(
-      losses.soft_distillation(LOGITS, LOGITS, tau=3.0), 0.0, atol=1e-6)
+      losses.soft_distillation(LOGITS, LOGITS, tau=3.0), 0.0, atol=1e-6
+  )
   with pytest.raises(ValueError, match='tau'):
     losses.soft_distillation(LOGITS, teacher, tau=0.0)
 
@@ -143,17 +151,21 @@ def test_total_loss_alpha_weighting():
   ce_cls = np_ce(cls, onehot).mean()
   hard = np_ce(dist, np.eye(3)[[1, 0, 2]]).mean()
   for alpha in (0.0, 0.3, 1.0):
-    loss, aux = losses.total_loss((cls, dist), onehot, teacher,
-                                  distill_kind='hard', alpha=alpha)
-    np.testing.assert_allclose(loss, (1 - alpha) * ce_cls + alpha * hard,
-                               rtol=1e-5)
+    loss, aux = losses.total_loss(
+        (cls, dist), onehot, teacher, distill_kind='hard', alpha=alpha
+    )
+    np.testing.assert_allclose(
+        loss, (1 - alpha) * ce_cls + alpha * hard, rtol=1e-5
+    )
     np.testing.assert_allclose(aux['loss_cls'], ce_cls, rtol=1e-5)
     np.testing.assert_allclose(aux['loss_dist'], hard, rtol=1e-5)
     assert set(aux) == {'loss_cls', 'loss_dist', 'loss'}
-  loss, aux = losses.total_loss((cls, dist), onehot, teacher,
-                                distill_kind='soft', alpha=0.5, tau=3.0)
+  loss, aux = losses.total_loss(
+      (cls, dist), onehot, teacher, distill_kind='soft', alpha=0.5, tau=3.0
+  )
   np.testing.assert_allclose(
-      loss, 0.5 * ce_cls + 0.5 * np_soft(dist, teacher, 3.0), rtol=1e-5)
+      loss, 0.5 * ce_cls + 0.5 * np_soft(dist, teacher, 3.0), rtol=1e-5
+  )
 
 
 def test_total_loss_without_distillation():
@@ -177,8 +189,9 @@ def test_total_loss_errors():
   with pytest.raises(ValueError, match='dist'):
     losses.total_loss(LOGITS, onehot, LOGITS, distill_kind='soft')
   with pytest.raises(ValueError, match='alpha'):
-    losses.total_loss((LOGITS, LOGITS), onehot, LOGITS, distill_kind='soft',
-                      alpha=1.5)
+    losses.total_loss(
+        (LOGITS, LOGITS), onehot, LOGITS, distill_kind='soft', alpha=1.5
+    )
 
 
 def test_gradients_finite_under_jit_and_bf16():
@@ -189,9 +202,15 @@ def test_gradients_finite_under_jit_and_bf16():
   @jax.jit
   def loss_fn(cls, dist):
     loss, _ = losses.total_loss(
-        (cls, dist), onehot, teacher, distill_kind='soft', tau=2.0,
-        label_smoothing=0.1, class_weights=jnp.array([1.0, 2.0, 3.0]),
-        mask=mask)
+        (cls, dist),
+        onehot,
+        teacher,
+        distill_kind='soft',
+        tau=2.0,
+        label_smoothing=0.1,
+        class_weights=jnp.array([1.0, 2.0, 3.0]),
+        mask=mask,
+    )
     return loss
 
   cls = jnp.asarray(LOGITS * 50).astype(jnp.bfloat16)  # extreme logits
@@ -203,6 +222,7 @@ def test_gradients_finite_under_jit_and_bf16():
     assert np.all(np.isfinite(g))
     np.testing.assert_array_equal(g[2], 0.0)  # masked row gets no gradient
   # The teacher gets no gradient.
-  g_teacher = jax.grad(lambda t: losses.soft_distillation(
-      jnp.asarray(LOGITS), t, tau=1.0))(teacher)
+  g_teacher = jax.grad(
+      lambda t: losses.soft_distillation(jnp.asarray(LOGITS), t, tau=1.0)
+  )(teacher)
   np.testing.assert_array_equal(np.asarray(g_teacher), 0.0)

@@ -24,11 +24,14 @@ def random_predictions(n=400, c=4, seed=0, skill=1.5):
 
 
 def test_product_does_not_import_sklearn():
-  code = ('import sys, drpl_jax.evaluation.metrics; '
-          'print(sorted(m for m in ("sklearn", "scipy", "tensorflow") '
-          'if m in sys.modules))')
-  out = subprocess.run([sys.executable, '-c', code], capture_output=True,
-                       text=True, check=True)
+  code = (
+      'import sys, drpl_jax.evaluation.metrics; '
+      'print(sorted(m for m in ("sklearn", "scipy", "tensorflow") '
+      'if m in sys.modules))'
+  )
+  out = subprocess.run(
+      [sys.executable, '-c', code], capture_output=True, text=True, check=True
+  )
   assert out.stdout.strip() == '[]'
 
 
@@ -38,12 +41,15 @@ def test_against_sklearn_four_classes():
   got = metrics.classification_metrics(probs, labels, NAMES, n_bootstrap=50)
   assert got['accuracy'] == pytest.approx(skm.accuracy_score(labels, preds))
   assert got['balanced_accuracy'] == pytest.approx(
-      skm.balanced_accuracy_score(labels, preds))
-  np.testing.assert_array_equal(got['confusion_matrix'],
-                                skm.confusion_matrix(labels, preds))
+      skm.balanced_accuracy_score(labels, preds)
+  )
+  np.testing.assert_array_equal(
+      got['confusion_matrix'], skm.confusion_matrix(labels, preds)
+  )
   np.testing.assert_array_equal(
       metrics.confusion_matrix(labels, preds, 4),
-      skm.confusion_matrix(labels, preds))
+      skm.confusion_matrix(labels, preds),
+  )
   p, r, f, s = skm.precision_recall_fscore_support(labels, preds)
   for c, name in enumerate(NAMES):
     entry = got['per_class'][name]
@@ -52,16 +58,21 @@ def test_against_sklearn_four_classes():
     assert entry['f1'] == pytest.approx(f[c])
     assert entry['support'] == s[c]
     assert entry['auc'] == pytest.approx(
-        skm.roc_auc_score(labels == c, probs[:, c]))
+        skm.roc_auc_score(labels == c, probs[:, c])
+    )
     assert entry['pr_auc'] == pytest.approx(
-        skm.average_precision_score(labels == c, probs[:, c]))
+        skm.average_precision_score(labels == c, probs[:, c])
+    )
   assert got['macro']['f1'] == pytest.approx(
-      skm.f1_score(labels, preds, average='macro'))
+      skm.f1_score(labels, preds, average='macro')
+  )
   assert got['weighted']['f1'] == pytest.approx(
-      skm.f1_score(labels, preds, average='weighted'))
+      skm.f1_score(labels, preds, average='weighted')
+  )
   assert got['weighted']['sensitivity'] == pytest.approx(got['accuracy'])
   assert got['macro']['auc'] == pytest.approx(
-      skm.roc_auc_score(labels, probs, multi_class='ovr', average='macro'))
+      skm.roc_auc_score(labels, probs, multi_class='ovr', average='macro')
+  )
   assert got['num_examples'] == 400 and got['class_names'] == NAMES
   assert got['nll'] == pytest.approx(skm.log_loss(labels, probs))
   json.dumps(got, allow_nan=False)
@@ -95,8 +106,9 @@ def test_specificity_and_npv_from_hand_made_confusion_matrix():
   preds = np.repeat(np.tile(np.arange(3), 3), cm.ravel())
   probs = np.full((labels.size, 3), 0.1)
   probs[np.arange(labels.size), preds] = 0.8
-  got = metrics.classification_metrics(probs, labels, ['a', 'b', 'c'],
-                                       n_bootstrap=0)
+  got = metrics.classification_metrics(
+      probs, labels, ['a', 'b', 'c'], n_bootstrap=0
+  )
   assert got['confusion_matrix'] == cm.tolist()
   a, b, c = (got['per_class'][k] for k in 'abc')
   # Class a: TP 5, FN 1, FP 2, TN 3 + 1 + 0 + 4 = 8.
@@ -111,9 +123,11 @@ def test_specificity_and_npv_from_hand_made_confusion_matrix():
   assert c['npv'] == pytest.approx(1.0)
   assert c['sensitivity'] == pytest.approx(1.0)
   assert got['macro']['specificity'] == pytest.approx(
-      (8 / 10 + 9 / 10 + 11 / 12) / 3)
+      (8 / 10 + 9 / 10 + 11 / 12) / 3
+  )
   assert got['weighted']['specificity'] == pytest.approx(
-      (6 * 8 / 10 + 6 * 9 / 10 + 4 * 11 / 12) / 16)
+      (6 * 8 / 10 + 6 * 9 / 10 + 4 * 11 / 12) / 16
+  )
   assert got['ci95']['accuracy'] is None  # n_bootstrap=0 skips intervals
 
 
@@ -123,7 +137,8 @@ def test_ece_hand_made():
   probs = np.array([[0.9, 0.1], [0.9, 0.1], [0.3, 0.7], [0.7, 0.3]])
   labels = np.array([0, 1, 1, 0])
   assert metrics.expected_calibration_error(probs, labels) == pytest.approx(
-      0.35)
+      0.35
+  )
   curve = metrics.reliability_curve(probs, labels, n_bins=10)
   assert curve['count'].sum() == 4
   assert curve['count'][8] == 2 and curve['count'][6] == 2  # (.8,.9], (.6,.7]
@@ -132,16 +147,19 @@ def test_ece_hand_made():
   # Perfect calibration in one bin: ECE 0.
   probs = np.array([[0.75, 0.25]] * 4)
   assert metrics.expected_calibration_error(
-      probs, np.array([0, 0, 0, 1])) == pytest.approx(0.0)
+      probs, np.array([0, 0, 0, 1])
+  ) == pytest.approx(0.0)
 
 
 def test_bootstrap_ci_contains_point_and_shrinks():
   small_probs, small_labels = random_predictions(n=200, seed=1)
   big_probs, big_labels = random_predictions(n=5000, seed=1)
-  small = metrics.classification_metrics(small_probs, small_labels, NAMES,
-                                         n_bootstrap=400, seed=0)
-  big = metrics.classification_metrics(big_probs, big_labels, NAMES,
-                                       n_bootstrap=400, seed=0)
+  small = metrics.classification_metrics(
+      small_probs, small_labels, NAMES, n_bootstrap=400, seed=0
+  )
+  big = metrics.classification_metrics(
+      big_probs, big_labels, NAMES, n_bootstrap=400, seed=0
+  )
   for res in (small, big):
     lo, hi = res['ci95']['accuracy']
     assert lo <= res['accuracy'] <= hi
@@ -154,11 +172,13 @@ def test_bootstrap_ci_contains_point_and_shrinks():
   width = lambda r: r['ci95']['accuracy'][1] - r['ci95']['accuracy'][0]
   assert width(big) < 0.5 * width(small)
   # Same seed, same intervals; another seed, other intervals.
-  again = metrics.classification_metrics(small_probs, small_labels, NAMES,
-                                         n_bootstrap=400, seed=0)
+  again = metrics.classification_metrics(
+      small_probs, small_labels, NAMES, n_bootstrap=400, seed=0
+  )
   assert again['ci95'] == small['ci95']
-  other = metrics.classification_metrics(small_probs, small_labels, NAMES,
-                                         n_bootstrap=400, seed=1)
+  other = metrics.classification_metrics(
+      small_probs, small_labels, NAMES, n_bootstrap=400, seed=1
+  )
   assert other['ci95']['accuracy'] != small['ci95']['accuracy']
 
 
@@ -168,10 +188,12 @@ def test_patient_grouped_bootstrap_keeps_patients_together():
   probs, labels = random_predictions(n=40, seed=2, skill=1.0)
   probs, labels = np.repeat(probs, 10, axis=0), np.repeat(labels, 10)
   groups = np.repeat([f'patient-{i}' for i in range(40)], 10)
-  by_image = metrics.classification_metrics(probs, labels, NAMES,
-                                            n_bootstrap=500)
-  by_patient = metrics.classification_metrics(probs, labels, NAMES,
-                                              groups=groups, n_bootstrap=500)
+  by_image = metrics.classification_metrics(
+      probs, labels, NAMES, n_bootstrap=500
+  )
+  by_patient = metrics.classification_metrics(
+      probs, labels, NAMES, groups=groups, n_bootstrap=500
+  )
   assert by_patient['ci95']['resampling'] == 'patient'
   assert by_patient['ci95']['num_groups'] == 40
   width = lambda r: r['ci95']['accuracy'][1] - r['ci95']['accuracy'][0]
@@ -179,7 +201,8 @@ def test_patient_grouped_bootstrap_keeps_patients_together():
   # Every resampled confusion matrix is made of whole patients (multiples
   # of 10 images in every cell).
   cms = metrics.bootstrap_confusion_matrices(
-      labels, probs.argmax(1), 4, groups=groups, n_bootstrap=50)
+      labels, probs.argmax(1), 4, groups=groups, n_bootstrap=50
+  )
   assert np.all(cms % 10 == 0) and np.all(cms.sum((1, 2)) == 400)
   with pytest.raises(ValueError, match='groups'):
     metrics.classification_metrics(probs, labels, NAMES, groups=groups[:5])
@@ -206,17 +229,17 @@ def test_temperature_scaling_recovers_known_temperature():
   assert t == pytest.approx(true_t, rel=0.05)
   assert metrics.fit_temperature(logits, labels) == t  # deterministic
   before = metrics.expected_calibration_error(metrics.softmax(logits), labels)
-  after = metrics.expected_calibration_error(metrics.softmax(logits, t),
-                                             labels)
+  after = metrics.expected_calibration_error(metrics.softmax(logits, t), labels)
   assert after < before / 3
 
 
 def test_softmax():
   x = np.array([[1000.0, 1000.0], [0.0, np.log(3.0)]])
   np.testing.assert_allclose(metrics.softmax(x), [[0.5, 0.5], [0.25, 0.75]])
-  np.testing.assert_allclose(metrics.softmax(x[1:], 2.0),
-                             [[1 / (1 + np.sqrt(3)), np.sqrt(3) /
-                               (1 + np.sqrt(3))]])
+  np.testing.assert_allclose(
+      metrics.softmax(x[1:], 2.0),
+      [[1 / (1 + np.sqrt(3)), np.sqrt(3) / (1 + np.sqrt(3))]],
+  )
   with pytest.raises(ValueError, match='temperature'):
     metrics.softmax(x, 0.0)
 
@@ -224,10 +247,19 @@ def test_softmax():
 def test_undefined_values_are_none():
   # Class 'c' never occurs in the labels; class 'b' is never predicted.
   labels = np.array([0, 0, 1, 1, 0, 1])
-  probs = np.array([[0.8, 0.1, 0.1], [0.7, 0.1, 0.2], [0.6, 0.3, 0.1],
-                    [0.2, 0.3, 0.5], [0.9, 0.05, 0.05], [0.5, 0.4, 0.1]])
-  got = metrics.classification_metrics(probs, labels, ['a', 'b', 'c'],
-                                       n_bootstrap=100)
+  probs = np.array(
+      [
+          [0.8, 0.1, 0.1],
+          [0.7, 0.1, 0.2],
+          [0.6, 0.3, 0.1],
+          [0.2, 0.3, 0.5],
+          [0.9, 0.05, 0.05],
+          [0.5, 0.4, 0.1],
+      ]
+  )
+  got = metrics.classification_metrics(
+      probs, labels, ['a', 'b', 'c'], n_bootstrap=100
+  )
   json.dumps(got, allow_nan=False)  # no NaN anywhere
   c = got['per_class']['c']
   assert c['support'] == 0
@@ -244,8 +276,9 @@ def test_undefined_values_are_none():
   assert got['balanced_accuracy'] == pytest.approx((1.0 + 0.0) / 2)
   assert got['macro']['sensitivity'] == pytest.approx(0.5)
   # A single class present: every AUC undefined, nothing crashes.
-  one = metrics.classification_metrics(probs, np.zeros(6, int),
-                                       ['a', 'b', 'c'], n_bootstrap=20)
+  one = metrics.classification_metrics(
+      probs, np.zeros(6, int), ['a', 'b', 'c'], n_bootstrap=20
+  )
   assert all(v['auc'] is None for v in one['per_class'].values())
   assert one['macro']['auc'] is None
   json.dumps(one, allow_nan=False)

@@ -6,8 +6,14 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from drpl_jax.models import (ConvConfig, ModelConfig, RPEConfig, DRPLViT,
-                             create_model, param_names)
+from drpl_jax.models import (
+    ConvConfig,
+    ModelConfig,
+    RPEConfig,
+    DRPLViT,
+    create_model,
+    param_names,
+)
 from drpl_jax.models.attention import Attention
 from drpl_jax.models.layers import LeFF
 from drpl_jax.models.rpe import irpe_bucket_ids
@@ -16,8 +22,14 @@ from drpl_jax.models.rpe import irpe_bucket_ids
 def tiny(**changes) -> ModelConfig:
   """A 2-block, 32-wide model on 16x16 images (4x4 grid), layer norms."""
   base = ModelConfig(
-      num_classes=3, image_size=16, patch_size=4, width=32, depth=2,
-      num_heads=2, conv=ConvConfig(norm='layer'))
+      num_classes=3,
+      image_size=16,
+      patch_size=4,
+      width=32,
+      depth=2,
+      num_heads=2,
+      conv=ConvConfig(norm='layer'),
+  )
   return base.replace(**changes)
 
 
@@ -57,12 +69,15 @@ def test_not_distilled_returns_one_array_in_both_modes():
   np.testing.assert_allclose(train_out, eval_out, rtol=1e-6)
 
 
-@pytest.mark.parametrize('rpe', [
-    RPEConfig(kind='none'),
-    RPEConfig(kind='bias'),
-    RPEConfig(kind='irpe', on_q=True, on_k=True),
-    RPEConfig(kind='irpe', on_k=True, shared_heads=False),
-])
+@pytest.mark.parametrize(
+    'rpe',
+    [
+        RPEConfig(kind='none'),
+        RPEConfig(kind='bias'),
+        RPEConfig(kind='irpe', on_q=True, on_k=True),
+        RPEConfig(kind='irpe', on_k=True, shared_heads=False),
+    ],
+)
 def test_fused_and_explicit_attention_agree(rpe):
   model = create_model(tiny(rpe=rpe), rngs=nnx.Rngs(1))
   randomize_rpe(model)
@@ -88,7 +103,7 @@ def test_attention_irpe_logits_follow_the_definition():
   k = np.asarray(attn.k(x)).reshape(18, 2, 16)
   rk, rq = np.asarray(attn.rpe_k.table[...]), np.asarray(attn.rpe_q.table[...])
   ids = irpe_bucket_ids(4, 4, 2, 1.9)
-  s = 16 ** -0.5
+  s = 16**-0.5
   logits = np.einsum('ihd,jhd->hij', q, k) * s
   logits += np.einsum('ihd,ijd->hij', q * s, rk[ids])
   logits += np.einsum('jhd,ijd->hij', k * s, rq[ids])
@@ -100,8 +115,10 @@ def test_attention_irpe_logits_follow_the_definition():
 def test_rpe_changes_the_output():
   x = images()
   base = create_model(tiny(rpe=RPEConfig(kind='none')), rngs=nnx.Rngs(1))
-  for rpe in (RPEConfig(kind='bias'),
-              RPEConfig(kind='irpe', on_k=True, on_v=True)):
+  for rpe in (
+      RPEConfig(kind='bias'),
+      RPEConfig(kind='irpe', on_k=True, on_v=True),
+  ):
     model = create_model(tiny(rpe=rpe), rngs=nnx.Rngs(1))
     # Same init stream except for RPE tables: with zero iRPE tables the
     # model equals the one without RPE; random tables change it.
@@ -112,8 +129,9 @@ def test_rpe_changes_the_output():
 
 
 def test_irpe_on_values_uses_value_tables():
-  model = create_model(tiny(rpe=RPEConfig(on_k=False, on_v=True)),
-                       rngs=nnx.Rngs(1))
+  model = create_model(
+      tiny(rpe=RPEConfig(on_k=False, on_v=True)), rngs=nnx.Rngs(1)
+  )
   x = images()
   before = model(x)
   randomize_rpe(model)
@@ -156,13 +174,17 @@ def test_leff_patch_change_reaches_only_its_neighbourhood(norm):
   r, c = 1, 2  # the patch that changes, on a 4x4 grid
   y = x.at[:, 2 + r * 4 + c].add(1.0)
   # BatchNorm in eval mode: running statistics, tokens stay independent.
-  diff = np.abs(np.asarray(leff(y, (4, 4), train=False, rngs=None) -
-                           leff(x, (4, 4), train=False, rngs=None)))
+  diff = np.abs(
+      np.asarray(
+          leff(y, (4, 4), train=False, rngs=None)
+          - leff(x, (4, 4), train=False, rngs=None)
+      )
+  )
   changed = diff.max(axis=(0, 2)) > 1e-6
   assert not changed[:2].any()  # prefix tokens
   grid = changed[2:].reshape(4, 4)
   want = np.zeros((4, 4), bool)
-  want[r - 1:r + 2, c - 1:c + 2] = True  # the 3x3 neighbourhood
+  want[r - 1 : r + 2, c - 1 : c + 2] = True  # the 3x3 neighbourhood
   np.testing.assert_array_equal(grid, want)
 
 
@@ -178,8 +200,9 @@ def test_leff_batch_norm_updates_statistics_only_in_training():
 
 
 def test_drop_path_needs_rngs_and_is_stochastic_only_in_training():
-  model = create_model(tiny(drop_path_rate=0.5, distilled=False),
-                       rngs=nnx.Rngs(0))
+  model = create_model(
+      tiny(drop_path_rate=0.5, distilled=False), rngs=nnx.Rngs(0)
+  )
   rates = [b.drop_path_rate for b in model.blocks]
   np.testing.assert_allclose(rates, [0.0, 0.5])  # linear over depth
   x = images(batch=8)
@@ -192,8 +215,9 @@ def test_drop_path_needs_rngs_and_is_stochastic_only_in_training():
 
 
 def test_dropout_rates_need_rngs():
-  model = create_model(tiny(dropout_rate=0.2, attn_dropout_rate=0.2),
-                       rngs=nnx.Rngs(0))
+  model = create_model(
+      tiny(dropout_rate=0.2, attn_dropout_rate=0.2), rngs=nnx.Rngs(0)
+  )
   x = images()
   with pytest.raises(ValueError, match='rngs'):
     model(x, train=True)
@@ -201,22 +225,30 @@ def test_dropout_rates_need_rngs():
   assert np.isfinite(cls).all() and np.isfinite(dist).all()
 
 
-@pytest.mark.parametrize('rpe', [
-    RPEConfig(kind='none'), RPEConfig(kind='bias'),
-    RPEConfig(kind='irpe', on_q=True, on_k=True)], ids=['none', 'bias', 'irpe'])
+@pytest.mark.parametrize(
+    'rpe',
+    [
+        RPEConfig(kind='none'),
+        RPEConfig(kind='bias'),
+        RPEConfig(kind='irpe', on_q=True, on_k=True),
+    ],
+    ids=['none', 'bias', 'irpe'],
+)
 def test_attention_implementation_switch(rpe):
   """The explicit (heads-folded) path, JAX's fused one and auto agree."""
   x = images()
-  models = {impl: create_model(tiny(rpe=rpe, attention_impl=impl),
-                               rngs=nnx.Rngs(0))
-            for impl in ('', 'xla', 'explicit')}
+  models = {
+      impl: create_model(tiny(rpe=rpe, attention_impl=impl), rngs=nnx.Rngs(0))
+      for impl in ('', 'xla', 'explicit')
+  }
   for model in models.values():
     randomize_rpe(model)
   assert models['xla'].blocks[0].attn.implementation == 'xla'
   assert models[''].blocks[0].attn.implementation is None
   # Auto picks the explicit path on the CPU, JAX's fused call elsewhere.
   assert models[''].blocks[0].attn._use_explicit() == (
-      jax.default_backend() == 'cpu')
+      jax.default_backend() == 'cpu'
+  )
   assert models['explicit'].blocks[0].attn._use_explicit()
   assert not models['xla'].blocks[0].attn._use_explicit()
 
@@ -226,12 +258,16 @@ def test_attention_implementation_switch(rpe):
 
   ref_loss, ref_grads = loss_and_grads(models['xla'])
   for impl in ('', 'explicit'):
-    np.testing.assert_allclose(models[impl](x), models['xla'](x), rtol=1e-5,
-                               atol=1e-6)
+    np.testing.assert_allclose(
+        models[impl](x), models['xla'](x), rtol=1e-5, atol=1e-6
+    )
     loss, grads = loss_and_grads(models[impl])
     np.testing.assert_allclose(loss, ref_loss, rtol=1e-5)
-    jax.tree.map(lambda a, b: np.testing.assert_allclose(
-        a, b, rtol=1e-4, atol=1e-6), nnx.state(grads), nnx.state(ref_grads))
+    jax.tree.map(
+        lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6),
+        nnx.state(grads),
+        nnx.state(ref_grads),
+    )
 
 
 def test_attention_implementation_checks():
@@ -336,10 +372,11 @@ def test_functional_grad_step_with_batch_norm_and_drop_path():
   def loss_fn(params, rest, x, key):
     m = nnx.merge(graphdef, params, rest, copy=True)
     cls, dist = m(x, train=True, rngs=nnx.Rngs(dropout=key))
-    return jnp.mean(cls ** 2) + jnp.mean(dist ** 2), nnx.state(m, nnx.BatchStat)
+    return jnp.mean(cls**2) + jnp.mean(dist**2), nnx.state(m, nnx.BatchStat)
 
   grads, stats = jax.jit(jax.grad(loss_fn, has_aux=True))(
-      params, rest, images() * 2.0 + 1.0, jax.random.key(0))
+      params, rest, images() * 2.0 + 1.0, jax.random.key(0)
+  )
   assert all(np.isfinite(g).all() for g in jax.tree.leaves(grads))
   assert np.abs(grads['blocks'][0]['ffn']['dwconv']['kernel'][...]).max() > 0
   new_mean = stats['blocks'][0]['ffn']['dw_norm']['mean'][...]
@@ -370,8 +407,10 @@ def test_bfloat16_compute_with_float32_params():
 
 def test_conv_stem_gives_the_patch_stem_grid():
   patch = create_model(tiny(image_size=32, patch_size=8), rngs=nnx.Rngs(0))
-  conv = create_model(tiny(image_size=32, patch_size=8, stem='conv',
-                           stem_channels=8), rngs=nnx.Rngs(0))
+  conv = create_model(
+      tiny(image_size=32, patch_size=8, stem='conv', stem_channels=8),
+      rngs=nnx.Rngs(0),
+  )
   x = images(size=32)
   tokens_p, grid_p = patch.embed(x)
   tokens_c, grid_c = conv.embed(x)
@@ -397,11 +436,13 @@ def test_layer_scale_starts_at_its_init_value():
 
 def test_create_model_from_mapping_and_project_config():
   from conftest import config_module  # pylint: disable=g-import-not-at-top
+
   drpl_vit = config_module('drpl_vit')
   for preset in ('vit', 'deit', 'deit_rpe', 'deit_conv', 'drpl'):
     cfg = drpl_vit.get_config(f'variant=micro,preset={preset},runlocal')
     model = nnx.eval_shape(
-        lambda c=cfg: create_model(c.model, rngs=nnx.Rngs(0)))
+        lambda c=cfg: create_model(c.model, rngs=nnx.Rngs(0))
+    )
     assert model.config.num_classes == cfg.model.num_classes
     assert model.config.distilled == (preset != 'vit')
   with pytest.raises(ValueError, match='unknown model config keys'):
@@ -414,8 +455,13 @@ def test_deit_preset_matches_timm_forward():
   deit = pytest.importorskip('timm.models.deit')
   torch.manual_seed(0)
   ref = deit.VisionTransformerDistilled(
-      img_size=16, patch_size=4, embed_dim=32, depth=2, num_heads=2,
-      num_classes=3).eval()
+      img_size=16,
+      patch_size=4,
+      embed_dim=32,
+      depth=2,
+      num_heads=2,
+      num_classes=3,
+  ).eval()
   with torch.no_grad():  # O(1) activations, so GELU/LN details matter
     for name, t in ref.named_parameters():
       if name.endswith('bias') or 'norm' in name:
@@ -435,6 +481,7 @@ def test_deit_preset_matches_timm_forward():
 
 def _load_timm(model, sd):
   """A minimal timm DeiT -> DRPL-ViT mapping, for the parity test only."""
+
   def put(path, value):
     obj = model
     *parents, leaf = path.split('.')
@@ -444,8 +491,10 @@ def _load_timm(model, sd):
     assert var.shape == value.shape, path
     var[...] = jnp.asarray(value)
 
-  put('patch_embed.proj.kernel',
-      sd.pop('patch_embed.proj.weight').transpose(2, 3, 1, 0))
+  put(
+      'patch_embed.proj.kernel',
+      sd.pop('patch_embed.proj.weight').transpose(2, 3, 1, 0),
+  )
   put('patch_embed.proj.bias', sd.pop('patch_embed.proj.bias'))
   for name in ('cls_token', 'dist_token', 'pos_embed'):
     put(name, sd.pop(name))
@@ -456,8 +505,10 @@ def _load_timm(model, sd):
     if key.endswith('qkv.weight') or key.endswith('qkv.bias'):
       base = path.replace('qkv', '')
       for part, chunk in zip('qkv', np.split(value, 3)):
-        put(base + part + ('.kernel' if kind == 'weight' else '.bias'),
-            chunk.T if kind == 'weight' else chunk)
+        put(
+            base + part + ('.kernel' if kind == 'weight' else '.bias'),
+            chunk.T if kind == 'weight' else chunk,
+        )
     elif kind == 'weight' and value.ndim == 2:
       put(path + '.kernel', value.T)
     elif kind == 'weight':
@@ -473,15 +524,19 @@ def test_conv_stem_matches_pytorch_layers():
   torch.manual_seed(0)
   ref = nn.Sequential(
       nn.Conv2d(3, 8, 7, stride=2, padding=3, bias=False),
-      nn.BatchNorm2d(8), nn.MaxPool2d(3, stride=2, padding=1),
-      nn.Conv2d(8, 32, 2, stride=2)).eval()
+      nn.BatchNorm2d(8),
+      nn.MaxPool2d(3, stride=2, padding=1),
+      nn.Conv2d(8, 32, 2, stride=2),
+  ).eval()
   with torch.no_grad():
     ref[1].running_mean.normal_()
     ref[1].running_var.uniform_(0.5, 2.0)
     ref[1].weight.normal_()
     ref[1].bias.normal_()
-  model = create_model(tiny(image_size=32, patch_size=8, stem='conv',
-                            stem_channels=8), rngs=nnx.Rngs(0))
+  model = create_model(
+      tiny(image_size=32, patch_size=8, stem='conv', stem_channels=8),
+      rngs=nnx.Rngs(0),
+  )
   pe = model.patch_embed
   t = {k: v.numpy() for k, v in ref.state_dict().items()}
   pe.stem_conv.kernel[...] = t['0.weight'].transpose(2, 3, 1, 0)
@@ -509,20 +564,30 @@ def _depthwise_inputs(rng, k):
 def test_depthwise_conv_equals_grouped_conv():
   """The shift-and-add depthwise conv is exactly nnx.Conv's grouped conv."""
   from drpl_jax.models import layers  # pylint: disable=g-import-not-at-top
+
   rng = np.random.default_rng(0)
   for k in (3, 5):
     x, kernel, bias = _depthwise_inputs(rng, k)
-    ref = jax.lax.conv_general_dilated(
-        x, kernel, (1, 1), ((k // 2, k // 2),) * 2,
-        dimension_numbers=('NHWC', 'HWIO', 'NHWC'),
-        feature_group_count=12) + bias
-    np.testing.assert_allclose(layers.depthwise_conv(x, kernel, bias), ref,
-                               rtol=1e-5, atol=1e-5)
+    ref = (
+        jax.lax.conv_general_dilated(
+            x,
+            kernel,
+            (1, 1),
+            ((k // 2, k // 2),) * 2,
+            dimension_numbers=('NHWC', 'HWIO', 'NHWC'),
+            feature_group_count=12,
+        )
+        + bias
+    )
+    np.testing.assert_allclose(
+        layers.depthwise_conv(x, kernel, bias), ref, rtol=1e-5, atol=1e-5
+    )
 
 
 def test_depthwise_conv_fused_gradient_matches_autodiff():
   """The custom backward (variadic reductions of all taps) equals autodiff's."""
   from drpl_jax.models import layers  # pylint: disable=g-import-not-at-top
+
   rng = np.random.default_rng(1)
   for k in (3, 5):
     x, kernel, bias = _depthwise_inputs(rng, k)
@@ -536,7 +601,9 @@ def test_depthwise_conv_fused_gradient_matches_autodiff():
     want, got = grad(x, kernel, bias, False), grad(x, kernel, bias, True)
     np.testing.assert_allclose(
         layers.depthwise_conv(x, kernel, bias, fused_grad=True),
-        layers.depthwise_conv(x, kernel, bias), rtol=1e-6)
+        layers.depthwise_conv(x, kernel, bias),
+        rtol=1e-6,
+    )
     for name, w, g in zip(('x', 'kernel', 'bias'), want, got):
       assert g.shape == w.shape and g.dtype == w.dtype, name
       np.testing.assert_allclose(g, w, rtol=1e-4, atol=1e-5, err_msg=name)
@@ -544,9 +611,17 @@ def test_depthwise_conv_fused_gradient_matches_autodiff():
 
 def test_conv_stem_trains_under_jit():
   """jit(grad) through the conv stem's max-pool (it once failed to linearize)."""
-  cfg = ModelConfig(num_classes=3, image_size=32, patch_size=8, width=32,
-                    depth=1, num_heads=2, stem='conv', rpe=RPEConfig(
-                        kind='none'), conv=ConvConfig(kind='mlp'))
+  cfg = ModelConfig(
+      num_classes=3,
+      image_size=32,
+      patch_size=8,
+      width=32,
+      depth=1,
+      num_heads=2,
+      stem='conv',
+      rpe=RPEConfig(kind='none'),
+      conv=ConvConfig(kind='mlp'),
+  )
   model = create_model(cfg, rngs=nnx.Rngs(0))
   graphdef, params, rest = nnx.split(model, nnx.Param, ...)
   x = jnp.ones((2, 32, 32, 3))
@@ -557,5 +632,5 @@ def test_conv_stem_trains_under_jit():
     return jnp.mean(out[0] ** 2 + out[1] ** 2)
 
   grads = jax.jit(jax.grad(loss))(params, rest)
-  norm = sum(float(jnp.sum(g ** 2)) for g in jax.tree.leaves(grads))
+  norm = sum(float(jnp.sum(g**2)) for g in jax.tree.leaves(grads))
   assert np.isfinite(norm) and norm > 0

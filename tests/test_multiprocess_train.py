@@ -19,8 +19,16 @@ from conftest import restore_on_one_device
 from drpl_jax.train import checkpointing
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-_CLUSTER_VARS = ('SLURM_', 'TPU_', 'MEGASCALE_', 'CLOUD_TPU_', 'DRPL_',
-                 'JAX_COORDINATOR', 'JAX_LOCAL_DEVICE_IDS', 'OMPI_')
+_CLUSTER_VARS = (
+    'SLURM_',
+    'TPU_',
+    'MEGASCALE_',
+    'CLOUD_TPU_',
+    'DRPL_',
+    'JAX_COORDINATOR',
+    'JAX_LOCAL_DEVICE_IDS',
+    'OMPI_',
+)
 STEPS = 4
 
 
@@ -28,24 +36,34 @@ def command(data_dir, workdir, steps=STEPS):
   # LeFF with LayerNorm, no RPE: no BatchNorm-fed biases whose exactly-zero
   # gradient Adam would turn into rounding-dependent steps, and a faster
   # compile. A large lr moves every parameter far beyond the tolerance.
-  return [sys.executable, '-m', 'drpl_jax.main',
-          f'--config={ROOT}/configs/demo.py:steps={steps}',
-          f'--workdir={workdir}', f'--config.data.data_dir={data_dir}',
-          '--config.model.rpe.kind=none', '--config.model.conv.norm=layer',
-          '--config.batch_size=8', '--config.eval_batch_size=64',
-          '--config.log_every_steps=1', '--config.eval_every_steps=2',
-          '--config.checkpoint_every_steps=2',
-          '--config.optim.warmup_steps=1', '--config.optim.base_lr=0.5',
-          # absl INFO on: the tests watch clu's per-step log lines.
-          '--verbosity=0']
+  return [
+      sys.executable,
+      '-m',
+      'drpl_jax.main',
+      f'--config={ROOT}/configs/demo.py:steps={steps}',
+      f'--workdir={workdir}',
+      f'--config.data.data_dir={data_dir}',
+      '--config.model.rpe.kind=none',
+      '--config.model.conv.norm=layer',
+      '--config.batch_size=8',
+      '--config.eval_batch_size=64',
+      '--config.log_every_steps=1',
+      '--config.eval_every_steps=2',
+      '--config.checkpoint_every_steps=2',
+      '--config.optim.warmup_steps=1',
+      '--config.optim.base_lr=0.5',
+      # absl INFO on: the tests watch clu's per-step log lines.
+      '--verbosity=0',
+  ]
 
 
 def env_for(devices, **extra):
-  env = {k: v for k, v in os.environ.items()
-         if not k.startswith(_CLUSTER_VARS)}
-  env.update(JAX_PLATFORMS='cpu',
-             XLA_FLAGS=f'--xla_force_host_platform_device_count={devices}',
-             **extra)
+  env = {k: v for k, v in os.environ.items() if not k.startswith(_CLUSTER_VARS)}
+  env.update(
+      JAX_PLATFORMS='cpu',
+      XLA_FLAGS=f'--xla_force_host_platform_device_count={devices}',
+      **extra,
+  )
   return env
 
 
@@ -57,9 +75,17 @@ def free_port():
 
 def run_processes(cmds_envs, timeout):
   """Starts all, waits with a bound, kills every one on any failure."""
-  procs = [subprocess.Popen(cmd, env=env, cwd=ROOT, text=True,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-           for cmd, env in cmds_envs]
+  procs = [
+      subprocess.Popen(
+          cmd,
+          env=env,
+          cwd=ROOT,
+          text=True,
+          stdout=subprocess.PIPE,
+          stderr=subprocess.PIPE,
+      )
+      for cmd, env in cmds_envs
+  ]
   try:
     outs = [p.communicate(timeout=timeout) for p in procs]
   finally:
@@ -87,16 +113,27 @@ def checkpoint_params(workdir):
 @pytest.mark.slow
 def test_two_processes_match_one_process(demo_data_dir, tmp_path):
   single = str(tmp_path / 'single')
-  [(one, _)] = run_processes([(command(demo_data_dir, single),
-                               env_for(4, DRPL_DISTRIBUTED='0'))],
-                             timeout=900)
+  [(one, _)] = run_processes(
+      [(command(demo_data_dir, single), env_for(4, DRPL_DISTRIBUTED='0'))],
+      timeout=900,
+  )
   multi = str(tmp_path / 'multi')
   port = free_port()
   results = run_processes(
-      [(command(demo_data_dir, multi),
-        env_for(2, DRPL_COORDINATOR=f'127.0.0.1:{port}',
-                DRPL_NUM_PROCESSES='2', DRPL_PROCESS_ID=str(pid)))
-       for pid in range(2)], timeout=900)
+      [
+          (
+              command(demo_data_dir, multi),
+              env_for(
+                  2,
+                  DRPL_COORDINATOR=f'127.0.0.1:{port}',
+                  DRPL_NUM_PROCESSES='2',
+                  DRPL_PROCESS_ID=str(pid),
+              ),
+          )
+          for pid in range(2)
+      ],
+      timeout=900,
+  )
   for pid, (r, err) in enumerate(results):
     # Really two processes of one job (drpl_jax.parallel.distributed logs this).
     assert f"'process_index': {pid}, 'process_count': 2" in err, err[-3000:]
@@ -104,7 +141,8 @@ def test_two_processes_match_one_process(demo_data_dir, tmp_path):
     assert r['num_test_examples'] == one['num_test_examples'] > 0
     # Same predictions up to ties broken by rounding.
     assert abs(r['test_accuracy'] - one['test_accuracy']) <= (
-        1.0 / one['num_test_examples'])
+        1.0 / one['num_test_examples']
+    )
   ckpts_one, ckpts_multi = checkpoint_params(single), checkpoint_params(multi)
   assert sorted(ckpts_one) == sorted(ckpts_multi) == [2, STEPS]
   params_one, params_multi = ckpts_one[STEPS], ckpts_multi[STEPS]
@@ -115,8 +153,9 @@ def test_two_processes_match_one_process(demo_data_dir, tmp_path):
       # it an exactly-zero gradient; Adam turns the rounding left there
       # into +-lr steps that differ with the reduction order.
       continue
-    np.testing.assert_allclose(params_multi[name], value, rtol=1e-5,
-                               atol=1e-5, err_msg=name)
+    np.testing.assert_allclose(
+        params_multi[name], value, rtol=1e-5, atol=1e-5, err_msg=name
+    )
   # Steps 3-4 moved the parameters far beyond that tolerance.
   moved = [np.abs(v - ckpts_one[2][k]).max() for k, v in params_one.items()]
   assert np.median(moved) > 1e-3, moved
@@ -126,19 +165,33 @@ def test_two_processes_match_one_process(demo_data_dir, tmp_path):
 
 
 @pytest.mark.slow
-def test_sigterm_to_one_process_stops_both_at_the_same_step(demo_data_dir,
-                                                            tmp_path):
+def test_sigterm_to_one_process_stops_both_at_the_same_step(
+    demo_data_dir, tmp_path
+):
   """JAX's preemption service: every process saves the same step, exits 0."""
   workdir = str(tmp_path / 'run')
   cmd = command(demo_data_dir, workdir, steps=100000)
-  cmd += ['--config.eval_every_steps=100000',
-          '--config.checkpoint_every_steps=100000']
+  cmd += [
+      '--config.eval_every_steps=100000',
+      '--config.checkpoint_every_steps=100000',
+  ]
   port = free_port()
-  procs = [subprocess.Popen(
-      cmd, env=env_for(2, DRPL_COORDINATOR=f'127.0.0.1:{port}',
-                       DRPL_NUM_PROCESSES='2', DRPL_PROCESS_ID=str(pid)),
-      cwd=ROOT, text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-           for pid in range(2)]
+  procs = [
+      subprocess.Popen(
+          cmd,
+          env=env_for(
+              2,
+              DRPL_COORDINATOR=f'127.0.0.1:{port}',
+              DRPL_NUM_PROCESSES='2',
+              DRPL_PROCESS_ID=str(pid),
+          ),
+          cwd=ROOT,
+          text=True,
+          stdout=subprocess.PIPE,
+          stderr=subprocess.PIPE,
+      )
+      for pid in range(2)
+  ]
   try:
     readers = [LineReader(p.stderr) for p in procs]
     deadline = time.time() + 600
@@ -157,8 +210,11 @@ def test_sigterm_to_one_process_stops_both_at_the_same_step(demo_data_dir,
   for p, reader in zip(procs, readers):
     reader.thread.join(30)
     assert p.returncode == 0, reader.text()[-4000:]
-  steps = [int(s) for s in os.listdir(os.path.join(workdir, 'checkpoints'))
-           if s.isdigit()]
+  steps = [
+      int(s)
+      for s in os.listdir(os.path.join(workdir, 'checkpoints'))
+      if s.isdigit()
+  ]
   assert len(steps) == 1 and 3 <= steps[0] < 100000
   for reader in readers:
     assert f'Preempted: saved checkpoint at step {steps[0]}' in reader.text()
@@ -169,8 +225,7 @@ class LineReader:
 
   def __init__(self, pipe):
     self.lines = []
-    self.thread = threading.Thread(target=self._read, args=(pipe,),
-                                   daemon=True)
+    self.thread = threading.Thread(target=self._read, args=(pipe,), daemon=True)
     self.thread.start()
 
   def _read(self, pipe):

@@ -5,15 +5,22 @@ import subprocess
 import sys
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-PROBE = ('import drpl_jax.pytorch.torch_data, os, sys; '
-         'print(os.environ.get("OMP_WAIT_POLICY"), "torch" in sys.modules)')
+PROBE = (
+    'import drpl_jax.pytorch.torch_data, os, sys; '
+    'print(os.environ.get("OMP_WAIT_POLICY"), "torch" in sys.modules)'
+)
 
 
 def _probe(**env_extra):
   env = {k: v for k, v in os.environ.items() if k != 'OMP_WAIT_POLICY'}
   env.update(env_extra, PYTHONPATH=ROOT)
-  out = subprocess.run([sys.executable, '-c', PROBE], env=env, check=True,
-                       capture_output=True, text=True).stdout.split()
+  out = subprocess.run(
+      [sys.executable, '-c', PROBE],
+      env=env,
+      check=True,
+      capture_output=True,
+      text=True,
+  ).stdout.split()
   return out
 
 

@@ -22,10 +22,16 @@ from drpl_jax.train import step as step_lib
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 SAMPLE = os.path.join(
-    os.path.dirname(os.path.dirname(os.path.dirname(
-        os.path.abspath(__file__)))),
-    'shared', 'data', 'covid19_radiography_sample',
-    'COVID-19_Radiography_Dataset', 'COVID', 'images')
+    os.path.dirname(
+        os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    ),
+    'shared',
+    'data',
+    'covid19_radiography_sample',
+    'COVID-19_Radiography_Dataset',
+    'COVID',
+    'images',
+)
 
 
 # ----------------------------------------------------------------------------
@@ -66,7 +72,7 @@ def test_attention_on_one_patch_concentrates_the_map(prefix):
   # Per layer, A_hat = (A + I) / 2: the prefix row keeps half of itself and
   # moves half to patch k, whose row stays on k. After `depth` layers the
   # prefix rows put 1 - 2**-depth on k and nothing on any other patch.
-  np.testing.assert_allclose(flat[:, k], 1 - 0.5 ** depth)
+  np.testing.assert_allclose(flat[:, k], 1 - 0.5**depth)
   np.testing.assert_allclose(np.delete(flat, k, axis=1), 0.0, atol=1e-12)
   assert np.unravel_index(np.argmax(maps[0]), grid) == (1, 2)
 
@@ -95,8 +101,13 @@ def test_rollout_composes_layers_in_order():
   second[0] = 0
   second[0, a] = 1.0
   maps = rollout.attention_rollout(
-      [np.broadcast_to(first, (1, 1, n, n)),
-       np.broadcast_to(second, (1, 1, n, n))], 1, (2, 2)).reshape(-1)
+      [
+          np.broadcast_to(first, (1, 1, n, n)),
+          np.broadcast_to(second, (1, 1, n, n)),
+      ],
+      1,
+      (2, 2),
+  ).reshape(-1)
   # cls row = 0.5 e_cls + 0.5 (0.5 e_a + 0.5 e_b).
   np.testing.assert_allclose(maps, [0.25, 0.0, 0.0, 0.25])
 
@@ -130,7 +141,8 @@ def test_rollout_rejects_bad_input():
     rollout.attention_rollout([np.ones((1, 1, 5, 5)) / 5], 2, 2)
   with pytest.raises(ValueError, match='layer 1'):
     rollout.attention_rollout(
-        [np.ones((1, 1, 5, 5)), np.ones((2, 1, 5, 5))], 1, 2)
+        [np.ones((1, 1, 5, 5)), np.ones((2, 1, 5, 5))], 1, 2
+    )
 
 
 # ----------------------------------------------------------------------------
@@ -147,9 +159,15 @@ def test_dicom_rescale_and_linear_window():
   # value = 2 * stored - 100; window centre 100.5, width 101 maps
   # [50, 150] linearly onto [0, 1] (DICOM PS3.3 C.11.2.1.2.1).
   stored = np.array([[0, 75, 100], [125, 200, 87]], np.uint16)
-  out = predict.dicom_to_rgb(stored, _ds(
-      RescaleSlope='2', RescaleIntercept='-100', WindowCenter=[100.5, 40],
-      WindowWidth=[101, 400]))
+  out = predict.dicom_to_rgb(
+      stored,
+      _ds(
+          RescaleSlope='2',
+          RescaleIntercept='-100',
+          WindowCenter=[100.5, 40],
+          WindowWidth=[101, 400],
+      ),
+  )
   assert out.shape == (2, 3, 3) and out.dtype == np.uint8
   gray = out[..., 0]
   np.testing.assert_array_equal(out[..., 1], gray)
@@ -163,7 +181,8 @@ def test_dicom_monochrome1_is_inverted():
   stored = np.array([[0, 1000], [250, 1000]], np.uint16)
   mono2 = predict.dicom_to_rgb(stored, _ds())[..., 0]
   mono1 = predict.dicom_to_rgb(
-      stored, _ds(PhotometricInterpretation='MONOCHROME1'))[..., 0]
+      stored, _ds(PhotometricInterpretation='MONOCHROME1')
+  )[..., 0]
   np.testing.assert_array_equal(mono2, [[0, 255], [64, 255]])  # min-max
   np.testing.assert_array_equal(mono1.astype(int), 255 - mono2.astype(int))
 
@@ -171,7 +190,8 @@ def test_dicom_monochrome1_is_inverted():
 def test_dicom_window_functions():
   values = np.array([-10.0, 0.0, 10.0])
   np.testing.assert_allclose(
-      predict.window(values, 0.0, 20.0, 'LINEAR_EXACT'), [0.0, 0.5, 1.0])
+      predict.window(values, 0.0, 20.0, 'LINEAR_EXACT'), [0.0, 0.5, 1.0]
+  )
   sig = predict.window(values, 0.0, 20.0, 'SIGMOID')
   assert sig[1] == 0.5 and 0 < sig[0] < 0.5 < sig[2] < 1
   with pytest.raises(ValueError, match='VOILUTFunction'):
@@ -198,9 +218,16 @@ def test_dicom_file_round_trip(tmp_path):
   stored[:, 24:] = 4095  # 12-bit
   stored[:20, :8] = 2048
   path = str(tmp_path / 'chest')  # no extension: found by the DICM magic
-  write_dicom(path, stored, 'MONOCHROME1', bits_stored=12,
-              RescaleSlope=1, RescaleIntercept=0, WindowCenter=2048.5,
-              WindowWidth=4096)
+  write_dicom(
+      path,
+      stored,
+      'MONOCHROME1',
+      bits_stored=12,
+      RescaleSlope=1,
+      RescaleIntercept=0,
+      WindowCenter=2048.5,
+      WindowWidth=4096,
+  )
   assert pydicom.dcmread(path).PhotometricInterpretation == 'MONOCHROME1'
   out = predict.read_image(path)
   assert out.shape == (40, 48, 3) and out.dtype == np.uint8
@@ -220,12 +247,16 @@ def test_read_image_formats_and_errors(tmp_path):
   assert out.shape == (40, 48, 3) and out.max() == 255 and out.min() == 0
   rgb = np.full((40, 48, 3), 90, np.uint8)
   PIL.Image.fromarray(rgb).save(tmp_path / 'x.jpg', quality=95)
-  assert np.abs(predict.read_image(str(tmp_path / 'x.jpg')).astype(int)
-                - 90).max() <= 2
+  assert (
+      np.abs(predict.read_image(str(tmp_path / 'x.jpg')).astype(int) - 90).max()
+      <= 2
+  )
   (tmp_path / 'bad.png').write_bytes(b'\x89PNG\r\n\x1a\n' + b'\0' * 20)
-  for name, reason in [('bad.png', 'not an image|corrupt'),
-                       ('missing.png', 'cannot read file'),
-                       ('.', 'is a directory')]:
+  for name, reason in [
+      ('bad.png', 'not an image|corrupt'),
+      ('missing.png', 'cannot read file'),
+      ('.', 'is a directory'),
+  ]:
     path = str(tmp_path / name)
     with pytest.raises(predict.ImageError, match=reason) as e:
       predict.read_image(path)
@@ -263,10 +294,15 @@ def run(demo_data_dir, tmp_path_factory):
 def _test_image(config, index=0):
   """(source image, its eval-pipeline view) of a demo test example."""
   from drpl_jax import data  # pylint: disable=g-import-not-at-top
+
   source = data.get_source(config.data, 'test')
-  batch = next(input_pipeline.create_eval_iterator(
-      input_pipeline.DataConfig.from_config(config.data), 'test',
-      batch_size=config.eval_batch_size))
+  batch = next(
+      input_pipeline.create_eval_iterator(
+          input_pipeline.DataConfig.from_config(config.data),
+          'test',
+          batch_size=config.eval_batch_size,
+      )
+  )
   assert batch['index'][index] == index
   return source[index]['image'], batch['image'][index]
 
@@ -284,8 +320,11 @@ def test_predict_images_probabilities_and_heatmaps(run, tmp_path):
   workdir, config = run
   image, view = _test_image(config, 0)
   os.makedirs(tmp_path / 'a')
-  paths = [str(tmp_path / 'digit.png'), str(tmp_path / 'broken.png'),
-           str(tmp_path / 'a' / 'digit.png')]
+  paths = [
+      str(tmp_path / 'digit.png'),
+      str(tmp_path / 'broken.png'),
+      str(tmp_path / 'a' / 'digit.png'),
+  ]
   PIL.Image.fromarray(image).save(paths[0])
   (tmp_path / 'broken.png').write_bytes(b'not a png')
   PIL.Image.fromarray(image).save(paths[2])
@@ -295,8 +334,10 @@ def test_predict_images_probabilities_and_heatmaps(run, tmp_path):
   out_dir = str(tmp_path / 'heat')
   results = predict.predict_images(workdir, paths, heatmap_dir=out_dir)
   assert [r['path'] for r in results] == paths
-  assert results[1] == {'path': paths[1],
-                        'error': 'not an image (unrecognised format)'}
+  assert results[1] == {
+      'path': paths[1],
+      'error': 'not an image (unrecognised format)',
+  }
 
   # The probabilities are the model's own on the eval view of the image.
   restored = predict.restore_model(workdir)
@@ -308,11 +349,14 @@ def test_predict_images_probabilities_and_heatmaps(run, tmp_path):
   assert names == [str(i) for i in range(10)]
   first = results[0]
   np.testing.assert_allclose(
-      [first['probabilities'][n] for n in names], mean, atol=1e-5)
+      [first['probabilities'][n] for n in names], mean, atol=1e-5
+  )
   np.testing.assert_allclose(
-      [first['heads']['cls'][n] for n in names], cls, atol=1e-5)
+      [first['heads']['cls'][n] for n in names], cls, atol=1e-5
+  )
   np.testing.assert_allclose(
-      [first['heads']['dist'][n] for n in names], dist, atol=1e-5)
+      [first['heads']['dist'][n] for n in names], dist, atol=1e-5
+  )
   assert first['predicted'] == names[int(np.argmax(mean))]
   assert first['probability'] == max(first['probabilities'].values())
   assert first['step'] == 2 and first['weights'] == 'params'
@@ -334,8 +378,7 @@ def test_predict_rejects_missing_ema(run):
     predict.restore_model(workdir, use_ema=True)
 
 
-def test_cli_prints_json_lines_and_fails_on_bad_images(run, tmp_path,
-                                                       capsys):
+def test_cli_prints_json_lines_and_fails_on_bad_images(run, tmp_path, capsys):
   workdir, config = run
   image, _ = _test_image(config, 1)
   good = str(tmp_path / 'one.png')
@@ -343,8 +386,9 @@ def test_cli_prints_json_lines_and_fails_on_bad_images(run, tmp_path,
   bad = str(tmp_path / 'scan.dcm')
   with open(bad, 'wb') as f:
     f.write(b'garbage')
-  code = predict.predict_command(workdir, [good, bad], step=2,
-                                 heatmap_dir=str(tmp_path / 'maps'))
+  code = predict.predict_command(
+      workdir, [good, bad], step=2, heatmap_dir=str(tmp_path / 'maps')
+  )
   out, err = capsys.readouterr()
   assert code == 1
   lines = [json.loads(line) for line in out.strip().splitlines()]
@@ -369,13 +413,28 @@ def test_the_command_line_runs_under_the_exit_policy(run, tmp_path):
   PIL.Image.fromarray(image).save(good)
   command = [sys.executable, '-m', 'drpl_jax.predict', f'--workdir={workdir}']
   env = dict(os.environ, PYTHONPATH=ROOT)
-  ok = subprocess.run(command + [good, '--ema=false'], cwd=ROOT, env=env,
-                      capture_output=True, text=True, timeout=300)
+  ok = subprocess.run(
+      command + [good, '--ema=false'],
+      cwd=ROOT,
+      env=env,
+      capture_output=True,
+      text=True,
+      timeout=300,
+  )
   assert ok.returncode == 0, ok.stderr[-2000:]
   assert json.loads(ok.stdout.strip().splitlines()[-1])['path'] == good
-  bad = subprocess.run(command + ['--step=7', good], cwd=ROOT, env=env,
-                       capture_output=True, text=True, timeout=300)
+  bad = subprocess.run(
+      command + ['--step=7', good],
+      cwd=ROOT,
+      env=env,
+      capture_output=True,
+      text=True,
+      timeout=300,
+  )
   assert bad.returncode == 2
-  assert bad.stderr.strip().splitlines()[-1].startswith(
-      'error: no checkpoint for step 7')
+  assert (
+      bad.stderr.strip()
+      .splitlines()[-1]
+      .startswith('error: no checkpoint for step 7')
+  )
   assert 'Traceback' not in bad.stderr

@@ -24,18 +24,19 @@ def test_box_geometry_and_mask_value():
   grid = probes.grid_box_mask(4, 4, probes.DEFAULT_LUNG_BOX)
   assert grid.sum() == 16  # every patch centre (1/8 .. 7/8) is inside
   assert probes.grid_box_mask(10, 10, probes.DEFAULT_LUNG_BOX).sum() == 64
-  images = np.random.default_rng(0).integers(0, 256, (2, 10, 20, 3),
-                                             np.uint8)
+  images = np.random.default_rng(0).integers(0, 256, (2, 10, 20, 3), np.uint8)
   masked = probes.mask_images(images, inside, MEAN)
   normed = np.asarray(step_lib.normalize(masked, MEAN, STD))
   np.testing.assert_allclose(normed[:, ~inside], 0.0, atol=1e-6)
-  np.testing.assert_allclose(masked[:, inside], images[:, inside] / 255.0,
-                             atol=1e-7)
+  np.testing.assert_allclose(
+      masked[:, inside], images[:, inside] / 255.0, atol=1e-7
+  )
 
 
 def test_bad_box_is_named():
   config = ml_collections.ConfigDict(
-      {'probes': {'lung_box': (0.5, 0.2, 0.1, 0.9)}})
+      {'probes': {'lung_box': (0.5, 0.2, 0.1, 0.9)}}
+  )
   with pytest.raises(ValueError, match='lung_box'):
     probes.probe_settings(config)
   # Older configs without a `probes` section get the documented defaults.
@@ -73,11 +74,15 @@ def _batches(size=20, n=16):
   rng = np.random.default_rng(0)
   labels = np.arange(n) % 2
   images = np.where(labels[:, None, None, None] == 1, 230, 60).astype(
-      np.uint8) * np.ones((n, size, size, 3), np.uint8)
-  images = np.clip(images.astype(int) + rng.integers(-10, 10, images.shape),
-                   0, 255).astype(np.uint8)
-  return [{'image': images[:8], 'label': labels[:8]},
-          {'image': images[8:], 'label': labels[8:]}]
+      np.uint8
+  ) * np.ones((n, size, size, 3), np.uint8)
+  images = np.clip(
+      images.astype(int) + rng.integers(-10, 10, images.shape), 0, 255
+  ).astype(np.uint8)
+  return [
+      {'image': images[:8], 'label': labels[:8]},
+      {'image': images[8:], 'label': labels[8:]},
+  ]
 
 
 @pytest.mark.parametrize('reads_border', [True, False])
@@ -89,8 +94,14 @@ def test_probes_flag_a_border_reader_only(reads_border):
   logits, labels, _ = model.predict(batches)
   assert np.mean(logits['mean'].argmax(1) == labels) == 1.0
   report = {'accuracy': 1.0, 'balanced_accuracy': 1.0, 'macro': {'auc': 1.0}}
-  out = probes.shortcut_probes(config, model, report, ['a', 'b'], labels,
-                               lambda ev: ev.predict(batches)[:2])
+  out = probes.shortcut_probes(
+      config,
+      model,
+      report,
+      ['a', 'b'],
+      labels,
+      lambda ev: ev.predict(batches)[:2],
+  )
   assert out['chance'] == 0.5
   hidden, only = out['lungs_hidden'], out['lungs_only']
   if reads_border:
@@ -108,13 +119,17 @@ def test_rollout_summary_on_a_model():
   config = demo_config_lib.get_config('steps=1')
   config.model.depth = 1
   model_cfg = train.model_config_from(config)
-  graphdef, params, rest = nnx.split(create_model(model_cfg,
-                                                  rngs=nnx.Rngs(0)),
-                                     nnx.Param, ...)
+  graphdef, params, rest = nnx.split(
+      create_model(model_cfg, rngs=nnx.Rngs(0)), nnx.Param, ...
+  )
   rng = np.random.default_rng(0)
-  batches = [{'image': rng.integers(0, 256, (4, 32, 32, 3), np.uint8),
-              'label': np.zeros(4, np.int32),
-              'mask': np.array([1, 1, 1, 0])}]
+  batches = [
+      {
+          'image': rng.integers(0, 256, (4, 32, 32, 3), np.uint8),
+          'label': np.zeros(4, np.int32),
+          'mask': np.array([1, 1, 1, 0]),
+      }
+  ]
   out = probes.rollout_summary(config, graphdef, params, rest, batches)
   assert out['num_images'] == 3  # padding left out
   assert out['box_patch_fraction'] == 36 / 64  # 8x8 grid, central 6x6

@@ -16,8 +16,9 @@ from drpl_jax.train import loop as train
 drpl_vit = config_module('drpl_vit')
 
 SAMPLE = os.path.join(SHARED_DATA, 'covid19_radiography_sample')
-pytestmark = pytest.mark.skipif(not os.path.isdir(SAMPLE),
-                                reason=f'{SAMPLE} not present')
+pytestmark = pytest.mark.skipif(
+    not os.path.isdir(SAMPLE), reason=f'{SAMPLE} not present'
+)
 
 
 def sample_config(data_dir, steps):
@@ -46,5 +47,5 @@ def test_sample_trains_above_chance(tmp_path):
   report = evaluate.evaluate(config, workdir, n_bootstrap=200)
   assert report['num_examples'] == 60
   # Chance is 0.5; a working pipeline on real X-rays is well above it.
-  assert report["accuracy"] >= 0.65, report["accuracy"]
+  assert report['accuracy'] >= 0.65, report['accuracy']
   assert report['ci95']['accuracy'][0] > 0.5

@@ -28,31 +28,42 @@ def evaluator_like_report(logits, labels):
   heads = {}
   for head, shift in (('cls', 0.0), ('dist', 0.3), ('mean', 0.15)):
     heads[head] = metrics.classification_metrics(
-        metrics.softmax(logits + shift * np.arange(4)), labels, NAMES,
-        n_bootstrap=100)
+        metrics.softmax(logits + shift * np.arange(4)),
+        labels,
+        NAMES,
+        n_bootstrap=100,
+    )
   report = dict(heads['mean'])
   report['heads'] = heads
-  report['temperature'] = {'value': 1.37, 'ece_before': 0.081,
-                           'ece_after': 0.024, 'fitted_on': 'validation'}
-  report.update(checkpoint_step=1234, config_hash='abc123',
-                data={'name': 'covid19_radiography', 'split': 'test'})
+  report['temperature'] = {
+      'value': 1.37,
+      'ece_before': 0.081,
+      'ece_after': 0.024,
+      'fitted_on': 'validation',
+  }
+  report.update(
+      checkpoint_step=1234,
+      config_hash='abc123',
+      data={'name': 'covid19_radiography', 'split': 'test'},
+  )
   return report
 
 
 def test_write_report_files_json_and_images(tmp_path):
   logits, labels = predictions()
   probs = metrics.softmax(logits)
-  report = metrics.classification_metrics(probs, labels, NAMES,
-                                          n_bootstrap=100)
+  report = metrics.classification_metrics(probs, labels, NAMES, n_bootstrap=100)
   report['checkpoint_step'] = np.int64(42)  # numpy scalars are accepted
   out = tmp_path / 'eval' / 'test'
-  paths = report_lib.write_report(out, report, probs, labels, NAMES,
-                                  title='unit test')
+  paths = report_lib.write_report(
+      out, report, probs, labels, NAMES, title='unit test'
+  )
   assert set(paths) == {'json', 'markdown', *PNGS}
   for path in paths.values():
     assert os.path.isfile(path) and os.path.dirname(path) == str(out)
   assert sorted(os.listdir(out)) == sorted(
-      ['report.json', 'report.md'] + [f'{p}.png' for p in PNGS])  # no temps
+      ['report.json', 'report.md'] + [f'{p}.png' for p in PNGS]
+  )  # no temps
   with open(paths['json']) as f:
     loaded = json.load(f)
   expected = dict(report, checkpoint_step=42)
@@ -74,11 +85,18 @@ def test_markdown_content_and_paper_table(tmp_path):
   logits, labels = predictions()
   report = evaluator_like_report(logits, labels)
   probs = metrics.softmax(logits + 0.15 * np.arange(4))
-  plain = report_lib.write_report(tmp_path / 'a', report, probs, labels,
-                                  NAMES, title='Held-out test')
-  paper = report_lib.write_report(tmp_path / 'b', report, probs, labels,
-                                  NAMES, title='Held-out test',
-                                  paper_reference=True)
+  plain = report_lib.write_report(
+      tmp_path / 'a', report, probs, labels, NAMES, title='Held-out test'
+  )
+  paper = report_lib.write_report(
+      tmp_path / 'b',
+      report,
+      probs,
+      labels,
+      NAMES,
+      title='Held-out test',
+      paper_reference=True,
+  )
   md = open(plain['markdown']).read()
   assert md.startswith('# Held-out test\n')
   for name in NAMES:
@@ -112,11 +130,11 @@ def test_undefined_values_and_absent_class(tmp_path):
   logits, labels = predictions(n=60, seed=1)
   labels = np.where(labels == 3, 0, labels)
   probs = metrics.softmax(logits)
-  report = metrics.classification_metrics(probs, labels, NAMES,
-                                          n_bootstrap=50)
+  report = metrics.classification_metrics(probs, labels, NAMES, n_bootstrap=50)
   report['nan_extra'] = float('nan')
-  paths = report_lib.write_report(tmp_path, report, probs, labels, NAMES,
-                                  title='absent class')
+  paths = report_lib.write_report(
+      tmp_path, report, probs, labels, NAMES, title='absent class'
+  )
   loaded = json.load(open(paths['json']))
   assert loaded['nan_extra'] is None
   assert loaded['per_class']['Viral Pneumonia']['auc'] is None
@@ -131,32 +149,39 @@ def test_undefined_values_and_absent_class(tmp_path):
 def test_overwrite_is_atomic_and_errors_are_clear(tmp_path):
   logits, labels = predictions(n=40)
   probs = metrics.softmax(logits)
-  report = metrics.classification_metrics(probs, labels, NAMES,
-                                          n_bootstrap=0)
+  report = metrics.classification_metrics(probs, labels, NAMES, n_bootstrap=0)
   report_lib.write_report(tmp_path, report, probs, labels, NAMES, title='1')
   report['accuracy_note'] = 'second'
-  paths = report_lib.write_report(tmp_path, report, probs, labels, NAMES,
-                                  title='2')
+  paths = report_lib.write_report(
+      tmp_path, report, probs, labels, NAMES, title='2'
+  )
   assert json.load(open(paths['json']))['accuracy_note'] == 'second'
   assert not [f for f in os.listdir(tmp_path) if '.tmp-' in f]
   with pytest.raises(ValueError, match='class_names'):
-    report_lib.write_report(tmp_path, report, probs, labels,
-                            ['a', 'b', 'c', 'd'], title='x')
+    report_lib.write_report(
+        tmp_path, report, probs, labels, ['a', 'b', 'c', 'd'], title='x'
+    )
   with pytest.raises(ValueError, match='shape'):
-    report_lib.write_report(tmp_path, report, probs[:, :3], labels, NAMES,
-                            title='x')
+    report_lib.write_report(
+        tmp_path, report, probs[:, :3], labels, NAMES, title='x'
+    )
   with pytest.raises(ValueError, match='lacks metrics keys'):
-    report_lib.write_report(tmp_path, {'step': 1}, probs, labels, NAMES,
-                            title='x')
+    report_lib.write_report(
+        tmp_path, {'step': 1}, probs, labels, NAMES, title='x'
+    )
   with pytest.raises(TypeError, match=r"report\['bad'\]"):
-    report_lib.write_report(tmp_path, dict(report, bad=object()), probs,
-                            labels, NAMES, title='x')
+    report_lib.write_report(
+        tmp_path, dict(report, bad=object()), probs, labels, NAMES, title='x'
+    )
 
 
 def test_import_is_light():
-  code = ('import sys, drpl_jax.evaluation.report; '
-          'print(sorted(m for m in ("matplotlib", "sklearn", "tensorflow") '
-          'if m in sys.modules))')
-  out = subprocess.run([sys.executable, '-c', code], capture_output=True,
-                       text=True, check=True)
+  code = (
+      'import sys, drpl_jax.evaluation.report; '
+      'print(sorted(m for m in ("matplotlib", "sklearn", "tensorflow") '
+      'if m in sys.modules))'
+  )
+  out = subprocess.run(
+      [sys.executable, '-c', code], capture_output=True, text=True, check=True
+  )
   assert out.stdout.strip() == '[]'

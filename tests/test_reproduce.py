@@ -28,17 +28,22 @@ drpl_vit = config_module('drpl_vit')
 
 SAMPLE = os.path.join(SHARED_DATA, 'covid19_radiography_sample')
 SCRIPT = os.path.join(ROOT, 'launch', 'reproduce_paper.sh')
-needs_sample = pytest.mark.skipif(not os.path.isdir(SAMPLE),
-                                  reason=f'{SAMPLE} not present')
-
+needs_sample = pytest.mark.skipif(
+    not os.path.isdir(SAMPLE), reason=f'{SAMPLE} not present'
+)
 
 
 def repro(*args: str) -> subprocess.CompletedProcess:
   """`python -m drpl_jax.reproduce ARGS`, its output captured."""
-  return subprocess.run([sys.executable, '-m', 'drpl_jax.reproduce', *args],
-                        cwd=ROOT, env=dict(os.environ, PYTHONPATH=ROOT),
-                        capture_output=True, text=True, timeout=300,
-                        check=False)
+  return subprocess.run(
+      [sys.executable, '-m', 'drpl_jax.reproduce', *args],
+      cwd=ROOT,
+      env=dict(os.environ, PYTHONPATH=ROOT),
+      capture_output=True,
+      text=True,
+      timeout=300,
+      check=False,
+  )
 
 
 def user_error(proc: subprocess.CompletedProcess) -> str:
@@ -49,12 +54,14 @@ def user_error(proc: subprocess.CompletedProcess) -> str:
   assert last.startswith('error: '), last
   return last
 
+
 def parse_config(args):
   """The ConfigDict drpl_jax.main builds from CONFIG and --config.* flags."""
   argv = ['prog', f'--config={os.path.join(ROOT, args[0])}', *args[1:]]
   values = flags.FlagValues()
-  config_flags.DEFINE_config_file('config', None, 'config',
-                                  flag_values=values, sys_argv=argv)
+  config_flags.DEFINE_config_file(
+      'config', None, 'config', flag_values=values, sys_argv=argv
+  )
   values(argv)
   return values.config
 
@@ -70,8 +77,10 @@ def flatten(tree, prefix=''):
 
 
 def student_config(settings, paths, preset, seed):
-  return parse_config([reproduce.config_arg(settings, preset)] +
-                      reproduce.run_overrides(settings, paths, preset, seed))
+  return parse_config(
+      [reproduce.config_arg(settings, preset)]
+      + reproduce.run_overrides(settings, paths, preset, seed)
+  )
 
 
 # ---------------------------------------------------------------- settings
@@ -80,16 +89,22 @@ def student_config(settings, paths, preset, seed):
 def test_sample_presets_differ_only_in_the_preset(tmp_path):
   settings = reproduce.get_settings('sample')
   paths = reproduce.get_paths(settings, str(tmp_path), manual_dir=SAMPLE)
-  configs = {p: flatten(student_config(settings, paths, p, 2).to_dict())
-             for p in reproduce.PRESETS}
+  configs = {
+      p: flatten(student_config(settings, paths, p, 2).to_dict())
+      for p in reproduce.PRESETS
+  }
   base = configs['drpl']
   for preset, config in configs.items():
-    differ = {k for k in base.keys() | config.keys()
-              if base.get(k) != config.get(k)}
+    differ = {
+        k for k in base.keys() | config.keys() if base.get(k) != config.get(k)
+    }
     assert differ <= set(reproduce.PRESET_KEYS), (preset, differ)
     distilled, rpe, conv = drpl_vit.PRESETS[preset]
-    assert (config['model.distilled'], config['model.rpe.kind'],
-            config['model.conv.kind']) == (distilled, rpe, conv)
+    assert (
+        config['model.distilled'],
+        config['model.rpe.kind'],
+        config['model.conv.kind'],
+    ) == (distilled, rpe, conv)
     assert config['teacher.arch'] == ('regnet_y_400mf' if distilled else '')
     assert config['distill.kind'] == ('hard' if distilled else 'none')
   # What every run shares, as the sample mode promises.
@@ -119,8 +134,7 @@ def test_modes():
     assert smoke.student['total_steps'] <= 10 and smoke.image_size <= 32
     assert smoke.teacher['max_steps_per_epoch'] <= 5
     assert smoke.num_classes == (4 if mode == 'paper' else 2)
-  assert reproduce.get_settings('sample', num_seeds=5).seeds == tuple(
-      range(5))
+  assert reproduce.get_settings('sample', num_seeds=5).seeds == tuple(range(5))
   with pytest.raises(ValueError, match='figure'):
     reproduce.get_settings('figure')
   with pytest.raises(ValueError, match='seeds'):
@@ -143,8 +157,12 @@ def test_paper_mode_keeps_the_four_classes_and_full_recipe(tmp_path):
 @pytest.mark.parametrize('mode', ['sample', 'paper'])
 def test_teacher_is_trained_as_the_students_use_it(tmp_path, mode):
   settings = reproduce.get_settings(mode, smoke=mode == 'paper')
-  paths = reproduce.get_paths(settings, str(tmp_path), manual_dir=SAMPLE,
-                              teacher_init='/w/resnet50.safetensors')
+  paths = reproduce.get_paths(
+      settings,
+      str(tmp_path),
+      manual_dir=SAMPLE,
+      teacher_init='/w/resnet50.safetensors',
+  )
   args = reproduce.teacher_args(settings, paths)
   value = lambda flag: args[args.index(flag) + 1]
   student = student_config(settings, paths, 'deit', 0)
@@ -152,8 +170,13 @@ def test_teacher_is_trained_as_the_students_use_it(tmp_path, mode):
   assert value('--out') == student.teacher.checkpoint
   assert int(value('--image_size')) == student.teacher.image_size
   assert value('--init') == '/w/resnet50.safetensors'
-  teacher = parse_config([a[len('--config='):] if a.startswith('--config=')
-                          else a for a in args if a.startswith('--config')])
+  teacher = parse_config(
+      [
+          a[len('--config=') :] if a.startswith('--config=') else a
+          for a in args
+          if a.startswith('--config')
+      ]
+  )
   for key in ('name', 'manual_dir', 'data_dir', 'classes', 'split_seed'):
     assert teacher.data[key] == student.data[key], key
   assert teacher.model.num_classes == student.model.num_classes
@@ -169,31 +192,45 @@ def test_cli_args_and_errors(tmp_path):
   assert lines[0] == 'configs/drpl_vit.py:variant=micro,preset=deit,runlocal'
   assert '--config.seed=1' in lines and '--config.distill.kind=hard' in lines
   assert '--preset and --seed' in user_error(
-      repro('args', 'run', *common, '--preset', 'deit'))
+      repro('args', 'run', *common, '--preset', 'deit')
+  )
   assert 'seed 7' in user_error(
-      repro('args', 'run', *common, '--preset', 'vit', '--seed', '7'))
+      repro('args', 'run', *common, '--preset', 'vit', '--seed', '7')
+  )
   proc = repro('runs', *common, '--smoke')
   rows = [t.split('\t') for t in proc.stdout.splitlines()]
   assert [(r[0], r[1]) for r in rows] == [('vit', '0'), ('drpl', '0')]
   assert rows[1][3] == str(tmp_path / 'runs/drpl/seed0/eval/test/report.json')
 
 
-@pytest.mark.parametrize('args, needle', [
-    (['walk'], "'walk'"),
-    (['args', 'fly', '--workdir=w'], "'fly'"),
-    (['runs'], '--workdir'),
-    (['settings', '--mode=paperish'], 'paperish'),
-    (['args', 'run', '--workdir=w', '--preset=vitt', '--seed=0'], 'vitt'),
-    (['record', '--workdir=w', '--step=x', '--start=1'], '--end'),
-    (['settings', '--seeds=many'], 'many'),
-])
+@pytest.mark.parametrize(
+    'args, needle',
+    [
+        (['walk'], "'walk'"),
+        (['args', 'fly', '--workdir=w'], "'fly'"),
+        (['runs'], '--workdir'),
+        (['settings', '--mode=paperish'], 'paperish'),
+        (['args', 'run', '--workdir=w', '--preset=vitt', '--seed=0'], 'vitt'),
+        (['record', '--workdir=w', '--step=x', '--start=1'], '--end'),
+        (['settings', '--seeds=many'], 'many'),
+    ],
+)
 def test_bad_input_exits_2_naming_it(args, needle):
   assert needle in user_error(repro(*args))
 
 
 def test_plan_refuses_other_settings(tmp_path):
-  common = ['plan', '--workdir', str(tmp_path), '--mode', 'sample',
-            '--manual_dir', str(tmp_path), '--command', 'first']
+  common = [
+      'plan',
+      '--workdir',
+      str(tmp_path),
+      '--mode',
+      'sample',
+      '--manual_dir',
+      str(tmp_path),
+      '--command',
+      'first',
+  ]
   assert repro(*common).returncode == 0
   plan = json.loads((tmp_path / 'reproduce.json').read_text())
   assert plan['command'] == 'first' and plan['settings']['seeds'] == [0, 1, 2]
@@ -203,7 +240,8 @@ def test_plan_refuses_other_settings(tmp_path):
   plan = json.loads((tmp_path / 'reproduce.json').read_text())
   assert plan['settings']['seeds'] == [0, 1, 2, 3]
   assert '/no/such' in user_error(
-      repro(*common[:-4], '--manual_dir', '/no/such'))
+      repro(*common[:-4], '--manual_dir', '/no/such')
+  )
 
 
 def test_record_adds_up_attempts(tmp_path):
@@ -223,15 +261,24 @@ def fake_report(rng, class_names, n, skill, seed=0):
   logits = rng.normal(size=(n, len(class_names)))
   logits[np.arange(n), labels] += skill
   report = metrics.classification_metrics(
-      metrics.softmax(logits), labels, class_names, n_bootstrap=200,
-      seed=seed)
+      metrics.softmax(logits), labels, class_names, n_bootstrap=200, seed=seed
+  )
   return dict(report, checkpoint_step=600)
 
 
 def write_workdir(tmp_path, mode='sample', smoke=False, classes=None):
   workdir = tmp_path / 'w'
-  args = ['plan', '--workdir', str(workdir), '--mode', mode,
-          '--manual_dir', str(tmp_path), '--command', 'launch/x.sh W']
+  args = [
+      'plan',
+      '--workdir',
+      str(workdir),
+      '--mode',
+      mode,
+      '--manual_dir',
+      str(tmp_path),
+      '--command',
+      'launch/x.sh W',
+  ]
   proc = repro(*args, *(['--smoke'] if smoke else []))
   assert proc.returncode == 0, proc.stderr[-2000:]
   settings = reproduce.get_settings(mode, smoke=smoke)
@@ -247,8 +294,14 @@ def write_workdir(tmp_path, mode='sample', smoke=False, classes=None):
       with open(path, 'w') as f:
         json.dump(report, f)
       reports[preset, seed] = report
-      reproduce.record(paths.timing(reproduce.run_step_name(preset, seed)),
-                       'run', ['x'], 0.0, 65.0, 0)
+      reproduce.record(
+          paths.timing(reproduce.run_step_name(preset, seed)),
+          'run',
+          ['x'],
+          0.0,
+          65.0,
+          0,
+      )
   return workdir, settings, paths, reports
 
 
@@ -258,20 +311,23 @@ def test_table_has_every_run_with_intervals(tmp_path):
   text = open(out).read()
   cell = r'\d+\.\d \[\d+\.\d, \d+\.\d\]'
   for (preset, seed), report in reports.items():
-    row = next(t for t in text.splitlines()
-               if t.startswith(f'| {preset} | {seed} |'))
+    row = next(
+        t for t in text.splitlines() if t.startswith(f'| {preset} | {seed} |')
+    )
     cells = row.split(' | ')
-    assert cells[2] == reproduce_table._cell(report['accuracy'],
-                                       report['ci95']['accuracy'])
+    assert cells[2] == reproduce_table._cell(
+        report['accuracy'], report['ci95']['accuracy']
+    )
     assert len(re.findall(cell, row)) == 4, row
     assert '1m 05s' in row
   for preset in settings.presets:
     accs = [reports[preset, s]['accuracy'] for s in settings.seeds]
-    mean = (f'{100 * np.mean(accs):.1f} ± '
-            f'{100 * np.std(accs, ddof=1):.1f}')
+    mean = f'{100 * np.mean(accs):.1f} ± ' f'{100 * np.std(accs, ddof=1):.1f}'
     assert f'| **{preset}** | mean ± std (3) | {mean} |' in text
-  means = [np.mean([reports[p, s]['accuracy'] for s in settings.seeds])
-           for p in settings.presets]
+  means = [
+      np.mean([reports[p, s]['accuracy'] for s in settings.seeds])
+      for p in settings.presets
+  ]
   assert f'accuracies span {100 * np.ptp(means):.1f} points' in text
   assert '92.11' in text and '97.85' in text
   assert 'Not comparable with the paper' in text
@@ -322,20 +378,29 @@ def test_macro_f1_interval():
 
 
 def run_script(*args, timeout=60, cwd=ROOT):
-  env = {k: v for k, v in os.environ.items()
-         if not k.startswith(('DRPL_', 'PYTHON', 'SBATCH'))}
-  return subprocess.run(['bash', SCRIPT, *args], capture_output=True,
-                        text=True, timeout=timeout, cwd=cwd, env=env,
-                        check=False)
+  env = {
+      k: v
+      for k, v in os.environ.items()
+      if not k.startswith(('DRPL_', 'PYTHON', 'SBATCH'))
+  }
+  return subprocess.run(
+      ['bash', SCRIPT, *args],
+      capture_output=True,
+      text=True,
+      timeout=timeout,
+      cwd=cwd,
+      env=env,
+      check=False,
+  )
 
 
 DRY_RUN_EXPECT = {
     'local': 'bash launch/local.sh configs/drpl_vit.py:variant=micro,'
-             'preset=drpl,runlocal',
+    'preset=drpl,runlocal',
     'gpu_node': 'bash launch/gpu_node.sh configs/drpl_vit.py',
     'slurm': f'--wait {ROOT}/launch/slurm.sbatch',
     'tpu_pod': "--worker=all '--command=cd drpl-jax || exit 1; env "
-               'DRPL_DISTRIBUTED=1 .venv/bin/python -m drpl_jax.main',
+    'DRPL_DISTRIBUTED=1 .venv/bin/python -m drpl_jax.main',
 }
 
 
@@ -343,8 +408,14 @@ DRY_RUN_EXPECT = {
 @pytest.mark.parametrize('launcher', sorted(DRY_RUN_EXPECT))
 def test_dry_run_shows_every_step(tmp_path, launcher):
   extra = ['--teacher', '/w/t.safetensors'] if launcher == 'tpu_pod' else []
-  proc = run_script(str(tmp_path / 'w'), '--sample', '--dry_run',
-                    '--launcher', launcher, *extra)
+  proc = run_script(
+      str(tmp_path / 'w'),
+      '--sample',
+      '--dry_run',
+      '--launcher',
+      launcher,
+      *extra,
+  )
   assert proc.returncode == 0, proc.stderr
   out = proc.stdout
   assert 'drpl_jax.data prepare' in out and DRY_RUN_EXPECT[launcher] in out
@@ -358,22 +429,34 @@ def test_dry_run_shows_every_step(tmp_path, launcher):
 
 @needs_sample
 def test_relative_paths_are_from_the_callers_directory(tmp_path):
-  proc = run_script('w', '--sample', '--smoke', '--data_dir', 'prepared',
-                    '--dry_run', cwd=str(tmp_path))
+  proc = run_script(
+      'w',
+      '--sample',
+      '--smoke',
+      '--data_dir',
+      'prepared',
+      '--dry_run',
+      cwd=str(tmp_path),
+  )
   assert proc.returncode == 0, proc.stderr
   assert f'--data_dir {tmp_path}/prepared ' in proc.stdout
   assert f'{tmp_path}/w/runs/drpl/seed0 ' in proc.stdout
 
 
-@pytest.mark.parametrize('args, message', [
-    ([], 'need WORKDIR'),
-    (['W', '--launcher', 'k8s'], "unknown launcher 'k8s'"),
-    (['W', '--seeds', 'x'], '--seeds'),
-    (['W', '--bogus'], "unknown argument '--bogus'"),
-    (['W', '--sample', '--manual_dir', 'T', '--launcher', 'tpu_pod'],
-     'needs --teacher'),
-    (['W'], '--manual_dir'),  # the paper mode needs the Kaggle download
-])
+@pytest.mark.parametrize(
+    'args, message',
+    [
+        ([], 'need WORKDIR'),
+        (['W', '--launcher', 'k8s'], "unknown launcher 'k8s'"),
+        (['W', '--seeds', 'x'], '--seeds'),
+        (['W', '--bogus'], "unknown argument '--bogus'"),
+        (
+            ['W', '--sample', '--manual_dir', 'T', '--launcher', 'tpu_pod'],
+            'needs --teacher',
+        ),
+        (['W'], '--manual_dir'),  # the paper mode needs the Kaggle download
+    ],
+)
 def test_bad_arguments(tmp_path, args, message):
   where = {'W': str(tmp_path / 'w'), 'T': str(tmp_path)}
   args = [where.get(a, a) for a in args]
@@ -386,24 +469,40 @@ def test_bad_arguments(tmp_path, args, message):
 def test_smoke_reproduction_end_to_end_and_rerun(tmp_path):
   workdir = tmp_path / 'w'
   tic = time.time()
-  first = run_script(str(workdir), '--sample', '--smoke', '--table',
-                     str(tmp_path / 'copy.md'), timeout=900)
+  first = run_script(
+      str(workdir),
+      '--sample',
+      '--smoke',
+      '--table',
+      str(tmp_path / 'copy.md'),
+      timeout=900,
+  )
   first_s = time.time() - tic
   assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
   table = (workdir / 'results.md').read_text()
   assert (tmp_path / 'copy.md').read_text() == table
   for preset in ('vit', 'drpl'):
-    row = next(t for t in table.splitlines()
-               if t.startswith(f'| {preset} | 0 |'))
+    row = next(
+        t for t in table.splitlines() if t.startswith(f'| {preset} | 0 |')
+    )
     assert len(re.findall(r'\d+\.\d \[\d+\.\d, \d+\.\d\]', row)) == 4, row
   assert 'Not comparable with the paper' in table
   assert 'Teacher: regnet_y_400mf' in table
   timings = sorted(p.name for p in (workdir / 'timings').iterdir())
-  assert timings == ['prepare.json', 'run-drpl-seed0.json',
-                     'run-vit-seed0.json', 'teacher.json']
-  outputs = [workdir / 'teacher' / 'regnet_y_400mf.safetensors'] + [
-      workdir / 'runs' / p / 'seed0' / 'eval' / 'test' / 'report.json'
-      for p in ('vit', 'drpl')] + list(workdir.glob('timings/*.json'))
+  assert timings == [
+      'prepare.json',
+      'run-drpl-seed0.json',
+      'run-vit-seed0.json',
+      'teacher.json',
+  ]
+  outputs = (
+      [workdir / 'teacher' / 'regnet_y_400mf.safetensors']
+      + [
+          workdir / 'runs' / p / 'seed0' / 'eval' / 'test' / 'report.json'
+          for p in ('vit', 'drpl')
+      ]
+      + list(workdir.glob('timings/*.json'))
+  )
   mtimes = {p: p.stat().st_mtime_ns for p in outputs}
 
   tic = time.time()
@@ -428,17 +527,24 @@ def test_cxr2k5_mode_settings_and_budget(tmp_path):
   assert settings.classes == 'COVID,Normal' and settings.num_classes == 2
   paths = reproduce.get_paths(settings, str(tmp_path))
   assert paths.manual_dir == reproduce.DEFAULT_2K5_DIR
-  configs = {p: flatten(student_config(settings, paths, p, 1).to_dict())
-             for p in reproduce.PRESETS}
+  configs = {
+      p: flatten(student_config(settings, paths, p, 1).to_dict())
+      for p in reproduce.PRESETS
+  }
   for preset, config in configs.items():
-    differ = {k for k in configs['drpl'].keys() | config.keys()
-              if configs['drpl'].get(k) != config.get(k)}
+    differ = {
+        k
+        for k in configs['drpl'].keys() | config.keys()
+        if configs['drpl'].get(k) != config.get(k)
+    }
     assert differ <= set(reproduce.PRESET_KEYS), (preset, differ)
     assert config['data.manual_dir'] == reproduce.DEFAULT_2K5_DIR
     assert config['total_steps'] == settings.student['total_steps']
   # One teacher for every distilled run.
   assert {c['teacher.checkpoint'] for c in configs.values()} == {
-      paths.teacher, ''}
+      paths.teacher,
+      '',
+  }
   # The estimate reproduces the sample's measured 32 minutes, and sizes
   # the 2k5 table inside two hours on 2 cores with a margin.
   sample = reproduce.estimate_minutes(reproduce.get_settings('sample'))
@@ -466,15 +572,22 @@ def test_cxr2k5_dry_run_shows_every_step(tmp_path):
 
 def test_table_has_the_teacher_row(tmp_path):
   workdir, _, paths, reports = write_workdir(tmp_path)
-  teacher = dict(fake_report(np.random.default_rng(1), ['COVID', 'Normal'],
-                             60, 3.0), description='regnet_y_400mf (x)')
+  teacher = dict(
+      fake_report(np.random.default_rng(1), ['COVID', 'Normal'], 60, 3.0),
+      description='regnet_y_400mf (x)',
+  )
   for key, report in reports.items():
     if key[0] != 'vit':
       with open(paths.report(*key), 'w') as f:
         json.dump(dict(report, teacher=teacher), f)
   text = open(reproduce_table.write_table(str(workdir))).read()
-  row = next(t for t in text.splitlines()
-             if t.startswith('| teacher (regnet_y_400mf) |'))
-  assert reproduce_table._cell(teacher['accuracy'],
-                               teacher['ci95']['accuracy']) in row
+  row = next(
+      t
+      for t in text.splitlines()
+      if t.startswith('| teacher (regnet_y_400mf) |')
+  )
+  assert (
+      reproduce_table._cell(teacher['accuracy'], teacher['ci95']['accuracy'])
+      in row
+  )
   assert len(re.findall(r'\d+\.\d \[\d+\.\d, \d+\.\d\]', row)) == 4, row

@@ -12,17 +12,20 @@ from drpl_jax.models import rpe
 from drpl_jax.models.resample import resample_grid
 
 
-@pytest.mark.parametrize('ratio, xs, expected', [
-    # ratio 1.9: alpha 1.9, beta 3.8, gamma 15.2, ln(gamma/alpha) = ln 8.
-    # x=2: 1.9 + ln(2/1.9)/ln8*1.9 = 1.947 -> 2;  x=3: 2.317 -> 2;
-    # x=4: 2.580 -> 3;  x=5: 2.784 -> 3;  x=8: 3.213 -> 3;
-    # x=14: 3.725 -> round 4 -> min(3.8) -> int 3;  x=20: 4.05 -> 3.
-    (1.9, [0, 1, 2, 3, 4, 5, 8, 14, 20], [0, 1, 2, 2, 3, 3, 3, 3, 3]),
-    # ratio 1: alpha 1, beta 2, gamma 8.
-    # x=2: 1 + ln2/ln8 = 1.333 -> 1;  x=3: 1.528 -> 2;  x=5: 1.774 -> 2;
-    # x=8: 2.0 -> 2;  x=20: 2.44 -> 2 (capped at beta).
-    (1.0, [0, 1, 2, 3, 5, 8, 20], [0, 1, 1, 2, 2, 2, 2]),
-])
+@pytest.mark.parametrize(
+    'ratio, xs, expected',
+    [
+        # ratio 1.9: alpha 1.9, beta 3.8, gamma 15.2, ln(gamma/alpha) = ln 8.
+        # x=2: 1.9 + ln(2/1.9)/ln8*1.9 = 1.947 -> 2;  x=3: 2.317 -> 2;
+        # x=4: 2.580 -> 3;  x=5: 2.784 -> 3;  x=8: 3.213 -> 3;
+        # x=14: 3.725 -> round 4 -> min(3.8) -> int 3;  x=20: 4.05 -> 3.
+        (1.9, [0, 1, 2, 3, 4, 5, 8, 14, 20], [0, 1, 2, 2, 3, 3, 3, 3, 3]),
+        # ratio 1: alpha 1, beta 2, gamma 8.
+        # x=2: 1 + ln2/ln8 = 1.333 -> 1;  x=3: 1.528 -> 2;  x=5: 1.774 -> 2;
+        # x=8: 2.0 -> 2;  x=20: 2.44 -> 2 (capped at beta).
+        (1.0, [0, 1, 2, 3, 5, 8, 20], [0, 1, 1, 2, 2, 2, 2]),
+    ],
+)
 def test_piecewise_index_hand_computed(ratio, xs, expected):
   alpha, beta, gamma = rpe.irpe_params(ratio)
   got = rpe.piecewise_index(np.array(xs), alpha, beta, gamma)
@@ -104,8 +107,9 @@ def test_irpe_terms_match_brute_force(shared):
   want_k = np.zeros((b, heads, n, n), np.float32)
   want_q = np.zeros_like(want_k)
   want_v = np.zeros((b, n, heads, hd), np.float32)
-  for bb, h, i, j in itertools.product(range(b), range(heads), range(n),
-                                       range(n)):
+  for bb, h, i, j in itertools.product(
+      range(b), range(heads), range(n), range(n)
+  ):
     r = _table_for_head(table, h)[ids[i, j]]
     want_k[bb, h, i, j] = x[bb, i, h] @ r
     want_q[bb, h, i, j] = x[bb, j, h] @ r
@@ -131,28 +135,32 @@ def test_rpe_bias_translation_invariant_and_prefix_entries():
     return p + r * gw + c
 
   checked = 0
-  for r1, c1, r2, c2 in itertools.product(range(gh), range(gw), range(gh),
-                                          range(gw)):
+  for r1, c1, r2, c2 in itertools.product(
+      range(gh), range(gw), range(gh), range(gw)
+  ):
     for dr, dc in ((1, 0), (0, 1), (1, 1)):
       if r1 + dr < gh and r2 + dr < gh and c1 + dc < gw and c2 + dc < gw:
         np.testing.assert_array_equal(
             bias[:, tok(r1, c1), tok(r2, c2)],
-            bias[:, tok(r1 + dr, c1 + dc), tok(r2 + dr, c2 + dc)])
+            bias[:, tok(r1 + dr, c1 + dc), tok(r2 + dr, c2 + dc)],
+        )
         checked += 1
   assert checked > 100
   # Distinct displacements read distinct table entries.
   idx = rpe.bias_index(gh, gw, p)
   assert len(np.unique(idx[p:, p:])) == (2 * gh - 1) * (2 * gw - 1)
   prefix = np.asarray(mod.prefix[...])
-  np.testing.assert_array_equal(bias[:, :p, p:],
-                                np.broadcast_to(prefix[0][:, None, None],
-                                                (heads, p, gh * gw)))
-  np.testing.assert_array_equal(bias[:, p:, :p],
-                                np.broadcast_to(prefix[1][:, None, None],
-                                                (heads, gh * gw, p)))
-  np.testing.assert_array_equal(bias[:, :p, :p],
-                                np.broadcast_to(prefix[2][:, None, None],
-                                                (heads, p, p)))
+  np.testing.assert_array_equal(
+      bias[:, :p, p:],
+      np.broadcast_to(prefix[0][:, None, None], (heads, p, gh * gw)),
+  )
+  np.testing.assert_array_equal(
+      bias[:, p:, :p],
+      np.broadcast_to(prefix[1][:, None, None], (heads, gh * gw, p)),
+  )
+  np.testing.assert_array_equal(
+      bias[:, :p, :p], np.broadcast_to(prefix[2][:, None, None], (heads, p, p))
+  )
 
 
 def test_rpe_bias_zero_displacement_entry():
@@ -194,10 +202,19 @@ def test_resample_grid_constant_and_identity():
 def test_resample_grid_matches_timm_interpolation():
   torch = pytest.importorskip('torch')
   import torch.nn.functional as F  # pylint: disable=g-import-not-at-top
+
   x = np.random.RandomState(0).randn(5, 5, 3).astype(np.float32)
   for hw in ((8, 8), (3, 3), (5, 9)):
     got = np.asarray(resample_grid(jnp.asarray(x), hw))
-    want = F.interpolate(
-        torch.from_numpy(x).permute(2, 0, 1)[None], size=hw, mode='bicubic',
-        antialias=True, align_corners=False)[0].permute(1, 2, 0).numpy()
+    want = (
+        F.interpolate(
+            torch.from_numpy(x).permute(2, 0, 1)[None],
+            size=hw,
+            mode='bicubic',
+            antialias=True,
+            align_corners=False,
+        )[0]
+        .permute(1, 2, 0)
+        .numpy()
+    )
     np.testing.assert_allclose(got, want, atol=1e-5)

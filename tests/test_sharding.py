@@ -35,27 +35,46 @@ def test_mesh_shape_errors():
 def test_meshes_give_same_parameters(tmp_path):
   """3 updates on meshes 1, 8x1, 4x2, 2x4 (46-70 s on 2 shared cores)."""
   out = str(tmp_path / 'params.npz')
-  env = dict(os.environ,
-             XLA_FLAGS='--xla_force_host_platform_device_count=8',
-             JAX_PLATFORMS='cpu')
-  subprocess.run([sys.executable, os.path.join(HERE, 'mesh_equivalence.py'),
-                  out], check=True, env=env, timeout=900)
+  env = dict(
+      os.environ,
+      XLA_FLAGS='--xla_force_host_platform_device_count=8',
+      JAX_PLATFORMS='cpu',
+  )
+  subprocess.run(
+      [sys.executable, os.path.join(HERE, 'mesh_equivalence.py'), out],
+      check=True,
+      env=env,
+      timeout=900,
+  )
   results = np.load(out)
   names = sorted(results.files)
   compared = ('params/', 'ema/', 'batch_stats/')
-  ref = {n.split('/', 1)[1]: results[n] for n in names
-         if n.startswith('1/') and n.split('/', 1)[1].startswith(compared)}
+  ref = {
+      n.split('/', 1)[1]: results[n]
+      for n in names
+      if n.startswith('1/') and n.split('/', 1)[1].startswith(compared)
+  }
   assert ref
   # The 3 updates moved the parameters well beyond the tolerance.
-  moved = [np.max(np.abs(results[f'1/params/{i}'] - results[n]))
-           for i, n in enumerate(sorted(
-               (n for n in names if n.startswith('1/initial/')),
-               key=lambda n: int(n.rsplit('/', 1)[1])))]
+  moved = [
+      np.max(np.abs(results[f'1/params/{i}'] - results[n]))
+      for i, n in enumerate(
+          sorted(
+              (n for n in names if n.startswith('1/initial/')),
+              key=lambda n: int(n.rsplit('/', 1)[1]),
+          )
+      )
+  ]
   assert np.median(moved) > 1e-3, moved
   for mesh in ('8x1', '4x2', '2x4'):
     for key, value in ref.items():
-      np.testing.assert_allclose(results[f'{mesh}/{key}'], value, rtol=2e-5,
-                                 atol=2e-6, err_msg=f'{mesh} {key}')
+      np.testing.assert_allclose(
+          results[f'{mesh}/{key}'],
+          value,
+          rtol=2e-5,
+          atol=2e-6,
+          err_msg=f'{mesh} {key}',
+      )
   assert int(results['1/fsdp_sharded/0']) == 0
   assert int(results['8x1/fsdp_sharded/0']) == 0
   assert int(results['4x2/fsdp_sharded/0']) > 0

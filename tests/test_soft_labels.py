@@ -19,7 +19,7 @@ CLASSES = tuple(str(d) for d in range(10))
 SPLITS = ('validation', 'test')
 
 # A tiny teacher as a user's own module (for --module and --torchscript).
-TINY_MODULE = '''
+TINY_MODULE = """
 import torch
 
 
@@ -45,7 +45,7 @@ def build_seven():
 
 def not_a_module():
   return 3
-'''
+"""
 
 
 @pytest.fixture(scope='module')
@@ -61,6 +61,7 @@ def torch():
 @pytest.fixture
 def config(demo_data_dir):
   from conftest import config_module  # pylint: disable=g-import-not-at-top
+
   demo_config = config_module('demo')
   config = demo_config.get_config()
   config.data.data_dir = demo_data_dir
@@ -72,11 +73,13 @@ def checkpoint(torch, tmp_path_factory):
   """A ResNet-18 state dict with 10 classes (random but fixed weights)."""
   import torchvision  # pylint: disable=g-import-not-at-top
   from drpl_jax.pytorch import torch_io  # pylint: disable=g-import-not-at-top
+
   torch.manual_seed(1)
   model = torchvision.models.resnet18(num_classes=10)
   path = str(tmp_path_factory.mktemp('ckpt') / 'teacher.safetensors')
   torch_io.save_safetensors(
-      {k: v.numpy().copy() for k, v in model.state_dict().items()}, path)
+      {k: v.numpy().copy() for k, v in model.state_dict().items()}, path
+  )
   return path
 
 
@@ -84,8 +87,13 @@ def checkpoint(torch, tmp_path_factory):
 def npz(config, checkpoint, tmp_path):
   out = str(tmp_path / 'labels.npz')
   metadata = soft_labels.write_soft_labels(
-      config, out, arch='resnet18', checkpoint=checkpoint, splits=SPLITS,
-      batch_size=64)
+      config,
+      out,
+      arch='resnet18',
+      checkpoint=checkpoint,
+      splits=SPLITS,
+      batch_size=64,
+  )
   return out, metadata
 
 
@@ -102,6 +110,7 @@ def tiny_module(tmp_path, monkeypatch):
 
 def _examples(config, split):
   from drpl_jax import data  # pylint: disable=g-import-not-at-top
+
   source = data.get_source(config.data, split)
   return [source[i] for i in range(len(source))]
 
@@ -109,12 +118,17 @@ def _examples(config, split):
 def _torch_logits(torch, model, config, examples):
   """The model's own output on the eval view of each example, one by one."""
   from drpl_jax.pytorch import torch_data  # pylint: disable=g-import-not-at-top
+
   model.eval()
   out = []
   with torch.no_grad():
     for example in examples:
-      x = torch_data.eval_view(example['image'], config.teacher.image_size,
-                               config.teacher.mean, config.teacher.std)
+      x = torch_data.eval_view(
+          example['image'],
+          config.teacher.image_size,
+          config.teacher.mean,
+          config.teacher.std,
+      )
       out.append(model(x[None])[0].numpy())
   return np.stack(out)
 
@@ -132,9 +146,11 @@ def test_ids_cover_the_splits_exactly_once(npz, config, checkpoint):
     assert metadata['num_examples'][split] == len(expected)
   assert set(splits) == set(SPLITS)
   assert metadata['teacher'] == {
-      'kind': 'arch', 'arch': 'resnet18',
+      'kind': 'arch',
+      'arch': 'resnet18',
       'file': os.path.abspath(checkpoint),
-      'sha256': soft_labels.sha256_file(checkpoint)}
+      'sha256': soft_labels.sha256_file(checkpoint),
+  }
   assert metadata['class_names'] == list(CLASSES)
   assert metadata['dataset']['name'] == 'demo'
   assert metadata['image_size'] == 32
@@ -145,12 +161,18 @@ def test_ids_cover_the_splits_exactly_once(npz, config, checkpoint):
 def test_logits_equal_the_torch_model_output(torch, npz, config, checkpoint):
   import torchvision  # pylint: disable=g-import-not-at-top
   from drpl_jax.pytorch import torch_io  # pylint: disable=g-import-not-at-top
+
   labels = soft_labels.SoftLabels.load(npz[0], class_names=CLASSES)
   model = torchvision.models.resnet18(num_classes=10)
-  model.load_state_dict({k: torch.from_numpy(v) for k, v in
-                         torch_io.load_state_dict(checkpoint).items()})
-  examples = _examples(config, 'test')[:2] + _examples(config,
-                                                       'validation')[5:6]
+  model.load_state_dict(
+      {
+          k: torch.from_numpy(v)
+          for k, v in torch_io.load_state_dict(checkpoint).items()
+      }
+  )
+  examples = (
+      _examples(config, 'test')[:2] + _examples(config, 'validation')[5:6]
+  )
   expected = _torch_logits(torch, model, config, examples)
   got = labels.lookup([e['id'] for e in examples])
   np.testing.assert_allclose(got, expected, atol=1e-5, rtol=1e-5)
@@ -159,8 +181,9 @@ def test_logits_equal_the_torch_model_output(torch, npz, config, checkpoint):
 
 def test_safetensors_format_matches_npz(npz, config, checkpoint, tmp_path):
   out = str(tmp_path / 'labels.safetensors')
-  soft_labels.write_soft_labels(config, out, arch='resnet18',
-                                checkpoint=checkpoint, splits=('test',))
+  soft_labels.write_soft_labels(
+      config, out, arch='resnet18', checkpoint=checkpoint, splits=('test',)
+  )
   a = soft_labels.SoftLabels.load(out, class_names=CLASSES)
   b = soft_labels.SoftLabels.load(npz[0], class_names=CLASSES)
   assert len(a) == npz[1]['num_examples']['test']
@@ -177,10 +200,12 @@ def test_load_refuses_wrong_classes_and_missing_ids(npz):
     soft_labels.SoftLabels.load(path, class_names=CLASSES[::-1])
   labels = soft_labels.SoftLabels.load(path, class_names=CLASSES)
   expected = labels.ids[:3] + ['9/digit-9998', '9/digit-9999']
-  with pytest.raises(ValueError,
-                     match=r"labels\.npz: 2 of 5 ids .*'9/digit-9998'"):
-    soft_labels.SoftLabels.load(path, class_names=CLASSES,
-                                expected_ids=expected)
+  with pytest.raises(
+      ValueError, match=r"labels\.npz: 2 of 5 ids .*'9/digit-9998'"
+  ):
+    soft_labels.SoftLabels.load(
+        path, class_names=CLASSES, expected_ids=expected
+    )
   with pytest.raises(KeyError, match='nope'):
     labels.lookup(['nope'])
   assert labels.lookup([]).shape == (0, 10)
@@ -189,39 +214,62 @@ def test_load_refuses_wrong_classes_and_missing_ids(npz):
 
 
 def test_loading_needs_no_torch(npz):
-  code = ('import sys; from drpl_jax.pytorch.soft_labels import SoftLabels; '
-          f'l = SoftLabels.load({npz[0]!r}, class_names={list(CLASSES)!r}); '
-          'l.lookup(l.ids[:4]); assert "torch" not in sys.modules, "torch"')
-  run = subprocess.run([sys.executable, '-c', code], cwd=ROOT,
-                       capture_output=True, text=True, timeout=120,
-                       check=False)
+  code = (
+      'import sys; from drpl_jax.pytorch.soft_labels import SoftLabels; '
+      f'l = SoftLabels.load({npz[0]!r}, class_names={list(CLASSES)!r}); '
+      'l.lookup(l.ids[:4]); assert "torch" not in sys.modules, "torch"'
+  )
+  run = subprocess.run(
+      [sys.executable, '-c', code],
+      cwd=ROOT,
+      capture_output=True,
+      text=True,
+      timeout=120,
+      check=False,
+  )
   assert run.returncode == 0, run.stderr[-2000:]
 
 
-def test_module_teacher_via_cli(torch, config, tiny_module, demo_data_dir,
-                                tmp_path):
+def test_module_teacher_via_cli(
+    torch, config, tiny_module, demo_data_dir, tmp_path
+):
   out = tmp_path / 'module.npz'
   env = dict(os.environ, PYTHONPATH=tiny_module, OMP_NUM_THREADS='1')
   run = subprocess.run(
-      [sys.executable, '-m', 'drpl_jax.soft_labels', '--config=configs/demo.py',
-       f'--config.data.data_dir={demo_data_dir}', f'--out={out}',
-       '--module=tiny_teacher:build', '--splits=validation'],
-      cwd=ROOT, env=env, capture_output=True, text=True, timeout=300,
-      check=False)
+      [
+          sys.executable,
+          '-m',
+          'drpl_jax.soft_labels',
+          '--config=configs/demo.py',
+          f'--config.data.data_dir={demo_data_dir}',
+          f'--out={out}',
+          '--module=tiny_teacher:build',
+          '--splits=validation',
+      ],
+      cwd=ROOT,
+      env=env,
+      capture_output=True,
+      text=True,
+      timeout=300,
+      check=False,
+  )
   assert run.returncode == 0, run.stderr[-3000:]
   printed = json.loads(run.stdout.strip().splitlines()[-1])
   assert printed['teacher']['kind'] == 'module'
   assert printed['teacher']['module'] == 'tiny_teacher:build'
   import tiny_teacher  # pylint: disable=g-import-not-at-top,import-error
+
   labels = soft_labels.SoftLabels.load(str(out), class_names=CLASSES)
   examples = _examples(config, 'validation')[:3]
   expected = _torch_logits(torch, tiny_teacher.build(), config, examples)
-  np.testing.assert_allclose(labels.lookup([e['id'] for e in examples]),
-                             expected, atol=1e-5, rtol=1e-5)
+  np.testing.assert_allclose(
+      labels.lookup([e['id'] for e in examples]), expected, atol=1e-5, rtol=1e-5
+  )
 
 
 def test_torchscript_teacher(torch, config, tiny_module, tmp_path):
   import tiny_teacher  # pylint: disable=g-import-not-at-top,import-error
+
   model = tiny_teacher.build().eval()
   path = str(tmp_path / 'tiny.pt')
   with warnings.catch_warnings():  # torch.jit is deprecated upstream.
@@ -229,23 +277,27 @@ def test_torchscript_teacher(torch, config, tiny_module, tmp_path):
     torch.jit.save(torch.jit.trace(model, torch.zeros(1, 3, 32, 32)), path)
   out = str(tmp_path / 'ts.npz')
   metadata = soft_labels.write_soft_labels(
-      config, out, torchscript=path, splits=('test',), batch_size=50)
+      config, out, torchscript=path, splits=('test',), batch_size=50
+  )
   assert metadata['teacher']['kind'] == 'torchscript'
   assert metadata['teacher']['sha256'] == soft_labels.sha256_file(path)
   labels = soft_labels.SoftLabels.load(out, class_names=CLASSES)
   examples = _examples(config, 'test')[-2:]
   expected = _torch_logits(torch, model, config, examples)
-  np.testing.assert_allclose(labels.lookup([e['id'] for e in examples]),
-                             expected, atol=1e-5, rtol=1e-5)
+  np.testing.assert_allclose(
+      labels.lookup([e['id'] for e in examples]), expected, atol=1e-5, rtol=1e-5
+  )
 
 
-def test_bad_teachers_are_refused(torch, config, tiny_module, checkpoint,
-                                  tmp_path):
+def test_bad_teachers_are_refused(
+    torch, config, tiny_module, checkpoint, tmp_path
+):
   out = str(tmp_path / 'x.npz')
 
   def write(**teacher):
-    return soft_labels.write_soft_labels(config, out, splits=('test',),
-                                         **teacher)
+    return soft_labels.write_soft_labels(
+        config, out, splits=('test',), **teacher
+    )
 
   with pytest.raises(ValueError, match='not a torch.nn.Module'):
     write(module='tiny_teacher:not_a_module')
@@ -268,21 +320,29 @@ def test_bad_teachers_are_refused(torch, config, tiny_module, checkpoint,
   with pytest.raises(ValueError, match='not_torchscript.pt'):
     write(torchscript=str(not_ts))
   with pytest.raises(ValueError, match=r'x\.csv.*\.npz'):
-    soft_labels.write_soft_labels(config, str(tmp_path / 'x.csv'),
-                                  module='tiny_teacher:build')
+    soft_labels.write_soft_labels(
+        config, str(tmp_path / 'x.csv'), module='tiny_teacher:build'
+    )
   assert not os.path.exists(out)
 
 
-def test_offline_logits_match_the_converted_online_teacher(npz, config,
-                                                          checkpoint):
+def test_offline_logits_match_the_converted_online_teacher(
+    npz, config, checkpoint
+):
   """The offline eval view equals what the Flax teacher computes in-step."""
   out, metadata = npz
   labels = soft_labels.SoftLabels.load(out, class_names=CLASSES)
   flax_teacher = teacher_load.torch_teacher(
-      'resnet18', checkpoint, 10, image_size=metadata['image_size'],
-      mean=metadata['mean'], std=metadata['std'])
+      'resnet18',
+      checkpoint,
+      10,
+      image_size=metadata['image_size'],
+      mean=metadata['mean'],
+      std=metadata['std'],
+  )
   examples = _examples(config, 'validation')[:4]
   images = np.stack([e['image'] for e in examples]).astype(np.float32) / 255
   got = np.asarray(flax_teacher(images))  # [4, 32, 32, 3] in [0, 1]
-  np.testing.assert_allclose(got, labels.lookup([e['id'] for e in examples]),
-                             atol=1e-4, rtol=1e-4)
+  np.testing.assert_allclose(
+      got, labels.lookup([e['id'] for e in examples]), atol=1e-4, rtol=1e-4
+  )

@@ -17,7 +17,12 @@ small_data = config_module('small_data')
 def test_candidates_one_at_a_time_and_grid():
   sweeps = [('a', [1, 2]), ('b', ['x', 'y'])]
   assert sweep.candidates(sweeps, grid=False) == [
-      {}, {'a': 1}, {'a': 2}, {'b': 'x'}, {'b': 'y'}]
+      {},
+      {'a': 1},
+      {'a': 2},
+      {'b': 'x'},
+      {'b': 'y'},
+  ]
   grid = sweep.candidates(sweeps, grid=True)
   assert grid[0] == {} and len(grid) == 5
   assert {'a': 2, 'b': 'y'} in grid
@@ -25,9 +30,12 @@ def test_candidates_one_at_a_time_and_grid():
 
 def test_values_keys_and_errors():
   assert sweep.parse_assignment('optim.base_lr=4e-3|8e-3', many=True) == (
-      'optim.base_lr', [4e-3, 8e-3])
-  assert sweep.parse_assignment('data.augment.crop_scale=(0.3, 1.0)',
-                                many=False)[1] == (0.3, 1.0)
+      'optim.base_lr',
+      [4e-3, 8e-3],
+  )
+  assert sweep.parse_assignment(
+      'data.augment.crop_scale=(0.3, 1.0)', many=False
+  )[1] == (0.3, 1.0)
   assert sweep.parse_assignment('distill.kind=soft', many=False)[1] == 'soft'
   config = small_data.get_config()
   sweep.set_key(config, 'distill.alpha', 0.7)
@@ -80,10 +88,19 @@ def test_sweep_trains_candidates_on_validation_only(demo_data_dir, tmp_path):
       '  c.model.depth = 1\n'
       '  c.batch_size = 8\n'
       f'  c.data.data_dir = {demo_data_dir!r}\n'
-      '  return c\n')
+      '  return c\n'
+  )
   workdir = tmp_path / 'sweep'
-  args = ['run', f'--config={spec}', '--workdir', str(workdir), '--steps',
-          '2', '--sweep', 'optim.base_lr=0.001']
+  args = [
+      'run',
+      f'--config={spec}',
+      '--workdir',
+      str(workdir),
+      '--steps',
+      '2',
+      '--sweep',
+      'optim.base_lr=0.001',
+  ]
   assert _sweep(*args).returncode == 0
   result = json.loads((workdir / 'sweep.json').read_text())
   cands = result['candidates']
@@ -91,26 +108,33 @@ def test_sweep_trains_candidates_on_validation_only(demo_data_dir, tmp_path):
   assert result['split'] == 'validation'
   for c in cands:
     run = workdir / 'candidates' / str(c['index']) / 'seed0'
-    report = json.loads((run / 'eval' / 'validation' / 'report.json')
-                        .read_text())
+    report = json.loads(
+        (run / 'eval' / 'validation' / 'report.json').read_text()
+    )
     assert c['seeds'][0]['accuracy'] == report['accuracy']
-    assert (c['seeds'][0]['lungs_hidden_accuracy']
-            == report['probes']['lungs_hidden']['accuracy'])
+    assert (
+        c['seeds'][0]['lungs_hidden_accuracy']
+        == report['probes']['lungs_hidden']['accuracy']
+    )
     assert not (run / 'eval' / 'test').exists()  # never the test split
   md = (workdir / 'sweep.md').read_text()
   assert '| 1 | optim.base_lr=0.001 |' in md and '| 0 | base |' in md
   stamp = os.path.getmtime(workdir / 'candidates' / '1' / 'result.json')
   assert _sweep(*args).returncode == 0  # reuses the finished candidates
-  assert os.path.getmtime(
-      workdir / 'candidates' / '1' / 'result.json') == stamp
+  assert os.path.getmtime(workdir / 'candidates' / '1' / 'result.json') == stamp
 
 
 def _sweep(*args: str) -> subprocess.CompletedProcess:
   """`python -m drpl_jax.sweep ARGS` in a subprocess, output captured."""
-  return subprocess.run([sys.executable, '-m', 'drpl_jax.sweep', *args],
-                        cwd=ROOT, env=dict(os.environ, PYTHONPATH=ROOT),
-                        capture_output=True, text=True, timeout=600,
-                        check=False)
+  return subprocess.run(
+      [sys.executable, '-m', 'drpl_jax.sweep', *args],
+      cwd=ROOT,
+      env=dict(os.environ, PYTHONPATH=ROOT),
+      capture_output=True,
+      text=True,
+      timeout=600,
+      check=False,
+  )
 
 
 def _exits_2_naming(proc: subprocess.CompletedProcess, *needles: str) -> None:
@@ -120,17 +144,21 @@ def _exits_2_naming(proc: subprocess.CompletedProcess, *needles: str) -> None:
   assert last.startswith('error: ') and all(n in last for n in needles), last
 
 
-@pytest.mark.parametrize('args, needles', [
-    (['--config.data.eval_split=test'], ["'test'", 'validation only']),
-    (['--sweep', 'optim.nope=1'], ["'optim.nope'"]),
-    (['--sweep', 'optim.base_lr'], ["'optim.base_lr'", 'KEY=VALUE']),
-    (['--seeds=0'], ['--seeds=0']),
-    (['--config.optim.nope=1'], ['--config.optim.nope']),
-])
+@pytest.mark.parametrize(
+    'args, needles',
+    [
+        (['--config.data.eval_split=test'], ["'test'", 'validation only']),
+        (['--sweep', 'optim.nope=1'], ["'optim.nope'"]),
+        (['--sweep', 'optim.base_lr'], ["'optim.base_lr'", 'KEY=VALUE']),
+        (['--seeds=0'], ['--seeds=0']),
+        (['--config.optim.nope=1'], ['--config.optim.nope']),
+    ],
+)
 def test_bad_sweep_input_exits_2_naming_it(tmp_path, args, needles):
   workdir = tmp_path / 'w'
-  proc = _sweep('run', '--config=configs/demo.py', f'--workdir={workdir}',
-                *args)
+  proc = _sweep(
+      'run', '--config=configs/demo.py', f'--workdir={workdir}', *args
+  )
   _exits_2_naming(proc, *needles)
   assert not workdir.exists()
 
@@ -139,5 +167,7 @@ def test_bad_subcommands_exit_2_naming_them(tmp_path):
   _exits_2_naming(_sweep('walk', '--config=configs/demo.py'), 'walk')
   _exits_2_naming(_sweep('run', '--config=configs/demo.py'), '--workdir')
   _exits_2_naming(_sweep('teacher', '--config=configs/demo.py'), '--out')
-  _exits_2_naming(_sweep('run', f'--config={tmp_path}/none.py',
-                         f'--workdir={tmp_path}/w'), 'none.py')
+  _exits_2_naming(
+      _sweep('run', f'--config={tmp_path}/none.py', f'--workdir={tmp_path}/w'),
+      'none.py',
+  )

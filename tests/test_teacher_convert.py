@@ -52,23 +52,26 @@ def _torch_logits(model, images: np.ndarray) -> np.ndarray:
 def _torch_model(arch: str, num_classes: int, size: int, seed: int = 0):
   """A random torchvision model with non-trivial BatchNorm tensors."""
   torch.manual_seed(seed)
-  model = torchvision.models.get_model(arch, weights=None,
-                                       num_classes=num_classes)
+  model = torchvision.models.get_model(
+      arch, weights=None, num_classes=num_classes
+  )
   convert.randomize_batchnorm(model, size, seed)
   return model
 
 
 def _abstract_teacher(arch: str, num_classes: int = 4):
   return teacher_lib.abstract_teacher(
-      teacher_lib.TeacherConfig(arch, num_classes))
+      teacher_lib.TeacherConfig(arch, num_classes)
+  )
 
 
 def _fake_state(arch: str, num_classes: int = 4, seed: int = 0):
   """A random numpy state dict with exactly the keys/shapes `arch` needs."""
   rng = np.random.default_rng(seed)
   shapes = teacher_lib.torch_key_shapes(_abstract_teacher(arch, num_classes))
-  return {k: rng.standard_normal(s).astype(np.float32)
-          for k, s in shapes.items()}
+  return {
+      k: rng.standard_normal(s).astype(np.float32) for k, s in shapes.items()
+  }
 
 
 # ---------------------------------------------------------------------------
@@ -76,8 +79,9 @@ def _fake_state(arch: str, num_classes: int = 4, seed: int = 0):
 # ---------------------------------------------------------------------------
 
 
-def _check_parity(arch: str, size: int, tmp_path,
-                  fp64_reference: bool = False) -> None:
+def _check_parity(
+    arch: str, size: int, tmp_path, fp64_reference: bool = False
+) -> None:
   """Converted logits equal torchvision's to 1e-4 (fp32, eval mode).
 
   Deep members accumulate more fp32 rounding: with `fp64_reference` the
@@ -107,26 +111,32 @@ def _check_parity(arch: str, size: int, tmp_path,
 
 
 @pytest.mark.torch
-@pytest.mark.parametrize('arch,size', [
-    ('resnet18', 65),
-    ('resnet50', 65),
-    ('densenet121', 65),
-    ('regnet_y_400mf', 97),
-])
+@pytest.mark.parametrize(
+    'arch,size',
+    [
+        ('resnet18', 65),
+        ('resnet50', 65),
+        ('densenet121', 65),
+        ('regnet_y_400mf', 97),
+    ],
+)
 def test_parity_with_torchvision(arch, size, tmp_path):
   _check_parity(arch, size, tmp_path)
 
 
 @pytest.mark.torch
 @pytest.mark.slow
-@pytest.mark.parametrize('arch,size', [
-    ('resnet34', 97),
-    ('resnet101', 97),
-    ('densenet169', 97),
-    ('regnet_y_800mf', 65),
-    ('regnet_y_1_6gf', 97),
-    ('resnet50', 224),
-])
+@pytest.mark.parametrize(
+    'arch,size',
+    [
+        ('resnet34', 97),
+        ('resnet101', 97),
+        ('densenet169', 97),
+        ('regnet_y_800mf', 65),
+        ('regnet_y_1_6gf', 97),
+        ('resnet50', 224),
+    ],
+)
 def test_parity_with_torchvision_more_members(arch, size, tmp_path):
   _check_parity(arch, size, tmp_path, fp64_reference=True)
 
@@ -137,10 +147,16 @@ def test_pth_training_checkpoint_converts(tmp_path):
   path = tmp_path / 'teacher.pth'
   sd = {f'module.{k}': v for k, v in model.state_dict().items()}
   torch.save({'model': sd, 'epoch': 7}, path)
-  flax_model = teacher_load.torch_teacher('resnet18', str(path), 3, image_size=33)
+  flax_model = teacher_load.torch_teacher(
+      'resnet18', str(path), 3, image_size=33
+  )
   images = _images(33)
-  np.testing.assert_allclose(_apply(flax_model, images),
-                             _torch_logits(model, images), atol=1e-4, rtol=0)
+  np.testing.assert_allclose(
+      _apply(flax_model, images),
+      _torch_logits(model, images),
+      atol=1e-4,
+      rtol=0,
+  )
 
 
 # ---------------------------------------------------------------------------
@@ -163,7 +179,8 @@ def _torchvision_meta_model(arch: str, num_classes: int, monkeypatch):
 
 @pytest.mark.torch
 @pytest.mark.parametrize(
-    'arch', [a for a in sorted(teacher_lib.TEACHER_ARCHS) if 'regnet' in a])
+    'arch', [a for a in sorted(teacher_lib.TEACHER_ARCHS) if 'regnet' in a]
+)
 def test_regnet_table_is_torchvisions_block_params(arch, monkeypatch):
   _, params = _torchvision_meta_model(arch, 4, monkeypatch)
   spec = teacher_lib.TEACHER_ARCHS[arch]
@@ -177,8 +194,11 @@ def test_regnet_table_is_torchvisions_block_params(arch, monkeypatch):
 
 def _check_keys_and_shapes(arch: str, monkeypatch) -> None:
   model, _ = _torchvision_meta_model(arch, 4, monkeypatch)
-  expected = {k: tuple(v.shape) for k, v in model.state_dict().items()
-              if not k.endswith('num_batches_tracked')}
+  expected = {
+      k: tuple(v.shape)
+      for k, v in model.state_dict().items()
+      if not k.endswith('num_batches_tracked')
+  }
   got = teacher_lib.torch_key_shapes(_abstract_teacher(arch, 4))
   assert sorted(got) == sorted(expected)
   assert got == expected
@@ -186,8 +206,14 @@ def _check_keys_and_shapes(arch: str, monkeypatch) -> None:
 
 # Tracing a deep NNX constructor takes seconds (RNG bookkeeping), so the
 # default run covers one or two members per family and the slow run the rest.
-_FAST_TABLE = ('resnet18', 'resnet34', 'resnet50', 'densenet121',
-               'regnet_y_400mf', 'regnet_y_16gf')
+_FAST_TABLE = (
+    'resnet18',
+    'resnet34',
+    'resnet50',
+    'densenet121',
+    'regnet_y_400mf',
+    'regnet_y_16gf',
+)
 
 
 @pytest.mark.torch
@@ -199,8 +225,9 @@ def test_keys_and_shapes_match_torchvision(arch, monkeypatch):
 @pytest.mark.torch
 @pytest.mark.slow
 @pytest.mark.parametrize(
-    'arch', [a for a in sorted(teacher_lib.TEACHER_ARCHS)
-             if a not in _FAST_TABLE])
+    'arch',
+    [a for a in sorted(teacher_lib.TEACHER_ARCHS) if a not in _FAST_TABLE],
+)
 def test_keys_and_shapes_match_torchvision_deep_members(arch, monkeypatch):
   _check_keys_and_shapes(arch, monkeypatch)
 
@@ -215,30 +242,38 @@ def test_weights_land_in_the_right_layout():
   state['bn1.num_batches_tracked'] = np.array(5, np.int64)
   # Half-precision checkpoints load into the float32 parameters.
   state['layer3.1.conv2.weight'] = state['layer3.1.conv2.weight'].astype(
-      ml_dtypes.bfloat16)
+      ml_dtypes.bfloat16
+  )
   module = _abstract_teacher('resnet18')
   report = teacher_lib.load_torch_weights(module, state, 'resnet18')
   assert report['ignored'] == ['bn1.num_batches_tracked']
   assert len(report['consumed']) == len(state) - 1
   np.testing.assert_array_equal(
       module.layer2[0].conv1.kernel[...],
-      state['layer2.0.conv1.weight'].transpose(2, 3, 1, 0))
+      state['layer2.0.conv1.weight'].transpose(2, 3, 1, 0),
+  )
   np.testing.assert_array_equal(
       module.layer2[0].downsample[0].kernel[...],
-      state['layer2.0.downsample.0.weight'].transpose(2, 3, 1, 0))
+      state['layer2.0.downsample.0.weight'].transpose(2, 3, 1, 0),
+  )
   np.testing.assert_array_equal(module.fc.kernel[...], state['fc.weight'].T)
   np.testing.assert_array_equal(module.fc.bias[...], state['fc.bias'])
   kernel = module.layer3[1].conv2.kernel[...]
   assert kernel.dtype == jnp.float32
   np.testing.assert_array_equal(
-      kernel, state['layer3.1.conv2.weight'].astype(np.float32).transpose(
-          2, 3, 1, 0))
+      kernel,
+      state['layer3.1.conv2.weight'].astype(np.float32).transpose(2, 3, 1, 0),
+  )
   bn = module.layer4[1].bn2
-  for flax_name, torch_name in [('scale', 'weight'), ('bias', 'bias'),
-                                ('mean', 'running_mean'),
-                                ('var', 'running_var')]:
-    np.testing.assert_array_equal(getattr(bn, flax_name)[...],
-                                  state[f'layer4.1.bn2.{torch_name}'])
+  for flax_name, torch_name in [
+      ('scale', 'weight'),
+      ('bias', 'bias'),
+      ('mean', 'running_mean'),
+      ('var', 'running_var'),
+  ]:
+    np.testing.assert_array_equal(
+        getattr(bn, flax_name)[...], state[f'layer4.1.bn2.{torch_name}']
+    )
 
 
 def test_extra_and_missing_keys_are_all_named():
@@ -247,8 +282,9 @@ def test_extra_and_missing_keys_are_all_named():
   del state['layer1.0.bn1.running_var']
   del state['fc.bias']
   with pytest.raises(ValueError) as err:
-    teacher_lib.load_torch_weights(_abstract_teacher('resnet18'), state,
-                                   'resnet18')
+    teacher_lib.load_torch_weights(
+        _abstract_teacher('resnet18'), state, 'resnet18'
+    )
   msg = str(err.value)
   assert 'layer9.0.conv1.weight' in msg and 'unexpected' in msg
   assert 'layer1.0.bn1.running_var' in msg and 'fc.bias' in msg
@@ -259,8 +295,9 @@ def test_wrong_shape_names_key_and_both_shapes():
   state = _fake_state('resnet18')
   state['layer2.0.conv1.weight'] = np.zeros((128, 64, 1, 1), np.float32)
   with pytest.raises(ValueError) as err:
-    teacher_lib.load_torch_weights(_abstract_teacher('resnet18'), state,
-                                   'resnet18')
+    teacher_lib.load_torch_weights(
+        _abstract_teacher('resnet18'), state, 'resnet18'
+    )
   msg = str(err.value)
   assert "'layer2.0.conv1.weight'" in msg
   assert '(128, 64, 1, 1)' in msg and '(128, 64, 3, 3)' in msg
@@ -268,8 +305,9 @@ def test_wrong_shape_names_key_and_both_shapes():
 
 def test_failed_load_writes_nothing():
   module = _abstract_teacher('resnet18')
-  teacher_lib.load_torch_weights(module, _fake_state('resnet18', seed=1),
-                                 'resnet18')
+  teacher_lib.load_torch_weights(
+      module, _fake_state('resnet18', seed=1), 'resnet18'
+  )
   before = np.asarray(module.conv1.kernel[...]).copy()
   state = _fake_state('resnet18')
   state['extra'] = np.zeros(1, np.float32)
@@ -281,11 +319,13 @@ def test_failed_load_writes_nothing():
 def test_arch_mismatch_and_unknown_arch():
   state = _fake_state('resnet18')
   with pytest.raises(ValueError, match="'resnet18'.*'resnet34'"):
-    teacher_lib.load_torch_weights(_abstract_teacher('resnet18'), state,
-                                   'resnet34')
+    teacher_lib.load_torch_weights(
+        _abstract_teacher('resnet18'), state, 'resnet34'
+    )
   with pytest.raises(ValueError, match="'resnet19'.*known"):
-    teacher_lib.create_teacher(teacher_lib.TeacherConfig('resnet19', 4),
-                               rngs=nnx.Rngs(0))
+    teacher_lib.create_teacher(
+        teacher_lib.TeacherConfig('resnet19', 4), rngs=nnx.Rngs(0)
+    )
 
 
 def test_densenet_legacy_key_names_are_renamed():
@@ -305,18 +345,21 @@ def test_densenet_legacy_key_names_are_renamed():
   num_layers = sum(teacher_lib.TEACHER_ARCHS['densenet121'].block_config)
   assert len(report['renamed']) == 10 * num_layers + 1
   assert report['ignored'] == [
-      'features.denseblock1.denselayer1.norm1.num_batches_tracked']
+      'features.denseblock1.denselayer1.norm1.num_batches_tracked'
+  ]
   # The canonical dict (what --out writes and torch loads) has new names.
   canonical, _ = teacher_lib.canonical_state_dict(legacy, 'densenet121')
   assert sorted(canonical) == sorted(set(state) | set(report['ignored']))
   assert report['renamed'][
-      'features.denseblock1.denselayer1.norm.1.weight'] == (
-          'features.denseblock1.denselayer1.norm1.weight')
+      'features.denseblock1.denselayer1.norm.1.weight'
+  ] == ('features.denseblock1.denselayer1.norm1.weight')
   layer = module.features.denseblock3.denselayer7
   np.testing.assert_array_equal(
       layer.conv2.kernel[...],
       state['features.denseblock3.denselayer7.conv2.weight'].transpose(
-          2, 3, 1, 0))
+          2, 3, 1, 0
+      ),
+  )
 
 
 def test_classifier_size_mismatch_names_shapes(tmp_path):
@@ -343,32 +386,52 @@ def test_resize_matches_torchvision_transforms(input_size, image_size):
   flax_model, _ = teacher_load.teacher_from_state_dict(cfg, state)
   images = _images(input_size)
   resized = TF.resize(
-      torch.from_numpy(images).permute(0, 3, 1, 2), [image_size, image_size],
+      torch.from_numpy(images).permute(0, 3, 1, 2),
+      [image_size, image_size],
       interpolation=torchvision.transforms.InterpolationMode.BILINEAR,
-      antialias=True)
+      antialias=True,
+  )
   expected = _torch_logits(model, resized.permute(0, 2, 3, 1).numpy())
-  np.testing.assert_allclose(_apply(flax_model, images), expected,
-                             rtol=0, atol=1e-4)
+  np.testing.assert_allclose(
+      _apply(flax_model, images), expected, rtol=0, atol=1e-4
+  )
   # Without the resize the logits differ: the test can see a skipped resize.
-  naive = F.interpolate(torch.from_numpy(images).permute(0, 3, 1, 2),
-                        size=(image_size, image_size), mode='nearest')
-  assert np.abs(_torch_logits(model, naive.permute(0, 2, 3, 1).numpy())
-                - expected).max() > 1e-3
+  naive = F.interpolate(
+      torch.from_numpy(images).permute(0, 3, 1, 2),
+      size=(image_size, image_size),
+      mode='nearest',
+  )
+  assert (
+      np.abs(
+          _torch_logits(model, naive.permute(0, 2, 3, 1).numpy()) - expected
+      ).max()
+      > 1e-3
+  )
 
 
 def test_custom_mean_std_and_grayscale_input():
-  module = teacher_load.torch_teacher('resnet18', None, 3, image_size=33,
-                                 mean=[0.5] * 3, std=[0.25] * 3, seed=1)
+  module = teacher_load.torch_teacher(
+      'resnet18', None, 3, image_size=33, mean=[0.5] * 3, std=[0.25] * 3, seed=1
+  )
   gray = _images(33)[..., :1]
   rgb = np.repeat(gray, 3, axis=-1)
-  np.testing.assert_allclose(_apply(module, gray), _apply(module, rgb),
-                             rtol=0, atol=1e-6)
+  np.testing.assert_allclose(
+      _apply(module, gray), _apply(module, rgb), rtol=0, atol=1e-6
+  )
   # The module normalises with its own statistics: shifting the mean by
   # one std equals shifting the raw input by -0.25.
-  shifted = teacher_load.torch_teacher('resnet18', None, 3, image_size=33,
-                                  mean=[0.75] * 3, std=[0.25] * 3, seed=1)
-  np.testing.assert_allclose(_apply(shifted, rgb + 0.25), _apply(module, rgb),
-                             rtol=1e-5, atol=1e-5)
+  shifted = teacher_load.torch_teacher(
+      'resnet18',
+      None,
+      3,
+      image_size=33,
+      mean=[0.75] * 3,
+      std=[0.25] * 3,
+      seed=1,
+  )
+  np.testing.assert_allclose(
+      _apply(shifted, rgb + 0.25), _apply(module, rgb), rtol=1e-5, atol=1e-5
+  )
   with pytest.raises(ValueError, match=r'\[B, H, W, 3\].*\(2, 33, 33, 2\)'):
     module(jnp.zeros((2, 33, 33, 2)))
 
@@ -380,8 +443,7 @@ def test_random_teacher_is_eval_only_and_has_no_gradient():
   assert logits.shape == (2, 4) and logits.dtype == np.float32
   assert np.all(np.isfinite(logits)) and np.abs(logits).max() > 0
   # Inference only: BN uses running averages (batch-independent outputs).
-  np.testing.assert_allclose(_apply(module, images[:1]), logits[:1],
-                             atol=1e-5)
+  np.testing.assert_allclose(_apply(module, images[:1]), logits[:1], atol=1e-5)
   grad_fn = nnx.jit(nnx.grad(lambda m, x: jnp.sum(m(x) ** 2)))
   grads = grad_fn(module, jnp.asarray(images))
   assert all(float(jnp.abs(g).max()) == 0.0 for g in jax.tree.leaves(grads))
@@ -392,8 +454,9 @@ def test_random_teacher_is_eval_only_and_has_no_gradient():
 
 def test_bfloat16_compute_returns_float32_close_to_fp32():
   fp32 = teacher_load.torch_teacher('resnet18', None, 4, image_size=33, seed=3)
-  bf16 = teacher_load.torch_teacher('resnet18', None, 4, image_size=33, seed=3,
-                               dtype='bfloat16')
+  bf16 = teacher_load.torch_teacher(
+      'resnet18', None, 4, image_size=33, seed=3, dtype='bfloat16'
+  )
   images = _images(33)
   a, b = _apply(fp32, images), _apply(bf16, images)
   assert b.dtype == np.float32
@@ -416,20 +479,30 @@ def test_parity_report_random_init():
 
 
 @pytest.mark.torch
-def test_cli_teacher_converts_checks_parity_and_writes_safetensors(
-    tmp_path):
+def test_cli_teacher_converts_checks_parity_and_writes_safetensors(tmp_path):
   model = _torch_model('resnet18', 4, 65)
   src = tmp_path / 'teacher.pth'
   torch.save(model.state_dict(), src)
   out = tmp_path / 'converted.safetensors'
-  proc = run_module('drpl_jax.convert', 'teacher', '--arch', 'resnet18',
-                    '--checkpoint', str(src), '--num_classes', '4',
-                    '--image_size', '65', '--parity', '--out', str(out))
+  proc = run_module(
+      'drpl_jax.convert',
+      'teacher',
+      '--arch',
+      'resnet18',
+      '--checkpoint',
+      str(src),
+      '--num_classes',
+      '4',
+      '--image_size',
+      '65',
+      '--parity',
+      '--out',
+      str(out),
+  )
   assert proc.returncode == 0, proc.stderr[-2000:]
   result = json.loads(proc.stdout)
   assert result['consumed'] == 102 and result['ignored'] == 20
-  assert result['num_params'] == sum(
-      p.numel() for p in model.parameters())
+  assert result['num_params'] == sum(p.numel() for p in model.parameters())
   assert result['parity']['max_abs_diff'] < 1e-4
   written = torch_io.load_state_dict(out)
   expected = model.state_dict()
@@ -461,27 +534,62 @@ def test_safetensors_teacher_runs_without_torch(tmp_path):
   images = _images(33)
   np.save(tmp_path / 'x.npy', images)
   subprocess.run(
-      [sys.executable, '-c', _NO_TORCH_SCRIPT, str(ckpt),
-       str(tmp_path / 'y.npy'), str(tmp_path / 'x.npy')],
-      check=True, env={**os.environ, 'JAX_PLATFORMS': 'cpu'})
-  np.testing.assert_allclose(np.load(tmp_path / 'y.npy'),
-                             _torch_logits(model, images), atol=1e-4, rtol=0)
+      [
+          sys.executable,
+          '-c',
+          _NO_TORCH_SCRIPT,
+          str(ckpt),
+          str(tmp_path / 'y.npy'),
+          str(tmp_path / 'x.npy'),
+      ],
+      check=True,
+      env={**os.environ, 'JAX_PLATFORMS': 'cpu'},
+  )
+  np.testing.assert_allclose(
+      np.load(tmp_path / 'y.npy'),
+      _torch_logits(model, images),
+      atol=1e-4,
+      rtol=0,
+  )
 
 
-@pytest.mark.parametrize('args, needle', [
-    (['teacher', '--arch=resnet9'], 'resnet9'),
-    (['teacher', '--arch=resnet18', '--checkpoint=/no/such.pth',
-      '--num_classes=4'], '/no/such.pth'),
-    (['teacher', '--arch=resnet18', '--checkpoint=x.pth'], '--num_classes'),
-    (['teacher', '--arch=resnet18', '--checkpoint=x.pth', '--num_classes=4',
-      '--mean=0.5,0.5'], '--mean=0.5,0.5'),
-    (['teacher', '--arch=resnet18', '--num_classes=0'], '--num_classes'),
-    (['fold'], "'fold'"),
-    (['student', '--checkpoint=/no/such.pth',
-      '--config=configs/drpl_vit.py:variant=micro,preset=deit'],
-     '/no/such.pth'),
-    (['to-timm', '--workdir=/no/run', '--out=x.safetensors'], '/no/run'),
-])
+@pytest.mark.parametrize(
+    'args, needle',
+    [
+        (['teacher', '--arch=resnet9'], 'resnet9'),
+        (
+            [
+                'teacher',
+                '--arch=resnet18',
+                '--checkpoint=/no/such.pth',
+                '--num_classes=4',
+            ],
+            '/no/such.pth',
+        ),
+        (['teacher', '--arch=resnet18', '--checkpoint=x.pth'], '--num_classes'),
+        (
+            [
+                'teacher',
+                '--arch=resnet18',
+                '--checkpoint=x.pth',
+                '--num_classes=4',
+                '--mean=0.5,0.5',
+            ],
+            '--mean=0.5,0.5',
+        ),
+        (['teacher', '--arch=resnet18', '--num_classes=0'], '--num_classes'),
+        (['fold'], "'fold'"),
+        (
+            [
+                'student',
+                '--checkpoint=/no/such.pth',
+                '--config=configs/drpl_vit.py:variant=micro,preset=deit',
+            ],
+            '/no/such.pth',
+        ),
+        (['to-timm', '--workdir=/no/run', '--out=x.safetensors'], '/no/run'),
+    ],
+)
 def test_bad_convert_input_exits_2_naming_it(args, needle):
   proc = run_module('drpl_jax.convert', *args)
   assert proc.returncode == 2, proc.stderr[-2000:]

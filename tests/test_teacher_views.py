@@ -56,10 +56,21 @@ def test_clean_view_is_the_eval_view_and_passes_repeat():
     seen.append(x)
     return _left_right_teacher(x)
 
-  aug = AugmentConfig(crop_scale=(0.3, 1.0), randaugment_ops=2,
-                      randaugment_magnitude=9, random_erase=0.0)
-  out = tv.teacher_view_accuracy(teacher, images, labels, image_size=32,
-                                 augment=aug, passes=3, batch_size=5)
+  aug = AugmentConfig(
+      crop_scale=(0.3, 1.0),
+      randaugment_ops=2,
+      randaugment_magnitude=9,
+      random_erase=0.0,
+  )
+  out = tv.teacher_view_accuracy(
+      teacher,
+      images,
+      labels,
+      image_size=32,
+      augment=aug,
+      passes=3,
+      batch_size=5,
+  )
   assert list(out) == list(tv.VIEWS)
   assert len(out['clean']) == 1 and out['clean'][0] == 1.0
   assert all(len(out[v]) == 3 for v in ('crop', 'randaugment', 'full'))
@@ -68,26 +79,43 @@ def test_clean_view_is_the_eval_view_and_passes_repeat():
   expected = np.stack([eval_transform(im, size=32) for im in images])
   np.testing.assert_allclose(first, expected / 255.0, atol=1e-6)
   # Seeded: a rerun gives the same figures.
-  again = tv.teacher_view_accuracy(_left_right_teacher, images, labels,
-                                   image_size=32, augment=aug, passes=3)
+  again = tv.teacher_view_accuracy(
+      _left_right_teacher, images, labels, image_size=32, augment=aug, passes=3
+  )
   assert again == out
 
 
 def test_rejects_mismatched_inputs():
   images, labels = _images(4)
   with pytest.raises(ValueError, match='4 images and 3 labels'):
-    tv.teacher_view_accuracy(_left_right_teacher, images, labels[:3],
-                             image_size=32, augment=AugmentConfig())
+    tv.teacher_view_accuracy(
+        _left_right_teacher,
+        images,
+        labels[:3],
+        image_size=32,
+        augment=AugmentConfig(),
+    )
   with pytest.raises(ValueError, match='passes=0'):
-    tv.teacher_view_accuracy(_left_right_teacher, images, labels,
-                             image_size=32, augment=AugmentConfig(), passes=0)
+    tv.teacher_view_accuracy(
+        _left_right_teacher,
+        images,
+        labels,
+        image_size=32,
+        augment=AugmentConfig(),
+        passes=0,
+    )
 
 
 def _run(args, tmp_path):
   return subprocess.run(
       [sys.executable, '-m', 'drpl_jax.reproduce.teacher_views', *args],
-      capture_output=True, text=True, cwd=ROOT, timeout=600, check=False,
-      env=dict(os.environ, PYTHONPATH=ROOT, OMP_WAIT_POLICY='PASSIVE'))
+      capture_output=True,
+      text=True,
+      cwd=ROOT,
+      timeout=600,
+      check=False,
+      env=dict(os.environ, PYTHONPATH=ROOT, OMP_WAIT_POLICY='PASSIVE'),
+  )
 
 
 def test_command_measures_a_saved_teacher(demo_data_dir, tmp_path):
@@ -97,18 +125,28 @@ def test_command_measures_a_saved_teacher(demo_data_dir, tmp_path):
   from drpl_jax.teacher import random_state_dict
   # pylint: enable=g-import-not-at-top
   ckpt = str(tmp_path / 't.safetensors')
-  state = random_state_dict(abstract_teacher(TeacherConfig(
-      arch='resnet18', num_classes=10, image_size=32)), 0)
+  state = random_state_dict(
+      abstract_teacher(
+          TeacherConfig(arch='resnet18', num_classes=10, image_size=32)
+      ),
+      0,
+  )
   save_file({k: np.ascontiguousarray(v) for k, v in state.items()}, ckpt)
   out = tmp_path / 'views.json'
   cfg = 'configs/drpl_vit.py:variant=micro,preset=drpl,runlocal'
-  args = [f'--config={cfg}', '--config.data.name=demo',
-          f'--config.data.data_dir={demo_data_dir}',
-          '--config.data.image_size=32', '--config.model.num_classes=10',
-          '--config.teacher.arch=resnet18',
-          f'--config.teacher.checkpoint={ckpt}',
-          '--config.teacher.image_size=32', '--passes=1',
-          '--max_images=16', f'--out={out}']
+  args = [
+      f'--config={cfg}',
+      '--config.data.name=demo',
+      f'--config.data.data_dir={demo_data_dir}',
+      '--config.data.image_size=32',
+      '--config.model.num_classes=10',
+      '--config.teacher.arch=resnet18',
+      f'--config.teacher.checkpoint={ckpt}',
+      '--config.teacher.image_size=32',
+      '--passes=1',
+      '--max_images=16',
+      f'--out={out}',
+  ]
   proc = _run(args, tmp_path)
   assert proc.returncode == 0, proc.stderr[-3000:]
   record = json.loads(out.read_text())
@@ -117,7 +155,13 @@ def test_command_measures_a_saved_teacher(demo_data_dir, tmp_path):
     assert len(record[view]) == 1 and 0.0 <= record[view][0] <= 1.0
     assert view in proc.stdout
   # Bad input: one error line naming the missing teacher, exit 2.
-  bad = _run([f'--config={cfg}', '--config.data.name=demo',
-              f'--config.data.data_dir={demo_data_dir}'], tmp_path)
+  bad = _run(
+      [
+          f'--config={cfg}',
+          '--config.data.name=demo',
+          f'--config.data.data_dir={demo_data_dir}',
+      ],
+      tmp_path,
+  )
   assert bad.returncode == 2 and 'teacher.checkpoint' in bad.stderr
   assert 'Traceback' not in bad.stderr

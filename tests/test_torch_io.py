@@ -39,14 +39,16 @@ def test_safetensors_roundtrip_keeps_values_and_dtypes(tmp_path):
 def test_safetensors_strips_module_prefix(tmp_path):
   path = tmp_path / 'ddp.safetensors'
   torch_io.save_safetensors(
-      {'module.a': np.ones(2, np.float32), 'module.b': np.zeros(1)}, path)
+      {'module.a': np.ones(2, np.float32), 'module.b': np.zeros(1)}, path
+  )
   assert sorted(torch_io.load_state_dict(path)) == ['a', 'b']
 
 
 def test_prefix_kept_unless_on_every_key(tmp_path):
   path = tmp_path / 'mixed.safetensors'
   torch_io.save_safetensors(
-      {'module.a': np.ones(2, np.float32), 'b': np.zeros(1)}, path)
+      {'module.a': np.ones(2, np.float32), 'b': np.zeros(1)}, path
+  )
   assert sorted(torch_io.load_state_dict(path)) == ['b', 'module.a']
 
 
@@ -105,8 +107,15 @@ def test_pth_bfloat16_becomes_ml_dtypes(tmp_path):
 def test_training_checkpoint_wrappers_and_ddp_prefix(tmp_path):
   a, b = torch.ones(2), torch.zeros(3)
   path = tmp_path / 'ckpt.pth'
-  torch.save({'model': {'module.a': a}, 'model_ema': {'module.b': b},
-              'epoch': 3, 'lr': 0.1}, path)
+  torch.save(
+      {
+          'model': {'module.a': a},
+          'model_ema': {'module.b': b},
+          'epoch': 3,
+          'lr': 0.1,
+      },
+      path,
+  )
   assert sorted(torch_io.load_state_dict(path)) == ['a']
   assert sorted(torch_io.load_state_dict(path, key='model_ema')) == ['b']
   with pytest.raises(ValueError, match="'optimizer'.*epoch"):
@@ -144,8 +153,9 @@ def test_non_tensor_entry_is_refused_naming_it(tmp_path):
 def test_malicious_pickle_is_never_executed(tmp_path):
   marker = tmp_path / 'pwned'
   path = tmp_path / 'evil.pth'
-  torch.save({'w': torch.ones(1), 'x': _WritesFileWhenUnpickled(str(marker))},
-             path)
+  torch.save(
+      {'w': torch.ones(1), 'x': _WritesFileWhenUnpickled(str(marker))}, path
+  )
   with pytest.raises(ValueError, match='evil.pth'):
     torch_io.load_state_dict(path)
   assert not marker.exists()

@@ -29,8 +29,9 @@ pytestmark = pytest.mark.torch
 
 RPE = {
     'irpe_k': dict(kind='irpe'),
-    'irpe_qkv_heads': dict(kind='irpe', on_q=True, on_k=True, on_v=True,
-                           shared_heads=False),
+    'irpe_qkv_heads': dict(
+        kind='irpe', on_q=True, on_k=True, on_v=True, shared_heads=False
+    ),
     'bias': dict(kind='bias'),
     'none': dict(kind='none'),
 }
@@ -45,20 +46,29 @@ CASES = [
     ('irpe_k', 'leff_batch', True, {}),
     ('irpe_qkv_heads', 'leff_layer', False, {}),
     ('bias', 'mlp', True, {'stem': 'conv', 'stem_channels': 16}),
-    ('none', 'leff_batch', False, {'layer_scale_init': 0.5,
-                                   'conv_prefix': 'identity'}),
+    (
+        'none',
+        'leff_batch',
+        False,
+        {'layer_scale_init': 0.5, 'conv_prefix': 'identity'},
+    ),
     ('irpe_qkv_heads', 'mlp', True, {'qkv_bias': False}),
     ('bias', 'leff_layer', False, {}),
     ('none', 'mlp', True, {'abs_pos_embed': False}),
-    ('irpe_k', 'leff_batch', False, {'stem': 'conv', 'stem_channels': 8,
-                                     'layer_scale_init': 0.3}),
+    (
+        'irpe_k',
+        'leff_batch',
+        False,
+        {'stem': 'conv', 'stem_channels': 8, 'layer_scale_init': 0.3},
+    ),
 ]
 
 
 def _case_id(case) -> str:
   r, c, d, e = case
   return f'{r}-{c}-{"distilled" if d else "plain"}' + ''.join(
-      f'-{k}' for k in e)
+      f'-{k}' for k in e
+  )
 
 
 def params(cases: list, fast: int) -> list:
@@ -67,28 +77,43 @@ def params(cases: list, fast: int) -> list:
   CASES[:4] already cover every value of every switch; the others add
   combinations (eager Flax ops compile per shape, seconds each on 2 cores).
   """
-  return [pytest.param(c, id=_case_id(c),
-                       marks=() if i < fast else pytest.mark.slow)
-          for i, c in enumerate(cases)]
+  return [
+      pytest.param(
+          c, id=_case_id(c), marks=() if i < fast else pytest.mark.slow
+      )
+      for i, c in enumerate(cases)
+  ]
 
 
 def micro(rpe: str, conv: str, distilled: bool, extra: dict) -> ModelConfig:
   """The micro variant on 32 px images with patch 8 (a 4x4 grid)."""
   extra = dict(extra)
   conv_cfg = dict(CONV[conv], prefix=extra.pop('conv_prefix', 'shared'))
-  return ModelConfig.from_config(dict(
-      variant='micro', num_classes=3, image_size=32, patch_size=8,
-      distilled=distilled, rpe=RPE[rpe], conv=conv_cfg, **extra))
+  return ModelConfig.from_config(
+      dict(
+          variant='micro',
+          num_classes=3,
+          image_size=32,
+          patch_size=8,
+          distilled=distilled,
+          rpe=RPE[rpe],
+          conv=conv_cfg,
+          **extra,
+      )
+  )
 
 
 def flat_vars(model) -> list:
   """(path, Variable) of every parameter and BatchNorm statistic."""
-  return [item for kind in (nnx.Param, nnx.BatchStat)
-          for item in nnx.to_flat_state(nnx.state(model, kind))]
+  return [
+      item
+      for kind in (nnx.Param, nnx.BatchStat)
+      for item in nnx.to_flat_state(nnx.state(model, kind))
+  ]
 
 
 def _fan_in_normal(rng, shape, fan_in):
-  return rng.normal(0.0, fan_in ** -0.5, shape)
+  return rng.normal(0.0, fan_in**-0.5, shape)
 
 
 def randomize_flax(model, seed: int = 0) -> None:
@@ -117,7 +142,7 @@ def randomize_torch(model, seed: int = 0) -> None:
         continue
       if leaf == 'weight' and t.ndim >= 2:
         fan_in = int(np.prod(t.shape[1:]))
-        t.copy_(torch.randn(t.shape, generator=gen) * fan_in ** -0.5)
+        t.copy_(torch.randn(t.shape, generator=gen) * fan_in**-0.5)
       elif leaf in ('weight', 'gamma'):
         t.copy_(torch.rand(t.shape, generator=gen) + 0.5)
       elif leaf == 'running_var':
@@ -127,8 +152,11 @@ def randomize_torch(model, seed: int = 0) -> None:
 
 
 def batch(size: int = 4, image: int = 32, seed: int = 0) -> np.ndarray:
-  return np.random.RandomState(seed).randn(size, image, image, 3).astype(
-      np.float32)
+  return (
+      np.random.RandomState(seed)
+      .randn(size, image, image, 3)
+      .astype(np.float32)
+  )
 
 
 def nchw(x: np.ndarray) -> 'torch.Tensor':
@@ -137,10 +165,11 @@ def nchw(x: np.ndarray) -> 'torch.Tensor':
 
 def as_list(out) -> list[np.ndarray]:
   if isinstance(out, (tuple, list)):
-    return [np.asarray(o.detach().numpy() if hasattr(o, 'detach') else o)
-            for o in out]
-  return [np.asarray(out.detach().numpy() if hasattr(out, 'detach')
-                     else out)]
+    return [
+        np.asarray(o.detach().numpy() if hasattr(o, 'detach') else o)
+        for o in out
+    ]
+  return [np.asarray(out.detach().numpy() if hasattr(out, 'detach') else out)]
 
 
 def assert_same_logits(flax_model, torch_model, x: np.ndarray) -> None:
@@ -187,8 +216,9 @@ def test_round_trip_flax_torch_flax_is_exact(case):
   cfg = micro(*case)
   model = create_model(cfg, rngs=nnx.Rngs(3))
   randomize_flax(model, seed=3)
-  back = torch_ref.torch_to_flax(torch_ref.flax_to_torch(model),
-                                 rngs=nnx.Rngs(99))
+  back = torch_ref.torch_to_flax(
+      torch_ref.flax_to_torch(model), rngs=nnx.Rngs(99)
+  )
   want = flat_vars(model)
   got = dict(flat_vars(back))
   assert len(got) == len(want)
@@ -198,8 +228,12 @@ def test_round_trip_flax_torch_flax_is_exact(case):
 
 
 def test_state_dict_names_shapes_and_layouts():
-  cfg = micro('irpe_qkv_heads', 'leff_batch', True,
-              {'stem': 'conv', 'stem_channels': 16, 'layer_scale_init': 0.1})
+  cfg = micro(
+      'irpe_qkv_heads',
+      'leff_batch',
+      True,
+      {'stem': 'conv', 'stem_channels': 16, 'layer_scale_init': 0.1},
+  )
   model = create_model(cfg, rngs=nnx.Rngs(0))
   randomize_flax(model)
   sd = torch_ref.state_dict_from_flax(model)
@@ -211,14 +245,17 @@ def test_state_dict_names_shapes_and_layouts():
   q = np.asarray(model.blocks[0].attn.q.kernel[...])
   np.testing.assert_array_equal(sd['blocks.0.attn.q.weight'].numpy(), q.T)
   dw = np.asarray(model.blocks[1].ffn.dwconv.kernel[...])  # [3, 3, 1, E]
-  np.testing.assert_array_equal(sd['blocks.1.ffn.dwconv.weight'].numpy(),
-                                dw.transpose(3, 2, 0, 1))
+  np.testing.assert_array_equal(
+      sd['blocks.1.ffn.dwconv.weight'].numpy(), dw.transpose(3, 2, 0, 1)
+  )
   np.testing.assert_array_equal(
       sd['blocks.2.ffn.dw_norm.running_var'].numpy(),
-      np.asarray(model.blocks[2].ffn.dw_norm.var[...]))
+      np.asarray(model.blocks[2].ffn.dw_norm.var[...]),
+  )
   np.testing.assert_array_equal(
       sd['blocks.0.attn.rpe_v.table'].numpy(),
-      np.asarray(model.blocks[0].attn.rpe_v.table[...]))
+      np.asarray(model.blocks[0].attn.rpe_v.table[...]),
+  )
   assert sd['blocks.0.norm1.weight'].shape == (64,)
   assert int(sd['patch_embed.stem_norm.num_batches_tracked']) == 0
 
@@ -247,12 +284,21 @@ def test_conversion_errors_name_the_keys():
 
 def test_twin_initial_distributions_match_flax():
   """Same init families: trunc-normal .02, lecun-normal convs, zeros, ones."""
-  cfg = ModelConfig.from_config(dict(
-      variant='micro', num_classes=3, image_size=64, patch_size=8,
-      rpe=dict(kind='bias'), conv=dict(kind='leff', norm='batch')))
+  cfg = ModelConfig.from_config(
+      dict(
+          variant='micro',
+          num_classes=3,
+          image_size=64,
+          patch_size=8,
+          rpe=dict(kind='bias'),
+          conv=dict(kind='leff', norm='batch'),
+      )
+  )
   flax_model = create_model(cfg, rngs=nnx.Rngs(0))
-  flax_sd = {**convert.torch_arrays(nnx.state(flax_model, nnx.Param)),
-             **convert.torch_arrays(nnx.state(flax_model, nnx.BatchStat))}
+  flax_sd = {
+      **convert.torch_arrays(nnx.state(flax_model, nnx.Param)),
+      **convert.torch_arrays(nnx.state(flax_model, nnx.BatchStat)),
+  }
   torch.manual_seed(0)
   torch_sd = torch_ref.DRPLViTTorch(cfg).state_dict()
   for key, value in flax_sd.items():
@@ -268,7 +314,8 @@ def test_twin_initial_distributions_match_flax():
     # Both are truncated at two standard deviations of the normal.
     assert np.abs(t).max() <= np.abs(value).max() * 1.05 + 1e-6, key
   assert float(torch_sd['blocks.0.attn.q.weight'].std()) == pytest.approx(
-      0.02 * 0.88, rel=0.1)
+      0.02 * 0.88, rel=0.1
+  )
 
 
 def _flax_loss(graphdef, rest, x, labels, teacher, cfg):
@@ -277,8 +324,9 @@ def _flax_loss(graphdef, rest, x, labels, teacher, cfg):
   def loss_fn(params):
     model = nnx.merge(graphdef, params, rest, copy=True)
     outputs = model(x, train=True)
-    loss, _ = losses.total_loss(outputs, labels, teacher, distill_kind=kind,
-                                label_smoothing=0.1)
+    loss, _ = losses.total_loss(
+        outputs, labels, teacher, distill_kind=kind, label_smoothing=0.1
+    )
     return loss, nnx.state(model, nnx.BatchStat)
 
   return loss_fn
@@ -296,20 +344,33 @@ def test_one_training_step_matches(case):
   lr, wd = 1e-3, 0.5  # a large decay: a wrong decay mask shows
 
   graphdef, params, rest = nnx.split(model, nnx.Param, ...)
-  loss_fn = _flax_loss(graphdef, rest, jnp.asarray(x), jnp.asarray(labels),
-                       jnp.asarray(teacher), cfg)
+  loss_fn = _flax_loss(
+      graphdef,
+      rest,
+      jnp.asarray(x),
+      jnp.asarray(labels),
+      jnp.asarray(teacher),
+      cfg,
+  )
   (loss, stats), grads = jax.jit(jax.value_and_grad(loss_fn, has_aux=True))(
-      params)
-  tx = optax.chain(optax.clip_by_global_norm(1.0),
-                   optax.adamw(lr, weight_decay=wd, mask=optim.decay_mask))
+      params
+  )
+  tx = optax.chain(
+      optax.clip_by_global_norm(1.0),
+      optax.adamw(lr, weight_decay=wd, mask=optim.decay_mask),
+  )
   updates, _ = tx.update(grads, tx.init(params), params)
   new_params = optax.apply_updates(params, updates)
 
   kind = 'hard' if cfg.distilled else 'none'
   out = twin(nchw(x))
-  t_loss = train.total_loss(out, torch.from_numpy(labels),
-                            torch.from_numpy(teacher), distill_kind=kind,
-                            label_smoothing=0.1)
+  t_loss = train.total_loss(
+      out,
+      torch.from_numpy(labels),
+      torch.from_numpy(teacher),
+      distill_kind=kind,
+      label_smoothing=0.1,
+  )
   t_loss.backward()
   np.testing.assert_allclose(t_loss.item(), float(loss), rtol=1e-5)
 
@@ -321,8 +382,9 @@ def test_one_training_step_matches(case):
   assert set(flax_grads) == set(torch_grads)
   scale = max(np.abs(g).max() for g in torch_grads.values())
   for name, g in torch_grads.items():
-    np.testing.assert_allclose(flax_grads[name], g, rtol=1e-4,
-                               atol=1e-5 * scale, err_msg=name)
+    np.testing.assert_allclose(
+        flax_grads[name], g, rtol=1e-4, atol=1e-5 * scale, err_msg=name
+    )
 
   torch.nn.utils.clip_grad_norm_(twin.parameters(), 1.0)
   opt = train.make_optimizer(twin, lr=lr, weight_decay=wd)
@@ -332,9 +394,13 @@ def test_one_training_step_matches(case):
   flax_new = convert.torch_arrays(new_params)
   for name, p in twin.named_parameters():
     signal = np.abs(torch_grads[name]) > 1e-4 * scale
-    np.testing.assert_allclose(flax_new[name][signal],
-                               p.detach().numpy()[signal], rtol=1e-5,
-                               atol=lr * 1e-2, err_msg=name)
+    np.testing.assert_allclose(
+        flax_new[name][signal],
+        p.detach().numpy()[signal],
+        rtol=1e-5,
+        atol=lr * 1e-2,
+        err_msg=name,
+    )
   _check_batch_norm_statistics(stats, twin)
 
 
@@ -345,8 +411,13 @@ def _check_batch_norm_statistics(stats, twin) -> None:
   buffers = dict(twin.named_buffers())
   means = [k for k in flax_stats if k.endswith('running_mean')]
   for name in means:
-    np.testing.assert_allclose(flax_stats[name], buffers[name].numpy(),
-                               rtol=1e-5, atol=1e-6, err_msg=name)
+    np.testing.assert_allclose(
+        flax_stats[name],
+        buffers[name].numpy(),
+        rtol=1e-5,
+        atol=1e-6,
+        err_msg=name,
+    )
 
 
 def test_batch_norm_running_variance_convention():
@@ -366,8 +437,9 @@ def test_batch_norm_running_variance_convention():
   torch_var = twin.blocks[0].ffn.dw_norm.running_var.numpy()
   n = 2 * 4 * 4  # batch x grid: the values each channel is normalised over
   batch_var = (flax_var - 0.9 * v0) / 0.1
-  np.testing.assert_allclose(torch_var, 0.9 * v0 + 0.1 * batch_var * n /
-                             (n - 1), rtol=1e-4)
+  np.testing.assert_allclose(
+      torch_var, 0.9 * v0 + 0.1 * batch_var * n / (n - 1), rtol=1e-4
+  )
 
 
 def test_attention_maps_heads_and_input_errors_match_flax():
@@ -380,8 +452,7 @@ def test_attention_maps_heads_and_input_errors_match_flax():
     logits, attn = twin(nchw(x), return_attention=True)
     cls, dist = twin.heads(nchw(x))
   want_logits, want_attn = model(jnp.asarray(x), return_attention=True)
-  np.testing.assert_allclose(logits.numpy(), want_logits, rtol=1e-5,
-                             atol=1e-5)
+  np.testing.assert_allclose(logits.numpy(), want_logits, rtol=1e-5, atol=1e-5)
   assert len(attn) == len(want_attn) == 4
   for got, want in zip(attn, want_attn):
     assert got.shape == (2, 2, 18, 18)  # [B, heads, L, L]
@@ -413,15 +484,18 @@ def test_bfloat16_compute_twin_returns_float32_logits():
 
 
 def test_importing_drpl_jax_does_not_import_torch():
-  code = ('import sys, drpl_jax, drpl_jax.models, drpl_jax.train.losses, '
-          'drpl_jax.train.step; '
-          'assert "torch" not in sys.modules, "torch imported"')
+  code = (
+      'import sys, drpl_jax, drpl_jax.models, drpl_jax.train.losses, '
+      'drpl_jax.train.step; '
+      'assert "torch" not in sys.modules, "torch imported"'
+  )
   subprocess.run([sys.executable, '-c', code], check=True)
 
 
 def test_twin_drop_path_and_dropout_act_only_in_training():
   cfg = micro('irpe_k', 'leff_layer', False, {}).replace(
-      drop_path_rate=0.5, dropout_rate=0.1, attn_dropout_rate=0.1)
+      drop_path_rate=0.5, dropout_rate=0.1, attn_dropout_rate=0.1
+  )
   twin = torch_ref.DRPLViTTorch(cfg)
   rates = [b.drop_path_rate for b in twin.blocks]
   np.testing.assert_allclose(rates, np.linspace(0, 0.5, 4))  # as Flax
@@ -438,18 +512,21 @@ def test_twin_drop_path_and_dropout_act_only_in_training():
 
 def test_bfloat16_parameters_convert_both_ways_exactly():
   cfg = micro('irpe_k', 'leff_batch', True, {}).replace(
-      param_dtype='bfloat16', dtype='bfloat16')
+      param_dtype='bfloat16', dtype='bfloat16'
+  )
   model = create_model(cfg, rngs=nnx.Rngs(8))
   twin = torch_ref.flax_to_torch(model)
   assert twin.blocks[0].attn.q.weight.dtype == torch.bfloat16
   np.testing.assert_array_equal(
       twin.blocks[0].attn.q.weight.detach().float().numpy(),
-      np.asarray(model.blocks[0].attn.q.kernel[...], np.float32).T)
+      np.asarray(model.blocks[0].attn.q.kernel[...], np.float32).T,
+  )
   with torch.no_grad():
     out = twin(nchw(batch(size=2)))
   assert out.dtype == torch.float32 and torch.isfinite(out).all()
   back = torch_ref.torch_to_flax(twin)
   for (path, want), (_, got) in zip(flat_vars(model), flat_vars(back)):
     assert got.dtype == want.dtype, path
-    np.testing.assert_array_equal(np.asarray(got[...], np.float32),
-                                  np.asarray(want[...], np.float32))
+    np.testing.assert_array_equal(
+        np.asarray(got[...], np.float32), np.asarray(want[...], np.float32)
+    )

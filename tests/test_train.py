@@ -21,20 +21,29 @@ def small_config(data_dir, steps=6, **overrides):
   """tiny_demo_config with batch 16 and an evaluation and checkpoint every
   3 steps."""
   return tiny_demo_config(
-      data_dir, steps, **{'batch_size': 16, 'log_every_steps': 2,
-                          'eval_every_steps': 3, 'checkpoint_every_steps': 3,
-                          'optim.warmup_steps': 2, **overrides})
+      data_dir,
+      steps,
+      **{
+          'batch_size': 16,
+          'log_every_steps': 2,
+          'eval_every_steps': 3,
+          'checkpoint_every_steps': 3,
+          'optim.warmup_steps': 2,
+          **overrides,
+      }
+  )
 
 
 def final_params(workdir):
-  steps = sorted(int(s) for s in os.listdir(os.path.join(workdir,
-                                                         'checkpoints'))
-                 if s.isdigit())
+  steps = sorted(
+      int(s)
+      for s in os.listdir(os.path.join(workdir, 'checkpoints'))
+      if s.isdigit()
+  )
   return steps
 
 
-def test_train_resume_and_evaluate(demo_data_dir, tmp_path,
-                                   compilation_cache):
+def test_train_resume_and_evaluate(demo_data_dir, tmp_path, compilation_cache):
   workdir = str(tmp_path / 'run')
   config = small_config(demo_data_dir, steps=6)
   result = train.train_and_evaluate(config, workdir)
@@ -62,6 +71,7 @@ def test_train_resume_and_evaluate(demo_data_dir, tmp_path,
 
 def test_resume_is_exact(demo_data_dir, tmp_path, compilation_cache):
   """3 steps + restart + 3 steps == 6 uninterrupted steps, bit for bit."""
+
   def params_of(workdir, steps):
     config = small_config(demo_data_dir, steps=steps)
     config.eval_every_steps = 100
@@ -81,8 +91,9 @@ def test_train_step_compiles_once(demo_data_dir):
   setup = state_lib.build(config)
   state = setup.state
   traces = []
-  raw = step_lib.make_train_step(setup.graphdef, setup.tx, setup.step_cfg,
-                                 setup.schedule)
+  raw = step_lib.make_train_step(
+      setup.graphdef, setup.tx, setup.step_cfg, setup.schedule
+  )
 
   def counted(state, batch):
     traces.append(1)
@@ -91,8 +102,10 @@ def test_train_step_compiles_once(demo_data_dir):
   step = jax.jit(counted, donate_argnums=(0,))
   rng = np.random.default_rng(0)
   for _ in range(3):
-    batch = {'image': rng.integers(0, 256, (16, 32, 32, 3), np.uint8),
-             'label': rng.integers(0, 10, (16,), np.int32)}
+    batch = {
+        'image': rng.integers(0, 256, (16, 32, 32, 3), np.uint8),
+        'label': rng.integers(0, 10, (16,), np.int32),
+    }
     state, metrics = step(state, batch)
   assert len(traces) == 1
   assert int(state.step) == 3

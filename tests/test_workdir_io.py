@@ -27,7 +27,7 @@ def gcs(tmp_path, monkeypatch):
     # epath may normalise gs:// to gs:/ when it joins paths
     for prefix in (BUCKET + '/', 'gs:/bucket/'):
       if text.startswith(prefix):
-        return os.fspath(root / text[len(prefix):])
+        return os.fspath(root / text[len(prefix) :])
     assert not text.startswith('gs:'), text
     return text
 
@@ -40,8 +40,18 @@ def gcs(tmp_path, monkeypatch):
   def walk(orig, top, **kwargs):
     yield from orig(local(top), **kwargs)
 
-  single = ('exists', 'glob', 'isdir', 'listdir', 'makedirs', 'mkdir', 'open',
-            'remove', 'rmtree', 'stat')
+  single = (
+      'exists',
+      'glob',
+      'isdir',
+      'listdir',
+      'makedirs',
+      'mkdir',
+      'open',
+      'remove',
+      'rmtree',
+      'stat',
+  )
   mocks = {name: one for name in single}
   mocks.update(copy=two, rename=two, replace=two, walk=walk)
   with epath_testing.mock_epath(**mocks):
@@ -76,12 +86,15 @@ def test_a_failed_write_keeps_the_old_file_and_leaves_no_temporary(tmp_path):
 def test_run_metadata_is_read_from_a_gs_workdir(gcs):
   from drpl_jax.evaluation import evaluate  # pylint: disable=g-import-not-at-top
   from drpl_jax.evaluation import predict  # pylint: disable=g-import-not-at-top
+
   run = f'{BUCKET}/run'
   epath.Path(run).mkdir(parents=True)
   with pytest.raises(FileNotFoundError, match='gs://bucket/run/meta.json'):
     evaluate.config_from_workdir(run)
-  files.atomic_write(f'{run}/meta.json', '{"config": {"seed": 3}, '
-                     '"data": {"class_names": ["a", "b"]}}')
+  files.atomic_write(
+      f'{run}/meta.json',
+      '{"config": {"seed": 3}, ' '"data": {"class_names": ["a", "b"]}}',
+  )
   assert (gcs / 'run' / 'meta.json').exists()
   assert evaluate.config_from_workdir(run).seed == 3
   assert predict.class_names_from_workdir(run, 2) == ['a', 'b']
@@ -92,12 +105,14 @@ def test_heatmap_png_is_written_to_a_gs_folder(gcs):
   import numpy as np  # pylint: disable=g-import-not-at-top
   from drpl_jax.config import base  # pylint: disable=g-import-not-at-top
   from drpl_jax.evaluation import predict  # pylint: disable=g-import-not-at-top
+
   config = base.drpl_vit('variant=micro,runlocal')
   image = np.random.default_rng(0).integers(0, 255, (40, 48, 3), np.uint8)
   maps = epath.Path(BUCKET) / 'maps'
   maps.mkdir(parents=True)
-  predict.save_heatmap(image, np.full((8, 8), 0.5), 'x', f'{maps}/x.png',
-                       config)
+  predict.save_heatmap(
+      image, np.full((8, 8), 0.5), 'x', f'{maps}/x.png', config
+  )
   assert (gcs / 'maps' / 'x.png').read_bytes()[:4] == b'\x89PNG'
 
 
@@ -105,15 +120,16 @@ def test_report_and_plots_are_written_to_a_gs_folder(gcs):
   import numpy as np  # pylint: disable=g-import-not-at-top
   from drpl_jax.evaluation import metrics  # pylint: disable=g-import-not-at-top
   from drpl_jax.evaluation import report  # pylint: disable=g-import-not-at-top
+
   rng = np.random.default_rng(0)
   labels = rng.integers(0, 2, 40)
   probs = metrics.softmax(rng.normal(size=(40, 2)) + 2 * np.eye(2)[labels])
   names = ['COVID', 'Normal']
-  values = metrics.classification_metrics(probs, labels, names,
-                                          n_bootstrap=20)
+  values = metrics.classification_metrics(probs, labels, names, n_bootstrap=20)
   out = f'{BUCKET}/run/eval/test'
-  written = report.write_report(out, values, probs, labels, names,
-                                title='gs test')
+  written = report.write_report(
+      out, values, probs, labels, names, title='gs test'
+  )
   local = gcs / 'run' / 'eval' / 'test'
   assert written['json'] == f'{out}/report.json'
   got = json.loads((local / 'report.json').read_text())
@@ -126,19 +142,32 @@ def test_report_and_plots_are_written_to_a_gs_folder(gcs):
 def test_sweep_and_reproduce_files_on_a_gs_workdir(gcs):
   from drpl_jax.reproduce import protocol  # pylint: disable=g-import-not-at-top
   from drpl_jax.reproduce import sweep  # pylint: disable=g-import-not-at-top
-  results = [{'index': 0, 'overrides': {}, 'teacher_val_accuracy': None,
-              'seeds': [{}], 'shortcut_flags': 0, 'minutes': 0.1,
-              'mean': dict.fromkeys(sweep.FIGURES, 0.5)}]
+
+  results = [
+      {
+          'index': 0,
+          'overrides': {},
+          'teacher_val_accuracy': None,
+          'seeds': [{}],
+          'shortcut_flags': 0,
+          'minutes': 0.1,
+          'mean': dict.fromkeys(sweep.FIGURES, 0.5),
+      }
+  ]
   sweep._write(f'{BUCKET}/sweep', results, 'cmd', 'validation')  # pylint: disable=protected-access
-  assert json.loads((gcs / 'sweep' / 'sweep.json').read_text())[
-      'candidates'] == results
+  assert (
+      json.loads((gcs / 'sweep' / 'sweep.json').read_text())['candidates']
+      == results
+  )
   assert '| 0 | base |' in (gcs / 'sweep' / 'sweep.md').read_text()
   # A finished candidate is read back from the gs:// workdir, not rerun.
   (gcs / 'sweep' / 'candidates' / '3').mkdir(parents=True)
   (gcs / 'sweep' / 'candidates' / '3' / 'result.json').write_text(
-      '{"index": 3}')
-  assert sweep.run_candidate('unused', None, [], {}, 3, f'{BUCKET}/sweep',
-                             None, 1) == {'index': 3}
+      '{"index": 3}'
+  )
+  assert sweep.run_candidate(
+      'unused', None, [], {}, 3, f'{BUCKET}/sweep', None, 1
+  ) == {'index': 3}
   timing = f'{BUCKET}/repro/timings/teacher.json'
   protocol.record(timing, 'teacher', ['python', 'x'], 1.0, 3.5, 0)
   entry = json.loads((gcs / 'repro' / 'timings' / 'teacher.json').read_text())
@@ -148,6 +177,7 @@ def test_sweep_and_reproduce_files_on_a_gs_workdir(gcs):
 def test_teacher_record_is_read_from_gs(gcs):
   from drpl_jax.train import preflight  # pylint: disable=g-import-not-at-top
   from drpl_jax.utils.errors import UserError  # pylint: disable=g-import-not-at-top
+
   (gcs / 't.json').write_text('{"arch": "resnet18"}')
   with pytest.raises(UserError, match='resnet18'):
     preflight.check_teacher_arch('resnet50', f'{BUCKET}/t.safetensors')

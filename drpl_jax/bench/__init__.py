@@ -55,20 +55,24 @@ def _parse_like(old: Any, text: str, key: str) -> Any:
 _APPLIED_OVERRIDES: dict[str, str] = {}
 
 
-def apply_overrides(config: ml_collections.ConfigDict,
-                    overrides: Sequence[str]) -> ml_collections.ConfigDict:
+def apply_overrides(
+    config: ml_collections.ConfigDict, overrides: Sequence[str]
+) -> ml_collections.ConfigDict:
   """Applies `--config.a.b=value` arguments, parsed like the old value.
 
   Only for `bench compare` (drpl_jax/pytorch/compare.py), which still
   parses its own arguments; the JAX benchmarks here use config_flags.
   """
   for arg in overrides:
-    _APPLIED_OVERRIDES[arg.partition('=')[0][len('--config.'):]] = (
-        arg.partition('=')[2])
+    _APPLIED_OVERRIDES[arg.partition('=')[0][len('--config.') :]] = (
+        arg.partition('=')[2]
+    )
     if not arg.startswith('--config.') or '=' not in arg:
-      raise ValueError(f'unrecognised argument {arg!r}; overrides look like '
-                       '--config.data.manual_dir=/path')
-    key, _, text = arg[len('--config.'):].partition('=')
+      raise ValueError(
+          f'unrecognised argument {arg!r}; overrides look like '
+          '--config.data.manual_dir=/path'
+      )
+    key, _, text = arg[len('--config.') :].partition('=')
     *parents, leaf = key.split('.')
     node = config
     for name in parents:
@@ -86,15 +90,23 @@ def emit(record: dict[str, Any]) -> None:
   (drpl_jax.parallel.hostmem), which changed XLA:CPU train steps by 14-17%, and
   the `--config.*` overrides applied (e.g. model.materialize=off).
   """
-  record = {**record, 'host_malloc_tuned': hostmem.applied(),
-            'config_overrides': dict(_APPLIED_OVERRIDES)}
+  record = {
+      **record,
+      'host_malloc_tuned': hostmem.applied(),
+      'config_overrides': dict(_APPLIED_OVERRIDES),
+  }
   print(json.dumps(record, sort_keys=True), flush=True)
 
 
-def synthetic_batch(config: ml_collections.ConfigDict, batch: int, mesh,
-                    *, train_batch: bool,
-                    distill_kind: str = 'none', seed: int = 0
-                    ) -> dict[str, jax.Array]:
+def synthetic_batch(
+    config: ml_collections.ConfigDict,
+    batch: int,
+    mesh,
+    *,
+    train_batch: bool,
+    distill_kind: str = 'none',
+    seed: int = 0,
+) -> dict[str, jax.Array]:
   """The benchmarks' one synthetic batch: random uint8 images [B, S, S, 3]
   and, for a train step, labels and (distill_kind hard/soft) offline
   teacher logits, placed on the mesh."""
@@ -105,8 +117,9 @@ def synthetic_batch(config: ml_collections.ConfigDict, batch: int, mesh,
     classes = int(config.model.num_classes)
     host['label'] = rng.integers(0, classes, (batch,)).astype(np.int32)
     if distill_kind != 'none':
-      host['teacher_logits'] = rng.normal(
-          size=(batch, classes)).astype(np.float32)
+      host['teacher_logits'] = rng.normal(size=(batch, classes)).astype(
+          np.float32
+      )
   return jax.device_put(host, batch_sharding(mesh))
 
 
@@ -115,8 +128,9 @@ def tensorflow_imported() -> bool:
   return 'tensorflow' in sys.modules
 
 
-def time_steps(run: Callable[[], Any], *, steps: int, repeats: int,
-               warmup: int) -> list[float]:
+def time_steps(
+    run: Callable[[], Any], *, steps: int, repeats: int, warmup: int
+) -> list[float]:
   """Seconds per repetition of `steps` calls of `run` (after `warmup`).
 
   `run` returns something to block on; each repetition blocks only at its
@@ -136,24 +150,34 @@ def time_steps(run: Callable[[], Any], *, steps: int, repeats: int,
   return times
 
 
-def define_config_flag(flag_values: flags.FlagValues,
-                       sys_argv: Sequence[str] | None = None) -> None:
+def define_config_flag(
+    flag_values: flags.FlagValues, sys_argv: Sequence[str] | None = None
+) -> None:
   """Defines the required `--config` (config_flags) on `flag_values`.
 
   `sys_argv`: the command line whose `--config.KEY=VALUE` overrides
   config_flags should accept (default sys.argv).
   """
   config_flags.DEFINE_config_file(
-      'config', None, 'Config file and argument, e.g. '
+      'config',
+      None,
+      'Config file and argument, e.g. '
       'configs/drpl_vit.py:variant=micro; --config.KEY=VALUE overrides.',
       flag_values=flag_values,
-      sys_argv=None if sys_argv is None else list(sys_argv))
+      sys_argv=None if sys_argv is None else list(sys_argv),
+  )
   flags.mark_flag_as_required('config', flag_values=flag_values)
 
 
-def define_timing_flags(flag_values: flags.FlagValues, *, batch: int,
-                        steps: int, repeats: int, warmup: int,
-                        sys_argv: Sequence[str] | None = None) -> None:
+def define_timing_flags(
+    flag_values: flags.FlagValues,
+    *,
+    batch: int,
+    steps: int,
+    repeats: int,
+    warmup: int,
+    sys_argv: Sequence[str] | None = None,
+) -> None:
   """Defines the flags of every timed-step benchmark on `flag_values`.
 
   `--config` is an ml_collections config file (`path.py[:arg]`) with its
@@ -162,25 +186,43 @@ def define_timing_flags(flag_values: flags.FlagValues, *, batch: int,
   the resolution of the data and the model together.
   """
   define_config_flag(flag_values, sys_argv)
-  flags.DEFINE_integer('batch_size', batch, f'{cli.BATCH_SIZE_HELP} Global.',
-                       flag_values=flag_values)
-  flags.DEFINE_integer('steps', steps, 'Steps per timed repetition.',
-                       flag_values=flag_values)
-  flags.DEFINE_integer('repeats', repeats,
-                       'Timed repetitions (the median is reported).',
-                       flag_values=flag_values)
-  flags.DEFINE_integer('warmup', warmup, 'Untimed steps after compilation.',
-                       flag_values=flag_values)
-  flags.DEFINE_integer('image_size', None,
-                       "Input resolution (default: the config's).",
-                       flag_values=flag_values)
+  flags.DEFINE_integer(
+      'batch_size',
+      batch,
+      f'{cli.BATCH_SIZE_HELP} Global.',
+      flag_values=flag_values,
+  )
+  flags.DEFINE_integer(
+      'steps', steps, 'Steps per timed repetition.', flag_values=flag_values
+  )
+  flags.DEFINE_integer(
+      'repeats',
+      repeats,
+      'Timed repetitions (the median is reported).',
+      flag_values=flag_values,
+  )
+  flags.DEFINE_integer(
+      'warmup',
+      warmup,
+      'Untimed steps after compilation.',
+      flag_values=flag_values,
+  )
+  flags.DEFINE_integer(
+      'image_size',
+      None,
+      "Input resolution (default: the config's).",
+      flag_values=flag_values,
+  )
 
 
 TIMING_FLAGS = ('batch_size', 'steps', 'repeats', 'warmup', 'image_size')
 
 
-def timing_args(flag_values: flags.FlagValues, extra: Sequence[str] = (),
-                positive: Sequence[str] = ()) -> types.SimpleNamespace:
+def timing_args(
+    flag_values: flags.FlagValues,
+    extra: Sequence[str] = (),
+    positive: Sequence[str] = (),
+) -> types.SimpleNamespace:
   """The parsed flags as attributes; `config` with --image_size applied.
 
   `config_spec` is the --config argument as given, `overrides` the
@@ -188,8 +230,9 @@ def timing_args(flag_values: flags.FlagValues, extra: Sequence[str] = (),
   --repeats and the `positive` flags must be >= 1, --warmup >= 0; a bad
   value is a UserError naming the flag.
   """
-  args = types.SimpleNamespace(**{name: flag_values[name].value
-                                   for name in (*TIMING_FLAGS, *extra)})
+  args = types.SimpleNamespace(
+      **{name: flag_values[name].value for name in (*TIMING_FLAGS, *extra)}
+  )
   for name in ('batch_size', 'steps', 'repeats', *positive):
     if getattr(args, name) < 1:
       raise cli.UserError(f'--{name}={getattr(args, name)} must be >= 1')
@@ -201,15 +244,20 @@ def timing_args(flag_values: flags.FlagValues, extra: Sequence[str] = (),
     config.model.image_size = args.image_size
   args.config = config
   args.config_spec = config_flags.get_config_filename(flag_values['config'])
-  args.overrides = {k: str(v) for k, v in config_flags.get_override_values(
-      flag_values['config']).items()}
+  args.overrides = {
+      k: str(v)
+      for k, v in config_flags.get_override_values(
+          flag_values['config']
+      ).items()
+  }
   _APPLIED_OVERRIDES.clear()
   _APPLIED_OVERRIDES.update(args.overrides)
   return args
 
 
-def parse_flags(define: Callable[..., None], argv: Sequence[str],
-                name: str) -> flags.FlagValues:
+def parse_flags(
+    define: Callable[..., None], argv: Sequence[str], name: str
+) -> flags.FlagValues:
   """Defines a benchmark's flags on a fresh FlagValues and parses `argv`
   (for tests and programs; the command line uses absl's global flags)."""
   full = [f'drpl-bench {name}', *argv]
@@ -222,5 +270,7 @@ def parse_flags(define: Callable[..., None], argv: Sequence[str],
 def no_arguments(argv: Sequence[str]) -> None:
   """A benchmark takes flags only: a positional argument is an error."""
   if len(argv) > 1:
-    raise cli.UserError(f'unexpected arguments {list(argv[1:])}: flags '
-                        'look like --steps=5 or --config.seed=1')
+    raise cli.UserError(
+        f'unexpected arguments {list(argv[1:])}: flags '
+        'look like --steps=5 or --config.seed=1'
+    )

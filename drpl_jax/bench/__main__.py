@@ -14,7 +14,6 @@ from absl import app, flags
 
 from drpl_jax import cli
 
-
 # pylint: disable=g-import-not-at-top
 
 
@@ -24,6 +23,7 @@ def _absl(name: str) -> Callable[[Sequence[str]], None]:
 
   def run(argv: Sequence[str]) -> None:
     import importlib
+
     module = importlib.import_module(f'drpl_jax.bench.{name}')
     full = [f'drpl-bench {name}', *argv]
     module.define_flags(sys_argv=full)
@@ -31,14 +31,16 @@ def _absl(name: str) -> Callable[[Sequence[str]], None]:
     # drpl_jax/bench/__init__.py) as this module's own.
     flags.adopt_module_key_flags(module)
     flags.adopt_module_key_flags(sys.modules['drpl_jax.bench'])
-    app.run(_guarded(module.main), argv=full,
-            flags_parser=cli._parse_flags)  # pylint: disable=protected-access
+    app.run(
+        _guarded(module.main), argv=full, flags_parser=cli._parse_flags
+    )  # pylint: disable=protected-access
 
   return run
 
 
-def _guarded(main: Callable[[Sequence[str]], None]
-             ) -> Callable[[Sequence[str]], None]:
+def _guarded(
+    main: Callable[[Sequence[str]], None],
+) -> Callable[[Sequence[str]], None]:
   """`main` under cli.py's exit policy (a UserError: one `error:` line,
   exit 2). Not `cli.run`: its quieting imports TensorFlow, which the
   benchmarks must not (they record `tensorflow_imported`)."""
@@ -57,6 +59,7 @@ def _guarded(main: Callable[[Sequence[str]], None]
 def _compare(argv: Sequence[str]) -> None:
   # PyTorch side (needs torch); parses its own arguments.
   from drpl_jax.pytorch import compare as bench
+
   bench.main(argv)
 
 
@@ -94,10 +97,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     return 0
   if not argv or argv[0] not in SUBCOMMANDS:
     got = repr(argv[0]) if argv else 'nothing'
-    print(f'usage: python -m drpl_jax.bench {{{",".join(SUBCOMMANDS)}}} '
-          f'[flags]; got {got}', file=sys.stderr)
+    print(
+        f'usage: python -m drpl_jax.bench {{{",".join(SUBCOMMANDS)}}} '
+        f'[flags]; got {got}',
+        file=sys.stderr,
+    )
     return 2
   from drpl_jax.parallel import hostmem  # pylint: disable=g-import-not-at-top
+
   hostmem.configure()  # before JAX starts its CPU client
   SUBCOMMANDS[argv[0]](list(argv[1:]))
   return 0

@@ -42,14 +42,20 @@ MEASUREMENTS = ('eval', 'train')
 TARGET_RATIO = 3.0
 
 
-def define_flags(flag_values: flags.FlagValues = flags.FLAGS,
-                 sys_argv: Sequence[str] | None = None) -> None:
+def define_flags(
+    flag_values: flags.FlagValues = flags.FLAGS,
+    sys_argv: Sequence[str] | None = None,
+) -> None:
   """The flags of `bench eval`."""
-  define_timing_flags(flag_values, batch=32, steps=10, repeats=5, warmup=2,
-                      sys_argv=sys_argv)
-  flags.DEFINE_list('measure', list(MEASUREMENTS),
-                    'Comma separated subset of eval,train.',
-                    flag_values=flag_values)
+  define_timing_flags(
+      flag_values, batch=32, steps=10, repeats=5, warmup=2, sys_argv=sys_argv
+  )
+  flags.DEFINE_list(
+      'measure',
+      list(MEASUREMENTS),
+      'Comma separated subset of eval,train.',
+      flag_values=flag_values,
+  )
 
 
 def args_from(flag_values: flags.FlagValues) -> types.SimpleNamespace:
@@ -58,8 +64,9 @@ def args_from(flag_values: flags.FlagValues) -> types.SimpleNamespace:
   args.measure = tuple(filter(None, args.measure))
   unknown = [m for m in args.measure if m not in MEASUREMENTS]
   if unknown or not args.measure:
-    raise cli.UserError(f'--measure: unknown {unknown}; choose from '
-                        f'{list(MEASUREMENTS)}')
+    raise cli.UserError(
+        f'--measure: unknown {unknown}; choose from ' f'{list(MEASUREMENTS)}'
+    )
   return args
 
 
@@ -85,29 +92,42 @@ class _Bench:
     self.batch = batch
     self.mesh = state_lib.create_mesh(config)
     if batch % self.mesh.size:
-      raise ValueError(f'--batch_size={batch} is not divisible by the '
-                       f'{self.mesh.size} devices of the mesh')
+      raise ValueError(
+          f'--batch_size={batch} is not divisible by the '
+          f'{self.mesh.size} devices of the mesh'
+      )
     self.setup = state_lib.build(config, self.mesh)
     self.state = self.setup.state
     self.step_cfg = self.setup.step_cfg
 
   def eval(self, args) -> dict[str, Any]:
     step = self.setup.eval_step()
-    batch = synthetic_batch(self.config, self.batch, self.mesh,
-                            train_batch=False)
+    batch = synthetic_batch(
+        self.config, self.batch, self.mesh, train_batch=False
+    )
     params, rest = self.state.params, self.state.rest
     compiled, lower_s, compile_s = _compile(step, params, rest, batch)
-    times = time_steps(lambda: compiled(params, rest, batch),
-                       steps=args.steps, repeats=args.repeats,
-                       warmup=args.warmup)
-    return dict(lower_s=round(lower_s, 3), compile_s=round(compile_s, 3),
-                **rates(times, self.batch * args.steps, args.steps))
+    times = time_steps(
+        lambda: compiled(params, rest, batch),
+        steps=args.steps,
+        repeats=args.repeats,
+        warmup=args.warmup,
+    )
+    return dict(
+        lower_s=round(lower_s, 3),
+        compile_s=round(compile_s, 3),
+        **rates(times, self.batch * args.steps, args.steps),
+    )
 
   def train(self, args) -> dict[str, Any]:
     step = self.setup.train_step()
-    batch = synthetic_batch(self.config, self.batch, self.mesh,
-                            train_batch=True,
-                            distill_kind=self.step_cfg.distill_kind)
+    batch = synthetic_batch(
+        self.config,
+        self.batch,
+        self.mesh,
+        train_batch=True,
+        distill_kind=self.step_cfg.distill_kind,
+    )
     # The third argument is the online teacher's state (none here).
     compiled, lower_s, compile_s = _compile(step, self.state, batch, None)
     holder = {'state': self.state}
@@ -116,28 +136,36 @@ class _Bench:
       holder['state'], metrics = compiled(holder['state'], batch, None)
       return metrics['loss'], holder['state'].params
 
-    times = time_steps(run, steps=args.steps, repeats=args.repeats,
-                       warmup=args.warmup)
+    times = time_steps(
+        run, steps=args.steps, repeats=args.repeats, warmup=args.warmup
+    )
     self.state = holder['state']  # the old buffers were donated
-    return dict(lower_s=round(lower_s, 3), compile_s=round(compile_s, 3),
-                distill_kind=self.step_cfg.distill_kind,
-                **rates(times, self.batch * args.steps, args.steps))
+    return dict(
+        lower_s=round(lower_s, 3),
+        compile_s=round(compile_s, 3),
+        distill_kind=self.step_cfg.distill_kind,
+        **rates(times, self.batch * args.steps, args.steps),
+    )
 
 
-def rates(times: Sequence[float], images: int, steps: int
-          ) -> dict[str, Any]:
+def rates(times: Sequence[float], images: int, steps: int) -> dict[str, Any]:
   """Median images/s (and per repetition) and median ms per step."""
   per_rep = [images / t for t in times]
-  return {'images_per_s': round(statistics.median(per_rep), 2),
-          'images_per_s_all': [round(r, 2) for r in per_rep],
-          'step_ms': round(1000.0 * statistics.median(times) / steps, 2)}
+  return {
+      'images_per_s': round(statistics.median(per_rep), 2),
+      'images_per_s_all': [round(r, 2) for r in per_rep],
+      'step_ms': round(1000.0 * statistics.median(times) / steps, 2),
+  }
 
 
 def device_info() -> dict[str, Any]:
   """The accelerator this process measures on."""
   device = jax.devices()[0]
-  return {'device': device.device_kind, 'platform': device.platform,
-          'num_devices': jax.device_count()}
+  return {
+      'device': device.device_kind,
+      'platform': device.platform,
+      'num_devices': jax.device_count(),
+  }
 
 
 def main(argv: Sequence[str]) -> None:
@@ -147,23 +175,40 @@ def main(argv: Sequence[str]) -> None:
   config = args.config
   bench = _Bench(config, args.batch_size)
   common = {
-      'benchmark': 'eval', 'config': args.config_spec,
+      'benchmark': 'eval',
+      'config': args.config_spec,
       'variant': config.model.get('variant', ''),
-      'image_size': int(config.data.image_size), 'batch': args.batch_size,
-      'steps': args.steps, 'repeats': args.repeats, 'warmup': args.warmup,
+      'image_size': int(config.data.image_size),
+      'batch': args.batch_size,
+      'steps': args.steps,
+      'repeats': args.repeats,
+      'warmup': args.warmup,
       'dtype': str(config.model.get('dtype', 'float32')),
-      'distilled': bool(config.model.distilled), **device_info()}
+      'distilled': bool(config.model.distilled),
+      **device_info(),
+  }
   results = {}
   for name in args.measure:
     results[name] = getattr(bench, name)(args)
-    emit({**common, 'measurement': f'{name}_step', **results[name],
-          'tensorflow_imported': tensorflow_imported()})
+    emit(
+        {
+            **common,
+            'measurement': f'{name}_step',
+            **results[name],
+            'tensorflow_imported': tensorflow_imported(),
+        }
+    )
   if len(results) == 2:
-    ratio = results['eval']['images_per_s'] / results['train'][
-        'images_per_s']
-    emit({**common, 'measurement': 'ratio',
-          'eval_images_per_s': results['eval']['images_per_s'],
-          'train_images_per_s': results['train']['images_per_s'],
-          'eval_over_train': round(ratio, 3), 'target': TARGET_RATIO,
-          'meets_target': ratio >= TARGET_RATIO,
-          'tensorflow_imported': tensorflow_imported()})
+    ratio = results['eval']['images_per_s'] / results['train']['images_per_s']
+    emit(
+        {
+            **common,
+            'measurement': 'ratio',
+            'eval_images_per_s': results['eval']['images_per_s'],
+            'train_images_per_s': results['train']['images_per_s'],
+            'eval_over_train': round(ratio, 3),
+            'target': TARGET_RATIO,
+            'meets_target': ratio >= TARGET_RATIO,
+            'tensorflow_imported': tensorflow_imported(),
+        }
+    )

@@ -63,8 +63,15 @@ class SyntheticPngSource:
   generated and reused cyclically so that construction stays fast.
   """
 
-  def __init__(self, num_examples: int, *, size: int = 299,
-               num_distinct: int = 64, num_classes: int = 4, seed: int = 0):
+  def __init__(
+      self,
+      num_examples: int,
+      *,
+      size: int = 299,
+      num_distinct: int = 64,
+      num_classes: int = 4,
+      seed: int = 0,
+  ):
     rng = np.random.default_rng(seed)
     self._pngs = []
     for _ in range(min(num_distinct, num_examples)):
@@ -83,8 +90,12 @@ class SyntheticPngSource:
     png = self._pngs[index % len(self._pngs)]
     with Image.open(io.BytesIO(png)) as img:
       image = np.asarray(img.convert('RGB'))
-    return {'image': image, 'label': int(self.labels[index]),
-            'id': f'synthetic-{index}', 'patient_id': ''}
+    return {
+        'image': image,
+        'label': int(self.labels[index]),
+        'id': f'synthetic-{index}',
+        'patient_id': '',
+    }
 
 
 def _child_pids() -> list[int]:
@@ -118,8 +129,12 @@ def cpu_seconds() -> float:
   return own + sum(_proc_cpu_seconds(pid) for pid in _child_pids())
 
 
-def measure(make_iter: Callable[[], Iterator[dict[str, np.ndarray]]], *,
-            steps: int, warmup: int) -> dict[str, float]:
+def measure(
+    make_iter: Callable[[], Iterator[dict[str, np.ndarray]]],
+    *,
+    steps: int,
+    warmup: int,
+) -> dict[str, float]:
   """Times `steps` batches after `warmup` batches; returns the rates."""
   it = make_iter()
   for _ in range(warmup):
@@ -134,10 +149,14 @@ def measure(make_iter: Callable[[], Iterator[dict[str, np.ndarray]]], *,
     images += len(batch['image'])
   wall = max(time.perf_counter() - t0, 1e-9)
   cpu = cpu_seconds() - cpu0
-  return {'images': images, 'wall_s': round(wall, 3),
-          'cpu_s': round(cpu, 3), 'cores_used': round(cpu / wall, 2),
-          'images_per_s': round(images / wall, 1),
-          'images_per_s_per_core': per_core_rate(images, cpu)}
+  return {
+      'images': images,
+      'wall_s': round(wall, 3),
+      'cpu_s': round(cpu, 3),
+      'cores_used': round(cpu / wall, 2),
+      'images_per_s': round(images / wall, 1),
+      'images_per_s_per_core': per_core_rate(images, cpu),
+  }
 
 
 # CPU time comes in clock ticks (10 ms on Linux): below this many seconds
@@ -149,9 +168,12 @@ def per_core_rate(images: int, cpu: float) -> float | None:
   """Images per CPU second; None (with a warning) when too little CPU time
   was measured for a stable figure."""
   if cpu < MIN_CPU_SECONDS:
-    print(f'warning: only {cpu:.2f} s of CPU time measured (< '
-          f'{MIN_CPU_SECONDS} s): images_per_s_per_core is null; raise '
-          '--steps for a stable figure', file=sys.stderr)
+    print(
+        f'warning: only {cpu:.2f} s of CPU time measured (< '
+        f'{MIN_CPU_SECONDS} s): images_per_s_per_core is null; raise '
+        '--steps for a stable figure',
+        file=sys.stderr,
+    )
     return None
   return round(images / cpu, 1)
 
@@ -172,46 +194,81 @@ def _real_source(config) -> Any | None:
   Never prepares (builds) a data set: a benchmark must not start a build.
   """
   from drpl_jax import data  # pylint: disable=g-import-not-at-top
+
   cfg = config.data
   try:
     folder = data.prepared_dir(
-        cfg.name, data_dir=cfg.data_dir, manual_dir=cfg.manual_dir,
+        cfg.name,
+        data_dir=cfg.data_dir,
+        manual_dir=cfg.manual_dir,
         classes=data.parse_classes(cfg.get('classes', '')),
-        seed=int(cfg.get('split_seed', 0)))
+        seed=int(cfg.get('split_seed', 0)),
+    )
     if not os.path.isfile(os.path.join(folder, 'summary.json')):
       raise FileNotFoundError(f'{folder} is not prepared')
     return data.get_source(cfg, cfg.train_split)
   except Exception as e:  # pylint: disable=broad-except
-    print(f'bench input: no prepared data ({type(e).__name__}: {e}); using '
-          'the synthetic source', file=sys.stderr)
+    print(
+        f'bench input: no prepared data ({type(e).__name__}: {e}); using '
+        'the synthetic source',
+        file=sys.stderr,
+    )
     return None
 
 
-def define_flags(flag_values: flags.FlagValues = flags.FLAGS,
-                 sys_argv: Sequence[str] | None = None) -> None:
+def define_flags(
+    flag_values: flags.FlagValues = flags.FLAGS,
+    sys_argv: Sequence[str] | None = None,
+) -> None:
   """The flags of `bench input`."""
   define_config_flag(flag_values, sys_argv)
-  flags.DEFINE_integer('batch_size', 64, f'{cli.BATCH_SIZE_HELP} Global.',
-                       flag_values=flag_values)
-  flags.DEFINE_integer('steps', 20, 'Timed batches.',
-                       flag_values=flag_values)
-  flags.DEFINE_integer('warmup', 2, 'Untimed batches first.',
-                       flag_values=flag_values)
-  flags.DEFINE_integer('workers', 0, 'grain worker processes (train '
-                       'pipeline).', flag_values=flag_values)
-  flags.DEFINE_integer('threads', input_pipeline.DEFAULT_NUM_THREADS,
-                       'Decoding threads.', flag_values=flag_values)
-  flags.DEFINE_bool('synthetic', False, 'Use in-memory synthetic PNGs.',
-                    flag_values=flag_values)
-  flags.DEFINE_list('pipelines', ['decode', 'train', 'eval'],
-                    'Comma separated subset of decode,train,eval.',
-                    flag_values=flag_values)
+  flags.DEFINE_integer(
+      'batch_size',
+      64,
+      f'{cli.BATCH_SIZE_HELP} Global.',
+      flag_values=flag_values,
+  )
+  flags.DEFINE_integer('steps', 20, 'Timed batches.', flag_values=flag_values)
+  flags.DEFINE_integer(
+      'warmup', 2, 'Untimed batches first.', flag_values=flag_values
+  )
+  flags.DEFINE_integer(
+      'workers',
+      0,
+      'grain worker processes (train ' 'pipeline).',
+      flag_values=flag_values,
+  )
+  flags.DEFINE_integer(
+      'threads',
+      input_pipeline.DEFAULT_NUM_THREADS,
+      'Decoding threads.',
+      flag_values=flag_values,
+  )
+  flags.DEFINE_bool(
+      'synthetic',
+      False,
+      'Use in-memory synthetic PNGs.',
+      flag_values=flag_values,
+  )
+  flags.DEFINE_list(
+      'pipelines',
+      ['decode', 'train', 'eval'],
+      'Comma separated subset of decode,train,eval.',
+      flag_values=flag_values,
+  )
 
 
 def args_from(flag_values: flags.FlagValues) -> types.SimpleNamespace:
   """Parsed flags -> args (`args.config` is the config with overrides)."""
-  names = ('batch_size', 'steps', 'warmup', 'workers', 'threads',
-           'synthetic', 'pipelines')
+  names = (
+      'batch_size',
+      'steps',
+      'warmup',
+      'workers',
+      'threads',
+      'synthetic',
+      'pipelines',
+  )
   args = types.SimpleNamespace(**{n: flag_values[n].value for n in names})
   for name in ('batch_size', 'steps'):
     if getattr(args, name) < 1:
@@ -240,22 +297,40 @@ def main(argv: Sequence[str]) -> None:
   pipelines = {
       'decode': lambda: _decode_iter(source, args.batch_size),
       'train': lambda: input_pipeline.train_iterator(
-          source, batch_size=args.batch_size, image_size=size, seed=config.seed,
-          augment_config=recipe, num_workers=args.workers,
-          num_threads=args.threads),
+          source,
+          batch_size=args.batch_size,
+          image_size=size,
+          seed=config.seed,
+          augment_config=recipe,
+          num_workers=args.workers,
+          num_threads=args.threads,
+      ),
       'eval': lambda: input_pipeline.eval_batches(
-          source, batch_size=args.batch_size, image_size=size,
-          crop_ratio=config.data.eval_crop_ratio, num_threads=args.threads),
+          source,
+          batch_size=args.batch_size,
+          image_size=size,
+          crop_ratio=config.data.eval_crop_ratio,
+          num_threads=args.threads,
+      ),
   }
   for name in filter(None, args.pipelines):
     if name not in pipelines:
-      raise cli.UserError(f'--pipelines: unknown {name!r}; known: '
-                       f'{list(pipelines)}')
+      raise cli.UserError(
+          f'--pipelines: unknown {name!r}; known: ' f'{list(pipelines)}'
+      )
     result = measure(pipelines[name], steps=args.steps, warmup=args.warmup)
-    emit({'benchmark': 'input', 'pipeline': name, 'source': kind,
-          'image_size': size, 'batch': args.batch_size,
-          'workers': args.workers if name == 'train' else 0,
-          'threads': args.threads if name != 'decode' else 1,
-          'host_cpus': os.cpu_count(),
-          'recipe': recipe.__dict__ if name == 'train' else None,
-          'tensorflow_imported': tensorflow_imported(), **result})
+    emit(
+        {
+            'benchmark': 'input',
+            'pipeline': name,
+            'source': kind,
+            'image_size': size,
+            'batch': args.batch_size,
+            'workers': args.workers if name == 'train' else 0,
+            'threads': args.threads if name != 'decode' else 1,
+            'host_cpus': os.cpu_count(),
+            'recipe': recipe.__dict__ if name == 'train' else None,
+            'tensorflow_imported': tensorflow_imported(),
+            **result,
+        }
+    )

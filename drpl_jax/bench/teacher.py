@@ -58,16 +58,28 @@ from drpl_jax.train import state as state_lib
 TARGET_OVERHEAD = 0.10
 
 
-def define_flags(flag_values: flags.FlagValues = flags.FLAGS,
-                 sys_argv: Sequence[str] | None = None) -> None:
+def define_flags(
+    flag_values: flags.FlagValues = flags.FLAGS,
+    sys_argv: Sequence[str] | None = None,
+) -> None:
   """The flags of `bench teacher`."""
-  define_timing_flags(flag_values, batch=8, steps=5, repeats=3, warmup=1,
-                      sys_argv=sys_argv)
-  flags.DEFINE_enum('arch', 'resnet50', sorted(teacher_lib.TEACHER_ARCHS),
-                    'Torchvision teacher (random weights).',
-                    flag_values=flag_values)
-  flags.DEFINE_enum('teacher_dtype', 'float32', list(TEACHER_DTYPES),
-                    'Teacher compute dtype.', flag_values=flag_values)
+  define_timing_flags(
+      flag_values, batch=8, steps=5, repeats=3, warmup=1, sys_argv=sys_argv
+  )
+  flags.DEFINE_enum(
+      'arch',
+      'resnet50',
+      sorted(teacher_lib.TEACHER_ARCHS),
+      'Torchvision teacher (random weights).',
+      flag_values=flag_values,
+  )
+  flags.DEFINE_enum(
+      'teacher_dtype',
+      'float32',
+      list(TEACHER_DTYPES),
+      'Teacher compute dtype.',
+      flag_values=flag_values,
+  )
 
 
 def args_from(flag_values: flags.FlagValues) -> types.SimpleNamespace:
@@ -83,7 +95,8 @@ def args_from(flag_values: flags.FlagValues) -> types.SimpleNamespace:
         f'{args.config_spec}: bench teacher needs a distilled student with '
         f'distill.kind hard or soft (got distilled={config.model.distilled}'
         f', distill.kind={config.distill.kind!r}); otherwise XLA drops the '
-        'unused teacher')
+        'unused teacher'
+    )
   return args
 
 
@@ -102,19 +115,29 @@ def flops(compiled: Any) -> float:
   return float(cost['flops'])
 
 
-def online_teacher(config: ml_collections.ConfigDict, args, mesh
-                   ) -> state_lib.OnlineTeacher:
+def online_teacher(
+    config: ml_collections.ConfigDict, args, mesh
+) -> state_lib.OnlineTeacher:
   """A random-weight converted teacher placed on the mesh, as training."""
   size = int(config.data.image_size)
   module = teacher_load.torch_teacher(
-      args.arch, None, int(config.model.num_classes), image_size=size,
-      dtype=args.teacher_dtype)
+      args.arch,
+      None,
+      int(config.model.num_classes),
+      image_size=size,
+      dtype=args.teacher_dtype,
+  )
   graphdef, state = nnx.split(module)
-  abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype),
-                          state)
+  abstract = jax.tree.map(
+      lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), state
+  )
   shardings = sharding.state_shardings(abstract, mesh)
-  return state_lib.OnlineTeacher(graphdef, jax.device_put(state, shardings),
-                             shardings, f'{args.arch} (random weights)')
+  return state_lib.OnlineTeacher(
+      graphdef,
+      jax.device_put(state, shardings),
+      shardings,
+      f'{args.arch} (random weights)',
+  )
 
 
 def teacher_forward(teacher: state_lib.OnlineTeacher) -> Callable[..., Any]:
@@ -128,8 +151,9 @@ def _compile(jitted, *args) -> tuple[Any, float]:
   return compiled, time.perf_counter() - t0
 
 
-def interleaved_times(runs: dict[str, Callable[[], Any]], *, steps: int,
-                      repeats: int, warmup: int) -> dict[str, list[float]]:
+def interleaved_times(
+    runs: dict[str, Callable[[], Any]], *, steps: int, repeats: int, warmup: int
+) -> dict[str, list[float]]:
   """Seconds per repetition of `steps` calls of each run, interleaved.
 
   Every repetition times each run in turn (closed by block_until_ready),
@@ -157,31 +181,39 @@ def _step_runner(compiled, state, batch, teacher_state) -> Callable[[], Any]:
   holder = {'state': state}
 
   def run():
-    holder['state'], metrics = compiled(holder['state'], batch,
-                                        teacher_state)
+    holder['state'], metrics = compiled(holder['state'], batch, teacher_state)
     return metrics['loss']
 
   return run
 
 
-def _record(times: list[float], compile_s: float, step_flops: float,
-            args) -> dict[str, Any]:
+def _record(
+    times: list[float], compile_s: float, step_flops: float, args
+) -> dict[str, Any]:
   step_s = statistics.median(times) / args.steps
-  return {'compile_s': round(compile_s, 3),
-          'step_ms': round(1000.0 * step_s, 3),
-          'step_ms_all': [round(1000.0 * t / args.steps, 3) for t in times],
-          'images_per_s': round(args.batch_size / step_s, 2),
-          'flops': step_flops}
+  return {
+      'compile_s': round(compile_s, 3),
+      'step_ms': round(1000.0 * step_s, 3),
+      'step_ms_all': [round(1000.0 * t / args.steps, 3) for t in times],
+      'images_per_s': round(args.batch_size / step_s, 2),
+      'flops': step_flops,
+  }
 
 
-def measure(config: ml_collections.ConfigDict, args, mesh
-            ) -> dict[str, dict[str, Any]]:
+def measure(
+    config: ml_collections.ConfigDict, args, mesh
+) -> dict[str, dict[str, Any]]:
   """Student step, step with the teacher and teacher forward: times, FLOPs."""
   setup = state_lib.build(config, mesh)
   state, state_sh, step_cfg = setup.state, setup.shardings, setup.step_cfg
   teacher = online_teacher(config, args, mesh)
-  batch = synthetic_batch(config, args.batch_size, mesh, train_batch=True,
-                          distill_kind=step_cfg.distill_kind)
+  batch = synthetic_batch(
+      config,
+      args.batch_size,
+      mesh,
+      train_batch=True,
+      distill_kind=step_cfg.distill_kind,
+  )
   # The steps donate their state: the teacher run gets its own copy.
   copy = jax.jit(lambda s: jax.tree.map(jnp.copy, s), out_shardings=state_sh)
   states = {'student': state, 'teacher': copy(state)}
@@ -190,21 +222,29 @@ def measure(config: ml_collections.ConfigDict, args, mesh
     step = setup.train_step(online)
     t_state = online.state if online else None
     compiled[name] = _compile(step, states[name], batch, t_state)
-    runs[name] = _step_runner(compiled[name][0], states[name], batch,
-                              t_state)
+    runs[name] = _step_runner(compiled[name][0], states[name], batch, t_state)
   size = int(config.data.image_size)
   images = jax.device_put(
-      np.random.default_rng(0).random((args.batch_size, size, size, 3),
-                                      np.float32),
-      sharding.batch_sharding(mesh))
-  compiled['teacher_forward'] = _compile(teacher_forward(teacher),
-                                         teacher.state, images)
+      np.random.default_rng(0).random(
+          (args.batch_size, size, size, 3), np.float32
+      ),
+      sharding.batch_sharding(mesh),
+  )
+  compiled['teacher_forward'] = _compile(
+      teacher_forward(teacher), teacher.state, images
+  )
   runs['teacher_forward'] = functools.partial(
-      compiled['teacher_forward'][0], teacher.state, images)
-  times = interleaved_times(runs, steps=args.steps, repeats=args.repeats,
-                            warmup=args.warmup)
-  return {name: _record(times[name], compiled[name][1],
-                        flops(compiled[name][0]), args) for name in runs}
+      compiled['teacher_forward'][0], teacher.state, images
+  )
+  times = interleaved_times(
+      runs, steps=args.steps, repeats=args.repeats, warmup=args.warmup
+  )
+  return {
+      name: _record(
+          times[name], compiled[name][1], flops(compiled[name][0]), args
+      )
+      for name in runs
+  }
 
 
 def main(argv: Sequence[str]) -> None:
@@ -214,24 +254,53 @@ def main(argv: Sequence[str]) -> None:
   config = args.config
   mesh = state_lib.create_mesh(config)
   if args.batch_size % mesh.size:
-    raise ValueError(f'--batch_size={args.batch_size} is not divisible by the '
-                     f'{mesh.size} devices of the mesh')
+    raise ValueError(
+        f'--batch_size={args.batch_size} is not divisible by the '
+        f'{mesh.size} devices of the mesh'
+    )
   results = measure(config, args, mesh)
-  common = {'benchmark': 'teacher', 'config': args.config_spec,
-            'variant': config.model.get('variant', ''),
-            'image_size': int(config.data.image_size), 'batch': args.batch_size,
-            'steps': args.steps, 'repeats': args.repeats,
-            'warmup': args.warmup, 'distill_kind': config.distill.kind,
-            'dtype': str(config.model.get('dtype', 'float32')),
-            'teacher_dtype': args.teacher_dtype, **device_info()}
+  common = {
+      'benchmark': 'teacher',
+      'config': args.config_spec,
+      'variant': config.model.get('variant', ''),
+      'image_size': int(config.data.image_size),
+      'batch': args.batch_size,
+      'steps': args.steps,
+      'repeats': args.repeats,
+      'warmup': args.warmup,
+      'distill_kind': config.distill.kind,
+      'dtype': str(config.model.get('dtype', 'float32')),
+      'teacher_dtype': args.teacher_dtype,
+      **device_info(),
+  }
   for name, teacher in (('student', None), ('teacher', args.arch)):
-    emit({**common, 'measurement': 'train_step', 'teacher': teacher,
-          **results[name], 'tensorflow_imported': tensorflow_imported()})
-  emit({**common, 'measurement': 'teacher_forward', 'teacher': args.arch,
-        **results['teacher_forward'],
-        'tensorflow_imported': tensorflow_imported()})
-  emit({**common, 'measurement': 'teacher_overhead', 'teacher': args.arch,
-        **overhead(results), 'tensorflow_imported': tensorflow_imported()})
+    emit(
+        {
+            **common,
+            'measurement': 'train_step',
+            'teacher': teacher,
+            **results[name],
+            'tensorflow_imported': tensorflow_imported(),
+        }
+    )
+  emit(
+      {
+          **common,
+          'measurement': 'teacher_forward',
+          'teacher': args.arch,
+          **results['teacher_forward'],
+          'tensorflow_imported': tensorflow_imported(),
+      }
+  )
+  emit(
+      {
+          **common,
+          'measurement': 'teacher_overhead',
+          'teacher': args.arch,
+          **overhead(results),
+          'tensorflow_imported': tensorflow_imported(),
+      }
+  )
 
 
 def overhead(results: dict[str, dict[str, Any]]) -> dict[str, Any]:
@@ -258,9 +327,12 @@ def overhead(results: dict[str, dict[str, Any]]) -> dict[str, Any]:
       'teacher_forward_flops': forward['flops'],
       'measured_ratio': round(measured, 4),
       'predicted_ratio': round(predicted, 4),
-      'compiled_flops_ratio': round(with_teacher['flops'] / student['flops'],
-                                    4),
+      'compiled_flops_ratio': round(
+          with_teacher['flops'] / student['flops'], 4
+      ),
       'standalone_ratio': round(standalone, 4),
       'overhead_vs_standalone': round(measured / standalone - 1.0, 4),
-      'overhead': round(extra, 4), 'target_overhead': TARGET_OVERHEAD,
-      'meets_target': extra < TARGET_OVERHEAD}
+      'overhead': round(extra, 4),
+      'target_overhead': TARGET_OVERHEAD,
+      'meets_target': extra < TARGET_OVERHEAD,
+  }

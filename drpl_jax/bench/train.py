@@ -61,21 +61,29 @@ DATASHEET_PEAK_FLOPS = (
 )
 
 
-def define_flags(flag_values: flags.FlagValues = flags.FLAGS,
-                 sys_argv: Sequence[str] | None = None) -> None:
+def define_flags(
+    flag_values: flags.FlagValues = flags.FLAGS,
+    sys_argv: Sequence[str] | None = None,
+) -> None:
   """The flags of `bench train`."""
   # 5 warm-up steps: with asynchronous dispatch the tuned host allocator's
   # heap (drpl_jax.parallel.hostmem) settles within about 5 steps.
-  define_timing_flags(flag_values, batch=32, steps=5, repeats=3, warmup=5,
-                      sys_argv=sys_argv)
-  flags.DEFINE_integer('matmul_size', 2048, 'Side of the fp32 matmul '
-                       'measuring the CPU peak.', flag_values=flag_values)
+  define_timing_flags(
+      flag_values, batch=32, steps=5, repeats=3, warmup=5, sys_argv=sys_argv
+  )
+  flags.DEFINE_integer(
+      'matmul_size',
+      2048,
+      'Side of the fp32 matmul ' 'measuring the CPU peak.',
+      flag_values=flag_values,
+  )
 
 
 def args_from(flag_values: flags.FlagValues) -> types.SimpleNamespace:
   """Parsed flags -> args; `args.config` has --batch_size applied."""
-  args = timing_args(flag_values, extra=('matmul_size',),
-                     positive=('matmul_size',))
+  args = timing_args(
+      flag_values, extra=('matmul_size',), positive=('matmul_size',)
+  )
   args.config.batch_size = args.batch_size
   return args
 
@@ -85,11 +93,14 @@ def parse_args(argv: Sequence[str]) -> types.SimpleNamespace:
   return args_from(parse_flags(define_flags, argv, 'train'))
 
 
-def time_repeats(run: Callable[[], Any], *, steps: int, repeats: int,
-                 warmup: int) -> list[float]:
+def time_repeats(
+    run: Callable[[], Any], *, steps: int, repeats: int, warmup: int
+) -> list[float]:
   """Seconds per step of each repetition (`steps` calls, then a block)."""
-  return [t / steps for t in time_steps(run, steps=steps, repeats=repeats,
-                                        warmup=warmup)]
+  return [
+      t / steps
+      for t in time_steps(run, steps=steps, repeats=repeats, warmup=warmup)
+  ]
 
 
 def compiled_flops(compiled) -> float | None:
@@ -109,8 +120,7 @@ def measured_matmul_flops(size: int, repeats: int = 5) -> float:
   """FLOP/s of a jitted fp32 [size, size] @ [size, size] (median)."""
   key = jax.random.PRNGKey(0)
   a = jax.random.normal(key, (size, size), jnp.float32)
-  b = jax.random.normal(jax.random.fold_in(key, 1), (size, size),
-                        jnp.float32)
+  b = jax.random.normal(jax.random.fold_in(key, 1), (size, size), jnp.float32)
   matmul = jax.jit(jnp.matmul)
   jax.block_until_ready(matmul(a, b))
   times = []
@@ -118,11 +128,12 @@ def measured_matmul_flops(size: int, repeats: int = 5) -> float:
     t0 = time.perf_counter()
     jax.block_until_ready(matmul(a, b))
     times.append(time.perf_counter() - t0)
-  return 2.0 * size ** 3 / statistics.median(times)
+  return 2.0 * size**3 / statistics.median(times)
 
 
-def peak_flops(device: jax.Device, matmul_size: int
-               ) -> tuple[float | None, str]:
+def peak_flops(
+    device: jax.Device, matmul_size: int
+) -> tuple[float | None, str]:
   """(peak FLOP/s of one device, where the number comes from)."""
   if device.platform == 'cpu':
     return measured_matmul_flops(matmul_size), 'measured_fp32_matmul'
@@ -146,18 +157,26 @@ def peak_memory(device: jax.Device) -> tuple[int, str]:
   return int(rss_kb) * 1024, 'host_rss'
 
 
-def measure(config: ml_collections.ConfigDict, args: types.SimpleNamespace
-            ) -> dict[str, Any]:
+def measure(
+    config: ml_collections.ConfigDict, args: types.SimpleNamespace
+) -> dict[str, Any]:
   """Compiles and times the train step of `config`; returns the figures."""
   mesh = state_lib.create_mesh(config)
   if args.batch_size % mesh.size:
-    raise ValueError(f'--batch_size={args.batch_size} is not divisible by the '
-                     f'{mesh.size} devices of the mesh')
+    raise ValueError(
+        f'--batch_size={args.batch_size} is not divisible by the '
+        f'{mesh.size} devices of the mesh'
+    )
   setup = state_lib.build(config, mesh)
   state, step_cfg = setup.state, setup.step_cfg
   step = setup.train_step()
-  batch = synthetic_batch(config, args.batch_size, mesh, train_batch=True,
-                          distill_kind=step_cfg.distill_kind)
+  batch = synthetic_batch(
+      config,
+      args.batch_size,
+      mesh,
+      train_batch=True,
+      distill_kind=step_cfg.distill_kind,
+  )
   t0 = time.perf_counter()
   compiled = step.lower(state, batch, None).compile()
   compile_s = time.perf_counter() - t0
@@ -167,17 +186,21 @@ def measure(config: ml_collections.ConfigDict, args: types.SimpleNamespace
     holder['state'], metrics = compiled(holder['state'], batch, None)
     return metrics['loss']
 
-  per_step = time_repeats(run, steps=args.steps, repeats=args.repeats,
-                          warmup=args.warmup)
+  per_step = time_repeats(
+      run, steps=args.steps, repeats=args.repeats, warmup=args.warmup
+  )
   step_s = statistics.median(per_step)
   n_params = sum(x.size for x in jax.tree.leaves(holder['state'].params))
-  return {'num_params': int(n_params), 'compile_s': round(compile_s, 3),
-          'step_ms': round(1000 * step_s, 3),
-          'step_ms_all': [round(1000 * t, 3) for t in per_step],
-          'images_per_s': round(args.batch_size / step_s, 3),
-          'flops_per_step': compiled_flops(compiled),
-          'distill_kind': step_cfg.distill_kind,
-          'grad_accum_steps': step_cfg.grad_accum_steps}
+  return {
+      'num_params': int(n_params),
+      'compile_s': round(compile_s, 3),
+      'step_ms': round(1000 * step_s, 3),
+      'step_ms_all': [round(1000 * t, 3) for t in per_step],
+      'images_per_s': round(args.batch_size / step_s, 3),
+      'flops_per_step': compiled_flops(compiled),
+      'distill_kind': step_cfg.distill_kind,
+      'grad_accum_steps': step_cfg.grad_accum_steps,
+  }
 
 
 def main(argv: Sequence[str]) -> None:
@@ -192,21 +215,33 @@ def main(argv: Sequence[str]) -> None:
   flops = result['flops_per_step']
   step_s = result['step_ms'] / 1000
   mfu = (flops / step_s / peak) if (flops and peak) else None
-  emit({
-      'benchmark': 'train', 'config': args.config_spec,
-      'variant': config.model.get('variant', ''),
-      'image_size': int(config.data.image_size), 'batch': args.batch_size,
-      'steps': args.steps, 'repeats': args.repeats, 'warmup': args.warmup,
-      'dtype': str(config.model.get('dtype', 'float32')),
-      'device': device.device_kind, 'platform': device.platform,
-      'num_devices': jax.device_count(), **result,
-      'peak_memory_bytes': memory, 'memory_source': memory_source,
-      'peak_flops_per_s': peak, 'peak_source': peak_source,
-      'achieved_flops_per_s': (flops / step_s) if flops else None,
-      'mfu': round(mfu, 5) if mfu is not None else None,
-      'tensorflow_imported': tensorflow_imported()})
+  emit(
+      {
+          'benchmark': 'train',
+          'config': args.config_spec,
+          'variant': config.model.get('variant', ''),
+          'image_size': int(config.data.image_size),
+          'batch': args.batch_size,
+          'steps': args.steps,
+          'repeats': args.repeats,
+          'warmup': args.warmup,
+          'dtype': str(config.model.get('dtype', 'float32')),
+          'device': device.device_kind,
+          'platform': device.platform,
+          'num_devices': jax.device_count(),
+          **result,
+          'peak_memory_bytes': memory,
+          'memory_source': memory_source,
+          'peak_flops_per_s': peak,
+          'peak_source': peak_source,
+          'achieved_flops_per_s': (flops / step_s) if flops else None,
+          'mfu': round(mfu, 5) if mfu is not None else None,
+          'tensorflow_imported': tensorflow_imported(),
+      }
+  )
 
 
 if __name__ == '__main__':
   from drpl_jax.bench import __main__ as bench_main  # pylint: disable=g-import-not-at-top
+
   sys.exit(bench_main.main(['train', *sys.argv[1:]]))

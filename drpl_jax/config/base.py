@@ -44,8 +44,9 @@ def parse_arg(arg: str, **defaults) -> ml_collections.ConfigDict:
   for item in filter(None, (arg or '').split(',')):
     key, sep, value = item.partition('=')
     if key not in defaults:
-      raise ValueError(f'unknown config argument {key!r}; known: '
-                       f'{sorted(defaults)}')
+      raise ValueError(
+          f'unknown config argument {key!r}; known: ' f'{sorted(defaults)}'
+      )
     out[key] = value if sep else True
   return ml_collections.ConfigDict(out)
 
@@ -57,8 +58,7 @@ def model_section(variant: str) -> ml_collections.ConfigDict:
   takes them from the variant unless `--config.model.width=...` etc. say
   otherwise.
   """
-  out = contract.section(ModelConfig,
-                         **{name: None for name in VARIANT_FIELDS})
+  out = contract.section(ModelConfig, **{name: None for name in VARIANT_FIELDS})
   out.variant = variant
   return out
 
@@ -74,9 +74,13 @@ def teacher_section() -> ml_collections.ConfigDict:
 
 def teacher_config(config: ml_collections.ConfigDict) -> TeacherConfig:
   """The typed teacher of `config.teacher` (classes from config.model)."""
-  return contract.build(TeacherConfig, config.teacher, 'teacher',
-                        ignore=TEACHER_RUN_KEYS,
-                        num_classes=config.model.num_classes)
+  return contract.build(
+      TeacherConfig,
+      config.teacher,
+      'teacher',
+      ignore=TEACHER_RUN_KEYS,
+      num_classes=config.model.num_classes,
+  )
 
 
 def drpl_vit(arg: str = '') -> ml_collections.ConfigDict:
@@ -126,16 +130,20 @@ def _run_settings(config: ml_collections.ConfigDict) -> None:
   config.progress_every_secs = 60.0  # steps/s and ETA log line
 
 
-def _data_settings(config: ml_collections.ConfigDict,
-                   image_size: ml_collections.FieldReference) -> None:
+def _data_settings(
+    config: ml_collections.ConfigDict, image_size: ml_collections.FieldReference
+) -> None:
   # DataConfig's fields; the augmentation is DeiT's recipe with hflip off
   # (AugmentConfig): on a chest X-ray the heart sits on the left.
   config.data = contract.section(DataConfig, image_size=image_size)
 
 
-def _model_settings(config: ml_collections.ConfigDict, args,
-                    image_size: ml_collections.FieldReference,
-                    num_classes: ml_collections.FieldReference) -> None:
+def _model_settings(
+    config: ml_collections.ConfigDict,
+    args,
+    image_size: ml_collections.FieldReference,
+    num_classes: ml_collections.FieldReference,
+) -> None:
   distilled, rpe_kind, conv_kind = PRESETS[args.preset]
   config.model = model_section(args.variant)
   config.model.num_classes = num_classes
@@ -176,19 +184,28 @@ def _loss_settings(config: ml_collections.ConfigDict) -> None:
 # A small run for a CPU: micro budget, and for a few hundred images from
 # scratch a gentler recipe than ImageNet's.
 RUNLOCAL = {
-    'total_steps': 200, 'batch_size': 32, 'eval_batch_size': 64,
-    'log_every_steps': 10, 'eval_every_steps': 100,
-    'checkpoint_every_steps': 100, 'optim.warmup_steps': 20,
+    'total_steps': 200,
+    'batch_size': 32,
+    'eval_batch_size': 64,
+    'log_every_steps': 10,
+    'eval_every_steps': 100,
+    'checkpoint_every_steps': 100,
+    'optim.warmup_steps': 20,
     'optim.base_lr': 8e-3,  # 5e-4 at batch 32 after linear scaling
     'data.augment.crop_scale': (0.35, 1.0),
-    'data.augment.randaugment_magnitude': 5, 'data.augment.random_erase': 0.0,
-    'mixup.mixup_alpha': 0.0, 'mixup.cutmix_alpha': 0.0,
+    'data.augment.randaugment_magnitude': 5,
+    'data.augment.random_erase': 0.0,
+    'mixup.mixup_alpha': 0.0,
+    'mixup.cutmix_alpha': 0.0,
     'model.drop_path_rate': 0.0,
 }
 
 
-def _runlocal(config: ml_collections.ConfigDict,
-              image_size: ml_collections.FieldReference, variant: str) -> None:
+def _runlocal(
+    config: ml_collections.ConfigDict,
+    image_size: ml_collections.FieldReference,
+    variant: str,
+) -> None:
   """`RUNLOCAL` at 64 px; the micro model with patch 8."""
   image_size.set(64)
   if variant == 'micro':  # ti/s/b keep patch 16 (pretrained weights)

@@ -49,8 +49,9 @@ def _default(field: dataclasses.Field) -> Any:
   return dataclasses.MISSING
 
 
-def section(cls: type, *, exclude: Iterable[str] = (),
-            **values: Any) -> ml_collections.ConfigDict:
+def section(
+    cls: type, *, exclude: Iterable[str] = (), **values: Any
+) -> ml_collections.ConfigDict:
   """The ConfigDict section of dataclass `cls`: one key per field.
 
   A field's value is `values[name]` if given, else its default; a nested
@@ -64,23 +65,30 @@ def section(cls: type, *, exclude: Iterable[str] = (),
       continue
     value = values.pop(field.name, _default(field))
     if value is dataclasses.MISSING:
-      raise ValueError(f'{cls.__name__}.{field.name} has no default: pass '
-                       'a value or exclude it')
+      raise ValueError(
+          f'{cls.__name__}.{field.name} has no default: pass '
+          'a value or exclude it'
+      )
     if dataclasses.is_dataclass(value):
       value = section(type(value), **dataclasses.asdict(value))
     elif value is None:  # a typed placeholder: overrides still parse
       hint = hints[field.name]
       inner = _optional_inner(hint) or typing.get_origin(hint) or hint
-      value = config_dict.placeholder(inner) if isinstance(inner, type) \
-          else None
+      value = (
+          config_dict.placeholder(inner) if isinstance(inner, type) else None
+      )
     setattr(out, field.name, value)
   if values:
     raise ValueError(f'{cls.__name__} has no fields {sorted(values)}')
   return out
 
 
-def bound(key: str, default: Any = dataclasses.MISSING, *,
-          stored: Any = dataclasses.MISSING) -> Any:
+def bound(
+    key: str,
+    default: Any = dataclasses.MISSING,
+    *,
+    stored: Any = dataclasses.MISSING,
+) -> Any:
   """A dataclass field read from the dotted config `key`.
 
   Without `default` the key is owned by another typed section (whose
@@ -96,8 +104,10 @@ def bound(key: str, default: Any = dataclasses.MISSING, *,
 def _bound_fields(cls: type) -> list[dataclasses.Field]:
   fields = [f for f in dataclasses.fields(cls) if 'key' in f.metadata]
   if len(fields) != len(dataclasses.fields(cls)):
-    raise TypeError(f'every field of {cls.__name__} must be declared with '
-                    'contract.bound(key, ...)')
+    raise TypeError(
+        f'every field of {cls.__name__} must be declared with '
+        'contract.bound(key, ...)'
+    )
   return fields
 
 
@@ -116,8 +126,10 @@ def place(config: ml_collections.ConfigDict, cls: type) -> None:
       node = node[name]
     if field.default is dataclasses.MISSING:
       if leaf not in node:
-        raise ValueError(f'{cls.__name__}.{field.name} reads config key '
-                         f'{field.metadata["key"]}, which is not set')
+        raise ValueError(
+            f'{cls.__name__}.{field.name} reads config key '
+            f'{field.metadata["key"]}, which is not set'
+        )
       continue
     stored = field.metadata.get('stored', field.default)
     setattr(node, leaf, stored)
@@ -130,8 +142,10 @@ def read_bound(cls: type, config: Mapping[str, Any]) -> dict[str, Any]:
     node = config
     for name in field.metadata['key'].split('.'):
       if name not in node:
-        raise ValueError(f'config key {field.metadata["key"]} is missing '
-                         f'({cls.__name__}.{field.name} reads it)')
+        raise ValueError(
+            f'config key {field.metadata["key"]} is missing '
+            f'({cls.__name__}.{field.name} reads it)'
+        )
       node = node[name]
     out[field.name] = _plain(node)
   return out
@@ -143,8 +157,14 @@ def _plain(value: Any) -> Any:
   return value
 
 
-def build(cls: type[T], values: Mapping[str, Any], name: str, *,
-          ignore: Iterable[str] = (), **extra: Any) -> T:
+def build(
+    cls: type[T],
+    values: Mapping[str, Any],
+    name: str,
+    *,
+    ignore: Iterable[str] = (),
+    **extra: Any,
+) -> T:
   """The dataclass `cls` from its section `values` (a ConfigDict or dict).
 
   Keys in `ignore` are run settings kept beside the typed fields; `extra`
@@ -157,8 +177,10 @@ def build(cls: type[T], values: Mapping[str, Any], name: str, *,
   fields = {f.name: f for f in dataclasses.fields(cls)}
   unknown = sorted(set(d) - set(fields))
   if unknown:
-    raise ValueError(f'unknown config key {name}.{unknown[0]}; '
-                     f'{cls.__name__} has {sorted(fields)}')
+    raise ValueError(
+        f'unknown config key {name}.{unknown[0]}; '
+        f'{cls.__name__} has {sorted(fields)}'
+    )
   hints = _hints(cls)
   kwargs = {}
   for key, value in d.items():

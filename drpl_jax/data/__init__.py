@@ -26,10 +26,21 @@ from drpl_jax.data.images import decode_image
 from drpl_jax.data.images import ImageError
 
 __all__ = [
-    'BUILDERS', 'DataError', 'DatasetInfo', 'ImageError', 'Source',
-    'builders', 'decode_image', 'default_data_dir', 'ensure_prepared',
-    'find_prepared', 'get_source', 'parse_classes', 'prepare',
-    'prepare_command', 'prepared_dir',
+    'BUILDERS',
+    'DataError',
+    'DatasetInfo',
+    'ImageError',
+    'Source',
+    'builders',
+    'decode_image',
+    'default_data_dir',
+    'ensure_prepared',
+    'find_prepared',
+    'get_source',
+    'parse_classes',
+    'prepare',
+    'prepare_command',
+    'prepared_dir',
 ]
 
 

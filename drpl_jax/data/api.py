@@ -34,6 +34,7 @@ from drpl_jax.data.files import DataError
 @dataclasses.dataclass(frozen=True)
 class DatasetInfo:
   """A prepared data set: what it holds and where."""
+
   name: str  # 'demo' | 'covid19_radiography' | 'cxr_folder'
   version: str  # builder version, e.g. '1.0.0'
   class_names: tuple[str, ...]
@@ -67,46 +68,72 @@ def _hide_gpus_from_tensorflow() -> None:
 def default_data_dir() -> str:
   """`$TFDS_DATA_DIR` or `~/tensorflow_datasets`, as TFDS does."""
   return os.environ.get('TFDS_DATA_DIR') or os.path.expanduser(
-      '~/tensorflow_datasets')
+      '~/tensorflow_datasets'
+  )
 
 
-def _builder_and_config(name: str, manual_dir: str | None,
-                        classes: Sequence[str] | None, seed: int,
-                        min_side: int):
+def _builder_and_config(
+    name: str,
+    manual_dir: str | None,
+    classes: Sequence[str] | None,
+    seed: int,
+    min_side: int,
+):
   all_builders = builders()
   if name not in all_builders:
     raise DataError(f'unknown data set {name!r}; known: {list(all_builders)}')
   cls = all_builders[name]
   if not cls.USES_MANUAL_DIR and manual_dir:
-    print(f'[drpl_jax.data] {name} needs no manual_dir; ignoring '
-          f'{manual_dir}', file=sys.stderr)
-  config = cls.make_config(manual_dir=manual_dir or '',
-                           classes=tuple(classes) if classes else None,
-                           seed=seed, min_side=min_side)
+    print(
+        f'[drpl_jax.data] {name} needs no manual_dir; ignoring '
+        f'{manual_dir}',
+        file=sys.stderr,
+    )
+  config = cls.make_config(
+      manual_dir=manual_dir or '',
+      classes=tuple(classes) if classes else None,
+      seed=seed,
+      min_side=min_side,
+  )
   return cls, config
 
 
-def prepared_dir(name: str, *, data_dir: str, manual_dir: str | None = None,
-                 classes: Sequence[str] | None = None, seed: int = 0,
-                 min_side: int = images.DEFAULT_MIN_SIDE) -> str:
+def prepared_dir(
+    name: str,
+    *,
+    data_dir: str,
+    manual_dir: str | None = None,
+    classes: Sequence[str] | None = None,
+    seed: int = 0,
+    min_side: int = images.DEFAULT_MIN_SIDE,
+) -> str:
   """The folder a data set with these arguments is (or will be) prepared in."""
   cls, config = _builder_and_config(name, manual_dir, classes, seed, min_side)
-  return os.path.join(data_dir or default_data_dir(), cls.name, config.name,
-                      str(cls.VERSION))
+  return os.path.join(
+      data_dir or default_data_dir(), cls.name, config.name, str(cls.VERSION)
+  )
 
 
 def _read_summary(folder: str) -> dict[str, Any] | None:
   path = os.path.join(folder, 'summary.json')
-  if not (os.path.isfile(path) and
-          os.path.isfile(os.path.join(folder, 'dataset_info.json'))):
+  if not (
+      os.path.isfile(path)
+      and os.path.isfile(os.path.join(folder, 'dataset_info.json'))
+  ):
     return None
   with open(path) as f:
     return json.load(f)
 
 
-def prepare(name: str, *, data_dir: str, manual_dir: str | None = None,
-            classes: Sequence[str] | None = None, seed: int = 0,
-            min_side: int = images.DEFAULT_MIN_SIDE) -> dict[str, Any]:
+def prepare(
+    name: str,
+    *,
+    data_dir: str,
+    manual_dir: str | None = None,
+    classes: Sequence[str] | None = None,
+    seed: int = 0,
+    min_side: int = images.DEFAULT_MIN_SIDE,
+) -> dict[str, Any]:
   """Builds a data set if not built yet; returns its JSON summary.
 
   Args:
@@ -134,24 +161,31 @@ def prepare(name: str, *, data_dir: str, manual_dir: str | None = None,
   if summary is not None:
     return dict(summary, reused=True)
   import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+
   if not absl_logging.level_info():  # quiet console (drpl_jax/cli.py): our
     tfds.disable_progress_bar()  # own per-1000-image lines show progress
   # TFDS prints progress to stdout; keep stdout for the caller (CLI JSON).
   with contextlib.redirect_stdout(sys.stderr):
     builder = cls(config=config, data_dir=data_dir)  # Validates the input.
     _ = builder.listing  # the property validates the input
-    mode = (tfds.download.GenerateMode.REUSE_CACHE_IF_EXISTS
-            if os.path.exists(folder)  # Data without summary: rebuild.
-            else tfds.download.GenerateMode.REUSE_DATASET_IF_EXISTS)
+    mode = (
+        tfds.download.GenerateMode.REUSE_CACHE_IF_EXISTS
+        if os.path.exists(folder)  # Data without summary: rebuild.
+        else tfds.download.GenerateMode.REUSE_DATASET_IF_EXISTS
+    )
     builder.download_and_prepare(
         download_config=tfds.download.DownloadConfig(
-            manual_dir=config.manual_dir or None, try_download_gcs=False,
-            download_mode=mode))
+            manual_dir=config.manual_dir or None,
+            try_download_gcs=False,
+            download_mode=mode,
+        )
+    )
   _hide_gpus_from_tensorflow()
   summary = _read_summary(os.fspath(builder.data_dir))
   if summary is None:
-    raise RuntimeError(f'{builder.data_dir}: build finished without '
-                       'summary.json')
+    raise RuntimeError(
+        f'{builder.data_dir}: build finished without ' 'summary.json'
+    )
   return dict(summary, reused=False)
 
 
@@ -174,10 +208,13 @@ def parse_classes(value: str | Sequence[str] | None) -> tuple[str, ...] | None:
 
 def _info(summary: Mapping[str, Any]) -> DatasetInfo:
   return DatasetInfo(
-      name=summary['name'], version=summary['version'],
+      name=summary['name'],
+      version=summary['version'],
       class_names=tuple(summary['class_names']),
       num_examples=dict(summary['num_examples']),
-      data_dir=summary['data_dir'], splits_csv=summary['splits_csv'])
+      data_dir=summary['data_dir'],
+      splits_csv=summary['splits_csv'],
+  )
 
 
 def _arguments(data_config: Any) -> dict[str, Any]:
@@ -188,15 +225,20 @@ def _arguments(data_config: Any) -> dict[str, Any]:
       manual_dir=_config_get(data_config, 'manual_dir', ''),
       classes=parse_classes(_config_get(data_config, 'classes', '')),
       seed=int(_config_get(data_config, 'split_seed', 0)),
-      min_side=int(_config_get(data_config, 'min_side',
-                               images.DEFAULT_MIN_SIDE)))
+      min_side=int(
+          _config_get(data_config, 'min_side', images.DEFAULT_MIN_SIDE)
+      ),
+  )
 
 
 def prepare_command(data_config: Any) -> str:
   """The `python -m drpl_jax.data prepare ...` line for `config.data`."""
   args = _arguments(data_config)
-  words = ['python -m drpl_jax.data prepare', f'--name={args["name"]}',
-           f'--data_dir={args["data_dir"] or default_data_dir()}']
+  words = [
+      'python -m drpl_jax.data prepare',
+      f'--name={args["name"]}',
+      f'--data_dir={args["data_dir"] or default_data_dir()}',
+  ]
   if args['manual_dir']:
     words.append(f'--manual_dir={args["manual_dir"]}')
   if args['classes']:
@@ -219,8 +261,10 @@ def find_prepared(data_config: Any) -> DatasetInfo:
   folder = prepared_dir(name, **args)
   summary = _read_summary(folder)
   if summary is None:
-    raise DataError(f'data set {name} is not prepared in {folder}; prepare '
-                    f'it first: {prepare_command(data_config)}')
+    raise DataError(
+        f'data set {name} is not prepared in {folder}; prepare '
+        f'it first: {prepare_command(data_config)}'
+    )
   return _info(summary)
 
 
@@ -265,6 +309,7 @@ def _process_index() -> int | None:
 def _barrier(name: str) -> None:
   """All JAX processes meet here (a no-op with one process)."""
   from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+
   multihost_utils.sync_global_devices(name)
 
 
@@ -280,8 +325,7 @@ class Source:
   worker processes get it cheaply.
   """
 
-  def __init__(self, data_dir: str, split: str,
-               class_names: Sequence[str]):
+  def __init__(self, data_dir: str, split: str, class_names: Sequence[str]):
     self.data_dir = data_dir
     self.split = split
     self.class_names = tuple(class_names)
@@ -291,13 +335,17 @@ class Source:
   def _open(self):
     if self._source is None:
       import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+
       reader = tfds.builder_from_directory(self.data_dir)
       if self.split not in reader.info.splits:
-        raise DataError(f'{self.data_dir}: no split {self.split!r}; '
-                        f'splits: {list(reader.info.splits)}')
+        raise DataError(
+            f'{self.data_dir}: no split {self.split!r}; '
+            f'splits: {list(reader.info.splits)}'
+        )
       # Image bytes come back undecoded; `_decode` reads the stored PNG.
       self._source = reader.as_data_source(
-          self.split, decoders={'image': tfds.decode.SkipDecoding()})
+          self.split, decoders={'image': tfds.decode.SkipDecoding()}
+      )
       _hide_gpus_from_tensorflow()
     return self._source
 
@@ -308,9 +356,12 @@ class Source:
 
   @staticmethod
   def _decode(record: Mapping[str, Any]) -> dict[str, Any]:
-    return {'image': images.decode_png_rgb(record['image']),
-            'label': int(record['label']), 'id': _text(record['id']),
-            'patient_id': _text(record['patient_id'])}
+    return {
+        'image': images.decode_png_rgb(record['image']),
+        'label': int(record['label']),
+        'id': _text(record['id']),
+        'patient_id': _text(record['patient_id']),
+    }
 
   def __getitem__(self, index: int) -> dict[str, Any]:
     length = len(self)
@@ -333,7 +384,8 @@ class Source:
     source, out = self._open(), []
     for start in range(0, len(self), 1024):
       records = source.__getitems__(
-          list(range(start, min(start + 1024, len(self)))))
+          list(range(start, min(start + 1024, len(self))))
+      )
       out += [r[key] for r in records]
     return out
 
@@ -369,6 +421,8 @@ def get_source(data: Any, split: str) -> Source:
   """
   info = data if isinstance(data, DatasetInfo) else find_prepared(data)
   if split not in info.num_examples or not info.num_examples[split]:
-    raise DataError(f'{info.name} ({info.data_dir}) has no examples in split '
-                    f'{split!r}; splits: {info.num_examples}')
+    raise DataError(
+        f'{info.name} ({info.data_dir}) has no examples in split '
+        f'{split!r}; splits: {info.num_examples}'
+    )
   return Source(info.data_dir, split, info.class_names)

@@ -47,6 +47,7 @@ def log(message: str) -> None:
 @dataclasses.dataclass
 class CxrConfig(tfds.core.BuilderConfig):
   """What identifies one prepared data set besides its builder and version."""
+
   manual_dir: str = ''
   classes: tuple[str, ...] | None = None
   seed: int = 0
@@ -56,6 +57,7 @@ class CxrConfig(tfds.core.BuilderConfig):
 @dataclasses.dataclass(frozen=True)
 class Item:
   """One example to build; `ref` is a FileRef (or builder-specific)."""
+
   id: str
   label: int
   ref: Any
@@ -66,6 +68,7 @@ class Item:
 @dataclasses.dataclass(frozen=True)
 class Listing:
   """The validated examples of a build, before any image is decoded."""
+
   class_names: tuple[str, ...]
   items: tuple[Item, ...]
   ignored: tuple[str, ...] = ()  # non-image files next to the images
@@ -76,21 +79,29 @@ class Listing:
 def _slug(classes: tuple[str, ...] | None) -> str:
   if not classes:
     return 'all'
-  slug = '-'.join(re.sub(r'[^0-9a-zA-Z]+', '_', c).strip('_').lower() or 'x'
-                  for c in classes)
+  slug = '-'.join(
+      re.sub(r'[^0-9a-zA-Z]+', '_', c).strip('_').lower() or 'x'
+      for c in classes
+  )
   return slug[:40]
 
 
-def config_name(*, manual_dir: str, classes: tuple[str, ...] | None,
-                seed: int, min_side: int) -> str:
+def config_name(
+    *,
+    manual_dir: str,
+    classes: tuple[str, ...] | None,
+    seed: int,
+    min_side: int,
+) -> str:
   """`<classes>_s<seed>_<hash>`: distinct per manual_dir, classes, settings."""
   key = json.dumps([manual_dir, list(classes or []), seed, min_side])
   digest = hashlib.sha256(key.encode()).hexdigest()[:8]
   return f'{_slug(classes)}_s{seed}_{digest}'
 
 
-def _ordered_map(fn: Callable[[Item], Any], items: Iterable[Item], *,
-                 window: int = 128) -> Iterator[Any]:
+def _ordered_map(
+    fn: Callable[[Item], Any], items: Iterable[Item], *, window: int = 128
+) -> Iterator[Any]:
   """`map(fn, items)` on a thread pool, in order, at most `window` ahead."""
   workers = max(1, min(8, os.cpu_count() or 1))
   with concurrent.futures.ThreadPoolExecutor(workers) as pool:
@@ -109,7 +120,7 @@ class CxrBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
   VERSION = tfds.core.Version('1.0.0')
   RELEASE_NOTES = {
       '1.0.0': 'Initial release. Seeded 80/10/10 train/validation/test split, '
-               'stratified by class (grouped by patient when ids exist).',
+      'stratified by class (grouped by patient when ids exist).',
   }
   BUILDER_CONFIG_CLS = CxrConfig
   USES_MANUAL_DIR = True
@@ -122,14 +133,20 @@ class CxrBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
     self._skipped: list[tuple[str, str]] = []
     self._split_method = ''
     self._total = 0
-    super().__init__(config=config, data_dir=data_dir,
-                     file_format='array_record', **kwargs)
+    super().__init__(
+        config=config, data_dir=data_dir, file_format='array_record', **kwargs
+    )
     self._final_dir = self.data_dir
 
   @classmethod
-  def make_config(cls, *, manual_dir: str = '',
-                  classes: tuple[str, ...] | None = None, seed: int = 0,
-                  min_side: int = images.DEFAULT_MIN_SIDE) -> CxrConfig:
+  def make_config(
+      cls,
+      *,
+      manual_dir: str = '',
+      classes: tuple[str, ...] | None = None,
+      seed: int = 0,
+      min_side: int = images.DEFAULT_MIN_SIDE,
+  ) -> CxrConfig:
     """The config (and thus the prepared folder) for these arguments."""
     if cls.USES_MANUAL_DIR:
       manual_dir = os.path.realpath(manual_dir) if manual_dir else ''
@@ -144,13 +161,19 @@ class CxrBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
         raise DataError(f'classes lists {dups} more than once')
     if min_side < 1:
       raise DataError(f'min_side={min_side} must be >= 1')
-    name = config_name(manual_dir=manual_dir, classes=classes, seed=seed,
-                       min_side=min_side)
-    return CxrConfig(name=name, manual_dir=manual_dir, classes=classes,
-                     seed=int(seed), min_side=int(min_side),
-                     description=f'classes={list(classes or []) or "all"}, '
-                     f'seed={seed}, min_side={min_side}, '
-                     f'manual_dir={manual_dir or "-"}')
+    name = config_name(
+        manual_dir=manual_dir, classes=classes, seed=seed, min_side=min_side
+    )
+    return CxrConfig(
+        name=name,
+        manual_dir=manual_dir,
+        classes=classes,
+        seed=int(seed),
+        min_side=int(min_side),
+        description=f'classes={list(classes or []) or "all"}, '
+        f'seed={seed}, min_side={min_side}, '
+        f'manual_dir={manual_dir or "-"}',
+    )
 
   def _create_builder_config(self, builder_config, version):
     # Our configs are made per call (make_config), not listed on the class;
@@ -167,8 +190,11 @@ class CxrBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
 
   def _load(self, item: Item) -> np.ndarray:
     """Reads one example's image as uint8 [H, W, 3] (ImageError if bad)."""
-    return images.decode_checked(item.ref.read(), path=item.ref.display,
-                                 min_side=self.builder_config.min_side)
+    return images.decode_checked(
+        item.ref.read(),
+        path=item.ref.display,
+        min_side=self.builder_config.min_side,
+    )
 
   # --- TFDS ------------------------------------------------------------------
 
@@ -178,24 +204,30 @@ class CxrBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
     seen = set()
     for item in listing.items:
       if item.id in seen:
-        raise DataError(f'{listing.source}: example id {item.id!r} occurs '
-                        'twice')
+        raise DataError(
+            f'{listing.source}: example id {item.id!r} occurs ' 'twice'
+        )
       seen.add(item.id)
     return listing
 
   def _info(self) -> tfds.core.DatasetInfo:
     return tfds.core.DatasetInfo(
         builder=self,
-        description=(self.DESCRIPTION
-                     or sys.modules[type(self).__module__].__doc__),
-        features=tfds.features.FeaturesDict({
-            'image': tfds.features.Image(shape=(None, None, 3),
-                                         encoding_format='png'),
-            'label': tfds.features.ClassLabel(
-                names=list(self.listing.class_names)),
-            'id': tfds.features.Text(),
-            'patient_id': tfds.features.Text(),
-        }),
+        description=(
+            self.DESCRIPTION or sys.modules[type(self).__module__].__doc__
+        ),
+        features=tfds.features.FeaturesDict(
+            {
+                'image': tfds.features.Image(
+                    shape=(None, None, 3), encoding_format='png'
+                ),
+                'label': tfds.features.ClassLabel(
+                    names=list(self.listing.class_names)
+                ),
+                'id': tfds.features.Text(),
+                'patient_id': tfds.features.Text(),
+            }
+        ),
         supervised_keys=('image', 'label'),
         homepage=self.HOMEPAGE or None,
         citation=self.CITATION or None,
@@ -203,6 +235,7 @@ class CxrBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
 
   def _check(self, items: tuple[Item, ...]) -> list[Item]:
     """Decodes every image once; returns the usable items, records skips."""
+
     def check(item):
       try:
         self._load(item)
@@ -220,8 +253,10 @@ class CxrBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
         self._skipped.append((error.path, error.reason))
         log(f'{self.name}: skipped {error.path}: {error.reason}')
       if done % PROGRESS_EVERY == 0 or done == len(items):
-        log(f'{self.name}: checked {done}/{len(items)} images '
-            f'({len(self._skipped) - before} skipped{earlier})')
+        log(
+            f'{self.name}: checked {done}/{len(items)} images '
+            f'({len(self._skipped) - before} skipped{earlier})'
+        )
     return good
 
   def _assign(self, items: list[Item]) -> list[str]:
@@ -233,11 +268,13 @@ class CxrBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
     if any(item.patient_id for item in items):
       self._split_method = 'grouped by patient'
       groups = [item.patient_id or f'\0{item.id}' for item in items]
-      return splits_lib.grouped_split(labels, groups,
-                                      seed=self.builder_config.seed)
+      return splits_lib.grouped_split(
+          labels, groups, seed=self.builder_config.seed
+      )
     self._split_method = 'stratified'
-    return splits_lib.stratified_split(labels, [i.id for i in items],
-                                       seed=self.builder_config.seed)
+    return splits_lib.stratified_split(
+        labels, [i.id for i in items], seed=self.builder_config.seed
+    )
 
   def _split_generators(self, dl_manager):
     del dl_manager  # Nothing is ever downloaded.
@@ -247,31 +284,42 @@ class CxrBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
       log(f'{self.name}: skipped {path}: {reason}')
     good = self._check(listing.items)
     if not good:
-      raise DataError(f'{listing.source}: no usable image; all '
-                      f'{len(listing.items)} files were skipped')
+      raise DataError(
+          f'{listing.source}: no usable image; all '
+          f'{len(listing.items)} files were skipped'
+      )
     by_split = collections.defaultdict(list)
     for item, split in zip(good, self._assign(good)):
       by_split[split].append(item)
     self._rows = []
     self._total = len(good)
-    return {split: self._generate_examples(split, by_split[split])
-            for split in splits_lib.SPLITS if by_split[split]}
+    return {
+        split: self._generate_examples(split, by_split[split])
+        for split in splits_lib.SPLITS
+        if by_split[split]
+    }
 
   def _generate_examples(self, split: str, items: list[Item]):
     """Yields (key, example) for one split, encoding images on threads."""
+
     def encode(item):
       try:
         return item, images.encode_png(self._load(item))
       except images.ImageError as e:  # Changed on disk since the check.
-        raise DataError(f'{e.path} became unreadable during the build: '
-                        f'{e.reason}') from None
+        raise DataError(
+            f'{e.path} became unreadable during the build: ' f'{e.reason}'
+        ) from None
 
     for item, png in _ordered_map(encode, items):
       self._rows.append((item.id, split, item.label, item.patient_id))
       if len(self._rows) % PROGRESS_EVERY == 0:
         log(f'{self.name}: wrote {len(self._rows)}/{self._total} examples')
-      yield item.id, {'image': png, 'label': item.label, 'id': item.id,
-                      'patient_id': item.patient_id}
+      yield item.id, {
+          'image': png,
+          'label': item.label,
+          'id': item.id,
+          'patient_id': item.patient_id,
+      }
 
   def _download_and_prepare(self, dl_manager, download_config):
     super()._download_and_prepare(dl_manager, download_config)
@@ -285,7 +333,8 @@ class CxrBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
       names = self.listing.class_names
       order = {s: i for i, s in enumerate(splits_lib.SPLITS)}
       for id_, split, label, patient in sorted(
-          self._rows, key=lambda r: (order[r[1]], r[0])):
+          self._rows, key=lambda r: (order[r[1]], r[0])
+      ):
         writer.writerow([id_, split, names[label], patient])
 
   def summary(self) -> dict[str, Any]:
@@ -305,11 +354,15 @@ class CxrBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
         'version': str(self.version),
         'config': config.name,
         'class_names': list(names),
-        'num_examples': {s: sum(per_class[s].values())
-                         for s in splits_lib.SPLITS},
+        'num_examples': {
+            s: sum(per_class[s].values()) for s in splits_lib.SPLITS
+        },
         'examples_per_class': per_class,
-        'patients': ({s: len(patients[s]) for s in splits_lib.SPLITS}
-                     if has_patients else None),
+        'patients': (
+            {s: len(patients[s]) for s in splits_lib.SPLITS}
+            if has_patients
+            else None
+        ),
         'split_method': self._split_method,
         'seed': config.seed,
         'min_side': config.min_side,

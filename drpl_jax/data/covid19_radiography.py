@@ -27,8 +27,12 @@ from drpl_jax.data import files
 from drpl_jax.data.files import DataError
 
 CLASS_NAMES = ('COVID', 'Lung_Opacity', 'Normal', 'Viral Pneumonia')
-FULL_COUNTS = {'COVID': 3616, 'Lung_Opacity': 6012, 'Normal': 10192,
-               'Viral Pneumonia': 1345}
+FULL_COUNTS = {
+    'COVID': 3616,
+    'Lung_Opacity': 6012,
+    'Normal': 10192,
+    'Viral Pneumonia': 1345,
+}
 DATASET_FOLDER = 'COVID-19_Radiography_Dataset'
 _MAX_DEPTH = 3
 
@@ -51,17 +55,20 @@ def _find_roots(tree: files.Tree, classes: tuple[str, ...]) -> list[str]:
   """The shallowest folders (<= 3 deep) holding `<class>/images/` folders."""
   level = ['']
   for _ in range(_MAX_DEPTH + 1):
-    roots = [r for r in level
-             if any(tree.is_dir(files.join(r, c, 'images')) for c in classes)]
+    roots = [
+        r
+        for r in level
+        if any(tree.is_dir(files.join(r, c, 'images')) for c in classes)
+    ]
     if roots:
       return roots
-    level = [files.join(r, d) for r in level
-             for d in files.visible_dirs(tree, r)]
+    level = [
+        files.join(r, d) for r in level for d in files.visible_dirs(tree, r)
+    ]
   return []
 
 
-def locate(manual_dir: str,
-           classes: tuple[str, ...]) -> tuple[files.Tree, str]:
+def locate(manual_dir: str, classes: tuple[str, ...]) -> tuple[files.Tree, str]:
   """Finds the data set root in `manual_dir` (folder, parent, or zip).
 
   Returns:
@@ -78,14 +85,17 @@ def locate(manual_dir: str,
   for candidate in candidates:
     roots = _find_roots(candidate, classes)
     if len(roots) > 1:
-      raise DataError(f'{candidate.description}: found several data set '
-                      f'folders {roots}; point manual_dir at one of them')
+      raise DataError(
+          f'{candidate.description}: found several data set '
+          f'folders {roots}; point manual_dir at one of them'
+      )
     if roots:
       return candidate, roots[0]
   raise DataError(
       f'manual_dir {manual_dir}: no `<class>/images/` folders for classes '
       f'{list(classes)} found (looked {_MAX_DEPTH} levels deep and in .zip '
-      f'files).\n{MANUAL_DOWNLOAD_INSTRUCTIONS}')
+      f'files).\n{MANUAL_DOWNLOAD_INSTRUCTIONS}'
+  )
 
 
 class Covid19Radiography(builder.CxrBuilder, skip_registration=True):
@@ -93,8 +103,10 @@ class Covid19Radiography(builder.CxrBuilder, skip_registration=True):
 
   name = 'covid19_radiography'
   MANUAL_DOWNLOAD_INSTRUCTIONS = MANUAL_DOWNLOAD_INSTRUCTIONS
-  HOMEPAGE = ('https://www.kaggle.com/datasets/tawsifurrahman/'
-              'covid19-radiography-database')
+  HOMEPAGE = (
+      'https://www.kaggle.com/datasets/tawsifurrahman/'
+      'covid19-radiography-database'
+  )
   CITATION = """\
 @article{chowdhury2020can,
   title={Can AI help in screening viral and COVID-19 pneumonia?},
@@ -115,27 +127,37 @@ class Covid19Radiography(builder.CxrBuilder, skip_registration=True):
     classes = config.classes or CLASS_NAMES
     unknown = [c for c in classes if c not in CLASS_NAMES]
     if unknown:
-      raise DataError(f'covid19_radiography: unknown classes {unknown}; the '
-                      f'classes are {list(CLASS_NAMES)}')
+      raise DataError(
+          f'covid19_radiography: unknown classes {unknown}; the '
+          f'classes are {list(CLASS_NAMES)}'
+      )
     tree, root = locate(config.manual_dir, classes)
     where = files.join(tree.description, root)
     items, ignored = [], []
     for label, name in enumerate(classes):
       folder = files.join(root, name, 'images')
       if not tree.is_dir(folder):
-        present = [c for c in CLASS_NAMES
-                   if tree.is_dir(files.join(root, c, 'images'))]
+        present = [
+            c for c in CLASS_NAMES if tree.is_dir(files.join(root, c, 'images'))
+        ]
         raise DataError(
             f'covid19_radiography: class folder {name}/images not found in '
             f'{where} (present: {present}); to prepare a subset pass '
-            f'classes={",".join(present)}')
+            f'classes={",".join(present)}'
+        )
       paths, skipped_names = files.list_images(tree, folder)
       if not paths:
-        raise DataError(f'covid19_radiography: class folder '
-                        f'{os.path.join(where, name, "images")} has no images')
+        raise DataError(
+            f'covid19_radiography: class folder '
+            f'{os.path.join(where, name, "images")} has no images'
+        )
       ignored += skipped_names
       for path in paths:
-        rel = path[len(root) + 1:] if root else path  # e.g. COVID/images/x.png
+        rel = path[len(root) + 1 :] if root else path  # e.g. COVID/images/x.png
         items.append(builder.Item(id=rel, label=label, ref=tree.ref(path)))
-    return builder.Listing(class_names=tuple(classes), items=tuple(items),
-                           ignored=tuple(ignored), source=where)
+    return builder.Listing(
+        class_names=tuple(classes),
+        items=tuple(items),
+        ignored=tuple(ignored),
+        source=where,
+    )

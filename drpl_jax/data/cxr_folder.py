@@ -42,30 +42,41 @@ def _class_folder(tree: files.LocalTree, name: str) -> str:
   return images_dir if tree.is_dir(images_dir) else name
 
 
-def list_folders(manual_dir: str,
-                 classes: tuple[str, ...] | None) -> builder.Listing:
+def list_folders(
+    manual_dir: str, classes: tuple[str, ...] | None
+) -> builder.Listing:
   """Lists the class-folder layout (validating it first)."""
   tree = files.LocalTree(manual_dir)
   found = files.visible_dirs(tree)
   if not found:
-    raise DataError(f'cxr_folder: {manual_dir} has no class folders and no '
-                    f'{MANIFEST}.\n{MANUAL_DOWNLOAD_INSTRUCTIONS}')
+    raise DataError(
+        f'cxr_folder: {manual_dir} has no class folders and no '
+        f'{MANIFEST}.\n{MANUAL_DOWNLOAD_INSTRUCTIONS}'
+    )
   names = tuple(classes) if classes else tuple(found)
   unknown = [c for c in names if c not in found]
   if unknown:
-    raise DataError(f'cxr_folder: unknown classes {unknown}: no such folder '
-                    f'in {manual_dir} (folders: {found})')
+    raise DataError(
+        f'cxr_folder: unknown classes {unknown}: no such folder '
+        f'in {manual_dir} (folders: {found})'
+    )
   items, ignored = [], []
   for label, name in enumerate(names):
     folder = _class_folder(tree, name)
     paths, skipped_names = files.list_images(tree, folder)
     if not paths:
-      raise DataError(f'cxr_folder: class folder '
-                      f'{os.path.join(manual_dir, folder)} has no images')
+      raise DataError(
+          f'cxr_folder: class folder '
+          f'{os.path.join(manual_dir, folder)} has no images'
+      )
     ignored += skipped_names
     items += [builder.Item(id=p, label=label, ref=tree.ref(p)) for p in paths]
-  return builder.Listing(class_names=names, items=tuple(items),
-                         ignored=tuple(ignored), source=manual_dir)
+  return builder.Listing(
+      class_names=names,
+      items=tuple(items),
+      ignored=tuple(ignored),
+      source=manual_dir,
+  )
 
 
 def _read_manifest(path: str) -> list[dict[str, str]]:
@@ -76,8 +87,10 @@ def _read_manifest(path: str) -> list[dict[str, str]]:
     missing = [c for c in ('path', 'label') if c not in columns]
     if missing:
       raise DataError(f'{path}: missing column(s) {missing}; found {columns}')
-    return [{(k or '').strip(): (v or '').strip() for k, v in row.items()}
-            for row in reader]
+    return [
+        {(k or '').strip(): (v or '').strip() for k, v in row.items()}
+        for row in reader
+    ]
 
 
 def _row_split(row: dict[str, str], where: str) -> str:
@@ -87,8 +100,9 @@ def _row_split(row: dict[str, str], where: str) -> str:
     raise DataError(f'{where}: {e}') from None
 
 
-def list_manifest(manual_dir: str,
-                  classes: tuple[str, ...] | None) -> builder.Listing:
+def list_manifest(
+    manual_dir: str, classes: tuple[str, ...] | None
+) -> builder.Listing:
   """Lists the manifest layout (validating every row first)."""
   manifest = os.path.join(manual_dir, MANIFEST)
   rows = _read_manifest(manifest)
@@ -105,8 +119,10 @@ def list_manifest(manual_dir: str,
   for number, row in enumerate(rows, start=2):
     where = f'{manifest} line {number}'
     if row['label'] not in index:
-      raise DataError(f'{where}: label {row["label"]!r} is not one of the '
-                      f'classes {list(names)}')
+      raise DataError(
+          f'{where}: label {row["label"]!r} is not one of the '
+          f'classes {list(names)}'
+      )
     split = _row_split(row, where) if has_split else ''
     path = os.path.join(manual_dir, row['path'])
     rel = os.path.relpath(path, manual_dir).replace(os.sep, '/')
@@ -114,12 +130,21 @@ def list_manifest(manual_dir: str,
     if not os.path.isfile(path):
       skipped.append((path, f'file not found ({where})'))
       continue
-    items.append(builder.Item(id=example_id, label=index[row['label']],
-                              ref=files.LocalFile(path),
-                              patient_id=row.get('patient_id', ''),
-                              split=split))
-  return builder.Listing(class_names=names, items=tuple(items),
-                         skipped=tuple(skipped), source=manifest)
+    items.append(
+        builder.Item(
+            id=example_id,
+            label=index[row['label']],
+            ref=files.LocalFile(path),
+            patient_id=row.get('patient_id', ''),
+            split=split,
+        )
+    )
+  return builder.Listing(
+      class_names=names,
+      items=tuple(items),
+      skipped=tuple(skipped),
+      source=manifest,
+  )
 
 
 class CxrFolder(builder.CxrBuilder, skip_registration=True):

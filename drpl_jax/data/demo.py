@@ -22,6 +22,7 @@ IMAGE_SIZE = 32
 def _digits() -> tuple[np.ndarray, np.ndarray]:
   """(images uint8 [1797, 8, 8], labels int [1797]) from scikit-learn."""
   from sklearn import datasets  # pylint: disable=g-import-not-at-top
+
   digits = datasets.load_digits()
   pixels = np.rint(digits.images * (255.0 / 16.0)).astype(np.uint8)
   return pixels, digits.target.astype(np.int64)
@@ -40,23 +41,33 @@ class Demo(builder.CxrBuilder, skip_registration=True):
 
   name = 'demo'
   USES_MANUAL_DIR = False
-  HOMEPAGE = ('https://scikit-learn.org/stable/modules/generated/'
-              'sklearn.datasets.load_digits.html')
+  HOMEPAGE = (
+      'https://scikit-learn.org/stable/modules/generated/'
+      'sklearn.datasets.load_digits.html'
+  )
 
   def _list(self) -> builder.Listing:
     classes = self.builder_config.classes or CLASS_NAMES
     unknown = [c for c in classes if c not in CLASS_NAMES]
     if unknown:
-      raise DataError(f'demo: unknown classes {unknown}; the classes are '
-                      f'{list(CLASS_NAMES)}')
+      raise DataError(
+          f'demo: unknown classes {unknown}; the classes are '
+          f'{list(CLASS_NAMES)}'
+      )
     index = {name: i for i, name in enumerate(classes)}
     labels = _digits()[1]
     items = tuple(
-        builder.Item(id=f'{labels[i]}/digit-{i:04d}',
-                     label=index[str(labels[i])], ref=i)
-        for i in range(len(labels)) if str(labels[i]) in index)
-    return builder.Listing(class_names=tuple(classes), items=items,
-                           source='sklearn.datasets.load_digits')
+        builder.Item(
+            id=f'{labels[i]}/digit-{i:04d}', label=index[str(labels[i])], ref=i
+        )
+        for i in range(len(labels))
+        if str(labels[i]) in index
+    )
+    return builder.Listing(
+        class_names=tuple(classes),
+        items=items,
+        source='sklearn.datasets.load_digits',
+    )
 
   def _load(self, item: builder.Item) -> np.ndarray:
     return digit_image(item.ref)

@@ -27,6 +27,7 @@ _zip_handles = threading.local()
 @dataclasses.dataclass(frozen=True)
 class LocalFile:
   """A file on the local file system."""
+
   path: str
 
   @property
@@ -41,6 +42,7 @@ class LocalFile:
 @dataclasses.dataclass(frozen=True)
 class ZipMember:
   """A member of a zip archive, read with a per-thread archive handle."""
+
   archive: str
   member: str
 
@@ -165,8 +167,9 @@ def visible_dirs(tree: Tree, rel: str = '') -> list[str]:
 def open_tree(path: str) -> Tree:
   """A tree for a folder or a `.zip` file; DataError if `path` is missing."""
   if not path:
-    raise DataError('manual_dir is empty: give the folder (or .zip) that '
-                    'holds the data')
+    raise DataError(
+        'manual_dir is empty: give the folder (or .zip) that ' 'holds the data'
+    )
   if not os.path.exists(path):
     raise DataError(f'manual_dir {path} does not exist')
   if os.path.isdir(path):
@@ -179,6 +182,9 @@ def open_tree(path: str) -> Tree:
 def zips_in(folder: str) -> list[str]:
   """The `.zip` files directly inside `folder`, sorted."""
   return sorted(
-      os.path.join(folder, n) for n in os.listdir(folder)
-      if n.lower().endswith('.zip') and not _hidden(n)
-      and os.path.isfile(os.path.join(folder, n)))
+      os.path.join(folder, n)
+      for n in os.listdir(folder)
+      if n.lower().endswith('.zip')
+      and not _hidden(n)
+      and os.path.isfile(os.path.join(folder, n))
+  )

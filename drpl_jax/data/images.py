@@ -76,12 +76,14 @@ def _to_rgb_array(image: PIL.Image.Image, path: str) -> np.ndarray:
   elif mode == 'F':
     raise ImageError(path, 'unsupported image mode F (floating point)')
   else:  # P, PA, 1, CMYK, YCbCr, LAB, HSV, ...
-    converted = image.convert('RGBA' if 'transparency' in image.info
-                              or mode == 'PA' else 'RGB')
+    converted = image.convert(
+        'RGBA' if 'transparency' in image.info or mode == 'PA' else 'RGB'
+    )
     return np.asarray(converted, dtype=np.uint8)[..., :3]
   if gray.ndim != 2:
-    raise ImageError(path, f'unexpected array shape {gray.shape} for mode '
-                     f'{mode}')
+    raise ImageError(
+        path, f'unexpected array shape {gray.shape} for mode ' f'{mode}'
+    )
   return np.repeat(gray[:, :, None], 3, axis=2)  # [H, W] -> [H, W, 3]
 
 
@@ -120,26 +122,30 @@ def decode_image(data: bytes, *, path: str = '<bytes>') -> np.ndarray:
   return np.ascontiguousarray(array)
 
 
-def decode_checked(data: bytes, *, path: str,
-                   min_side: int = DEFAULT_MIN_SIDE) -> np.ndarray:
+def decode_checked(
+    data: bytes, *, path: str, min_side: int = DEFAULT_MIN_SIDE
+) -> np.ndarray:
   """Like `decode_image`, also rejecting images with a side under `min_side`."""
   image = decode_image(data, path=path)
   height, width = image.shape[:2]
   if min(height, width) < min_side:
-    raise ImageError(path, f'image {width}x{height} is smaller than the '
-                     f'minimum side {min_side} px')
+    raise ImageError(
+        path,
+        f'image {width}x{height} is smaller than the '
+        f'minimum side {min_side} px',
+    )
   return image
 
 
 def encode_png(image: np.ndarray) -> bytes:
   """PNG-encodes a uint8 `[H, W, 3]` array (the stored format)."""
   if image.dtype != np.uint8 or image.ndim != 3 or image.shape[-1] != 3:
-    raise ValueError(f'expected uint8 [H, W, 3], got {image.dtype} '
-                     f'{image.shape}')
+    raise ValueError(
+        f'expected uint8 [H, W, 3], got {image.dtype} ' f'{image.shape}'
+    )
   buffer = io.BytesIO()
   # zlib level 3: about the size of level 6 on radiographs, and faster.
-  PIL.Image.fromarray(image).save(buffer, format='PNG',
-                                   compress_level=3)
+  PIL.Image.fromarray(image).save(buffer, format='PNG', compress_level=3)
   return buffer.getvalue()
 
 

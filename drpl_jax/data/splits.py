@@ -26,8 +26,9 @@ def _round_half_up(x: float) -> int:
   return int(np.floor(x + 0.5))
 
 
-def stratified_split(labels: Sequence[int], keys: Sequence[str], *,
-                     seed: int) -> list[str]:
+def stratified_split(
+    labels: Sequence[int], keys: Sequence[str], *, seed: int
+) -> list[str]:
   """Assigns each example a split name, stratified by label.
 
   Args:
@@ -60,8 +61,9 @@ def stratified_split(labels: Sequence[int], keys: Sequence[str], *,
   return out
 
 
-def grouped_split(labels: Sequence[int], groups: Sequence[str], *,
-                  seed: int) -> list[str]:
+def grouped_split(
+    labels: Sequence[int], groups: Sequence[str], *, seed: int
+) -> list[str]:
   """Assigns splits so that no group (patient) spans two splits.
 
   Args:
@@ -103,8 +105,13 @@ def normalise_split_name(name: str) -> str:
     ValueError: for names that are not a known split.
   """
   value = name.strip().lower()
-  aliases = {'val': 'validation', 'valid': 'validation', 'dev': 'validation',
-             'training': 'train', 'testing': 'test'}
+  aliases = {
+      'val': 'validation',
+      'valid': 'validation',
+      'dev': 'validation',
+      'training': 'train',
+      'testing': 'test',
+  }
   value = aliases.get(value, value)
   if value not in SPLITS:
     raise ValueError(f'unknown split {name!r}; use one of {list(SPLITS)}')

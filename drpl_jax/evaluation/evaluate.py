@@ -45,7 +45,6 @@ from drpl_jax.train import state as state_lib
 from drpl_jax.utils import files
 
 
-
 class Evaluator:
   """A restored checkpoint (weights only) plus a jitted eval step on a mesh.
 
@@ -53,8 +52,12 @@ class Evaluator:
   state and EMA are read from the checkpoint.
   """
 
-  def __init__(self, config: ml_collections.ConfigDict, workdir: str,
-               step: int | None = None):
+  def __init__(
+      self,
+      config: ml_collections.ConfigDict,
+      workdir: str,
+      step: int | None = None,
+  ):
     self.config = config
     setup = state_lib.build_inference(config)
     self.mesh = setup.mesh
@@ -63,43 +66,67 @@ class Evaluator:
     self.step_cfg = setup.step_cfg
     self.eval_step = setup.eval_step()
 
-  def predict(self, batches, params_key: str = 'params'
-              ) -> tuple[dict[str, np.ndarray], np.ndarray, np.ndarray]:
-    return train.predict_split(self.eval_step,
-                               self.state.weights(params_key),
-                               self.state.rest, batches, self.mesh)
+  def predict(
+      self, batches, params_key: str = 'params'
+  ) -> tuple[dict[str, np.ndarray], np.ndarray, np.ndarray]:
+    return train.predict_split(
+        self.eval_step,
+        self.state.weights(params_key),
+        self.state.rest,
+        batches,
+        self.mesh,
+    )
 
 
 def _batches(config, data_config, split):
   cfg = ml_collections.ConfigDict(config.to_dict())
   cfg.data.update(data_config)
   return input_pipeline.create_eval_iterator(
-      input_pipeline.DataConfig.from_config(cfg.data), split,
-      batch_size=cfg.eval_batch_size)
+      input_pipeline.DataConfig.from_config(cfg.data),
+      split,
+      batch_size=cfg.eval_batch_size,
+  )
 
 
-def head_reports(logits: dict[str, np.ndarray], labels: np.ndarray,
-                 class_names: Sequence[str], groups, n_bootstrap: int,
-                 seed: int) -> dict[str, Any]:
+def head_reports(
+    logits: dict[str, np.ndarray],
+    labels: np.ndarray,
+    class_names: Sequence[str],
+    groups,
+    n_bootstrap: int,
+    seed: int,
+) -> dict[str, Any]:
   """Metrics for every head; the report of the 'mean' head at the top."""
   heads = {}
   for head, value in logits.items():
     probs = metrics_lib.softmax(value)
     heads[head] = metrics_lib.classification_metrics(
-        probs, labels, class_names, groups=groups, n_bootstrap=n_bootstrap,
-        seed=seed)
+        probs,
+        labels,
+        class_names,
+        groups=groups,
+        n_bootstrap=n_bootstrap,
+        seed=seed,
+    )
   report = dict(heads['mean'])
   if len(heads) > 1:
     report['heads'] = heads
   return report
 
 
-def evaluate(config: ml_collections.ConfigDict, workdir: str, *,
-             step: int | None = None, split: str | None = None,
-             data: str | None = None, n_bootstrap: int = 1000,
-             use_ema: bool | None = None) -> dict[str, Any]:
+def evaluate(
+    config: ml_collections.ConfigDict,
+    workdir: str,
+    *,
+    step: int | None = None,
+    split: str | None = None,
+    data: str | None = None,
+    n_bootstrap: int = 1000,
+    use_ema: bool | None = None,
+) -> dict[str, Any]:
   """Evaluates a checkpoint and writes the report; returns report.json."""
   from drpl_jax import data as data_lib  # pylint: disable=g-import-not-at-top
+
   evaluator = Evaluator(config, workdir, step)
   train_info = data_lib.ensure_prepared(config.data)
   class_names = list(train_info.class_names)
@@ -109,8 +136,9 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str, *,
     ext.update(data_config)
     # Another site's images were never trained on: evaluate all of them.
     counts = data_lib.ensure_prepared(ext).num_examples
-    splits = tuple(s for s in ('train', 'validation', 'test')
-                   if counts.get(s, 0) > 0)
+    splits = tuple(
+        s for s in ('train', 'validation', 'test') if counts.get(s, 0) > 0
+    )
   else:
     data_config, label_map = {}, None
     split = split or config.data.test_split
@@ -122,42 +150,74 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   result = None
   for params_key in params_keys:
     logits, labels, groups = _predict_splits(
-        evaluator, config, data_config, splits, params_key, label_map)
-    report = head_reports(logits, labels, class_names, groups, n_bootstrap,
-                          config.seed)
+        evaluator, config, data_config, splits, params_key, label_map
+    )
+    report = head_reports(
+        logits, labels, class_names, groups, n_bootstrap, config.seed
+    )
     if not data:
-      report['temperature'] = _temperature(evaluator, config, logits['mean'],
-                                           labels, params_key)
+      report['temperature'] = _temperature(
+          evaluator, config, logits['mean'], labels, params_key
+      )
     if config.teacher.get('arch') and params_key == 'params':
-      report['teacher'] = teacher_report(config, evaluator.mesh, splits,
-                                         class_names, data_config, label_map,
-                                         n_bootstrap, config.seed)
+      report['teacher'] = teacher_report(
+          config,
+          evaluator.mesh,
+          splits,
+          class_names,
+          data_config,
+          label_map,
+          n_bootstrap,
+          config.seed,
+      )
     if probes_lib.probe_settings(config)['enabled']:
-      _add_probes(report, evaluator, config, data_config, splits, params_key,
-                  label_map, class_names, labels)
+      _add_probes(
+          report,
+          evaluator,
+          config,
+          data_config,
+          splits,
+          params_key,
+          label_map,
+          class_names,
+          labels,
+      )
     report.update(
-        checkpoint_step=evaluator.step, weights=params_key,
+        checkpoint_step=evaluator.step,
+        weights=params_key,
         config_hash=checkpointing.config_hash(config),
-        data={'name': config.data.name if not data else data,
-              'version': train_info.version, 'split': name},
-        bootstrap={'n': n_bootstrap, 'seed': config.seed})
-    target = out_dir if params_key == 'params' else os.path.join(out_dir,
-                                                                 'ema')
+        data={
+            'name': config.data.name if not data else data,
+            'version': train_info.version,
+            'split': name,
+        },
+        bootstrap={'n': n_bootstrap, 'seed': config.seed},
+    )
+    target = out_dir if params_key == 'params' else os.path.join(out_dir, 'ema')
     paper = tuple(class_names) == report_lib.PAPER_CLASSES and not data
     if jax.process_index() == 0:  # every process holds the same report
       report_lib.write_report(
-          target, report, metrics_lib.softmax(logits['mean']), labels,
-          class_names, title=f'{data or config.data.name} / {name} / step '
-          f'{evaluator.step} ({params_key})', paper_reference=paper)
-      logging.info('Wrote %s/report.json: accuracy %.4f', target,
-                   report['accuracy'])
+          target,
+          report,
+          metrics_lib.softmax(logits['mean']),
+          labels,
+          class_names,
+          title=f'{data or config.data.name} / {name} / step '
+          f'{evaluator.step} ({params_key})',
+          paper_reference=paper,
+      )
+      logging.info(
+          'Wrote %s/report.json: accuracy %.4f', target, report['accuracy']
+      )
     result = result or report
   return result
 
 
-def _predict_splits(evaluator, config, data_config, splits, params_key,
-                    label_map):
+def _predict_splits(
+    evaluator, config, data_config, splits, params_key, label_map
+):
   from drpl_jax import data as data_lib  # pylint: disable=g-import-not-at-top
+
   all_logits: dict[str, list[np.ndarray]] = {}
   all_labels, all_groups = [], []
   for split in splits:
@@ -165,8 +225,12 @@ def _predict_splits(evaluator, config, data_config, splits, params_key,
     cfg.data.update(data_config)
     logits, labels, indices = evaluator.predict(
         input_pipeline.create_eval_iterator(
-            input_pipeline.DataConfig.from_config(cfg.data), split,
-            batch_size=cfg.eval_batch_size), params_key)
+            input_pipeline.DataConfig.from_config(cfg.data),
+            split,
+            batch_size=cfg.eval_batch_size,
+        ),
+        params_key,
+    )
     source = data_lib.get_source(cfg.data, split)
     patients = [source.patient_ids[int(i)] for i in indices]
     if label_map is not None:
@@ -176,30 +240,59 @@ def _predict_splits(evaluator, config, data_config, splits, params_key,
     all_labels.append(labels)
     all_groups.extend(patients)
   # Images without a patient id are their own resampling unit.
-  groups = ([g or f'__image_{i}' for i, g in enumerate(all_groups)]
-            if any(all_groups) else None)
-  return ({k: np.concatenate(v) for k, v in all_logits.items()},
-          np.concatenate(all_labels), groups)
+  groups = (
+      [g or f'__image_{i}' for i, g in enumerate(all_groups)]
+      if any(all_groups)
+      else None
+  )
+  return (
+      {k: np.concatenate(v) for k, v in all_logits.items()},
+      np.concatenate(all_labels),
+      groups,
+  )
 
 
-def _add_probes(report, evaluator, config, data_config, splits, params_key,
-                label_map, class_names, labels) -> None:
+def _add_probes(
+    report,
+    evaluator,
+    config,
+    data_config,
+    splits,
+    params_key,
+    label_map,
+    class_names,
+    labels,
+) -> None:
   """report['probes'] and report['attention'] (see evaluation.probes)."""
   report['probes'] = probes_lib.shortcut_probes(
-      config, evaluator, report, class_names, labels,
-      lambda ev: _predict_splits(ev, config, data_config, splits, params_key,
-                                 label_map)[:2])
+      config,
+      evaluator,
+      report,
+      class_names,
+      labels,
+      lambda ev: _predict_splits(
+          ev, config, data_config, splits, params_key, label_map
+      )[:2],
+  )
   report['attention'] = probes_lib.rollout_summary(
-      config, evaluator.graphdef, evaluator.state.weights(params_key),
+      config,
+      evaluator.graphdef,
+      evaluator.state.weights(params_key),
       evaluator.state.rest,
-      (b for s in splits for b in _batches(config, data_config, s)))
+      (b for s in splits for b in _batches(config, data_config, s)),
+  )
 
 
-def teacher_report(config, mesh, splits: str | Sequence[str],
-                   class_names: Sequence[str],
-                   data_config: dict[str, Any] | None = None,
-                   label_map: np.ndarray | None = None,
-                   n_bootstrap: int = 1000, seed: int = 0) -> dict[str, Any]:
+def teacher_report(
+    config,
+    mesh,
+    splits: str | Sequence[str],
+    class_names: Sequence[str],
+    data_config: dict[str, Any] | None = None,
+    label_map: np.ndarray | None = None,
+    n_bootstrap: int = 1000,
+    seed: int = 0,
+) -> dict[str, Any]:
   """The converted online teacher's metrics on the same images and views.
 
   `splits`, `data_config` and `label_map` as for the student: the
@@ -211,9 +304,11 @@ def teacher_report(config, mesh, splits: str | Sequence[str],
   teacher = train.create_online_teacher(config, mesh)
   forward = jax.jit(
       lambda state, images: nnx.merge(teacher.graphdef, state)(
-          images.astype(jnp.float32) / 255.0),
+          images.astype(jnp.float32) / 255.0
+      ),
       in_shardings=(teacher.shardings, sharding.batch_sharding(mesh)),
-      out_shardings=sharding.batch_sharding(mesh))
+      out_shardings=sharding.batch_sharding(mesh),
+  )
   logits, labels = [], []
   splits = (splits,) if isinstance(splits, str) else tuple(splits)
   for split in splits:
@@ -227,32 +322,51 @@ def teacher_report(config, mesh, splits: str | Sequence[str],
   if label_map is not None:
     labels = label_map[labels]
   m = metrics_lib.classification_metrics(
-      metrics_lib.softmax(np.concatenate(logits)), labels, class_names,
-      n_bootstrap=n_bootstrap, seed=seed)
-  fields = ('accuracy', 'balanced_accuracy', 'num_examples', 'class_names',
-            'per_class', 'macro', 'confusion_matrix', 'ci95')
-  return dict({k: m[k] for k in fields}, description=teacher.description,
-              auc=m['macro'].get('auc'),
-              sensitivity={c: v['sensitivity']
-                           for c, v in m['per_class'].items()})
+      metrics_lib.softmax(np.concatenate(logits)),
+      labels,
+      class_names,
+      n_bootstrap=n_bootstrap,
+      seed=seed,
+  )
+  fields = (
+      'accuracy',
+      'balanced_accuracy',
+      'num_examples',
+      'class_names',
+      'per_class',
+      'macro',
+      'confusion_matrix',
+      'ci95',
+  )
+  return dict(
+      {k: m[k] for k in fields},
+      description=teacher.description,
+      auc=m['macro'].get('auc'),
+      sensitivity={c: v['sensitivity'] for c, v in m['per_class'].items()},
+  )
 
 
 def _temperature(evaluator, config, test_logits, test_labels, params_key):
   val_logits, val_labels, _ = evaluator.predict(
       input_pipeline.create_eval_iterator(
           input_pipeline.DataConfig.from_config(config.data),
-          batch_size=config.eval_batch_size),
-      params_key)
+          batch_size=config.eval_batch_size,
+      ),
+      params_key,
+  )
   t = metrics_lib.fit_temperature(val_logits['mean'], val_labels)
   ece = metrics_lib.expected_calibration_error
   return {
-      'value': t, 'fitted_on': config.data.eval_split,
+      'value': t,
+      'fitted_on': config.data.eval_split,
       'ece_before': ece(metrics_lib.softmax(test_logits), test_labels),
-      'ece_after': ece(metrics_lib.softmax(test_logits, t), test_labels)}
+      'ece_after': ece(metrics_lib.softmax(test_logits, t), test_labels),
+  }
 
 
-def external_data(spec: str, class_names: Sequence[str]
-                  ) -> tuple[dict[str, Any], str, np.ndarray]:
+def external_data(
+    spec: str, class_names: Sequence[str]
+) -> tuple[dict[str, Any], str, np.ndarray]:
   """'cxr_folder:PATH' -> (data config, report name, label map).
 
   PATH holds class folders or a manifest.csv (path,label[,patient_id]
@@ -270,30 +384,44 @@ def external_data(spec: str, class_names: Sequence[str]
   folders = _external_classes(path)
   unknown = [d for d in folders if d.lower() not in lower]
   if unknown:
-    raise ValueError(f'{path}: classes {unknown} are not training '
-                     f'classes {list(class_names)} (matched ignoring case)')
+    raise ValueError(
+        f'{path}: classes {unknown} are not training '
+        f'classes {list(class_names)} (matched ignoring case)'
+    )
   if not folders:
     raise ValueError(f'{path}: no class folders and no manifest.csv')
   label_map = np.asarray([lower[d.lower()] for d in folders])
-  data_config = {'name': 'cxr_folder', 'manual_dir': path,
-                 'classes': ','.join(folders)}
+  data_config = {
+      'name': 'cxr_folder',
+      'manual_dir': path,
+      'classes': ','.join(folders),
+  }
   return data_config, os.path.basename(path.rstrip('/')), label_map
 
 
 def _external_classes(path: str) -> list[str]:
   """The class names of an external cxr_folder: manifest labels or folders."""
   from drpl_jax.data import cxr_folder  # pylint: disable=g-import-not-at-top
+
   manifest = os.path.join(path, cxr_folder.MANIFEST)
   if os.path.isfile(manifest):
-    return sorted({row['label'] for row in cxr_folder._read_manifest(manifest)  # pylint: disable=protected-access
-                   if row['label']})
-  return sorted(d for d in os.listdir(path)
-                if os.path.isdir(os.path.join(path, d))
-                and not d.startswith('.'))
+    return sorted(
+        {
+            row['label']
+            for row in cxr_folder._read_manifest(manifest)  # pylint: disable=protected-access
+            if row['label']
+        }
+    )
+  return sorted(
+      d
+      for d in os.listdir(path)
+      if os.path.isdir(os.path.join(path, d)) and not d.startswith('.')
+  )
 
 
-def config_from_workdir(workdir: str, *, config_flag: bool = False
-                        ) -> ml_collections.ConfigDict:
+def config_from_workdir(
+    workdir: str, *, config_flag: bool = False
+) -> ml_collections.ConfigDict:
   """The config a run in `workdir` was trained with (its meta.json).
 
   `config_flag`: the command has a --config flag to suggest instead.
@@ -302,21 +430,24 @@ def config_from_workdir(workdir: str, *, config_flag: bool = False
     meta = files.read_meta(workdir)
   except FileNotFoundError as e:
     raise FileNotFoundError(
-        f'{e}: point --workdir at a training run\'s workdir '
+        f"{e}: point --workdir at a training run's workdir "
         '(it holds meta.json and checkpoints/)'
-        + (', or pass --config' if config_flag else '')) from None
+        + (', or pass --config' if config_flag else '')
+    ) from None
   return ml_collections.ConfigDict(meta['config'])
 
 
 def _flat(config: ml_collections.ConfigDict) -> dict[str, Any]:
   """'model.depth' -> value, JSON-normalised (tuples become lists)."""
   out = {}
+
   def walk(node, prefix):
     for k, v in node.items():
       if isinstance(v, dict):
         walk(v, f'{prefix}{k}.')
       else:
         out[f'{prefix}{k}'] = v
+
   walk(json.loads(json.dumps(config.to_dict(), default=str)), '')
   return out
 
@@ -327,8 +458,11 @@ def _model_fields(config: ml_collections.ConfigDict) -> dict[str, Any]:
   return _flat(ml_collections.ConfigDict({'model': dataclasses.asdict(typed)}))
 
 
-def run_config(workdir: str, given: ml_collections.ConfigDict | None,
-               argv: Sequence[str] = ()) -> ml_collections.ConfigDict:
+def run_config(
+    workdir: str,
+    given: ml_collections.ConfigDict | None,
+    argv: Sequence[str] = (),
+) -> ml_collections.ConfigDict:
   """The config to evaluate `workdir` with.
 
   Default: the run's own (meta.json). With an explicit --config, its model
@@ -344,16 +478,23 @@ def run_config(workdir: str, given: ml_collections.ConfigDict | None,
   # The typed models are compared: a key the run's meta.json predates
   # reads as its ModelConfig default.
   ran, new = _model_fields(run), _model_fields(given)
-  explicit = {a[len('--config.'):].partition('=')[0] for a in argv
-              if a.startswith('--config.')}
+  explicit = {
+      a[len('--config.') :].partition('=')[0]
+      for a in argv
+      if a.startswith('--config.')
+  }
   differ = sorted(k for k in set(ran) | set(new) if ran.get(k) != new.get(k))
   if differ:
-    shown = ', '.join(f'{k} (run: {ran.get(k)!r}, --config: {new.get(k)!r})'
-                      for k in differ[:4])
+    shown = ', '.join(
+        f'{k} (run: {ran.get(k)!r}, --config: {new.get(k)!r})'
+        for k in differ[:4]
+    )
     more = f' and {len(differ) - 4} more' if len(differ) > 4 else ''
-    raise ValueError(f'--config differs from the run\'s own config '
-                     f'({workdir}/meta.json) in {shown}{more}; leave out '
-                     '--config to evaluate with the run\'s own')
+    raise ValueError(
+        f"--config differs from the run's own config "
+        f'({workdir}/meta.json) in {shown}{more}; leave out '
+        "--config to evaluate with the run's own"
+    )
   for key in sorted(explicit & set(_flat(given))):
     *parents, leaf = key.split('.')
     node, src = run, given
@@ -371,22 +512,40 @@ def main(argv: Sequence[str]) -> None:
     raise app.UsageError(f'unexpected arguments: {argv[1:]}')
   from drpl_jax.parallel import distributed  # pylint: disable=g-import-not-at-top
   from drpl_jax.parallel import hostmem  # pylint: disable=g-import-not-at-top
+
   hostmem.configure()  # before JAX starts its CPU client
   distributed.initialize()
   try:
     config = run_config(flags.FLAGS.workdir, _CONFIG.value, sys.argv[1:])
-    report = evaluate(config, flags.FLAGS.workdir, step=flags.FLAGS.step,
-                      split=flags.FLAGS.split, data=flags.FLAGS.data,
-                      n_bootstrap=flags.FLAGS.n_bootstrap)
-  except (FileNotFoundError, ValueError,
-          checkpointing.IncompleteCheckpointError) as e:
+    report = evaluate(
+        config,
+        flags.FLAGS.workdir,
+        step=flags.FLAGS.step,
+        split=flags.FLAGS.split,
+        data=flags.FLAGS.data,
+        n_bootstrap=flags.FLAGS.n_bootstrap,
+    )
+  except (
+      FileNotFoundError,
+      ValueError,
+      checkpointing.IncompleteCheckpointError,
+  ) as e:
     raise cli.UserError(str(e)) from e
-  print(json.dumps({'accuracy': report['accuracy'],
-                    'balanced_accuracy': report['balanced_accuracy'],
-                    'num_examples': report['num_examples'],
-                    'report': os.path.join(flags.FLAGS.workdir, 'eval',
-                                           report['data']['split'],
-                                           'report.json')}))
+  print(
+      json.dumps(
+          {
+              'accuracy': report['accuracy'],
+              'balanced_accuracy': report['balanced_accuracy'],
+              'num_examples': report['num_examples'],
+              'report': os.path.join(
+                  flags.FLAGS.workdir,
+                  'eval',
+                  report['data']['split'],
+                  'report.json',
+              ),
+          }
+      )
+  )
 
 
 def run() -> None:
@@ -394,9 +553,12 @@ def run() -> None:
   policy of drpl_jax/cli.py."""
   global _CONFIG
   from ml_collections import config_flags  # pylint: disable=g-import-not-at-top
+
   _CONFIG = config_flags.DEFINE_config_file(
-      'config', None,
-      'Config file (default: the one saved in workdir/meta.json).')
+      'config',
+      None,
+      'Config file (default: the one saved in workdir/meta.json).',
+  )
   cli.define_workdir()
   cli.define_step()
   flags.DEFINE_string('split', None, 'Split (default config.data.test_split).')

@@ -54,8 +54,9 @@ METADATA_FILE = 'metadata.json'
 SAVEDMODEL_DIR = 'savedmodel'
 
 
-def probabilities_fn(graphdef: nnx.GraphDef, mean: Sequence[float],
-                     std: Sequence[float]) -> Callable[..., jax.Array]:
+def probabilities_fn(
+    graphdef: nnx.GraphDef, mean: Sequence[float], std: Sequence[float]
+) -> Callable[..., jax.Array]:
   """`fn(params, rest, images) -> probabilities [B, C]`, eval mode."""
   mean, std = tuple(float(m) for m in mean), tuple(float(s) for s in std)
 
@@ -70,16 +71,19 @@ def probabilities_fn(graphdef: nnx.GraphDef, mean: Sequence[float],
 
 def _input_spec(image_size: int, input_dtype: str) -> jax.ShapeDtypeStruct:
   if input_dtype not in INPUT_DTYPES:
-    raise ValueError(f'input_dtype={input_dtype!r} is not one of '
-                     f'{list(INPUT_DTYPES)}')
+    raise ValueError(
+        f'input_dtype={input_dtype!r} is not one of ' f'{list(INPUT_DTYPES)}'
+    )
   shape = jax.export.symbolic_shape(f'b, {image_size}, {image_size}, 3')
   return jax.ShapeDtypeStruct(shape, INPUT_DTYPES[input_dtype])
 
 
-def export_stablehlo(restored: predict.RestoredModel, *,
-                     input_dtype: str = 'uint8',
-                     platforms: Sequence[str] = DEFAULT_PLATFORMS
-                     ) -> jax.export.Exported:
+def export_stablehlo(
+    restored: predict.RestoredModel,
+    *,
+    input_dtype: str = 'uint8',
+    platforms: Sequence[str] = DEFAULT_PLATFORMS,
+) -> jax.export.Exported:
   """`jax.export` of the inference function, batch dimension symbolic."""
   cfg = restored.config
   fn = probabilities_fn(restored.graphdef, cfg.data.mean, cfg.data.std)
@@ -89,18 +93,26 @@ def export_stablehlo(restored: predict.RestoredModel, *,
   try:
     return jax.export.export(
         jax.jit(lambda images: fn(params, rest, images)),
-        platforms=tuple(platforms))(spec)
+        platforms=tuple(platforms),
+    )(spec)
   except Exception as e:  # pylint: disable=broad-except
-    raise ValueError(f'cannot export for platforms {tuple(platforms)}: '
-                     f'{type(e).__name__}: {e}') from e
+    raise ValueError(
+        f'cannot export for platforms {tuple(platforms)}: '
+        f'{type(e).__name__}: {e}'
+    ) from e
 
 
-def save_savedmodel(restored: predict.RestoredModel, out_dir: str, *,
-                    input_dtype: str = 'uint8',
-                    platforms: Sequence[str] = DEFAULT_PLATFORMS) -> None:
+def save_savedmodel(
+    restored: predict.RestoredModel,
+    out_dir: str,
+    *,
+    input_dtype: str = 'uint8',
+    platforms: Sequence[str] = DEFAULT_PLATFORMS,
+) -> None:
   """Writes a TF SavedModel of the inference function (jax2tf)."""
   # pylint: disable=g-import-not-at-top
   import tensorflow as tf
+
   try:
     tf.config.set_visible_devices([], 'GPU')
   except RuntimeError:  # devices already initialised by the caller
@@ -111,7 +123,8 @@ def save_savedmodel(restored: predict.RestoredModel, out_dir: str, *,
   size = int(cfg.data.image_size)
   fn = probabilities_fn(restored.graphdef, cfg.data.mean, cfg.data.std)
   leaves, treedef = jax.tree.flatten(
-      jax.device_get((restored.params, restored.rest)))
+      jax.device_get((restored.params, restored.rest))
+  )
   _input_spec(size, input_dtype)  # validates input_dtype
 
   def flat_fn(flat, images):
@@ -119,21 +132,27 @@ def save_savedmodel(restored: predict.RestoredModel, out_dir: str, *,
     return fn(params, rest, images)
 
   tf_fn = jax2tf.convert(
-      flat_fn, polymorphic_shapes=[None, f'(b, {size}, {size}, 3)'],
-      with_gradient=False, native_serialization_platforms=tuple(platforms))
+      flat_fn,
+      polymorphic_shapes=[None, f'(b, {size}, {size}, 3)'],
+      with_gradient=False,
+      native_serialization_platforms=tuple(platforms),
+  )
   module = tf.Module()
-  module.weights = [tf.Variable(np.asarray(x), trainable=False)
-                    for x in leaves]
+  module.weights = [tf.Variable(np.asarray(x), trainable=False) for x in leaves]
 
-  @tf.function(autograph=False, input_signature=[
-      tf.TensorSpec([None, size, size, 3], tf.as_dtype(input_dtype),
-                    name='images')])
+  @tf.function(
+      autograph=False,
+      input_signature=[
+          tf.TensorSpec(
+              [None, size, size, 3], tf.as_dtype(input_dtype), name='images'
+          )
+      ],
+  )
   def serve(images):
     return {'probabilities': tf_fn(module.weights, images)}
 
   module.serve = serve
-  tf.saved_model.save(module, out_dir,
-                      signatures={'serving_default': serve})
+  tf.saved_model.save(module, out_dir, signatures={'serving_default': serve})
 
 
 def _config_hash(workdir: str, config) -> str:
@@ -147,16 +166,23 @@ def _parse_formats(formats: Sequence[str] | str) -> tuple[str, ...]:
     formats = FORMATS if formats == 'both' else (formats,)
   bad = [f for f in formats if f not in FORMATS]
   if bad or not formats:
-    raise ValueError(f'formats {list(formats)}: each must be one of '
-                     f'{list(FORMATS)} (or "both")')
+    raise ValueError(
+        f'formats {list(formats)}: each must be one of '
+        f'{list(FORMATS)} (or "both")'
+    )
   return tuple(dict.fromkeys(formats))
 
 
-def export_model(workdir: str, out: str, *, step: int | None = None,
-                 formats: Sequence[str] | str = ('stablehlo',),
-                 input_dtype: str = 'uint8', use_ema: bool = False,
-                 platforms: Sequence[str] = DEFAULT_PLATFORMS
-                 ) -> dict[str, Any]:
+def export_model(
+    workdir: str,
+    out: str,
+    *,
+    step: int | None = None,
+    formats: Sequence[str] | str = ('stablehlo',),
+    input_dtype: str = 'uint8',
+    use_ema: bool = False,
+    platforms: Sequence[str] = DEFAULT_PLATFORMS,
+) -> dict[str, Any]:
   """Exports the checkpoint of `workdir` under `out`; returns the metadata.
 
   `formats`: any of 'stablehlo', 'savedmodel' (or 'both'). metadata.json
@@ -164,15 +190,17 @@ def export_model(workdir: str, out: str, *, step: int | None = None,
   """
   formats = _parse_formats(formats)
   if input_dtype not in INPUT_DTYPES:
-    raise ValueError(f'input_dtype={input_dtype!r} is not one of '
-                     f'{list(INPUT_DTYPES)}')
+    raise ValueError(
+        f'input_dtype={input_dtype!r} is not one of ' f'{list(INPUT_DTYPES)}'
+    )
   restored = predict.restore_model(workdir, step=step, use_ema=use_ema)
   cfg = restored.config
   size = int(cfg.data.image_size)
   out_dir = epath.Path(out)  # local or gs://
   out_dir.mkdir(parents=True, exist_ok=True)
-  exported = export_stablehlo(restored, input_dtype=input_dtype,
-                              platforms=platforms)
+  exported = export_stablehlo(
+      restored, input_dtype=input_dtype, platforms=platforms
+  )
   file_io.atomic_write(out_dir / STABLEHLO_FILE, exported.serialize())
   files = {'stablehlo': STABLEHLO_FILE}
   stale = out_dir / SAVEDMODEL_DIR
@@ -180,8 +208,12 @@ def export_model(workdir: str, out: str, *, step: int | None = None,
     stale.rmtree()  # an earlier export's; metadata.json won't list it
     logging.warning('Removed %s from an earlier export', stale)
   if 'savedmodel' in formats:
-    save_savedmodel(restored, str(out_dir / SAVEDMODEL_DIR),
-                    input_dtype=input_dtype, platforms=platforms)
+    save_savedmodel(
+        restored,
+        str(out_dir / SAVEDMODEL_DIR),
+        input_dtype=input_dtype,
+        platforms=platforms,
+    )
     files['savedmodel'] = SAVEDMODEL_DIR
   metadata = {
       'class_names': list(restored.class_names),
@@ -190,15 +222,18 @@ def export_model(workdir: str, out: str, *, step: int | None = None,
       'input_shape': ['b', size, size, 3],
       'input_dtype': input_dtype,
       'input_range': [0, 255] if input_dtype == 'uint8' else [0.0, 1.0],
-      'output': 'probabilities [b, num_classes]' + (
-          ' (softmax of the mean of the cls and dist heads\' logits)'
-          if cfg.model.distilled else ''),
+      'output': 'probabilities [b, num_classes]'
+      + (
+          " (softmax of the mean of the cls and dist heads' logits)"
+          if cfg.model.distilled
+          else ''
+      ),
       'mean': [float(m) for m in cfg.data.mean],
       'std': [float(s) for s in cfg.data.std],
       'eval_crop_ratio': float(cfg.data.get('eval_crop_ratio', 0.875)),
       'preprocessing': 'not included: resize the shorter side to '
-                       'image_size / eval_crop_ratio (bicubic), centre crop '
-                       'image_size, RGB',
+      'image_size / eval_crop_ratio (bicubic), centre crop '
+      'image_size, RGB',
       'checkpoint_step': restored.step,
       'weights': restored.weights,
       'config_hash': _config_hash(workdir, cfg),
@@ -207,8 +242,9 @@ def export_model(workdir: str, out: str, *, step: int | None = None,
       'jax_version': jax.__version__,
       'files': files,
   }
-  file_io.atomic_write(out_dir / METADATA_FILE,
-                       json.dumps(metadata, indent=2, default=str))
+  file_io.atomic_write(
+      out_dir / METADATA_FILE, json.dumps(metadata, indent=2, default=str)
+  )
   return metadata
 
 
@@ -223,8 +259,10 @@ def load_stablehlo(path: str) -> Callable[[Any], jax.Array]:
   if file.is_dir():
     file = file / STABLEHLO_FILE
   if not file.is_file():
-    raise FileNotFoundError(f'{file} not found: export first (python -m '
-                            'drpl_jax.export --workdir=DIR --out PATH)')
+    raise FileNotFoundError(
+        f'{file} not found: export first (python -m '
+        'drpl_jax.export --workdir=DIR --out PATH)'
+    )
   data = file.read_bytes()
   try:
     exported = jax.export.deserialize(bytearray(data))
@@ -234,30 +272,49 @@ def load_stablehlo(path: str) -> Callable[[Any], jax.Array]:
 
   def fn(images: Any) -> jax.Array:
     images = jnp.asarray(images)
-    if images.dtype != spec.dtype or images.ndim != 4 or (
-        tuple(images.shape[1:]) != tuple(spec.shape[1:])):
+    if (
+        images.dtype != spec.dtype
+        or images.ndim != 4
+        or (tuple(images.shape[1:]) != tuple(spec.shape[1:]))
+    ):
       raise ValueError(
           f'{file}: expected images {spec.dtype} [b, '
           f'{", ".join(str(d) for d in spec.shape[1:])}], got '
-          f'{images.dtype} {list(images.shape)}')
+          f'{images.dtype} {list(images.shape)}'
+      )
     return exported.call(images)
 
   fn.exported = exported
   return fn
 
 
-def export_command(workdir: str, out: str, *, step: int | None = None,
-                   formats: str = 'stablehlo', input_dtype: str = 'uint8',
-                   use_ema: bool = False,
-                   platforms: Sequence[str] = DEFAULT_PLATFORMS) -> None:
+def export_command(
+    workdir: str,
+    out: str,
+    *,
+    step: int | None = None,
+    formats: str = 'stablehlo',
+    input_dtype: str = 'uint8',
+    use_ema: bool = False,
+    platforms: Sequence[str] = DEFAULT_PLATFORMS,
+) -> None:
   """What the command does: exports and prints the metadata as one JSON
   line. Bad input raises cli.UserError."""
   try:
-    metadata = export_model(workdir, out, step=step, formats=formats,
-                            input_dtype=input_dtype, use_ema=use_ema,
-                            platforms=platforms)
-  except (FileNotFoundError, ValueError,
-          checkpointing.IncompleteCheckpointError) as e:
+    metadata = export_model(
+        workdir,
+        out,
+        step=step,
+        formats=formats,
+        input_dtype=input_dtype,
+        use_ema=use_ema,
+        platforms=platforms,
+    )
+  except (
+      FileNotFoundError,
+      ValueError,
+      checkpointing.IncompleteCheckpointError,
+  ) as e:
     raise cli.UserError(str(e)) from e
   print(json.dumps({'out': out, **metadata}), flush=True)
 
@@ -267,23 +324,36 @@ def main(argv: Sequence[str]) -> None:
   if len(argv) > 1:
     raise cli.UserError(f'unexpected arguments {list(argv[1:])}')
   f = flags.FLAGS
-  export_command(f.workdir, f.out, step=f.step, formats=f.format,
-                 input_dtype=f.input_dtype, use_ema=f.ema,
-                 platforms=tuple(p for p in f.platforms if p))
+  export_command(
+      f.workdir,
+      f.out,
+      step=f.step,
+      formats=f.format,
+      input_dtype=f.input_dtype,
+      use_ema=f.ema,
+      platforms=tuple(p for p in f.platforms if p),
+  )
 
 
 def run() -> None:
   """The command line: defines the flags, then runs `main` under the exit
   policy of drpl_jax/cli.py."""
   cli.define_workdir()
-  flags.DEFINE_string('out', None, 'Output directory (local or gs://).',
-                      required=True)
+  flags.DEFINE_string(
+      'out', None, 'Output directory (local or gs://).', required=True
+  )
   cli.define_step()
-  flags.DEFINE_enum('format', 'stablehlo', [*FORMATS, 'both'],
-                    'What to write.')
-  flags.DEFINE_enum('input_dtype', 'uint8', list(INPUT_DTYPES),
-                    'Image dtype the export takes.')
+  flags.DEFINE_enum('format', 'stablehlo', [*FORMATS, 'both'], 'What to write.')
+  flags.DEFINE_enum(
+      'input_dtype',
+      'uint8',
+      list(INPUT_DTYPES),
+      'Image dtype the export takes.',
+  )
   cli.define_ema('Export the EMA weights of the run.')
-  flags.DEFINE_list('platforms', list(DEFAULT_PLATFORMS),
-                    'Comma separated lowering platforms.')
+  flags.DEFINE_list(
+      'platforms',
+      list(DEFAULT_PLATFORMS),
+      'Comma separated lowering platforms.',
+  )
   cli.run(main)

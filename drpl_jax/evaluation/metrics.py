@@ -21,8 +21,15 @@ from typing import Any
 
 import numpy as np
 
-_PER_CLASS_KEYS = ('sensitivity', 'specificity', 'ppv', 'npv', 'f1', 'auc',
-                   'pr_auc')
+_PER_CLASS_KEYS = (
+    'sensitivity',
+    'specificity',
+    'ppv',
+    'npv',
+    'f1',
+    'auc',
+    'pr_auc',
+)
 _MAX_BOOTSTRAP_BLOCK = 4_000_000  # resamples x units held in memory at once
 
 
@@ -41,8 +48,9 @@ def _log_softmax(logits: np.ndarray) -> np.ndarray:
   return z - np.log(np.exp(z).sum(axis=-1, keepdims=True))
 
 
-def _check_labels(labels: Any, num_classes: int, n: int | None = None
-                  ) -> np.ndarray:
+def _check_labels(
+    labels: Any, num_classes: int, n: int | None = None
+) -> np.ndarray:
   """Integer class ids in [0, num_classes), with a clear error otherwise."""
   labels = np.asarray(labels)
   if labels.ndim != 1:
@@ -63,17 +71,20 @@ def _check_probs(probs: Any, num_classes: int) -> np.ndarray:
   """Rows of class probabilities [N, C] that are finite and sum to one."""
   probs = np.asarray(probs, np.float64)
   if probs.ndim != 2 or probs.shape[1] != num_classes:
-    raise ValueError(f'probs must have shape [N, {num_classes}], got '
-                     f'{probs.shape}')
+    raise ValueError(
+        f'probs must have shape [N, {num_classes}], got ' f'{probs.shape}'
+    )
   if probs.shape[0] == 0:
     raise ValueError('probs has no examples')
   if not np.all(np.isfinite(probs)):
     raise ValueError('probs contains NaN or infinite values')
   sums = probs.sum(axis=1)
   if probs.min() < 0 or np.max(np.abs(sums - 1)) > 1e-2:
-    raise ValueError('probs rows must be probabilities summing to 1 (got a '
-                     f'row summing to {sums[np.argmax(np.abs(sums - 1))]:.4g});'
-                     ' pass softmax(logits), not logits')
+    raise ValueError(
+        'probs rows must be probabilities summing to 1 (got a '
+        f'row summing to {sums[np.argmax(np.abs(sums - 1))]:.4g});'
+        ' pass softmax(logits), not logits'
+    )
   return probs
 
 
@@ -81,19 +92,23 @@ def confusion_matrix(labels: Any, preds: Any, num_classes: int) -> np.ndarray:
   """Counts [C, C]: rows are the true class, columns the predicted class."""
   labels = _check_labels(labels, num_classes)
   preds = _check_labels(preds, num_classes, n=labels.shape[0])
-  flat = np.bincount(labels * num_classes + preds,
-                     minlength=num_classes * num_classes)
+  flat = np.bincount(
+      labels * num_classes + preds, minlength=num_classes * num_classes
+  )
   return flat.reshape(num_classes, num_classes)
 
 
-def _binary_counts(scores: Any, positives: Any
-                   ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def _binary_counts(
+    scores: Any, positives: Any
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
   """True/false positives above each distinct threshold, highest first."""
   scores = np.asarray(scores, np.float64).ravel()
   positives = np.asarray(positives).astype(bool).ravel()
   if scores.shape != positives.shape:
-    raise ValueError(f'scores {scores.shape} and positives '
-                     f'{positives.shape} differ in shape')
+    raise ValueError(
+        f'scores {scores.shape} and positives '
+        f'{positives.shape} differ in shape'
+    )
   order = np.argsort(-scores, kind='stable')
   scores, positives = scores[order], positives[order]
   last = np.r_[np.nonzero(np.diff(scores))[0], scores.size - 1]
@@ -102,8 +117,9 @@ def _binary_counts(scores: Any, positives: Any
   return tps.astype(np.float64), fps.astype(np.float64), scores[last]
 
 
-def roc_curve(scores: Any, positives: Any
-              ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def roc_curve(
+    scores: Any, positives: Any
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
   """One-vs-rest ROC curve: (fpr, tpr, thresholds), starting at (0, 0).
 
   `positives` is a boolean mask of the positive examples. The thresholds
@@ -117,8 +133,9 @@ def roc_curve(scores: Any, positives: Any
   return fpr, tpr, np.r_[np.inf, thresholds]
 
 
-def pr_curve(scores: Any, positives: Any
-             ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def pr_curve(
+    scores: Any, positives: Any
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
   """Precision-recall curve: (precision, recall, thresholds).
 
   Ordered by decreasing threshold (increasing recall); the first point is
@@ -153,8 +170,9 @@ def average_precision(scores: Any, positives: Any) -> float | None:
   return float(np.sum(np.diff(recall) * precision[1:]))
 
 
-def reliability_curve(probs: Any, labels: Any, n_bins: int = 15
-                      ) -> dict[str, np.ndarray]:
+def reliability_curve(
+    probs: Any, labels: Any, n_bins: int = 15
+) -> dict[str, np.ndarray]:
   """Top-1 calibration per equal-width confidence bin.
 
   Bin b covers confidences (b / n_bins, (b + 1) / n_bins] (the first bin
@@ -181,8 +199,9 @@ def reliability_curve(probs: Any, labels: Any, n_bins: int = 15
     }
 
 
-def expected_calibration_error(probs: Any, labels: Any, n_bins: int = 15
-                               ) -> float:
+def expected_calibration_error(
+    probs: Any, labels: Any, n_bins: int = 15
+) -> float:
   """Top-1 ECE (Guo et al. 2017): sum_b n_b / N |accuracy_b - confidence_b|
   over `n_bins` equal-width confidence bins."""
   curve = reliability_curve(probs, labels, n_bins)
@@ -195,8 +214,9 @@ def _nll(log_probs: np.ndarray, labels: np.ndarray) -> float:
   return float(-np.mean(log_probs[np.arange(labels.size), labels]))
 
 
-def fit_temperature(logits: Any, labels: Any,
-                    bounds: tuple[float, float] = (0.05, 20.0)) -> float:
+def fit_temperature(
+    logits: Any, labels: Any, bounds: tuple[float, float] = (0.05, 20.0)
+) -> float:
   """Temperature scaling (Guo et al. 2017): the T > 0 that minimises the NLL
   of softmax(logits / T) on held-out data.
 
@@ -252,19 +272,29 @@ def _group_index(groups: Any, n: int) -> np.ndarray:
   """Patient ids [N] -> dense group index [N] in [0, number of groups)."""
   groups = np.asarray(groups)
   if groups.shape != (n,):
-    raise ValueError(f'groups must have shape ({n},) (one patient id per '
-                     f'example), got {groups.shape}')
+    raise ValueError(
+        f'groups must have shape ({n},) (one patient id per '
+        f'example), got {groups.shape}'
+    )
   try:
     _, index = np.unique(groups, return_inverse=True)
   except TypeError as e:
-    raise ValueError('groups must be patient ids of one comparable type '
-                     f'(all str or all int): {e}') from e
+    raise ValueError(
+        'groups must be patient ids of one comparable type '
+        f'(all str or all int): {e}'
+    ) from e
   return index.ravel()
 
 
 def bootstrap_confusion_matrices(
-    labels: np.ndarray, preds: np.ndarray, num_classes: int, *,
-    groups: Any = None, n_bootstrap: int = 1000, seed: int = 0) -> np.ndarray:
+    labels: np.ndarray,
+    preds: np.ndarray,
+    num_classes: int,
+    *,
+    groups: Any = None,
+    n_bootstrap: int = 1000,
+    seed: int = 0,
+) -> np.ndarray:
   """Confusion matrices [n_bootstrap, C, C] of resampled data sets.
 
   Resamples units with replacement: whole groups (patients: all images of a
@@ -276,8 +306,11 @@ def bootstrap_confusion_matrices(
   preds = _check_labels(preds, num_classes, n=labels.size)
   cells = labels * num_classes + preds
   k = num_classes * num_classes
-  unit_of = (np.arange(labels.size) if groups is None
-             else _group_index(groups, labels.size))
+  unit_of = (
+      np.arange(labels.size)
+      if groups is None
+      else _group_index(groups, labels.size)
+  )
   n_units = int(unit_of.max()) + 1
   unit_cm = np.zeros((n_units, k))
   np.add.at(unit_cm, (unit_of, cells), 1.0)
@@ -289,7 +322,7 @@ def bootstrap_confusion_matrices(
     draws = rng.integers(0, n_units, size=(r, n_units))
     draws += (np.arange(r) * n_units)[:, None]
     counts = np.bincount(draws.ravel(), minlength=r * n_units)
-    out[start:start + r] = counts.reshape(r, n_units) @ unit_cm
+    out[start : start + r] = counts.reshape(r, n_units) @ unit_cm
   return out.reshape(n_bootstrap, num_classes, num_classes)
 
 
@@ -309,34 +342,49 @@ def _json_float(x: Any) -> float | None:
   return x if np.isfinite(x) else None
 
 
-def _average(values: dict[str, dict[str, Any]], weights: np.ndarray | None
-             ) -> dict[str, float | None]:
+def _average(
+    values: dict[str, dict[str, Any]], weights: np.ndarray | None
+) -> dict[str, float | None]:
   """Mean of each per-class metric over the classes where it is defined."""
   out = {}
   for key in _PER_CLASS_KEYS:
-    vals = np.array([np.nan if v[key] is None else v[key]
-                     for v in values.values()])
+    vals = np.array(
+        [np.nan if v[key] is None else v[key] for v in values.values()]
+    )
     w = np.ones_like(vals) if weights is None else weights.astype(np.float64)
     ok = ~np.isnan(vals) & (w > 0)
-    out[key] = (float(np.sum(vals[ok] * w[ok]) / np.sum(w[ok]))
-                if ok.any() else None)
+    out[key] = (
+        float(np.sum(vals[ok] * w[ok]) / np.sum(w[ok])) if ok.any() else None
+    )
   return out
 
 
-def _ci95(labels, preds, names, groups, n_bootstrap, seed, point
-          ) -> dict[str, Any]:
+def _ci95(
+    labels, preds, names, groups, n_bootstrap, seed, point
+) -> dict[str, Any]:
   """Bootstrap intervals for accuracy and per-class sensitivity/specificity."""
-  ci = {'n_bootstrap': int(n_bootstrap), 'seed': int(seed),
-        'resampling': 'image' if groups is None else 'patient',
-        'method': 'percentile', 'accuracy': None,
-        'per_class': {n: {'sensitivity': None, 'specificity': None}
-                      for n in names}}
+  ci = {
+      'n_bootstrap': int(n_bootstrap),
+      'seed': int(seed),
+      'resampling': 'image' if groups is None else 'patient',
+      'method': 'percentile',
+      'accuracy': None,
+      'per_class': {
+          n: {'sensitivity': None, 'specificity': None} for n in names
+      },
+  }
   if groups is not None:
     ci['num_groups'] = int(_group_index(groups, labels.size).max()) + 1
   if n_bootstrap <= 0:
     return ci
-  cms = bootstrap_confusion_matrices(labels, preds, len(names), groups=groups,
-                                     n_bootstrap=n_bootstrap, seed=seed)
+  cms = bootstrap_confusion_matrices(
+      labels,
+      preds,
+      len(names),
+      groups=groups,
+      n_bootstrap=n_bootstrap,
+      seed=seed,
+  )
   rates = _rates(cms)
   ci['accuracy'] = _interval(rates['accuracy'])
   for c, name in enumerate(names):
@@ -347,9 +395,15 @@ def _ci95(labels, preds, names, groups, n_bootstrap, seed, point
 
 
 def classification_metrics(
-    probs: Any, labels: Any, class_names: Sequence[str], *,
-    groups: Any = None, n_bootstrap: int = 1000, seed: int = 0,
-    n_bins: int = 15) -> dict[str, Any]:
+    probs: Any,
+    labels: Any,
+    class_names: Sequence[str],
+    *,
+    groups: Any = None,
+    n_bootstrap: int = 1000,
+    seed: int = 0,
+    n_bins: int = 15,
+) -> dict[str, Any]:
   """Everything a clinical reader asks of a classifier, as a JSON-ready dict.
 
   Args:
@@ -381,8 +435,10 @@ def classification_metrics(
   per_class = {}
   for c, name in enumerate(names):
     positives = labels == c
-    entry = {k: _json_float(rates[k][c]) for k in
-             ('sensitivity', 'specificity', 'ppv', 'npv', 'f1')}
+    entry = {
+        k: _json_float(rates[k][c])
+        for k in ('sensitivity', 'specificity', 'ppv', 'npv', 'f1')
+    }
     entry['auc'] = roc_auc(probs[:, c], positives)
     entry['pr_auc'] = average_precision(probs[:, c], positives)
     entry['support'] = int(support[c])
@@ -402,6 +458,7 @@ def classification_metrics(
       'ece_bins': int(n_bins),
       'nll': _nll(log_probs, labels),
   }
-  result['ci95'] = _ci95(labels, preds, names, groups, n_bootstrap, seed,
-                         result)
+  result['ci95'] = _ci95(
+      labels, preds, names, groups, n_bootstrap, seed, result
+  )
   return result

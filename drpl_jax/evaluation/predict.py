@@ -79,8 +79,9 @@ def class_names_from_workdir(workdir: str, num_classes: int) -> list[str]:
   return names
 
 
-def restore_model(workdir: str, *, step: int | None = None,
-                  use_ema: bool = False) -> RestoredModel:
+def restore_model(
+    workdir: str, *, step: int | None = None, use_ema: bool = False
+) -> RestoredModel:
   """Restores the training run in `workdir` (config from its meta.json).
 
   Args:
@@ -99,12 +100,17 @@ def restore_model(workdir: str, *, step: int | None = None,
   if use_ema and state.ema is None:
     raise ValueError(
         f'{workdir}: checkpoint {step} has no EMA weights '
-        f'(config.optim.ema_decay={config.optim.ema_decay}); drop --ema')
+        f'(config.optim.ema_decay={config.optim.ema_decay}); drop --ema'
+    )
   return RestoredModel(
-      config=config, graphdef=setup.graphdef, params=state.weights(weights),
-      rest=state.rest, step=int(step), weights=weights,
-      class_names=class_names_from_workdir(workdir,
-                                           config.model.num_classes))
+      config=config,
+      graphdef=setup.graphdef,
+      params=state.weights(weights),
+      rest=state.rest,
+      step=int(step),
+      weights=weights,
+      class_names=class_names_from_workdir(workdir, config.model.num_classes),
+  )
 
 
 # ----------------------------------------------------------------------------
@@ -116,8 +122,7 @@ _COLOUR = ('RGB', 'YBR_FULL', 'YBR_FULL_422', 'YBR_ICT', 'YBR_RCT')
 
 def is_dicom(path: str, data: bytes) -> bool:
   """A .dcm/.dicom name, or the 'DICM' magic after the 128-byte preamble."""
-  return (path.lower().endswith(DICOM_EXTENSIONS)
-          or data[128:132] == b'DICM')
+  return path.lower().endswith(DICOM_EXTENSIONS) or data[128:132] == b'DICM'
 
 
 def _first(value: Any) -> float | None:
@@ -125,13 +130,15 @@ def _first(value: Any) -> float | None:
   if value is None or value == '':
     return None
   if isinstance(value, (list, tuple)) or (
-      hasattr(value, '__getitem__') and not isinstance(value, str)):
+      hasattr(value, '__getitem__') and not isinstance(value, str)
+  ):
     return float(value[0]) if len(value) else None
   return float(value)
 
 
-def window(values: np.ndarray, center: float, width: float,
-           function: str = 'LINEAR') -> np.ndarray:
+def window(
+    values: np.ndarray, center: float, width: float, function: str = 'LINEAR'
+) -> np.ndarray:
   """The DICOM VOI window (PS3.3 C.11.2.1.2) mapped to [0, 1]."""
   function = (function or 'LINEAR').upper()
   if function == 'SIGMOID':
@@ -148,8 +155,9 @@ def window(values: np.ndarray, center: float, width: float,
   return np.clip((values - c) / w + 0.5, 0.0, 1.0)
 
 
-def dicom_to_rgb(pixels: np.ndarray, ds: Any, *, path: str = '<dicom>',
-                 voi_lut=None) -> np.ndarray:
+def dicom_to_rgb(
+    pixels: np.ndarray, ds: Any, *, path: str = '<dicom>', voi_lut=None
+) -> np.ndarray:
   """Stored DICOM pixels -> display uint8 RGB [H, W, 3].
 
   Grayscale: modality rescale (RescaleSlope/RescaleIntercept), then the VOI
@@ -160,25 +168,34 @@ def dicom_to_rgb(pixels: np.ndarray, ds: Any, *, path: str = '<dicom>',
   Colour images are scaled by their BitsStored.
   """
   x = np.asarray(pixels)
-  photometric = str(getattr(ds, 'PhotometricInterpretation',
-                            'MONOCHROME2')).upper()
+  photometric = str(
+      getattr(ds, 'PhotometricInterpretation', 'MONOCHROME2')
+  ).upper()
   if photometric in _COLOUR and x.ndim == 3 and x.shape[-1] == 3:
     bits = int(getattr(ds, 'BitsStored', 8) or 8)
-    scaled = x.astype(np.float64) * 255.0 / float(2 ** bits - 1)
+    scaled = x.astype(np.float64) * 255.0 / float(2**bits - 1)
     return np.clip(np.rint(scaled), 0, 255).astype(np.uint8)
   if x.ndim != 2:
-    raise ImageError(path, f'DICOM pixel data of shape {x.shape}: only one '
-                     'grayscale frame (or one RGB frame) is supported')
+    raise ImageError(
+        path,
+        f'DICOM pixel data of shape {x.shape}: only one '
+        'grayscale frame (or one RGB frame) is supported',
+    )
   slope = _first(getattr(ds, 'RescaleSlope', None))
   intercept = _first(getattr(ds, 'RescaleIntercept', None))
   values = x.astype(np.float64) * (1.0 if slope is None else slope) + (
-      0.0 if intercept is None else intercept)
+      0.0 if intercept is None else intercept
+  )
   center = _first(getattr(ds, 'WindowCenter', None))
   width = _first(getattr(ds, 'WindowWidth', None))
   if center is not None and width is not None and width > 0:
     try:
-      unit = window(values, center, width,
-                    str(getattr(ds, 'VOILUTFunction', '') or 'LINEAR'))
+      unit = window(
+          values,
+          center,
+          width,
+          str(getattr(ds, 'VOILUTFunction', '') or 'LINEAR'),
+      )
     except ValueError as e:
       raise ImageError(path, str(e)) from None
   else:
@@ -198,15 +215,17 @@ def read_dicom(path: str, data: bytes | None = None) -> np.ndarray:
   try:
     import pydicom  # pylint: disable=g-import-not-at-top
   except ImportError:
-    raise ImageError(path, 'reading DICOM needs pydicom: pip install '
-                     'pydicom') from None
+    raise ImageError(
+        path, 'reading DICOM needs pydicom: pip install ' 'pydicom'
+    ) from None
   try:
     ds = pydicom.dcmread(path if data is None else io.BytesIO(data))
     pixels = ds.pixel_array
   except Exception as e:  # pylint: disable=broad-except
     # pydicom raises many types (InvalidDicomError, missing decoders, ...).
-    raise ImageError(path, f'cannot read DICOM pixel data: '
-                     f'{type(e).__name__}: {e}') from None
+    raise ImageError(
+        path, f'cannot read DICOM pixel data: ' f'{type(e).__name__}: {e}'
+    ) from None
   voi_lut = None
   if 'VOILUTSequence' in ds:
     # pylint: disable=g-import-not-at-top
@@ -247,17 +266,22 @@ def small_image_warning(image: np.ndarray) -> str | None:
   side = min(image.shape[:2])
   if side >= images_lib.DEFAULT_MIN_SIDE:
     return None
-  return (f'{image.shape[1]}x{image.shape[0]} px is below the '
-          f'{images_lib.DEFAULT_MIN_SIDE} px minimum side that prepare '
-          'accepts; the prediction is unreliable')
+  return (
+      f'{image.shape[1]}x{image.shape[0]} px is below the '
+      f'{images_lib.DEFAULT_MIN_SIDE} px minimum side that prepare '
+      'accepts; the prediction is unreliable'
+  )
 
 
-def preprocess(image: np.ndarray, config: ml_collections.ConfigDict
-               ) -> np.ndarray:
+def preprocess(
+    image: np.ndarray, config: ml_collections.ConfigDict
+) -> np.ndarray:
   """The evaluation view of an image: uint8 [S, S, 3] (see input_pipeline)."""
   return augment.eval_transform(
-      image, size=config.data.image_size,
-      crop_ratio=config.data.get('eval_crop_ratio', 0.875))
+      image,
+      size=config.data.image_size,
+      crop_ratio=config.data.get('eval_crop_ratio', 0.875),
+  )
 
 
 # ----------------------------------------------------------------------------
@@ -279,8 +303,9 @@ class Predictor:
     def infer(params, rest, images):
       model = nnx.merge(graphdef, params, rest)
       x = step_lib.normalize(images, mean, std)
-      feats, attention = model.forward_features(x, train=False,
-                                                return_attention=True)
+      feats, attention = model.forward_features(
+          x, train=False, return_attention=True
+      )
       cls = model.head(feats[:, 0]).astype(jnp.float32)
       logits = {'mean': cls}
       if model.head_dist is not None:
@@ -291,27 +316,37 @@ class Predictor:
 
     self._infer = jax.jit(infer)
 
-  def __call__(self, images: np.ndarray
-               ) -> tuple[dict[str, np.ndarray], np.ndarray]:
+  def __call__(
+      self, images: np.ndarray
+  ) -> tuple[dict[str, np.ndarray], np.ndarray]:
     """uint8 [B, S, S, 3] -> (probabilities per head [B, C], maps [B, G, G])."""
-    probs, attention = self._infer(self.restored.params, self.restored.rest,
-                                   jnp.asarray(images))
-    grid = (images.shape[1] // self.patch_size,
-            images.shape[2] // self.patch_size)
-    maps = rollout.attention_rollout(jax.device_get(attention),
-                                     self.num_prefix_tokens, grid)
+    probs, attention = self._infer(
+        self.restored.params, self.restored.rest, jnp.asarray(images)
+    )
+    grid = (
+        images.shape[1] // self.patch_size,
+        images.shape[2] // self.patch_size,
+    )
+    maps = rollout.attention_rollout(
+        jax.device_get(attention), self.num_prefix_tokens, grid
+    )
     return {k: np.asarray(v) for k, v in probs.items()}, maps
 
 
-def _record(path: str, probs: dict[str, np.ndarray], restored: RestoredModel
-            ) -> dict[str, Any]:
+def _record(
+    path: str, probs: dict[str, np.ndarray], restored: RestoredModel
+) -> dict[str, Any]:
   names = restored.class_names
   per_class = lambda p: {n: float(v) for n, v in zip(names, p)}
   mean = probs['mean']
   index = int(np.argmax(mean))
-  record = {'path': path, 'predicted': names[index],
-            'predicted_index': index, 'probability': float(mean[index]),
-            'probabilities': per_class(mean)}
+  record = {
+      'path': path,
+      'predicted': names[index],
+      'predicted_index': index,
+      'probability': float(mean[index]),
+      'probabilities': per_class(mean),
+  }
   if 'cls' in probs:
     record['heads'] = {h: per_class(probs[h]) for h in ('cls', 'dist')}
   record.update(step=restored.step, weights=restored.weights)
@@ -322,8 +357,13 @@ def _record(path: str, probs: dict[str, np.ndarray], restored: RestoredModel
 # Heatmaps.
 
 
-def overlay_heatmap(view: np.ndarray, heat: np.ndarray, *,
-                    alpha: float = 0.45, cmap: str = 'jet') -> np.ndarray:
+def overlay_heatmap(
+    view: np.ndarray,
+    heat: np.ndarray,
+    *,
+    alpha: float = 0.45,
+    cmap: str = 'jet',
+) -> np.ndarray:
   """Blends a colour-mapped heat grid over a grayscale image.
 
   Args:
@@ -338,42 +378,53 @@ def overlay_heatmap(view: np.ndarray, heat: np.ndarray, *,
     uint8 [H, W, 3].
   """
   import matplotlib  # pylint: disable=g-import-not-at-top
+
   heat = np.asarray(heat, dtype=np.float32)
   lo, hi = float(heat.min()), float(heat.max())
   unit = (heat - lo) / (hi - lo) if hi > lo else np.zeros_like(heat)
   h, w = view.shape[:2]
-  up = np.asarray(Image.fromarray(unit, 'F').resize(
-      (w, h), Image.Resampling.BILINEAR))  # [H, W]
+  up = np.asarray(
+      Image.fromarray(unit, 'F').resize((w, h), Image.Resampling.BILINEAR)
+  )  # [H, W]
   colour = matplotlib.colormaps[cmap](np.clip(up, 0.0, 1.0))[..., :3]
   gray = view.astype(np.float32).mean(axis=-1, keepdims=True) / 255.0
   out = (1.0 - alpha) * gray + alpha * colour  # [H, W, 3]
   return np.clip(np.rint(out * 255.0), 0, 255).astype(np.uint8)
 
 
-def model_view(image: np.ndarray, config: ml_collections.ConfigDict, *,
-               max_side: int = 512) -> np.ndarray:
+def model_view(
+    image: np.ndarray, config: ml_collections.ConfigDict, *, max_side: int = 512
+) -> np.ndarray:
   """The region of `image` the model sees (the eval crop), for display.
 
   Kept at the image's resolution up to `max_side` pixels per side.
   """
   h, w = image.shape[:2]
   left, top, right, bottom = augment.center_crop_box(
-      h, w, config.data.image_size,
-      config.data.get('eval_crop_ratio', 0.875))
+      h, w, config.data.image_size, config.data.get('eval_crop_ratio', 0.875)
+  )
   box = [int(round(v)) for v in (left, top, right, bottom)]
-  view = image[box[1]:box[3], box[0]:box[2]]  # [h', w', 3]
+  view = image[box[1] : box[3], box[0] : box[2]]  # [h', w', 3]
   side = max(view.shape[:2])
   if side > max_side:
     scale = max_side / side
-    size = (max(1, round(view.shape[1] * scale)),
-            max(1, round(view.shape[0] * scale)))
-    view = np.asarray(Image.fromarray(view).resize(
-        size, Image.Resampling.BILINEAR))
+    size = (
+        max(1, round(view.shape[1] * scale)),
+        max(1, round(view.shape[0] * scale)),
+    )
+    view = np.asarray(
+        Image.fromarray(view).resize(size, Image.Resampling.BILINEAR)
+    )
   return view
 
 
-def save_heatmap(image: np.ndarray, heat: np.ndarray, title: str,
-                 out_path: str, config: ml_collections.ConfigDict) -> None:
+def save_heatmap(
+    image: np.ndarray,
+    heat: np.ndarray,
+    title: str,
+    out_path: str,
+    config: ml_collections.ConfigDict,
+) -> None:
   """Writes the rollout overlay on the model's view of `image` as a PNG."""
   # pylint: disable=g-import-not-at-top
   from matplotlib import figure
@@ -405,9 +456,14 @@ def _heatmap_path(heatmap_dir: str, path: str, used: set[str]) -> str:
 # API and command line.
 
 
-def predict_images(workdir: str, paths: Sequence[str], *,
-                   step: int | None = None, heatmap_dir: str | None = None,
-                   use_ema: bool = False) -> list[dict[str, Any]]:
+def predict_images(
+    workdir: str,
+    paths: Sequence[str],
+    *,
+    step: int | None = None,
+    heatmap_dir: str | None = None,
+    use_ema: bool = False,
+) -> list[dict[str, Any]]:
   """Predicts every image in `paths`, in order.
 
   Returns one dict per path: on success `path`, `predicted`,
@@ -439,28 +495,40 @@ def predict_images(workdir: str, paths: Sequence[str], *,
       print(f'warning: {path}: {small}', file=sys.stderr)
     if heatmap_dir:
       out = _heatmap_path(heatmap_dir, path, used)
-      title = (f'{os.path.basename(path)}: {record["predicted"]} '
-               f'({record["probability"]:.1%})')
+      title = (
+          f'{os.path.basename(path)}: {record["predicted"]} '
+          f'({record["probability"]:.1%})'
+      )
       save_heatmap(image, maps[0], title, out, restored.config)
       record['heatmap'] = out
     results.append(record)
   return results
 
 
-def predict_command(workdir: str, paths: Sequence[str], *,
-                    step: int | None = None, heatmap_dir: str | None = None,
-                    use_ema: bool = False) -> int:
+def predict_command(
+    workdir: str,
+    paths: Sequence[str],
+    *,
+    step: int | None = None,
+    heatmap_dir: str | None = None,
+    use_ema: bool = False,
+) -> int:
   """What the command does: one JSON line per image on stdout, one
   `error: PATH: reason` line per unreadable image on stderr; returns the
   exit code (1 if any image failed). Bad input raises cli.UserError."""
   if not paths:
-    raise cli.UserError('no IMAGE given: python -m drpl_jax.predict '
-                        '--workdir=DIR IMAGE...')
+    raise cli.UserError(
+        'no IMAGE given: python -m drpl_jax.predict ' '--workdir=DIR IMAGE...'
+    )
   try:
-    results = predict_images(workdir, paths, step=step,
-                             heatmap_dir=heatmap_dir, use_ema=use_ema)
-  except (FileNotFoundError, ValueError,
-          checkpointing.IncompleteCheckpointError) as e:
+    results = predict_images(
+        workdir, paths, step=step, heatmap_dir=heatmap_dir, use_ema=use_ema
+    )
+  except (
+      FileNotFoundError,
+      ValueError,
+      checkpointing.IncompleteCheckpointError,
+  ) as e:
     raise cli.UserError(str(e)) from e
   failed = 0
   for record in results:
@@ -476,16 +544,25 @@ def main(argv: Sequence[str]) -> int:
   """The absl main: the positional arguments are the images."""
   hostmem.configure()  # before JAX starts its CPU client
   f = flags.FLAGS
-  return predict_command(f.workdir, list(argv[1:]), step=f.step,
-                         heatmap_dir=f.heatmap, use_ema=f.ema)
+  return predict_command(
+      f.workdir,
+      list(argv[1:]),
+      step=f.step,
+      heatmap_dir=f.heatmap,
+      use_ema=f.ema,
+  )
 
 
 def run() -> None:
   """The command line: defines the flags, then runs `main` under the exit
   policy of drpl_jax/cli.py."""
   cli.define_workdir()
-  flags.DEFINE_string('heatmap', None, 'Directory for one rollout heatmap '
-                      'PNG per image (OUT/<name>_rollout.png).')
+  flags.DEFINE_string(
+      'heatmap',
+      None,
+      'Directory for one rollout heatmap '
+      'PNG per image (OUT/<name>_rollout.png).',
+  )
   cli.define_step()
   cli.define_ema()
   cli.run(main)

@@ -53,14 +53,22 @@ def probe_settings(config) -> dict[str, Any]:
   probes = config.get('probes') or {}
   get = probes.get
   box = tuple(float(v) for v in get('lung_box', DEFAULT_LUNG_BOX))
-  if (len(box) != 4 or not 0 <= box[0] < box[1] <= 1
-      or not 0 <= box[2] < box[3] <= 1):
-    raise ValueError(f'config.probes.lung_box={box}: need (top, bottom, '
-                     'left, right) fractions with 0 <= top < bottom <= 1 and '
-                     '0 <= left < right <= 1')
-  return {'enabled': bool(get('enabled', True)), 'lung_box': box,
-          'margin': float(get('margin', DEFAULT_MARGIN)),
-          'above_chance': float(get('above_chance', DEFAULT_ABOVE_CHANCE))}
+  if (
+      len(box) != 4
+      or not 0 <= box[0] < box[1] <= 1
+      or not 0 <= box[2] < box[3] <= 1
+  ):
+    raise ValueError(
+        f'config.probes.lung_box={box}: need (top, bottom, '
+        'left, right) fractions with 0 <= top < bottom <= 1 and '
+        '0 <= left < right <= 1'
+    )
+  return {
+      'enabled': bool(get('enabled', True)),
+      'lung_box': box,
+      'margin': float(get('margin', DEFAULT_MARGIN)),
+      'above_chance': float(get('above_chance', DEFAULT_ABOVE_CHANCE)),
+  }
 
 
 def box_mask(height: int, width: int, box: tuple[float, ...]) -> np.ndarray:
@@ -72,8 +80,9 @@ def box_mask(height: int, width: int, box: tuple[float, ...]) -> np.ndarray:
   return mask
 
 
-def grid_box_mask(grid_h: int, grid_w: int, box: tuple[float, ...]
-                  ) -> np.ndarray:
+def grid_box_mask(
+    grid_h: int, grid_w: int, box: tuple[float, ...]
+) -> np.ndarray:
   """bool [Gh, Gw]: patches whose centre lies inside the box."""
   rows = (np.arange(grid_h) + 0.5) / grid_h
   cols = (np.arange(grid_w) + 0.5) / grid_w
@@ -82,8 +91,9 @@ def grid_box_mask(grid_h: int, grid_w: int, box: tuple[float, ...]
   return in_rows[:, None] & in_cols[None, :]
 
 
-def mask_images(images: np.ndarray, keep: np.ndarray,
-                mean: tuple[float, ...]) -> np.ndarray:
+def mask_images(
+    images: np.ndarray, keep: np.ndarray, mean: tuple[float, ...]
+) -> np.ndarray:
   """uint8 or [0, 1] images [B, H, W, 3] -> float32 [0, 1] images with the
   pixels where `keep` [H, W] is False set to `mean` (0 once normalised)."""
   x = np.asarray(images, np.float32)
@@ -101,8 +111,9 @@ class _Masked:
     self._box, self._mean = box, tuple(mean)
 
   def _mask(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    inside = box_mask(batch['image'].shape[1], batch['image'].shape[2],
-                      self._box)
+    inside = box_mask(
+        batch['image'].shape[1], batch['image'].shape[2], self._box
+    )
     keep = inside if self._keep_inside else ~inside
     return dict(batch, image=mask_images(batch['image'], keep, self._mean))
 
@@ -110,27 +121,40 @@ class _Masked:
     return self._evaluator.predict(map(self._mask, batches), params_key)
 
 
-def _figures(logits: np.ndarray, labels: np.ndarray,
-             class_names) -> dict[str, Any]:
+def _figures(
+    logits: np.ndarray, labels: np.ndarray, class_names
+) -> dict[str, Any]:
   from drpl_jax.evaluation import metrics  # pylint: disable=g-import-not-at-top
-  m = metrics.classification_metrics(metrics.softmax(logits), labels,
-                                     class_names, n_bootstrap=0)
-  return {'accuracy': m['accuracy'],
-          'balanced_accuracy': m['balanced_accuracy'],
-          'auc': m['macro'].get('auc')}
+
+  m = metrics.classification_metrics(
+      metrics.softmax(logits), labels, class_names, n_bootstrap=0
+  )
+  return {
+      'accuracy': m['accuracy'],
+      'balanced_accuracy': m['balanced_accuracy'],
+      'auc': m['macro'].get('auc'),
+  }
 
 
-def shortcut_flag(normal: float, hidden: float, chance: float,
-                  margin: float, above_chance: float) -> bool:
+def shortcut_flag(
+    normal: float,
+    hidden: float,
+    chance: float,
+    margin: float,
+    above_chance: float,
+) -> bool:
   """The rule of the module docstring: still right with the lungs hidden."""
   return hidden >= normal - margin and hidden >= chance + above_chance
 
 
-def shortcut_probes(config, evaluator, report: Mapping[str, Any],
-                    class_names, labels: np.ndarray,
-                    predict: Callable[[Any], tuple[dict[str, np.ndarray],
-                                                   np.ndarray]]
-                    ) -> dict[str, Any]:
+def shortcut_probes(
+    config,
+    evaluator,
+    report: Mapping[str, Any],
+    class_names,
+    labels: np.ndarray,
+    predict: Callable[[Any], tuple[dict[str, np.ndarray], np.ndarray]],
+) -> dict[str, Any]:
   """The `probes` entry of report.json.
 
   `predict(evaluator_like)` returns (logits per head, labels) over the
@@ -141,9 +165,12 @@ def shortcut_probes(config, evaluator, report: Mapping[str, Any],
   out: dict[str, Any] = {
       'lung_box': list(s['lung_box']),
       'mask_value': 'config.data.mean (0 in normalised input space)',
-      'normal': {'accuracy': report['accuracy'],
-                 'balanced_accuracy': report['balanced_accuracy'],
-                 'auc': report['macro'].get('auc')}}
+      'normal': {
+          'accuracy': report['accuracy'],
+          'balanced_accuracy': report['balanced_accuracy'],
+          'auc': report['macro'].get('auc'),
+      },
+  }
   for name, keep_inside in (('lungs_hidden', False), ('lungs_only', True)):
     masked = _Masked(evaluator, keep_inside, s['lung_box'], config.data.mean)
     logits, probe_labels = predict(masked)
@@ -155,19 +182,24 @@ def shortcut_probes(config, evaluator, report: Mapping[str, Any],
   out['chance'] = chance
   out['rule'] = {'margin': s['margin'], 'above_chance': s['above_chance']}
   out['shortcut_flag'] = shortcut_flag(
-      report['accuracy'], out['lungs_hidden']['accuracy'], chance,
-      s['margin'], s['above_chance'])
+      report['accuracy'],
+      out['lungs_hidden']['accuracy'],
+      chance,
+      s['margin'],
+      s['above_chance'],
+  )
   return out
 
 
-def rollout_summary(config, graphdef, params, rest,
-                    batches: Iterable[dict[str, np.ndarray]]
-                    ) -> dict[str, Any]:
+def rollout_summary(
+    config, graphdef, params, rest, batches: Iterable[dict[str, np.ndarray]]
+) -> dict[str, Any]:
   """The `attention` entry: rollout mass inside the lung box (see doc)."""
   import jax  # pylint: disable=g-import-not-at-top
   from flax import nnx  # pylint: disable=g-import-not-at-top
   from drpl_jax.evaluation import rollout  # pylint: disable=g-import-not-at-top
   from drpl_jax.train import step as step_lib  # pylint: disable=g-import-not-at-top
+
   mean, std = tuple(config.data.mean), tuple(config.data.std)
   box = probe_settings(config)['lung_box']
   prefix = 2 if config.model.distilled else 1
@@ -177,8 +209,10 @@ def rollout_summary(config, graphdef, params, rest,
   def attention_of(params, rest, images):
     model = nnx.merge(graphdef, params, rest)
     _, attention = model.forward_features(
-        step_lib.normalize(images, mean, std), train=False,
-        return_attention=True)
+        step_lib.normalize(images, mean, std),
+        train=False,
+        return_attention=True,
+    )
     return attention
 
   shares, area = [], None
@@ -197,9 +231,13 @@ def rollout_summary(config, graphdef, params, rest,
   if not shares:
     return {}
   shares = np.concatenate(shares)
-  return {'lung_box': list(box), 'lung_share_mean': float(shares.mean()),
-          'lung_share_std': float(shares.std()),
-          'box_patch_fraction': area, 'num_images': int(shares.size)}
+  return {
+      'lung_box': list(box),
+      'lung_share_mean': float(shares.mean()),
+      'lung_share_std': float(shares.std()),
+      'box_patch_fraction': area,
+      'num_images': int(shares.size),
+  }
 
 
 def markdown(report: Mapping[str, Any]) -> list[str]:
@@ -209,33 +247,56 @@ def markdown(report: Mapping[str, Any]) -> list[str]:
   if p:
     fmt = lambda x: '—' if x is None else f'{100 * x:.1f}%'
     auc = lambda x: '—' if x is None else f'{x:.3f}'
-    rows = [(name.replace('_', ' '), fmt(p[name]['accuracy']),
-             fmt(p[name]['balanced_accuracy']), auc(p[name]['auc']))
-            for name in ('normal',) + PROBES]
+    rows = [
+        (
+            name.replace('_', ' '),
+            fmt(p[name]['accuracy']),
+            fmt(p[name]['balanced_accuracy']),
+            auc(p[name]['auc']),
+        )
+        for name in ('normal',) + PROBES
+    ]
     box = ', '.join(f'{v:g}' for v in p['lung_box'])
-    lines += ['## Shortcut probes', '',
-              '| Input | Accuracy | Balanced accuracy | AUC (macro) |',
-              '|---|---|---|---|']
+    lines += [
+        '## Shortcut probes',
+        '',
+        '| Input | Accuracy | Balanced accuracy | AUC (macro) |',
+        '|---|---|---|---|',
+    ]
     lines += [f'| {" | ".join(r)} |' for r in rows]
-    lines += ['', f'Lung box (top, bottom, left, right as fractions of the '
-              f'input): ({box}); masked pixels are set to the normalisation '
-              f'mean. Chance (majority class): {fmt(p["chance"])}.', '']
+    lines += [
+        '',
+        f'Lung box (top, bottom, left, right as fractions of the '
+        f'input): ({box}); masked pixels are set to the normalisation '
+        f'mean. Chance (majority class): {fmt(p["chance"])}.',
+        '',
+    ]
     if p.get('shortcut_flag'):
       r = p['rule']
       hidden = fmt(p['lungs_hidden']['accuracy'])
-      lines += [f'**FLAG: possible shortcut learning.** With the lungs '
-                f'hidden the model still scores {hidden}, within {r["margin"]:g} of its normal accuracy and more '
-                f'than {r["above_chance"]:g} above chance: it classifies from '
-                'outside the lungs (borders, markers, body outline).', '']
+      lines += [
+          f'**FLAG: possible shortcut learning.** With the lungs '
+          f'hidden the model still scores {hidden}, within {r["margin"]:g} of its normal accuracy and more '
+          f'than {r["above_chance"]:g} above chance: it classifies from '
+          'outside the lungs (borders, markers, body outline).',
+          '',
+      ]
     else:
-      lines += ['No shortcut flag: hiding the lungs costs more than the '
-                'margin, or leaves the model near chance.', '']
+      lines += [
+          'No shortcut flag: hiding the lungs costs more than the '
+          'margin, or leaves the model near chance.',
+          '',
+      ]
   a = report.get('attention')
   if a:
-    lines += ['## Attention rollout', '',
-              f'Share of the rollout mass inside the lung box: '
-              f'{100 * a["lung_share_mean"]:.1f}% (std '
-              f'{100 * a["lung_share_std"]:.1f}%, {a["num_images"]} images); '
-              f'a uniform map would give {100 * a["box_patch_fraction"]:.1f}%'
-              ' (the box\'s share of the patches).', '']
+    lines += [
+        '## Attention rollout',
+        '',
+        f'Share of the rollout mass inside the lung box: '
+        f'{100 * a["lung_share_mean"]:.1f}% (std '
+        f'{100 * a["lung_share_std"]:.1f}%, {a["num_images"]} images); '
+        f'a uniform map would give {100 * a["box_patch_fraction"]:.1f}%'
+        " (the box's share of the patches).",
+        '',
+    ]
   return lines

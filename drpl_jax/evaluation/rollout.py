@@ -24,18 +24,23 @@ import numpy as np
 def _check_attention(attentions: Sequence[np.ndarray]) -> list[np.ndarray]:
   """Validates a list of [B, heads, L, L] arrays; returns them as float64."""
   if not attentions:
-    raise ValueError('attention_rollout needs at least one layer of '
-                     'attention probabilities')
+    raise ValueError(
+        'attention_rollout needs at least one layer of '
+        'attention probabilities'
+    )
   out = []
   for i, a in enumerate(attentions):
     a = np.asarray(a, dtype=np.float64)
     if a.ndim != 4 or a.shape[-1] != a.shape[-2]:
-      raise ValueError(f'attention of layer {i} must be [B, heads, L, L], '
-                       f'got shape {a.shape}')
-    if out and (a.shape[0], a.shape[-1]) != (out[0].shape[0],
-                                             out[0].shape[-1]):
-      raise ValueError(f'attention of layer {i} has shape {a.shape}, layer 0 '
-                       f'has {out[0].shape}: batch and tokens must agree')
+      raise ValueError(
+          f'attention of layer {i} must be [B, heads, L, L], '
+          f'got shape {a.shape}'
+      )
+    if out and (a.shape[0], a.shape[-1]) != (out[0].shape[0], out[0].shape[-1]):
+      raise ValueError(
+          f'attention of layer {i} has shape {a.shape}, layer 0 '
+          f'has {out[0].shape}: batch and tokens must agree'
+      )
     out.append(a)
   return out
 
@@ -61,9 +66,11 @@ def rollout_matrix(attentions: Sequence[np.ndarray]) -> np.ndarray:
   return joint
 
 
-def attention_rollout(attentions: Sequence[np.ndarray],
-                      num_prefix_tokens: int,
-                      grid: tuple[int, int] | int) -> np.ndarray:
+def attention_rollout(
+    attentions: Sequence[np.ndarray],
+    num_prefix_tokens: int,
+    grid: tuple[int, int] | int,
+) -> np.ndarray:
   """Attention-rollout maps of the prediction over the patch grid.
 
   Args:
@@ -88,6 +95,7 @@ def attention_rollout(attentions: Sequence[np.ndarray],
   if joint.shape[-1] != p + gh * gw:
     raise ValueError(
         f'attention over {joint.shape[-1]} tokens does not match '
-        f'{p} prefix tokens + a {gh}x{gw} grid ({p + gh * gw} tokens)')
+        f'{p} prefix tokens + a {gh}x{gw} grid ({p + gh * gw} tokens)'
+    )
   rows = joint[:, :p, p:].mean(axis=1)  # [B, N]
   return rows.reshape(-1, gh, gw)  # [B, Gh, Gw]

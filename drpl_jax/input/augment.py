@@ -41,6 +41,7 @@ _FILL = 128
 @dataclasses.dataclass(frozen=True)
 class AugmentConfig:
   """The DeiT training recipe; mirrors `config.data.augment`."""
+
   random_resized_crop: bool = True
   crop_scale: tuple[float, float] = (0.08, 1.0)
   crop_ratio: tuple[float, float] = (3 / 4, 4 / 3)
@@ -54,14 +55,16 @@ class AugmentConfig:
 
   def __post_init__(self):
     if self.interpolation not in INTERPOLATIONS:
-      raise ValueError(f'augment.interpolation={self.interpolation!r} is not '
-                       f'one of {sorted(INTERPOLATIONS)}')
-    if self.repeated_aug < 1:
       raise ValueError(
-          f'augment.repeated_aug={self.repeated_aug} must be >= 1')
+          f'augment.interpolation={self.interpolation!r} is not '
+          f'one of {sorted(INTERPOLATIONS)}'
+      )
+    if self.repeated_aug < 1:
+      raise ValueError(f'augment.repeated_aug={self.repeated_aug} must be >= 1')
     if not 0.0 <= self.random_erase <= 1.0:
       raise ValueError(
-          f'augment.random_erase={self.random_erase} is not a probability')
+          f'augment.random_erase={self.random_erase} is not a probability'
+      )
 
   @classmethod
   def from_config(cls, cfg: Any) -> 'AugmentConfig':
@@ -74,8 +77,10 @@ class AugmentConfig:
     known = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(items) - known)
     if unknown:
-      raise ValueError(f'unknown config.data.augment keys {unknown}; '
-                       f'known: {sorted(known)}')
+      raise ValueError(
+          f'unknown config.data.augment keys {unknown}; '
+          f'known: {sorted(known)}'
+      )
     for key in ('crop_scale', 'crop_ratio'):
       if key in items:
         items[key] = tuple(float(v) for v in items[key])
@@ -93,8 +98,10 @@ def _check_image(image: np.ndarray) -> np.ndarray:
   if image.ndim == 2:
     image = image[..., None]
   if image.ndim != 3 or image.shape[-1] not in (1, 3):
-    raise ValueError(f'expected an image [H, W, 3] (or [H, W, 1]), got shape '
-                     f'{image.shape}')
+    raise ValueError(
+        f'expected an image [H, W, 3] (or [H, W, 1]), got shape '
+        f'{image.shape}'
+    )
   return image
 
 
@@ -104,8 +111,9 @@ def to_pil(image: np.ndarray) -> Image.Image:
   if image.shape[-1] == 1:
     return Image.fromarray(np.ascontiguousarray(image[..., 0]), 'L')
   flat = image.reshape(-1, 3)
-  if (np.array_equal(flat[:, 0], flat[:, 1])
-      and np.array_equal(flat[:, 0], flat[:, 2])):
+  if np.array_equal(flat[:, 0], flat[:, 1]) and np.array_equal(
+      flat[:, 0], flat[:, 2]
+  ):
     return Image.fromarray(np.ascontiguousarray(image[..., 0]), 'L')
   return Image.fromarray(np.ascontiguousarray(image), 'RGB')
 
@@ -121,9 +129,14 @@ def from_pil(img: Image.Image) -> np.ndarray:
 # Crops.
 
 
-def drawn_box(height: int, width: int, rng: np.random.Generator, *,
-              scale: tuple[float, float], ratio: tuple[float, float]
-              ) -> tuple[int, int, int, int] | None:
+def drawn_box(
+    height: int,
+    width: int,
+    rng: np.random.Generator,
+    *,
+    scale: tuple[float, float],
+    ratio: tuple[float, float],
+) -> tuple[int, int, int, int] | None:
   """Inception-style crop tries: a fitting `(top, left, h, w)` or None.
 
   Up to 10 draws of a box of area `scale * H * W` and aspect ratio
@@ -144,10 +157,14 @@ def drawn_box(height: int, width: int, rng: np.random.Generator, *,
   return None
 
 
-def rrc_box(height: int, width: int, rng: np.random.Generator, *,
-            scale: tuple[float, float] = (0.08, 1.0),
-            ratio: tuple[float, float] = (3 / 4, 4 / 3)
-            ) -> tuple[int, int, int, int]:
+def rrc_box(
+    height: int,
+    width: int,
+    rng: np.random.Generator,
+    *,
+    scale: tuple[float, float] = (0.08, 1.0),
+    ratio: tuple[float, float] = (3 / 4, 4 / 3),
+) -> tuple[int, int, int, int]:
   """Samples a random-resized-crop box `(top, left, h, w)` like torchvision.
 
   `drawn_box`'s tries; when none fits, the largest centred box whose aspect
@@ -168,29 +185,38 @@ def rrc_box(height: int, width: int, rng: np.random.Generator, *,
   return (height - h) // 2, (width - w) // 2, h, w
 
 
-def _resize_box(img: Image.Image, size: int, box: tuple[float, ...],
-                interpolation: str) -> Image.Image:
+def _resize_box(
+    img: Image.Image, size: int, box: tuple[float, ...], interpolation: str
+) -> Image.Image:
   # One resampling of the box straight to [size, size]: crop-then-resize
   # without materialising the crop; reducing_gap speeds up big reductions.
-  return img.resize((size, size), INTERPOLATIONS[interpolation], box=box,
-                    reducing_gap=3.0)
+  return img.resize(
+      (size, size), INTERPOLATIONS[interpolation], box=box, reducing_gap=3.0
+  )
 
 
-def random_resized_crop(image: np.ndarray, size: int,
-                        rng: np.random.Generator, *,
-                        scale: tuple[float, float] = (0.08, 1.0),
-                        ratio: tuple[float, float] = (3 / 4, 4 / 3),
-                        interpolation: str = 'bicubic') -> np.ndarray:
+def random_resized_crop(
+    image: np.ndarray,
+    size: int,
+    rng: np.random.Generator,
+    *,
+    scale: tuple[float, float] = (0.08, 1.0),
+    ratio: tuple[float, float] = (3 / 4, 4 / 3),
+    interpolation: str = 'bicubic',
+) -> np.ndarray:
   """Crops a random box (see `rrc_box`) and resizes it to [size, size]."""
   img = to_pil(image)
-  top, left, h, w = rrc_box(img.height, img.width, rng, scale=scale,
-                            ratio=ratio)
+  top, left, h, w = rrc_box(
+      img.height, img.width, rng, scale=scale, ratio=ratio
+  )
   return from_pil(
-      _resize_box(img, size, (left, top, left + w, top + h), interpolation))
+      _resize_box(img, size, (left, top, left + w, top + h), interpolation)
+  )
 
 
-def center_crop_box(height: int, width: int, size: int,
-                    crop_ratio: float) -> tuple[float, float, float, float]:
+def center_crop_box(
+    height: int, width: int, size: int, crop_ratio: float
+) -> tuple[float, float, float, float]:
   """The eval crop as a box `(left, top, right, bottom)` in the input.
 
   Equivalent to resizing the shorter side to `size / crop_ratio` (floored,
@@ -207,17 +233,22 @@ def center_crop_box(height: int, width: int, size: int,
   return (left, top, left + size * scale, top + size * scale)
 
 
-def eval_resize_crop(image: np.ndarray, size: int, *,
-                     crop_ratio: float = 0.875,
-                     interpolation: str = 'bicubic') -> np.ndarray:
+def eval_resize_crop(
+    image: np.ndarray,
+    size: int,
+    *,
+    crop_ratio: float = 0.875,
+    interpolation: str = 'bicubic',
+) -> np.ndarray:
   """Eval preprocessing: shorter side to size/crop_ratio, centre crop size."""
   img = to_pil(image)
   box = center_crop_box(img.height, img.width, size, crop_ratio)
   return from_pil(_resize_box(img, size, box, interpolation))
 
 
-def horizontal_flip(image: np.ndarray, rng: np.random.Generator,
-                    prob: float = 0.5) -> np.ndarray:
+def horizontal_flip(
+    image: np.ndarray, rng: np.random.Generator, prob: float = 0.5
+) -> np.ndarray:
   """Mirrors the image left-right with probability `prob`."""
   image = _check_image(image)
   if rng.random() < prob:
@@ -238,14 +269,20 @@ def _fill(img: Image.Image) -> Any:
 
 
 def _affine(img: Image.Image, data: tuple[float, ...]) -> Image.Image:
-  return img.transform(img.size, Image.Transform.AFFINE, data,
-                       Image.Resampling.BICUBIC, fillcolor=_fill(img))
+  return img.transform(
+      img.size,
+      Image.Transform.AFFINE,
+      data,
+      Image.Resampling.BICUBIC,
+      fillcolor=_fill(img),
+  )
 
 
 def _rotate(img, m, rng):
   degrees = _negate(m / _MAX_LEVEL * 30.0, rng)
-  return img.rotate(degrees, resample=Image.Resampling.BICUBIC,
-                    fillcolor=_fill(img))
+  return img.rotate(
+      degrees, resample=Image.Resampling.BICUBIC, fillcolor=_fill(img)
+  )
 
 
 def _shear_x(img, m, rng):
@@ -289,6 +326,7 @@ def _enhance(enhancer: Callable[[Image.Image], Any]):
   def op(img, m, rng):
     factor = 1.0 + _negate(m / _MAX_LEVEL * 0.9, rng)
     return enhancer(img).enhance(factor)
+
   return op
 
 
@@ -296,6 +334,7 @@ def _no_level(fn: Callable[[Image.Image], Image.Image]):
   def op(img, m, rng):
     del m, rng
     return fn(img)
+
   return op
 
 
@@ -320,10 +359,16 @@ RAND_AUGMENT_OPS: dict[str, Callable[..., Image.Image]] = {
 _OP_NAMES = tuple(RAND_AUGMENT_OPS)
 
 
-def rand_augment_pil(img: Image.Image, rng: np.random.Generator, *,
-                     num_ops: int = 2, magnitude: float = 9.0,
-                     magnitude_std: float = 0.5, prob: float = 0.5,
-                     ops: tuple[str, ...] = _OP_NAMES) -> Image.Image:
+def rand_augment_pil(
+    img: Image.Image,
+    rng: np.random.Generator,
+    *,
+    num_ops: int = 2,
+    magnitude: float = 9.0,
+    magnitude_std: float = 0.5,
+    prob: float = 0.5,
+    ops: tuple[str, ...] = _OP_NAMES,
+) -> Image.Image:
   """RandAugment on a PIL image (mode 'L' or 'RGB'), as timm's RandAugment.
 
   Draws `num_ops` ops uniformly with replacement; each is applied with
@@ -332,8 +377,10 @@ def rand_augment_pil(img: Image.Image, rng: np.random.Generator, *,
   """
   for name in ops:
     if name not in RAND_AUGMENT_OPS:
-      raise ValueError(f'unknown RandAugment op {name!r}; known: '
-                       f'{list(RAND_AUGMENT_OPS)}')
+      raise ValueError(
+          f'unknown RandAugment op {name!r}; known: '
+          f'{list(RAND_AUGMENT_OPS)}'
+      )
   if num_ops <= 0:
     return img
   chosen = rng.integers(0, len(ops), size=num_ops)
@@ -348,14 +395,26 @@ def rand_augment_pil(img: Image.Image, rng: np.random.Generator, *,
   return img
 
 
-def rand_augment(image: np.ndarray, rng: np.random.Generator, *,
-                 num_ops: int = 2, magnitude: float = 9.0,
-                 magnitude_std: float = 0.5, prob: float = 0.5,
-                 ops: tuple[str, ...] = _OP_NAMES) -> np.ndarray:
+def rand_augment(
+    image: np.ndarray,
+    rng: np.random.Generator,
+    *,
+    num_ops: int = 2,
+    magnitude: float = 9.0,
+    magnitude_std: float = 0.5,
+    prob: float = 0.5,
+    ops: tuple[str, ...] = _OP_NAMES,
+) -> np.ndarray:
   """RandAugment on a uint8 [H, W, 3] image; see `rand_augment_pil`."""
-  img = rand_augment_pil(to_pil(image), rng, num_ops=num_ops,
-                         magnitude=magnitude, magnitude_std=magnitude_std,
-                         prob=prob, ops=ops)
+  img = rand_augment_pil(
+      to_pil(image),
+      rng,
+      num_ops=num_ops,
+      magnitude=magnitude,
+      magnitude_std=magnitude_std,
+      prob=prob,
+      ops=ops,
+  )
   return from_pil(img)
 
 
@@ -363,10 +422,16 @@ def rand_augment(image: np.ndarray, rng: np.random.Generator, *,
 # Random erasing.
 
 
-def random_erasing(image: np.ndarray, rng: np.random.Generator, *,
-                   prob: float = 0.25, min_area: float = 0.02,
-                   max_area: float = 1 / 3, min_aspect: float = 0.3,
-                   max_aspect: float | None = None) -> np.ndarray:
+def random_erasing(
+    image: np.ndarray,
+    rng: np.random.Generator,
+    *,
+    prob: float = 0.25,
+    min_area: float = 0.02,
+    max_area: float = 1 / 3,
+    min_aspect: float = 0.3,
+    max_aspect: float | None = None,
+) -> np.ndarray:
   """Erases one random box with uniform random pixels, with prob `prob`.
 
   timm's RandomErasing in `pixel` mode with one box; timm draws normal noise
@@ -388,8 +453,9 @@ def random_erasing(image: np.ndarray, rng: np.random.Generator, *,
       top = int(rng.integers(0, height - h + 1))
       left = int(rng.integers(0, width - w + 1))
       out = np.array(image)
-      out[top:top + h, left:left + w] = rng.integers(
-          0, 256, size=(h, w, channels), dtype=np.uint8)
+      out[top : top + h, left : left + w] = rng.integers(
+          0, 256, size=(h, w, channels), dtype=np.uint8
+      )
       return out
   return image
 
@@ -398,8 +464,13 @@ def random_erasing(image: np.ndarray, rng: np.random.Generator, *,
 # Whole recipes.
 
 
-def train_transform(image: np.ndarray, rng: np.random.Generator, *,
-                    size: int, config: AugmentConfig) -> np.ndarray:
+def train_transform(
+    image: np.ndarray,
+    rng: np.random.Generator,
+    *,
+    size: int,
+    config: AugmentConfig,
+) -> np.ndarray:
   """The full DeiT train recipe: uint8 [H, W, 3] -> uint8 [size, size, 3].
 
   RRC (or a plain resize when off) -> hflip -> RandAugment on the small
@@ -407,8 +478,13 @@ def train_transform(image: np.ndarray, rng: np.random.Generator, *,
   """
   img = to_pil(image)
   if config.random_resized_crop:
-    top, left, h, w = rrc_box(img.height, img.width, rng,
-                              scale=config.crop_scale, ratio=config.crop_ratio)
+    top, left, h, w = rrc_box(
+        img.height,
+        img.width,
+        rng,
+        scale=config.crop_scale,
+        ratio=config.crop_ratio,
+    )
     box = (left, top, left + w, top + h)
   else:
     box = (0, 0, img.width, img.height)
@@ -416,17 +492,27 @@ def train_transform(image: np.ndarray, rng: np.random.Generator, *,
   if config.hflip and rng.random() < 0.5:
     img = img.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
   if config.randaugment_ops > 0:
-    img = rand_augment_pil(img, rng, num_ops=config.randaugment_ops,
-                           magnitude=config.randaugment_magnitude,
-                           magnitude_std=config.randaugment_mstd)
+    img = rand_augment_pil(
+        img,
+        rng,
+        num_ops=config.randaugment_ops,
+        magnitude=config.randaugment_magnitude,
+        magnitude_std=config.randaugment_mstd,
+    )
   out = from_pil(img)
   if config.random_erase > 0:
     out = random_erasing(out, rng, prob=config.random_erase)
   return out
 
 
-def eval_transform(image: np.ndarray, *, size: int, crop_ratio: float = 0.875,
-                   interpolation: str = 'bicubic') -> np.ndarray:
+def eval_transform(
+    image: np.ndarray,
+    *,
+    size: int,
+    crop_ratio: float = 0.875,
+    interpolation: str = 'bicubic',
+) -> np.ndarray:
   """Eval preprocessing (`eval_resize_crop`); uint8 in, uint8 out."""
-  return eval_resize_crop(image, size, crop_ratio=crop_ratio,
-                          interpolation=interpolation)
+  return eval_resize_crop(
+      image, size, crop_ratio=crop_ratio, interpolation=interpolation
+  )

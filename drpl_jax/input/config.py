@@ -42,18 +42,21 @@ class DataConfig:
 
   def __post_init__(self):
     if self.image_size < 1:
-      raise ValueError(f'config.data.image_size={self.image_size} must be '
-                       '>= 1')
+      raise ValueError(
+          f'config.data.image_size={self.image_size} must be ' '>= 1'
+      )
     if not 0.0 < self.eval_crop_ratio <= 1.0:
-      raise ValueError(f'config.data.eval_crop_ratio={self.eval_crop_ratio} '
-                       'must be in (0, 1]')
+      raise ValueError(
+          f'config.data.eval_crop_ratio={self.eval_crop_ratio} '
+          'must be in (0, 1]'
+      )
     if self.num_workers < 0:
-      raise ValueError(f'config.data.num_workers={self.num_workers} must be '
-                       '>= 0')
+      raise ValueError(
+          f'config.data.num_workers={self.num_workers} must be ' '>= 0'
+      )
 
   @classmethod
-  def from_config(cls, section: Mapping[str, Any] | DataConfig
-                  ) -> DataConfig:
+  def from_config(cls, section: Mapping[str, Any] | DataConfig) -> DataConfig:
     """The typed `config.data`; unknown keys are named in the error."""
     if isinstance(section, cls):
       return section

@@ -40,33 +40,46 @@ from drpl_jax.input.config import DataConfig
 DEFAULT_NUM_THREADS = 4
 
 
-def _per_process_batch(batch_size: int, process_count: int,
-                       process_index: int) -> int:
+def _per_process_batch(
+    batch_size: int, process_count: int, process_index: int
+) -> int:
   if process_count < 1 or not 0 <= process_index < process_count:
-    raise ValueError(f'process_index={process_index} is not in '
-                     f'[0, process_count={process_count})')
+    raise ValueError(
+        f'process_index={process_index} is not in '
+        f'[0, process_count={process_count})'
+    )
   if batch_size <= 0 or batch_size % process_count:
-    raise ValueError(f'batch_size={batch_size} must be a positive multiple '
-                     f'of process_count={process_count}')
+    raise ValueError(
+        f'batch_size={batch_size} must be a positive multiple '
+        f'of process_count={process_count}'
+    )
   return batch_size // process_count
 
 
 def _check_example(example: Any, index: int) -> tuple[np.ndarray, int]:
   """Validates one source record and returns (image, label)."""
   if not isinstance(example, dict) or 'image' not in example:
-    raise ValueError(f'source[{index}] must be a dict with an "image" and a '
-                     f'"label"; got {type(example).__name__}')
+    raise ValueError(
+        f'source[{index}] must be a dict with an "image" and a '
+        f'"label"; got {type(example).__name__}'
+    )
   if 'label' not in example:
-    raise ValueError(f'source[{index}] has no "label" key '
-                     f'(keys: {sorted(example)})')
+    raise ValueError(
+        f'source[{index}] has no "label" key ' f'(keys: {sorted(example)})'
+    )
   return example['image'], int(example['label'])
 
 
 class _EpochOrder:
   """The source index at each position of each epoch; cached, thread-safe."""
 
-  def __init__(self, num_examples: int, seed: int, repeated_aug: int,
-               labels: np.ndarray | None):
+  def __init__(
+      self,
+      num_examples: int,
+      seed: int,
+      repeated_aug: int,
+      labels: np.ndarray | None,
+  ):
     self._n = num_examples
     self._seed = seed
     self._repeats = repeated_aug
@@ -76,7 +89,8 @@ class _EpochOrder:
       weights = 1.0 / counts[labels]
       self._probs = weights / weights.sum()
     self._cache: collections.OrderedDict[int, np.ndarray] = (
-        collections.OrderedDict())
+        collections.OrderedDict()
+    )
     self._lock = threading.Lock()
 
   def __getstate__(self) -> dict[str, Any]:
@@ -98,7 +112,7 @@ class _EpochOrder:
       base = rng.choice(self._n, size=self._n, replace=True, p=self._probs)
     # Repeats sit next to each other, so they land in the same global batch,
     # as DeiT's RASampler arranges them.
-    return np.repeat(base, self._repeats)[:self._n]
+    return np.repeat(base, self._repeats)[: self._n]
 
   def __call__(self, epoch: int) -> np.ndarray:
     with self._lock:
@@ -155,15 +169,21 @@ class _TrainBatch(_Slice):
     order = self.order(epoch)
     indices = [int(order[p]) for p in positions]
     examples = _read(self.source, indices)
-    return _stack([self._one(ex, index, epoch, position) for ex, index,
-                   position in zip(examples, indices, positions)])
+    return _stack(
+        [
+            self._one(ex, index, epoch, position)
+            for ex, index, position in zip(examples, indices, positions)
+        ]
+    )
 
-  def _one(self, example: Any, index: int, epoch: int,
-           position: int) -> dict[str, np.ndarray]:
+  def _one(
+      self, example: Any, index: int, epoch: int, position: int
+  ) -> dict[str, np.ndarray]:
     image, label = _check_example(example, index)
     rng = np.random.default_rng([self.seed, epoch, position])
-    image = augment.train_transform(image, rng, size=self.image_size,
-                                    config=self.augment_config)
+    image = augment.train_transform(
+        image, rng, size=self.image_size, config=self.augment_config
+    )
     out = {'image': image, 'label': np.int32(label)}
     if self.teacher_logits is not None:
       out['teacher_logits'] = self._teacher(example, index)
@@ -174,33 +194,45 @@ class _TrainBatch(_Slice):
     if isinstance(key, bytes):
       key = key.decode()
     if key is None or key not in self.teacher_logits:
-      raise ValueError(f'no teacher logits for example id {key!r} (source '
-                       f'index {index}); the soft labels must cover every '
-                       'training example')
+      raise ValueError(
+          f'no teacher logits for example id {key!r} (source '
+          f'index {index}); the soft labels must cover every '
+          'training example'
+      )
     if hasattr(self.teacher_logits, 'lookup'):  # soft_labels.SoftLabels
       return self.teacher_logits.lookup([key])[0]
     return np.asarray(self.teacher_logits[key], np.float32)
 
 
-def _check_labels(labels: Sequence[int] | np.ndarray | None,
-                  n: int) -> np.ndarray:
+def _check_labels(
+    labels: Sequence[int] | np.ndarray | None, n: int
+) -> np.ndarray:
   if labels is None:
     raise ValueError('balanced=True needs `labels` (one per example)')
   label_array = np.asarray(labels, dtype=np.int64)
   if label_array.shape != (n,) or label_array.min(initial=0) < 0:
-    raise ValueError(f'labels must be {n} non-negative ints (one per '
-                     f'example), got shape {label_array.shape}')
+    raise ValueError(
+        f'labels must be {n} non-negative ints (one per '
+        f'example), got shape {label_array.shape}'
+    )
   return label_array
 
 
-def train_iterator(source, *, batch_size: int, image_size: int, seed: int,
-                   augment_config: Any = None, process_index: int = 0,
-                   process_count: int = 1, num_workers: int = 0,
-                   balanced: bool = False,
-                   labels: Sequence[int] | np.ndarray | None = None,
-                   teacher_logits: Mapping[str, Any] | None = None,
-                   num_threads: int = DEFAULT_NUM_THREADS
-                   ) -> grain.DatasetIterator:
+def train_iterator(
+    source,
+    *,
+    batch_size: int,
+    image_size: int,
+    seed: int,
+    augment_config: Any = None,
+    process_index: int = 0,
+    process_count: int = 1,
+    num_workers: int = 0,
+    balanced: bool = False,
+    labels: Sequence[int] | np.ndarray | None = None,
+    teacher_logits: Mapping[str, Any] | None = None,
+    num_threads: int = DEFAULT_NUM_THREADS,
+) -> grain.DatasetIterator:
   """An endless, resumable iterator of augmented per-process train batches.
 
   Args:
@@ -233,14 +265,24 @@ def train_iterator(source, *, batch_size: int, image_size: int, seed: int,
   n = len(source)
   steps_per_epoch = n // batch_size
   if steps_per_epoch == 0:
-    raise ValueError(f'the source has {n} examples, fewer than one global '
-                     f'batch of {batch_size}')
+    raise ValueError(
+        f'the source has {n} examples, fewer than one global '
+        f'batch of {batch_size}'
+    )
   label_array = _check_labels(labels, n) if balanced else None
   order = _EpochOrder(n, seed, config.repeated_aug, label_array)
   batch_fn = _TrainBatch(
-      source, batch_size, per_process, process_index, image_size,
-      order=order, seed=seed, steps_per_epoch=steps_per_epoch,
-      augment_config=config, teacher_logits=teacher_logits)
+      source,
+      batch_size,
+      per_process,
+      process_index,
+      image_size,
+      order=order,
+      seed=seed,
+      steps_per_epoch=steps_per_epoch,
+      augment_config=config,
+      teacher_logits=teacher_logits,
+  )
   # One element per step (index = steps since the start, endless): grain
   # workers then split the stream by whole batches, so batches do not
   # depend on num_workers.
@@ -250,20 +292,23 @@ def train_iterator(source, *, batch_size: int, image_size: int, seed: int,
   if num_workers > 0:
     _ensure_absl_flags_parsed()
     it_ds = it_ds.mp_prefetch(
-        grain.MultiprocessingOptions(num_workers=num_workers))
+        grain.MultiprocessingOptions(num_workers=num_workers)
+    )
   return iter(it_ds)
 
 
 def _read_options(num_threads: int) -> grain.ReadOptions:
   # The buffer counts batches: one in flight per thread, plus one ready.
-  return grain.ReadOptions(num_threads=num_threads,
-                           prefetch_buffer_size=num_threads + 1)
+  return grain.ReadOptions(
+      num_threads=num_threads, prefetch_buffer_size=num_threads + 1
+  )
 
 
 def _ensure_absl_flags_parsed() -> None:
   # grain's worker processes read absl flags; outside `absl.app.run` (a
   # notebook, pytest, the benchmark) nothing has parsed them: use defaults.
   from absl import flags  # pylint: disable=g-import-not-at-top
+
   if not flags.FLAGS.is_parsed():
     flags.FLAGS.mark_as_parsed()
 
@@ -283,33 +328,49 @@ class _EvalBatch(_Slice):
 
   def __call__(self, step: int, _: Any) -> dict[str, np.ndarray]:
     real = [i for i in self.positions(step) if i < len(self.source)]
-    out = [self._one(example, index) for index, example in
-           zip(real, _read(self.source, real))]
-    pad = {'image': np.zeros((self.image_size,) * 2 + (3,), np.uint8),
-           'label': np.int32(0), 'mask': np.bool_(False),
-           'index': np.int64(-1), 'id': np.str_(''),
-           'patient_id': np.str_('')}
+    out = [
+        self._one(example, index)
+        for index, example in zip(real, _read(self.source, real))
+    ]
+    pad = {
+        'image': np.zeros((self.image_size,) * 2 + (3,), np.uint8),
+        'label': np.int32(0),
+        'mask': np.bool_(False),
+        'index': np.int64(-1),
+        'id': np.str_(''),
+        'patient_id': np.str_(''),
+    }
     return _stack(out + [pad] * (self.per_process - len(out)))
 
   def _one(self, example: Any, index: int) -> dict[str, np.ndarray]:
     image, label = _check_example(example, index)
-    image = augment.eval_transform(image, size=self.image_size,
-                                   crop_ratio=self.crop_ratio)
-    return {'image': image, 'label': np.int32(label), 'mask': np.bool_(True),
-            'index': np.int64(index), 'id': _text(example.get('id', '')),
-            'patient_id': _text(example.get('patient_id', ''))}
+    image = augment.eval_transform(
+        image, size=self.image_size, crop_ratio=self.crop_ratio
+    )
+    return {
+        'image': image,
+        'label': np.int32(label),
+        'mask': np.bool_(True),
+        'index': np.int64(index),
+        'id': _text(example.get('id', '')),
+        'patient_id': _text(example.get('patient_id', '')),
+    }
 
 
 def _text(value: Any) -> np.str_:
-  return np.str_(value.decode('utf-8') if isinstance(value, bytes)
-                 else value)
+  return np.str_(value.decode('utf-8') if isinstance(value, bytes) else value)
 
 
-def eval_batches(source, *, batch_size: int, image_size: int,
-                 crop_ratio: float = 0.875, process_index: int = 0,
-                 process_count: int = 1,
-                 num_threads: int = DEFAULT_NUM_THREADS
-                 ) -> Iterator[dict[str, np.ndarray]]:
+def eval_batches(
+    source,
+    *,
+    batch_size: int,
+    image_size: int,
+    crop_ratio: float = 0.875,
+    process_index: int = 0,
+    process_count: int = 1,
+    num_threads: int = DEFAULT_NUM_THREADS,
+) -> Iterator[dict[str, np.ndarray]]:
   """A finite iterator of padded, masked eval batches for this process.
 
   `batch_size` is global. Yields `num_eval_batches(len(source), batch_size)`
@@ -321,8 +382,14 @@ def eval_batches(source, *, batch_size: int, image_size: int,
   """
   per_process = _per_process_batch(batch_size, process_count, process_index)
   steps = num_eval_batches(len(source), batch_size)
-  batch_fn = _EvalBatch(source, batch_size, per_process, process_index,
-                        image_size, crop_ratio=crop_ratio)
+  batch_fn = _EvalBatch(
+      source,
+      batch_size,
+      per_process,
+      process_index,
+      image_size,
+      crop_ratio=crop_ratio,
+  )
   ds = grain.MapDataset.range(steps).map_with_index(batch_fn)
   return iter(ds.to_iter_dataset(_read_options(num_threads)))
 
@@ -331,8 +398,9 @@ def eval_batches(source, *, batch_size: int, image_size: int,
 # Config wrappers and device placement.
 
 
-def _process(process_index: int | None,
-             process_count: int | None) -> tuple[int, int]:
+def _process(
+    process_index: int | None, process_count: int | None
+) -> tuple[int, int]:
   if process_index is None:
     process_index = jax.process_index()
   if process_count is None:
@@ -351,15 +419,21 @@ def source_labels(source) -> np.ndarray:
 def _info(cfg: DataConfig, info: Any) -> Any:
   """The setup's `DatasetInfo`, else the prepared one found (never built)."""
   from drpl_jax import data  # pylint: disable=g-import-not-at-top
+
   return info if info is not None else data.find_prepared(cfg)
 
 
-def create_train_iterator(cfg: DataConfig, *, batch_size: int, seed: int,
-                          info: Any = None, soft_labels: str = '',
-                          teacher_logits: Mapping[str, Any] | None = None,
-                          process_index: int | None = None,
-                          process_count: int | None = None
-                          ) -> grain.DatasetIterator:
+def create_train_iterator(
+    cfg: DataConfig,
+    *,
+    batch_size: int,
+    seed: int,
+    info: Any = None,
+    soft_labels: str = '',
+    teacher_logits: Mapping[str, Any] | None = None,
+    process_index: int | None = None,
+    process_count: int | None = None,
+) -> grain.DatasetIterator:
   """The train iterator of `cfg.train_split`; never prepares data.
 
   `info` is the `DatasetInfo` the run's setup resolved
@@ -369,45 +443,67 @@ def create_train_iterator(cfg: DataConfig, *, batch_size: int, seed: int,
   read from the file `soft_labels` if set. `batch_size` is global.
   """
   from drpl_jax import data  # pylint: disable=g-import-not-at-top
+
   process_index, process_count = _process(process_index, process_count)
   info = _info(cfg, info)
   source = data.get_source(info, cfg.train_split)
   if teacher_logits is None and soft_labels:
     from drpl_jax.pytorch import soft_labels as soft_lib  # pylint: disable=g-import-not-at-top
+
     teacher_logits = soft_lib.SoftLabels.load(
-        soft_labels, class_names=info.class_names, expected_ids=source.ids,
-        dataset=(info.name, info.version))
+        soft_labels,
+        class_names=info.class_names,
+        expected_ids=source.ids,
+        dataset=(info.name, info.version),
+    )
   return train_iterator(
-      source, batch_size=batch_size, image_size=cfg.image_size, seed=seed,
-      augment_config=cfg.augment, process_index=process_index,
-      process_count=process_count, num_workers=cfg.num_workers,
+      source,
+      batch_size=batch_size,
+      image_size=cfg.image_size,
+      seed=seed,
+      augment_config=cfg.augment,
+      process_index=process_index,
+      process_count=process_count,
+      num_workers=cfg.num_workers,
       balanced=cfg.balanced_sampler,
       labels=source_labels(source) if cfg.balanced_sampler else None,
-      teacher_logits=teacher_logits)
+      teacher_logits=teacher_logits,
+  )
 
 
-def create_eval_iterator(cfg: DataConfig, split: str | None = None, *,
-                         batch_size: int, info: Any = None,
-                         process_index: int | None = None,
-                         process_count: int | None = None
-                         ) -> Iterator[dict[str, np.ndarray]]:
+def create_eval_iterator(
+    cfg: DataConfig,
+    split: str | None = None,
+    *,
+    batch_size: int,
+    info: Any = None,
+    process_index: int | None = None,
+    process_count: int | None = None,
+) -> Iterator[dict[str, np.ndarray]]:
   """Eval batches of `split` (default `cfg.eval_split`); never prepares.
 
   As `eval_batches` (`batch_size` global); `info` as for
   `create_train_iterator`. The iterator is finite: iterate it to the end.
   """
   from drpl_jax import data  # pylint: disable=g-import-not-at-top
+
   process_index, process_count = _process(process_index, process_count)
   source = data.get_source(_info(cfg, info), split or cfg.eval_split)
   return eval_batches(
-      source, batch_size=batch_size, image_size=cfg.image_size,
-      crop_ratio=cfg.eval_crop_ratio, process_index=process_index,
-      process_count=process_count)
+      source,
+      batch_size=batch_size,
+      image_size=cfg.image_size,
+      crop_ratio=cfg.eval_crop_ratio,
+      process_index=process_index,
+      process_count=process_count,
+  )
 
 
-def to_global_batch(batch: dict[str, np.ndarray], mesh: jax.sharding.Mesh,
-                    data_axes: Sequence[str] = ('data', 'fsdp')
-                    ) -> dict[str, jax.Array]:
+def to_global_batch(
+    batch: dict[str, np.ndarray],
+    mesh: jax.sharding.Mesh,
+    data_axes: Sequence[str] = ('data', 'fsdp'),
+) -> dict[str, jax.Array]:
   """Per-process numpy batch -> global jax.Arrays split along the batch.
 
   The leading (batch) dimension is sharded over the mesh axes in
@@ -417,8 +513,10 @@ def to_global_batch(batch: dict[str, np.ndarray], mesh: jax.sharding.Mesh,
   """
   axes = tuple(a for a in data_axes if a in mesh.axis_names)
   if not axes:
-    raise ValueError(f'none of data_axes={tuple(data_axes)} is an axis of '
-                     f'the mesh {mesh.axis_names}')
+    raise ValueError(
+        f'none of data_axes={tuple(data_axes)} is an axis of '
+        f'the mesh {mesh.axis_names}'
+    )
   spec = jax.sharding.PartitionSpec(axes[0] if len(axes) == 1 else axes)
   sharding = jax.sharding.NamedSharding(mesh, spec)
 
@@ -428,5 +526,8 @@ def to_global_batch(batch: dict[str, np.ndarray], mesh: jax.sharding.Mesh,
       raise ValueError(f'batch[{name!r}] is a scalar; expected a batch axis')
     return jax.make_array_from_process_local_data(sharding, x)
 
-  return {name: put(name, x) for name, x in batch.items()
-          if np.asarray(x).dtype.kind not in 'USO'}
+  return {
+      name: put(name, x)
+      for name, x in batch.items()
+      if np.asarray(x).dtype.kind not in 'USO'
+  }

@@ -3,10 +3,20 @@
 Imports neither TensorFlow nor TFDS nor clu.
 """
 
-from drpl_jax.models.config import (ConvConfig, ModelConfig, RPEConfig,
-                                    VARIANTS, Variant)
-from drpl_jax.models.vit import (DRPLViT, count_params, create_model,
-                                 param_names, param_shapes)
+from drpl_jax.models.config import (
+    ConvConfig,
+    ModelConfig,
+    RPEConfig,
+    VARIANTS,
+    Variant,
+)
+from drpl_jax.models.vit import (
+    DRPLViT,
+    count_params,
+    create_model,
+    param_names,
+    param_shapes,
+)
 
 __all__ = [
     'ConvConfig',

@@ -26,7 +26,7 @@ class Attention(nnx.Module):
   def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
     dim = cfg.width
     self.num_heads, self.head_dim = cfg.num_heads, cfg.head_dim
-    self.scale = cfg.head_dim ** -0.5
+    self.scale = cfg.head_dim**-0.5
     self.num_prefix = cfg.num_prefix_tokens
     self.q = linear(dim, dim, cfg, rngs=rngs, use_bias=cfg.qkv_bias)
     self.k = linear(dim, dim, cfg, rngs=rngs, use_bias=cfg.qkv_bias)
@@ -37,22 +37,25 @@ class Attention(nnx.Module):
     def irpe(enabled: bool) -> IRPE | None:
       if rpe.kind != 'irpe' or not enabled:
         return None
-      return IRPE(cfg.num_heads, cfg.head_dim, rpe.ratio, rpe.shared_heads,
-                  pdtype)
+      return IRPE(
+          cfg.num_heads, cfg.head_dim, rpe.ratio, rpe.shared_heads, pdtype
+      )
 
     self.rpe_q = irpe(rpe.on_q)
     self.rpe_k = irpe(rpe.on_k)
     self.rpe_v = irpe(rpe.on_v)
     self.rpe_bias = nnx.data(None)
     if rpe.kind == 'bias':
-      self.rpe_bias = RPEBias(cfg.grid_size, cfg.grid_size, cfg.num_heads,
-                              pdtype, rngs=rngs)
+      self.rpe_bias = RPEBias(
+          cfg.grid_size, cfg.grid_size, cfg.num_heads, pdtype, rngs=rngs
+      )
     self.attn_dropout_rate = cfg.attn_dropout_rate
     self.dropout_rate = cfg.dropout_rate
     self.implementation = cfg.attention_impl or None
 
-  def logit_bias(self, q: Array, k: Array,
-                 grid: tuple[int, int]) -> Array | None:
+  def logit_bias(
+      self, q: Array, k: Array, grid: tuple[int, int]
+  ) -> Array | None:
     """The additive RPE term of the logits, [B or 1, h, L, L] float32."""
     p = self.num_prefix
     bias = None
@@ -64,10 +67,15 @@ class Attention(nnx.Module):
       bias = _add(bias, self.rpe_q.query_bias(k * self.scale, grid, p))
     return bias
 
-  def __call__(self, x: Array, grid: tuple[int, int], *, train: bool,
-               rngs: nnx.Rngs | None = None,
-               return_attention: bool = False
-               ) -> tuple[Array, Array | None]:
+  def __call__(
+      self,
+      x: Array,
+      grid: tuple[int, int],
+      *,
+      train: bool,
+      rngs: nnx.Rngs | None = None,
+      return_attention: bool = False,
+  ) -> tuple[Array, Array | None]:
     """x [B, L, D] -> ([B, L, D], probabilities [B, h, L, L] or None)."""
     b, n, d = x.shape
     heads, hd = self.num_heads, self.head_dim
@@ -75,16 +83,24 @@ class Attention(nnx.Module):
     bias = self.logit_bias(q, k, grid)
     attn_drop = train and self.attn_dropout_rate > 0
     probs = None
-    if (return_attention or attn_drop or self.rpe_v is not None
-        or self._use_explicit()):
-      out, probs = self._explicit(q, k, v, bias, grid, train=train,
-                                  rngs=rngs)
+    if (
+        return_attention
+        or attn_drop
+        or self.rpe_v is not None
+        or self._use_explicit()
+    ):
+      out, probs = self._explicit(q, k, v, bias, grid, train=train, rngs=rngs)
     else:
       if bias is not None and self.implementation == 'cudnn':
         bias = bias.astype(q.dtype)
       out = jax.nn.dot_product_attention(
-          q, k, v, bias=bias, scale=self.scale,
-          implementation=self.implementation)
+          q,
+          k,
+          v,
+          bias=bias,
+          scale=self.scale,
+          implementation=self.implementation,
+      )
     out = self.proj(out.reshape(b, n, d))  # [B, L, D]
     out = dropout(out, self.dropout_rate, train, rngs)
     return out, (probs if return_attention else None)
@@ -98,12 +114,17 @@ class Attention(nnx.Module):
     """
     layers = (self.q, self.k, self.v)
     kernel = jnp.concatenate([m.kernel[...] for m in layers], axis=1)
-    bias = (jnp.concatenate([m.bias[...] for m in layers])
-            if self.q.bias is not None else None)
-    x, kernel, bias = self.q.promote_dtype((x, kernel, bias),
-                                           dtype=self.q.dtype)
-    y = jax.lax.dot_general(x, kernel, (((x.ndim - 1,), (0,)), ((), ())),
-                            precision=self.q.precision)
+    bias = (
+        jnp.concatenate([m.bias[...] for m in layers])
+        if self.q.bias is not None
+        else None
+    )
+    x, kernel, bias = self.q.promote_dtype(
+        (x, kernel, bias), dtype=self.q.dtype
+    )
+    y = jax.lax.dot_general(
+        x, kernel, (((x.ndim - 1,), (0,)), ((), ())), precision=self.q.precision
+    )
     if bias is not None:
       y = y + bias
     return tuple(jnp.split(y, 3, axis=-1))
@@ -120,17 +141,31 @@ class Attention(nnx.Module):
       return True
     return self.implementation is None and jax.default_backend() == 'cpu'
 
-  def _explicit(self, q: Array, k: Array, v: Array, bias: Array | None,
-                grid: tuple[int, int], *, train: bool,
-                rngs: nnx.Rngs | None) -> tuple[Array, Array]:
+  def _explicit(
+      self,
+      q: Array,
+      k: Array,
+      v: Array,
+      bias: Array | None,
+      grid: tuple[int, int],
+      *,
+      train: bool,
+      rngs: nnx.Rngs | None,
+  ) -> tuple[Array, Array]:
     """Softmax attention in float32, with attention dropout and iRPE-V.
 
     Heads are folded into the batch: [B*h, L, hd] matmuls.
     """
     b, n, h, d = q.shape
     fold = lambda t: t.transpose(0, 2, 1, 3).reshape(b * h, n, d)
-    logits = jnp.matmul(fold(q), fold(k).transpose(0, 2, 1),
-                        preferred_element_type=jnp.float32) * self.scale
+    logits = (
+        jnp.matmul(
+            fold(q),
+            fold(k).transpose(0, 2, 1),
+            preferred_element_type=jnp.float32,
+        )
+        * self.scale
+    )
     logits = logits.reshape(b, h, n, n)
     if bias is not None:
       logits = logits + bias

@@ -66,8 +66,9 @@ class RPEConfig:
   def __post_init__(self):
     _check_choices(self, 'rpe.', kind=RPE_KINDS)
     if self.kind == 'irpe' and not (self.on_q or self.on_k or self.on_v):
-      raise ValueError('rpe.kind=irpe needs at least one of rpe.on_q, '
-                       'rpe.on_k, rpe.on_v')
+      raise ValueError(
+          'rpe.kind=irpe needs at least one of rpe.on_q, ' 'rpe.on_k, rpe.on_v'
+      )
     if self.ratio <= 0:
       raise ValueError(f'rpe.ratio must be > 0, got {self.ratio}')
 
@@ -91,12 +92,14 @@ class ConvConfig:
   prefix: str = 'shared'
 
   def __post_init__(self):
-    _check_choices(self, 'conv.', kind=CONV_KINDS, norm=CONV_NORMS,
-                   prefix=CONV_PREFIX)
+    _check_choices(
+        self, 'conv.', kind=CONV_KINDS, norm=CONV_NORMS, prefix=CONV_PREFIX
+    )
     if self.kernel_size < 1 or self.kernel_size % 2 == 0:
       raise ValueError(
           f'conv.kernel_size must be a positive odd number, got '
-          f'{self.kernel_size}')
+          f'{self.kernel_size}'
+      )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -136,27 +139,42 @@ class ModelConfig:
   materialize: str = 'auto'
 
   def __post_init__(self):
-    _check_choices(self, '', stem=STEMS, dtype=DTYPES, param_dtype=DTYPES,
-                   attention_impl=ATTENTION_IMPLS,
-                   materialize=MATERIALIZE_MODES)
+    _check_choices(
+        self,
+        '',
+        stem=STEMS,
+        dtype=DTYPES,
+        param_dtype=DTYPES,
+        attention_impl=ATTENTION_IMPLS,
+        materialize=MATERIALIZE_MODES,
+    )
     if self.attention_impl == 'cudnn' and self.dtype == 'float32':
-      raise ValueError("model.attention_impl='cudnn' needs dtype "
-                       "'bfloat16' or 'float16', got 'float32'")
+      raise ValueError(
+          "model.attention_impl='cudnn' needs dtype "
+          "'bfloat16' or 'float16', got 'float32'"
+      )
     if self.num_classes < 1:
       raise ValueError(f'num_classes must be >= 1, got {self.num_classes}')
     if self.width % self.num_heads:
-      raise ValueError(f'width {self.width} is not divisible by num_heads '
-                       f'{self.num_heads}')
+      raise ValueError(
+          f'width {self.width} is not divisible by num_heads '
+          f'{self.num_heads}'
+      )
     if self.image_size % self.patch_size:
-      raise ValueError(f'image_size {self.image_size} is not divisible by '
-                       f'patch_size {self.patch_size}')
+      raise ValueError(
+          f'image_size {self.image_size} is not divisible by '
+          f'patch_size {self.patch_size}'
+      )
     if self.stem == 'conv' and self.patch_size % 4:
-      raise ValueError('stem=conv downsamples by 4 before its patch conv, '
-                       f'so patch_size must be a multiple of 4, got '
-                       f'{self.patch_size}')
+      raise ValueError(
+          'stem=conv downsamples by 4 before its patch conv, '
+          f'so patch_size must be a multiple of 4, got '
+          f'{self.patch_size}'
+      )
     if not 0.0 <= self.drop_path_rate < 1.0:
-      raise ValueError(f'drop_path_rate must be in [0, 1), got '
-                       f'{self.drop_path_rate}')
+      raise ValueError(
+          f'drop_path_rate must be in [0, 1), got ' f'{self.drop_path_rate}'
+      )
 
   @property
   def grid_size(self) -> int:
@@ -190,8 +208,9 @@ class ModelConfig:
     kwargs: dict[str, Any] = {}
     if variant:
       if variant not in VARIANTS:
-        raise ValueError(f'model.variant={variant!r} is not one of '
-                         f'{sorted(VARIANTS)}')
+        raise ValueError(
+            f'model.variant={variant!r} is not one of ' f'{sorted(VARIANTS)}'
+        )
       kwargs.update(dataclasses.asdict(VARIANTS[variant]))
     known = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(d) - known)
@@ -213,11 +232,13 @@ class ModelConfig:
     return cls(**kwargs)
 
 
-def _check_choices(config: Any, section: str, /,
-                   **choices: tuple[str, ...]) -> None:
+def _check_choices(
+    config: Any, section: str, /, **choices: tuple[str, ...]
+) -> None:
   """Each named field of `config` must be one of its choices."""
   for name, allowed in choices.items():
     value = getattr(config, name)
     if value not in allowed:
-      raise ValueError(f'model.{section}{name}={value!r} is not one of '
-                       f'{list(allowed)}')
+      raise ValueError(
+          f'model.{section}{name}={value!r} is not one of ' f'{list(allowed)}'
+      )

@@ -54,8 +54,10 @@ def off() -> Iterator[None]:
 def enabled(mode: str) -> bool:
   """Whether fences are active for `model.materialize` = `mode`."""
   if mode not in MATERIALIZE_MODES:
-    raise ValueError(f'model.materialize={mode!r} is not one of '
-                     f'{list(MATERIALIZE_MODES)}')
+    raise ValueError(
+        f'model.materialize={mode!r} is not one of '
+        f'{list(MATERIALIZE_MODES)}'
+    )
   if getattr(_state, 'off', False):
     return False
   if mode == 'auto':

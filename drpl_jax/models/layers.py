@@ -33,8 +33,10 @@ def jnp_dtype(name: str) -> jnp.dtype:
 
 def precision(cfg: ModelConfig) -> dict[str, jnp.dtype]:
   """A layer's `dtype` (compute) and `param_dtype` keywords from `cfg`."""
-  return {'dtype': jnp_dtype(cfg.dtype),
-          'param_dtype': jnp_dtype(cfg.param_dtype)}
+  return {
+      'dtype': jnp_dtype(cfg.dtype),
+      'param_dtype': jnp_dtype(cfg.param_dtype),
+  }
 
 
 def gelu(x: Array) -> Array:
@@ -42,27 +44,51 @@ def gelu(x: Array) -> Array:
   return jax.nn.gelu(x, approximate=False)
 
 
-def linear(in_features: int, out_features: int, cfg: ModelConfig, *,
-           rngs: nnx.Rngs, use_bias: bool = True) -> nnx.Linear:
+def linear(
+    in_features: int,
+    out_features: int,
+    cfg: ModelConfig,
+    *,
+    rngs: nnx.Rngs,
+    use_bias: bool = True,
+) -> nnx.Linear:
   """A Linear with timm's ViT init (trunc-normal .02 weights, zero bias)."""
   return nnx.Linear(
-      in_features, out_features, use_bias=use_bias,
-      kernel_init=trunc_normal_02, bias_init=nnx.initializers.zeros_init(),
-      rngs=rngs, **precision(cfg))
+      in_features,
+      out_features,
+      use_bias=use_bias,
+      kernel_init=trunc_normal_02,
+      bias_init=nnx.initializers.zeros_init(),
+      rngs=rngs,
+      **precision(cfg),
+  )
 
 
-def layer_norm(num_features: int, cfg: ModelConfig, *,
-               rngs: nnx.Rngs) -> nnx.LayerNorm:
+def layer_norm(
+    num_features: int, cfg: ModelConfig, *, rngs: nnx.Rngs
+) -> nnx.LayerNorm:
   """LayerNorm with eps 1e-6; statistics are computed in float32."""
-  return nnx.LayerNorm(num_features, epsilon=LN_EPS, use_fast_variance=False,
-                       rngs=rngs, **precision(cfg))
+  return nnx.LayerNorm(
+      num_features,
+      epsilon=LN_EPS,
+      use_fast_variance=False,
+      rngs=rngs,
+      **precision(cfg),
+  )
 
 
-def batch_norm(num_features: int, cfg: ModelConfig, *,
-               rngs: nnx.Rngs) -> nnx.BatchNorm:
+def batch_norm(
+    num_features: int, cfg: ModelConfig, *, rngs: nnx.Rngs
+) -> nnx.BatchNorm:
   """BatchNorm over all axes but the last, PyTorch eps and momentum."""
-  return nnx.BatchNorm(num_features, momentum=BN_MOMENTUM, epsilon=BN_EPS,
-                       use_fast_variance=False, rngs=rngs, **precision(cfg))
+  return nnx.BatchNorm(
+      num_features,
+      momentum=BN_MOMENTUM,
+      epsilon=BN_EPS,
+      use_fast_variance=False,
+      rngs=rngs,
+      **precision(cfg),
+  )
 
 
 def apply_norm(norm: nnx.Module, x: Array, train: bool) -> Array:
@@ -78,12 +104,12 @@ def draw_key(rngs: nnx.Rngs | None, what: str) -> Array:
     raise ValueError(
         f'{what} is active (train=True with a rate > 0) but no rngs were '
         'given: call model(images, train=True, '
-        'rngs=nnx.Rngs(dropout=key)).')
+        'rngs=nnx.Rngs(dropout=key)).'
+    )
   return rngs.dropout()
 
 
-def dropout(x: Array, rate: float, train: bool,
-            rngs: nnx.Rngs | None) -> Array:
+def dropout(x: Array, rate: float, train: bool, rngs: nnx.Rngs | None) -> Array:
   """Inverted dropout; identity when not training or rate == 0."""
   if not train or rate == 0.0:
     return x
@@ -91,8 +117,9 @@ def dropout(x: Array, rate: float, train: bool,
   return jnp.where(keep, x / (1.0 - rate), 0).astype(x.dtype)
 
 
-def drop_path(x: Array, rate: float, train: bool,
-              rngs: nnx.Rngs | None) -> Array:
+def drop_path(
+    x: Array, rate: float, train: bool, rngs: nnx.Rngs | None
+) -> Array:
   """Stochastic depth (timm): drops the whole residual branch per sample."""
   if not train or rate == 0.0:
     return x
@@ -105,8 +132,7 @@ class LayerScale(nnx.Module):
   """Per-channel learned scale of a residual branch (CaiT)."""
 
   def __init__(self, dim: int, init: float, cfg: ModelConfig):
-    self.gamma = nnx.Param(
-        jnp.full((dim,), init, jnp_dtype(cfg.param_dtype)))
+    self.gamma = nnx.Param(jnp.full((dim,), init, jnp_dtype(cfg.param_dtype)))
 
   def __call__(self, x: Array) -> Array:
     return x * self.gamma[...].astype(x.dtype)
@@ -121,8 +147,14 @@ class Mlp(nnx.Module):
     self.fc2 = linear(hidden, cfg.width, cfg, rngs=rngs)
     self.dropout_rate = cfg.dropout_rate
 
-  def __call__(self, x: Array, grid: tuple[int, int], *, train: bool,
-               rngs: nnx.Rngs | None) -> Array:
+  def __call__(
+      self,
+      x: Array,
+      grid: tuple[int, int],
+      *,
+      train: bool,
+      rngs: nnx.Rngs | None,
+  ) -> Array:
     del grid  # a per-token layer
     x = dropout(gelu(self.fc1(x)), self.dropout_rate, train, rngs)
     return dropout(self.fc2(x), self.dropout_rate, train, rngs)
@@ -139,12 +171,13 @@ def _shift_add(x: Array, kernel: Array) -> Array:
   for i in range(k):
     for j in range(k):
       if i or j:
-        out = out + xp[:, i:i + h, j:j + w] * kernel[i, j, 0]
+        out = out + xp[:, i : i + h, j : j + w] * kernel[i, j, 0]
   return out
 
 
-def depthwise_conv(x: Array, kernel: Array, bias: Array, *,
-                   fused_grad: bool = False) -> Array:
+def depthwise_conv(
+    x: Array, kernel: Array, bias: Array, *, fused_grad: bool = False
+) -> Array:
   """Stride-1 depthwise conv with symmetric zero padding k//2.
 
   x [B, H, W, C], kernel [k, k, 1, C] (nnx.Conv's layout with
@@ -187,8 +220,13 @@ def _dw_bwd(res, g: Array):
   xp = jnp.pad(x, ((0, 0), (p, p), (p, p), (0, 0)))  # [B, H+2p, W+2p, C]
   b, c = x.shape[0], x.shape[-1]
   g32 = g.astype(jnp.float32)
-  terms = [(xp[:, i:i + h, j:j + w].astype(jnp.float32) * g32
-            ).reshape(b, h * w, c) for i in range(k) for j in range(k)]
+  terms = [
+      (xp[:, i : i + h, j : j + w].astype(jnp.float32) * g32).reshape(
+          b, h * w, c
+      )
+      for i in range(k)
+      for j in range(k)
+  ]
   terms.append(g32.reshape(b, h * w, c))
   add = lambda s, t: tuple(u + v for u, v in zip(s, t))
   zeros = (jnp.float32(0),) * len(terms)
@@ -219,9 +257,15 @@ class LeFF(nnx.Module):
     self.expand = linear(dim, hidden, cfg, rngs=rngs)
     self.expand_norm = norm(hidden, cfg, rngs=rngs)
     self.dwconv = nnx.Conv(
-        hidden, hidden, (conv.kernel_size, conv.kernel_size),
-        padding=((pad, pad), (pad, pad)), feature_group_count=hidden,
-        use_bias=True, rngs=rngs, **precision(cfg))
+        hidden,
+        hidden,
+        (conv.kernel_size, conv.kernel_size),
+        padding=((pad, pad), (pad, pad)),
+        feature_group_count=hidden,
+        use_bias=True,
+        rngs=rngs,
+        **precision(cfg),
+    )
     self.dw_norm = norm(hidden, cfg, rngs=rngs)
     self.project = linear(hidden, dim, cfg, rngs=rngs)
     self.project_norm = norm(dim, cfg, rngs=rngs)
@@ -230,8 +274,14 @@ class LeFF(nnx.Module):
     self.dropout_rate = cfg.dropout_rate
     self.materialize = cfg.materialize
 
-  def __call__(self, x: Array, grid: tuple[int, int], *, train: bool,
-               rngs: nnx.Rngs | None) -> Array:
+  def __call__(
+      self,
+      x: Array,
+      grid: tuple[int, int],
+      *,
+      train: bool,
+      rngs: nnx.Rngs | None,
+  ) -> Array:
     p = self.num_prefix
     prefix = x[:, :p]
     # Tokens that go through expand/project: all, or patches only.
@@ -245,8 +295,12 @@ class LeFF(nnx.Module):
       raise ValueError(f'LeFF got {n} patch tokens for a {gh}x{gw} grid')
     h_grid = h_grid.reshape(b, gh, gw, e)  # [B, Gh, Gw, E]
     fences = fence.enabled(self.materialize)
-    h_grid = depthwise_conv(h_grid, self.dwconv.kernel[...],
-                            self.dwconv.bias[...], fused_grad=fences)
+    h_grid = depthwise_conv(
+        h_grid,
+        self.dwconv.kernel[...],
+        self.dwconv.bias[...],
+        fused_grad=fences,
+    )
     if fences:
       # Keeps XLA:CPU from pulling the norms and GELUs around the conv into
       # each of its k*k shifted taps, forward and backward.
@@ -266,8 +320,13 @@ def max_pool_3x3_s2(x: Array) -> Array:
   # A Python scalar init: a traced array init makes jit(grad(.)) fail to
   # linearize reduce_window ("Linearization failed").
   return jax.lax.reduce_window(
-      x, -jnp.inf, jax.lax.max, (1, 3, 3, 1), (1, 2, 2, 1),
-      ((0, 0), (1, 1), (1, 1), (0, 0)))
+      x,
+      -jnp.inf,
+      jax.lax.max,
+      (1, 3, 3, 1),
+      (1, 2, 2, 1),
+      ((0, 0), (1, 1), (1, 1), (0, 0)),
+  )
 
 
 class PatchEmbed(nnx.Module):
@@ -283,14 +342,28 @@ class PatchEmbed(nnx.Module):
     in_ch, patch = 3, cfg.patch_size
     if cfg.stem == 'conv':
       self.stem_conv = nnx.Conv(
-          3, cfg.stem_channels, (7, 7), strides=(2, 2),
-          padding=((3, 3), (3, 3)), use_bias=False, dtype=dtype,
-          param_dtype=pdtype, rngs=rngs)
+          3,
+          cfg.stem_channels,
+          (7, 7),
+          strides=(2, 2),
+          padding=((3, 3), (3, 3)),
+          use_bias=False,
+          dtype=dtype,
+          param_dtype=pdtype,
+          rngs=rngs,
+      )
       self.stem_norm = batch_norm(cfg.stem_channels, cfg, rngs=rngs)
       in_ch, patch = cfg.stem_channels, cfg.patch_size // 4
     self.proj = nnx.Conv(
-        in_ch, cfg.width, (patch, patch), strides=(patch, patch),
-        padding='VALID', dtype=dtype, param_dtype=pdtype, rngs=rngs)
+        in_ch,
+        cfg.width,
+        (patch, patch),
+        strides=(patch, patch),
+        padding='VALID',
+        dtype=dtype,
+        param_dtype=pdtype,
+        rngs=rngs,
+    )
     self.stem = cfg.stem
 
   def __call__(self, x: Array, *, train: bool) -> Array:
@@ -298,4 +371,3 @@ class PatchEmbed(nnx.Module):
       x = self.stem_norm(self.stem_conv(x), use_running_average=not train)
       x = max_pool_3x3_s2(x)
     return self.proj(x)
-

@@ -23,6 +23,10 @@ def resample_grid(grid: Array, new_hw: tuple[int, int]) -> Array:
     raise ValueError(f'resample_grid: bad target size {new_hw}')
   if (h, w) == tuple(grid.shape[:2]):
     return grid
-  out = jax.image.resize(grid.astype(jnp.float32), (h, w, grid.shape[2]),
-                         method='bicubic', antialias=True)
+  out = jax.image.resize(
+      grid.astype(jnp.float32),
+      (h, w, grid.shape[2]),
+      method='bicubic',
+      antialias=True,
+  )
   return out.astype(grid.dtype)

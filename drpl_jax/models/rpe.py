@@ -37,8 +37,9 @@ from drpl_jax.models.resample import resample_grid
 Array = jax.Array
 
 
-def piecewise_index(rel: np.ndarray, alpha: float, beta: float,
-                    gamma: float) -> np.ndarray:
+def piecewise_index(
+    rel: np.ndarray, alpha: float, beta: float, gamma: float
+) -> np.ndarray:
   """iRPE's piecewise index g(x) of relative distances (Eq. 18).
 
   |x| <= alpha is kept; beyond it distances are compressed logarithmically:
@@ -51,8 +52,11 @@ def piecewise_index(rel: np.ndarray, alpha: float, beta: float,
   safe = np.maximum(mag, alpha)  # avoids log(0) in the unused branch
   far = np.minimum(
       beta,
-      np.round(alpha + np.log(safe / alpha) / math.log(gamma / alpha) *
-               (beta - alpha)))
+      np.round(
+          alpha
+          + np.log(safe / alpha) / math.log(gamma / alpha) * (beta - alpha)
+      ),
+  )
   out = np.where(mag <= alpha, np.round(rel), np.sign(rel) * far)
   return np.trunc(out).astype(np.int64)
 
@@ -74,14 +78,14 @@ def irpe_num_buckets(ratio: float) -> int:
 
 def grid_positions(grid_h: int, grid_w: int) -> np.ndarray:
   """(row, col) of every patch in row-major token order, [N, 2]."""
-  rows, cols = np.meshgrid(np.arange(grid_h), np.arange(grid_w),
-                           indexing='ij')
+  rows, cols = np.meshgrid(np.arange(grid_h), np.arange(grid_w), indexing='ij')
   return np.stack([rows.ravel(), cols.ravel()], axis=-1)
 
 
 @functools.lru_cache(maxsize=64)
-def irpe_bucket_ids(grid_h: int, grid_w: int, num_prefix: int,
-                    ratio: float) -> np.ndarray:
+def irpe_bucket_ids(
+    grid_h: int, grid_w: int, num_prefix: int, ratio: float
+) -> np.ndarray:
   """iRPE bucket b(i, j) of every token pair, [L, L] int32, L = prefix + N.
 
   Rows are queries, columns keys. Pairs with a prefix token map to the extra
@@ -107,8 +111,14 @@ class IRPE(nnx.Module):
   same model without RPE.
   """
 
-  def __init__(self, num_heads: int, head_dim: int, ratio: float,
-               shared_heads: bool, param_dtype: jnp.dtype):
+  def __init__(
+      self,
+      num_heads: int,
+      head_dim: int,
+      ratio: float,
+      shared_heads: bool,
+      param_dtype: jnp.dtype,
+  ):
     nb = irpe_num_buckets(ratio)
     shape = (nb, head_dim) if shared_heads else (num_heads, nb, head_dim)
     self.table = nnx.Param(jnp.zeros(shape, param_dtype))
@@ -120,29 +130,33 @@ class IRPE(nnx.Module):
     eq = 'blhd,kd->bhlk' if table.ndim == 2 else 'blhd,hkd->bhlk'
     return jnp.einsum(eq, x, table, preferred_element_type=jnp.float32)
 
-  def key_bias(self, q_scaled: Array, grid: tuple[int, int],
-               num_prefix: int) -> Array:
+  def key_bias(
+      self, q_scaled: Array, grid: tuple[int, int], num_prefix: int
+  ) -> Array:
     """(scale q_i) . r[b(i, j)] as an additive logit bias, [B, h, L, L]."""
     ids = irpe_bucket_ids(*grid, num_prefix, self.ratio)
     proj = self._project(q_scaled)  # [B, h, Lq, buckets]
     rows = np.arange(ids.shape[0])[:, None]
     return proj[:, :, rows, ids]  # [B, h, Lq, Lk]
 
-  def query_bias(self, k_scaled: Array, grid: tuple[int, int],
-                 num_prefix: int) -> Array:
+  def query_bias(
+      self, k_scaled: Array, grid: tuple[int, int], num_prefix: int
+  ) -> Array:
     """(scale k_j) . r[b(i, j)] as an additive logit bias, [B, h, L, L]."""
     ids = irpe_bucket_ids(*grid, num_prefix, self.ratio)
     proj = self._project(k_scaled)  # [B, h, Lk, buckets]
     cols = np.arange(ids.shape[1])[None, :]
     return proj[:, :, cols, ids]  # [B, h, Lq, Lk]
 
-  def value_term(self, probs: Array, grid: tuple[int, int],
-                 num_prefix: int) -> Array:
+  def value_term(
+      self, probs: Array, grid: tuple[int, int], num_prefix: int
+  ) -> Array:
     """sum_j p_ij r[b(i, j)] for probs [B, h, L, L] -> [B, L, h, hd]."""
     ids = irpe_bucket_ids(*grid, num_prefix, self.ratio)
     # Built in the graph (not a [L, L, buckets] literal); XLA fuses it.
-    one_hot = jax.nn.one_hot(jnp.asarray(ids), self.table.shape[-2],
-                             dtype=probs.dtype)  # [L, L, buckets]
+    one_hot = jax.nn.one_hot(
+        jnp.asarray(ids), self.table.shape[-2], dtype=probs.dtype
+    )  # [L, L, buckets]
     # Probability mass of each query per bucket.
     mass = jnp.einsum('bhij,ijk->bhik', probs, one_hot)  # [B, h, L, buckets]
     table = self.table[...].astype(probs.dtype)
@@ -160,8 +174,11 @@ def bias_index(grid_h: int, grid_w: int, num_prefix: int) -> np.ndarray:
   """
   pos = grid_positions(grid_h, grid_w)
   diff = pos[:, None, :] - pos[None, :, :]  # [N, N, 2]
-  rel = (diff[..., 0] + grid_h - 1) * (2 * grid_w - 1) + diff[..., 1] + (
-      grid_w - 1)
+  rel = (
+      (diff[..., 0] + grid_h - 1) * (2 * grid_w - 1)
+      + diff[..., 1]
+      + (grid_w - 1)
+  )
   size = (2 * grid_h - 1) * (2 * grid_w - 1)
   p, n = num_prefix, grid_h * grid_w
   idx = np.empty((p + n, p + n), np.int32)
@@ -176,13 +193,22 @@ def bias_index(grid_h: int, grid_w: int, num_prefix: int) -> np.ndarray:
 class RPEBias(nnx.Module):
   """Learned per-head relative position bias (Swin + BEiT prefix entries)."""
 
-  def __init__(self, grid_h: int, grid_w: int, num_heads: int,
-               param_dtype: jnp.dtype, *, rngs: nnx.Rngs):
+  def __init__(
+      self,
+      grid_h: int,
+      grid_w: int,
+      num_heads: int,
+      param_dtype: jnp.dtype,
+      *,
+      rngs: nnx.Rngs,
+  ):
     size = (2 * grid_h - 1) * (2 * grid_w - 1)
     self.table = nnx.Param(
-        trunc_normal_02(rngs.params(), (size, num_heads), param_dtype))
+        trunc_normal_02(rngs.params(), (size, num_heads), param_dtype)
+    )
     self.prefix = nnx.Param(
-        trunc_normal_02(rngs.params(), (3, num_heads), param_dtype))
+        trunc_normal_02(rngs.params(), (3, num_heads), param_dtype)
+    )
     self.grid_h, self.grid_w = grid_h, grid_w
 
   def __call__(self, grid: tuple[int, int], num_prefix: int) -> Array:
@@ -190,7 +216,8 @@ class RPEBias(nnx.Module):
     if tuple(grid) != (self.grid_h, self.grid_w):
       raise ValueError(
           f'rpe_bias table is for a {self.grid_h}x{self.grid_w} grid but the '
-          f'input gives {grid[0]}x{grid[1]}; call model.resize(image_size)')
+          f'input gives {grid[0]}x{grid[1]}; call model.resize(image_size)'
+      )
     idx = bias_index(self.grid_h, self.grid_w, num_prefix)
     entries = jnp.concatenate([self.table[...], self.prefix[...]], axis=0)
     bias = entries.astype(jnp.float32)[idx]  # [L, L, h]

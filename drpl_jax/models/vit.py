@@ -18,9 +18,18 @@ from flax import nnx
 from drpl_jax.models import fence
 from drpl_jax.models.attention import Attention
 from drpl_jax.models.config import ModelConfig
-from drpl_jax.models.layers import (LayerScale, LeFF, Mlp, PatchEmbed,
-                                    drop_path, dropout, jnp_dtype,
-                                    layer_norm, linear, trunc_normal_02)
+from drpl_jax.models.layers import (
+    LayerScale,
+    LeFF,
+    Mlp,
+    PatchEmbed,
+    drop_path,
+    dropout,
+    jnp_dtype,
+    layer_norm,
+    linear,
+    trunc_normal_02,
+)
 from drpl_jax.models.resample import resample_grid
 
 Array = jax.Array
@@ -30,8 +39,9 @@ Logits = Array | tuple[Array, Array]
 class Block(nnx.Module):
   """Pre-norm encoder block: x + attn(norm1(x)); x + ffn(norm2(x))."""
 
-  def __init__(self, cfg: ModelConfig, drop_path_rate: float, *,
-               rngs: nnx.Rngs):
+  def __init__(
+      self, cfg: ModelConfig, drop_path_rate: float, *, rngs: nnx.Rngs
+  ):
     self.norm1 = layer_norm(cfg.width, cfg, rngs=rngs)
     self.attn = Attention(cfg, rngs=rngs)
     self.norm2 = layer_norm(cfg.width, cfg, rngs=rngs)
@@ -45,11 +55,22 @@ class Block(nnx.Module):
       self.ls2 = LayerScale(cfg.width, cfg.layer_scale_init, cfg)
     self.drop_path_rate = float(drop_path_rate)
 
-  def __call__(self, x: Array, grid: tuple[int, int], *, train: bool,
-               rngs: nnx.Rngs | None = None, return_attention: bool = False
-               ) -> tuple[Array, Array | None]:
-    y, probs = self.attn(self.norm1(x), grid, train=train, rngs=rngs,
-                         return_attention=return_attention)
+  def __call__(
+      self,
+      x: Array,
+      grid: tuple[int, int],
+      *,
+      train: bool,
+      rngs: nnx.Rngs | None = None,
+      return_attention: bool = False,
+  ) -> tuple[Array, Array | None]:
+    y, probs = self.attn(
+        self.norm1(x),
+        grid,
+        train=train,
+        rngs=rngs,
+        return_attention=return_attention,
+    )
     if self.ls1 is not None:
       y = self.ls1(y)
     x = x + drop_path(y, self.drop_path_rate, train, rngs).astype(x.dtype)
@@ -68,53 +89,60 @@ class DRPLViT(nnx.Module):
     dim, pdtype = cfg.width, jnp_dtype(cfg.param_dtype)
     self.config = cfg
     self.patch_embed = PatchEmbed(cfg, rngs=rngs)
-    self.cls_token = nnx.Param(trunc_normal_02(rngs.params(), (1, 1, dim),
-                                               pdtype))
+    self.cls_token = nnx.Param(
+        trunc_normal_02(rngs.params(), (1, 1, dim), pdtype)
+    )
     self.dist_token = nnx.data(None)
     if cfg.distilled:
       self.dist_token = nnx.Param(
-          trunc_normal_02(rngs.params(), (1, 1, dim), pdtype))
+          trunc_normal_02(rngs.params(), (1, 1, dim), pdtype)
+      )
     self.pos_embed = nnx.data(None)
     if cfg.abs_pos_embed:
-      length = cfg.num_prefix_tokens + cfg.grid_size ** 2
+      length = cfg.num_prefix_tokens + cfg.grid_size**2
       self.pos_embed = nnx.Param(
-          trunc_normal_02(rngs.params(), (1, length, dim), pdtype))
+          trunc_normal_02(rngs.params(), (1, length, dim), pdtype)
+      )
     rates = np.linspace(0.0, cfg.drop_path_rate, cfg.depth)
-    self.blocks = nnx.List(
-        [Block(cfg, float(r), rngs=rngs) for r in rates])
+    self.blocks = nnx.List([Block(cfg, float(r), rngs=rngs) for r in rates])
     self.norm = layer_norm(dim, cfg, rngs=rngs)
     self.head = linear(dim, cfg.num_classes, cfg, rngs=rngs)
     self.head_dist = nnx.data(None)
     if cfg.distilled:
       self.head_dist = linear(dim, cfg.num_classes, cfg, rngs=rngs)
 
-  def _check_inputs(self, images: Array, train: bool,
-                    rngs: nnx.Rngs | None) -> tuple[int, int]:
+  def _check_inputs(
+      self, images: Array, train: bool, rngs: nnx.Rngs | None
+  ) -> tuple[int, int]:
     """Validates images and rngs; returns the token grid (Gh, Gw)."""
     cfg = self.config
     if images.ndim != 4 or images.shape[-1] != 3:
       raise ValueError(f'images must be [B, H, W, 3], got {images.shape}')
     h, w = images.shape[1:3]
     if h % cfg.patch_size or w % cfg.patch_size:
-      raise ValueError(f'image size {h}x{w} is not divisible by patch_size '
-                       f'{cfg.patch_size}')
+      raise ValueError(
+          f'image size {h}x{w} is not divisible by patch_size '
+          f'{cfg.patch_size}'
+      )
     grid = (h // cfg.patch_size, w // cfg.patch_size)
     if self.pos_embed is not None and grid != (cfg.grid_size,) * 2:
       raise ValueError(
           f'images of {h}x{w} give a {grid[0]}x{grid[1]} grid but pos_embed '
           f'is for image_size {cfg.image_size}; call model.resize({h}) '
-          'first (square images only)')
-    stochastic = (cfg.dropout_rate, cfg.attn_dropout_rate,
-                  cfg.drop_path_rate)
+          'first (square images only)'
+      )
+    stochastic = (cfg.dropout_rate, cfg.attn_dropout_rate, cfg.drop_path_rate)
     if train and any(stochastic) and rngs is None:
       raise ValueError(
           'train=True with dropout_rate/attn_dropout_rate/drop_path_rate '
           f'{stochastic} needs rngs: model(images, train=True, '
-          'rngs=nnx.Rngs(dropout=key))')
+          'rngs=nnx.Rngs(dropout=key))'
+      )
     return grid
 
-  def embed(self, images: Array, *, train: bool = False,
-            rngs: nnx.Rngs | None = None) -> tuple[Array, tuple[int, int]]:
+  def embed(
+      self, images: Array, *, train: bool = False, rngs: nnx.Rngs | None = None
+  ) -> tuple[Array, tuple[int, int]]:
     """Images [B, H, W, 3] -> tokens [B, prefix + N, D] and the grid."""
     self._check_inputs(images, train, rngs)
     dtype = jnp_dtype(self.config.dtype)
@@ -131,10 +159,14 @@ class DRPLViT(nnx.Module):
     x = dropout(x, self.config.dropout_rate, train, rngs)
     return x, (gh, gw)
 
-  def forward_features(self, images: Array, *, train: bool = False,
-                       rngs: nnx.Rngs | None = None,
-                       return_attention: bool = False
-                       ) -> tuple[Array, list[Array]]:
+  def forward_features(
+      self,
+      images: Array,
+      *,
+      train: bool = False,
+      rngs: nnx.Rngs | None = None,
+      return_attention: bool = False,
+  ) -> tuple[Array, list[Array]]:
     """Images -> final-normed tokens [B, L, D] and per-block attention."""
     x, grid = self.embed(images, train=train, rngs=rngs)
     # Training on XLA:CPU: materialise the residual stream's gradient at
@@ -144,16 +176,18 @@ class DRPLViT(nnx.Module):
     for block in self.blocks:
       if fences:
         x = fence.grad_fence(x)
-      x, probs = block(x, grid, train=train, rngs=rngs,
-                       return_attention=return_attention)
+      x, probs = block(
+          x, grid, train=train, rngs=rngs, return_attention=return_attention
+      )
       if return_attention:
         attention.append(probs)
     if fences:
       x = fence.grad_fence(x)
     return self.norm(x), attention
 
-  def heads(self, images: Array, *, train: bool = False,
-            rngs: nnx.Rngs | None = None) -> tuple[Logits, Logits]:
+  def heads(
+      self, images: Array, *, train: bool = False, rngs: nnx.Rngs | None = None
+  ) -> tuple[Logits, Logits]:
     """(cls_logits, dist_logits) in either mode (distilled models only).
 
     Evaluation reports each head separately as DeiT does; `__call__` with
@@ -162,12 +196,19 @@ class DRPLViT(nnx.Module):
     if self.head_dist is None:
       raise ValueError('heads() needs a distilled model (model.distilled)')
     x, _ = self.forward_features(images, train=train, rngs=rngs)
-    return (self.head(x[:, 0]).astype(jnp.float32),
-            self.head_dist(x[:, 1]).astype(jnp.float32))
+    return (
+        self.head(x[:, 0]).astype(jnp.float32),
+        self.head_dist(x[:, 1]).astype(jnp.float32),
+    )
 
-  def __call__(self, images: Array, train: bool = False, *,
-               rngs: nnx.Rngs | None = None, return_attention: bool = False
-               ) -> Logits | tuple[Logits, list[Array]]:
+  def __call__(
+      self,
+      images: Array,
+      train: bool = False,
+      *,
+      rngs: nnx.Rngs | None = None,
+      return_attention: bool = False,
+  ) -> Logits | tuple[Logits, list[Array]]:
     """Images [B, H, W, 3] -> float32 logits [B, C].
 
     Distilled: train=True gives (cls_logits, dist_logits), train=False their
@@ -175,7 +216,8 @@ class DRPLViT(nnx.Module):
     also the softmax probabilities of every block, [B, heads, L, L] each.
     """
     x, attention = self.forward_features(
-        images, train=train, rngs=rngs, return_attention=return_attention)
+        images, train=train, rngs=rngs, return_attention=return_attention
+    )
     out = self.head(x[:, 0]).astype(jnp.float32)
     if self.head_dist is not None:
       dist = self.head_dist(x[:, 1]).astype(jnp.float32)
@@ -195,7 +237,7 @@ class DRPLViT(nnx.Module):
       pos = self.pos_embed[...]
       p = self.config.num_prefix_tokens
       grid = pos[0, p:].reshape(old_g, old_g, -1)  # [G, G, D]
-      grid = resample_grid(grid, (new_g, new_g)).reshape(1, new_g ** 2, -1)
+      grid = resample_grid(grid, (new_g, new_g)).reshape(1, new_g**2, -1)
       self.pos_embed = nnx.Param(jnp.concatenate([pos[:, :p], grid], axis=1))
     for block in self.blocks:
       if block.attn.rpe_bias is not None:
@@ -203,8 +245,9 @@ class DRPLViT(nnx.Module):
     self.config = new_cfg
 
 
-def create_model(model_config: ModelConfig | Mapping[str, Any], *,
-                 rngs: nnx.Rngs) -> DRPLViT:
+def create_model(
+    model_config: ModelConfig | Mapping[str, Any], *, rngs: nnx.Rngs
+) -> DRPLViT:
   """Builds a DRPL-ViT from a ModelConfig or a (ml_collections) mapping."""
   return DRPLViT(ModelConfig.from_config(model_config), rngs=rngs)
 

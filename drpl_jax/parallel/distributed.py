@@ -73,6 +73,7 @@ class InitPlan:
     kwargs: arguments for `jax.distributed.initialize`; a missing key (or
       None) is left to JAX's cluster detection.
   """
+
   source: str
   kwargs: dict[str, Any]
 
@@ -84,8 +85,9 @@ def _parse_int(value: Any, name: str) -> int:
     raise ValueError(f'{name}={value!r} is not an integer') from None
 
 
-def _parse_ids(value: str | Sequence[int] | None, name: str
-               ) -> list[int] | None:
+def _parse_ids(
+    value: str | Sequence[int] | None, name: str
+) -> list[int] | None:
   """'0,1,2' or [0, 1, 2] -> [0, 1, 2]; None stays None."""
   if value is None:
     return None
@@ -100,21 +102,27 @@ def _parse_ids(value: str | Sequence[int] | None, name: str
 def _check_coordinator(address: str, name: str) -> str:
   host, sep, port = address.rpartition(':')
   if not sep or not host or not port.isdigit():
-    raise ValueError(f'{name}={address!r} must be host:port, e.g. '
-                     '10.0.0.1:1234')
+    raise ValueError(
+        f'{name}={address!r} must be host:port, e.g. ' '10.0.0.1:1234'
+    )
   return address
 
 
-def _check_process(num_processes: int | None, process_id: int | None,
-                   names: tuple[str, str]) -> None:
+def _check_process(
+    num_processes: int | None, process_id: int | None, names: tuple[str, str]
+) -> None:
   if num_processes is not None and num_processes < 1:
     raise ValueError(f'{names[0]}={num_processes} must be >= 1')
   if process_id is not None and process_id < 0:
     raise ValueError(f'{names[1]}={process_id} must be >= 0')
-  if (num_processes is not None and process_id is not None
-      and process_id >= num_processes):
-    raise ValueError(f'{names[1]}={process_id} must be < {names[0]}='
-                     f'{num_processes}')
+  if (
+      num_processes is not None
+      and process_id is not None
+      and process_id >= num_processes
+  ):
+    raise ValueError(
+        f'{names[1]}={process_id} must be < {names[0]}=' f'{num_processes}'
+    )
 
 
 def _from_drpl_env(env: Mapping[str, str]) -> dict[str, Any]:
@@ -122,35 +130,46 @@ def _from_drpl_env(env: Mapping[str, str]) -> dict[str, Any]:
   out: dict[str, Any] = {}
   if env.get(ENV_COORDINATOR):
     out['coordinator_address'] = _check_coordinator(
-        env[ENV_COORDINATOR], ENV_COORDINATOR)
+        env[ENV_COORDINATOR], ENV_COORDINATOR
+    )
   if env.get(ENV_NUM_PROCESSES):
-    out['num_processes'] = _parse_int(env[ENV_NUM_PROCESSES],
-                                      ENV_NUM_PROCESSES)
+    out['num_processes'] = _parse_int(env[ENV_NUM_PROCESSES], ENV_NUM_PROCESSES)
   if env.get(ENV_PROCESS_ID):
     out['process_id'] = _parse_int(env[ENV_PROCESS_ID], ENV_PROCESS_ID)
   if env.get(ENV_LOCAL_DEVICE_IDS):
-    out['local_device_ids'] = _parse_ids(env[ENV_LOCAL_DEVICE_IDS],
-                                         ENV_LOCAL_DEVICE_IDS)
+    out['local_device_ids'] = _parse_ids(
+        env[ENV_LOCAL_DEVICE_IDS], ENV_LOCAL_DEVICE_IDS
+    )
   return out
 
 
 def _slurm_num_tasks(env: Mapping[str, str]) -> int:
-  name = 'SLURM_STEP_NUM_TASKS' if 'SLURM_STEP_NUM_TASKS' in env else (
-      'SLURM_NTASKS')
+  name = (
+      'SLURM_STEP_NUM_TASKS'
+      if 'SLURM_STEP_NUM_TASKS' in env
+      else ('SLURM_NTASKS')
+  )
   return _parse_int(env.get(name, '1'), name)
 
 
 def _slurm_plan(env: Mapping[str, str]) -> InitPlan:
   """JAX's SLURM detection, with all node GPUs when one task per node."""
-  missing = [v for v in ('SLURM_STEP_NODELIST', 'SLURM_PROCID',
-                         'SLURM_LOCALID') if v not in env]
+  missing = [
+      v
+      for v in ('SLURM_STEP_NODELIST', 'SLURM_PROCID', 'SLURM_LOCALID')
+      if v not in env
+  ]
   if missing:
     raise RuntimeError(
         f'SLURM job with {_slurm_num_tasks(env)} tasks but {missing} not '
         f'set: start every task with srun (see launch/slurm.sbatch), or set '
-        f'{ENV_MODE}=0 for a single-process run')
-  nodes_name = 'SLURM_STEP_NUM_NODES' if 'SLURM_STEP_NUM_NODES' in env else (
-      'SLURM_NNODES')
+        f'{ENV_MODE}=0 for a single-process run'
+    )
+  nodes_name = (
+      'SLURM_STEP_NUM_NODES'
+      if 'SLURM_STEP_NUM_NODES' in env
+      else ('SLURM_NNODES')
+  )
   nodes = _parse_int(env.get(nodes_name, '0'), nodes_name)
   kwargs: dict[str, Any] = {}
   if nodes and nodes == _slurm_num_tasks(env):
@@ -179,12 +198,13 @@ def _is_multihost_tpu(env: Mapping[str, str]) -> bool:
   return slices.isdigit() and int(slices) > 1
 
 
-def plan_initialization(coordinator_address: str | None = None,
-                        num_processes: int | None = None,
-                        process_id: int | None = None,
-                        local_device_ids: Sequence[int] | None = None,
-                        env: Mapping[str, str] | None = None
-                        ) -> InitPlan | None:
+def plan_initialization(
+    coordinator_address: str | None = None,
+    num_processes: int | None = None,
+    process_id: int | None = None,
+    local_device_ids: Sequence[int] | None = None,
+    env: Mapping[str, str] | None = None,
+) -> InitPlan | None:
   """Decides whether (and with what) to initialise, without side effects.
 
   Args:
@@ -203,17 +223,22 @@ def plan_initialization(coordinator_address: str | None = None,
     RuntimeError: an incomplete DRPL_* set or a SLURM step not run by srun.
   """
   env = os.environ if env is None else env
-  explicit = {'coordinator_address': coordinator_address,
-              'num_processes': num_processes, 'process_id': process_id,
-              'local_device_ids': _parse_ids(local_device_ids,
-                                             'local_device_ids')}
+  explicit = {
+      'coordinator_address': coordinator_address,
+      'num_processes': num_processes,
+      'process_id': process_id,
+      'local_device_ids': _parse_ids(local_device_ids, 'local_device_ids'),
+  }
   explicit = {k: v for k, v in explicit.items() if v is not None}
   if explicit:
     if 'coordinator_address' in explicit:
       _check_coordinator(coordinator_address, 'coordinator_address')
     kwargs = {**_from_drpl_env(env), **explicit}
-    _check_process(kwargs.get('num_processes'), kwargs.get('process_id'),
-                   ('num_processes', 'process_id'))
+    _check_process(
+        kwargs.get('num_processes'),
+        kwargs.get('process_id'),
+        ('num_processes', 'process_id'),
+    )
     return InitPlan('explicit', kwargs)
   mode = env.get(ENV_MODE, '').strip().lower()
   if mode not in _OFF + _ON + _AUTO:
@@ -225,10 +250,15 @@ def plan_initialization(coordinator_address: str | None = None,
   if any(env.get(v) for v in required):
     missing = [v for v in required if not env.get(v)]
     if missing:
-      raise RuntimeError(f'hand-made multi-process launch: {missing} not set '
-                         f'(set all of {list(required)})')
-    _check_process(from_env['num_processes'], from_env['process_id'],
-                   (ENV_NUM_PROCESSES, ENV_PROCESS_ID))
+      raise RuntimeError(
+          f'hand-made multi-process launch: {missing} not set '
+          f'(set all of {list(required)})'
+      )
+    _check_process(
+        from_env['num_processes'],
+        from_env['process_id'],
+        (ENV_NUM_PROCESSES, ENV_PROCESS_ID),
+    )
     return InitPlan('env', from_env)
   is_slurm = 'SLURM_JOB_ID' in env and _slurm_num_tasks(env) > 1
   if mode in _ON:
@@ -259,11 +289,14 @@ def _use_gloo_on_cpu() -> None:
     jax.config.update('jax_cpu_collectives_implementation', 'gloo')
 
 
-def initialize(coordinator_address: str | None = None,
-               num_processes: int | None = None,
-               process_id: int | None = None,
-               local_device_ids: Sequence[int] | None = None,
-               *, initialization_timeout: int = 300) -> dict[str, Any]:
+def initialize(
+    coordinator_address: str | None = None,
+    num_processes: int | None = None,
+    process_id: int | None = None,
+    local_device_ids: Sequence[int] | None = None,
+    *,
+    initialization_timeout: int = 300,
+) -> dict[str, Any]:
   """Initialises JAX's multi-process runtime when this is a multi-process run.
 
   Call it first thing in a program, before any JAX computation. A plain
@@ -283,8 +316,9 @@ def initialize(coordinator_address: str | None = None,
   global _logged
   if jax.distributed.is_initialized():
     return process_info(True, 'already')
-  plan = plan_initialization(coordinator_address, num_processes, process_id,
-                             local_device_ids)
+  plan = plan_initialization(
+      coordinator_address, num_processes, process_id, local_device_ids
+  )
   if plan is None:
     info = process_info(False, 'single-process')
   else:
@@ -293,12 +327,14 @@ def initialize(coordinator_address: str | None = None,
     logging.info('jax.distributed.initialize(%s) [%s]', kwargs, plan.source)
     try:
       jax.distributed.initialize(
-          **kwargs, initialization_timeout=initialization_timeout)
+          **kwargs, initialization_timeout=initialization_timeout
+      )
     except ValueError as e:  # JAX could not detect the missing values.
       raise ValueError(
           f'{e} [multi-process start via {plan.source}; pass the '
           f'coordinator flags or set {ENV_COORDINATOR}, {ENV_NUM_PROCESSES} '
-          f'and {ENV_PROCESS_ID}]') from e
+          f'and {ENV_PROCESS_ID}]'
+      ) from e
     info = process_info(True, plan.source)
   if not _logged:
     logging.info('Processes: %s', info)

@@ -64,6 +64,7 @@ def _accelerator_expected() -> bool:
   if not platforms:  # or set in code: jax.config.update('jax_platforms', ...)
     try:
       import jax  # pylint: disable=g-import-not-at-top
+
       platforms = jax.config.jax_platforms or ''
     except ImportError:
       pass
@@ -73,6 +74,7 @@ def _accelerator_expected() -> bool:
     return True
   try:
     import jax_plugins  # pylint: disable=g-import-not-at-top
+
     if any(True for _ in pkgutil.iter_modules(jax_plugins.__path__)):
       return True
   except ImportError:
@@ -107,18 +109,24 @@ def configure(mode: str | None = None) -> bool:
     logging.info('%s: not glibc; allocator left as is.', ENV)
     return False
   if _backends_started():
-    logging.warning('%s: JAX has already started its backends, so XLA\'s '
-                    'threads keep their own malloc arenas; allocator left as '
-                    'is. Call hostmem.configure() before the first JAX '
-                    'computation.', ENV)
+    logging.warning(
+        "%s: JAX has already started its backends, so XLA's "
+        'threads keep their own malloc arenas; allocator left as '
+        'is. Call hostmem.configure() before the first JAX '
+        'computation.',
+        ENV,
+    )
     return False
   libc = ctypes.CDLL(None)
   for param, value in SETTINGS:
     if libc.mallopt(param, value) != 1:
-      logging.warning('%s: mallopt(%d, %d) failed; allocator left as is.',
-                      ENV, param, value)
+      logging.warning(
+          '%s: mallopt(%d, %d) failed; allocator left as is.', ENV, param, value
+      )
       return False
   _applied = True
-  logging.info('%s: glibc malloc tuned for XLA:CPU (one arena, no mmap, no '
-               'trim).', ENV)
+  logging.info(
+      '%s: glibc malloc tuned for XLA:CPU (one arena, no mmap, no ' 'trim).',
+      ENV,
+  )
   return True

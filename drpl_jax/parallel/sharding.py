@@ -23,25 +23,33 @@ DEFAULT_MIN_FSDP_SIZE = 2**18
 BATCH_AXES = ('data', 'fsdp')
 
 
-def create_mesh(mesh_shape: Sequence[int] = (-1, 1),
-                devices: Sequence[jax.Device] | None = None) -> Mesh:
+def create_mesh(
+    mesh_shape: Sequence[int] = (-1, 1),
+    devices: Sequence[jax.Device] | None = None,
+) -> Mesh:
   """Builds a ('data', 'fsdp') mesh; one entry of `mesh_shape` may be -1."""
   devices = list(jax.devices() if devices is None else devices)
   shape = list(mesh_shape)
   if len(shape) != 2:
-    raise ValueError(f'mesh_shape must have 2 entries (data, fsdp), got '
-                     f'{tuple(mesh_shape)}')
+    raise ValueError(
+        f'mesh_shape must have 2 entries (data, fsdp), got '
+        f'{tuple(mesh_shape)}'
+    )
   if shape.count(-1) > 1:
     raise ValueError(f'at most one -1 in mesh_shape, got {tuple(shape)}')
   if -1 in shape:
     known = int(np.prod([s for s in shape if s != -1]))
     if len(devices) % known:
-      raise ValueError(f'mesh_shape {tuple(mesh_shape)} does not divide '
-                       f'{len(devices)} devices')
+      raise ValueError(
+          f'mesh_shape {tuple(mesh_shape)} does not divide '
+          f'{len(devices)} devices'
+      )
     shape[shape.index(-1)] = len(devices) // known
   if int(np.prod(shape)) != len(devices):
-    raise ValueError(f'mesh_shape {tuple(shape)} needs {int(np.prod(shape))} '
-                     f'devices, {len(devices)} available')
+    raise ValueError(
+        f'mesh_shape {tuple(shape)} needs {int(np.prod(shape))} '
+        f'devices, {len(devices)} available'
+    )
   try:
     device_array = mesh_utils.create_device_mesh(shape, devices=devices)
   except (ValueError, NotImplementedError, AssertionError):
@@ -58,8 +66,9 @@ def replicated(mesh: Mesh) -> NamedSharding:
   return NamedSharding(mesh, P())
 
 
-def param_spec(shape: Sequence[int], fsdp_size: int,
-               min_size: int | None = None) -> P:
+def param_spec(
+    shape: Sequence[int], fsdp_size: int, min_size: int | None = None
+) -> P:
   """FSDP rule: split the largest divisible dim of big tensors over 'fsdp'."""
   min_size = DEFAULT_MIN_FSDP_SIZE if min_size is None else min_size
   if fsdp_size <= 1 or int(np.prod(shape, dtype=np.int64)) < min_size:
@@ -73,8 +82,9 @@ def param_spec(shape: Sequence[int], fsdp_size: int,
   return P()
 
 
-def state_shardings(abstract_state: Any, mesh: Mesh,
-                    min_size: int | None = None) -> Any:
+def state_shardings(
+    abstract_state: Any, mesh: Mesh, min_size: int | None = None
+) -> Any:
   """Shardings for a pytree of ShapeDtypeStructs (params, opt state, ...)."""
   fsdp_size = mesh.shape['fsdp']
 

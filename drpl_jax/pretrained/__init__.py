@@ -28,15 +28,23 @@ from drpl_jax.pretrained import big_vision, ceit, irpe
 from drpl_jax.pretrained import mapping
 from drpl_jax.pretrained.formats import FORMATS, detect_format, read_checkpoint
 
-__all__ = ['FORMATS', 'detect_format', 'read_checkpoint', 'load_source',
-           'prepare', 'map_pretrained', 'variable_shapes',
-           'student_from_pretrained']
+__all__ = [
+    'FORMATS',
+    'detect_format',
+    'read_checkpoint',
+    'load_source',
+    'prepare',
+    'map_pretrained',
+    'variable_shapes',
+    'student_from_pretrained',
+]
 
 Report = dict[str, Any]
 
 
-def load_source(checkpoint: str | os.PathLike[str] | Mapping[str, Any]
-                ) -> tuple[Mapping[str, Any], str]:
+def load_source(
+    checkpoint: str | os.PathLike[str] | Mapping[str, Any],
+) -> tuple[Mapping[str, Any], str]:
   """A path (local or gs://) or a mapping -> (flat state, its description)."""
   if isinstance(checkpoint, Mapping):
     return mapping.load_timm_state(checkpoint)
@@ -44,8 +52,9 @@ def load_source(checkpoint: str | os.PathLike[str] | Mapping[str, Any]
   return read_checkpoint(path), path
 
 
-def prepare(state: Mapping[str, Any], cfg: ModelConfig, source: str
-            ) -> tuple[dict[str, Any], mapping.Plan]:
+def prepare(
+    state: Mapping[str, Any], cfg: ModelConfig, source: str
+) -> tuple[dict[str, Any], mapping.Plan]:
   """Detects the format; returns the state to map and the format's plan."""
   fmt = detect_format(state, source)
   if fmt == 'big_vision':
@@ -59,11 +68,14 @@ def prepare(state: Mapping[str, Any], cfg: ModelConfig, source: str
   return {k: v for k, v in state.items() if k not in plan.ignored}, plan
 
 
-def map_pretrained(state: Mapping[str, Any],
-                   target_shapes: Mapping[str, tuple[int, ...]],
-                   model_config: ModelConfig | Mapping[str, Any], *,
-                   strict_head: bool = False, source: str = 'state dict'
-                   ) -> tuple[dict[str, np.ndarray], Report]:
+def map_pretrained(
+    state: Mapping[str, Any],
+    target_shapes: Mapping[str, tuple[int, ...]],
+    model_config: ModelConfig | Mapping[str, Any],
+    *,
+    strict_head: bool = False,
+    source: str = 'state dict',
+) -> tuple[dict[str, np.ndarray], Report]:
   """`mapping.map_timm_state` for a checkpoint of any known format.
 
   The report gains 'format' (a key of FORMATS) and 'format_name'.
@@ -71,8 +83,13 @@ def map_pretrained(state: Mapping[str, Any],
   cfg = ModelConfig.from_config(model_config)
   state, plan = prepare(state, cfg, source)
   values, report = mapping.map_timm_state(
-      state, target_shapes, cfg, strict_head=strict_head, source=source,
-      plan=plan)
+      state,
+      target_shapes,
+      cfg,
+      strict_head=strict_head,
+      source=source,
+      plan=plan,
+  )
   report['format_name'] = FORMATS[plan.format]
   return values, report
 
@@ -92,8 +109,10 @@ def _names(state: Any) -> set[str]:
 
 def student_from_pretrained(
     checkpoint: str | os.PathLike[str] | Mapping[str, Any],
-    model_config: ModelConfig | Mapping[str, Any], *,
-    rngs: nnx.Rngs | None = None, strict_head: bool = False
+    model_config: ModelConfig | Mapping[str, Any],
+    *,
+    rngs: nnx.Rngs | None = None,
+    strict_head: bool = False,
 ) -> tuple[DRPLViT, Report]:
   """A DRPL-ViT initialised from a checkpoint of any known format.
 
@@ -103,12 +122,17 @@ def student_from_pretrained(
   cfg = ModelConfig.from_config(model_config)
   state, source = load_source(checkpoint)
   model = create_model(cfg, rngs=rngs if rngs is not None else nnx.Rngs(0))
-  values, report = map_pretrained(state, variable_shapes(model), cfg,
-                                  strict_head=strict_head, source=source)
+  values, report = map_pretrained(
+      state, variable_shapes(model), cfg, strict_head=strict_head, source=source
+  )
   for kind in (nnx.Param, nnx.BatchStat):
     part = nnx.state(model, kind)
     names = _names(part)
-    nnx.update(model, mapping.update_params(
-        part, {k: v for k, v in values.items() if k in names}))
+    nnx.update(
+        model,
+        mapping.update_params(
+            part, {k: v for k, v in values.items() if k in names}
+        ),
+    )
   mapping.log_report(report)
   return model, report

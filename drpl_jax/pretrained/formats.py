@@ -47,8 +47,10 @@ def _read_npz(path: str) -> dict[str, np.ndarray]:
       with np.load(f, allow_pickle=False) as data:
         return {k: np.asarray(data[k]) for k in data.files}
   except (ValueError, OSError, zipfile.BadZipFile, EOFError) as e:
-    raise ValueError(f'{path}: not a readable .npz checkpoint (truncated or '
-                     f'corrupt?): {e}') from e
+    raise ValueError(
+        f'{path}: not a readable .npz checkpoint (truncated or '
+        f'corrupt?): {e}'
+    ) from e
 
 
 def _read_remote_torch(path: str) -> dict[str, np.ndarray]:
@@ -78,14 +80,14 @@ def read_checkpoint(path: str | os.PathLike[str]) -> dict[str, np.ndarray]:
   if ext not in torch_io.SAFETENSORS_EXTS + torch_io.TORCH_EXTS:
     raise ValueError(
         f'{path}: unknown checkpoint extension {ext!r}; expected one of '
-        f'{NPZ_EXTS + torch_io.SAFETENSORS_EXTS + torch_io.TORCH_EXTS}')
+        f'{NPZ_EXTS + torch_io.SAFETENSORS_EXTS + torch_io.TORCH_EXTS}'
+    )
   if _is_remote(path):
     return _read_remote_torch(path)
   return torch_io.load_state_dict(path)
 
 
-def detect_format(state: Mapping[str, Any], source: str = 'state dict'
-                  ) -> str:
+def detect_format(state: Mapping[str, Any], source: str = 'state dict') -> str:
   """'timm', 'irpe', 'ceit' or 'big_vision', read from the keys."""
   keys = list(state)
   if any(k.endswith('embedding/kernel') for k in keys):
@@ -98,5 +100,7 @@ def detect_format(state: Mapping[str, Any], source: str = 'state dict'
     return 'timm'
   raise ValueError(
       f'{source}: not a checkpoint of a known format ('
-      + '; '.join(FORMATS.values()) + f'); its first keys are '
-      f'{sorted(keys)[:12]}')
+      + '; '.join(FORMATS.values())
+      + f'); its first keys are '
+      f'{sorted(keys)[:12]}'
+  )

@@ -29,12 +29,13 @@ from drpl_jax.models import ModelConfig
 from drpl_jax.pretrained.mapping import Plan, Transform
 
 _TABLE = re.compile(
-    r'^blocks\.(\d+)\.attn\.rpe_([qkv])\.lookup_table_(weight|bias)$')
+    r'^blocks\.(\d+)\.attn\.rpe_([qkv])\.lookup_table_(weight|bias)$'
+)
 
 
-def table_transform(part: str, shared_model: bool,
-                    num_heads: int) -> Transform:
+def table_transform(part: str, shared_model: bool, num_heads: int) -> Transform:
   """Official lookup_table_weight of `part` (q, k, v) -> our table."""
+
   def convert(w: np.ndarray) -> np.ndarray:
     if w.ndim != 3:
       raise ValueError(f'rank {w.ndim}')
@@ -46,11 +47,13 @@ def table_transform(part: str, shared_model: bool,
     if t.shape[0] == 1:  # a shared table serves every head
       return np.repeat(t, num_heads, axis=0)
     return t  # [H, buckets, hd]
+
   return convert
 
 
-def plan(state: Mapping[str, np.ndarray], cfg: ModelConfig,
-         source: str) -> Plan:
+def plan(
+    state: Mapping[str, np.ndarray], cfg: ModelConfig, source: str
+) -> Plan:
   """The iRPE tables onto ours; the rest is the timm mapping."""
   out = Plan(format='irpe')
   shared_src = set()
@@ -62,28 +65,38 @@ def plan(state: Mapping[str, np.ndarray], cfg: ModelConfig,
     if kind == 'bias':
       raise ValueError(
           f'{source}: {key} is an iRPE table in "bias" mode; DRPL-ViT '
-          "implements the contextual mode (lookup_table_weight) only")
+          'implements the contextual mode (lookup_table_weight) only'
+      )
     enabled = cfg.rpe.kind == 'irpe' and getattr(cfg.rpe, f'on_{part}')
     if not enabled:
-      out.ignored[key] = (f'model.rpe has no iRPE on {part} (kind='
-                          f'{cfg.rpe.kind!r}, on_{part}=False)')
+      out.ignored[key] = (
+          f'model.rpe has no iRPE on {part} (kind='
+          f'{cfg.rpe.kind!r}, on_{part}=False)'
+      )
       continue
     out.extra[f'blocks.{block}.attn.rpe_{part}.table'] = (
-        key, table_transform(part, cfg.rpe.shared_heads, cfg.num_heads))
+        key,
+        table_transform(part, cfg.rpe.shared_heads, cfg.num_heads),
+    )
     if np.shape(state[key])[0] == 1:
       shared_src.add(part)
-  parts = sorted({_TABLE.match(k).group(2) for k in state
-                  if _TABLE.match(k)})
-  out.notes.append(f'iRPE tables on {parts} loaded (contextual product '
-                   'method; [n, hd, buckets] -> [buckets, hd] for q and k)')
+  parts = sorted({_TABLE.match(k).group(2) for k in state if _TABLE.match(k)})
+  out.notes.append(
+      f'iRPE tables on {parts} loaded (contextual product '
+      'method; [n, hd, buckets] -> [buckets, hd] for q and k)'
+  )
   if 'q' in parts:
-    out.notes.append('iRPE q table: its S*S grid rows are reversed, the '
-                     'prefix row kept (the official query term reads the '
-                     'table at the transposed displacement)')
+    out.notes.append(
+        'iRPE q table: its S*S grid rows are reversed, the '
+        'prefix row kept (the official query term reads the '
+        'table at the transposed displacement)'
+    )
   if shared_src and not cfg.rpe.shared_heads:
-    out.notes.append(f'iRPE: the shared source tables {sorted(shared_src)} '
-                     'are copied to every head (model.rpe.shared_heads='
-                     'False)')
+    out.notes.append(
+        f'iRPE: the shared source tables {sorted(shared_src)} '
+        'are copied to every head (model.rpe.shared_heads='
+        'False)'
+    )
   ignored = sorted(out.ignored)
   if ignored:
     out.notes.append(f'iRPE tables not used by this model: {ignored}')

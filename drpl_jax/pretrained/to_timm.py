@@ -40,15 +40,19 @@ def timm_model_name(cfg: ModelConfig) -> str | None:
   size = _SIZES.get(cfg.width)
   if size is None or cfg.depth != 12 or cfg.patch_size != 16:
     return None
-  name = f'deit_{size}_distilled_patch16' if cfg.distilled else (
-      f'deit_{size}_patch16')
+  name = (
+      f'deit_{size}_distilled_patch16'
+      if cfg.distilled
+      else (f'deit_{size}_patch16')
+  )
   return f'{name}_{cfg.image_size}'
 
 
 def _flat(model: DRPLViT) -> dict[str, np.ndarray]:
   flat = nnx.to_flat_state(nnx.state(model, nnx.Param))
-  return {'.'.join(map(str, p)): np.asarray(v[...], np.float32)
-          for p, v in flat}
+  return {
+      '.'.join(map(str, p)): np.asarray(v[...], np.float32) for p, v in flat
+  }
 
 
 def timm_state_dict(model: DRPLViT) -> dict[str, np.ndarray]:
@@ -57,8 +61,10 @@ def timm_state_dict(model: DRPLViT) -> dict[str, np.ndarray]:
   problems = timm_problems(cfg)
   if problems:
     raise ValueError(
-        'no timm counterpart for a model with ' + ', '.join(problems) +
-        ': export it to the PyTorch twin (drpl_jax.pytorch.twin) instead')
+        'no timm counterpart for a model with '
+        + ', '.join(problems)
+        + ': export it to the PyTorch twin (drpl_jax.pytorch.twin) instead'
+    )
   p = _flat(model)
   out: dict[str, np.ndarray] = {}
   for name, value in p.items():
@@ -67,16 +73,17 @@ def timm_state_dict(model: DRPLViT) -> dict[str, np.ndarray]:
       continue  # fused below
     key = name.replace('ffn.fc', 'mlp.fc')
     if key.endswith('.scale'):
-      key = key[:-len('.scale')] + '.weight'
+      key = key[: -len('.scale')] + '.weight'
     elif key.endswith('.kernel'):
-      key = key[:-len('.kernel')] + '.weight'
+      key = key[: -len('.kernel')] + '.weight'
       # [kh, kw, in, out] -> [out, in, kh, kw]; [in, out] -> [out, in]
       value = value.transpose(3, 2, 0, 1) if value.ndim == 4 else value.T
     out[key] = value
   for i in range(cfg.depth):
     a = f'blocks.{i}.attn.'
     out[a + 'qkv.weight'] = np.concatenate(
-        [p[f'{a}{x}.kernel'].T for x in 'qkv'])  # [3D, D]
+        [p[f'{a}{x}.kernel'].T for x in 'qkv']
+    )  # [3D, D]
     if f'{a}q.bias' in p:
       out[a + 'qkv.bias'] = np.concatenate([p[f'{a}{x}.bias'] for x in 'qkv'])
   return {k: np.ascontiguousarray(v) for k, v in out.items()}

@@ -68,20 +68,36 @@ def _define_flags() -> None:
   from ml_collections import config_flags
   # pylint: enable=g-import-not-at-top
   config_flags.DEFINE_config_file(
-      'config', None, 'e.g. configs/drpl_vit.py:variant=micro; '
-      '--config.KEY=VALUE overrides a key.')
+      'config',
+      None,
+      'e.g. configs/drpl_vit.py:variant=micro; '
+      '--config.KEY=VALUE overrides a key.',
+  )
   cli.define_batch_size(16)
-  flags.DEFINE_integer('image_size', 0, 'Input resolution (0: the config\'s).',
-                       lower_bound=0)
+  flags.DEFINE_integer(
+      'image_size', 0, "Input resolution (0: the config's).", lower_bound=0
+  )
   flags.DEFINE_integer('steps', 10, 'Timed steps.', lower_bound=1)
-  flags.DEFINE_integer('warmup', 2, 'Untimed steps after the first '
-                       '(compiling) one.', lower_bound=0)
-  flags.DEFINE_integer('rounds', 5, 'Round-robin rounds the timed steps are '
-                       'split in.', lower_bound=1)
+  flags.DEFINE_integer(
+      'warmup',
+      2,
+      'Untimed steps after the first ' '(compiling) one.',
+      lower_bound=0,
+  )
+  flags.DEFINE_integer(
+      'rounds',
+      5,
+      'Round-robin rounds the timed steps are ' 'split in.',
+      lower_bound=1,
+  )
   flags.DEFINE_bool('no_compile', False, 'Skip torch.compile.')
   flags.DEFINE_string('markdown', '', 'Write a table here.')
-  flags.DEFINE_integer('matmul_size', 2048, 'n of the n^3 reference matmul '
-                       '(CPU peak).', lower_bound=1)
+  flags.DEFINE_integer(
+      'matmul_size',
+      2048,
+      'n of the n^3 reference matmul ' '(CPU peak).',
+      lower_bound=1,
+  )
   flags.mark_flags_as_required(['config'])
 
 
@@ -169,7 +185,7 @@ class MemoryMeter:
     else:
       peak = _host_rss('VmHWM')
     if peak is not None and self._base is not None:
-      self.peak_mb = (peak - self._base) / 2 ** 20
+      self.peak_mb = (peak - self._base) / 2**20
 
 
 @dataclasses.dataclass
@@ -216,14 +232,20 @@ def matmul_runners(n: int, device: str) -> list[Runner]:
   Timed in the same rounds as the models, so the reference rate sees the
   same host load.
   """
-  jdtype, tdtype = ((jnp.bfloat16, torch.bfloat16) if device == 'gpu'
-                    else (jnp.float32, torch.float32))
+  jdtype, tdtype = (
+      (jnp.bfloat16, torch.bfloat16)
+      if device == 'gpu'
+      else (jnp.float32, torch.float32)
+  )
   a = jax.random.normal(jax.random.key(0), (n, n), jdtype)
   mm = jax.jit(jnp.matmul)
-  b = torch.randn(n, n, dtype=tdtype,
-                  device='cuda' if device == 'gpu' else 'cpu')
-  runners = [Runner('jax', 'matmul', lambda: mm(a, a), jax.block_until_ready),
-             Runner('torch', 'matmul', lambda: b @ b, torch_bench.sync)]
+  b = torch.randn(
+      n, n, dtype=tdtype, device='cuda' if device == 'gpu' else 'cpu'
+  )
+  runners = [
+      Runner('jax', 'matmul', lambda: mm(a, a), jax.block_until_ready),
+      Runner('torch', 'matmul', lambda: b @ b, torch_bench.sync),
+  ]
   for runner in runners:
     runner.sync(runner.call())
   return runners
@@ -231,8 +253,10 @@ def matmul_runners(n: int, device: str) -> list[Runner]:
 
 def matmul_rates(runners: Sequence[Runner], n: int) -> dict[str, float]:
   """GFLOP/s of each timed matmul runner (median step)."""
-  return {r.framework: 2.0 * n ** 3 / statistics.median(r.times) / 1e9
-          for r in runners}
+  return {
+      r.framework: 2.0 * n**3 / statistics.median(r.times) / 1e9
+      for r in runners
+  }
 
 
 def _xla_flops(compiled: Any) -> float | None:
@@ -256,21 +280,24 @@ def bench_config(args: Any):
   return config
 
 
-def make_batch(model_cfg: ModelConfig, batch: int, seed: int
-               ) -> dict[str, np.ndarray]:
+def make_batch(
+    model_cfg: ModelConfig, batch: int, seed: int
+) -> dict[str, np.ndarray]:
   """uint8 images, labels and teacher logits, the same for every framework."""
   rng = np.random.default_rng(seed)
   size = model_cfg.image_size
-  out = {'image': rng.integers(0, 256, (batch, size, size, 3), np.uint8),
-         'label': rng.integers(0, model_cfg.num_classes, batch, np.int32)}
+  out = {
+      'image': rng.integers(0, 256, (batch, size, size, 3), np.uint8),
+      'label': rng.integers(0, model_cfg.num_classes, batch, np.int32),
+  }
   if model_cfg.distilled:
     out['teacher_logits'] = rng.normal(
-        size=(batch, model_cfg.num_classes)).astype(np.float32)
+        size=(batch, model_cfg.num_classes)
+    ).astype(np.float32)
   return out
 
 
-def jax_runners(config, model, batch: dict[str, np.ndarray]
-                ) -> list[Runner]:
+def jax_runners(config, model, batch: dict[str, np.ndarray]) -> list[Runner]:
   """The jitted eval forward and the project's jitted train step.
 
   Compiled ahead of time (the time counts as warm-up); the train state,
@@ -289,17 +316,23 @@ def jax_runners(config, model, batch: dict[str, np.ndarray]
   infer = jax.jit(forward).lower(params, rest, data['image']).compile()
   infer_s = time.perf_counter() - t0
   tx, schedule = optim.create_optimizer(
-      optim.OptimConfig.from_config(config.optim), config.batch_size,
-      config.total_steps, model.config.depth)
-  step = jax.jit(train_step.make_train_step(graphdef, tx, step_cfg, schedule),
-                 donate_argnums=0)
+      optim.OptimConfig.from_config(config.optim),
+      config.batch_size,
+      config.total_steps,
+      model.config.depth,
+  )
+  step = jax.jit(
+      train_step.make_train_step(graphdef, tx, step_cfg, schedule),
+      donate_argnums=0,
+  )
 
   def new_state(params, rest):
     return TrainState.fresh(params, rest, tx, jax.random.key(config.seed))
 
   t0 = time.perf_counter()
-  compiled = step.lower(jax.eval_shape(lambda: new_state(params, rest)),
-                        data).compile()
+  compiled = step.lower(
+      jax.eval_shape(lambda: new_state(params, rest)), data
+  ).compile()
   train_s = time.perf_counter() - t0
   copy = lambda tree: jax.tree.map(jnp.copy, tree)  # the state is donated
   holder = {}
@@ -311,14 +344,28 @@ def jax_runners(config, model, batch: dict[str, np.ndarray]
     return metrics
 
   return [
-      Runner('jax', 'inference', lambda: infer(params, rest, data['image']),
-             jax.block_until_ready, infer_s, _xla_flops(infer)),
-      Runner('jax', 'train', train, jax.block_until_ready, train_s,
-             _xla_flops(compiled))]
+      Runner(
+          'jax',
+          'inference',
+          lambda: infer(params, rest, data['image']),
+          jax.block_until_ready,
+          infer_s,
+          _xla_flops(infer),
+      ),
+      Runner(
+          'jax',
+          'train',
+          train,
+          jax.block_until_ready,
+          train_s,
+          _xla_flops(compiled),
+      ),
+  ]
 
 
-def peak_reference(device: str, matmul: dict[str, float]
-                   ) -> tuple[float | None, str]:
+def peak_reference(
+    device: str, matmul: dict[str, float]
+) -> tuple[float | None, str]:
   """(peak FLOP/s, what it is) for the achieved fraction."""
   if device != 'gpu':
     best = max(matmul.values())
@@ -336,8 +383,14 @@ def device_name(device: str) -> str:
     return jax.devices()[0].device_kind
   try:
     with open('/proc/cpuinfo') as f:
-      model = next((line.split(':', 1)[1].strip() for line in f
-                    if line.startswith('model name')), 'cpu')
+      model = next(
+          (
+              line.split(':', 1)[1].strip()
+              for line in f
+              if line.startswith('model name')
+          ),
+          'cpu',
+      )
   except OSError:
     model = 'cpu'
   return f'{model}, {host_threads()} cores'
@@ -347,9 +400,14 @@ def _sig(x: float | None, digits: int = 4) -> float | None:
   return None if x is None else float(f'{x:.{digits}g}')
 
 
-def records(runners: Sequence[Runner], errors: dict[str, str],
-            flops: dict[str, int], meta: dict, peak: float | None,
-            batch: int) -> list[dict[str, Any]]:
+def records(
+    runners: Sequence[Runner],
+    errors: dict[str, str],
+    flops: dict[str, int],
+    meta: dict,
+    peak: float | None,
+    batch: int,
+) -> list[dict[str, Any]]:
   """One JSON-ready record per (framework, mode), and one per error."""
   xla = {r.mode: r.xla_flops for r in runners if r.framework == 'jax'}
   out = []
@@ -357,17 +415,26 @@ def records(runners: Sequence[Runner], errors: dict[str, str],
     median = statistics.median(r.times)
     ips = batch / median
     per_image = flops[r.mode] / batch
-    out.append(dict(
-        meta, framework=r.framework, mode=r.mode,
-        images_per_s=round(ips, 2), step_ms_median=round(median * 1e3, 2),
-        step_ms_min=round(min(r.times) * 1e3, 2),
-        warmup_s=round(r.warmup_s, 2),
-        peak_memory_mb=_sig(r.peak_memory_mb),
-        flops_per_image=per_image,
-        xla_flops_per_image=(None if xla.get(r.mode) is None
-                             else xla[r.mode] / batch),
-        achieved_gflops=_sig(per_image * ips / 1e9),
-        peak_fraction=None if peak is None else _sig(per_image * ips / peak)))
+    out.append(
+        dict(
+            meta,
+            framework=r.framework,
+            mode=r.mode,
+            images_per_s=round(ips, 2),
+            step_ms_median=round(median * 1e3, 2),
+            step_ms_min=round(min(r.times) * 1e3, 2),
+            warmup_s=round(r.warmup_s, 2),
+            peak_memory_mb=_sig(r.peak_memory_mb),
+            flops_per_image=per_image,
+            xla_flops_per_image=(
+                None if xla.get(r.mode) is None else xla[r.mode] / batch
+            ),
+            achieved_gflops=_sig(per_image * ips / 1e9),
+            peak_fraction=None
+            if peak is None
+            else _sig(per_image * ips / peak),
+        )
+    )
   for framework, error in errors.items():
     out.append(dict(meta, framework=framework, error=error))
   return out
@@ -388,8 +455,9 @@ _COLUMNS = (
 )
 
 
-def markdown(recs: list[dict[str, Any]], meta: dict,
-             matmul: dict[str, float]) -> str:
+def markdown(
+    recs: list[dict[str, Any]], meta: dict, matmul: dict[str, float]
+) -> str:
   """A Markdown table with one row per framework."""
   lines = [
       f"Config `{meta['config']}`, image {meta['image_size']}, batch "
@@ -404,8 +472,7 @@ def markdown(recs: list[dict[str, Any]], meta: dict,
   for fw in dict.fromkeys(r['framework'] for r in recs):
     mine = [r for r in recs if r['framework'] == fw]
     if 'error' in mine[0]:
-      cells = [f"failed: {mine[0]['error'][:100]}"] + [''] * (
-          len(_COLUMNS) - 1)
+      cells = [f"failed: {mine[0]['error'][:100]}"] + [''] * (len(_COLUMNS) - 1)
     else:
       by_mode = {r['mode']: r for r in mine}
       cells = []
@@ -424,14 +491,16 @@ def _setup_torch(device: str, threads: int) -> None:
     torch.backends.cudnn.allow_tf32 = True
 
 
-def start_all(config, model_cfg, model, state, batch, args, device
-              ) -> tuple[list[Runner], dict[str, str]]:
+def start_all(
+    config, model_cfg, model, state, batch, args, device
+) -> tuple[list[Runner], dict[str, str]]:
   """Starts JAX, then the torch twin eager and compiled (unless --no_compile).
 
   A torch.compile failure becomes an error entry instead of a runner.
   """
-  runners = [start(r, device, args.warmup)
-             for r in jax_runners(config, model, batch)]
+  runners = [
+      start(r, device, args.warmup) for r in jax_runners(config, model, batch)
+  ]
   errors = {}
   tdev = 'cuda' if device == 'gpu' else 'cpu'
   variants = [('torch_eager', False)]
@@ -439,11 +508,17 @@ def start_all(config, model_cfg, model, state, batch, args, device
     variants.append(('torch_compile', True))
   for name, compile_model in variants:
     try:
-      calls = torch_bench.step_calls(config, model_cfg, state, batch, tdev,
-                                     compile_model)
-      runners += [start(Runner(name, mode, calls[mode], torch_bench.sync),
-                        device, args.warmup)
-                  for mode in ('train', 'inference')]
+      calls = torch_bench.step_calls(
+          config, model_cfg, state, batch, tdev, compile_model
+      )
+      runners += [
+          start(
+              Runner(name, mode, calls[mode], torch_bench.sync),
+              device,
+              args.warmup,
+          )
+          for mode in ('train', 'inference')
+      ]
     except Exception as e:  # pylint: disable=broad-except
       if not compile_model:
         raise
@@ -456,8 +531,12 @@ def main(argv: Sequence[str]) -> None:
   """`python -m drpl_jax.bench compare FLAGS` (argv: the FLAGS): defines
   the flags and runs the comparison under drpl_jax/cli.py's exit policy."""
   _define_flags()
-  cli.run(_main, positional=False, tensorflow=False,
-          argv=['python -m drpl_jax.bench compare', *argv])
+  cli.run(
+      _main,
+      positional=False,
+      tensorflow=False,
+      argv=['python -m drpl_jax.bench compare', *argv],
+  )
 
 
 def _main(argv: Sequence[str]) -> None:
@@ -475,30 +554,46 @@ def _main(argv: Sequence[str]) -> None:
   state = torch_ref.state_dict_from_flax(model)  # before JAX donates it
   batch = make_batch(model_cfg, args.batch_size, config.seed)
   matmuls = matmul_runners(args.matmul_size, device)
-  runners, errors = start_all(config, model_cfg, model, state, batch, args,
-                              device)
+  runners, errors = start_all(
+      config, model_cfg, model, state, batch, args, device
+  )
   time_rounds(matmuls + runners, args.steps, args.rounds)
   matmul = matmul_rates(matmuls, args.matmul_size)
   peak, peak_source = peak_reference(device, matmul)
-  meta = dict(benchmark='compare', config=args.config_spec,
-              image_size=model_cfg.image_size, batch=args.batch_size,
-              steps=args.steps, warmup=args.warmup, rounds=args.rounds,
-              dtype=model_cfg.dtype, device=device_name(device),
-              threads=threads, matmul_n=args.matmul_size,
-              peak_source=peak_source,
-              peak_gflops=None if peak is None else round(peak / 1e9, 1),
-              memory_kind=('device_peak' if device == 'gpu'
-                           else 'host_rss_delta'),
-              omp_wait_policy=os.environ.get('OMP_WAIT_POLICY', ''))
+  meta = dict(
+      benchmark='compare',
+      config=args.config_spec,
+      image_size=model_cfg.image_size,
+      batch=args.batch_size,
+      steps=args.steps,
+      warmup=args.warmup,
+      rounds=args.rounds,
+      dtype=model_cfg.dtype,
+      device=device_name(device),
+      threads=threads,
+      matmul_n=args.matmul_size,
+      peak_source=peak_source,
+      peak_gflops=None if peak is None else round(peak / 1e9, 1),
+      memory_kind=('device_peak' if device == 'gpu' else 'host_rss_delta'),
+      omp_wait_policy=os.environ.get('OMP_WAIT_POLICY', ''),
+  )
   for fw, gflops in matmul.items():
-    emit(dict(meta, measurement='matmul', framework=fw,
-              gflops=round(gflops, 2)))
+    emit(
+        dict(meta, measurement='matmul', framework=fw, gflops=round(gflops, 2))
+    )
   # Counted last, so that its allocations precede no memory measurement.
-  flops = torch_bench.count_flops(model_cfg, state, batch,
-                                  torch_bench.loss_for(config, model_cfg))
+  flops = torch_bench.count_flops(
+      model_cfg, state, batch, torch_bench.loss_for(config, model_cfg)
+  )
   meta['tensorflow_imported'] = tensorflow_imported()
-  recs = records(runners, errors, flops, dict(meta, measurement='model'),
-                 peak, args.batch_size)
+  recs = records(
+      runners,
+      errors,
+      flops,
+      dict(meta, measurement='model'),
+      peak,
+      args.batch_size,
+  )
   for rec in recs:
     emit(rec)
   if args.markdown:

@@ -64,8 +64,9 @@ def _torchvision_model(arch: str, num_classes: int) -> Any:
   import torchvision  # pylint: disable=g-import-not-at-top
 
   teacher_lib.arch_spec(arch)
-  return torchvision.models.get_model(arch, weights=None,
-                                      num_classes=num_classes)
+  return torchvision.models.get_model(
+      arch, weights=None, num_classes=num_classes
+  )
 
 
 def randomize_batchnorm(model: Any, image_size: int, seed: int = 0) -> None:
@@ -97,7 +98,8 @@ def randomize_batchnorm(model: Any, image_size: int, seed: int = 0) -> None:
       noise = torch.randn(m.running_mean.shape, generator=g)
       m.running_mean.add_(0.1 * noise * m.running_var.sqrt())
       m.running_var.mul_(
-          torch.empty(m.running_var.shape).uniform_(0.7, 1.3, generator=g))
+          torch.empty(m.running_var.shape).uniform_(0.7, 1.3, generator=g)
+      )
 
 
 # Jitted once at module level so repeated reports reuse compilations.
@@ -141,7 +143,8 @@ def parity_report(
     state = torch_io.load_state_dict(checkpoint)
   cfg = teacher_lib.TeacherConfig(arch, num_classes, image_size=image_size)
   flax_model, _ = teacher_from_state_dict(
-      cfg, state, source=str(checkpoint or 'random init'))
+      cfg, state, source=str(checkpoint or 'random init')
+  )
   canonical, _ = teacher_lib.canonical_state_dict(state, arch)
   model.load_state_dict(
       {k: torch.from_numpy(_torch_compatible(v)) for k, v in canonical.items()},
@@ -170,8 +173,9 @@ def parity_report(
       'seed': seed,
       'max_abs_diff': float(np.max(np.abs(torch_logits - flax_logits))),
       'max_abs_logit': float(np.max(np.abs(torch_logits))),
-      'argmax_agreement': float(np.mean(
-          torch_logits.argmax(-1) == flax_logits.argmax(-1))),
+      'argmax_agreement': float(
+          np.mean(torch_logits.argmax(-1) == flax_logits.argmax(-1))
+      ),
       'torch_version': torch.__version__,
       'torchvision_version': torchvision.__version__,
       'jax_version': jax.__version__,
@@ -186,8 +190,10 @@ def _teacher_command(args: Any) -> dict[str, Any]:
     raise cli.UserError('teacher needs --arch, --checkpoint and --num_classes')
   args.image_size = args.image_size or 224
   cfg = teacher_lib.TeacherConfig(
-      arch=args.arch, num_classes=args.num_classes,
-      image_size=args.image_size, mean=_three_floats('mean', args.mean),
+      arch=args.arch,
+      num_classes=args.num_classes,
+      image_size=args.image_size,
+      mean=_three_floats('mean', args.mean),
       std=_three_floats('std', args.std),
   )
   state = torch_io.load_state_dict(args.checkpoint)
@@ -210,8 +216,13 @@ def _teacher_command(args: Any) -> dict[str, Any]:
     result['out'] = args.out
   if args.parity:
     result['parity'] = parity_report(
-        args.arch, args.checkpoint, args.num_classes, batch=args.batch_size,
-        image_size=args.image_size, seed=args.seed)
+        args.arch,
+        args.checkpoint,
+        args.num_classes,
+        batch=args.batch_size,
+        image_size=args.image_size,
+        seed=args.seed,
+    )
   return result
 
 
@@ -222,8 +233,10 @@ def _three_floats(name: str, values: Sequence[str]) -> tuple[float, ...]:
   except ValueError:
     out = ()
   if len(out) != 3:
-    raise cli.UserError(f'--{name}={",".join(values)}: expected three '
-                        'numbers, one per channel (R,G,B)')
+    raise cli.UserError(
+        f'--{name}={",".join(values)}: expected three '
+        'numbers, one per channel (R,G,B)'
+    )
   return out
 
 
@@ -232,20 +245,24 @@ def _three_floats(name: str, values: Sequence[str]) -> tuple[float, ...]:
 # -----------------------------------------------------------------------------
 
 
-def _parity_problems(info: mapping.SourceInfo,
-                     cfg: ModelConfig) -> list[str]:
+def _parity_problems(info: mapping.SourceInfo, cfg: ModelConfig) -> list[str]:
   """Why our model cannot compute exactly what the timm source computes."""
   problems = []
   if cfg.rpe.kind != 'none' or cfg.conv.kind != 'mlp':
-    problems.append(f'rpe.kind={cfg.rpe.kind!r}, conv.kind={cfg.conv.kind!r}'
-                    " (need 'none' and 'mlp', the deit/vit presets)")
+    problems.append(
+        f'rpe.kind={cfg.rpe.kind!r}, conv.kind={cfg.conv.kind!r}'
+        " (need 'none' and 'mlp', the deit/vit presets)"
+    )
   if cfg.distilled != info.distilled:
-    problems.append(f'model.distilled={cfg.distilled} but the source '
-                    f'{"has" if info.distilled else "has no"} dist token')
+    problems.append(
+        f'model.distilled={cfg.distilled} but the source '
+        f'{"has" if info.distilled else "has no"} dist token'
+    )
   if cfg.grid_size != info.grid or cfg.patch_size != info.patch_size:
     problems.append(
         f'model.image_size={cfg.image_size} differs from the source '
-        f'resolution {info.grid * info.patch_size}')
+        f'resolution {info.grid * info.patch_size}'
+    )
   if cfg.stem != 'patch' or not cfg.abs_pos_embed:
     problems.append('the model needs stem=patch and abs_pos_embed=True')
   if (cfg.layer_scale_init is not None) != info.layer_scale:
@@ -268,23 +285,36 @@ def timm_reference(state: Mapping[str, Any], num_heads: int) -> Any:
   info = mapping.source_info(state)
   hidden = state['blocks.0.mlp.fc1.weight'].shape[0]
   kwargs = dict(
-      img_size=info.grid * info.patch_size, patch_size=info.patch_size,
-      embed_dim=info.width, depth=info.depth, num_heads=num_heads,
-      mlp_ratio=hidden / info.width, num_classes=info.num_classes or 0,
+      img_size=info.grid * info.patch_size,
+      patch_size=info.patch_size,
+      embed_dim=info.width,
+      depth=info.depth,
+      num_heads=num_heads,
+      mlp_ratio=hidden / info.width,
+      num_classes=info.num_classes or 0,
       qkv_bias='blocks.0.attn.qkv.bias' in state,
       no_embed_class=info.pos_prefix == 0,
-      init_values=1.0 if info.layer_scale else None)
-  cls = (deit.VisionTransformerDistilled if info.distilled
-         else vision_transformer.VisionTransformer)
+      init_values=1.0 if info.layer_scale else None,
+  )
+  cls = (
+      deit.VisionTransformerDistilled
+      if info.distilled
+      else vision_transformer.VisionTransformer
+  )
   model = cls(**kwargs)
-  model.load_state_dict({k: torch.from_numpy(v) for k, v in state.items()},
-                        strict=True)
+  model.load_state_dict(
+      {k: torch.from_numpy(v) for k, v in state.items()}, strict=True
+  )
   return model.eval()
 
 
-def student_parity_report(checkpoint: str | Mapping[str, Any],
-                          model: DRPLViT, *, batch: int = 2, seed: int = 0
-                          ) -> dict[str, Any]:
+def student_parity_report(
+    checkpoint: str | Mapping[str, Any],
+    model: DRPLViT,
+    *,
+    batch: int = 2,
+    seed: int = 0,
+) -> dict[str, Any]:
   """Max |difference| of timm's model and `model` (fp32, eval mode).
 
   `model` must compute the same function as the source: the deit (or vit)
@@ -301,43 +331,55 @@ def student_parity_report(checkpoint: str | Mapping[str, Any],
   state, source = pretrained.load_source(checkpoint)
   fmt = pretrained.detect_format(state, source)
   if fmt != 'timm':
-    raise ValueError(f'{source}: the parity check compares with timm, which '
-                     f'has no model for a {pretrained.FORMATS[fmt]} '
-                     'checkpoint (the parity tests of that format cover it)')
+    raise ValueError(
+        f'{source}: the parity check compares with timm, which '
+        f'has no model for a {pretrained.FORMATS[fmt]} '
+        'checkpoint (the parity tests of that format cover it)'
+    )
   cfg = model.config
-  info = mapping.source_info(mapping.as_float32_state(state),
-                                  source)
+  info = mapping.source_info(mapping.as_float32_state(state), source)
   problems = _parity_problems(info, cfg)
   if problems:
-    raise ValueError(f'{source}: no timm parity check for this model: '
-                     + '; '.join(problems))
+    raise ValueError(
+        f'{source}: no timm parity check for this model: ' + '; '.join(problems)
+    )
   ref = timm_reference(state, cfg.num_heads)
-  images = np.random.default_rng(seed).standard_normal(
-      (batch, cfg.image_size, cfg.image_size, 3)).astype(np.float32)
+  images = (
+      np.random.default_rng(seed)
+      .standard_normal((batch, cfg.image_size, cfg.image_size, 3))
+      .astype(np.float32)
+  )
   features = info.num_classes != cfg.num_classes
   nchw = torch.from_numpy(images.transpose(0, 3, 1, 2))
   with torch.no_grad():
     want = (ref.forward_features(nchw) if features else ref(nchw)).numpy()
   with jax.default_matmul_precision('float32'):
-    got = np.asarray((_features if features else _forward)(
-        model, jnp.asarray(images)))
+    got = np.asarray(
+        (_features if features else _forward)(model, jnp.asarray(images))
+    )
   out = {
       'compared': 'features' if features else 'logits',
       'max_abs_diff': float(np.max(np.abs(want - got))),
       'max_abs_value': float(np.max(np.abs(want))),
-      'batch': batch, 'image_size': cfg.image_size, 'seed': seed,
-      'precision': 'float32', 'timm_version': timm.__version__,
-      'torch_version': torch.__version__, 'jax_version': jax.__version__,
-      'jax_backend': jax.default_backend()}
+      'batch': batch,
+      'image_size': cfg.image_size,
+      'seed': seed,
+      'precision': 'float32',
+      'timm_version': timm.__version__,
+      'torch_version': torch.__version__,
+      'jax_version': jax.__version__,
+      'jax_backend': jax.default_backend(),
+  }
   if features:
-    out['note'] = (f'the source has {info.num_classes} classes and the '
-                   f'model {cfg.num_classes}: the heads are fresh, so the '
-                   'pre-head features (final-normed tokens) are compared; '
-                   f'pass --num_classes {info.num_classes} to compare logits')
+    out['note'] = (
+        f'the source has {info.num_classes} classes and the '
+        f'model {cfg.num_classes}: the heads are fresh, so the '
+        'pre-head features (final-normed tokens) are compared; '
+        f'pass --num_classes {info.num_classes} to compare logits'
+    )
   else:
     out['max_abs_logit'] = out['max_abs_value']
-    out['argmax_agreement'] = float(np.mean(
-        want.argmax(-1) == got.argmax(-1)))
+    out['argmax_agreement'] = float(np.mean(want.argmax(-1) == got.argmax(-1)))
   return out
 
 
@@ -357,21 +399,28 @@ def _student_command(args: Any) -> dict[str, Any]:
   for key in ('num_classes', 'image_size'):
     if getattr(args, key) is not None:
       model_dict[key] = getattr(args, key)
-  model, report = student_from_timm(args.checkpoint, model_dict,
-                                    strict_head=args.strict_head)
+  model, report = student_from_timm(
+      args.checkpoint, model_dict, strict_head=args.strict_head
+  )
   cfg = model.config
   result = {
-      'command': 'student', 'checkpoint': args.checkpoint,
-      'format': report['format'], 'format_name': report['format_name'],
-      'config': args.config_spec, 'num_classes': cfg.num_classes,
+      'command': 'student',
+      'checkpoint': args.checkpoint,
+      'format': report['format'],
+      'format_name': report['format_name'],
+      'config': args.config_spec,
+      'num_classes': cfg.num_classes,
       'image_size': cfg.image_size,
-      'num_params': int(sum(x.size for x in jax.tree.leaves(
-          nnx.state(model, nnx.Param)))),
-      'report': report}
+      'num_params': int(
+          sum(x.size for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
+      ),
+      'report': report,
+  }
   if args.parity:
     try:
       result['parity'] = student_parity_report(
-          args.checkpoint, model, batch=args.batch_size, seed=args.seed)
+          args.checkpoint, model, batch=args.batch_size, seed=args.seed
+      )
     except ValueError as e:
       result['parity'] = {'error': str(e)}
       result['exit_code'] = 2
@@ -385,21 +434,33 @@ def _to_timm_command(args: Any) -> dict[str, Any]:
 
   if not args.workdir or not args.out:
     raise cli.UserError('to-timm needs --workdir and --out')
-  restored = predict.restore_model(args.workdir, step=args.step,
-                                   use_ema=args.ema)
+  restored = predict.restore_model(
+      args.workdir, step=args.step, use_ema=args.ema
+  )
   model = restored.model()
   cfg = model.config
-  result = {'command': 'to-timm', 'workdir': args.workdir,
-            'step': restored.step, 'weights': restored.weights,
-            'out': args.out}
+  result = {
+      'command': 'to-timm',
+      'workdir': args.workdir,
+      'step': restored.step,
+      'weights': restored.weights,
+      'out': args.out,
+  }
   if to_timm.timm_problems(cfg):
     from drpl_jax.pytorch.twin import convert as twin  # pylint: disable=g-import-not-at-top
     from safetensors.torch import save_file  # pylint: disable=g-import-not-at-top
+
     state = twin.state_dict_from_flax(model)
     save_file({k: v.contiguous() for k, v in state.items()}, args.out)
-    result.update(target='drpl_jax.pytorch.twin.DRPLViTTorch', note=(
-        'this preset (' + ', '.join(to_timm.timm_problems(cfg)) + ') has no '
-        'timm counterpart: written as the PyTorch twin\'s state dict'))
+    result.update(
+        target='drpl_jax.pytorch.twin.DRPLViTTorch',
+        note=(
+            'this preset ('
+            + ', '.join(to_timm.timm_problems(cfg))
+            + ') has no '
+            "timm counterpart: written as the PyTorch twin's state dict"
+        ),
+    )
   else:
     torch_io.save_safetensors(to_timm.timm_state_dict(model), args.out)
     result.update(target='timm', timm_model=to_timm.timm_model_name(cfg))
@@ -419,29 +480,67 @@ def _define_flags() -> None:
   # pylint: disable=g-import-not-at-top
   from ml_collections import config_flags
   # pylint: enable=g-import-not-at-top
-  flags.DEFINE_enum('arch', None, sorted(teacher_lib.TEACHER_ARCHS),
-                    'teacher: the torchvision architecture.')
-  flags.DEFINE_string('checkpoint', None, 'teacher: .safetensors or .pth/.pt'
-                      '/.bin state dict; student: also .npz; local or gs://.')
-  flags.DEFINE_integer('num_classes', None, "teacher: required; student: "
-                       "default the config's model.num_classes.", lower_bound=1)
-  flags.DEFINE_integer('image_size', None, "teacher: default 224; student: "
-                       "default the config's model.image_size.", lower_bound=1)
-  flags.DEFINE_list('mean', [str(v) for v in teacher_lib.IMAGENET_MEAN],
-                    'teacher: per-channel input mean, R,G,B.')
-  flags.DEFINE_list('std', [str(v) for v in teacher_lib.IMAGENET_STD],
-                    'teacher: per-channel input std, R,G,B.')
+  flags.DEFINE_enum(
+      'arch',
+      None,
+      sorted(teacher_lib.TEACHER_ARCHS),
+      'teacher: the torchvision architecture.',
+  )
+  flags.DEFINE_string(
+      'checkpoint',
+      None,
+      'teacher: .safetensors or .pth/.pt'
+      '/.bin state dict; student: also .npz; local or gs://.',
+  )
+  flags.DEFINE_integer(
+      'num_classes',
+      None,
+      'teacher: required; student: ' "default the config's model.num_classes.",
+      lower_bound=1,
+  )
+  flags.DEFINE_integer(
+      'image_size',
+      None,
+      'teacher: default 224; student: '
+      "default the config's model.image_size.",
+      lower_bound=1,
+  )
+  flags.DEFINE_list(
+      'mean',
+      [str(v) for v in teacher_lib.IMAGENET_MEAN],
+      'teacher: per-channel input mean, R,G,B.',
+  )
+  flags.DEFINE_list(
+      'std',
+      [str(v) for v in teacher_lib.IMAGENET_STD],
+      'teacher: per-channel input std, R,G,B.',
+  )
   config_flags.DEFINE_config_file(
-      'config', None, 'student: config file and argument, e.g. '
-      'configs/drpl_vit.py:variant=s,preset=deit.')
-  flags.DEFINE_bool('strict_head', False, 'student: a class-count mismatch '
-                    'is an error (default: the heads start fresh).')
-  flags.DEFINE_bool('parity', False, 'teacher, student: compare logits with '
-                    'torchvision / timm (needs torch).')
+      'config',
+      None,
+      'student: config file and argument, e.g. '
+      'configs/drpl_vit.py:variant=s,preset=deit.',
+  )
+  flags.DEFINE_bool(
+      'strict_head',
+      False,
+      'student: a class-count mismatch '
+      'is an error (default: the heads start fresh).',
+  )
+  flags.DEFINE_bool(
+      'parity',
+      False,
+      'teacher, student: compare logits with '
+      'torchvision / timm (needs torch).',
+  )
   cli.define_batch_size(2, 'Parity batch size.')
   flags.DEFINE_integer('seed', 0, 'Parity image seed.')
-  flags.DEFINE_string('out', None, 'teacher: write the canonical state dict '
-                      '(.safetensors); to-timm: the output file.')
+  flags.DEFINE_string(
+      'out',
+      None,
+      'teacher: write the canonical state dict '
+      '(.safetensors); to-timm: the output file.',
+  )
   cli.define_workdir(required=False)
   cli.define_step()
   cli.define_ema()
@@ -454,12 +553,17 @@ def main(argv: Sequence[str]) -> int:
   from ml_collections import config_flags
   # pylint: enable=g-import-not-at-top
   if len(argv) != 2 or argv[1] not in _COMMANDS:
-    raise cli.UserError(f'expected one subcommand of {sorted(_COMMANDS)}, '
-                        f'got {list(argv[1:])}')
+    raise cli.UserError(
+        f'expected one subcommand of {sorted(_COMMANDS)}, '
+        f'got {list(argv[1:])}'
+    )
   f = flags.FLAGS
   args = types.SimpleNamespace(**{name: f[name].value for name in f})
-  args.config_spec = (config_flags.get_config_filename(f['config'])
-                      if f['config'].present else None)
+  args.config_spec = (
+      config_flags.get_config_filename(f['config'])
+      if f['config'].present
+      else None
+  )
   result = _COMMANDS[argv[1]](args)
   code = int(result.pop('exit_code', 0))
   print(json.dumps(result, indent=2, sort_keys=True))

@@ -91,25 +91,34 @@ def check_output_path(out: str, suffixes: Sequence[str]) -> str:
     with tempfile.NamedTemporaryFile(dir=folder, prefix='.write_check_'):
       pass
   except OSError as e:
-    raise PermissionError(f'{out}: cannot write to the folder {folder}: '
-                          f'{e.strerror or e}') from e
+    raise PermissionError(
+        f'{out}: cannot write to the folder {folder}: ' f'{e.strerror or e}'
+    ) from e
   return out
 
 
 class SoftLabels:
   """Stored teacher logits, looked up by example id (numpy only)."""
 
-  def __init__(self, ids: Sequence[str], logits: np.ndarray,
-               splits: Sequence[str], metadata: Mapping[str, Any],
-               path: str = '<memory>'):
+  def __init__(
+      self,
+      ids: Sequence[str],
+      logits: np.ndarray,
+      splits: Sequence[str],
+      metadata: Mapping[str, Any],
+      path: str = '<memory>',
+  ):
     logits = np.asarray(logits, dtype=np.float32)
     ids = [str(i) for i in ids]
     if logits.ndim != 2 or logits.shape[0] != len(ids):
-      raise ValueError(f'{path}: logits have shape {logits.shape}, expected '
-                       f'[{len(ids)}, num_classes] for {len(ids)} ids')
+      raise ValueError(
+          f'{path}: logits have shape {logits.shape}, expected '
+          f'[{len(ids)}, num_classes] for {len(ids)} ids'
+      )
     if len(splits) != len(ids):
-      raise ValueError(f'{path}: {len(splits)} split entries for {len(ids)} '
-                       'ids')
+      raise ValueError(
+          f'{path}: {len(splits)} split entries for {len(ids)} ' 'ids'
+      )
     self.index = {}
     for row, example_id in enumerate(ids):
       if example_id in self.index:
@@ -117,8 +126,10 @@ class SoftLabels:
       self.index[example_id] = row
     bad = np.flatnonzero(~np.isfinite(logits).all(axis=1))
     if bad.size:
-      raise ValueError(f'{path}: {bad.size} rows of logits are not finite, '
-                       f'e.g. ids {[ids[i] for i in bad[:5]]}')
+      raise ValueError(
+          f'{path}: {bad.size} rows of logits are not finite, '
+          f'e.g. ids {[ids[i] for i in bad[:5]]}'
+      )
     self.ids = ids
     self.logits = logits
     self.splits = [str(s) for s in splits]
@@ -140,9 +151,14 @@ class SoftLabels:
     return example_id in self.index
 
   @classmethod
-  def load(cls, path: str, *, class_names: Sequence[str],
-           expected_ids: Sequence[str] | None = None,
-           dataset: tuple[str, str] | None = None) -> SoftLabels:
+  def load(
+      cls,
+      path: str,
+      *,
+      class_names: Sequence[str],
+      expected_ids: Sequence[str] | None = None,
+      dataset: tuple[str, str] | None = None,
+  ) -> SoftLabels:
     """Reads a soft-label file and checks it fits the data set.
 
     Args:
@@ -166,8 +182,10 @@ class SoftLabels:
     elif path.lower().endswith('.safetensors'):
       ids, logits, splits, metadata = _read_safetensors(path)
     else:
-      raise ValueError(f'{path}: unknown soft-label format; expected one of '
-                       f'{list(FORMATS)}')
+      raise ValueError(
+          f'{path}: unknown soft-label format; expected one of '
+          f'{list(FORMATS)}'
+      )
     labels = cls(ids, logits, splits, metadata, path)
     if dataset is not None:
       labels.check_dataset(*dataset)
@@ -184,7 +202,8 @@ class SoftLabels:
       raise ValueError(
           f'{self.path}: made for data set {made.get("name")} '
           f'{made.get("version")}, this run trains on {name} {version}; '
-          'regenerate it with python -m drpl_jax.soft_labels for this data')
+          'regenerate it with python -m drpl_jax.soft_labels for this data'
+      )
 
   def check_classes(self, class_names: Sequence[str]) -> None:
     """Raises ValueError unless the file's classes equal `class_names`."""
@@ -193,11 +212,13 @@ class SoftLabels:
       raise ValueError(
           f'{self.path}: the teacher has {self.num_classes} classes '
           f'{list(self.class_names)}, the data set has {len(class_names)} '
-          f'{list(class_names)}')
+          f'{list(class_names)}'
+      )
     if self.class_names != class_names:
       raise ValueError(
           f'{self.path}: class names {list(self.class_names)} differ from '
-          f"the data set's {list(class_names)} (same order required)")
+          f"the data set's {list(class_names)} (same order required)"
+      )
 
   def check_ids(self, expected_ids: Sequence[str]) -> None:
     """Raises ValueError naming a few of `expected_ids` that are missing."""
@@ -207,30 +228,37 @@ class SoftLabels:
           f'{self.path}: {len(missing)} of {len(expected_ids)} ids of the '
           f'data set have no soft label, e.g. {missing[:5]}; regenerate the '
           'file for this data set and split (python -m '
-          'drpl_jax.soft_labels --splits ...)')
+          'drpl_jax.soft_labels --splits ...)'
+      )
 
   def lookup(self, ids: Sequence[str]) -> np.ndarray:
-    """The logits of `ids`, float32 [len(ids), C]; KeyError if one is unknown.
-    """
+    """The logits of `ids`, float32 [len(ids), C]; KeyError if one is unknown."""
     rows = []
     for example_id in ids:
-      key = example_id.decode() if isinstance(example_id, bytes) else str(
-          example_id)
+      key = (
+          example_id.decode()
+          if isinstance(example_id, bytes)
+          else str(example_id)
+      )
       if key not in self.index:
         raise KeyError(f'{self.path}: no soft label for id {key!r}')
       rows.append(self.index[key])
     return self.logits[np.asarray(rows, dtype=np.int64)].reshape(
-        len(rows), self.num_classes)
+        len(rows), self.num_classes
+    )
 
 
 def _read_npz(path: str) -> tuple[list[str], np.ndarray, list[str], dict]:
   try:
     with np.load(path, allow_pickle=False) as f:
-      missing = [k for k in ('ids', 'logits', 'splits', 'metadata')
-                 if k not in f.files]
+      missing = [
+          k for k in ('ids', 'logits', 'splits', 'metadata') if k not in f.files
+      ]
       if missing:
-        raise ValueError(f'{path}: not a soft-label file, missing entries '
-                         f'{missing} (has {f.files})')
+        raise ValueError(
+            f'{path}: not a soft-label file, missing entries '
+            f'{missing} (has {f.files})'
+        )
       ids = [str(i) for i in f['ids']]
       logits = np.asarray(f['logits'], dtype=np.float32)
       splits = [str(s) for s in f['splits']]
@@ -240,15 +268,19 @@ def _read_npz(path: str) -> tuple[list[str], np.ndarray, list[str], dict]:
   return ids, logits, splits, metadata
 
 
-def _read_safetensors(path: str
-                      ) -> tuple[list[str], np.ndarray, list[str], dict]:
+def _read_safetensors(
+    path: str,
+) -> tuple[list[str], np.ndarray, list[str], dict]:
   from safetensors import safe_open  # pylint: disable=g-import-not-at-top
+
   try:
     with safe_open(path, framework='numpy') as f:
       header = f.metadata() or {}
       if _SAFETENSORS_KEY not in header:
-        raise ValueError(f'{path}: not a soft-label file, no '
-                         f'{_SAFETENSORS_KEY!r} metadata entry')
+        raise ValueError(
+            f'{path}: not a soft-label file, no '
+            f'{_SAFETENSORS_KEY!r} metadata entry'
+        )
       logits = np.asarray(f.get_tensor('logits'), dtype=np.float32)
       split_index = np.asarray(f.get_tensor('split_index'))
     metadata = json.loads(header[_SAFETENSORS_KEY])
@@ -264,41 +296,57 @@ def _read_safetensors(path: str
   return ids, logits, splits, metadata
 
 
-def save_soft_labels(out: str, ids: Sequence[str], logits: np.ndarray,
-                     splits: Sequence[str], metadata: Mapping[str, Any]
-                     ) -> None:
+def save_soft_labels(
+    out: str,
+    ids: Sequence[str],
+    logits: np.ndarray,
+    splits: Sequence[str],
+    metadata: Mapping[str, Any],
+) -> None:
   """Writes a soft-label file (format by suffix), atomically."""
   logits = np.ascontiguousarray(logits, dtype=np.float32)
   folder = os.path.dirname(os.path.abspath(out))
   suffix = '.npz' if out.lower().endswith('.npz') else '.safetensors'
-  fd, tmp = tempfile.mkstemp(dir=folder, prefix='.soft_labels_',
-                             suffix=suffix)
+  fd, tmp = tempfile.mkstemp(dir=folder, prefix='.soft_labels_', suffix=suffix)
   os.close(fd)
   try:
     if suffix == '.npz':
-      np.savez(tmp, ids=np.asarray(ids, dtype=str), logits=logits,
-               splits=np.asarray(splits, dtype=str),
-               metadata=np.asarray(json.dumps(dict(metadata))))
+      np.savez(
+          tmp,
+          ids=np.asarray(ids, dtype=str),
+          logits=logits,
+          splits=np.asarray(splits, dtype=str),
+          metadata=np.asarray(json.dumps(dict(metadata))),
+      )
     else:
       import safetensors.numpy  # pylint: disable=g-import-not-at-top
+
       names = sorted(set(splits))
-      split_index = np.asarray([names.index(s) for s in splits],
-                               dtype=np.int32)
+      split_index = np.asarray([names.index(s) for s in splits], dtype=np.int32)
       header = dict(metadata, ids=list(ids), split_names=names)
       safetensors.numpy.save_file(
-          {'logits': logits, 'split_index': split_index}, tmp,
-          metadata={_SAFETENSORS_KEY: json.dumps(header)})
+          {'logits': logits, 'split_index': split_index},
+          tmp,
+          metadata={_SAFETENSORS_KEY: json.dumps(header)},
+      )
     os.replace(tmp, out)
   finally:
     if os.path.exists(tmp):
       os.remove(tmp)
 
 
-def _metadata(teacher: Mapping[str, Any], info: Any, splits: Sequence[str],
-              split_of: Sequence[str], image_size: int,
-              mean: Sequence[float], std: Sequence[float]) -> dict[str, Any]:
+def _metadata(
+    teacher: Mapping[str, Any],
+    info: Any,
+    splits: Sequence[str],
+    split_of: Sequence[str],
+    image_size: int,
+    mean: Sequence[float],
+    std: Sequence[float],
+) -> dict[str, Any]:
   """The metadata entry of a soft-label file."""
   import torch  # pylint: disable=g-import-not-at-top
+
   return {
       'format_version': FORMAT_VERSION,
       'teacher': dict(teacher),
@@ -306,23 +354,32 @@ def _metadata(teacher: Mapping[str, Any], info: Any, splits: Sequence[str],
       'dataset': {'name': info.name, 'version': info.version},
       'splits': list(splits),
       'num_examples': {s: list(split_of).count(s) for s in splits},
-      'image_size': image_size, 'mean': list(mean), 'std': list(std),
+      'image_size': image_size,
+      'mean': list(mean),
+      'std': list(std),
       'preprocessing': 'resize to image_size x image_size (bilinear, '
-                       'antialiased), scale to [0, 1], (x - mean) / std',
+      'antialiased), scale to [0, 1], (x - mean) / std',
       'torch_version': torch.__version__,
       'created': datetime.datetime.now(datetime.timezone.utc).isoformat(
-          timespec='seconds'),
+          timespec='seconds'
+      ),
   }
 
 
-def write_soft_labels(config: Any, out: str, *, arch: str | None = None,
-                      checkpoint: str | None = None,
-                      torchscript: str | None = None,
-                      module: str | None = None,
-                      splits: Sequence[str] = ('train',),
-                      batch_size: int = 64, image_size: int | None = None,
-                      num_workers: int = 0, device: str | None = None
-                      ) -> dict[str, Any]:
+def write_soft_labels(
+    config: Any,
+    out: str,
+    *,
+    arch: str | None = None,
+    checkpoint: str | None = None,
+    torchscript: str | None = None,
+    module: str | None = None,
+    splits: Sequence[str] = ('train',),
+    batch_size: int = 64,
+    image_size: int | None = None,
+    num_workers: int = 0,
+    device: str | None = None,
+) -> dict[str, Any]:
   """Runs a PyTorch teacher over the configured data set; writes its logits.
 
   Args:
@@ -345,6 +402,7 @@ def write_soft_labels(config: Any, out: str, *, arch: str | None = None,
   """
   from drpl_jax import data  # pylint: disable=g-import-not-at-top
   from drpl_jax.pytorch import torch_data  # pylint: disable=g-import-not-at-top
+
   out = check_output_path(out, FORMATS)
   splits = list(splits)
   if not splits or len(set(splits)) != len(splits):
@@ -354,8 +412,12 @@ def write_soft_labels(config: Any, out: str, *, arch: str | None = None,
     checkpoint = checkpoint or config.teacher.get('checkpoint') or None
   info = data.ensure_prepared(config.data)
   model, teacher = load_teacher(
-      arch=arch, checkpoint=checkpoint, torchscript=torchscript,
-      module=module, num_classes=len(info.class_names))
+      arch=arch,
+      checkpoint=checkpoint,
+      torchscript=torchscript,
+      module=module,
+      num_classes=len(info.class_names),
+  )
   image_size = int(image_size or config.teacher.image_size)
   mean = tuple(float(m) for m in config.teacher.mean)
   std = tuple(float(s) for s in config.teacher.std)
@@ -363,20 +425,26 @@ def write_soft_labels(config: Any, out: str, *, arch: str | None = None,
   for split in splits:
     source = data.get_source(config.data, split)
     split_ids, split_logits = torch_data.predict(
-        model, source, image_size=image_size, mean=mean, std=std,
-        batch_size=batch_size, num_workers=num_workers, device=device)
+        model,
+        source,
+        image_size=image_size,
+        mean=mean,
+        std=std,
+        batch_size=batch_size,
+        num_workers=num_workers,
+        device=device,
+    )
     if split_logits.shape[1] != len(info.class_names):
       raise ValueError(
           f'the teacher ({_describe(teacher)}) gives '
           f'{split_logits.shape[1]} logits, the data set has '
-          f'{len(info.class_names)} classes {list(info.class_names)}')
+          f'{len(info.class_names)} classes {list(info.class_names)}'
+      )
     ids += split_ids
     logits.append(split_logits)
     split_of += [split] * len(split_ids)
-    print(f'[soft_labels] {split}: {len(split_ids)} examples',
-          file=sys.stderr)
-  metadata = _metadata(teacher, info, splits, split_of, image_size, mean,
-                       std)
+    print(f'[soft_labels] {split}: {len(split_ids)} examples', file=sys.stderr)
+  metadata = _metadata(teacher, info, splits, split_of, image_size, mean, std)
   all_logits = np.concatenate(logits, axis=0)  # [N, C]
   SoftLabels(ids, all_logits, split_of, metadata, out)  # Validates.
   save_soft_labels(out, ids, all_logits, split_of, metadata)
@@ -390,28 +458,36 @@ def _describe(teacher: Mapping[str, Any]) -> str:
 def _import_callable(spec: str) -> Any:
   """'pkg.mod:callable' -> (the callable, the module's file)."""
   import importlib  # pylint: disable=g-import-not-at-top
+
   module_name, sep, attr = spec.partition(':')
   if not sep or not module_name or not attr:
     raise ValueError(f'--module {spec!r}: expected the form pkg.mod:callable')
   try:
     mod = importlib.import_module(module_name)
   except ImportError as e:
-    raise ValueError(f'--module {spec!r}: cannot import {module_name!r}: '
-                     f'{e}') from e
+    raise ValueError(
+        f'--module {spec!r}: cannot import {module_name!r}: ' f'{e}'
+    ) from e
   fn = mod
   for part in attr.split('.'):
     if not hasattr(fn, part):
-      raise ValueError(f'--module {spec!r}: {module_name!r} has no '
-                       f'attribute {attr!r}')
+      raise ValueError(
+          f'--module {spec!r}: {module_name!r} has no ' f'attribute {attr!r}'
+      )
     fn = getattr(fn, part)
   if not callable(fn):
     raise ValueError(f'--module {spec!r}: {attr!r} is not callable')
   return fn, getattr(mod, '__file__', None)
 
 
-def load_teacher(*, arch: str | None = None, checkpoint: str | None = None,
-                 torchscript: str | None = None, module: str | None = None,
-                 num_classes: int) -> tuple[Any, dict[str, Any]]:
+def load_teacher(
+    *,
+    arch: str | None = None,
+    checkpoint: str | None = None,
+    torchscript: str | None = None,
+    module: str | None = None,
+    num_classes: int,
+) -> tuple[Any, dict[str, Any]]:
   """Loads the PyTorch teacher given by exactly one of the three ways.
 
   Returns (the `nn.Module`, its description for the metadata: kind, name,
@@ -419,28 +495,47 @@ def load_teacher(*, arch: str | None = None, checkpoint: str | None = None,
   classification model; its `checkpoint` must fit it exactly.
   """
   import torch  # pylint: disable=g-import-not-at-top
-  given = [n for n, v in (('arch', arch), ('torchscript', torchscript),
-                          ('module', module)) if v]
+
+  given = [
+      n
+      for n, v in (
+          ('arch', arch),
+          ('torchscript', torchscript),
+          ('module', module),
+      )
+      if v
+  ]
   if len(given) != 1:
-    raise ValueError('give exactly one teacher: --arch NAME --checkpoint '
-                     'CKPT, --torchscript FILE or --module pkg.mod:callable '
-                     f'(got {given or "none"}; config.teacher.arch is the '
-                     'default)')
+    raise ValueError(
+        'give exactly one teacher: --arch NAME --checkpoint '
+        'CKPT, --torchscript FILE or --module pkg.mod:callable '
+        f'(got {given or "none"}; config.teacher.arch is the '
+        'default)'
+    )
   if checkpoint and not arch:
-    raise ValueError(f'--checkpoint {checkpoint} goes with --arch; a '
-                     f'--{given[0]} teacher carries its own weights')
+    raise ValueError(
+        f'--checkpoint {checkpoint} goes with --arch; a '
+        f'--{given[0]} teacher carries its own weights'
+    )
   if arch:
     from drpl_jax.pytorch import torch_io  # pylint: disable=g-import-not-at-top
     from drpl_jax.pytorch import torchvision_models as tv_models  # pylint: disable=g-import-not-at-top
+
     if not checkpoint:
-      raise ValueError(f'--arch {arch} needs --checkpoint (a state dict '
-                       'file); random weights are no teacher')
+      raise ValueError(
+          f'--arch {arch} needs --checkpoint (a state dict '
+          'file); random weights are no teacher'
+      )
     model = tv_models.build_model(arch, num_classes, any_torchvision=True)
-    tv_models.load_state(model, torch_io.load_state_dict(checkpoint),
-                         arch=arch, path=checkpoint)
-    return model, {'kind': 'arch', 'arch': arch,
-                   'file': os.path.abspath(checkpoint),
-                   'sha256': sha256_file(checkpoint)}
+    tv_models.load_state(
+        model, torch_io.load_state_dict(checkpoint), arch=arch, path=checkpoint
+    )
+    return model, {
+        'kind': 'arch',
+        'arch': arch,
+        'file': os.path.abspath(checkpoint),
+        'sha256': sha256_file(checkpoint),
+    }
   if torchscript:
     if not os.path.isfile(torchscript):
       raise FileNotFoundError(f'TorchScript file not found: {torchscript}')
@@ -449,30 +544,41 @@ def load_teacher(*, arch: str | None = None, checkpoint: str | None = None,
         warnings.simplefilter('ignore', FutureWarning)
         model = torch.jit.load(torchscript, map_location='cpu')
     except RuntimeError as e:
-      raise ValueError(f'{torchscript}: not a TorchScript file: '
-                       f'{str(e).splitlines()[0]}') from e
-    return model, {'kind': 'torchscript',
-                   'file': os.path.abspath(torchscript),
-                   'sha256': sha256_file(torchscript)}
+      raise ValueError(
+          f'{torchscript}: not a TorchScript file: ' f'{str(e).splitlines()[0]}'
+      ) from e
+    return model, {
+        'kind': 'torchscript',
+        'file': os.path.abspath(torchscript),
+        'sha256': sha256_file(torchscript),
+    }
   fn, file = _import_callable(module)
   model = fn()
   if not isinstance(model, torch.nn.Module):
-    raise ValueError(f'--module {module!r} returned a '
-                     f'{type(model).__name__}, not a torch.nn.Module')
-  return model, {'kind': 'module', 'module': module, 'file': file,
-                 'sha256': sha256_file(file) if file else None}
+    raise ValueError(
+        f'--module {module!r} returned a '
+        f'{type(model).__name__}, not a torch.nn.Module'
+    )
+  return model, {
+      'kind': 'module',
+      'module': module,
+      'file': file,
+      'sha256': sha256_file(file) if file else None,
+  }
 
 
 def _define_flags() -> None:
   """The CLI flags (defined only when run as a program)."""
   from ml_collections import config_flags  # pylint: disable=g-import-not-at-top
+
   config_flags.DEFINE_config_file('config', None, 'Config file.')
   flags.DEFINE_string('out', None, f'Output file, one of {FORMATS}.')
   flags.DEFINE_string('arch', None, 'torchvision arch (with --checkpoint).')
   flags.DEFINE_string('checkpoint', None, 'State dict for --arch.')
   flags.DEFINE_string('torchscript', None, 'TorchScript teacher file.')
-  flags.DEFINE_string('module', None, 'pkg.mod:callable returning the '
-                      'nn.Module.')
+  flags.DEFINE_string(
+      'module', None, 'pkg.mod:callable returning the ' 'nn.Module.'
+  )
   flags.DEFINE_list('splits', ['train'], 'Splits to label.')
   cli.define_batch_size(64)
   flags.DEFINE_integer('image_size', 0, '0 = config.teacher.image_size.')
@@ -486,10 +592,18 @@ def main(argv: Sequence[str]) -> None:
   del argv  # only flags (cli.run checks)
   f = flags.FLAGS
   metadata = write_soft_labels(
-      f.config, f.out, arch=f.arch, checkpoint=f.checkpoint,
-      torchscript=f.torchscript, module=f.module, splits=f.splits,
-      batch_size=f.batch_size, image_size=f.image_size or None,
-      num_workers=f.num_workers, device=f.device)
+      f.config,
+      f.out,
+      arch=f.arch,
+      checkpoint=f.checkpoint,
+      torchscript=f.torchscript,
+      module=f.module,
+      splits=f.splits,
+      batch_size=f.batch_size,
+      image_size=f.image_size or None,
+      num_workers=f.num_workers,
+      device=f.device,
+  )
   print(json.dumps(dict(metadata, out=os.path.abspath(f.out))))
 
 

@@ -36,8 +36,9 @@ def to_float_chw(image: np.ndarray) -> torch.Tensor:
   """uint8 [H, W, 3] -> float32 [3, H, W] in [0, 1]."""
   image = np.asarray(image)
   if image.dtype != np.uint8 or image.ndim != 3 or image.shape[-1] != 3:
-    raise ValueError(f'expected a uint8 [H, W, 3] image, got {image.dtype} '
-                     f'{image.shape}')
+    raise ValueError(
+        f'expected a uint8 [H, W, 3] image, got {image.dtype} ' f'{image.shape}'
+    )
   chw = torch.from_numpy(np.array(image)).permute(2, 0, 1)  # A copy.
   return chw.to(torch.float32) / 255.0  # [3, H, W]
 
@@ -46,38 +47,58 @@ def resize(image: torch.Tensor, size: int) -> torch.Tensor:
   """float [3, H, W] -> [3, size, size], bilinear with antialiasing."""
   if tuple(image.shape[-2:]) == (size, size):
     return image
-  out = F.interpolate(image[None], size=(size, size), mode='bilinear',
-                      align_corners=False, antialias=True)
+  out = F.interpolate(
+      image[None],
+      size=(size, size),
+      mode='bilinear',
+      align_corners=False,
+      antialias=True,
+  )
   return out[0]  # [1, 3, S, S] -> [3, S, S]
 
 
-def normalise(image: torch.Tensor, mean: Sequence[float],
-              std: Sequence[float]) -> torch.Tensor:
+def normalise(
+    image: torch.Tensor, mean: Sequence[float], std: Sequence[float]
+) -> torch.Tensor:
   """Per-channel (x - mean) / std of a [3, H, W] tensor."""
   mean_t = torch.tensor(mean, dtype=image.dtype).view(3, 1, 1)
   std_t = torch.tensor(std, dtype=image.dtype).view(3, 1, 1)
   return (image - mean_t) / std_t
 
 
-def eval_view(image: np.ndarray, image_size: int, mean: Sequence[float],
-              std: Sequence[float]) -> torch.Tensor:
+def eval_view(
+    image: np.ndarray,
+    image_size: int,
+    mean: Sequence[float],
+    std: Sequence[float],
+) -> torch.Tensor:
   """The un-augmented teacher input: resize, scale, normalise -> [3, S, S]."""
   return normalise(resize(to_float_chw(image), image_size), mean, std)
 
 
-def train_view(image: np.ndarray, image_size: int, mean: Sequence[float],
-               std: Sequence[float], rng: np.random.Generator,
-               scale: Sequence[float] = DEFAULT_CROP_SCALE,
-               ratio: Sequence[float] = DEFAULT_CROP_RATIO) -> torch.Tensor:
+def train_view(
+    image: np.ndarray,
+    image_size: int,
+    mean: Sequence[float],
+    std: Sequence[float],
+    rng: np.random.Generator,
+    scale: Sequence[float] = DEFAULT_CROP_SCALE,
+    ratio: Sequence[float] = DEFAULT_CROP_RATIO,
+) -> torch.Tensor:
   """A random resized crop (no flip), then as `eval_view` -> [3, S, S].
 
   The box is drawn as the student's recipe draws it (`augment.rrc_box`,
   torchvision's RandomResizedCrop sampling).
   """
   image = np.asarray(image)
-  top, left, h, w = augment.rrc_box(image.shape[0], image.shape[1], rng,
-                                    scale=tuple(scale), ratio=tuple(ratio))
-  crop = image[top:top + h, left:left + w]  # [h, w, 3]
+  top, left, h, w = augment.rrc_box(
+      image.shape[0],
+      image.shape[1],
+      rng,
+      scale=tuple(scale),
+      ratio=tuple(ratio),
+  )
+  crop = image[top : top + h, left : left + w]  # [h, w, 3]
   return eval_view(crop, image_size, mean, std)
 
 
@@ -90,18 +111,30 @@ class TeacherDataset(torch.utils.data.Dataset):
   reproducible from (seed, epoch, index); call `set_epoch` every epoch.
   """
 
-  def __init__(self, source: Any, *, image_size: int, mean: Sequence[float],
-               std: Sequence[float], train: bool = False, seed: int = 0,
-               crop_scale: Sequence[float] = DEFAULT_CROP_SCALE,
-               crop_ratio: Sequence[float] = DEFAULT_CROP_RATIO):
+  def __init__(
+      self,
+      source: Any,
+      *,
+      image_size: int,
+      mean: Sequence[float],
+      std: Sequence[float],
+      train: bool = False,
+      seed: int = 0,
+      crop_scale: Sequence[float] = DEFAULT_CROP_SCALE,
+      crop_ratio: Sequence[float] = DEFAULT_CROP_RATIO,
+  ):
     if image_size < 1:
       raise ValueError(f'image_size must be >= 1, got {image_size}')
     if len(mean) != 3 or len(std) != 3 or min(std) <= 0:
-      raise ValueError(f'mean/std need 3 values each and std > 0, got '
-                       f'mean={tuple(mean)} std={tuple(std)}')
+      raise ValueError(
+          f'mean/std need 3 values each and std > 0, got '
+          f'mean={tuple(mean)} std={tuple(std)}'
+      )
     if not 0 < crop_scale[0] <= crop_scale[1] <= 1:
-      raise ValueError(f'crop_scale must satisfy 0 < lo <= hi <= 1, got '
-                       f'{tuple(crop_scale)}')
+      raise ValueError(
+          f'crop_scale must satisfy 0 < lo <= hi <= 1, got '
+          f'{tuple(crop_scale)}'
+      )
     self.source = source
     self.image_size = int(image_size)
     self.mean = tuple(float(m) for m in mean)
@@ -122,13 +155,22 @@ class TeacherDataset(torch.utils.data.Dataset):
   def _view(self, example: dict[str, Any], index: int) -> dict[str, Any]:
     if self.train:
       rng = np.random.default_rng([self.seed, self.epoch, index])
-      image = train_view(example['image'], self.image_size, self.mean,
-                         self.std, rng, self.crop_scale, self.crop_ratio)
+      image = train_view(
+          example['image'],
+          self.image_size,
+          self.mean,
+          self.std,
+          rng,
+          self.crop_scale,
+          self.crop_ratio,
+      )
     else:
-      image = eval_view(example['image'], self.image_size, self.mean,
-                        self.std)
-    return {'image': image, 'label': int(example['label']),
-            'id': str(example['id'])}
+      image = eval_view(example['image'], self.image_size, self.mean, self.std)
+    return {
+        'image': image,
+        'label': int(example['label']),
+        'id': str(example['id']),
+    }
 
   def __getitem__(self, index: int) -> dict[str, Any]:
     return self._view(self.source[int(index)], int(index))
@@ -143,18 +185,25 @@ class TeacherDataset(torch.utils.data.Dataset):
     return [self._view(e, i) for e, i in zip(examples, indices)]
 
 
-def epoch_order(num_examples: int, *, seed: int, epoch: int,
-                shuffle: bool) -> np.ndarray:
+def epoch_order(
+    num_examples: int, *, seed: int, epoch: int, shuffle: bool
+) -> np.ndarray:
   """The example order of an epoch: a (seed, epoch) permutation or 0..N-1."""
   if not shuffle:
     return np.arange(num_examples)
   return np.random.default_rng([seed, epoch, 7]).permutation(num_examples)
 
 
-def make_loader(dataset: TeacherDataset, *, batch_size: int,
-                shuffle: bool = False, epoch: int = 0,
-                drop_last: bool = False, num_workers: int = 0,
-                limit: int | None = None) -> torch.utils.data.DataLoader:
+def make_loader(
+    dataset: TeacherDataset,
+    *,
+    batch_size: int,
+    shuffle: bool = False,
+    epoch: int = 0,
+    drop_last: bool = False,
+    num_workers: int = 0,
+    limit: int | None = None,
+) -> torch.utils.data.DataLoader:
   """A DataLoader over `dataset` in `epoch_order`, for one epoch.
 
   Args:
@@ -171,14 +220,19 @@ def make_loader(dataset: TeacherDataset, *, batch_size: int,
   if batch_size < 1:
     raise ValueError(f'batch_size must be >= 1, got {batch_size}')
   dataset.set_epoch(epoch)
-  order = epoch_order(len(dataset), seed=dataset.seed, epoch=epoch,
-                      shuffle=shuffle)
+  order = epoch_order(
+      len(dataset), seed=dataset.seed, epoch=epoch, shuffle=shuffle
+  )
   if limit is not None:
     order = order[:limit]
   return torch.utils.data.DataLoader(
-      dataset, batch_size=batch_size, sampler=order.tolist(),
+      dataset,
+      batch_size=batch_size,
+      sampler=order.tolist(),
       drop_last=drop_last and len(order) >= batch_size,
-      num_workers=num_workers, persistent_workers=False)
+      num_workers=num_workers,
+      persistent_workers=False,
+  )
 
 
 def pick_device(device: str | None = None) -> torch.device:
@@ -188,10 +242,18 @@ def pick_device(device: str | None = None) -> torch.device:
   return torch.device('cuda' if torch.cuda.is_available() else 'cpu')
 
 
-def predict(model: torch.nn.Module, source: Any, *, image_size: int,
-            mean: Sequence[float], std: Sequence[float], batch_size: int = 64,
-            num_workers: int = 0, device: str | torch.device | None = None,
-            limit: int | None = None) -> tuple[list[str], np.ndarray]:
+def predict(
+    model: torch.nn.Module,
+    source: Any,
+    *,
+    image_size: int,
+    mean: Sequence[float],
+    std: Sequence[float],
+    batch_size: int = 64,
+    num_workers: int = 0,
+    device: str | torch.device | None = None,
+    limit: int | None = None,
+) -> tuple[list[str], np.ndarray]:
   """Runs `model` in eval mode on the eval view of every example.
 
   Returns (ids in source order, float32 logits [N, C]). Raises ValueError
@@ -200,19 +262,25 @@ def predict(model: torch.nn.Module, source: Any, *, image_size: int,
   if not isinstance(device, torch.device):
     device = pick_device(device)
   dataset = TeacherDataset(source, image_size=image_size, mean=mean, std=std)
-  loader = make_loader(dataset, batch_size=batch_size, num_workers=num_workers,
-                       limit=limit)
+  loader = make_loader(
+      dataset, batch_size=batch_size, num_workers=num_workers, limit=limit
+  )
   model = model.to(device).eval()
   ids, outputs = [], []
   with torch.inference_mode():
     for batch in loader:
       logits = model(batch['image'].to(device))
-      if not isinstance(logits, torch.Tensor) or logits.ndim != 2 or \
-          logits.shape[0] != len(batch['id']):
+      if (
+          not isinstance(logits, torch.Tensor)
+          or logits.ndim != 2
+          or logits.shape[0] != len(batch['id'])
+      ):
         shape = getattr(logits, 'shape', type(logits).__name__)
-        raise ValueError(f'the teacher returned {shape} for a batch of '
-                         f'{len(batch["id"])} images; expected logits '
-                         '[batch, num_classes]')
+        raise ValueError(
+            f'the teacher returned {shape} for a batch of '
+            f'{len(batch["id"])} images; expected logits '
+            '[batch, num_classes]'
+        )
       outputs.append(logits.float().cpu().numpy())
       ids += list(batch['id'])
   if not outputs:

@@ -78,8 +78,9 @@ def save_safetensors(
     if not isinstance(name, str):
       raise TypeError(f'state dict key {name!r} is not a string')
     if not isinstance(value, np.ndarray) and not hasattr(value, '__array__'):
-      raise TypeError(f'state dict entry {name!r} is a {type(value)}, '
-                      'not an array')
+      raise TypeError(
+          f'state dict entry {name!r} is a {type(value)}, ' 'not an array'
+      )
     arrays[name] = np.ascontiguousarray(np.asarray(value))
   parent = os.path.dirname(path)
   if parent:
@@ -151,8 +152,9 @@ def _load_torch_pickle(path: str, key: str | None) -> dict[str, np.ndarray]:
 
 def _torch_reason(error: Exception) -> str:
   """The informative line of a torch.load error (e.g. the refused class)."""
-  lines = [re.sub(r'\x1b\[[0-9;]*m', '', t).strip()
-           for t in str(error).splitlines()]
+  lines = [
+      re.sub(r'\x1b\[[0-9;]*m', '', t).strip() for t in str(error).splitlines()
+  ]
   lines = [t for t in lines if t]
   for line in lines:
     if 'Unsupported global' in line or 'Unsupported operand' in line:
@@ -200,5 +202,5 @@ def _strip_prefix(
 ) -> dict[str, np.ndarray]:
   """Removes `prefix` when every key has it (DataParallel checkpoints)."""
   if state and all(k.startswith(prefix) for k in state):
-    return {k[len(prefix):]: v for k, v in state.items()}
+    return {k[len(prefix) :]: v for k, v in state.items()}
   return state

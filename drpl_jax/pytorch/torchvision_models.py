@@ -29,22 +29,25 @@ def known_archs(any_torchvision: bool = False) -> list[str]:
   return sorted(flax_teacher.TEACHER_ARCHS)
 
 
-def build_model(arch: str, num_classes: int, *,
-                any_torchvision: bool = False) -> torch.nn.Module:
+def build_model(
+    arch: str, num_classes: int, *, any_torchvision: bool = False
+) -> torch.nn.Module:
   """A randomly initialised torchvision `arch` with `num_classes` outputs."""
   known = known_archs(any_torchvision)
   if arch not in known:
     raise ValueError(f'unknown teacher arch {arch!r}; known: {known}')
   if num_classes < 1:
     raise ValueError(f'num_classes must be >= 1, got {num_classes}')
-  return torchvision.models.get_model(arch, weights=None,
-                                      num_classes=num_classes)
+  return torchvision.models.get_model(
+      arch, weights=None, num_classes=num_classes
+  )
 
 
 def head_prefix(model: torch.nn.Module) -> str:
   """The module name of the classifier (the last Linear), e.g. 'fc'."""
-  names = [n for n, m in model.named_modules()
-           if isinstance(m, torch.nn.Linear)]
+  names = [
+      n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)
+  ]
   if not names:
     raise ValueError(f'{type(model).__name__} has no Linear classifier')
   return names[-1]
@@ -52,9 +55,11 @@ def head_prefix(model: torch.nn.Module) -> str:
 
 def state_dict_numpy(model: torch.nn.Module) -> dict[str, np.ndarray]:
   """The state dict as CPU numpy copies, minus `num_batches_tracked`."""
-  return {k: v.detach().cpu().numpy().copy()
-          for k, v in model.state_dict().items()
-          if not k.endswith(_IGNORED_SUFFIX)}
+  return {
+      k: v.detach().cpu().numpy().copy()
+      for k, v in model.state_dict().items()
+      if not k.endswith(_IGNORED_SUFFIX)
+  }
 
 
 def _listing(items: Sequence[Any], limit: int = 10) -> str:
@@ -62,17 +67,23 @@ def _listing(items: Sequence[Any], limit: int = 10) -> str:
   return f'{list(items[:limit])}{more}'
 
 
-def _state_problems(state: Mapping[str, np.ndarray],
-                    target: Mapping[str, torch.Tensor]
-                    ) -> tuple[list[str], list[str]]:
+def _state_problems(
+    state: Mapping[str, np.ndarray], target: Mapping[str, torch.Tensor]
+) -> tuple[list[str], list[str]]:
   """(missing/unexpected key messages, keys whose shapes differ)."""
-  missing = [k for k in target
-             if k not in state and not k.endswith(_IGNORED_SUFFIX)]
-  unexpected = [k for k in state
-                if k not in target and not k.endswith(_IGNORED_SUFFIX)]
-  mismatched = [k for k in target if k in state and
-                not k.endswith(_IGNORED_SUFFIX) and
-                tuple(np.shape(state[k])) != tuple(target[k].shape)]
+  missing = [
+      k for k in target if k not in state and not k.endswith(_IGNORED_SUFFIX)
+  ]
+  unexpected = [
+      k for k in state if k not in target and not k.endswith(_IGNORED_SUFFIX)
+  ]
+  mismatched = [
+      k
+      for k in target
+      if k in state
+      and not k.endswith(_IGNORED_SUFFIX)
+      and tuple(np.shape(state[k])) != tuple(target[k].shape)
+  ]
   problems = []
   if missing:
     problems.append(f'missing keys {_listing(missing)}')
@@ -81,9 +92,14 @@ def _state_problems(state: Mapping[str, np.ndarray],
   return problems, mismatched
 
 
-def load_state(model: torch.nn.Module, state: Mapping[str, np.ndarray], *,
-               arch: str, path: str = '<state dict>',
-               reinit_head: bool = False) -> dict[str, Any]:
+def load_state(
+    model: torch.nn.Module,
+    state: Mapping[str, np.ndarray],
+    *,
+    arch: str,
+    path: str = '<state dict>',
+    reinit_head: bool = False,
+) -> dict[str, Any]:
   """Copies a numpy state dict into `model`, checking every key and shape.
 
   Args:
@@ -109,16 +125,27 @@ def load_state(model: torch.nn.Module, state: Mapping[str, np.ndarray], *,
   target = model.state_dict()
   head = head_prefix(model) + '.'
   problems, mismatched = _state_problems(state, target)
-  reinit = bool(mismatched) and reinit_head and all(
-      k.startswith(head) for k in mismatched)
+  reinit = (
+      bool(mismatched)
+      and reinit_head
+      and all(k.startswith(head) for k in mismatched)
+  )
   if mismatched and not reinit:
-    problems.append('shape mismatches ' + _listing(
-        [f'{k}: file {tuple(np.shape(state[k]))} vs model '
-         f'{tuple(target[k].shape)}' for k in mismatched]))
+    problems.append(
+        'shape mismatches '
+        + _listing(
+            [
+                f'{k}: file {tuple(np.shape(state[k]))} vs model '
+                f'{tuple(target[k].shape)}'
+                for k in mismatched
+            ]
+        )
+    )
   if problems:
-    raise ValueError(f'{path}: does not fit torchvision {arch} with '
-                     f'{target[head + "weight"].shape[0]} classes: ' +
-                     '; '.join(problems))
+    raise ValueError(
+        f'{path}: does not fit torchvision {arch} with '
+        f'{target[head + "weight"].shape[0]} classes: ' + '; '.join(problems)
+    )
   with torch.no_grad():
     for key, tensor in target.items():
       if key not in state or (reinit and key.startswith(head)):
@@ -131,6 +158,8 @@ def load_state(model: torch.nn.Module, state: Mapping[str, np.ndarray], *,
       if value.dtype.name == 'bfloat16':  # ml_dtypes, from torch_io.
         value = value.astype(np.float32)
       tensor.copy_(torch.from_numpy(np.array(value)).to(tensor.dtype))
-  return {'head_reinitialised': reinit,
-          'checkpoint_num_classes': int(np.shape(state[head + 'weight'])[0]),
-          'renamed_keys': len(renamed)}
+  return {
+      'head_reinitialised': reinit,
+      'checkpoint_num_classes': int(np.shape(state[head + 'weight'])[0]),
+      'renamed_keys': len(renamed),
+  }

@@ -50,14 +50,18 @@ from drpl_jax.pytorch import torch_io
 from drpl_jax.pytorch import torchvision_models as tv_models
 
 SELECT_BY = ('accuracy', 'balanced_accuracy')
-def classification_metrics(confusion: np.ndarray,
-                           class_names: Sequence[str]) -> dict[str, Any]:
+
+
+def classification_metrics(
+    confusion: np.ndarray, class_names: Sequence[str]
+) -> dict[str, Any]:
   """Accuracy, balanced accuracy and per-class sensitivity (rows = true)."""
   support = confusion.sum(axis=1)
   correct = np.diag(confusion)
   sensitivity = {
       name: (float(correct[i] / support[i]) if support[i] else None)
-      for i, name in enumerate(class_names)}
+      for i, name in enumerate(class_names)
+  }
   present = [v for v in sensitivity.values() if v is not None]
   total = int(confusion.sum())
   return {
@@ -76,8 +80,12 @@ def _autocast(device: torch.device):
   return contextlib.nullcontext()
 
 
-def evaluate(model: torch.nn.Module, loader: Any, device: torch.device,
-             class_names: Sequence[str]) -> dict[str, Any]:
+def evaluate(
+    model: torch.nn.Module,
+    loader: Any,
+    device: torch.device,
+    class_names: Sequence[str],
+) -> dict[str, Any]:
   """Eval-mode loss and `classification_metrics` over `loader`."""
   num_classes = len(class_names)
   confusion = np.zeros((num_classes, num_classes), np.int64)
@@ -87,8 +95,9 @@ def evaluate(model: torch.nn.Module, loader: Any, device: torch.device,
     for batch in loader:
       labels = batch['label'].to(device)
       logits = model(batch['image'].to(device)).float()
-      loss_sum += float(torch.nn.functional.cross_entropy(
-          logits, labels, reduction='sum'))
+      loss_sum += float(
+          torch.nn.functional.cross_entropy(logits, labels, reduction='sum')
+      )
       count += len(labels)
       pred = logits.argmax(-1).cpu().numpy()
       np.add.at(confusion, (labels.cpu().numpy(), pred), 1)
@@ -97,9 +106,14 @@ def evaluate(model: torch.nn.Module, loader: Any, device: torch.device,
   return metrics
 
 
-def _train_epoch(model: torch.nn.Module, loader: Any, optimizer: Any,
-                 scheduler: Any, device: torch.device,
-                 max_steps: int | None) -> tuple[float, float, int]:
+def _train_epoch(
+    model: torch.nn.Module,
+    loader: Any,
+    optimizer: Any,
+    scheduler: Any,
+    device: torch.device,
+    max_steps: int | None,
+) -> tuple[float, float, int]:
   """One pass; returns (mean loss, accuracy, steps)."""
   model.train()
   loss_sum, correct, count, steps = 0.0, 0, 0, 0
@@ -112,8 +126,10 @@ def _train_epoch(model: torch.nn.Module, loader: Any, optimizer: Any,
       logits = model(images).float()
     loss = torch.nn.functional.cross_entropy(logits, labels)
     if not torch.isfinite(loss):
-      raise FloatingPointError(f'non-finite training loss {loss.item()} at '
-                               f'step {steps}; lower --lr')
+      raise FloatingPointError(
+          f'non-finite training loss {loss.item()} at '
+          f'step {steps}; lower --lr'
+      )
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
     optimizer.step()
@@ -134,37 +150,44 @@ def _schedule(total_steps: int) -> Any:
       return (step + 1) / warmup
     progress = (step - warmup) / max(1, total_steps - warmup)
     return 0.5 * (1.0 + math.cos(math.pi * min(progress, 1.0)))
+
   return factor
 
 
-def _init_model(arch: str, num_classes: int, init: str | None
-                ) -> tuple[torch.nn.Module, dict[str, Any] | None]:
+def _init_model(
+    arch: str, num_classes: int, init: str | None
+) -> tuple[torch.nn.Module, dict[str, Any] | None]:
   """Builds the model and loads `--init` (head re-initialised if needed)."""
   model = tv_models.build_model(arch, num_classes)
   if not init:
     return model, None
   state = torch_io.load_state_dict(init)
-  report = tv_models.load_state(model, state, arch=arch, path=init,
-                                reinit_head=True)
-  report.update(path=os.path.abspath(init),
-                sha256=soft_labels.sha256_file(init))
+  report = tv_models.load_state(
+      model, state, arch=arch, path=init, reinit_head=True
+  )
+  report.update(
+      path=os.path.abspath(init), sha256=soft_labels.sha256_file(init)
+  )
   if report['head_reinitialised']:
     report['note'] = (
         f'classifier {tv_models.head_prefix(model)!r} re-initialised: the '
         f'checkpoint has {report["checkpoint_num_classes"]} classes, the '
-        f'data set {num_classes}')
+        f'data set {num_classes}'
+    )
   return model, report
 
 
-def _write_outputs(out: str, state: Mapping[str, np.ndarray],
-                   result: dict[str, Any]) -> dict[str, Any]:
+def _write_outputs(
+    out: str, state: Mapping[str, np.ndarray], result: dict[str, Any]
+) -> dict[str, Any]:
   """Writes the weights and the JSON (each atomically); returns the JSON."""
   base = os.path.splitext(out)[0]
   tmp = base + '.partial.safetensors'
   torch_io.save_safetensors(state, tmp)
   os.replace(tmp, out)
-  result.update(weights_file=os.path.abspath(out),
-                sha256=soft_labels.sha256_file(out))
+  result.update(
+      weights_file=os.path.abspath(out), sha256=soft_labels.sha256_file(out)
+  )
   json_path = base + '.json'
   with open(json_path + '.partial', 'w') as f:
     json.dump(result, f, indent=2)
@@ -181,18 +204,28 @@ def _check_num_classes(config: Any, class_names: Sequence[str]) -> None:
         f'config.model.num_classes={configured} but the data set has '
         f'{len(class_names)} classes {list(class_names)}; set '
         f'--config.model.num_classes={len(class_names)} (or leave it out: '
-        'the command line infers it from the data)')
+        'the command line infers it from the data)'
+    )
 
 
-def train_teacher(config: Any, arch: str, out: str, *,
-                  init: str | None = None, epochs: int = 10,
-                  batch_size: int = 32, lr: float = 1e-3,
-                  image_size: int | None = None, weight_decay: float = 0.05,
-                  crop_scale: Sequence[float] = torch_data.DEFAULT_CROP_SCALE,
-                  select_by: str = 'accuracy',
-                  max_steps_per_epoch: int | None = None,
-                  eval_limit: int | None = None, num_workers: int = 0,
-                  device: str | None = None) -> dict[str, Any]:
+def train_teacher(
+    config: Any,
+    arch: str,
+    out: str,
+    *,
+    init: str | None = None,
+    epochs: int = 10,
+    batch_size: int = 32,
+    lr: float = 1e-3,
+    image_size: int | None = None,
+    weight_decay: float = 0.05,
+    crop_scale: Sequence[float] = torch_data.DEFAULT_CROP_SCALE,
+    select_by: str = 'accuracy',
+    max_steps_per_epoch: int | None = None,
+    eval_limit: int | None = None,
+    num_workers: int = 0,
+    device: str | None = None,
+) -> dict[str, Any]:
   """Fine-tunes torchvision `arch` on `config.data`; writes `out` and JSON.
 
   Args:
@@ -217,16 +250,19 @@ def train_teacher(config: Any, arch: str, out: str, *,
     The JSON content (also written to `out` with suffix `.json`).
   """
   from drpl_jax import data  # pylint: disable=g-import-not-at-top
+
   start = time.time()
   out = soft_labels.check_output_path(out, ('.safetensors',))
   if select_by not in SELECT_BY:
     raise ValueError(f'select_by={select_by!r} is not one of {SELECT_BY}')
   if epochs < 1 or batch_size < 1:
-    raise ValueError(f'epochs and batch_size must be >= 1, got {epochs} '
-                     f'and {batch_size}')
+    raise ValueError(
+        f'epochs and batch_size must be >= 1, got {epochs} ' f'and {batch_size}'
+    )
   if arch not in tv_models.known_archs():
-    raise ValueError(f'unknown teacher arch {arch!r}; known: '
-                     f'{tv_models.known_archs()}')
+    raise ValueError(
+        f'unknown teacher arch {arch!r}; known: ' f'{tv_models.known_archs()}'
+    )
   info = data.ensure_prepared(config.data)
   class_names = list(info.class_names)
   _check_num_classes(config, class_names)
@@ -234,81 +270,142 @@ def train_teacher(config: Any, arch: str, out: str, *,
   torch.manual_seed(seed)
   model, init_report = _init_model(arch, len(class_names), init)
   dev = torch_data.pick_device(device)
-  view = dict(image_size=int(image_size or config.teacher.image_size),
-              mean=tuple(config.teacher.mean), std=tuple(config.teacher.std))
-  splits = (config.data.get('train_split', 'train'),
-            config.data.get('eval_split', 'validation'))
+  view = dict(
+      image_size=int(image_size or config.teacher.image_size),
+      mean=tuple(config.teacher.mean),
+      std=tuple(config.teacher.std),
+  )
+  splits = (
+      config.data.get('train_split', 'train'),
+      config.data.get('eval_split', 'validation'),
+  )
   train_set = torch_data.TeacherDataset(
-      data.get_source(config.data, splits[0]), train=True, seed=seed,
-      crop_scale=crop_scale, **view)
+      data.get_source(config.data, splits[0]),
+      train=True,
+      seed=seed,
+      crop_scale=crop_scale,
+      **view,
+  )
   eval_set = torch_data.TeacherDataset(
-      data.get_source(config.data, splits[1]), **view)
+      data.get_source(config.data, splits[1]), **view
+  )
   steps_per_epoch = max(1, len(train_set) // batch_size)
   if max_steps_per_epoch:
     steps_per_epoch = min(steps_per_epoch, max_steps_per_epoch)
-  hparams = {'batch_size': batch_size, 'lr': lr,
-             'weight_decay': weight_decay, 'crop_scale': list(crop_scale),
-             'hflip': False, 'steps_per_epoch': steps_per_epoch,
-             'optimizer': 'adamw', 'schedule': 'warmup 5% + cosine'}
+  hparams = {
+      'batch_size': batch_size,
+      'lr': lr,
+      'weight_decay': weight_decay,
+      'crop_scale': list(crop_scale),
+      'hflip': False,
+      'steps_per_epoch': steps_per_epoch,
+      'optimizer': 'adamw',
+      'schedule': 'warmup 5% + cosine',
+  }
   eval_loader = torch_data.make_loader(
-      eval_set, batch_size=batch_size, num_workers=num_workers,
-      limit=eval_limit)
+      eval_set, batch_size=batch_size, num_workers=num_workers, limit=eval_limit
+  )
   history, best_epoch, best_metrics, best_state = _fit(
-      model.to(dev), train_set, eval_loader, class_names, epochs=epochs,
-      hparams=hparams, select_by=select_by, num_workers=num_workers,
-      device=dev)
+      model.to(dev),
+      train_set,
+      eval_loader,
+      class_names,
+      epochs=epochs,
+      hparams=hparams,
+      select_by=select_by,
+      num_workers=num_workers,
+      device=dev,
+  )
   result = {
-      'arch': arch, 'num_classes': len(class_names),
+      'arch': arch,
+      'num_classes': len(class_names),
       'class_names': class_names,
-      'dataset': {'name': info.name, 'version': info.version,
-                  'train_split': splits[0], 'eval_split': splits[1],
-                  'num_train': len(train_set), 'num_eval': len(eval_set)},
-      'image_size': view['image_size'], 'mean': list(view['mean']),
-      'std': list(view['std']), 'seed': seed, 'epochs': epochs,
-      'best_epoch': best_epoch, 'select_by': select_by,
-      'validation': best_metrics, 'history': history, 'init': init_report,
-      'hparams': hparams, 'device': str(dev),
+      'dataset': {
+          'name': info.name,
+          'version': info.version,
+          'train_split': splits[0],
+          'eval_split': splits[1],
+          'num_train': len(train_set),
+          'num_eval': len(eval_set),
+      },
+      'image_size': view['image_size'],
+      'mean': list(view['mean']),
+      'std': list(view['std']),
+      'seed': seed,
+      'epochs': epochs,
+      'best_epoch': best_epoch,
+      'select_by': select_by,
+      'validation': best_metrics,
+      'history': history,
+      'init': init_report,
+      'hparams': hparams,
+      'device': str(dev),
       'torch_version': torch.__version__,
       'torchvision_version': torchvision.__version__,
       'created': datetime.datetime.now(datetime.timezone.utc).isoformat(
-          timespec='seconds'),
+          timespec='seconds'
+      ),
       'seconds': round(time.time() - start, 1),
   }
   return _write_outputs(out, best_state, result)
 
 
-def _fit(model: torch.nn.Module, train_set: torch_data.TeacherDataset,
-         eval_loader: Any, class_names: Sequence[str], *, epochs: int,
-         hparams: Mapping[str, Any], select_by: str, num_workers: int,
-         device: torch.device
-         ) -> tuple[list[dict[str, Any]], int, dict[str, Any],
-                    dict[str, np.ndarray]]:
+def _fit(
+    model: torch.nn.Module,
+    train_set: torch_data.TeacherDataset,
+    eval_loader: Any,
+    class_names: Sequence[str],
+    *,
+    epochs: int,
+    hparams: Mapping[str, Any],
+    select_by: str,
+    num_workers: int,
+    device: torch.device,
+) -> tuple[list[dict[str, Any]], int, dict[str, Any], dict[str, np.ndarray]]:
   """The epoch loop; returns (history, best epoch, its metrics, its state)."""
   batch_size = hparams['batch_size']
   steps_per_epoch = hparams['steps_per_epoch']
-  optimizer = torch.optim.AdamW(model.parameters(), lr=hparams['lr'],
-                                weight_decay=hparams['weight_decay'])
+  optimizer = torch.optim.AdamW(
+      model.parameters(), lr=hparams['lr'], weight_decay=hparams['weight_decay']
+  )
   scheduler = torch.optim.lr_scheduler.LambdaLR(
-      optimizer, _schedule(epochs * steps_per_epoch))
+      optimizer, _schedule(epochs * steps_per_epoch)
+  )
   history, best = [], None
   for epoch in range(1, epochs + 1):
     tic = time.time()
     loader = torch_data.make_loader(
-        train_set, batch_size=batch_size, shuffle=True, epoch=epoch,
-        drop_last=True, num_workers=num_workers,
-        limit=steps_per_epoch * batch_size)
-    loss, acc, steps = _train_epoch(model, loader, optimizer, scheduler,
-                                    device, steps_per_epoch)
+        train_set,
+        batch_size=batch_size,
+        shuffle=True,
+        epoch=epoch,
+        drop_last=True,
+        num_workers=num_workers,
+        limit=steps_per_epoch * batch_size,
+    )
+    loss, acc, steps = _train_epoch(
+        model, loader, optimizer, scheduler, device, steps_per_epoch
+    )
     metrics = evaluate(model, eval_loader, device, class_names)
-    history.append({'epoch': epoch, 'steps': steps, 'train_loss': loss,
-                    'train_accuracy': acc, 'val_loss': metrics['loss'],
-                    'val_accuracy': metrics['accuracy'],
-                    'val_balanced_accuracy': metrics['balanced_accuracy'],
-                    'seconds': round(time.time() - tic, 2)})
-    print(f'[train_teacher] epoch {epoch}/{epochs} loss {loss:.4f} train_acc '
-          f'{acc:.4f} val_acc {metrics["accuracy"]:.4f} val_loss '
-          f'{metrics["loss"]:.4f} ({time.time() - tic:.1f}s)',
-          file=sys.stderr, flush=True)
+    history.append(
+        {
+            'epoch': epoch,
+            'steps': steps,
+            'train_loss': loss,
+            'train_accuracy': acc,
+            'val_loss': metrics['loss'],
+            'val_accuracy': metrics['accuracy'],
+            'val_balanced_accuracy': metrics['balanced_accuracy'],
+            'seconds': round(time.time() - tic, 2),
+        }
+    )
+    print(
+        f'[train_teacher] epoch {epoch}/{epochs} loss {loss:.4f} train_acc '
+        f'{acc:.4f} val_acc {metrics["accuracy"]:.4f} val_loss '
+        f'{metrics["loss"]:.4f} ({time.time() - tic:.1f}s)',
+        file=sys.stderr,
+        flush=True,
+    )
     key = (metrics[select_by], -metrics['loss'])
     if best is None or key > best[0]:
       best = (key, epoch, metrics, tv_models.state_dict_numpy(model))
@@ -318,9 +415,11 @@ def _fit(model: torch.nn.Module, train_set: torch_data.TeacherDataset,
 def _define_flags() -> None:
   """The CLI flags (defined only when run as a program)."""
   from ml_collections import config_flags  # pylint: disable=g-import-not-at-top
+
   config_flags.DEFINE_config_file('config', None, 'Config file.')
-  flags.DEFINE_string('arch', None,
-                      f'torchvision arch: {tv_models.known_archs()}')
+  flags.DEFINE_string(
+      'arch', None, f'torchvision arch: {tv_models.known_archs()}'
+  )
   flags.DEFINE_string('out', None, 'Output PATH.safetensors (+ PATH.json).')
   flags.DEFINE_string('init', None, 'torchvision state dict to start from.')
   flags.DEFINE_integer('epochs', 10, 'Epochs.')
@@ -328,8 +427,11 @@ def _define_flags() -> None:
   flags.DEFINE_float('lr', 1e-3, 'Peak AdamW learning rate.')
   flags.DEFINE_float('weight_decay', 0.05, 'AdamW weight decay.')
   flags.DEFINE_integer('image_size', 0, '0 = config.teacher.image_size.')
-  flags.DEFINE_float('crop_min_scale', torch_data.DEFAULT_CROP_SCALE[0],
-                     'Smallest crop area fraction (1 = no crop).')
+  flags.DEFINE_float(
+      'crop_min_scale',
+      torch_data.DEFAULT_CROP_SCALE[0],
+      'Smallest crop area fraction (1 = no crop).',
+  )
   flags.DEFINE_enum('select_by', 'accuracy', SELECT_BY, 'Epoch selection.')
   flags.DEFINE_integer('max_steps_per_epoch', 0, '0 = the whole split.')
   flags.DEFINE_integer('num_workers', 0, 'DataLoader workers.')
@@ -343,19 +445,43 @@ def main(argv: Sequence[str]) -> None:
   f = flags.FLAGS
   from drpl_jax import data  # pylint: disable=g-import-not-at-top
   from drpl_jax.train import preflight  # pylint: disable=g-import-not-at-top
+
   preflight.infer_num_classes(
-      f.config, data.ensure_prepared(f.config.data).class_names,
-      preflight.explicit_overrides(sys.argv))
+      f.config,
+      data.ensure_prepared(f.config.data).class_names,
+      preflight.explicit_overrides(sys.argv),
+  )
   result = train_teacher(
-      f.config, f.arch, f.out, init=f.init, epochs=f.epochs,
-      batch_size=f.batch_size, lr=f.lr, weight_decay=f.weight_decay,
+      f.config,
+      f.arch,
+      f.out,
+      init=f.init,
+      epochs=f.epochs,
+      batch_size=f.batch_size,
+      lr=f.lr,
+      weight_decay=f.weight_decay,
       image_size=f.image_size or None,
-      crop_scale=(f.crop_min_scale, 1.0), select_by=f.select_by,
+      crop_scale=(f.crop_min_scale, 1.0),
+      select_by=f.select_by,
       max_steps_per_epoch=f.max_steps_per_epoch or None,
-      num_workers=f.num_workers, device=f.device)
-  print(json.dumps({k: result[k] for k in (
-      'arch', 'best_epoch', 'weights_file', 'json_file', 'sha256')} | {
-          'val_accuracy': result['validation']['accuracy']}))
+      num_workers=f.num_workers,
+      device=f.device,
+  )
+  print(
+      json.dumps(
+          {
+              k: result[k]
+              for k in (
+                  'arch',
+                  'best_epoch',
+                  'weights_file',
+                  'json_file',
+                  'sha256',
+              )
+          }
+          | {'val_accuracy': result['validation']['accuracy']}
+      )
+  )
 
 
 def run() -> None:

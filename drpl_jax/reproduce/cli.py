@@ -59,17 +59,29 @@ def _lines(args: Any) -> list[str]:
     values = dataclasses.asdict(settings)
     if settings.mode in TRAIN_IMAGES and not settings.smoke:
       values['estimate_minutes_2_cores'] = {
-          k: round(v, 1) for k, v in estimate_minutes(settings).items()}
+          k: round(v, 1) for k, v in estimate_minutes(settings).items()
+      }
     return [json.dumps(values, indent=1)]
-  paths = get_paths(settings, args.workdir, manual_dir=args.manual_dir,
-                    data_dir=args.data_dir, teacher=args.teacher,
-                    teacher_init=args.teacher_init)
+  paths = get_paths(
+      settings,
+      args.workdir,
+      manual_dir=args.manual_dir,
+      data_dir=args.data_dir,
+      teacher=args.teacher,
+      teacher_init=args.teacher_init,
+  )
   if args.cmd == 'runs':
-    return ['\t'.join((p, str(s), paths.run_dir(p, s), paths.report(p, s)))
-            for p in settings.presets for s in settings.seeds]
+    return [
+        '\t'.join((p, str(s), paths.run_dir(p, s), paths.report(p, s)))
+        for p in settings.presets
+        for s in settings.seeds
+    ]
   if args.cmd == 'paths':
-    values = dict(dataclasses.asdict(paths), **paths.extra(),
-                  prepared=prepared_summary(settings, paths))
+    values = dict(
+        dataclasses.asdict(paths),
+        **paths.extra(),
+        prepared=prepared_summary(settings, paths),
+    )
     return [f'{k}\t{v}' for k, v in values.items()]
   if args.cmd == 'plan':
     return [_plan(settings, paths, args)]
@@ -80,15 +92,18 @@ def _lines(args: Any) -> list[str]:
   if args.preset is None or args.seed is None:
     raise ValueError('args run needs --preset and --seed')
   return [config_arg(settings, args.preset)] + run_overrides(
-      settings, paths, args.preset, args.seed)
+      settings, paths, args.preset, args.seed
+  )
 
 
 def _plan(settings: Settings, paths: Paths, args: Any) -> str:
   """Checks the arguments and writes (or checks) WORKDIR/reproduce.json."""
   if not paths.manual_dir.startswith('gs://') and not os.path.exists(
-      paths.manual_dir):
-    raise ValueError(_missing_data(paths.manual_dir, args.manual_dir,
-                                   settings.mode))
+      paths.manual_dir
+  ):
+    raise ValueError(
+        _missing_data(paths.manual_dir, args.manual_dir, settings.mode)
+    )
   plan = plan_dict(settings, paths, args.command, args.launcher)
   path = paths.extra()['plan']
   old = read_json(path, 'plan') if epath.Path(path).exists() else None
@@ -104,30 +119,40 @@ def _missing_data(path: str, given: str, mode: str) -> str:
   """Why the raw data folder `path` is missing: given, or the mode's default."""
   if given:
     return f'--manual_dir {path} does not exist'
-  return (f'the {mode} data {path} does not exist (it is expected beside '
-          'this checkout, in ../shared/data); pass --manual_dir '
-          f'PATH/{os.path.basename(path)}')
+  return (
+      f'the {mode} data {path} does not exist (it is expected beside '
+      'this checkout, in ../shared/data); pass --manual_dir '
+      f'PATH/{os.path.basename(path)}'
+  )
 
 
-SUBCOMMANDS = ('settings', 'args', 'runs', 'paths', 'plan', 'record',
-               'table', 'exists')
+SUBCOMMANDS = (
+    'settings',
+    'args',
+    'runs',
+    'paths',
+    'plan',
+    'record',
+    'table',
+    'exists',
+)
 WHAT = ('prepare', 'teacher', 'run')
 
 
 def _define_flags() -> None:
   """The flags of every subcommand (defined only when the command runs)."""
-  flags.DEFINE_enum('mode', 'paper', MODES, 'The reproduction\'s mode.')
+  flags.DEFINE_enum('mode', 'paper', MODES, "The reproduction's mode.")
   flags.DEFINE_bool('smoke', False, 'A few steps of everything.')
-  flags.DEFINE_integer('seeds', None, 'How many seeds (default: the mode\'s).')
-  cli.define_workdir('The reproduction\'s directory.', required=False)
+  flags.DEFINE_integer('seeds', None, "How many seeds (default: the mode's).")
+  cli.define_workdir("The reproduction's directory.", required=False)
   for name in ('manual_dir', 'data_dir', 'teacher', 'teacher_init'):
-    flags.DEFINE_string(name, '', f'{name} (default: the mode\'s).')
+    flags.DEFINE_string(name, '', f"{name} (default: the mode's).")
   flags.DEFINE_enum('preset', None, PRESETS, 'args run: the preset.')
   flags.DEFINE_integer('seed', None, 'args run: the seed.')
   flags.DEFINE_string('launcher', 'local', 'plan: the launcher.')
   flags.DEFINE_string('command', '', 'plan: the command line to record.')
   flags.DEFINE_bool('dry_run', False, 'plan: check, write nothing.')
-  flags.DEFINE_string('step', None, 'record: the step\'s name.')
+  flags.DEFINE_string('step', None, "record: the step's name.")
   flags.DEFINE_float('start', None, 'record: start time (seconds).')
   flags.DEFINE_float('end', None, 'record: end time (seconds).')
   flags.DEFINE_integer('rc', 0, 'record: the exit status.')
@@ -142,14 +167,18 @@ def _subcommand(argv: Sequence[str]) -> tuple[str, list[str]]:
   cmd, rest = argv[1], list(argv[2:])
   wanted = {'args': 1, 'exists': 1}.get(cmd, 0)
   if cmd != 'record' and len(rest) != wanted:
-    raise cli.UserError(f'{cmd} takes {wanted} positional argument(s), got '
-                        f'{rest}')
+    raise cli.UserError(
+        f'{cmd} takes {wanted} positional argument(s), got ' f'{rest}'
+    )
   if cmd == 'args' and rest[0] not in WHAT:
     raise cli.UserError(f'args {rest[0]!r}: expected one of {WHAT}')
   if cmd not in ('settings', 'exists') and not flags.FLAGS.workdir:
     raise cli.UserError(f'{cmd} needs --workdir')
-  if cmd == 'record' and (not flags.FLAGS.step or flags.FLAGS.start is None
-                          or flags.FLAGS.end is None):
+  if cmd == 'record' and (
+      not flags.FLAGS.step
+      or flags.FLAGS.start is None
+      or flags.FLAGS.end is None
+  ):
     raise cli.UserError('record needs --step, --start and --end')
   return cmd, rest
 

@@ -43,18 +43,27 @@ from drpl_jax.utils import files
 PRESETS = ('vit', 'deit', 'deit_rpe', 'deit_conv', 'drpl')
 MODES = ('paper', 'sample', 'cxr2k5')
 # The repository root: drpl_jax/reproduce/protocol.py is three levels down.
-REPO = os.path.dirname(os.path.dirname(os.path.dirname(
-    os.path.abspath(__file__))))
+REPO = os.path.dirname(
+    os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+)
 CONFIG_FILE = 'configs/drpl_vit.py'
-DEFAULT_SAMPLE_DIR = os.path.normpath(os.path.join(
-    REPO, '..', 'shared', 'data', 'covid19_radiography_sample'))
-DEFAULT_2K5_DIR = os.path.normpath(os.path.join(
-    REPO, '..', 'shared', 'data', 'covid19_radiography_2k5'))
+DEFAULT_SAMPLE_DIR = os.path.normpath(
+    os.path.join(REPO, '..', 'shared', 'data', 'covid19_radiography_sample')
+)
+DEFAULT_2K5_DIR = os.path.normpath(
+    os.path.join(REPO, '..', 'shared', 'data', 'covid19_radiography_2k5')
+)
 DEFAULT_DATA = {'sample': DEFAULT_SAMPLE_DIR, 'cxr2k5': DEFAULT_2K5_DIR}
 UNDISTILLED = ('vit',)  # presets without a distillation token
 # Keys a preset sets through configs/drpl_vit.py (everything else is shared).
-PRESET_KEYS = ('model.distilled', 'model.rpe.kind', 'model.conv.kind',
-               'distill.kind', 'teacher.arch', 'teacher.checkpoint')
+PRESET_KEYS = (
+    'model.distilled',
+    'model.rpe.kind',
+    'model.conv.kind',
+    'distill.kind',
+    'teacher.arch',
+    'teacher.checkpoint',
+)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -66,6 +75,7 @@ class Settings:
   `train_teacher` flags. Only the preset and, for the distilled presets,
   the teacher path differ between the runs of one reproduction.
   """
+
   mode: str
   smoke: bool
   presets: tuple[str, ...]
@@ -82,40 +92,65 @@ class Settings:
 
   def describe(self) -> str:
     grid = self.image_size // self.patch_size
-    return (f'{self.mode}{" smoke" if self.smoke else ""}: {self.variant} '
-            f'variant, {self.image_size} px (patch {self.patch_size}, '
-            f'{grid}x{grid} grid), {self.student["total_steps"]} steps at '
-            f'batch {self.student["batch_size"]}, seeds '
-            f'{", ".join(map(str, self.seeds))}; teacher '
-            f'{self.teacher_arch} at {self.teacher["image_size"]} px, '
-            f'{self.teacher["epochs"]} epoch(s), online hard distillation')
+    return (
+        f'{self.mode}{" smoke" if self.smoke else ""}: {self.variant} '
+        f'variant, {self.image_size} px (patch {self.patch_size}, '
+        f'{grid}x{grid} grid), {self.student["total_steps"]} steps at '
+        f'batch {self.student["batch_size"]}, seeds '
+        f'{", ".join(map(str, self.seeds))}; teacher '
+        f'{self.teacher_arch} at {self.teacher["image_size"]} px, '
+        f'{self.teacher["epochs"]} epoch(s), online hard distillation'
+    )
 
 
 def _paper() -> dict[str, Any]:
   # The config's full recipe, written out so it is recorded in the plan.
   return dict(
-      presets=PRESETS, seeds=1, variant='s', runlocal=False, classes='',
-      num_classes=4, image_size=224, patch_size=16,
-      student={'total_steps': 30_000, 'batch_size': 256,
-               'optim.base_lr': 5e-4, 'optim.warmup_steps': 1000,
-               'eval_every_steps': 1000, 'checkpoint_every_steps': 1000},
+      presets=PRESETS,
+      seeds=1,
+      variant='s',
+      runlocal=False,
+      classes='',
+      num_classes=4,
+      image_size=224,
+      patch_size=16,
+      student={
+          'total_steps': 30_000,
+          'batch_size': 256,
+          'optim.base_lr': 5e-4,
+          'optim.warmup_steps': 1000,
+          'eval_every_steps': 1000,
+          'checkpoint_every_steps': 1000,
+      },
       teacher_arch='resnet50',
-      teacher={'epochs': 20, 'batch_size': 64, 'lr': 5e-4,
-               'image_size': 224})
+      teacher={'epochs': 20, 'batch_size': 64, 'lr': 5e-4, 'image_size': 224},
+  )
 
 
 def _sample() -> dict[str, Any]:
   # configs/drpl_vit.py's runlocal recipe (micro, 64 px, patch 8, batch 32,
   # no mixup, mild crops); sized in docs/reproduction.md.
   return dict(
-      presets=PRESETS, seeds=3, variant='micro', runlocal=True,
-      classes='COVID,Normal', num_classes=2, image_size=64, patch_size=8,
-      student={'total_steps': 600, 'batch_size': 32, 'eval_batch_size': 64,
-               'optim.warmup_steps': 30, 'eval_every_steps': 600,
-               'checkpoint_every_steps': 200, 'log_every_steps': 50},
+      presets=PRESETS,
+      seeds=3,
+      variant='micro',
+      runlocal=True,
+      classes='COVID,Normal',
+      num_classes=2,
+      image_size=64,
+      patch_size=8,
+      student={
+          'total_steps': 600,
+          'batch_size': 32,
+          'eval_batch_size': 64,
+          'optim.warmup_steps': 30,
+          'eval_every_steps': 600,
+          'checkpoint_every_steps': 200,
+          'log_every_steps': 50,
+      },
       teacher_arch='regnet_y_400mf',
-      teacher={'epochs': 30, 'batch_size': 32, 'lr': 1e-3,
-               'image_size': 64})
+      teacher={'epochs': 30, 'batch_size': 32, 'lr': 1e-3, 'image_size': 64},
+  )
 
 
 def _cxr2k5() -> dict[str, Any]:
@@ -135,26 +170,51 @@ def _cxr2k5() -> dict[str, Any]:
   # the sample's 64 px, so that the table can be rerun in one sitting.
   # Everything else (model, data, teacher) is the sample mode's.
   values = _sample()
-  values['student'] = dict(values['student'], **{
-      'total_steps': 1800, 'optim.warmup_steps': 90, 'eval_every_steps': 1800,
-      'checkpoint_every_steps': 600, 'log_every_steps': 100})
+  values['student'] = dict(
+      values['student'],
+      **{
+          'total_steps': 1800,
+          'optim.warmup_steps': 90,
+          'eval_every_steps': 1800,
+          'checkpoint_every_steps': 600,
+          'log_every_steps': 100,
+      },
+  )
   return values
 
 
 def _smoke(base: dict[str, Any]) -> dict[str, Any]:
   return dict(
-      base, presets=('vit', 'drpl'), seeds=1, variant='micro',
-      runlocal=True, image_size=32, patch_size=8,
-      student={'total_steps': 4, 'batch_size': 16, 'eval_batch_size': 32,
-               'optim.warmup_steps': 1, 'eval_every_steps': 4,
-               'checkpoint_every_steps': 2, 'log_every_steps': 2},
+      base,
+      presets=('vit', 'drpl'),
+      seeds=1,
+      variant='micro',
+      runlocal=True,
+      image_size=32,
+      patch_size=8,
+      student={
+          'total_steps': 4,
+          'batch_size': 16,
+          'eval_batch_size': 32,
+          'optim.warmup_steps': 1,
+          'eval_every_steps': 4,
+          'checkpoint_every_steps': 2,
+          'log_every_steps': 2,
+      },
       teacher_arch='regnet_y_400mf',
-      teacher={'epochs': 1, 'batch_size': 16, 'lr': 1e-3, 'image_size': 32,
-               'max_steps_per_epoch': 2})
+      teacher={
+          'epochs': 1,
+          'batch_size': 16,
+          'lr': 1e-3,
+          'image_size': 32,
+          'max_steps_per_epoch': 2,
+      },
+  )
 
 
-def get_settings(mode: str, *, smoke: bool = False,
-                 num_seeds: int | None = None) -> Settings:
+def get_settings(
+    mode: str, *, smoke: bool = False, num_seeds: int | None = None
+) -> Settings:
   """The settings of `mode` (see MODES), optionally at toy size.
 
   `num_seeds` overrides the mode's seed count (seeds are 0..n-1).
@@ -170,8 +230,10 @@ def get_settings(mode: str, *, smoke: bool = False,
     raise ValueError(f'the number of seeds must be >= 1, got {n}')
   image_size, patch = values['image_size'], values['patch_size']
   if image_size % patch:
-    raise ValueError(f'image size {image_size} is not a multiple of the '
-                     f'patch size {patch}')
+    raise ValueError(
+        f'image size {image_size} is not a multiple of the '
+        f'patch size {patch}'
+    )
   return Settings(mode=mode, smoke=smoke, seeds=tuple(range(n)), **values)
 
 
@@ -180,8 +242,13 @@ def get_settings(mode: str, *, smoke: bool = False,
 # per step of each preset (the online teacher's forward included) after a
 # fixed 30 s per run (compilation, evaluation), and the teacher's seconds
 # per training image and epoch at 64 px.
-MEASURED_STEP_SECONDS_64PX = {'vit': 0.083, 'deit': 0.133, 'deit_rpe': 0.133,
-                              'deit_conv': 0.208, 'drpl': 0.208}
+MEASURED_STEP_SECONDS_64PX = {
+    'vit': 0.083,
+    'deit': 0.133,
+    'deit_rpe': 0.133,
+    'deit_conv': 0.208,
+    'drpl': 0.208,
+}
 MEASURED_RUN_OVERHEAD_SECONDS = 30.0
 MEASURED_TEACHER_IMAGE_EPOCH_SECONDS_64PX = 96.0 / (30 * 480)
 TRAIN_IMAGES = {'sample': 480, 'cxr2k5': 2063}  # 80% of 600 and of 2,579
@@ -196,19 +263,28 @@ def estimate_minutes(settings: Settings) -> dict[str, float]:
   'total'} in minutes.
   """
   if settings.variant != 'micro' or settings.mode not in TRAIN_IMAGES:
-    raise ValueError(f'no measured timing for the {settings.mode} mode '
-                     f'({settings.variant} variant)')
-  scale = (settings.image_size / 64) ** 2 * settings.student[
-      'batch_size'] / 32
+    raise ValueError(
+        f'no measured timing for the {settings.mode} mode '
+        f'({settings.variant} variant)'
+    )
+  scale = (settings.image_size / 64) ** 2 * settings.student['batch_size'] / 32
   steps = settings.student['total_steps']
   runs = len(settings.seeds) * sum(
-      MEASURED_RUN_OVERHEAD_SECONDS + steps * scale *
-      MEASURED_STEP_SECONDS_64PX[p] for p in settings.presets)
-  teacher = (TRAIN_IMAGES[settings.mode] * settings.teacher['epochs'] *
-             (settings.teacher['image_size'] / 64) ** 2 *
-             MEASURED_TEACHER_IMAGE_EPOCH_SECONDS_64PX)
-  return {'teacher': teacher / 60, 'runs': runs / 60,
-          'total': (teacher + runs) / 60}
+      MEASURED_RUN_OVERHEAD_SECONDS
+      + steps * scale * MEASURED_STEP_SECONDS_64PX[p]
+      for p in settings.presets
+  )
+  teacher = (
+      TRAIN_IMAGES[settings.mode]
+      * settings.teacher['epochs']
+      * (settings.teacher['image_size'] / 64) ** 2
+      * MEASURED_TEACHER_IMAGE_EPOCH_SECONDS_64PX
+  )
+  return {
+      'teacher': teacher / 60,
+      'runs': runs / 60,
+      'total': (teacher + runs) / 60,
+  }
 
 
 # ------------------------------------------------------------------- paths
@@ -217,6 +293,7 @@ def estimate_minutes(settings: Settings) -> dict[str, float]:
 @dataclasses.dataclass(frozen=True)
 class Paths:
   """Where one reproduction reads and writes (see the module doc)."""
+
   workdir: str
   manual_dir: str
   data_dir: str
@@ -233,13 +310,21 @@ class Paths:
     return os.path.join(self.workdir, 'timings', f'{step}.json')
 
   def extra(self) -> dict[str, str]:
-    return {'plan': os.path.join(self.workdir, 'reproduce.json'),
-            'table': os.path.join(self.workdir, 'results.md')}
+    return {
+        'plan': os.path.join(self.workdir, 'reproduce.json'),
+        'table': os.path.join(self.workdir, 'results.md'),
+    }
 
 
-def get_paths(settings: Settings, workdir: str, *, manual_dir: str = '',
-              data_dir: str = '', teacher: str = '',
-              teacher_init: str = '') -> Paths:
+def get_paths(
+    settings: Settings,
+    workdir: str,
+    *,
+    manual_dir: str = '',
+    data_dir: str = '',
+    teacher: str = '',
+    teacher_init: str = '',
+) -> Paths:
   """Resolves the defaults: data in WORKDIR/data, the teacher under it."""
   if not workdir:
     raise ValueError('empty --workdir')
@@ -248,16 +333,21 @@ def get_paths(settings: Settings, workdir: str, *, manual_dir: str = '',
       raise ValueError(
           'the paper mode needs --manual_dir: the Kaggle COVID-19 '
           'Radiography Database, downloaded by hand (the folder '
-          'COVID-19_Radiography_Dataset, its parent, or the .zip)')
+          'COVID-19_Radiography_Dataset, its parent, or the .zip)'
+      )
     manual_dir = DEFAULT_DATA[settings.mode]
   if not manual_dir.startswith('gs://'):
     manual_dir = os.path.abspath(manual_dir)
   return Paths(
-      workdir=workdir, manual_dir=manual_dir,
+      workdir=workdir,
+      manual_dir=manual_dir,
       data_dir=data_dir or os.path.join(workdir, 'data'),
-      teacher=teacher or os.path.join(
-          workdir, 'teacher', f'{settings.teacher_arch}.safetensors'),
-      teacher_init=teacher_init)
+      teacher=teacher
+      or os.path.join(
+          workdir, 'teacher', f'{settings.teacher_arch}.safetensors'
+      ),
+      teacher_init=teacher_init,
+  )
 
 
 # -------------------------------------------------------- command arguments
@@ -279,26 +369,39 @@ def _flag(key: str, value: Any) -> str:
 
 def data_overrides(settings: Settings, paths: Paths) -> dict[str, Any]:
   """The data keys every step shares (teacher and student alike)."""
-  return {'data.name': 'covid19_radiography',
-          'data.manual_dir': paths.manual_dir,
-          'data.data_dir': paths.data_dir, 'data.classes': settings.classes,
-          'data.split_seed': 0, 'data.image_size': settings.image_size,
-          'model.num_classes': settings.num_classes}
+  return {
+      'data.name': 'covid19_radiography',
+      'data.manual_dir': paths.manual_dir,
+      'data.data_dir': paths.data_dir,
+      'data.classes': settings.classes,
+      'data.split_seed': 0,
+      'data.image_size': settings.image_size,
+      'model.num_classes': settings.num_classes,
+  }
 
 
-def run_overrides(settings: Settings, paths: Paths, preset: str,
-                  seed: int) -> list[str]:
+def run_overrides(
+    settings: Settings, paths: Paths, preset: str, seed: int
+) -> list[str]:
   """`--config.key=value` flags of one preset and seed for drpl_jax.main."""
   if seed not in settings.seeds:
     raise ValueError(f'seed {seed} is not one of {list(settings.seeds)}')
   config_arg(settings, preset)  # Checks the preset.
-  values = {'seed': seed, **data_overrides(settings, paths),
-            'model.patch_size': settings.patch_size, **settings.student}
+  values = {
+      'seed': seed,
+      **data_overrides(settings, paths),
+      'model.patch_size': settings.patch_size,
+      **settings.student,
+  }
   if preset not in UNDISTILLED:
-    values.update({'teacher.arch': settings.teacher_arch,
-                   'teacher.checkpoint': paths.teacher,
-                   'teacher.image_size': settings.teacher['image_size'],
-                   'distill.kind': 'hard'})
+    values.update(
+        {
+            'teacher.arch': settings.teacher_arch,
+            'teacher.checkpoint': paths.teacher,
+            'teacher.image_size': settings.teacher['image_size'],
+            'distill.kind': 'hard',
+        }
+    )
   return [_flag(k, v) for k, v in values.items()]
 
 
@@ -316,18 +419,31 @@ def teacher_args(settings: Settings, paths: Paths) -> list[str]:
 
 def prepare_args(settings: Settings, paths: Paths) -> list[str]:
   """Arguments of `python -m drpl_jax.data prepare`."""
-  args = ['prepare', '--name', 'covid19_radiography', '--manual_dir',
-          paths.manual_dir, '--data_dir', paths.data_dir, '--seed', '0']
+  args = [
+      'prepare',
+      '--name',
+      'covid19_radiography',
+      '--manual_dir',
+      paths.manual_dir,
+      '--data_dir',
+      paths.data_dir,
+      '--seed',
+      '0',
+  ]
   return args + (['--classes', settings.classes] if settings.classes else [])
 
 
 def prepared_summary(settings: Settings, paths: Paths) -> str:
   """The summary.json that exists once the data set is prepared."""
   from drpl_jax.data import api  # pylint: disable=g-import-not-at-top
+
   folder = api.prepared_dir(
-      'covid19_radiography', data_dir=paths.data_dir,
+      'covid19_radiography',
+      data_dir=paths.data_dir,
       manual_dir=paths.manual_dir,
-      classes=api.parse_classes(settings.classes), seed=0)
+      classes=api.parse_classes(settings.classes),
+      seed=0,
+  )
   return os.path.join(folder, 'summary.json')
 
 
@@ -352,17 +468,23 @@ def write_json(path: str, value: Any) -> None:
   files.atomic_write(p, json.dumps(value, indent=1) + '\n')
 
 
-def plan_dict(settings: Settings, paths: Paths, command: str,
-              launcher: str) -> dict[str, Any]:
-  return {'settings': dataclasses.asdict(settings),
-          'paths': dataclasses.asdict(paths), 'launcher': launcher,
-          'command': command,
-          'created': datetime.datetime.now(datetime.timezone.utc).isoformat(
-              timespec='seconds')}
+def plan_dict(
+    settings: Settings, paths: Paths, command: str, launcher: str
+) -> dict[str, Any]:
+  return {
+      'settings': dataclasses.asdict(settings),
+      'paths': dataclasses.asdict(paths),
+      'launcher': launcher,
+      'command': command,
+      'created': datetime.datetime.now(datetime.timezone.utc).isoformat(
+          timespec='seconds'
+      ),
+  }
 
 
-def check_plan(plan: Mapping[str, Any], old: Mapping[str, Any] | None,
-               path: str) -> bool:
+def check_plan(
+    plan: Mapping[str, Any], old: Mapping[str, Any] | None, path: str
+) -> bool:
   """Whether `plan` must be written; refuses one that changes the runs.
 
   The seeds may change (more seeds reuse the existing runs); anything else
@@ -372,8 +494,11 @@ def check_plan(plan: Mapping[str, Any], old: Mapping[str, Any] | None,
     return True
   plan = json.loads(json.dumps(plan))  # Tuples as the JSON file has them.
   new_s, old_s = plan['settings'], dict(old.get('settings', {}))
-  changed = sorted(k for k in set(new_s) | set(old_s)
-                   if k != 'seeds' and new_s.get(k) != old_s.get(k))
+  changed = sorted(
+      k
+      for k in set(new_s) | set(old_s)
+      if k != 'seeds' and new_s.get(k) != old_s.get(k)
+  )
   for key in ('manual_dir', 'data_dir', 'teacher'):
     if plan['paths'][key] != old.get('paths', {}).get(key):
       changed.append(f'paths.{key}')
@@ -381,23 +506,40 @@ def check_plan(plan: Mapping[str, Any], old: Mapping[str, Any] | None,
     raise ValueError(
         f'{path}: this WORKDIR was started with other settings '
         f'({", ".join(changed)} differ; it was: {old.get("command")}); use '
-        'another WORKDIR, or delete the file to reuse the runs anyway')
+        'another WORKDIR, or delete the file to reuse the runs anyway'
+    )
   return list(new_s['seeds']) != list(old_s['seeds'])
 
 
-def record(path: str, step: str, command: Sequence[str], start: float,
-           end: float, rc: int) -> dict[str, Any]:
+def record(
+    path: str,
+    step: str,
+    command: Sequence[str],
+    start: float,
+    end: float,
+    rc: int,
+) -> dict[str, Any]:
   """Appends one attempt of `step` (times in epoch seconds) to its JSON."""
   p = epath.Path(path)
-  entry = json.loads(p.read_text()) if p.exists() else {
-      'step': step, 'attempts': []}
+  entry = (
+      json.loads(p.read_text())
+      if p.exists()
+      else {'step': step, 'attempts': []}
+  )
   iso = lambda t: datetime.datetime.fromtimestamp(
-      t, datetime.timezone.utc).isoformat(timespec='seconds')
+      t, datetime.timezone.utc
+  ).isoformat(timespec='seconds')
   entry['command'] = shlex.join(command)
-  entry['attempts'].append({
-      'start': iso(start), 'end': iso(end),
-      'seconds': round(end - start, 1), 'exit_code': rc,
-      'host': socket.gethostname(), 'cpus': os.cpu_count()})
+  entry['attempts'].append(
+      {
+          'start': iso(start),
+          'end': iso(end),
+          'seconds': round(end - start, 1),
+          'exit_code': rc,
+          'host': socket.gethostname(),
+          'cpus': os.cpu_count(),
+      }
+  )
   entry['seconds'] = round(sum(a['seconds'] for a in entry['attempts']), 1)
   write_json(path, entry)
   return entry

@@ -49,8 +49,14 @@ from etils import epath
 from drpl_jax import cli
 from drpl_jax.utils import files
 
-FIGURES = ('accuracy', 'balanced_accuracy', 'auc', 'lungs_hidden_accuracy',
-           'lungs_only_accuracy', 'attention_lung_share')
+FIGURES = (
+    'accuracy',
+    'balanced_accuracy',
+    'auc',
+    'lungs_hidden_accuracy',
+    'lungs_only_accuracy',
+    'attention_lung_share',
+)
 
 
 def parse_value(text: str) -> Any:
@@ -90,8 +96,9 @@ def set_key(config: ml_collections.ConfigDict, key: str, value: Any) -> None:
     raise ValueError(f'config key {key!r} cannot take {value!r}: {e}') from e
 
 
-def candidates(sweeps: Sequence[tuple[str, list[Any]]], grid: bool
-               ) -> list[dict[str, Any]]:
+def candidates(
+    sweeps: Sequence[tuple[str, list[Any]]], grid: bool
+) -> list[dict[str, Any]]:
   """The base ({}) first, then one factor at a time or the full grid."""
   out: list[dict[str, Any]] = [{}]
   if grid and sweeps:
@@ -113,23 +120,34 @@ def candidates(sweeps: Sequence[tuple[str, list[Any]]], grid: bool
 def check_no_test(config: ml_collections.ConfigDict) -> None:
   """Refuses a config that would evaluate (and so select on) the test split."""
   if config.data.eval_split == config.data.test_split:
-    raise ValueError(f'config.data.eval_split={config.data.eval_split!r} is '
-                     'the test split: a sweep selects on validation only')
+    raise ValueError(
+        f'config.data.eval_split={config.data.eval_split!r} is '
+        'the test split: a sweep selects on validation only'
+    )
 
 
 # ------------------------------------------------------------------ teacher
 
 
-def teacher_argv(spec: str, config: ml_collections.ConfigDict,
-                 base_sets: Sequence[tuple[str, Any]], out: str) -> list[str]:
+def teacher_argv(
+    spec: str,
+    config: ml_collections.ConfigDict,
+    base_sets: Sequence[tuple[str, Any]],
+    out: str,
+) -> list[str]:
   """`python -m drpl_jax.train_teacher` arguments for the config's recipe."""
   recipe = config.get('teacher_recipe')
   if recipe is None:
-    raise ValueError(f'{spec}: the config has no teacher_recipe; pass '
-                     'teacher.checkpoint instead')
+    raise ValueError(
+        f'{spec}: the config has no teacher_recipe; pass '
+        'teacher.checkpoint instead'
+    )
   argv = [sys.executable, '-m', 'drpl_jax.train_teacher', f'--config={spec}']
-  argv += [f'--config.{k}={v}' for k, v in base_sets
-           if not k.startswith('teacher_recipe.')]
+  argv += [
+      f'--config.{k}={v}'
+      for k, v in base_sets
+      if not k.startswith('teacher_recipe.')
+  ]
   argv += ['--out', out]
   for key, value in recipe.items():
     argv += [f'--{key}', str(value)]
@@ -137,23 +155,33 @@ def teacher_argv(spec: str, config: ml_collections.ConfigDict,
 
 
 def _teacher_key(config: ml_collections.ConfigDict) -> str:
-  what = {'recipe': config.teacher_recipe.to_dict(),
-          'data': {k: config.data[k] for k in ('name', 'manual_dir', 'classes',
-                                                'split_seed')}}
+  what = {
+      'recipe': config.teacher_recipe.to_dict(),
+      'data': {
+          k: config.data[k]
+          for k in ('name', 'manual_dir', 'classes', 'split_seed')
+      },
+  }
   token = json.dumps(what, sort_keys=True, default=str)
   return hashlib.sha1(token.encode()).hexdigest()[:10]
 
 
-def ensure_teacher(spec: str, config: ml_collections.ConfigDict,
-                   base_sets: Sequence[tuple[str, Any]], workdir: str
-                   ) -> float | None:
+def ensure_teacher(
+    spec: str,
+    config: ml_collections.ConfigDict,
+    base_sets: Sequence[tuple[str, Any]],
+    workdir: str,
+) -> float | None:
   """Trains (once) the teacher a distilled candidate needs; sets it in the
   config. Returns its validation accuracy (from train_teacher's JSON)."""
   if not config.model.distilled or config.distill.kind == 'none':
     return None
   if not config.teacher.checkpoint:
-    out = epath.Path(workdir) / 'teachers' / (
-        f'{_teacher_key(config)}.safetensors')
+    out = (
+        epath.Path(workdir)
+        / 'teachers'
+        / (f'{_teacher_key(config)}.safetensors')
+    )
     if not out.exists():
       argv = teacher_argv(spec, config, base_sets, os.fspath(out))
       out.parent.mkdir(parents=True, exist_ok=True)
@@ -175,22 +203,31 @@ def validation_figures(report: dict[str, Any]) -> dict[str, Any]:
   probes = report.get('probes') or {}
   attention = report.get('attention') or {}
   get = lambda name: (probes.get(name) or {}).get('accuracy')
-  return {'accuracy': report['accuracy'],
-          'balanced_accuracy': report['balanced_accuracy'],
-          'auc': report.get('macro', {}).get('auc'),
-          'lungs_hidden_accuracy': get('lungs_hidden'),
-          'lungs_only_accuracy': get('lungs_only'),
-          'attention_lung_share': attention.get('lung_share_mean'),
-          'shortcut_flag': probes.get('shortcut_flag')}
+  return {
+      'accuracy': report['accuracy'],
+      'balanced_accuracy': report['balanced_accuracy'],
+      'auc': report.get('macro', {}).get('auc'),
+      'lungs_hidden_accuracy': get('lungs_hidden'),
+      'lungs_only_accuracy': get('lungs_only'),
+      'attention_lung_share': attention.get('lung_share_mean'),
+      'shortcut_flag': probes.get('shortcut_flag'),
+  }
 
 
-def _train_one(config: ml_collections.ConfigDict, workdir: str
-               ) -> dict[str, Any]:
+def _train_one(
+    config: ml_collections.ConfigDict, workdir: str
+) -> dict[str, Any]:
   from drpl_jax.evaluation import evaluate  # pylint: disable=g-import-not-at-top
   from drpl_jax.train import loop as train  # pylint: disable=g-import-not-at-top
+
   train.train_and_evaluate(config, workdir)
-  report = evaluate.evaluate(config, workdir, split=config.data.eval_split,
-                             n_bootstrap=0, use_ema=False)
+  report = evaluate.evaluate(
+      config,
+      workdir,
+      split=config.data.eval_split,
+      n_bootstrap=0,
+      use_ema=False,
+  )
   return validation_figures(report)
 
 
@@ -199,10 +236,16 @@ def _mean(values: Sequence[Any]) -> float | None:
   return sum(got) / len(got) if got else None
 
 
-def run_candidate(spec: str, base: ml_collections.ConfigDict,
-                  base_sets: Sequence[tuple[str, Any]],
-                  overrides: dict[str, Any], index: int, workdir: str,
-                  steps: int | None, seeds: int) -> dict[str, Any]:
+def run_candidate(
+    spec: str,
+    base: ml_collections.ConfigDict,
+    base_sets: Sequence[tuple[str, Any]],
+    overrides: dict[str, Any],
+    index: int,
+    workdir: str,
+    steps: int | None,
+    seeds: int,
+) -> dict[str, Any]:
   """Trains and evaluates one candidate (every seed); cached on disk."""
   cand_dir = epath.Path(workdir) / 'candidates' / str(index)
   done = cand_dir / 'result.json'
@@ -222,51 +265,90 @@ def run_candidate(spec: str, base: ml_collections.ConfigDict,
   for seed in range(seeds):
     config.seed = seed
     per_seed.append(_train_one(config, os.fspath(cand_dir / f'seed{seed}')))
-  result = {'index': index, 'overrides': overrides,
-            'teacher_val_accuracy': teacher_acc,
-            'teacher': config.teacher.checkpoint or None,
-            'seeds': per_seed,
-            'mean': {k: _mean([s[k] for s in per_seed]) for k in FIGURES},
-            'shortcut_flags': sum(bool(s['shortcut_flag']) for s in per_seed),
-            'minutes': round((time.time() - tic) / 60, 2)}
+  result = {
+      'index': index,
+      'overrides': overrides,
+      'teacher_val_accuracy': teacher_acc,
+      'teacher': config.teacher.checkpoint or None,
+      'seeds': per_seed,
+      'mean': {k: _mean([s[k] for s in per_seed]) for k in FIGURES},
+      'shortcut_flags': sum(bool(s['shortcut_flag']) for s in per_seed),
+      'minutes': round((time.time() - tic) / 60, 2),
+  }
   cand_dir.mkdir(parents=True, exist_ok=True)
   files.atomic_write(done, json.dumps(result, indent=1, default=str))
   return result
 
 
-def markdown(results: Sequence[dict[str, Any]], command: str,
-             split: str) -> str:
+def markdown(
+    results: Sequence[dict[str, Any]], command: str, split: str
+) -> str:
   """The sweep table: one row per candidate, means over seeds."""
   pct = lambda x: '—' if x is None else f'{100 * x:.1f}'
-  head = ['#', 'Overrides', 'Val acc', 'Bal acc', 'AUC', 'Lungs hidden',
-          'Lungs only', 'Attn in box', 'Flags', 'Teacher val', 'Min']
-  lines = [f'# Validation sweep ({split} split; never test)', '',
-           f'Command: `{command}`', '',
-           '| ' + ' | '.join(head) + ' |', '|' + '---|' * len(head)]
+  head = [
+      '#',
+      'Overrides',
+      'Val acc',
+      'Bal acc',
+      'AUC',
+      'Lungs hidden',
+      'Lungs only',
+      'Attn in box',
+      'Flags',
+      'Teacher val',
+      'Min',
+  ]
+  lines = [
+      f'# Validation sweep ({split} split; never test)',
+      '',
+      f'Command: `{command}`',
+      '',
+      '| ' + ' | '.join(head) + ' |',
+      '|' + '---|' * len(head),
+  ]
   for r in results:
     m = r['mean']
     over = ', '.join(f'{k}={v}' for k, v in r['overrides'].items()) or 'base'
     auc = '—' if m['auc'] is None else f'{m["auc"]:.3f}'
-    cells = [str(r['index']), over, pct(m['accuracy']),
-             pct(m['balanced_accuracy']), auc,
-             pct(m['lungs_hidden_accuracy']), pct(m['lungs_only_accuracy']),
-             pct(m['attention_lung_share']),
-             f'{r["shortcut_flags"]}/{len(r["seeds"])}',
-             pct(r['teacher_val_accuracy']), str(r['minutes'])]
+    cells = [
+        str(r['index']),
+        over,
+        pct(m['accuracy']),
+        pct(m['balanced_accuracy']),
+        auc,
+        pct(m['lungs_hidden_accuracy']),
+        pct(m['lungs_only_accuracy']),
+        pct(m['attention_lung_share']),
+        f'{r["shortcut_flags"]}/{len(r["seeds"])}',
+        pct(r['teacher_val_accuracy']),
+        str(r['minutes']),
+    ]
     lines.append('| ' + ' | '.join(cells) + ' |')
-  lines += ['', 'Means over seeds, in %. Lungs hidden / only: validation '
-            'accuracy with the central lung box masked / kept alone; a '
-            'high "lungs hidden" is a shortcut '
-            '(drpl_jax/evaluation/probes.py). Choose '
-            'border-related settings by these columns, not by accuracy '
-            'alone.', '']
+  lines += [
+      '',
+      'Means over seeds, in %. Lungs hidden / only: validation '
+      'accuracy with the central lung box masked / kept alone; a '
+      'high "lungs hidden" is a shortcut '
+      '(drpl_jax/evaluation/probes.py). Choose '
+      'border-related settings by these columns, not by accuracy '
+      'alone.',
+      '',
+  ]
   return '\n'.join(lines)
 
 
-def run_sweep(spec: str, base: ml_collections.ConfigDict,
-              base_sets: Sequence[tuple[str, Any]], sweeps: Sequence[str],
-              *, workdir: str, grid: bool, steps: int | None, seeds: int,
-              command: str) -> str:
+def run_sweep(
+    spec: str,
+    base: ml_collections.ConfigDict,
+    base_sets: Sequence[tuple[str, Any]],
+    sweeps: Sequence[str],
+    *,
+    workdir: str,
+    grid: bool,
+    steps: int | None,
+    seeds: int,
+    command: str,
+) -> str:
   """Trains and evaluates every candidate; returns the path of sweep.md.
 
   `base` is the config of `spec` with the `base_sets` overrides applied;
@@ -282,8 +364,11 @@ def run_sweep(spec: str, base: ml_collections.ConfigDict,
       set_key(trial, key, value)
   results = []
   for i, overrides in enumerate(candidates(parsed, grid)):
-    results.append(run_candidate(spec, base, base_sets, overrides, i,
-                                 workdir, steps, seeds))
+    results.append(
+        run_candidate(
+            spec, base, base_sets, overrides, i, workdir, steps, seeds
+        )
+    )
     _write(workdir, results, command, base.data.eval_split)
   return os.fspath(epath.Path(workdir) / 'sweep.md')
 
@@ -292,9 +377,14 @@ def _write(workdir: str, results, command: str, split: str) -> None:
   """Rewrites WORKDIR/sweep.json and sweep.md (each atomically)."""
   out = epath.Path(workdir)
   out.mkdir(parents=True, exist_ok=True)
-  files.atomic_write(out / 'sweep.json', json.dumps(
-      {'command': command, 'split': split, 'candidates': results}, indent=1,
-      default=str))
+  files.atomic_write(
+      out / 'sweep.json',
+      json.dumps(
+          {'command': command, 'split': split, 'candidates': results},
+          indent=1,
+          default=str,
+      ),
+  )
   files.atomic_write(out / 'sweep.md', markdown(results, command, split))
 
 
@@ -309,16 +399,22 @@ def _define_flags() -> None:
   from ml_collections import config_flags
   # pylint: enable=g-import-not-at-top
   config_flags.DEFINE_config_file(
-      'config', None, 'FILE[:ARGS]; --config.KEY=VALUE changes the base of '
-      'every candidate.')
-  cli.define_workdir('The sweep\'s directory (run).', required=False)
+      'config',
+      None,
+      'FILE[:ARGS]; --config.KEY=VALUE changes the base of ' 'every candidate.',
+  )
+  cli.define_workdir("The sweep's directory (run).", required=False)
   flags.DEFINE_multi_string('sweep', [], 'KEY=V1|V2|... (run; repeatable).')
-  flags.DEFINE_bool('grid', False, 'All combinations (run; default: one '
-                    'factor at a time).')
-  flags.DEFINE_integer('steps', None, 'Training steps of every candidate '
-                       "(run; default: the config's).")
+  flags.DEFINE_bool(
+      'grid', False, 'All combinations (run; default: one ' 'factor at a time).'
+  )
+  flags.DEFINE_integer(
+      'steps',
+      None,
+      'Training steps of every candidate ' "(run; default: the config's).",
+  )
   flags.DEFINE_integer('seeds', 1, 'Seeds per candidate (run).')
-  flags.DEFINE_string('out', None, 'The teacher\'s output file (teacher).')
+  flags.DEFINE_string('out', None, "The teacher's output file (teacher).")
   flags.mark_flags_as_required(['config'])
 
 
@@ -329,21 +425,31 @@ def main(argv: Sequence[str]) -> int:
   # pylint: enable=g-import-not-at-top
   f = flags.FLAGS
   if len(argv) != 2 or argv[1] not in SUBCOMMANDS:
-    raise cli.UserError(f'expected one subcommand of {SUBCOMMANDS}, got '
-                        f'{list(argv[1:])}')
+    raise cli.UserError(
+        f'expected one subcommand of {SUBCOMMANDS}, got ' f'{list(argv[1:])}'
+    )
   spec = config_flags.get_config_filename(f['config'])
   base_sets = list(config_flags.get_override_values(f['config']).items())
   if argv[1] == 'teacher':
     if not f.out:
       raise cli.UserError('teacher needs --out FILE.safetensors')
-    return subprocess.run(teacher_argv(spec, f.config, base_sets,
-                                       f.out)).returncode
+    return subprocess.run(
+        teacher_argv(spec, f.config, base_sets, f.out)
+    ).returncode
   if not f.workdir:
     raise cli.UserError('run needs --workdir DIR')
   command = 'python -m drpl_jax.sweep ' + ' '.join(sys.argv[1:])
-  path = run_sweep(spec, f.config, base_sets, f.sweep, workdir=f.workdir,
-                   grid=f.grid, steps=f.steps, seeds=f.seeds,
-                   command=command)
+  path = run_sweep(
+      spec,
+      f.config,
+      base_sets,
+      f.sweep,
+      workdir=f.workdir,
+      grid=f.grid,
+      steps=f.steps,
+      seeds=f.seeds,
+      command=command,
+  )
   print(f'wrote {path}')
   return 0
 

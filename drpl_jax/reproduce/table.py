@@ -29,17 +29,27 @@ from drpl_jax.utils import files
 def load_report(path: str) -> dict[str, Any]:
   """A run's report.json, checked for the keys the table reads."""
   report = read_json(path, 'report')
-  need = ('accuracy', 'class_names', 'per_class', 'macro',
-          'confusion_matrix', 'ci95', 'num_examples')
+  need = (
+      'accuracy',
+      'class_names',
+      'per_class',
+      'macro',
+      'confusion_matrix',
+      'ci95',
+      'num_examples',
+  )
   missing = [k for k in need if not isinstance(report, dict) or k not in report]
   if missing:
-    raise ValueError(f'report {path} lacks {missing}; is it a report.json '
-                     'of drpl_jax.evaluation.evaluate?')
+    raise ValueError(
+        f'report {path} lacks {missing}; is it a report.json '
+        'of drpl_jax.evaluation.evaluate?'
+    )
   return report
 
 
-def macro_f1_interval(confusion: Sequence[Sequence[int]], n_bootstrap: int,
-                      seed: int) -> list[float] | None:
+def macro_f1_interval(
+    confusion: Sequence[Sequence[int]], n_bootstrap: int, seed: int
+) -> list[float] | None:
   """Bootstrap 95% interval of the macro F1, resampling test images.
 
   report.json has no interval for the macro F1; the confusion matrix holds
@@ -48,6 +58,7 @@ def macro_f1_interval(confusion: Sequence[Sequence[int]], n_bootstrap: int,
   """
   import numpy as np  # pylint: disable=g-import-not-at-top
   from drpl_jax.evaluation import metrics  # pylint: disable=g-import-not-at-top
+
   cm = np.asarray(confusion, np.int64)
   num = cm.shape[0]
   if n_bootstrap <= 0 or cm.sum() == 0:
@@ -55,7 +66,8 @@ def macro_f1_interval(confusion: Sequence[Sequence[int]], n_bootstrap: int,
   labels = np.repeat(np.arange(num), cm.sum(axis=1))
   preds = np.concatenate([np.repeat(np.arange(num), row) for row in cm])
   cms = metrics.bootstrap_confusion_matrices(
-      labels, preds, num, n_bootstrap=n_bootstrap, seed=seed)  # [R, C, C]
+      labels, preds, num, n_bootstrap=n_bootstrap, seed=seed
+  )  # [R, C, C]
   tp = np.diagonal(cms, axis1=1, axis2=2)  # [R, C]
   denom = cms.sum(axis=2) + cms.sum(axis=1)  # 2tp + fn + fp
   f1 = np.where(denom > 0, 2 * tp / np.where(denom > 0, denom, 1), np.nan)
@@ -69,22 +81,38 @@ def summarise(report: Mapping[str, Any]) -> dict[str, tuple[Any, Any]]:
   """The table's metrics of one report: {column: (value, [lo, hi] | None)}."""
   ci = report['ci95']
   covid = paper.covid_class(report['class_names'])
-  rates = {k: ((report['per_class'][covid][k],
-                ci.get('per_class', {}).get(covid, {}).get(k))
-               if covid else (None, None))
-           for k in ('sensitivity', 'specificity')}
-  return {'accuracy': (report['accuracy'], ci.get('accuracy')),
-          'covid_sensitivity': rates['sensitivity'],
-          'covid_specificity': rates['specificity'],
-          'macro_f1': (report['macro'].get('f1'), macro_f1_interval(
-              report['confusion_matrix'], int(ci.get('n_bootstrap', 1000)),
-              int(ci.get('seed', 0))))}
+  rates = {
+      k: (
+          (
+              report['per_class'][covid][k],
+              ci.get('per_class', {}).get(covid, {}).get(k),
+          )
+          if covid
+          else (None, None)
+      )
+      for k in ('sensitivity', 'specificity')
+  }
+  return {
+      'accuracy': (report['accuracy'], ci.get('accuracy')),
+      'covid_sensitivity': rates['sensitivity'],
+      'covid_specificity': rates['specificity'],
+      'macro_f1': (
+          report['macro'].get('f1'),
+          macro_f1_interval(
+              report['confusion_matrix'],
+              int(ci.get('n_bootstrap', 1000)),
+              int(ci.get('seed', 0)),
+          ),
+      ),
+  }
 
 
-COLUMNS = {'accuracy': 'Accuracy',
-           'covid_sensitivity': 'COVID-19 accuracy (= sensitivity)',
-           'covid_specificity': 'COVID-19 specificity',
-           'macro_f1': 'Macro F1'}
+COLUMNS = {
+    'accuracy': 'Accuracy',
+    'covid_sensitivity': 'COVID-19 accuracy (= sensitivity)',
+    'covid_specificity': 'COVID-19 specificity',
+    'macro_f1': 'Macro F1',
+}
 
 
 def _pct(x: float | None) -> str:
@@ -99,6 +127,7 @@ def _cell(value: float | None, interval: Sequence[float] | None) -> str:
 
 def _mean_std(values: Sequence[float | None]) -> str:
   import numpy as np  # pylint: disable=g-import-not-at-top
+
   got = [v for v in values if v is not None]
   if len(got) < 2:
     return '—'
@@ -115,55 +144,87 @@ def _duration(seconds: float | None) -> str:
 def machine() -> str:
   """This machine: host, CPUs, JAX devices (where the table is written)."""
   import jax  # pylint: disable=g-import-not-at-top
+
   devices = jax.devices()
-  return (f'{socket.gethostname()}, {os.cpu_count()} CPUs, JAX '
-          f'{jax.__version__}, {len(devices)} {jax.default_backend()} '
-          f'device(s) ({", ".join(sorted({d.device_kind for d in devices}))})')
+  return (
+      f'{socket.gethostname()}, {os.cpu_count()} CPUs, JAX '
+      f'{jax.__version__}, {len(devices)} {jax.default_backend()} '
+      f'device(s) ({", ".join(sorted({d.device_kind for d in devices}))})'
+  )
 
 
 def _row(cells: Sequence[str]) -> str:
   return '| ' + ' | '.join(cells) + ' |'
 
 
-def _rows(settings: Settings, reports: Mapping[tuple[str, int], Any],
-          seconds: Mapping[str, float]) -> list[str]:
+def _rows(
+    settings: Settings,
+    reports: Mapping[tuple[str, int], Any],
+    seconds: Mapping[str, float],
+) -> list[str]:
   head = ['Preset', 'Seed', *COLUMNS.values(), 'Step', 'Time']
   lines = [_row(head), '|' + '---|' * len(head)]
   for preset in settings.presets:
     summaries = [summarise(reports[preset, s]) for s in settings.seeds]
     for seed, summary in zip(settings.seeds, summaries):
-      lines.append(_row(
-          [preset, str(seed)] + [_cell(*summary[k]) for k in COLUMNS] +
-          [str(reports[preset, seed].get('checkpoint_step', '—')),
-           _duration(seconds.get(run_step_name(preset, seed)))]))
+      lines.append(
+          _row(
+              [preset, str(seed)]
+              + [_cell(*summary[k]) for k in COLUMNS]
+              + [
+                  str(reports[preset, seed].get('checkpoint_step', '—')),
+                  _duration(seconds.get(run_step_name(preset, seed))),
+              ]
+          )
+      )
     if len(settings.seeds) > 1:
-      lines.append(_row(
-          [f'**{preset}**', f'mean ± std ({len(settings.seeds)})'] +
-          [_mean_std([s[k][0] for s in summaries]) for k in COLUMNS] +
-          ['', '']))
+      lines.append(
+          _row(
+              [f'**{preset}**', f'mean ± std ({len(settings.seeds)})']
+              + [_mean_std([s[k][0] for s in summaries]) for k in COLUMNS]
+              + ['', '']
+          )
+      )
   teacher = teacher_report(reports)
   if teacher is not None:
     summary = summarise(teacher)
-    lines.append(_row(
-        [f'teacher ({settings.teacher_arch})', '—'] +
-        [_cell(*summary[k]) for k in COLUMNS] +
-        ['—', _duration(seconds.get('teacher'))]))
-  lines.append(_row(
-      [f'Paper ({paper.PAPER_CITATION}), reported', '—',
-       f'{100 * paper.PAPER_AVERAGE_ACCURACY:.2f}',
-       f'{100 * paper.PAPER_COVID_ACCURACY:.2f}'] + ['—'] * 4))
+    lines.append(
+        _row(
+            [f'teacher ({settings.teacher_arch})', '—']
+            + [_cell(*summary[k]) for k in COLUMNS]
+            + ['—', _duration(seconds.get('teacher'))]
+        )
+    )
+  lines.append(
+      _row(
+          [
+              f'Paper ({paper.PAPER_CITATION}), reported',
+              '—',
+              f'{100 * paper.PAPER_AVERAGE_ACCURACY:.2f}',
+              f'{100 * paper.PAPER_COVID_ACCURACY:.2f}',
+          ]
+          + ['—'] * 4
+      )
+  )
   return lines
 
 
-def teacher_report(reports: Mapping[tuple[str, int], Any]
-                   ) -> dict[str, Any] | None:
+def teacher_report(
+    reports: Mapping[tuple[str, int], Any],
+) -> dict[str, Any] | None:
   """The shared teacher's test report (from the first distilled run).
 
   Every distilled run evaluates the same teacher on the same test split;
   None when no report has a teacher entry with intervals (older reports).
   """
-  need = ('accuracy', 'class_names', 'per_class', 'macro',
-          'confusion_matrix', 'ci95')
+  need = (
+      'accuracy',
+      'class_names',
+      'per_class',
+      'macro',
+      'confusion_matrix',
+      'ci95',
+  )
   for report in reports.values():
     t = report.get('teacher')
     if t and all(k in t for k in need):
@@ -171,76 +232,107 @@ def teacher_report(reports: Mapping[tuple[str, int], Any]
   return None
 
 
-def _notes(settings: Settings, paths: Paths,
-           reports: Mapping[tuple[str, int], Any]) -> list[str]:
+def _notes(
+    settings: Settings, paths: Paths, reports: Mapping[tuple[str, int], Any]
+) -> list[str]:
   first = next(iter(reports.values()))
   names, ci = list(first['class_names']), first['ci95']
   lines = [
       f'Settings: {settings.describe()}. Every preset has the same data, '
       'split, steps, seeds and recipe; only the preset differs (the ViT '
       'baseline has no teacher). Evaluated once: the last checkpoint on the '
-      f'test split ({first["num_examples"]} images: {", ".join(names)}).', '',
+      f'test split ({first["num_examples"]} images: {", ".join(names)}).',
+      '',
       'Values in %; brackets: percentile bootstrap 95% interval over test '
       f'{ci.get("resampling", "image")}s ({ci.get("n_bootstrap")} resamples, '
       'from report.json; the macro F1 one is bootstrapped here from the '
       'confusion matrix, by image). mean ± std: over seeds (sample std). '
       'COVID-19 accuracy is read as the COVID-19 sensitivity (recall); the '
-      'paper does not define it.', '']
+      'paper does not define it.',
+      '',
+  ]
   if tuple(names) != paper.PAPER_CLASSES:
-    lines += [f'**Not comparable with the paper:** its figures are 4-class '
-              f'({", ".join(paper.PAPER_CLASSES)}); this run has {len(names)} '
-              f'classes.', '']
+    lines += [
+        f'**Not comparable with the paper:** its figures are 4-class '
+        f'({", ".join(paper.PAPER_CLASSES)}); this run has {len(names)} '
+        f'classes.',
+        '',
+    ]
   else:
-    lines += ['Same four classes as the paper, but not its split (it '
-              'publishes none) nor, necessarily, its recipe: read '
-              'docs/reproduction.md before comparing.', '']
+    lines += [
+        'Same four classes as the paper, but not its split (it '
+        'publishes none) nor, necessarily, its recipe: read '
+        'docs/reproduction.md before comparing.',
+        '',
+    ]
   if len(settings.presets) > 1:
     lines += [_spread(settings, reports), '']
   teacher = [r['teacher'] for r in reports.values() if r.get('teacher')]
   if teacher:
     meta = epath.Path(os.path.splitext(paths.teacher)[0] + '.json')
-    val = (json.loads(meta.read_text())['validation']['accuracy']
-           if meta.exists() else None)
-    lines += [f'Teacher: {teacher[0]["description"]}; validation accuracy '
-              f'{_pct(val)}, test accuracy {_pct(teacher[0]["accuracy"])}.',
-              '']
+    val = (
+        json.loads(meta.read_text())['validation']['accuracy']
+        if meta.exists()
+        else None
+    )
+    lines += [
+        f'Teacher: {teacher[0]["description"]}; validation accuracy '
+        f'{_pct(val)}, test accuracy {_pct(teacher[0]["accuracy"])}.',
+        '',
+    ]
   return lines
 
 
-def _spread(settings: Settings,
-            reports: Mapping[tuple[str, int], Any]) -> str:
+def _spread(settings: Settings, reports: Mapping[tuple[str, int], Any]) -> str:
   """The presets' spread in accuracy beside the width of one interval."""
   import numpy as np  # pylint: disable=g-import-not-at-top
-  means = [np.mean([reports[p, s]['accuracy'] for s in settings.seeds])
-           for p in settings.presets]
-  widths = [r['ci95']['accuracy'][1] - r['ci95']['accuracy'][0]
-            for r in reports.values() if r['ci95'].get('accuracy')]
+
+  means = [
+      np.mean([reports[p, s]['accuracy'] for s in settings.seeds])
+      for p in settings.presets
+  ]
+  widths = [
+      r['ci95']['accuracy'][1] - r['ci95']['accuracy'][0]
+      for r in reports.values()
+      if r['ci95'].get('accuracy')
+  ]
   width = f'{100 * np.median(widths):.1f}' if widths else '—'
-  return (f'The presets\' mean accuracies span {100 * np.ptp(means):.1f} '
-          f'points; the 95% interval of one run is {width} points wide '
-          '(median). All runs share one test set: a difference smaller than '
-          'that width is no evidence that one preset is better.')
+  return (
+      f"The presets' mean accuracies span {100 * np.ptp(means):.1f} "
+      f'points; the 95% interval of one run is {width} points wide '
+      '(median). All runs share one test set: a difference smaller than '
+      'that width is no evidence that one preset is better.'
+  )
 
 
-def _run_lines(plan: Mapping[str, Any], steps: Sequence[str],
-               timings: Mapping[str, Any]) -> list[str]:
+def _run_lines(
+    plan: Mapping[str, Any], steps: Sequence[str], timings: Mapping[str, Any]
+) -> list[str]:
   seconds = {k: v['seconds'] for k, v in timings.items()}
   runs = sum(v for k, v in seconds.items() if k.startswith('run-'))
   hosts = sorted({a['host'] for t in timings.values() for a in t['attempts']})
-  lines = ['## Run', '',
-           f'- Command: `{plan.get("command")}` (launcher: '
-           f'{plan.get("launcher")})',
-           f'- Wall time: {_duration(sum(seconds.values()))} in all (prepare '
-           f'{_duration(seconds.get("prepare"))}, teacher '
-           f'{_duration(seconds.get("teacher"))}, {len(steps) - 2} '
-           f'train+eval runs {_duration(runs)}), from WORKDIR/timings/ '
-           '(every attempt of a step counts).']
+  lines = [
+      '## Run',
+      '',
+      f'- Command: `{plan.get("command")}` (launcher: '
+      f'{plan.get("launcher")})',
+      f'- Wall time: {_duration(sum(seconds.values()))} in all (prepare '
+      f'{_duration(seconds.get("prepare"))}, teacher '
+      f'{_duration(seconds.get("teacher"))}, {len(steps) - 2} '
+      f'train+eval runs {_duration(runs)}), from WORKDIR/timings/ '
+      '(every attempt of a step counts).',
+  ]
   missing = [k for k in steps if k not in seconds]
   if missing:
-    lines.append(f'- No timing for: {", ".join(missing)} (done outside '
-                 'this script, or given with --teacher).')
-  return lines + [f'- Steps launched from: {", ".join(hosts) or "?"}; '
-                  f'table written on: {machine()}.', '']
+    lines.append(
+        f'- No timing for: {", ".join(missing)} (done outside '
+        'this script, or given with --teacher).'
+    )
+  return lines + [
+      f'- Steps launched from: {", ".join(hosts) or "?"}; '
+      f'table written on: {machine()}.',
+      '',
+  ]
 
 
 def settings_from_plan(plan: Mapping[str, Any]) -> Settings:
@@ -255,23 +347,34 @@ def write_table(workdir: str, out: str = '') -> str:
   The runs are those of WORKDIR/reproduce.json. A missing or unreadable
   report is an error naming the file.
   """
-  plan = read_json(os.path.join(workdir, 'reproduce.json'),
-                    'plan (written by launch/reproduce_paper.sh)')
+  plan = read_json(
+      os.path.join(workdir, 'reproduce.json'),
+      'plan (written by launch/reproduce_paper.sh)',
+  )
   settings = settings_from_plan(plan)
   paths = dataclasses.replace(Paths(**plan['paths']), workdir=workdir)
-  reports = {(p, s): load_report(paths.report(p, s))
-             for p in settings.presets for s in settings.seeds}
+  reports = {
+      (p, s): load_report(paths.report(p, s))
+      for p in settings.presets
+      for s in settings.seeds
+  }
   steps = ['prepare', 'teacher'] + [run_step_name(p, s) for p, s in reports]
-  timings = {s: read_json(paths.timing(s), 'timing') for s in steps
-             if epath.Path(paths.timing(s)).exists()}
+  timings = {
+      s: read_json(paths.timing(s), 'timing')
+      for s in steps
+      if epath.Path(paths.timing(s)).exists()
+  }
   title = {
       'sample': 'DRPL-ViT ablation on the COVID-19 Radiography sample',
       'cxr2k5': 'DRPL-ViT ablation on 2,579 COVID-19 Radiography images',
-  }.get(settings.mode,
-        'DRPL-ViT on the COVID-19 Radiography Database (paper protocol)')
+  }.get(
+      settings.mode,
+      'DRPL-ViT on the COVID-19 Radiography Database (paper protocol)',
+  )
   lines = [f'# {title}{" (smoke test)" if settings.smoke else ""}', '']
-  lines += _rows(settings, reports,
-                 {k: v['seconds'] for k, v in timings.items()}) + ['']
+  lines += _rows(
+      settings, reports, {k: v['seconds'] for k, v in timings.items()}
+  ) + ['']
   lines += _notes(settings, paths, reports) + _run_lines(plan, steps, timings)
   out = out or paths.extra()['table']
   epath.Path(out).parent.mkdir(parents=True, exist_ok=True)

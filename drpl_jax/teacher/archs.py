@@ -27,19 +27,21 @@ TEACHER_ARCHS: dict[str, ArchSpec] = {
     'densenet161': DenseNetSpec(48, (6, 12, 36, 24), 96),
     'densenet169': DenseNetSpec(32, (6, 12, 32, 32), 64),
     'densenet201': DenseNetSpec(32, (6, 12, 48, 32), 64),
-    **{f'regnet_y_{name}': RegNetSpec(depths, widths, (group_width,) * 4)
-       for name, (depths, widths, group_width) in {
-           # torchvision's RegNetY: blocks and widths of the 4 stages, and
-           # the group width that all four share.
-           '400mf': ((1, 3, 6, 6), (48, 104, 208, 440), 8),
-           '800mf': ((1, 3, 8, 2), (64, 144, 320, 784), 16),
-           '1_6gf': ((2, 6, 17, 2), (48, 120, 336, 888), 24),
-           '3_2gf': ((2, 5, 13, 1), (72, 216, 576, 1512), 24),
-           '8gf': ((2, 4, 10, 1), (224, 448, 896, 2016), 56),
-           '16gf': ((2, 4, 11, 1), (224, 448, 1232, 3024), 112),
-           '32gf': ((2, 5, 12, 1), (232, 696, 1392, 3712), 232),
-           '128gf': ((2, 7, 17, 1), (528, 1056, 2904, 7392), 264),
-       }.items()},
+    **{
+        f'regnet_y_{name}': RegNetSpec(depths, widths, (group_width,) * 4)
+        for name, (depths, widths, group_width) in {
+            # torchvision's RegNetY: blocks and widths of the 4 stages, and
+            # the group width that all four share.
+            '400mf': ((1, 3, 6, 6), (48, 104, 208, 440), 8),
+            '800mf': ((1, 3, 8, 2), (64, 144, 320, 784), 16),
+            '1_6gf': ((2, 6, 17, 2), (48, 120, 336, 888), 24),
+            '3_2gf': ((2, 5, 13, 1), (72, 216, 576, 1512), 24),
+            '8gf': ((2, 4, 10, 1), (224, 448, 896, 2016), 56),
+            '16gf': ((2, 4, 11, 1), (224, 448, 1232, 3024), 112),
+            '32gf': ((2, 5, 12, 1), (232, 696, 1392, 3712), 232),
+            '128gf': ((2, 7, 17, 1), (528, 1056, 2904, 7392), 264),
+        }.items()
+    },
 }
 
 Teacher = ResNet | DenseNet | RegNet

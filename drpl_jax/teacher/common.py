@@ -117,7 +117,10 @@ def linear(
 ) -> nnx.Linear:
   """A Linear layer (kernel [in, out], the transpose of PyTorch's)."""
   return nnx.Linear(
-      in_features, out_features, dtype=dtype, param_dtype=jnp.float32,
+      in_features,
+      out_features,
+      dtype=dtype,
+      param_dtype=jnp.float32,
       rngs=rngs,
   )
 
@@ -137,11 +140,20 @@ def conv_bn(
   A list so that parameter paths read `stem.0.kernel`, `stem.1.scale` like
   the state-dict keys `stem.0.weight`, `stem.1.weight`.
   """
-  return nnx.List([
-      conv(in_features, out_features, kernel, stride=stride, groups=groups,
-           dtype=dtype, rngs=rngs),
-      batch_norm(out_features, dtype=dtype, rngs=rngs),
-  ])
+  return nnx.List(
+      [
+          conv(
+              in_features,
+              out_features,
+              kernel,
+              stride=stride,
+              groups=groups,
+              dtype=dtype,
+              rngs=rngs,
+          ),
+          batch_norm(out_features, dtype=dtype, rngs=rngs),
+      ]
+  )
 
 
 def apply_conv_bn(layers: nnx.List, x: jax.Array, *, relu: bool) -> jax.Array:

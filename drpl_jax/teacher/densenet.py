@@ -33,8 +33,15 @@ class DenseNetSpec:
 class DenseLayer(nnx.Module):
   """norm1-relu-conv1 (1x1 to bn_size*growth) then norm2-relu-conv2 (3x3)."""
 
-  def __init__(self, in_features: int, growth_rate: int, bn_size: int, *,
-               dtype: jnp.dtype, rngs: nnx.Rngs):
+  def __init__(
+      self,
+      in_features: int,
+      growth_rate: int,
+      bn_size: int,
+      *,
+      dtype: jnp.dtype,
+      rngs: nnx.Rngs,
+  ):
     kw = dict(dtype=dtype, rngs=rngs)
     inner = bn_size * growth_rate
     self.norm1 = common.batch_norm(in_features, **kw)
@@ -50,12 +57,25 @@ class DenseLayer(nnx.Module):
 class DenseBlock(nnx.Module):
   """`num_layers` dense layers named denselayer1..N; output concatenated."""
 
-  def __init__(self, num_layers: int, in_features: int, growth_rate: int,
-               bn_size: int, *, dtype: jnp.dtype, rngs: nnx.Rngs):
+  def __init__(
+      self,
+      num_layers: int,
+      in_features: int,
+      growth_rate: int,
+      bn_size: int,
+      *,
+      dtype: jnp.dtype,
+      rngs: nnx.Rngs,
+  ):
     self.num_layers = num_layers
     for i in range(num_layers):
-      layer = DenseLayer(in_features + i * growth_rate, growth_rate, bn_size,
-                         dtype=dtype, rngs=rngs)
+      layer = DenseLayer(
+          in_features + i * growth_rate,
+          growth_rate,
+          bn_size,
+          dtype=dtype,
+          rngs=rngs,
+      )
       setattr(self, f'denselayer{i + 1}', layer)
 
   def __call__(self, x: jax.Array) -> jax.Array:
@@ -69,32 +89,38 @@ class DenseBlock(nnx.Module):
 class Transition(nnx.Module):
   """norm-relu-conv1x1 (halves the channels) then avg-pool 2x2/2."""
 
-  def __init__(self, in_features: int, out_features: int, *,
-               dtype: jnp.dtype, rngs: nnx.Rngs):
+  def __init__(
+      self,
+      in_features: int,
+      out_features: int,
+      *,
+      dtype: jnp.dtype,
+      rngs: nnx.Rngs,
+  ):
     self.norm = common.batch_norm(in_features, dtype=dtype, rngs=rngs)
-    self.conv = common.conv(in_features, out_features, 1, dtype=dtype,
-                            rngs=rngs)
+    self.conv = common.conv(
+        in_features, out_features, 1, dtype=dtype, rngs=rngs
+    )
 
   def __call__(self, x: jax.Array) -> jax.Array:
     x = self.conv(jax.nn.relu(self.norm(x)))
     # PyTorch AvgPool2d(2, 2): no padding, odd trailing row/column dropped.
-    return nnx.avg_pool(x, window_shape=(2, 2), strides=(2, 2),
-                        padding='VALID')
+    return nnx.avg_pool(x, window_shape=(2, 2), strides=(2, 2), padding='VALID')
 
 
 class DenseNetFeatures(nnx.Module):
   """torchvision's `DenseNet.features` (stem, blocks, transitions, norm5)."""
 
-  def __init__(self, spec: DenseNetSpec, *, dtype: jnp.dtype,
-               rngs: nnx.Rngs):
+  def __init__(self, spec: DenseNetSpec, *, dtype: jnp.dtype, rngs: nnx.Rngs):
     kw = dict(dtype=dtype, rngs=rngs)
     width = spec.num_init_features
     self.conv0 = common.conv(3, width, 7, stride=2, padding=3, **kw)
     self.norm0 = common.batch_norm(width, **kw)
     self.num_blocks = len(spec.block_config)
     for i, num_layers in enumerate(spec.block_config):
-      block = DenseBlock(num_layers, width, spec.growth_rate, spec.bn_size,
-                         **kw)
+      block = DenseBlock(
+          num_layers, width, spec.growth_rate, spec.bn_size, **kw
+      )
       setattr(self, f'denseblock{i + 1}', block)
       width += num_layers * spec.growth_rate
       if i != self.num_blocks - 1:
@@ -116,8 +142,9 @@ class DenseNetFeatures(nnx.Module):
 class DenseNet(common.TeacherCNN):
   """A torchvision DenseNet in inference mode; takes images in [0, 1]."""
 
-  def __init__(self, spec: DenseNetSpec, cfg: common.TeacherConfig, *,
-               rngs: nnx.Rngs):
+  def __init__(
+      self, spec: DenseNetSpec, cfg: common.TeacherConfig, *, rngs: nnx.Rngs
+  ):
     super().__init__(cfg)
     dtype = jnp.dtype(cfg.dtype)
     self.features = DenseNetFeatures(spec, dtype=dtype, rngs=rngs)

@@ -86,8 +86,12 @@ def torch_teacher(
     module(images [B, H, W, 3] in [0, 1]) -> logits [B, num_classes] float32.
   """
   cfg = teacher_lib.TeacherConfig(
-      arch=arch, num_classes=num_classes, image_size=image_size,
-      mean=tuple(mean), std=tuple(std), dtype=dtype,
+      arch=arch,
+      num_classes=num_classes,
+      image_size=image_size,
+      mean=tuple(mean),
+      std=tuple(std),
+      dtype=dtype,
   )
   if checkpoint is None:
     module = teacher_lib.abstract_teacher(cfg)

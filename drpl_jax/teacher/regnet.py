@@ -40,8 +40,9 @@ class RegNetSpec:
 class SqueezeExcitation(nnx.Module):
   """Global pool, 1x1 conv (bias) + ReLU, 1x1 conv (bias) + sigmoid, scale."""
 
-  def __init__(self, channels: int, squeeze: int, *, dtype: jnp.dtype,
-               rngs: nnx.Rngs):
+  def __init__(
+      self, channels: int, squeeze: int, *, dtype: jnp.dtype, rngs: nnx.Rngs
+  ):
     kw = dict(use_bias=True, dtype=dtype, rngs=rngs)
     self.fc1 = common.conv(channels, squeeze, 1, **kw)
     self.fc2 = common.conv(squeeze, channels, 1, **kw)
@@ -55,9 +56,17 @@ class SqueezeExcitation(nnx.Module):
 class BottleneckTransform(nnx.Module):
   """a: 1x1, b: grouped 3x3 (stride), se, c: 1x1 without activation."""
 
-  def __init__(self, width_in: int, width_out: int, stride: int,
-               group_width: int, spec: RegNetSpec, *, dtype: jnp.dtype,
-               rngs: nnx.Rngs):
+  def __init__(
+      self,
+      width_in: int,
+      width_out: int,
+      stride: int,
+      group_width: int,
+      spec: RegNetSpec,
+      *,
+      dtype: jnp.dtype,
+      rngs: nnx.Rngs,
+  ):
     kw = dict(dtype=dtype, rngs=rngs)
     w_b = int(round(width_out * spec.bottleneck_multiplier))
     groups = w_b // group_width
@@ -65,9 +74,7 @@ class BottleneckTransform(nnx.Module):
     self.b = common.conv_bn(w_b, w_b, 3, stride=stride, groups=groups, **kw)
     # The SE width is relative to the block's input width (torchvision).
     squeeze = int(round(spec.se_ratio * width_in))
-    self.se = (
-        SqueezeExcitation(w_b, squeeze, **kw) if spec.se_ratio else None
-    )
+    self.se = SqueezeExcitation(w_b, squeeze, **kw) if spec.se_ratio else None
     self.c = common.conv_bn(w_b, width_out, 1, **kw)
 
   def __call__(self, x: jax.Array) -> jax.Array:
@@ -81,17 +88,27 @@ class BottleneckTransform(nnx.Module):
 class ResBottleneckBlock(nnx.Module):
   """relu(proj(x) + f(x)); proj is a 1x1 conv + BN when the shape changes."""
 
-  def __init__(self, width_in: int, width_out: int, stride: int,
-               group_width: int, spec: RegNetSpec, *, dtype: jnp.dtype,
-               rngs: nnx.Rngs):
+  def __init__(
+      self,
+      width_in: int,
+      width_out: int,
+      stride: int,
+      group_width: int,
+      spec: RegNetSpec,
+      *,
+      dtype: jnp.dtype,
+      rngs: nnx.Rngs,
+  ):
     kw = dict(dtype=dtype, rngs=rngs)
     needs_proj = width_in != width_out or stride != 1
     self.proj = (
         common.conv_bn(width_in, width_out, 1, stride=stride, **kw)
-        if needs_proj else None
+        if needs_proj
+        else None
     )
-    self.f = BottleneckTransform(width_in, width_out, stride, group_width,
-                                 spec, **kw)
+    self.f = BottleneckTransform(
+        width_in, width_out, stride, group_width, spec, **kw
+    )
 
   def __call__(self, x: jax.Array) -> jax.Array:
     shortcut = x
@@ -103,14 +120,29 @@ class ResBottleneckBlock(nnx.Module):
 class AnyStage(nnx.Module):
   """One stage: blocks named `block{stage}-{i}` as in torchvision."""
 
-  def __init__(self, stage: int, width_in: int, width_out: int, depth: int,
-               group_width: int, spec: RegNetSpec, *, dtype: jnp.dtype,
-               rngs: nnx.Rngs):
+  def __init__(
+      self,
+      stage: int,
+      width_in: int,
+      width_out: int,
+      depth: int,
+      group_width: int,
+      spec: RegNetSpec,
+      *,
+      dtype: jnp.dtype,
+      rngs: nnx.Rngs,
+  ):
     self.block_names = tuple(f'block{stage}-{i}' for i in range(depth))
     for i, name in enumerate(self.block_names):
       block = ResBottleneckBlock(
-          width_in if i == 0 else width_out, width_out, 2 if i == 0 else 1,
-          group_width, spec, dtype=dtype, rngs=rngs)
+          width_in if i == 0 else width_out,
+          width_out,
+          2 if i == 0 else 1,
+          group_width,
+          spec,
+          dtype=dtype,
+          rngs=rngs,
+      )
       setattr(self, name, block)
 
   def __call__(self, x: jax.Array) -> jax.Array:
@@ -127,9 +159,20 @@ class TrunkOutput(nnx.Module):
     self.num_stages = len(spec.depths)
     stages = zip(spec.depths, spec.widths, spec.group_widths)
     for i, (depth, width_out, group_width) in enumerate(stages):
-      setattr(self, f'block{i + 1}',
-              AnyStage(i + 1, width, width_out, depth, group_width, spec,
-                       dtype=dtype, rngs=rngs))
+      setattr(
+          self,
+          f'block{i + 1}',
+          AnyStage(
+              i + 1,
+              width,
+              width_out,
+              depth,
+              group_width,
+              spec,
+              dtype=dtype,
+              rngs=rngs,
+          ),
+      )
       width = width_out
 
   def __call__(self, x: jax.Array) -> jax.Array:
@@ -141,8 +184,9 @@ class TrunkOutput(nnx.Module):
 class RegNet(common.TeacherCNN):
   """A torchvision RegNetY in inference mode; takes images in [0, 1]."""
 
-  def __init__(self, spec: RegNetSpec, cfg: common.TeacherConfig, *,
-               rngs: nnx.Rngs):
+  def __init__(
+      self, spec: RegNetSpec, cfg: common.TeacherConfig, *, rngs: nnx.Rngs
+  ):
     super().__init__(cfg)
     kw = dict(dtype=jnp.dtype(cfg.dtype), rngs=rngs)
     self.stem = common.conv_bn(3, spec.stem_width, 3, stride=2, **kw)

@@ -33,8 +33,15 @@ class ResNetSpec:
 class BasicBlock(nnx.Module):
   """Two 3x3 convs with a residual (ResNet-18/34)."""
 
-  def __init__(self, inplanes: int, planes: int, stride: int, *,
-               dtype: jnp.dtype, rngs: nnx.Rngs):
+  def __init__(
+      self,
+      inplanes: int,
+      planes: int,
+      stride: int,
+      *,
+      dtype: jnp.dtype,
+      rngs: nnx.Rngs,
+  ):
     kw = dict(dtype=dtype, rngs=rngs)
     self.conv1 = common.conv(inplanes, planes, 3, stride=stride, **kw)
     self.bn1 = common.batch_norm(planes, **kw)
@@ -53,8 +60,15 @@ class BasicBlock(nnx.Module):
 class Bottleneck(nnx.Module):
   """1x1 reduce, 3x3 (carries the stride), 1x1 expand by 4 (ResNet-50+)."""
 
-  def __init__(self, inplanes: int, planes: int, stride: int, *,
-               dtype: jnp.dtype, rngs: nnx.Rngs):
+  def __init__(
+      self,
+      inplanes: int,
+      planes: int,
+      stride: int,
+      *,
+      dtype: jnp.dtype,
+      rngs: nnx.Rngs,
+  ):
     kw = dict(dtype=dtype, rngs=rngs)
     self.conv1 = common.conv(inplanes, planes, 1, **kw)
     self.bn1 = common.batch_norm(planes, **kw)
@@ -73,20 +87,28 @@ class Bottleneck(nnx.Module):
     return jax.nn.relu(out + x)
 
 
-def _downsample(inplanes: int, outplanes: int, stride: int, *,
-                dtype: jnp.dtype, rngs: nnx.Rngs) -> nnx.List | None:
+def _downsample(
+    inplanes: int,
+    outplanes: int,
+    stride: int,
+    *,
+    dtype: jnp.dtype,
+    rngs: nnx.Rngs,
+) -> nnx.List | None:
   """The 1x1 projection shortcut, present when the shape changes."""
   if stride == 1 and inplanes == outplanes:
     return None
-  return common.conv_bn(inplanes, outplanes, 1, stride=stride, dtype=dtype,
-                        rngs=rngs)
+  return common.conv_bn(
+      inplanes, outplanes, 1, stride=stride, dtype=dtype, rngs=rngs
+  )
 
 
 class ResNet(common.TeacherCNN):
   """A torchvision ResNet in inference mode; takes images in [0, 1]."""
 
-  def __init__(self, spec: ResNetSpec, cfg: common.TeacherConfig, *,
-               rngs: nnx.Rngs):
+  def __init__(
+      self, spec: ResNetSpec, cfg: common.TeacherConfig, *, rngs: nnx.Rngs
+  ):
     super().__init__(cfg)
     dtype = jnp.dtype(cfg.dtype)
     kw = dict(dtype=dtype, rngs=rngs)

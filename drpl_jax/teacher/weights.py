@@ -150,8 +150,7 @@ def _problems(
   problems = []
   missing = sorted(k for k in targets if k not in state)
   unexpected = sorted(
-      k for k in state
-      if k not in targets and not k.endswith(IGNORED_SUFFIXES)
+      k for k in state if k not in targets and not k.endswith(IGNORED_SUFFIXES)
   )
   if missing:
     problems.append(f'missing keys ({len(missing)}): {missing}')
@@ -198,11 +197,11 @@ def load_torch_weights(
   problems = _problems(state, targets)
   if problems:
     shown = problems[:5] + (
-        [f'... and {len(problems) - 5} more'] if len(problems) > 5 else [])
+        [f'... and {len(problems) - 5} more'] if len(problems) > 5 else []
+    )
     raise ValueError(
         f'cannot load the state dict into {arch} ({len(problems)} '
-        'mismatches; is it another architecture?):\n  - '
-        + '\n  - '.join(shown)
+        'mismatches; is it another architecture?):\n  - ' + '\n  - '.join(shown)
     )
   for key, target in targets.items():
     dtype = target.var.get_value().dtype
@@ -210,8 +209,10 @@ def load_torch_weights(
     target.var.set_value(jnp.asarray(value, dtype=dtype))
   ignored = sorted(k for k in state if k.endswith(IGNORED_SUFFIXES))
   if log is not None:
-    log(f'{arch}: loaded {len(targets)} tensors, ignored {len(ignored)}, '
-        f'renamed {len(renamed)} legacy keys')
+    log(
+        f'{arch}: loaded {len(targets)} tensors, ignored {len(ignored)}, '
+        f'renamed {len(renamed)} legacy keys'
+    )
   return {'consumed': sorted(targets), 'ignored': ignored, 'renamed': renamed}
 
 

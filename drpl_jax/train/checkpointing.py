@@ -59,8 +59,9 @@ def best_mode(metric: str) -> str:
   return 'min' if ('loss' in metric or 'ece' in metric) else 'max'
 
 
-def _manager_options(keep: int, best_metric: str, async_save: bool,
-                     cleanup: bool) -> ocp.CheckpointManagerOptions:
+def _manager_options(
+    keep: int, best_metric: str, async_save: bool, cleanup: bool
+) -> ocp.CheckpointManagerOptions:
   """Keep the latest `keep`, and the best by `best_metric` if set."""
   policies = [ocp.checkpoint_managers.LatestN(n=keep)]
   best_fn = None
@@ -68,17 +69,26 @@ def _manager_options(keep: int, best_metric: str, async_save: bool,
     worst = float('inf') if best_mode(best_metric) == 'min' else float('-inf')
     # A checkpoint saved with other metrics ranks last.
     best_fn = lambda m: float(m.get(best_metric, worst))
-    policies.append(ocp.checkpoint_managers.BestN(
-        get_metric_fn=best_fn, reverse=best_mode(best_metric) == 'min', n=1,
-        keep_checkpoints_without_metrics=False))
+    policies.append(
+        ocp.checkpoint_managers.BestN(
+            get_metric_fn=best_fn,
+            reverse=best_mode(best_metric) == 'min',
+            n=1,
+            keep_checkpoints_without_metrics=False,
+        )
+    )
   # best_fn (besides BestN) makes orbax write the metrics to disk, so the
   # best checkpoint is still known after a restart.
   return ocp.CheckpointManagerOptions(
-      create=True, enable_async_checkpointing=async_save,
+      create=True,
+      enable_async_checkpointing=async_save,
       preservation_policy=ocp.checkpoint_managers.AnyPreservationPolicy(
-          policies),
-      best_fn=best_fn, best_mode=best_mode(best_metric or 'accuracy'),
-      cleanup_tmp_directories=cleanup)
+          policies
+      ),
+      best_fn=best_fn,
+      best_mode=best_mode(best_metric or 'accuracy'),
+      cleanup_tmp_directories=cleanup,
+  )
 
 
 class Checkpointer:
@@ -89,9 +99,16 @@ class Checkpointer:
   `restore_latest`; readers (evaluation, prediction) leave them alone.
   """
 
-  def __init__(self, workdir: str, *, keep: int = 3, save_every: int = 1000,
-               async_save: bool = True, best_metric: str = '',
-               cleanup_incomplete: bool = False):
+  def __init__(
+      self,
+      workdir: str,
+      *,
+      keep: int = 3,
+      save_every: int = 1000,
+      async_save: bool = True,
+      best_metric: str = '',
+      cleanup_incomplete: bool = False,
+  ):
     if keep < 1:
       raise ValueError(f'keep_checkpoints={keep} must be >= 1')
     self.workdir = epath.Path(workdir)
@@ -103,25 +120,34 @@ class Checkpointer:
     self.cleanup_incomplete = cleanup_incomplete
     if cleanup_incomplete:
       self._warn_tmp_dirs()
-    options = _manager_options(keep, best_metric, async_save,
-                               cleanup_incomplete)
+    options = _manager_options(
+        keep, best_metric, async_save, cleanup_incomplete
+    )
     # Handlers registered up front, so that metadata can be read before
     # the first save or restore of this process.
     self.manager = ocp.CheckpointManager(
-        self.directory, options=options,
-        item_handlers={'state': ocp.StandardCheckpointHandler(),
-                       'data': ocp.JsonCheckpointHandler()})
+        self.directory,
+        options=options,
+        item_handlers={
+            'state': ocp.StandardCheckpointHandler(),
+            'data': ocp.JsonCheckpointHandler(),
+        },
+    )
 
   def _warn_tmp_dirs(self) -> None:
     if not self.directory.exists():
       return
     for path in sorted(self.directory.iterdir()):
       if _TMP_MARK in path.name:
-        logging.warning('Skipping incomplete checkpoint %s (a save that did '
-                        'not finish; orbax removes it)', path)
+        logging.warning(
+            'Skipping incomplete checkpoint %s (a save that did '
+            'not finish; orbax removes it)',
+            path,
+        )
 
-  def write_meta(self, config: ml_collections.ConfigDict, model_cfg,
-                 info=None) -> None:
+  def write_meta(
+      self, config: ml_collections.ConfigDict, model_cfg, info=None
+  ) -> None:
     """Writes workdir/meta.json (process 0), noting a changed model config.
 
     A model whose parameter shapes differ is refused by `restore`; other
@@ -131,19 +157,27 @@ class Checkpointer:
         'model': dataclasses.asdict(model_cfg),
         'config_hash': config_hash(config),
         'config': json.loads(config.to_json_best_effort()),
-        'data': {'name': getattr(info, 'name', None),
-                 'version': getattr(info, 'version', None),
-                 'class_names': list(getattr(info, 'class_names', ()))},
+        'data': {
+            'name': getattr(info, 'name', None),
+            'version': getattr(info, 'version', None),
+            'class_names': list(getattr(info, 'class_names', ())),
+        },
     }
     path = self.workdir / 'meta.json'
     if path.exists():
       old = json.loads(path.read_text()).get('model', {})
-      diff = {k: (old.get(k), v) for k, v in meta['model'].items()
-              if old.get(k) != v}
+      diff = {
+          k: (old.get(k), v)
+          for k, v in meta['model'].items()
+          if old.get(k) != v
+      }
       if diff and self.latest_step() is not None:
-        logging.warning('%s: the model config differs from the one of its '
-                        'checkpoints (checkpoint, config): %s', self.workdir,
-                        diff)
+        logging.warning(
+            '%s: the model config differs from the one of its '
+            'checkpoints (checkpoint, config): %s',
+            self.workdir,
+            diff,
+        )
     if jax.process_index() == 0:
       self.workdir.mkdir(parents=True, exist_ok=True)
       files.atomic_write(path, json.dumps(meta, indent=2, default=str))
@@ -165,16 +199,25 @@ class Checkpointer:
     """The kept step with the best `best_metric` (None without one)."""
     if not self.best_metric:
       return None
-    scored = [(m[self.best_metric], s) for s in self.all_steps()
-              if (m := self.metrics(s)) and self.best_metric in m]
+    scored = [
+        (m[self.best_metric], s)
+        for s in self.all_steps()
+        if (m := self.metrics(s)) and self.best_metric in m
+    ]
     if not scored:
       return None
     pick = min if best_mode(self.best_metric) == 'min' else max
     return pick(scored)[1]
 
-  def maybe_save(self, step: int, state: State, data_state: Any, *,
-                 force: bool = False,
-                 metrics: dict[str, float] | None = None) -> bool:
+  def maybe_save(
+      self,
+      step: int,
+      state: State,
+      data_state: Any,
+      *,
+      force: bool = False,
+      metrics: dict[str, float] | None = None,
+  ) -> bool:
     """Saves when step is on the interval (or force); returns whether.
 
     `metrics` (validation metrics of this step) rank it for `best_metric`.
@@ -185,13 +228,19 @@ class Checkpointer:
       return False
     if metrics is not None:
       metrics = {k: float(v) for k, v in metrics.items()}
-    self.manager.save(step, args=ocp.args.Composite(
-        state=ocp.args.StandardSave(_to_tree(state)),
-        data=ocp.args.JsonSave(_jsonable(data_state))), metrics=metrics)
+    self.manager.save(
+        step,
+        args=ocp.args.Composite(
+            state=ocp.args.StandardSave(_to_tree(state)),
+            data=ocp.args.JsonSave(_jsonable(data_state)),
+        ),
+        metrics=metrics,
+    )
     return True
 
-  def check_shapes(self, step: int, state: State, *,
-                   partial: bool = False) -> None:
+  def check_shapes(
+      self, step: int, state: State, *, partial: bool = False
+  ) -> None:
     """Refuses a checkpoint whose tree or shapes differ from `state`.
 
     `partial`: `state` holds some of the checkpoint's fields (inference);
@@ -199,9 +248,11 @@ class Checkpointer:
     """
     theirs = _flat_shapes(self._stored_metadata(step))
     ours = _flat_shapes(_to_tree(state))
-    lines = [f'{name}: checkpoint {theirs[name]}, config {shape}'
-             for name, shape in ours.items()
-             if name in theirs and theirs[name] != shape]
+    lines = [
+        f'{name}: checkpoint {theirs[name]}, config {shape}'
+        for name, shape in ours.items()
+        if name in theirs and theirs[name] != shape
+    ]
     only_ckpt = sorted(set(theirs) - set(ours))
     only_cfg = sorted(set(ours) - set(theirs))
     if only_ckpt and not partial:
@@ -212,10 +263,12 @@ class Checkpointer:
       raise ValueError(
           f'checkpoint {self.directory / str(step)} does not match the '
           'configured model (shapes differ; use another workdir or the '
-          'same model config):\n  ' + '\n  '.join(lines))
+          'same model config):\n  ' + '\n  '.join(lines)
+      )
 
-  def restore(self, step: int, state: State, shardings: Any
-              ) -> tuple[State, Any]:
+  def restore(
+      self, step: int, state: State, shardings: Any
+  ) -> tuple[State, Any]:
     """Restores `step` into the structure/shardings of `state`.
 
     Raises ValueError (naming paths and shapes) for a different model and
@@ -225,21 +278,28 @@ class Checkpointer:
     typed = type(state) if hasattr(state, 'from_dict') else None
     abstract = _abstract(_to_tree(state), _to_tree(shardings))
     try:
-      out = self.manager.restore(step, args=ocp.args.Composite(
-          state=ocp.args.StandardRestore(abstract),
-          data=ocp.args.JsonRestore()))
+      out = self.manager.restore(
+          step,
+          args=ocp.args.Composite(
+              state=ocp.args.StandardRestore(abstract),
+              data=ocp.args.JsonRestore(),
+          ),
+      )
     except Exception as e:  # pylint: disable=broad-except
       raise IncompleteCheckpointError(
           f'{self.directory / str(step)}: cannot be restored '
-          f'({type(e).__name__}: {str(e)[:300]})') from e
+          f'({type(e).__name__}: {str(e)[:300]})'
+      ) from e
     if out['data'] is None:
       raise IncompleteCheckpointError(
-          f'{self.directory / str(step)}: the data iterator state is missing')
+          f'{self.directory / str(step)}: the data iterator state is missing'
+      )
     restored = typed.from_dict(out['state']) if typed else out['state']
     return restored, _from_jsonable(out['data'])
 
-  def restore_subset(self, step: int, tree: dict[str, Any],
-                     shardings: dict[str, Any]) -> dict[str, Any]:
+  def restore_subset(
+      self, step: int, tree: dict[str, Any], shardings: dict[str, Any]
+  ) -> dict[str, Any]:
     """Restores only the top-level fields in `tree` (e.g. params, rest,
     ema) of checkpoint `step`; the others (optimizer state) are not read.
 
@@ -247,26 +307,34 @@ class Checkpointer:
     None. Raises as `restore`.
     """
     stored = self._stored_fields(step)
-    tree = {k: (None if stored.get(k) is None else v)
-            for k, v in tree.items()}
+    tree = {k: (None if stored.get(k) is None else v) for k, v in tree.items()}
     self.check_shapes(step, tree, partial=True)
-    abstract = _abstract(tree, {k: None if v is None else shardings[k]
-                                for k, v in tree.items()})
+    abstract = _abstract(
+        tree, {k: None if v is None else shardings[k] for k, v in tree.items()}
+    )
     restore_args = jax.tree.map(
-        lambda x: ocp.ArrayRestoreArgs(sharding=x.sharding), abstract)
+        lambda x: ocp.ArrayRestoreArgs(sharding=x.sharding), abstract
+    )
     # The pytree handler restores a subset; the standard one cannot.
     reader = ocp.CheckpointManager(
-        self.directory, options=ocp.CheckpointManagerOptions(create=False),
-        item_handlers={'state': ocp.PyTreeCheckpointHandler()})
+        self.directory,
+        options=ocp.CheckpointManagerOptions(create=False),
+        item_handlers={'state': ocp.PyTreeCheckpointHandler()},
+    )
     try:
-      out = reader.restore(step, args=ocp.args.Composite(
-          state=ocp.args.PyTreeRestore(item=abstract,
-                                       restore_args=restore_args,
-                                       partial_restore=True)))
+      out = reader.restore(
+          step,
+          args=ocp.args.Composite(
+              state=ocp.args.PyTreeRestore(
+                  item=abstract, restore_args=restore_args, partial_restore=True
+              )
+          ),
+      )
     except Exception as e:  # pylint: disable=broad-except
       raise IncompleteCheckpointError(
           f'{self.directory / str(step)}: cannot be restored '
-          f'({type(e).__name__}: {str(e)[:300]})') from e
+          f'({type(e).__name__}: {str(e)[:300]})'
+      ) from e
     finally:
       reader.close()
     return {k: out['state'].get(k) for k in tree}
@@ -283,14 +351,17 @@ class Checkpointer:
     except Exception as e:  # pylint: disable=broad-except
       raise IncompleteCheckpointError(
           f'{self.directory / str(step)}: cannot read its metadata '
-          f'({type(e).__name__}: {str(e)[:300]})') from e
+          f'({type(e).__name__}: {str(e)[:300]})'
+      ) from e
     if stored is None:
       raise IncompleteCheckpointError(
-          f'{self.directory / str(step)}: no state metadata')
+          f'{self.directory / str(step)}: no state metadata'
+      )
     return stored
 
-  def restore_latest(self, state: State, shardings: Any
-                     ) -> tuple[State, Any] | None:
+  def restore_latest(
+      self, state: State, shardings: Any
+  ) -> tuple[State, Any] | None:
     """Restores the newest readable checkpoint; None when there is none.
 
     Unreadable ones are skipped with a warning and, with
@@ -303,15 +374,18 @@ class Checkpointer:
       try:
         return self.restore(step, state, shardings)
       except IncompleteCheckpointError as e:
-        logging.warning('Skipping incomplete checkpoint %s: %s; trying the '
-                        'previous one', path, e)
+        logging.warning(
+            'Skipping incomplete checkpoint %s: %s; trying the ' 'previous one',
+            path,
+            e,
+        )
         if self.cleanup_incomplete:
           self._set_aside(step)
     return None
 
-  def restore_for_inference(self, step: int | None, tree: dict[str, Any],
-                            shardings: dict[str, Any]
-                            ) -> tuple[int, dict[str, Any]]:
+  def restore_for_inference(
+      self, step: int | None, tree: dict[str, Any], shardings: dict[str, Any]
+  ) -> tuple[int, dict[str, Any]]:
     """(step, fields) for evaluate/predict/export: the top-level fields of
     `tree` (params, rest, ema) of checkpoint `step`, or of the latest
     complete one (incomplete newer ones skipped with a warning). The
@@ -325,11 +399,13 @@ class Checkpointer:
     steps = sorted(self.all_steps())
     where = self.directory
     if not steps:
-      raise FileNotFoundError(f'no checkpoint in {where}; train first '
-                              '(python -m drpl_jax.main)')
+      raise FileNotFoundError(
+          f'no checkpoint in {where}; train first ' '(python -m drpl_jax.main)'
+      )
     if step is not None and step not in steps:
-      raise FileNotFoundError(f'no checkpoint for step {step} in {where}; '
-                              f'have {steps}')
+      raise FileNotFoundError(
+          f'no checkpoint for step {step} in {where}; ' f'have {steps}'
+      )
     bad = []
     for s in ([step] if step is not None else reversed(steps)):
       try:
@@ -339,12 +415,17 @@ class Checkpointer:
           raise IncompleteCheckpointError(
               f'checkpoint {where / str(s)} is incomplete (an interrupted '
               f'save?): {str(e).splitlines()[0]}; leave out --step for the '
-              'latest complete one') from None
-        logging.warning('Skipping incomplete checkpoint %s: %s; using the '
-                        'previous one', where / str(s), e)
+              'latest complete one'
+          ) from None
+        logging.warning(
+            'Skipping incomplete checkpoint %s: %s; using the ' 'previous one',
+            where / str(s),
+            e,
+        )
         bad.append(s)
-    raise IncompleteCheckpointError(f'every checkpoint in {where} is '
-                                    f'incomplete: {bad}')
+    raise IncompleteCheckpointError(
+        f'every checkpoint in {where} is ' f'incomplete: {bad}'
+    )
 
   def _set_aside(self, step: int) -> None:
     """Moves an unreadable step folder out of the manager's directory."""
@@ -377,7 +458,9 @@ def _abstract(tree: Any, shardings: Any) -> Any:
   """ShapeDtypeStructs carrying the shardings, for orbax's restore."""
   return jax.tree.map(
       lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
-      tree, shardings)
+      tree,
+      shardings,
+  )
 
 
 def _key_name(key: Any) -> str:
@@ -414,14 +497,17 @@ class PreemptionWatcher:
     self._multihost = jax.distributed.is_initialized()
     self._flag = threading.Event()
     self._previous = None
-    if (not self._multihost
-        and threading.current_thread() is threading.main_thread()):
+    if (
+        not self._multihost
+        and threading.current_thread() is threading.main_thread()
+    ):
       self._previous = signal.signal(signal.SIGTERM, self._on_signal)
 
   def _on_signal(self, signum, frame) -> None:
     del frame
-    logging.warning('Received signal %d: saving a checkpoint and stopping',
-                    signum)
+    logging.warning(
+        'Received signal %d: saving a checkpoint and stopping', signum
+    )
     self._flag.set()
 
   def reached(self, step: int) -> bool:

@@ -34,11 +34,14 @@ def format_eta(seconds: float) -> str:
   return f'{minutes}m{secs:02d}s' if minutes else f'{secs}s'
 
 
-def progress(step: int, total: int, images_per_s: float, loss: float,
-             eta_s: float) -> None:
+def progress(
+    step: int, total: int, images_per_s: float, loss: float, eta_s: float
+) -> None:
   """The progress line of a log interval."""
-  text = (f'step {step}/{total}  {images_per_s:,.1f} images/s  '
-          f'loss {loss:.4f}  ETA {format_eta(eta_s)}')
+  text = (
+      f'step {step}/{total}  {images_per_s:,.1f} images/s  '
+      f'loss {loss:.4f}  ETA {format_eta(eta_s)}'
+  )
   if jax.process_index() != 0:
     return
   if _is_tty():

@@ -45,38 +45,52 @@ jit_train_step = state_lib.jit_train_step
 jit_eval_step = state_lib.jit_eval_step
 
 
-def create_online_teacher(config: ml_collections.ConfigDict, mesh
-                          ) -> OnlineTeacher | None:
+def create_online_teacher(
+    config: ml_collections.ConfigDict, mesh
+) -> OnlineTeacher | None:
   """Converts config.teacher (a PyTorch checkpoint) into a sharded module."""
   t = config.teacher
   if not t.arch:
     return None
   if t.get('soft_labels'):
-    raise errors.UserError('config.teacher.arch and config.teacher.soft_labels '
-                        'are both set; choose online (arch + checkpoint) or '
-                        'offline (soft_labels) distillation')
+    raise errors.UserError(
+        'config.teacher.arch and config.teacher.soft_labels '
+        'are both set; choose online (arch + checkpoint) or '
+        'offline (soft_labels) distillation'
+    )
   if not t.checkpoint:
-    raise errors.UserError(f'config.teacher.arch={t.arch!r} needs '
-                        'config.teacher.checkpoint (a .safetensors or .pth '
-                        'state dict; see python -m drpl_jax.train_teacher)')
+    raise errors.UserError(
+        f'config.teacher.arch={t.arch!r} needs '
+        'config.teacher.checkpoint (a .safetensors or .pth '
+        'state dict; see python -m drpl_jax.train_teacher)'
+    )
   from drpl_jax.train import preflight  # pylint: disable=g-import-not-at-top
+
   preflight.check_teacher_arch(t.arch, t.checkpoint)
   typed = config_base.teacher_config(config)
   module = teacher_load.torch_teacher(
-      typed.arch, t.checkpoint, typed.num_classes,
-      image_size=typed.image_size, mean=typed.mean, std=typed.std,
-      dtype=typed.dtype)
+      typed.arch,
+      t.checkpoint,
+      typed.num_classes,
+      image_size=typed.image_size,
+      mean=typed.mean,
+      std=typed.std,
+      dtype=typed.dtype,
+  )
   graphdef, state = nnx.split(module)
   shardings = sharding.state_shardings(
       jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), state),
-      mesh)
+      mesh,
+  )
   state = jax.device_put(state, shardings)
-  return OnlineTeacher(graphdef, state, shardings,
-                       f'{t.arch} from {t.checkpoint}')
+  return OnlineTeacher(
+      graphdef, state, shardings, f'{t.arch} from {t.checkpoint}'
+  )
 
 
-def check_distillation(config: ml_collections.ConfigDict, model_cfg,
-                       teacher: OnlineTeacher | None) -> None:
+def check_distillation(
+    config: ml_collections.ConfigDict, model_cfg, teacher: OnlineTeacher | None
+) -> None:
   """A distillation loss needs a teacher; say how to configure one."""
   kind = config.distill.kind
   if kind == 'none' or not model_cfg.distilled:
@@ -85,7 +99,8 @@ def check_distillation(config: ml_collections.ConfigDict, model_cfg,
     raise ValueError(
         f'config.distill.kind={kind!r} needs a teacher: set '
         'config.teacher.arch and config.teacher.checkpoint (online) or '
-        'config.teacher.soft_labels (offline), or config.distill.kind=none')
+        'config.teacher.soft_labels (offline), or config.distill.kind=none'
+    )
 
 
 def gather(x: jax.Array) -> np.ndarray:
@@ -93,13 +108,21 @@ def gather(x: jax.Array) -> np.ndarray:
   if jax.process_count() == 1:
     return np.asarray(jax.device_get(x))
   from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+
   return np.asarray(multihost_utils.process_allgather(x, tiled=True))
 
 
-def predict_split(eval_step, params, rest, batches, mesh, *,
-                  total: int | None = None, name: str = 'eval',
-                  log_every_s: float = 30.0
-                  ) -> tuple[dict[str, np.ndarray], np.ndarray, np.ndarray]:
+def predict_split(
+    eval_step,
+    params,
+    rest,
+    batches,
+    mesh,
+    *,
+    total: int | None = None,
+    name: str = 'eval',
+    log_every_s: float = 30.0,
+) -> tuple[dict[str, np.ndarray], np.ndarray, np.ndarray]:
   """Runs the eval step over padded batches; drops padding.
 
   Logs a progress line (batches done/total, images/s) every `log_every_s`
@@ -113,11 +136,17 @@ def predict_split(eval_step, params, rest, batches, mesh, *,
   done = 0
   for done, batch in enumerate(batches, start=1):
     device_batch = input_pipeline.to_global_batch(
-        {'image': batch['image']}, mesh)
+        {'image': batch['image']}, mesh
+    )
     logits = eval_step(params, rest, device_batch)
     glob = input_pipeline.to_global_batch(
-        {'label': batch['label'], 'mask': batch['mask'],
-         'index': batch['index']}, mesh)
+        {
+            'label': batch['label'],
+            'mask': batch['mask'],
+            'index': batch['index'],
+        },
+        mesh,
+    )
     keep = gather(glob['mask']).astype(bool)
     labels.append(gather(glob['label'])[keep])
     indices.append(gather(glob['index'])[keep])
@@ -131,39 +160,53 @@ def predict_split(eval_step, params, rest, batches, mesh, *,
   return logits, np.concatenate(labels), np.concatenate(indices)
 
 
-def _log_progress(name: str, done: int, total: int | None,
-                  labels: list[np.ndarray], t0: float) -> None:
+def _log_progress(
+    name: str, done: int, total: int | None, labels: list[np.ndarray], t0: float
+) -> None:
   count = sum(len(x) for x in labels)
-  logging.info('%s: %d/%s batches, %d examples, %.1f images/s', name, done,
-               total if total is not None else '?', count,
-               count / max(time.time() - t0, 1e-9))
+  logging.info(
+      '%s: %d/%s batches, %d examples, %.1f images/s',
+      name,
+      done,
+      total if total is not None else '?',
+      count,
+      count / max(time.time() - t0, 1e-9),
+  )
 
 
-def evaluate_split(config, eval_step, params, rest, mesh, split: str
-                   ) -> dict[str, float]:
+def evaluate_split(
+    config, eval_step, params, rest, mesh, split: str
+) -> dict[str, float]:
   """Accuracy and loss per head on a split (quick, for training logs)."""
   from drpl_jax import data  # pylint: disable=g-import-not-at-top
+
   batches = input_pipeline.create_eval_iterator(
-      input_pipeline.DataConfig.from_config(config.data), split,
-      batch_size=config.eval_batch_size)
+      input_pipeline.DataConfig.from_config(config.data),
+      split,
+      batch_size=config.eval_batch_size,
+  )
   total = input_pipeline.num_eval_batches(
-      len(data.get_source(config.data, split)), config.eval_batch_size)
-  logits, labels, _ = predict_split(eval_step, params, rest, batches, mesh,
-                                    total=total, name=f'eval {split}')
+      len(data.get_source(config.data, split)), config.eval_batch_size
+  )
+  logits, labels, _ = predict_split(
+      eval_step, params, rest, batches, mesh, total=total, name=f'eval {split}'
+  )
   out = {'num_examples': float(len(labels))}
   for head, value in logits.items():
     logp = jax.nn.log_softmax(jnp.asarray(value))
     out[f'accuracy_{head}'] = float(np.mean(np.argmax(value, -1) == labels))
-    out[f'loss_{head}'] = float(-np.mean(
-        np.take_along_axis(np.asarray(logp), labels[:, None], -1)))
+    out[f'loss_{head}'] = float(
+        -np.mean(np.take_along_axis(np.asarray(logp), labels[:, None], -1))
+    )
   return out
 
 
 def val_metric_names(model_cfg: ModelConfig, ema: bool) -> list[str]:
   """The names `train_and_evaluate` logs for validation (best_metric)."""
   heads = ['cls', 'dist', 'mean'] if model_cfg.distilled else ['mean']
-  base = ['num_examples'] + [f'{m}_{h}' for h in heads
-                             for m in ('accuracy', 'loss')]
+  base = ['num_examples'] + [
+      f'{m}_{h}' for h in heads for m in ('accuracy', 'loss')
+  ]
   names = [f'val_{n}' for n in base]
   if ema:
     names += [f'val_ema_{n}' for n in base]
@@ -176,24 +219,29 @@ def _check_classes(config, info) -> None:
     raise ValueError(
         f'config.model.num_classes={n} but data set {info.name!r} has '
         f'{len(info.class_names)} classes {list(info.class_names)}; set '
-        f'--config.model.num_classes={len(info.class_names)}')
+        f'--config.model.num_classes={len(info.class_names)}'
+    )
 
 
 def _writer(workdir: str):
   """clu writers: TensorBoard + console on process 0, logging elsewhere."""
   try:  # TensorBoard summaries need no accelerator: keep TF off the GPU.
     import tensorflow as tf  # pylint: disable=g-import-not-at-top
+
     tf.config.set_visible_devices([], 'GPU')
   except (ImportError, RuntimeError):
     pass
   from clu import metric_writers  # pylint: disable=g-import-not-at-top
+
   return metric_writers.create_default_writer(
-      workdir, just_logging=jax.process_index() > 0)
+      workdir, just_logging=jax.process_index() > 0
+  )
 
 
 def _write_parameter_table(workdir: str, params: Any, n_params: int) -> None:
   """Writes the parameter table to workdir/params.txt and says where."""
   from etils import epath  # pylint: disable=g-import-not-at-top
+
   path = epath.Path(workdir) / 'params.txt'
   table = parameter_overview(params)
   path.write_text(table + '\n')
@@ -205,6 +253,7 @@ def parameter_overview(params: Any) -> str:
   """A table of parameter names, shapes, sizes and the total count."""
   # pylint: disable-next=g-import-not-at-top
   from clu import parameter_overview as overview
+
   tree = nnx.to_pure_dict(params) if isinstance(params, nnx.State) else params
   return overview.get_parameter_overview(tree, include_stats=False)
 
@@ -219,8 +268,10 @@ class Profiler:
   def __init__(self, steps: Any, workdir: str):
     steps = tuple(steps or (0, 0))
     if len(steps) != 2 or steps[0] < 0 or steps[1] < steps[0]:
-      raise ValueError(f'config.profile_steps={steps!r}: expected (start, '
-                       'stop) with 0 <= start <= stop; (0, 0) = off')
+      raise ValueError(
+          f'config.profile_steps={steps!r}: expected (start, '
+          'stop) with 0 <= start <= stop; (0, 0) = off'
+      )
     self.start, self.stop = int(steps[0]), int(steps[1])
     self.logdir = os.path.join(workdir, 'profile')
     self.active = False
@@ -230,8 +281,9 @@ class Profiler:
     if self.start == self.stop:
       return
     if not self.active and self.start <= step < self.stop:
-      logging.info('Profiling steps %d..%d to %s', step, self.stop - 1,
-                   self.logdir)
+      logging.info(
+          'Profiling steps %d..%d to %s', step, self.stop - 1, self.logdir
+      )
       jax.profiler.start_trace(self.logdir)
       self.active = True
     elif self.active and step >= self.stop:
@@ -269,20 +321,28 @@ def _setup(config: ml_collections.ConfigDict, workdir: str, info) -> _Run:
   best_metric = config.get('best_metric', '')
   names = val_metric_names(model_cfg, state.ema is not None)
   if best_metric and best_metric not in names:
-    raise ValueError(f'config.best_metric={best_metric!r} is not a '
-                     f'validation metric of this run; choose from {names}')
+    raise ValueError(
+        f'config.best_metric={best_metric!r} is not a '
+        f'validation metric of this run; choose from {names}'
+    )
   teacher = create_online_teacher(config, mesh)
   check_distillation(config, model_cfg, teacher)
   train_step = setup.train_step(teacher)
   eval_step = setup.eval_step()
   train_iter = input_pipeline.create_train_iterator(
       input_pipeline.DataConfig.from_config(config.data),
-      batch_size=config.batch_size, seed=config.seed, info=info,
-      soft_labels=config.teacher.soft_labels)
+      batch_size=config.batch_size,
+      seed=config.seed,
+      info=info,
+      soft_labels=config.teacher.soft_labels,
+  )
   ckpt = checkpointing.Checkpointer(
-      workdir, keep=config.keep_checkpoints,
-      save_every=config.checkpoint_every_steps, best_metric=best_metric,
-      cleanup_incomplete=True)
+      workdir,
+      keep=config.keep_checkpoints,
+      save_every=config.checkpoint_every_steps,
+      best_metric=best_metric,
+      cleanup_incomplete=True,
+  )
   try:
     restored = ckpt.restore_latest(state, setup.shardings)
     ckpt.write_meta(config, model_cfg, info)
@@ -295,14 +355,29 @@ def _setup(config: ml_collections.ConfigDict, workdir: str, info) -> _Run:
     logging.info('Resumed from step %d in %s', int(state.step), workdir)
   elif config.get('init_from'):
     from drpl_jax.train import student_init  # pylint: disable=g-import-not-at-top
+
     state, _ = student_init.init_train_state(config, state)
   n_params = sum(x.size for x in jax.tree.leaves(state.params))
-  logging.info('Model %s: %d parameters, %d devices, mesh %s',
-               model_cfg, n_params, jax.device_count(), dict(mesh.shape))
+  logging.info(
+      'Model %s: %d parameters, %d devices, mesh %s',
+      model_cfg,
+      n_params,
+      jax.device_count(),
+      dict(mesh.shape),
+  )
   if jax.process_index() == 0:
     _write_parameter_table(workdir, state.params, n_params)
-  return _Run(config, workdir, mesh, state, train_step, eval_step,
-              teacher.state if teacher else None, train_iter, ckpt)
+  return _Run(
+      config,
+      workdir,
+      mesh,
+      state,
+      train_step,
+      eval_step,
+      teacher.state if teacher else None,
+      train_iter,
+      ckpt,
+  )
 
 
 class _Monitor:
@@ -332,7 +407,8 @@ class _Monitor:
               f'non-finite loss or gradient at step {step} (loss='
               f'{float(metrics["loss"])}, grad_norm='
               f'{float(metrics["grad_norm"])}); set config.nonfinite=skip '
-              'to skip such updates instead')
+              'to skip such updates instead'
+          )
     self.unchecked = []
 
   def write(self, step: int) -> dict[str, float]:
@@ -342,18 +418,26 @@ class _Monitor:
     summary = _summarise(self.pending)
     elapsed = max(time.time() - self.t0, 1e-9)
     rate = (step - self.step0) / elapsed
-    summary.update(steps_per_sec=rate,
-                   examples_per_sec=rate * self.batch_size,
-                   examples_per_sec_per_device=(
-                       rate * self.batch_size / jax.device_count()))
+    summary.update(
+        steps_per_sec=rate,
+        examples_per_sec=rate * self.batch_size,
+        examples_per_sec_per_device=(
+            rate * self.batch_size / jax.device_count()
+        ),
+    )
     self.writer.write_scalars(step, summary)
     eta_s = (self.total_steps - step) / max(rate, 1e-9)
-    console.progress(step, self.total_steps, rate * self.batch_size,
-                     summary['loss'], eta_s)
+    console.progress(
+        step, self.total_steps, rate * self.batch_size, summary['loss'], eta_s
+    )
     count = int(summary['nonfinite'])
     if count > self.nonfinite_logged:
-      logging.warning('Skipped %d updates with a non-finite loss or '
-                      'gradient so far (step %d)', count, step)
+      logging.warning(
+          'Skipped %d updates with a non-finite loss or '
+          'gradient so far (step %d)',
+          count,
+          step,
+      )
       self.nonfinite_logged = count
     self.pending, self.t0, self.step0 = [], time.time(), step
     return summary
@@ -365,26 +449,37 @@ def _evaluate(run: _Run, step: int) -> dict[str, float]:
   for key, prefix in (('params', 'val_'), ('ema', 'val_ema_')):
     if getattr(run.state, key) is None:
       continue
-    metrics = evaluate_split(run.config, run.eval_step,
-                             getattr(run.state, key), run.state.rest, run.mesh,
-                             run.config.data.eval_split)
+    metrics = evaluate_split(
+        run.config,
+        run.eval_step,
+        getattr(run.state, key),
+        run.state.rest,
+        run.mesh,
+        run.config.data.eval_split,
+    )
     out.update({prefix + k: v for k, v in metrics.items()})
   run.writer.write_scalars(step, out)
-  shown = ', '.join(f'{k} {v:.4f}' for k, v in sorted(out.items())
-                    if '_accuracy_' in k)
+  shown = ', '.join(
+      f'{k} {v:.4f}' for k, v in sorted(out.items()) if '_accuracy_' in k
+  )
   console.line(f'eval at step {step} ({run.config.data.eval_split}): {shown}')
   return out
 
 
-def _after_step(run: _Run, monitor: _Monitor, step: int,
-                preempted: bool) -> None:
+def _after_step(
+    run: _Run, monitor: _Monitor, step: int, preempted: bool
+) -> None:
   """Logging, evaluation and checkpointing due after update `step`."""
   config, ckpt = run.config, run.ckpt
   last = step == config.total_steps
   do_log = step % config.log_every_steps == 0 or last
   do_eval = step % config.eval_every_steps == 0 or last
-  do_save = (step % config.checkpoint_every_steps == 0 or last or preempted
-             or (do_eval and bool(ckpt.best_metric)))
+  do_save = (
+      step % config.checkpoint_every_steps == 0
+      or last
+      or preempted
+      or (do_eval and bool(ckpt.best_metric))
+  )
   if do_log or do_eval or do_save:
     monitor.check_finite()  # never evaluate or save a diverged state
   if do_log:
@@ -393,18 +488,22 @@ def _after_step(run: _Run, monitor: _Monitor, step: int,
   if do_eval:
     metrics = run.last_eval = _evaluate(run, step)
   if do_save:
-    ckpt.maybe_save(step, run.state, run.train_iter.get_state(), force=True,
-                    metrics=metrics)
+    ckpt.maybe_save(
+        step, run.state, run.train_iter.get_state(), force=True, metrics=metrics
+    )
 
 
 def _train_loop(run: _Run) -> bool:
   """Runs updates to config.total_steps; True when stopped by preemption."""
   from clu import periodic_actions  # pylint: disable=g-import-not-at-top
+
   config = run.config
   step = int(run.state.step)
   progress = periodic_actions.ReportProgress(
-      num_train_steps=config.total_steps, writer=run.writer,
-      every_secs=config.get('progress_every_secs', 60.0))
+      num_train_steps=config.total_steps,
+      writer=run.writer,
+      every_secs=config.get('progress_every_secs', 60.0),
+  )
   profiler = Profiler(config.get('profile_steps', (0, 0)), run.workdir)
   preemption = checkpointing.PreemptionWatcher()
   monitor = _Monitor(config, run.writer, step)
@@ -412,10 +511,8 @@ def _train_loop(run: _Run) -> bool:
     while step < config.total_steps:
       profiler.update(step, run.state)
       with jax.profiler.StepTraceAnnotation('train', step_num=step):
-        batch = input_pipeline.to_global_batch(next(run.train_iter),
-                                               run.mesh)
-        run.state, metrics = run.train_step(run.state, batch,
-                                            run.teacher_state)
+        batch = input_pipeline.to_global_batch(next(run.train_iter), run.mesh)
+        run.state, metrics = run.train_step(run.state, batch, run.teacher_state)
       step += 1
       monitor.add(step, metrics)
       progress(step)
@@ -423,8 +520,11 @@ def _train_loop(run: _Run) -> bool:
       _after_step(run, monitor, step, preempted)
       if preempted:
         run.ckpt.wait()
-        logging.warning('Preempted: saved checkpoint at step %d in %s; '
-                        'stopping', step, run.ckpt.directory)
+        logging.warning(
+            'Preempted: saved checkpoint at step %d in %s; ' 'stopping',
+            step,
+            run.ckpt.directory,
+        )
         return True
     return False
   finally:
@@ -432,8 +532,9 @@ def _train_loop(run: _Run) -> bool:
     preemption.close()
 
 
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str
-                       ) -> dict[str, Any]:
+def train_and_evaluate(
+    config: ml_collections.ConfigDict, workdir: str
+) -> dict[str, Any]:
   """Trains (resuming from the latest checkpoint in workdir) and evaluates.
 
   Returns {'step', 'validation' (last metrics of the weights),
@@ -443,15 +544,21 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str
   'preempted' True.
   """
   from drpl_jax import data  # pylint: disable=g-import-not-at-top
+
   info = data.ensure_prepared(config.data)
   _check_classes(config, info)
   run = _setup(config, workdir, info)
   try:
     run.writer = _writer(workdir)
-    run.writer.write_hparams({
-        'num_params': sum(x.size for x in jax.tree.leaves(
-            run.state.params)),
-        'batch_size': config.batch_size, 'total_steps': config.total_steps})
+    run.writer.write_hparams(
+        {
+            'num_params': sum(
+                x.size for x in jax.tree.leaves(run.state.params)
+            ),
+            'batch_size': config.batch_size,
+            'total_steps': config.total_steps,
+        }
+    )
     preempted = _train_loop(run)
     run.ckpt.wait()
     run.writer.flush()
@@ -460,16 +567,21 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str
   val = run.last_eval
   best = run.ckpt.best_step()
   if best is not None:
-    logging.info('Best checkpoint by %s: step %d', run.ckpt.best_metric,
-                 best)
+    logging.info('Best checkpoint by %s: step %d', run.ckpt.best_metric, best)
   return {
       'step': int(run.state.step),
-      'validation': {k[4:]: v for k, v in val.items()
-                     if k.startswith('val_') and not k.startswith('val_ema_')},
-      'validation_ema': {k[8:]: v for k, v in val.items()
-                         if k.startswith('val_ema_')},
+      'validation': {
+          k[4:]: v
+          for k, v in val.items()
+          if k.startswith('val_') and not k.startswith('val_ema_')
+      },
+      'validation_ema': {
+          k[8:]: v for k, v in val.items() if k.startswith('val_ema_')
+      },
       'nonfinite': int(run.state.nonfinite),
-      'preempted': preempted, 'best_step': best}
+      'preempted': preempted,
+      'best_step': best,
+  }
 
 
 def _summarise(metrics: list[dict[str, jax.Array]]) -> dict[str, float]:

@@ -31,7 +31,8 @@ def _as_probabilities(targets: jax.Array, num_classes: int) -> jax.Array:
   if targets.ndim != 2 or targets.shape[-1] != num_classes:
     raise ValueError(
         f'targets must be class probabilities [B, {num_classes}] or integer '
-        f'labels [B], got shape {targets.shape} dtype {targets.dtype}')
+        f'labels [B], got shape {targets.shape} dtype {targets.dtype}'
+    )
   return targets.astype(jnp.float32)
 
 
@@ -66,7 +67,8 @@ def smooth_targets(targets: jax.Array, label_smoothing: float) -> jax.Array:
   """
   if not 0.0 <= label_smoothing <= 1.0:
     raise ValueError(
-        f'label_smoothing must be in [0, 1], got {label_smoothing}')
+        f'label_smoothing must be in [0, 1], got {label_smoothing}'
+    )
   targets = jnp.asarray(targets, jnp.float32)
   num_classes = targets.shape[-1]
   return targets * (1.0 - label_smoothing) + label_smoothing / num_classes
@@ -107,8 +109,10 @@ def cross_entropy(
   if class_weights is not None:
     class_weights = jnp.asarray(class_weights, jnp.float32)
     if class_weights.shape != (num_classes,):
-      raise ValueError(f'class_weights must have shape [{num_classes}], got '
-                       f'{class_weights.shape}')
+      raise ValueError(
+          f'class_weights must have shape [{num_classes}], got '
+          f'{class_weights.shape}'
+      )
     weights = weights * (probs @ class_weights)
   if label_smoothing:
     probs = smooth_targets(probs, label_smoothing)
@@ -130,8 +134,10 @@ def hard_distillation(
   dist_logits = _check_logits('dist_logits', dist_logits)
   teacher_logits = _check_logits('teacher_logits', teacher_logits)
   if teacher_logits.shape != dist_logits.shape:
-    raise ValueError(f'teacher_logits {teacher_logits.shape} and dist_logits '
-                     f'{dist_logits.shape} differ in shape')
+    raise ValueError(
+        f'teacher_logits {teacher_logits.shape} and dist_logits '
+        f'{dist_logits.shape} differ in shape'
+    )
   teacher_labels = jnp.argmax(jax.lax.stop_gradient(teacher_logits), axis=-1)
   return cross_entropy(dist_logits, teacher_labels, mask=mask)
 
@@ -157,13 +163,17 @@ def soft_distillation(
   dist_logits = _check_logits('dist_logits', dist_logits)
   teacher_logits = _check_logits('teacher_logits', teacher_logits)
   if teacher_logits.shape != dist_logits.shape:
-    raise ValueError(f'teacher_logits {teacher_logits.shape} and dist_logits '
-                     f'{dist_logits.shape} differ in shape')
+    raise ValueError(
+        f'teacher_logits {teacher_logits.shape} and dist_logits '
+        f'{dist_logits.shape} differ in shape'
+    )
   log_p_teacher = jax.nn.log_softmax(
-      jax.lax.stop_gradient(teacher_logits) / tau)
+      jax.lax.stop_gradient(teacher_logits) / tau
+  )
   log_p_student = jax.nn.log_softmax(dist_logits / tau)
-  kl = jnp.sum(jnp.exp(log_p_teacher) * (log_p_teacher - log_p_student),
-               axis=-1)  # [B]
+  kl = jnp.sum(
+      jnp.exp(log_p_teacher) * (log_p_teacher - log_p_student), axis=-1
+  )  # [B]
   weights = _example_weights(dist_logits.shape[0], mask)
   return _weighted_mean(kl, weights) * (tau * tau)
 
@@ -172,8 +182,10 @@ def _split_outputs(outputs: Any) -> tuple[jax.Array, jax.Array | None]:
   """Accepts one logits array or a (cls, dist) pair."""
   if isinstance(outputs, (tuple, list)):
     if len(outputs) != 2:
-      raise ValueError('outputs must be one logits array or a (cls, dist) '
-                       f'pair, got a sequence of {len(outputs)}')
+      raise ValueError(
+          'outputs must be one logits array or a (cls, dist) '
+          f'pair, got a sequence of {len(outputs)}'
+      )
     return outputs[0], outputs[1]
   return outputs, None
 
@@ -213,13 +225,20 @@ def total_loss(
     0 for a single-head model without distillation).
   """
   if distill_kind not in DISTILL_KINDS:
-    raise ValueError(f'unknown distill_kind {distill_kind!r}; expected one '
-                     f'of {DISTILL_KINDS}')
+    raise ValueError(
+        f'unknown distill_kind {distill_kind!r}; expected one '
+        f'of {DISTILL_KINDS}'
+    )
   if isinstance(alpha, (int, float)) and not 0.0 <= alpha <= 1.0:
     raise ValueError(f'alpha must be in [0, 1], got {alpha}')
   cls_logits, dist_logits = _split_outputs(outputs)
-  ce = lambda lg: cross_entropy(lg, targets, label_smoothing=label_smoothing,
-                                class_weights=class_weights, mask=mask)
+  ce = lambda lg: cross_entropy(
+      lg,
+      targets,
+      label_smoothing=label_smoothing,
+      class_weights=class_weights,
+      mask=mask,
+  )
   loss_cls = ce(cls_logits)
   if distill_kind == 'none':
     if dist_logits is None:
@@ -230,14 +249,17 @@ def total_loss(
       loss = 0.5 * (loss_cls + loss_dist)
   else:
     if dist_logits is None:
-      raise ValueError(f'distill_kind={distill_kind!r} needs (cls, dist) '
-                       'outputs from a distilled model, got one array')
+      raise ValueError(
+          f'distill_kind={distill_kind!r} needs (cls, dist) '
+          'outputs from a distilled model, got one array'
+      )
     if teacher_logits is None:
       raise ValueError(f'distill_kind={distill_kind!r} needs teacher_logits')
     if distill_kind == 'hard':
       loss_dist = hard_distillation(dist_logits, teacher_logits, mask=mask)
     else:
-      loss_dist = soft_distillation(dist_logits, teacher_logits, tau=tau,
-                                    mask=mask)
+      loss_dist = soft_distillation(
+          dist_logits, teacher_logits, tau=tau, mask=mask
+      )
     loss = (1.0 - alpha) * loss_cls + alpha * loss_dist
   return loss, {'loss_cls': loss_cls, 'loss_dist': loss_dist, 'loss': loss}

@@ -12,8 +12,9 @@ import jax
 import jax.numpy as jnp
 
 
-def cutmix_box_mask(rng: jax.Array, height: int, width: int,
-                    lam: jax.Array) -> jax.Array:
+def cutmix_box_mask(
+    rng: jax.Array, height: int, width: int, lam: jax.Array
+) -> jax.Array:
   """A CutMix box as a bool [H, W] mask (True inside the box), as timm.
 
   The box has sides `int(H * sqrt(1 - lam))` x `int(W * sqrt(1 - lam))`,
@@ -34,9 +35,16 @@ def cutmix_box_mask(rng: jax.Array, height: int, width: int,
   return (ys >= y0) & (ys < y1) & (xs >= x0) & (xs < x1)  # [H, W]
 
 
-def mixup_cutmix(rng: jax.Array, images: jax.Array, targets: jax.Array, *,
-                 mixup_alpha: float, cutmix_alpha: float, prob: float = 1.0,
-                 switch_prob: float = 0.5) -> tuple[jax.Array, jax.Array]:
+def mixup_cutmix(
+    rng: jax.Array,
+    images: jax.Array,
+    targets: jax.Array,
+    *,
+    mixup_alpha: float,
+    cutmix_alpha: float,
+    prob: float = 1.0,
+    switch_prob: float = 0.5,
+) -> tuple[jax.Array, jax.Array]:
   """Mixes a batch with its flip by Mixup or CutMix (timm, mode 'batch').
 
   Args:
@@ -55,11 +63,15 @@ def mixup_cutmix(rng: jax.Array, images: jax.Array, targets: jax.Array, *,
     is clipped to the image. Both off -> inputs returned unchanged.
   """
   if mixup_alpha < 0 or cutmix_alpha < 0:
-    raise ValueError(f'mixup_alpha={mixup_alpha} and cutmix_alpha='
-                     f'{cutmix_alpha} must be >= 0')
+    raise ValueError(
+        f'mixup_alpha={mixup_alpha} and cutmix_alpha='
+        f'{cutmix_alpha} must be >= 0'
+    )
   if images.ndim != 4 or targets.ndim != 2:
-    raise ValueError(f'expected images [B, H, W, C] and targets [B, K], got '
-                     f'{images.shape} and {targets.shape}')
+    raise ValueError(
+        f'expected images [B, H, W, C] and targets [B, K], got '
+        f'{images.shape} and {targets.shape}'
+    )
   if mixup_alpha == 0 and cutmix_alpha == 0:
     return images, targets
   _, height, width, _ = images.shape
@@ -69,10 +81,12 @@ def mixup_cutmix(rng: jax.Array, images: jax.Array, targets: jax.Array, *,
   else:
     use_cutmix = jnp.asarray(cutmix_alpha > 0)
   rng_mix, rng_cut = jax.random.split(rng_lam)
-  lam_mix = jax.random.beta(rng_mix, max(mixup_alpha, 1e-3),
-                            max(mixup_alpha, 1e-3))
-  lam_cut = jax.random.beta(rng_cut, max(cutmix_alpha, 1e-3),
-                            max(cutmix_alpha, 1e-3))
+  lam_mix = jax.random.beta(
+      rng_mix, max(mixup_alpha, 1e-3), max(mixup_alpha, 1e-3)
+  )
+  lam_cut = jax.random.beta(
+      rng_cut, max(cutmix_alpha, 1e-3), max(cutmix_alpha, 1e-3)
+  )
   box = cutmix_box_mask(rng_box, height, width, lam_cut)  # [H, W]
   lam_box = 1.0 - jnp.mean(box.astype(jnp.float32))
   apply = jax.random.uniform(rng_apply) < prob
@@ -80,8 +94,10 @@ def mixup_cutmix(rng: jax.Array, images: jax.Array, targets: jax.Array, *,
   lam = jnp.where(apply, lam, 1.0).astype(jnp.float32)
 
   flipped = images[::-1]
-  mixed = lam.astype(images.dtype) * images + (
-      1.0 - lam).astype(images.dtype) * flipped
+  mixed = (
+      lam.astype(images.dtype) * images
+      + (1.0 - lam).astype(images.dtype) * flipped
+  )
   cut = jnp.where(box[None, :, :, None], flipped, images)  # [B, H, W, C]
   out = jnp.where(use_cutmix, cut, mixed)
   out = jnp.where(apply, out, images)

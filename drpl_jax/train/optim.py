@@ -73,11 +73,14 @@ class OptimConfig:
 
   def __post_init__(self):
     if self.mu_dtype not in MU_DTYPES:
-      raise ValueError(f'config.optim.mu_dtype={self.mu_dtype!r} is not one '
-                       f'of {list(MU_DTYPES)}')
+      raise ValueError(
+          f'config.optim.mu_dtype={self.mu_dtype!r} is not one '
+          f'of {list(MU_DTYPES)}'
+      )
     if not 0.0 < self.layer_decay <= 1.0:
-      raise ValueError(f'config.optim.layer_decay={self.layer_decay} must be '
-                       'in (0, 1]')
+      raise ValueError(
+          f'config.optim.layer_decay={self.layer_decay} must be ' 'in (0, 1]'
+      )
 
   @classmethod
   def from_config(cls, section: Mapping[str, Any]) -> OptimConfig:
@@ -113,8 +116,8 @@ def decays(name: str, ndim: int, rpe_weight_decay: bool = True) -> bool:
 def decay_mask(params: Any, rpe_weight_decay: bool = True) -> Any:
   """True where weight decay applies (a tree of bools like `params`)."""
   return jax.tree_util.tree_map_with_path(
-      lambda path, x: decays(path_str(path), x.ndim, rpe_weight_decay),
-      params)
+      lambda path, x: decays(path_str(path), x.ndim, rpe_weight_decay), params
+  )
 
 
 def layer_id(name: str, depth: int) -> int:
@@ -123,8 +126,10 @@ def layer_id(name: str, depth: int) -> int:
   if match:
     i = int(match.group(1))
     if i >= depth:
-      raise ValueError(f'parameter {name!r} is in block {i} but the model '
-                       f'depth is {depth}')
+      raise ValueError(
+          f'parameter {name!r} is in block {i} but the model '
+          f'depth is {depth}'
+      )
     return i + 1
   if name.split('.')[0] in EMBEDDING_NAMES:
     return 0
@@ -146,8 +151,7 @@ class _ScaleByTreeState(NamedTuple):
   pass
 
 
-def scale_by_layer(depth: int, decay: float
-                   ) -> optax.GradientTransformation:
+def scale_by_layer(depth: int, decay: float) -> optax.GradientTransformation:
   """Multiplies each update by its layer's `layer_scales` factor.
 
   Placed last in the chain, it scales the whole AdamW step (weight decay
@@ -161,15 +165,17 @@ def scale_by_layer(depth: int, decay: float
   def update(updates, state, params=None):
     del params
     scales = layer_scales(updates, depth, decay)
-    updates = jax.tree.map(lambda u, s: u * jnp.asarray(s, u.dtype), updates,
-                           scales)
+    updates = jax.tree.map(
+        lambda u, s: u * jnp.asarray(s, u.dtype), updates, scales
+    )
     return updates, state
 
   return optax.GradientTransformation(init, update)
 
 
-def learning_rate_schedule(cfg: OptimConfig, *, batch_size: int,
-                           total_steps: int) -> optax.Schedule:
+def learning_rate_schedule(
+    cfg: OptimConfig, *, batch_size: int, total_steps: int
+) -> optax.Schedule:
   """Linear warmup to base_lr * batch/512, then cosine decay to min_lr.
 
   `batch_size` is the global batch, `total_steps` the run's updates.
@@ -177,30 +183,42 @@ def learning_rate_schedule(cfg: OptimConfig, *, batch_size: int,
   peak = cfg.base_lr * batch_size / 512
   warmup = min(cfg.warmup_steps, max(total_steps - 1, 0))
   return optax.warmup_cosine_decay_schedule(
-      init_value=0.0, peak_value=peak, warmup_steps=warmup,
+      init_value=0.0,
+      peak_value=peak,
+      warmup_steps=warmup,
       decay_steps=max(total_steps, warmup + 1),
-      end_value=min(cfg.min_lr, peak))
+      end_value=min(cfg.min_lr, peak),
+  )
 
 
-def create_optimizer(cfg: OptimConfig, batch_size: int, total_steps: int,
-                     depth: int
-                     ) -> tuple[optax.GradientTransformation, optax.Schedule]:
+def create_optimizer(
+    cfg: OptimConfig, batch_size: int, total_steps: int, depth: int
+) -> tuple[optax.GradientTransformation, optax.Schedule]:
   """AdamW (decoupled decay on matrices only), clipping, layer decay.
 
   `batch_size` (global) and `total_steps` shape the schedule; `depth` is
   the model's number of blocks (for `layer_decay`).
   """
-  schedule = learning_rate_schedule(cfg, batch_size=batch_size,
-                                    total_steps=total_steps)
+  schedule = learning_rate_schedule(
+      cfg, batch_size=batch_size, total_steps=total_steps
+  )
   parts = []
   if cfg.grad_clip > 0:
     parts.append(optax.clip_by_global_norm(cfg.grad_clip))
-  mask = lambda params: decay_mask(params,
-                                   rpe_weight_decay=cfg.rpe_weight_decay)
+  mask = lambda params: decay_mask(
+      params, rpe_weight_decay=cfg.rpe_weight_decay
+  )
   mu_dtype = jnp.dtype(cfg.mu_dtype) if cfg.mu_dtype else None
-  parts.append(optax.adamw(schedule, b1=cfg.b1, b2=cfg.b2,
-                           weight_decay=cfg.weight_decay, mask=mask,
-                           mu_dtype=mu_dtype))
+  parts.append(
+      optax.adamw(
+          schedule,
+          b1=cfg.b1,
+          b2=cfg.b2,
+          weight_decay=cfg.weight_decay,
+          mask=mask,
+          mu_dtype=mu_dtype,
+      )
+  )
   if cfg.layer_decay != 1.0:
     parts.append(scale_by_layer(depth, cfg.layer_decay))
   return optax.chain(*parts), schedule

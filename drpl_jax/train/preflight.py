@@ -20,8 +20,11 @@ from drpl_jax.utils.errors import UserError
 
 def explicit_overrides(argv: Iterable[str]) -> set[str]:
   """The keys set by `--config.KEY=VALUE` (or `--config.KEY VALUE`) flags."""
-  return {a[len('--config.'):].partition('=')[0] for a in argv
-          if a.startswith('--config.')}
+  return {
+      a[len('--config.') :].partition('=')[0]
+      for a in argv
+      if a.startswith('--config.')
+  }
 
 
 def check_teacher(config: ml_collections.ConfigDict) -> None:
@@ -30,23 +33,35 @@ def check_teacher(config: ml_collections.ConfigDict) -> None:
   kind = config.get('distill', {}).get('kind', 'none')
   teacher = config.get('teacher', {})
   checkpoint = teacher.get('checkpoint')
-  if (checkpoint and teacher.get('arch')
-      and not epath.Path(checkpoint).is_file()):
+  if (
+      checkpoint
+      and teacher.get('arch')
+      and not epath.Path(checkpoint).is_file()
+  ):
     raise UserError(
         f'config.teacher.checkpoint={checkpoint!r}: no such file (python -m '
-        'drpl_jax.train_teacher makes one)')
-  if (kind == 'none' or not config.model.get('distilled', False)
-      or teacher.get('arch') or teacher.get('soft_labels')):
+        'drpl_jax.train_teacher makes one)'
+    )
+  if (
+      kind == 'none'
+      or not config.model.get('distilled', False)
+      or teacher.get('arch')
+      or teacher.get('soft_labels')
+  ):
     return
   raise UserError(
       f'config.distill.kind={kind!r} needs a teacher: add '
       '--config.teacher.arch=resnet50 --config.teacher.checkpoint=FILE '
       '(online; python -m drpl_jax.train_teacher makes one), or '
-      '--config.teacher.soft_labels=FILE.npz, or --config.distill.kind=none')
+      '--config.teacher.soft_labels=FILE.npz, or --config.distill.kind=none'
+  )
 
 
-def infer_num_classes(config: ml_collections.ConfigDict,
-                      class_names: Sequence[str], explicit: set[str]) -> None:
+def infer_num_classes(
+    config: ml_collections.ConfigDict,
+    class_names: Sequence[str],
+    explicit: set[str],
+) -> None:
   """Sets config.model.num_classes from the data set's classes.
 
   `explicit`: the overridden keys (`explicit_overrides(argv)`); a
@@ -61,10 +76,15 @@ def infer_num_classes(config: ml_collections.ConfigDict,
     raise UserError(
         f'--config.model.num_classes={configured} contradicts the data set '
         f'{config.data.name}, which has {len(class_names)} classes '
-        f'{list(class_names)}; leave the flag out to use the data\'s count')
-  logging.info('config.model.num_classes: %d from the data set (%s), not '
-               'the config\'s %d', len(class_names), ','.join(class_names),
-               configured)
+        f"{list(class_names)}; leave the flag out to use the data's count"
+    )
+  logging.info(
+      'config.model.num_classes: %d from the data set (%s), not '
+      "the config's %d",
+      len(class_names),
+      ','.join(class_names),
+      configured,
+  )
   config.model.num_classes = len(class_names)
 
 
@@ -79,4 +99,5 @@ def check_teacher_arch(arch: str, checkpoint: str) -> None:
   if recorded and recorded != arch:
     raise UserError(
         f'{checkpoint} holds a {recorded} (per {record}), not {arch}: set '
-        f'--config.teacher.arch={recorded}')
+        f'--config.teacher.arch={recorded}'
+    )

@@ -57,13 +57,19 @@ class TrainState:
     return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
 
   @classmethod
-  def fresh(cls, params: Any, rest: Any, tx: Any, rng: jax.Array, *,
-            ema: bool = False) -> TrainState:
+  def fresh(
+      cls, params: Any, rest: Any, tx: Any, rng: jax.Array, *, ema: bool = False
+  ) -> TrainState:
     """Step 0: the optimizer initialised on `params`, EMA starting there."""
-    return cls(step=jnp.zeros((), jnp.int32), rng=rng, params=params,
-               rest=rest, opt_state=tx.init(params),
-               ema=params if ema else None,
-               nonfinite=jnp.zeros((), jnp.int32))
+    return cls(
+        step=jnp.zeros((), jnp.int32),
+        rng=rng,
+        params=params,
+        rest=rest,
+        opt_state=tx.init(params),
+        ema=params if ema else None,
+        nonfinite=jnp.zeros((), jnp.int32),
+    )
 
   @classmethod
   def from_dict(cls, tree: dict[str, Any]) -> TrainState:
@@ -72,8 +78,9 @@ class TrainState:
     missing = [n for n in names if n not in tree]
     extra = [k for k in tree if k not in names]
     if missing or extra:
-      raise ValueError(f'train state tree: missing {missing}, unknown '
-                       f'{extra}')
+      raise ValueError(
+          f'train state tree: missing {missing}, unknown ' f'{extra}'
+      )
     return cls(**{n: tree[n] for n in names})
 
 
@@ -123,10 +130,12 @@ def create_mesh(config: ml_collections.ConfigDict) -> Mesh:
   return sharding.create_mesh(tuple(config.get('mesh_shape', (-1, 1))))
 
 
-def create_train_state(config: ml_collections.ConfigDict,
-                       model_cfg: ModelConfig,
-                       tx: optax.GradientTransformation, mesh: Mesh
-                       ) -> tuple[nnx.GraphDef, TrainState, TrainState]:
+def create_train_state(
+    config: ml_collections.ConfigDict,
+    model_cfg: ModelConfig,
+    tx: optax.GradientTransformation,
+    mesh: Mesh,
+) -> tuple[nnx.GraphDef, TrainState, TrainState]:
   """Initialises the train state directly into its shardings.
 
   Returns (graphdef, state, shardings); `shardings` is a TrainState of
@@ -148,47 +157,64 @@ def create_train_state(config: ml_collections.ConfigDict,
   return graphdef, state, shardings
 
 
-def abstract_inference_state(model_cfg: ModelConfig, mesh: Mesh,
-                             use_ema: bool
-                             ) -> tuple[nnx.GraphDef, InferenceState,
-                                        InferenceState]:
+def abstract_inference_state(
+    model_cfg: ModelConfig, mesh: Mesh, use_ema: bool
+) -> tuple[nnx.GraphDef, InferenceState, InferenceState]:
   """(graphdef, abstract InferenceState, its shardings); no optimizer."""
-  graphdef, params, rest = nnx.split(abstract_model(model_cfg), nnx.Param,
-                                     ...)
+  graphdef, params, rest = nnx.split(abstract_model(model_cfg), nnx.Param, ...)
   to_struct = lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype)
   params = jax.tree.map(to_struct, params)
   rest = jax.tree.map(to_struct, rest)
-  abstract = InferenceState(params=params, rest=rest,
-                            ema=params if use_ema else None)
+  abstract = InferenceState(
+      params=params, rest=rest, ema=params if use_ema else None
+  )
   return graphdef, abstract, sharding.state_shardings(abstract, mesh)
 
 
-def jit_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation,
-                   step_cfg: step_lib.StepConfig, schedule: optax.Schedule,
-                   state_shardings: TrainState, mesh: Mesh,
-                   teacher: OnlineTeacher | None = None):
+def jit_train_step(
+    graphdef: nnx.GraphDef,
+    tx: optax.GradientTransformation,
+    step_cfg: step_lib.StepConfig,
+    schedule: optax.Schedule,
+    state_shardings: TrainState,
+    mesh: Mesh,
+    teacher: OnlineTeacher | None = None,
+):
   """`step(state, batch, teacher_state)` jitted with shardings + donation."""
   step = step_lib.make_train_step(
-      graphdef, tx, step_cfg, schedule,
-      teacher_graphdef=teacher.graphdef if teacher else None)
+      graphdef,
+      tx,
+      step_cfg,
+      schedule,
+      teacher_graphdef=teacher.graphdef if teacher else None,
+  )
   batch_sh = sharding.batch_sharding(mesh)
   teacher_sh = teacher.shardings if teacher else None
   return jax.jit(
       step,
       in_shardings=(state_shardings, batch_sh, teacher_sh),
       out_shardings=(state_shardings, sharding.replicated(mesh)),
-      donate_argnums=(0,))
+      donate_argnums=(0,),
+  )
 
 
-def jit_eval_step(graphdef: nnx.GraphDef, step_cfg: step_lib.StepConfig,
-                  state_shardings: TrainState | InferenceState, mesh: Mesh):
+def jit_eval_step(
+    graphdef: nnx.GraphDef,
+    step_cfg: step_lib.StepConfig,
+    state_shardings: TrainState | InferenceState,
+    mesh: Mesh,
+):
   """`eval_step(params, rest, batch) -> logits per head`, jitted."""
   step = step_lib.make_eval_step(graphdef, step_cfg)
   return jax.jit(
       step,
-      in_shardings=(state_shardings.params, state_shardings.rest,
-                    sharding.batch_sharding(mesh)),
-      out_shardings=sharding.batch_sharding(mesh))
+      in_shardings=(
+          state_shardings.params,
+          state_shardings.rest,
+          sharding.batch_sharding(mesh),
+      ),
+      out_shardings=sharding.batch_sharding(mesh),
+  )
 
 
 @dataclasses.dataclass
@@ -207,29 +233,48 @@ class Setup:
 
   def train_step(self, teacher: OnlineTeacher | None = None):
     """The jitted, donating train step (with an online teacher if given)."""
-    return jit_train_step(self.graphdef, self.tx, self.step_cfg,
-                          self.schedule, self.shardings, self.mesh, teacher)
+    return jit_train_step(
+        self.graphdef,
+        self.tx,
+        self.step_cfg,
+        self.schedule,
+        self.shardings,
+        self.mesh,
+        teacher,
+    )
 
   def eval_step(self):
     """The jitted eval step: (params, rest, batch) -> logits per head."""
-    return jit_eval_step(self.graphdef, self.step_cfg, self.shardings,
-                         self.mesh)
+    return jit_eval_step(
+        self.graphdef, self.step_cfg, self.shardings, self.mesh
+    )
 
 
-def build(config: ml_collections.ConfigDict, mesh: Mesh | None = None
-          ) -> Setup:
+def build(config: ml_collections.ConfigDict, mesh: Mesh | None = None) -> Setup:
   """Model config, mesh, optimizer, sharded train state and step config."""
   from drpl_jax.train import optim  # pylint: disable=g-import-not-at-top
+
   model_cfg = model_config_from(config)
   mesh = create_mesh(config) if mesh is None else mesh
   tx, schedule = optim.create_optimizer(
-      optim.OptimConfig.from_config(config.optim), config.batch_size,
-      config.total_steps, model_cfg.depth)
-  graphdef, state, shardings = create_train_state(config, model_cfg, tx,
-                                                  mesh)
+      optim.OptimConfig.from_config(config.optim),
+      config.batch_size,
+      config.total_steps,
+      model_cfg.depth,
+  )
+  graphdef, state, shardings = create_train_state(config, model_cfg, tx, mesh)
   step_cfg = step_lib.StepConfig.from_config(config, model_cfg)
-  return Setup(config, model_cfg, mesh, graphdef, tx, schedule, state,
-               shardings, step_cfg)
+  return Setup(
+      config,
+      model_cfg,
+      mesh,
+      graphdef,
+      tx,
+      schedule,
+      state,
+      shardings,
+      step_cfg,
+  )
 
 
 @dataclasses.dataclass
@@ -246,11 +291,13 @@ class InferenceSetup:
 
   def eval_step(self):
     """The jitted eval step: (params, rest, batch) -> logits per head."""
-    return jit_eval_step(self.graphdef, self.step_cfg, self.shardings,
-                         self.mesh)
+    return jit_eval_step(
+        self.graphdef, self.step_cfg, self.shardings, self.mesh
+    )
 
-  def restore(self, workdir: str, step: int | None = None
-              ) -> tuple[int, InferenceState]:
+  def restore(
+      self, workdir: str, step: int | None = None
+  ) -> tuple[int, InferenceState]:
     """Reads params, rest and EMA of checkpoint `step` (default the latest
     complete one) in `workdir`; never the optimizer state.
 
@@ -258,22 +305,27 @@ class InferenceSetup:
     `Checkpointer.restore_for_inference`) and ValueError for another model.
     """
     from drpl_jax.train import checkpointing  # pylint: disable=g-import-not-at-top
+
     ckpt = checkpointing.Checkpointer(workdir)
     try:
       step, tree = ckpt.restore_for_inference(
-          step, self.state.to_dict(), self.shardings.to_dict())
+          step, self.state.to_dict(), self.shardings.to_dict()
+      )
     finally:
       ckpt.close()
     return step, InferenceState(**tree)
 
 
-def build_inference(config: ml_collections.ConfigDict,
-                    mesh: Mesh | None = None) -> InferenceSetup:
+def build_inference(
+    config: ml_collections.ConfigDict, mesh: Mesh | None = None
+) -> InferenceSetup:
   """The model, mesh and eval step of `config`, with no optimizer."""
   model_cfg = model_config_from(config)
   mesh = create_mesh(config) if mesh is None else mesh
   graphdef, abstract, shardings = abstract_inference_state(
-      model_cfg, mesh, use_ema=config.optim.ema_decay > 0)
+      model_cfg, mesh, use_ema=config.optim.ema_decay > 0
+  )
   step_cfg = step_lib.StepConfig.from_config(config, model_cfg)
-  return InferenceSetup(config, model_cfg, mesh, graphdef, abstract,
-                        shardings, step_cfg)
+  return InferenceSetup(
+      config, model_cfg, mesh, graphdef, abstract, shardings, step_cfg
+  )

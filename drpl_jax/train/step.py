@@ -58,8 +58,9 @@ class StepConfig:
   std: tuple[float, ...] = _key('data.std')
   label_smoothing: float = _key('loss.label_smoothing', 0.0)
   # '' or one comma separated weight per class in the config.
-  class_weights: tuple[float, ...] | None = _key('loss.class_weights', None,
-                                                 stored='')
+  class_weights: tuple[float, ...] | None = _key(
+      'loss.class_weights', None, stored=''
+  )
   distill_kind: str = _key('distill.kind', 'none')
   distill_alpha: float = _key('distill.alpha', 0.5)
   distill_tau: float = _key('distill.tau', 1.0)
@@ -77,21 +78,27 @@ class StepConfig:
     """The step settings of `config`; classes and heads from `model_cfg`."""
     values = contract.read_bound(cls, config)
     values.update(
-        num_classes=model_cfg.num_classes, distilled=model_cfg.distilled,
-        class_weights=parse_class_weights(values['class_weights'],
-                                          model_cfg.num_classes),
-        distill_kind=(values['distill_kind'] if model_cfg.distilled
-                      else 'none'),
+        num_classes=model_cfg.num_classes,
+        distilled=model_cfg.distilled,
+        class_weights=parse_class_weights(
+            values['class_weights'], model_cfg.num_classes
+        ),
+        distill_kind=(
+            values['distill_kind'] if model_cfg.distilled else 'none'
+        ),
         skip_nonfinite=_nonfinite_mode(values['skip_nonfinite']) == 'skip',
-        grad_accum_steps=_grad_accum_steps(values['grad_accum_steps'],
-                                           config.get('batch_size')))
+        grad_accum_steps=_grad_accum_steps(
+            values['grad_accum_steps'], config.get('batch_size')
+        ),
+    )
     return cls(**values)
 
 
 def _nonfinite_mode(mode: str) -> str:
   if mode not in NONFINITE_MODES:
-    raise ValueError(f'config.nonfinite={mode!r} is not one of '
-                     f'{list(NONFINITE_MODES)}')
+    raise ValueError(
+        f'config.nonfinite={mode!r} is not one of ' f'{list(NONFINITE_MODES)}'
+    )
   return mode
 
 
@@ -100,24 +107,31 @@ def _grad_accum_steps(k: int, batch: int | None) -> int:
   if k < 1:
     raise ValueError(f'config.optim.grad_accum_steps={k} must be >= 1')
   if batch is not None and batch % k:
-    raise ValueError(f'config.batch_size={batch} is not divisible by '
-                     f'config.optim.grad_accum_steps={k}')
+    raise ValueError(
+        f'config.batch_size={batch} is not divisible by '
+        f'config.optim.grad_accum_steps={k}'
+    )
   return k
 
 
-def parse_class_weights(spec: str, num_classes: int
-                        ) -> tuple[float, ...] | None:
+def parse_class_weights(
+    spec: str, num_classes: int
+) -> tuple[float, ...] | None:
   """'' -> None; '1,2.5,1,4' -> one weight per class (error names the spec)."""
   if not spec:
     return None
   try:
     weights = tuple(float(w) for w in str(spec).split(','))
   except ValueError as e:
-    raise ValueError(f'config.loss.class_weights={spec!r}: not a comma '
-                     'separated list of numbers') from e
+    raise ValueError(
+        f'config.loss.class_weights={spec!r}: not a comma '
+        'separated list of numbers'
+    ) from e
   if len(weights) != num_classes or min(weights) <= 0:
-    raise ValueError(f'config.loss.class_weights={spec!r}: need '
-                     f'{num_classes} positive weights, one per class')
+    raise ValueError(
+        f'config.loss.class_weights={spec!r}: need '
+        f'{num_classes} positive weights, one per class'
+    )
   return weights
 
 
@@ -140,10 +154,13 @@ def _heads(outputs) -> tuple[jax.Array, jax.Array | None]:
   return outputs, None
 
 
-def step_inputs(cfg: StepConfig, state: State, batch: dict[str, jax.Array],
-                teacher_graphdef: nnx.GraphDef | None = None,
-                teacher_state: Any = None
-                ) -> tuple[jax.Array, jax.Array, jax.Array | None, jax.Array]:
+def step_inputs(
+    cfg: StepConfig,
+    state: State,
+    batch: dict[str, jax.Array],
+    teacher_graphdef: nnx.GraphDef | None = None,
+    teacher_state: Any = None,
+) -> tuple[jax.Array, jax.Array, jax.Array | None, jax.Array]:
   """What the student and the teacher see at this step.
 
   Returns ([0, 1] images after mixup/cutmix [B, H, W, 3], soft targets
@@ -157,9 +174,14 @@ def step_inputs(cfg: StepConfig, state: State, batch: dict[str, jax.Array],
   targets = jax.nn.one_hot(batch['label'], cfg.num_classes)
   if cfg.mixup_alpha > 0 or cfg.cutmix_alpha > 0:
     images, targets = mixup_lib.mixup_cutmix(
-        mix_key, images, targets, mixup_alpha=cfg.mixup_alpha,
-        cutmix_alpha=cfg.cutmix_alpha, prob=cfg.mixup_prob,
-        switch_prob=cfg.mixup_switch_prob)
+        mix_key,
+        images,
+        targets,
+        mixup_alpha=cfg.mixup_alpha,
+        cutmix_alpha=cfg.cutmix_alpha,
+        prob=cfg.mixup_prob,
+        switch_prob=cfg.mixup_switch_prob,
+    )
   teacher_logits = batch.get('teacher_logits')
   if teacher_graphdef is not None:
     teacher = nnx.merge(teacher_graphdef, teacher_state)
@@ -167,10 +189,13 @@ def step_inputs(cfg: StepConfig, state: State, batch: dict[str, jax.Array],
   return images, targets, teacher_logits, drop_key
 
 
-def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation,
-                    cfg: StepConfig, schedule: optax.Schedule,
-                    teacher_graphdef: nnx.GraphDef | None = None
-                    ) -> Callable[..., tuple[State, dict[str, jax.Array]]]:
+def make_train_step(
+    graphdef: nnx.GraphDef,
+    tx: optax.GradientTransformation,
+    cfg: StepConfig,
+    schedule: optax.Schedule,
+    teacher_graphdef: nnx.GraphDef | None = None,
+) -> Callable[..., tuple[State, dict[str, jax.Array]]]:
   """Returns `step(state, batch, teacher_state=None) -> (state, metrics)`.
 
   batch: {'image': uint8 [B, H, W, 3], 'label': int32 [B]} plus optionally
@@ -190,32 +215,44 @@ def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation,
   """
   one = functools.partial(_grads_and_metrics, graphdef, cfg)
 
-  def step(state: State, batch: dict[str, jax.Array],
-           teacher_state: Any = None):
+  def step(
+      state: State, batch: dict[str, jax.Array], teacher_state: Any = None
+  ):
     images, targets, teacher_logits, drop_key = step_inputs(
-        cfg, state, batch, teacher_graphdef, teacher_state)
-    inputs = {'x': normalize(images, cfg.mean, cfg.std), 'targets': targets,
-              'labels': batch['label']}
+        cfg, state, batch, teacher_graphdef, teacher_state
+    )
+    inputs = {
+        'x': normalize(images, cfg.mean, cfg.std),
+        'targets': targets,
+        'labels': batch['label'],
+    }
     if teacher_logits is not None:
       inputs['teacher_logits'] = teacher_logits
     if cfg.grad_accum_steps == 1:
-      grads, rest, metrics = one(state.params, state.rest, inputs,
-                                 drop_key)
+      grads, rest, metrics = one(state.params, state.rest, inputs, drop_key)
     else:
-      grads, rest, metrics = _accumulate(one, cfg.grad_accum_steps,
-                                         state.params, state.rest,
-                                         inputs, drop_key)
+      grads, rest, metrics = _accumulate(
+          one, cfg.grad_accum_steps, state.params, state.rest, inputs, drop_key
+      )
     return _apply(tx, cfg, schedule, state, grads, rest, metrics)
 
   return step
 
 
-def _grads_and_metrics(graphdef: nnx.GraphDef, cfg: StepConfig, params: Any,
-                       rest: Any, inputs: dict[str, jax.Array],
-                       drop_key: jax.Array) -> tuple[Any, Any, dict]:
+def _grads_and_metrics(
+    graphdef: nnx.GraphDef,
+    cfg: StepConfig,
+    params: Any,
+    rest: Any,
+    inputs: dict[str, jax.Array],
+    drop_key: jax.Array,
+) -> tuple[Any, Any, dict]:
   """Loss gradients, updated non-Param variables and metrics of a batch."""
-  weights = (None if cfg.class_weights is None
-             else jnp.asarray(cfg.class_weights, jnp.float32))
+  weights = (
+      None
+      if cfg.class_weights is None
+      else jnp.asarray(cfg.class_weights, jnp.float32)
+  )
   teacher_logits = inputs.get('teacher_logits')
 
   def loss_fn(params, rest):
@@ -225,53 +262,73 @@ def _grads_and_metrics(graphdef: nnx.GraphDef, cfg: StepConfig, params: Any,
     model = nnx.merge(graphdef, params, rest)
     outputs = model(inputs['x'], train=True, rngs=nnx.Rngs(dropout=drop_key))
     loss, aux = losses.total_loss(
-        outputs, inputs['targets'], teacher_logits,
-        distill_kind=cfg.distill_kind, alpha=cfg.distill_alpha,
-        tau=cfg.distill_tau, label_smoothing=cfg.label_smoothing,
-        class_weights=weights)
+        outputs,
+        inputs['targets'],
+        teacher_logits,
+        distill_kind=cfg.distill_kind,
+        alpha=cfg.distill_alpha,
+        tau=cfg.distill_tau,
+        label_smoothing=cfg.label_smoothing,
+        class_weights=weights,
+    )
     rest = nnx.state(model, nnx.Not(nnx.Param))
     return loss, (aux, rest, outputs)
 
   grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
   (_, (aux, rest, outputs)), grads = grad_fn(params, rest)
-  metrics = train_metrics(outputs, inputs['labels'], inputs['targets'],
-                          teacher_logits, aux)
+  metrics = train_metrics(
+      outputs, inputs['labels'], inputs['targets'], teacher_logits, aux
+  )
   return grads, rest, metrics
 
 
 def _micro_batches(x: jax.Array, k: int) -> jax.Array:
   """[B, ...] -> [K, B / K, ...]; micro-batch i holds examples i, i + K, ..."""
   if x.shape[0] % k:
-    raise ValueError(f'batch of {x.shape[0]} is not divisible by '
-                     f'config.optim.grad_accum_steps={k}')
+    raise ValueError(
+        f'batch of {x.shape[0]} is not divisible by '
+        f'config.optim.grad_accum_steps={k}'
+    )
   x = x.reshape((x.shape[0] // k, k) + x.shape[1:])  # [B / K, K, ...]
   return jnp.swapaxes(x, 0, 1)  # [K, B / K, ...]
 
 
-def _accumulate(one: Callable[..., Any], k: int, params: Any, rest: Any,
-                inputs: dict[str, jax.Array], drop_key: jax.Array
-                ) -> tuple[Any, Any, dict]:
+def _accumulate(
+    one: Callable[..., Any],
+    k: int,
+    params: Any,
+    rest: Any,
+    inputs: dict[str, jax.Array],
+    drop_key: jax.Array,
+) -> tuple[Any, Any, dict]:
   """Mean gradients and metrics over K micro-batches (a lax.scan)."""
   micro = jax.tree.map(lambda x: _micro_batches(x, k), inputs)
 
   def body(carry, xs):
     grad_sum, rest = carry
     batch, i = xs
-    grads, rest, metrics = one(params, rest, batch,
-                               jax.random.fold_in(drop_key, i))
+    grads, rest, metrics = one(
+        params, rest, batch, jax.random.fold_in(drop_key, i)
+    )
     return (jax.tree.map(jnp.add, grad_sum, grads), rest), metrics
 
   zeros = jax.tree.map(jnp.zeros_like, params)
   (grad_sum, rest), metrics = jax.lax.scan(
-      body, (zeros, rest), (micro, jnp.arange(k)))
+      body, (zeros, rest), (micro, jnp.arange(k))
+  )
   grads = jax.tree.map(lambda g: g / k, grad_sum)
   return grads, rest, jax.tree.map(lambda m: jnp.mean(m, axis=0), metrics)
 
 
-def _apply(tx: optax.GradientTransformation, cfg: StepConfig,
-           schedule: optax.Schedule, state: State, grads: Any, rest: Any,
-           metrics: dict[str, jax.Array]
-           ) -> tuple[State, dict[str, jax.Array]]:
+def _apply(
+    tx: optax.GradientTransformation,
+    cfg: StepConfig,
+    schedule: optax.Schedule,
+    state: State,
+    grads: Any,
+    rest: Any,
+    metrics: dict[str, jax.Array],
+) -> tuple[State, dict[str, jax.Array]]:
   """One optimizer update; a non-finite loss or gradient skips it (or not)."""
   grad_norm = optax.tree.norm(grads)
   updates, opt_state = tx.update(grads, state.opt_state, state.params)
@@ -279,7 +336,8 @@ def _apply(tx: optax.GradientTransformation, cfg: StepConfig,
   finite = jnp.isfinite(metrics['loss']) & jnp.isfinite(grad_norm)
   if cfg.skip_nonfinite:
     keep = lambda new, old: jax.tree.map(
-        lambda n, o: jnp.where(finite, n, o), new, old)
+        lambda n, o: jnp.where(finite, n, o), new, old
+    )
     params = keep(params, state.params)
     opt_state = keep(opt_state, state.opt_state)
     rest = keep(rest, state.rest)
@@ -287,13 +345,24 @@ def _apply(tx: optax.GradientTransformation, cfg: StepConfig,
   ema = state.ema
   if ema is not None:
     d = cfg.ema_decay
-    ema = jax.tree.map(lambda e, p: jnp.where(finite, d * e + (1 - d) * p, e),
-                       ema, params)
-  new_state = state.replace(step=state.step + 1, params=params, rest=rest,
-                            opt_state=opt_state, ema=ema, nonfinite=nonfinite)
-  metrics = dict(metrics, grad_norm=grad_norm,
-                 learning_rate=schedule(state.step), nonfinite=nonfinite,
-                 finite=finite.astype(jnp.float32))
+    ema = jax.tree.map(
+        lambda e, p: jnp.where(finite, d * e + (1 - d) * p, e), ema, params
+    )
+  new_state = state.replace(
+      step=state.step + 1,
+      params=params,
+      rest=rest,
+      opt_state=opt_state,
+      ema=ema,
+      nonfinite=nonfinite,
+  )
+  metrics = dict(
+      metrics,
+      grad_norm=grad_norm,
+      learning_rate=schedule(state.step),
+      nonfinite=nonfinite,
+      finite=finite.astype(jnp.float32),
+  )
   metrics.update(rpe_table_norms(params))
   return new_state, metrics
 
@@ -309,6 +378,7 @@ def rpe_table_norms(params: Any) -> dict[str, jax.Array]:
   'rpe_norm': their mean over blocks. Empty for a model without RPE.
   """
   from drpl_jax.train.optim import path_str  # pylint: disable=g-import-not-at-top
+
   squares: dict[int, jax.Array] = {}
   for path, x in jax.tree_util.tree_leaves_with_path(params):
     match = _RPE_TABLE.match(path_str(path))
@@ -318,15 +388,20 @@ def rpe_table_norms(params: Any) -> dict[str, jax.Array]:
       squares[i] = squares[i] + sq if i in squares else sq
   if not squares:
     return {}
-  norms = {f'rpe_norm_block{i}': jnp.sqrt(v)
-           for i, v in sorted(squares.items())}
+  norms = {
+      f'rpe_norm_block{i}': jnp.sqrt(v) for i, v in sorted(squares.items())
+  }
   norms['rpe_norm'] = jnp.mean(jnp.stack(list(norms.values())))
   return norms
 
 
-def train_metrics(outputs, labels: jax.Array, targets: jax.Array,
-                  teacher_logits: jax.Array | None,
-                  aux: dict[str, jax.Array]) -> dict[str, jax.Array]:
+def train_metrics(
+    outputs,
+    labels: jax.Array,
+    targets: jax.Array,
+    teacher_logits: jax.Array | None,
+    aux: dict[str, jax.Array],
+) -> dict[str, jax.Array]:
   """Per-batch training metrics, all on the augmented, mixed batch.
 
   accuracy_cls / accuracy_dist: each head's argmax against the batch labels
@@ -346,24 +421,26 @@ def train_metrics(outputs, labels: jax.Array, targets: jax.Array,
   metrics = {k: v for k, v in aux.items()}
   metrics['accuracy_cls'] = jnp.mean(jnp.argmax(cls_logits, -1) == labels)
   if dist_logits is not None:
-    metrics['accuracy_dist'] = jnp.mean(
-        jnp.argmax(dist_logits, -1) == labels)
+    metrics['accuracy_dist'] = jnp.mean(jnp.argmax(dist_logits, -1) == labels)
   if teacher_logits is not None:
     teacher_pred = jnp.argmax(teacher_logits, -1)
     metrics['teacher_accuracy'] = jnp.mean(
-        teacher_pred == jnp.argmax(targets, -1))
+        teacher_pred == jnp.argmax(targets, -1)
+    )
     metrics['teacher_accuracy_label'] = jnp.mean(teacher_pred == labels)
     agree = lambda logits: jnp.mean(jnp.argmax(logits, -1) == teacher_pred)
     metrics['teacher_agreement_cls'] = agree(cls_logits)
     if dist_logits is not None:
       metrics['teacher_agreement_dist'] = agree(dist_logits)
     metrics['teacher_agreement'] = agree(
-        dist_logits if dist_logits is not None else cls_logits)
+        dist_logits if dist_logits is not None else cls_logits
+    )
   return metrics
 
 
-def make_eval_step(graphdef: nnx.GraphDef, cfg: StepConfig
-                   ) -> Callable[..., dict[str, jax.Array]]:
+def make_eval_step(
+    graphdef: nnx.GraphDef, cfg: StepConfig
+) -> Callable[..., dict[str, jax.Array]]:
   """Returns `eval_step(params, rest, batch) -> per-example logits per head`.
 
   Output: {'mean': [B, C]} and, for a distilled model, {'cls', 'dist'}.
@@ -375,7 +452,10 @@ def make_eval_step(graphdef: nnx.GraphDef, cfg: StepConfig
     if not cfg.distilled:
       return {'mean': model(x, train=False).astype(jnp.float32)}
     cls_logits, dist_logits = model.heads(x)
-    return {'cls': cls_logits, 'dist': dist_logits,
-            'mean': (cls_logits + dist_logits) / 2}
+    return {
+        'cls': cls_logits,
+        'dist': dist_logits,
+        'mean': (cls_logits + dist_logits) / 2,
+    }
 
   return eval_step

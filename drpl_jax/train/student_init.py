@@ -25,10 +25,13 @@ from drpl_jax.train.state import TrainState
 Report = dict[str, Any]
 
 
-def student_from_timm(checkpoint: str | Mapping[str, np.ndarray],
-                      model_config: ModelConfig | Mapping[str, Any], *,
-                      rngs: nnx.Rngs | None = None,
-                      strict_head: bool = False) -> tuple[DRPLViT, Report]:
+def student_from_timm(
+    checkpoint: str | Mapping[str, np.ndarray],
+    model_config: ModelConfig | Mapping[str, Any],
+    *,
+    rngs: nnx.Rngs | None = None,
+    strict_head: bool = False,
+) -> tuple[DRPLViT, Report]:
   """A DRPL-ViT initialised from a pretrained ViT checkpoint.
 
   timm / DeiT weights, and also the other formats of `drpl_jax.pretrained`
@@ -49,16 +52,20 @@ def student_from_timm(checkpoint: str | Mapping[str, np.ndarray],
     report is also logged.
   """
   return pretrained.student_from_pretrained(
-      checkpoint, model_config, rngs=rngs, strict_head=strict_head)
+      checkpoint, model_config, rngs=rngs, strict_head=strict_head
+  )
 
 
 def _tree_shapes(tree: Any) -> dict[str, tuple[int, ...]]:
-  return {mapping.path_name(p): tuple(x.shape)
-          for p, x in jax.tree_util.tree_flatten_with_path(tree)[0]}
+  return {
+      mapping.path_name(p): tuple(x.shape)
+      for p, x in jax.tree_util.tree_flatten_with_path(tree)[0]
+  }
 
 
-def _init_from_values(config: Any, params_state: Any, rest_state: Any = None
-                      ) -> tuple[dict[str, np.ndarray], Report]:
+def _init_from_values(
+    config: Any, params_state: Any, rest_state: Any = None
+) -> tuple[dict[str, np.ndarray], Report]:
   """Reads and maps `config.init_from` for the variables of the states."""
   path = str(config.get('init_from', '') or '')
   if not path:
@@ -66,25 +73,27 @@ def _init_from_values(config: Any, params_state: Any, rest_state: Any = None
   if '://' not in path and not os.path.isfile(path):
     raise FileNotFoundError(
         f'config.init_from={path!r} does not exist (expected a timm/DeiT, '
-        'iRPE or CeiT .safetensors/.pth, or a big_vision .npz)')
+        'iRPE or CeiT .safetensors/.pth, or a big_vision .npz)'
+    )
   state, source = pretrained.load_source(path)
   shapes = _tree_shapes(params_state)
   if rest_state is not None:
     shapes.update(_tree_shapes(rest_state))
   values, report = pretrained.map_pretrained(
-      state, shapes, ModelConfig.from_config(config.model), source=source)
+      state, shapes, ModelConfig.from_config(config.model), source=source
+  )
   mapping.log_report(report)
   return values, report
 
 
-def _only(values: Mapping[str, np.ndarray], tree: Any
-          ) -> dict[str, np.ndarray]:
+def _only(values: Mapping[str, np.ndarray], tree: Any) -> dict[str, np.ndarray]:
   names = set(_tree_shapes(tree))
   return {k: v for k, v in values.items() if k in names}
 
 
-def init_from_checkpoint(config: Any, params_state: Any, rest_state: Any
-                         ) -> tuple[Any, Any, Report]:
+def init_from_checkpoint(
+    config: Any, params_state: Any, rest_state: Any
+) -> tuple[Any, Any, Report]:
   """Loads `config.init_from` (any pretrained format) into fresh states.
 
   For the training loop, when `config.init_from` is set and no training
@@ -95,12 +104,16 @@ def init_from_checkpoint(config: Any, params_state: Any, rest_state: Any
   has them (CeiT), else it is returned as is.
   """
   values, report = _init_from_values(config, params_state, rest_state)
-  return (mapping.update_params(params_state, _only(values, params_state)),
-          mapping.update_params(rest_state, _only(values, rest_state)), report)
+  return (
+      mapping.update_params(params_state, _only(values, params_state)),
+      mapping.update_params(rest_state, _only(values, rest_state)),
+      report,
+  )
 
 
-def init_train_state(config: Any, state: TrainState
-                     ) -> tuple[TrainState, Report]:
+def init_train_state(
+    config: Any, state: TrainState
+) -> tuple[TrainState, Report]:
   """`state.build`'s train state with `config.init_from` loaded.
 
   Loads the parameters and, when the state keeps an EMA of them, the EMA
@@ -116,5 +129,9 @@ def init_train_state(config: Any, state: TrainState
   ema = state.ema
   if ema is not None:
     ema = mapping.update_params(ema, params)
-  return state.replace(params=mapping.update_params(state.params, params),
-                       rest=rest, ema=ema), report
+  return (
+      state.replace(
+          params=mapping.update_params(state.params, params), rest=rest, ema=ema
+      ),
+      report,
+  )

@@ -9,12 +9,20 @@ imports torch; only this package does.
   torch.save(state_dict_from_flax(model), 'drpl.pth')   # a torch checkpoint
 """
 
-from drpl_jax.pytorch.twin.convert import (flax_to_torch, load_torch_state_dict,
-                                        state_dict_from_flax, torch_arrays,
-                                        torch_name, torch_to_flax)
+from drpl_jax.pytorch.twin.convert import (
+    flax_to_torch,
+    load_torch_state_dict,
+    state_dict_from_flax,
+    torch_arrays,
+    torch_name,
+    torch_to_flax,
+)
 from drpl_jax.pytorch.twin.model import DRPLViTTorch
-from drpl_jax.pytorch.twin.train import (make_optimizer, make_train_step,
-                                      total_loss)
+from drpl_jax.pytorch.twin.train import (
+    make_optimizer,
+    make_train_step,
+    total_loss,
+)
 
 __all__ = [
     'DRPLViTTorch',

@@ -30,8 +30,9 @@ class IRPE(nn.Module):
   Zero-initialised, as the reference code and the Flax model.
   """
 
-  def __init__(self, num_heads: int, head_dim: int, ratio: float,
-               shared_heads: bool):
+  def __init__(
+      self, num_heads: int, head_dim: int, ratio: float, shared_heads: bool
+  ):
     super().__init__()
     nb = rpe_lib.irpe_num_buckets(ratio)
     shape = (nb, head_dim) if shared_heads else (num_heads, nb, head_dim)
@@ -44,27 +45,27 @@ class IRPE(nn.Module):
       return torch.matmul(x, table.t())
     return torch.einsum('bhld,hkd->bhlk', x, table)
 
-  def key_bias(self, q_scaled: torch.Tensor,
-               ids: torch.Tensor) -> torch.Tensor:
+  def key_bias(self, q_scaled: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
     """(scale q_i) . r[b(i, j)], [B, h, Lq, Lk]."""
     proj = self._project(q_scaled)  # [B, h, Lq, buckets]
     b, h, length, _ = proj.shape
     return torch.gather(proj, -1, ids.expand(b, h, length, length))
 
-  def query_bias(self, k_scaled: torch.Tensor,
-                 ids: torch.Tensor) -> torch.Tensor:
+  def query_bias(
+      self, k_scaled: torch.Tensor, ids: torch.Tensor
+  ) -> torch.Tensor:
     """(scale k_j) . r[b(i, j)], [B, h, Lq, Lk]."""
     proj = self._project(k_scaled).transpose(-1, -2)  # [B, h, buckets, Lk]
     b, h, _, length = proj.shape
     return torch.gather(proj, -2, ids.expand(b, h, length, length))
 
-  def value_term(self, probs: torch.Tensor,
-                 ids: torch.Tensor) -> torch.Tensor:
+  def value_term(self, probs: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
     """sum_j p_ij r[b(i, j)] for probs [B, h, L, L] -> [B, h, L, hd]."""
     b, h, length, _ = probs.shape
     nb = self.table.shape[-2]
     mass = probs.new_zeros(b, h, length, nb).scatter_add_(
-        -1, ids.expand(b, h, length, length), probs)  # [B, h, L, buckets]
+        -1, ids.expand(b, h, length, length), probs
+    )  # [B, h, L, buckets]
     table = self.table.to(probs.dtype)
     if table.ndim == 2:
       return torch.matmul(mass, table)
@@ -94,7 +95,7 @@ class Attention(nn.Module):
     super().__init__()
     dim = cfg.width
     self.num_heads, self.head_dim = cfg.num_heads, cfg.head_dim
-    self.scale = cfg.head_dim ** -0.5
+    self.scale = cfg.head_dim**-0.5
     self.num_prefix = cfg.num_prefix_tokens
     self.q = linear(dim, dim, bias=cfg.qkv_bias)
     self.k = linear(dim, dim, bias=cfg.qkv_bias)
@@ -116,17 +117,20 @@ class Attention(nn.Module):
     if rpe.kind == 'bias':
       self.rpe_bias = RPEBias(*self.grid, cfg.num_heads)
     self.rpe_kind = rpe.kind
-    self.register_buffer('rpe_index', self._index(self.grid, 'cpu'),
-                         persistent=False)
+    self.register_buffer(
+        'rpe_index', self._index(self.grid, 'cpu'), persistent=False
+    )
     self.attn_dropout_rate = cfg.attn_dropout_rate
     self.dropout_rate = cfg.dropout_rate
 
-  def _index(self, grid: tuple[int, int],
-             device: torch.device | str) -> torch.Tensor | None:
+  def _index(
+      self, grid: tuple[int, int], device: torch.device | str
+  ) -> torch.Tensor | None:
     """Bucket ids (iRPE) or bias indices of every token pair, [L, L]."""
     if self.rpe_kind == 'irpe':
-      return _long(rpe_lib.irpe_bucket_ids(*grid, self.num_prefix,
-                                           self.ratio), device)
+      return _long(
+          rpe_lib.irpe_bucket_ids(*grid, self.num_prefix, self.ratio), device
+      )
     if self.rpe_kind == 'bias':
       return _long(rpe_lib.bias_index(*grid, self.num_prefix), device)
     return None
@@ -138,11 +142,13 @@ class Attention(nn.Module):
     if self.rpe_bias is not None:
       raise ValueError(
           f'rpe_bias table is for a {self.grid[0]}x{self.grid[1]} grid but '
-          f'the input gives {grid[0]}x{grid[1]}')
+          f'the input gives {grid[0]}x{grid[1]}'
+      )
     return self._index(grid, self.q.weight.device)
 
-  def logit_bias(self, q: torch.Tensor, k: torch.Tensor,
-                 index: torch.Tensor | None) -> torch.Tensor | None:
+  def logit_bias(
+      self, q: torch.Tensor, k: torch.Tensor, index: torch.Tensor | None
+  ) -> torch.Tensor | None:
     """The additive RPE term of the logits, [B or 1, h, L, L] float32."""
     bias = None
     if self.rpe_bias is not None:
@@ -153,9 +159,13 @@ class Attention(nn.Module):
       bias = _add(bias, self.rpe_q.query_bias(k * self.scale, index))
     return bias
 
-  def forward(self, x: torch.Tensor, grid: tuple[int, int], *,
-              return_attention: bool = False
-              ) -> tuple[torch.Tensor, torch.Tensor | None]:
+  def forward(
+      self,
+      x: torch.Tensor,
+      grid: tuple[int, int],
+      *,
+      return_attention: bool = False,
+  ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """x [B, L, D] -> ([B, L, D], probabilities [B, h, L, L] or None)."""
     b, n, d = x.shape
     heads, hd = self.num_heads, self.head_dim
@@ -169,16 +179,25 @@ class Attention(nn.Module):
       out, probs = self._explicit(q, k, v, bias, index)
     else:
       out = F.scaled_dot_product_attention(
-          q, k, v, attn_mask=None if bias is None else bias.to(q.dtype),
+          q,
+          k,
+          v,
+          attn_mask=None if bias is None else bias.to(q.dtype),
           dropout_p=self.attn_dropout_rate if self.training else 0.0,
-          scale=self.scale)
+          scale=self.scale,
+      )
     out = self.proj(out.transpose(1, 2).reshape(b, n, d))  # [B, L, D]
     out = F.dropout(out, self.dropout_rate, self.training)
     return out, probs
 
-  def _explicit(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                bias: torch.Tensor | None, index: torch.Tensor | None
-                ) -> tuple[torch.Tensor, torch.Tensor]:
+  def _explicit(
+      self,
+      q: torch.Tensor,
+      k: torch.Tensor,
+      v: torch.Tensor,
+      bias: torch.Tensor | None,
+      index: torch.Tensor | None,
+  ) -> tuple[torch.Tensor, torch.Tensor]:
     """Softmax attention in float32, with attention dropout and iRPE-V."""
     logits = torch.matmul(q.float(), k.float().transpose(-1, -2)) * self.scale
     if bias is not None:

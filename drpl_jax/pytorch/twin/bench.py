@@ -27,8 +27,9 @@ def sync(x: Any) -> Any:
   return x
 
 
-def twin_from_state(model_cfg: ModelConfig, state: dict[str, torch.Tensor],
-                    device: str) -> DRPLViTTorch:
+def twin_from_state(
+    model_cfg: ModelConfig, state: dict[str, torch.Tensor], device: str
+) -> DRPLViTTorch:
   """A DRPLViTTorch holding `state` (strictly loaded), on `device`."""
   twin = DRPLViTTorch(model_cfg)
   twin.load_state_dict(state, strict=True)
@@ -41,16 +42,26 @@ def loss_for(config, model_cfg: ModelConfig) -> Callable[..., torch.Tensor]:
 
   def loss_fn(outputs, labels, teacher):
     return ttrain.total_loss(
-        outputs, labels, teacher, distill_kind=kind,
-        alpha=config.distill.alpha, tau=config.distill.tau,
-        label_smoothing=config.loss.label_smoothing)
+        outputs,
+        labels,
+        teacher,
+        distill_kind=kind,
+        alpha=config.distill.alpha,
+        tau=config.distill.tau,
+        label_smoothing=config.loss.label_smoothing,
+    )
 
   return loss_fn
 
 
-def step_calls(config, model_cfg: ModelConfig, state: dict,
-               batch: dict[str, np.ndarray], device: str,
-               compile_model: bool) -> dict[str, Callable[[], Any]]:
+def step_calls(
+    config,
+    model_cfg: ModelConfig,
+    state: dict,
+    batch: dict[str, np.ndarray],
+    device: str,
+    compile_model: bool,
+) -> dict[str, Callable[[], Any]]:
   """{'train': one AdamW step, 'inference': one eval forward} closures.
 
   Both normalise the uint8 NHWC batch inside, like the JAX step; each sets
@@ -63,11 +74,20 @@ def step_calls(config, model_cfg: ModelConfig, state: dict,
   model = torch.compile(twin) if compile_model else twin
   opt = config.optim
   optimizer = ttrain.make_optimizer(
-      twin, lr=opt.base_lr * config.batch_size / 512,
-      weight_decay=opt.weight_decay, b1=opt.b1, b2=opt.b2)
-  step = ttrain.make_train_step(model, optimizer,
-                                loss_fn=loss_for(config, model_cfg),
-                                mean=mean, std=std, grad_clip=opt.grad_clip)
+      twin,
+      lr=opt.base_lr * config.batch_size / 512,
+      weight_decay=opt.weight_decay,
+      b1=opt.b1,
+      b2=opt.b2,
+  )
+  step = ttrain.make_train_step(
+      model,
+      optimizer,
+      loss_fn=loss_for(config, model_cfg),
+      mean=mean,
+      std=std,
+      grad_clip=opt.grad_clip,
+  )
 
   def train():
     twin.train()
@@ -81,8 +101,9 @@ def step_calls(config, model_cfg: ModelConfig, state: dict,
   return {'train': train, 'inference': inference}
 
 
-def conv_backward_flops(grad_out_shape, x_shape, w_shape, *args,
-                        **kwargs) -> int:
+def conv_backward_flops(
+    grad_out_shape, x_shape, w_shape, *args, **kwargs
+) -> int:
   """Grouped-conv aware FLOPs of aten.convolution_backward (not transposed).
 
   torch's own formula ignores `groups`, so it counts a depthwise conv's
@@ -95,9 +116,12 @@ def conv_backward_flops(grad_out_shape, x_shape, w_shape, *args,
   return forward * (int(bool(output_mask[0])) + int(bool(output_mask[1])))
 
 
-def count_flops(model_cfg: ModelConfig, state: dict,
-                batch: dict[str, np.ndarray],
-                loss_fn: Callable[..., torch.Tensor]) -> dict[str, int]:
+def count_flops(
+    model_cfg: ModelConfig,
+    state: dict,
+    batch: dict[str, np.ndarray],
+    loss_fn: Callable[..., torch.Tensor],
+) -> dict[str, int]:
   """FLOPs per batch: {'inference': forward, 'train': forward + backward}.
 
   Counted by FlopCounterMode on the eager twin (CPU) with the math attention
@@ -106,8 +130,7 @@ def count_flops(model_cfg: ModelConfig, state: dict,
   usual for model FLOPs; conv backward uses `conv_backward_flops`.
   """
   twin = twin_from_state(model_cfg, state, 'cpu')
-  x = ttrain.normalize(torch.from_numpy(batch['image']), (0.5,) * 3,
-                       (0.5,) * 3)
+  x = ttrain.normalize(torch.from_numpy(batch['image']), (0.5,) * 3, (0.5,) * 3)
   labels = torch.from_numpy(batch['label'])
   teacher = batch.get('teacher_logits')
   teacher = None if teacher is None else torch.from_numpy(teacher)

@@ -25,8 +25,12 @@ from flax import nnx
 from drpl_jax.models import DRPLViT, create_model
 from drpl_jax.pytorch.twin.model import DRPLViTTorch
 
-_LEAF_RENAMES = {'kernel': 'weight', 'scale': 'weight',
-                 'mean': 'running_mean', 'var': 'running_var'}
+_LEAF_RENAMES = {
+    'kernel': 'weight',
+    'scale': 'weight',
+    'mean': 'running_mean',
+    'var': 'running_var',
+}
 IGNORED_TORCH_LEAVES = ('num_batches_tracked',)
 
 
@@ -60,8 +64,10 @@ def to_flax_layout(flax_name: str, value: np.ndarray) -> np.ndarray:
 
 
 def _flat(state: nnx.State) -> list[tuple[str, Any]]:
-  return [('.'.join(str(k) for k in path), var)
-          for path, var in nnx.to_flat_state(state)]
+  return [
+      ('.'.join(str(k) for k in path), var)
+      for path, var in nnx.to_flat_state(state)
+  ]
 
 
 def _numpy(value: Any) -> np.ndarray:
@@ -80,8 +86,10 @@ def torch_arrays(state: nnx.State) -> dict[str, np.ndarray]:
   For any nnx.State of the model: parameters, BatchNorm statistics or
   gradients (to compare them with PyTorch's `.grad`).
   """
-  return {torch_name(name): np.ascontiguousarray(
-      to_torch_layout(name, _numpy(var))) for name, var in _flat(state)}
+  return {
+      torch_name(name): np.ascontiguousarray(to_torch_layout(name, _numpy(var)))
+      for name, var in _flat(state)
+  }
 
 
 def _variables(model: DRPLViT) -> list[tuple[str, nnx.Variable]]:
@@ -110,35 +118,45 @@ def state_dict_from_flax(model: DRPLViT) -> dict[str, torch.Tensor]:
   return out
 
 
-def check_state_dict(got: Mapping[str, Any], want: Mapping[str, Any],
-                     what: str) -> None:
+def check_state_dict(
+    got: Mapping[str, Any], want: Mapping[str, Any], what: str
+) -> None:
   """Raises if keys or shapes of two state dicts differ (names them)."""
   missing = sorted(set(want) - set(got))
   unexpected = sorted(set(got) - set(want))
   if missing or unexpected:
-    raise ValueError(f'{what}: missing keys {missing}, unexpected keys '
-                     f'{unexpected}')
-  bad = [f'{k}: {tuple(got[k].shape)} != {tuple(want[k].shape)}'
-         for k in want if tuple(got[k].shape) != tuple(want[k].shape)]
+    raise ValueError(
+        f'{what}: missing keys {missing}, unexpected keys ' f'{unexpected}'
+    )
+  bad = [
+      f'{k}: {tuple(got[k].shape)} != {tuple(want[k].shape)}'
+      for k in want
+      if tuple(got[k].shape) != tuple(want[k].shape)
+  ]
   if bad:
     raise ValueError(f'{what}: shape mismatch: {bad}')
 
 
-def flax_to_torch(flax_model: DRPLViT, *,
-                  device: torch.device | str | None = None) -> DRPLViTTorch:
+def flax_to_torch(
+    flax_model: DRPLViT, *, device: torch.device | str | None = None
+) -> DRPLViTTorch:
   """The PyTorch twin holding the Flax model's weights (in eval mode)."""
   torch_model = DRPLViTTorch(flax_model.config)
   state = state_dict_from_flax(flax_model)
-  check_state_dict(state, torch_model.state_dict(),
-                   'flax_to_torch: converted Flax state vs DRPLViTTorch')
+  check_state_dict(
+      state,
+      torch_model.state_dict(),
+      'flax_to_torch: converted Flax state vs DRPLViTTorch',
+  )
   torch_model.load_state_dict(state, strict=True)
   if device is not None:
     torch_model.to(device)
   return torch_model.eval()
 
 
-def load_torch_state_dict(model: DRPLViT,
-                          state_dict: Mapping[str, Any]) -> DRPLViT:
+def load_torch_state_dict(
+    model: DRPLViT, state_dict: Mapping[str, Any]
+) -> DRPLViT:
   """Loads a DRPLViTTorch state dict (tensors or numpy arrays) into `model`.
 
   Every Flax variable must find its key with the right shape, and every
@@ -160,16 +178,20 @@ def load_torch_state_dict(model: DRPLViT,
       bad.append(f'{key}: {arr.shape} (as Flax {name}) != {var.shape}')
       continue
     var[...] = jnp.asarray(arr, dtype=var.dtype)
-  left = sorted(k for k in remaining
-                if k.rpartition('.')[2] not in IGNORED_TORCH_LEAVES)
+  left = sorted(
+      k for k in remaining if k.rpartition('.')[2] not in IGNORED_TORCH_LEAVES
+  )
   if missing or bad or left:
-    raise ValueError(f'load_torch_state_dict: missing keys {missing}, shape '
-                     f'mismatches {bad}, unused keys {left}')
+    raise ValueError(
+        f'load_torch_state_dict: missing keys {missing}, shape '
+        f'mismatches {bad}, unused keys {left}'
+    )
   return model
 
 
-def torch_to_flax(torch_model: DRPLViTTorch, *,
-                  rngs: nnx.Rngs | None = None) -> DRPLViT:
+def torch_to_flax(
+    torch_model: DRPLViTTorch, *, rngs: nnx.Rngs | None = None
+) -> DRPLViT:
   """The Flax model holding the PyTorch twin's weights.
 
   `rngs` only seeds the initialisation that the weights then overwrite

@@ -33,8 +33,9 @@ TORCH_DTYPES = {
 def torch_dtype(name: str) -> torch.dtype:
   """Maps a config dtype string ('float32', 'bfloat16', ...) to torch."""
   if name not in TORCH_DTYPES:
-    raise ValueError(f'unknown dtype {name!r}; expected one of '
-                     f'{sorted(TORCH_DTYPES)}')
+    raise ValueError(
+        f'unknown dtype {name!r}; expected one of ' f'{sorted(TORCH_DTYPES)}'
+    )
   return TORCH_DTYPES[name]
 
 
@@ -49,8 +50,7 @@ def lecun_normal_(t: torch.Tensor, fan_in: int) -> torch.Tensor:
   return nn.init.trunc_normal_(t, std=std, a=-2.0 * std, b=2.0 * std)
 
 
-def linear(in_features: int, out_features: int, bias: bool = True
-           ) -> nn.Linear:
+def linear(in_features: int, out_features: int, bias: bool = True) -> nn.Linear:
   """A Linear with timm's ViT init (trunc-normal .02 weight, zero bias)."""
   layer = nn.Linear(in_features, out_features, bias=bias)
   trunc_normal_02_(layer.weight)
@@ -59,12 +59,26 @@ def linear(in_features: int, out_features: int, bias: bool = True
   return layer
 
 
-def conv2d(in_ch: int, out_ch: int, kernel: int, *, stride: int = 1,
-           padding: int = 0, groups: int = 1, bias: bool = True
-           ) -> nn.Conv2d:
+def conv2d(
+    in_ch: int,
+    out_ch: int,
+    kernel: int,
+    *,
+    stride: int = 1,
+    padding: int = 0,
+    groups: int = 1,
+    bias: bool = True,
+) -> nn.Conv2d:
   """A Conv2d initialised as nnx.Conv (lecun normal kernel, zero bias)."""
-  layer = nn.Conv2d(in_ch, out_ch, kernel, stride=stride, padding=padding,
-                    groups=groups, bias=bias)
+  layer = nn.Conv2d(
+      in_ch,
+      out_ch,
+      kernel,
+      stride=stride,
+      padding=padding,
+      groups=groups,
+      bias=bias,
+  )
   lecun_normal_(layer.weight, fan_in=in_ch // groups * kernel * kernel)
   if bias:
     nn.init.zeros_(layer.bias)
@@ -196,10 +210,12 @@ class PatchEmbed(nn.Module):
     super().__init__()
     in_ch, patch = 3, cfg.patch_size
     if cfg.stem == 'conv':
-      self.stem_conv = conv2d(3, cfg.stem_channels, 7, stride=2, padding=3,
-                              bias=False)
-      self.stem_norm = nn.BatchNorm2d(cfg.stem_channels, eps=BN_EPS,
-                                      momentum=BN_MOMENTUM)
+      self.stem_conv = conv2d(
+          3, cfg.stem_channels, 7, stride=2, padding=3, bias=False
+      )
+      self.stem_norm = nn.BatchNorm2d(
+          cfg.stem_channels, eps=BN_EPS, momentum=BN_MOMENTUM
+      )
       in_ch, patch = cfg.stem_channels, cfg.patch_size // 4
     self.proj = conv2d(in_ch, cfg.width, patch, stride=patch)
     self.stem = cfg.stem

@@ -22,9 +22,17 @@ from torch import nn
 
 from drpl_jax.models.config import ModelConfig
 from drpl_jax.pytorch.twin.attention import Attention
-from drpl_jax.pytorch.twin.layers import (LayerScale, LeFF, Mlp, PatchEmbed,
-                                       drop_path, layer_norm, linear,
-                                       torch_dtype, trunc_normal_02_)
+from drpl_jax.pytorch.twin.layers import (
+    LayerScale,
+    LeFF,
+    Mlp,
+    PatchEmbed,
+    drop_path,
+    layer_norm,
+    linear,
+    torch_dtype,
+    trunc_normal_02_,
+)
 
 Logits = torch.Tensor | tuple[torch.Tensor, torch.Tensor]
 
@@ -44,11 +52,14 @@ class Block(nn.Module):
       self.ls2 = LayerScale(cfg.width, cfg.layer_scale_init)
     self.drop_path_rate = float(drop_path_rate)
 
-  def forward(self, x: torch.Tensor, grid: tuple[int, int], *,
-              return_attention: bool = False
-              ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    y, probs = self.attn(self.norm1(x), grid,
-                         return_attention=return_attention)
+  def forward(
+      self,
+      x: torch.Tensor,
+      grid: tuple[int, int],
+      *,
+      return_attention: bool = False,
+  ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    y, probs = self.attn(self.norm1(x), grid, return_attention=return_attention)
     if self.ls1 is not None:
       y = self.ls1(y)
     x = x + drop_path(y, self.drop_path_rate, self.training)
@@ -83,13 +94,13 @@ class DRPLViTTorch(nn.Module):
     self.cls_token = nn.Parameter(trunc_normal_02_(torch.empty(1, 1, dim)))
     self.dist_token = None
     if cfg.distilled:
-      self.dist_token = nn.Parameter(
-          trunc_normal_02_(torch.empty(1, 1, dim)))
+      self.dist_token = nn.Parameter(trunc_normal_02_(torch.empty(1, 1, dim)))
     self.pos_embed = None
     if cfg.abs_pos_embed:
-      length = cfg.num_prefix_tokens + cfg.grid_size ** 2
+      length = cfg.num_prefix_tokens + cfg.grid_size**2
       self.pos_embed = nn.Parameter(
-          trunc_normal_02_(torch.empty(1, length, dim)))
+          trunc_normal_02_(torch.empty(1, length, dim))
+      )
     rates = np.linspace(0.0, cfg.drop_path_rate, cfg.depth)
     self.blocks = nn.ModuleList([Block(cfg, float(r)) for r in rates])
     self.norm = layer_norm(dim)
@@ -101,23 +112,27 @@ class DRPLViTTorch(nn.Module):
   def _check_inputs(self, images: torch.Tensor) -> None:
     cfg = self.config
     if images.ndim != 4 or images.shape[1] != 3:
-      raise ValueError('images must be NCHW [B, 3, H, W], got '
-                       f'{tuple(images.shape)}')
+      raise ValueError(
+          'images must be NCHW [B, 3, H, W], got ' f'{tuple(images.shape)}'
+      )
     h, w = images.shape[2:]
     if h % cfg.patch_size or w % cfg.patch_size:
-      raise ValueError(f'image size {h}x{w} is not divisible by patch_size '
-                       f'{cfg.patch_size}')
+      raise ValueError(
+          f'image size {h}x{w} is not divisible by patch_size '
+          f'{cfg.patch_size}'
+      )
     if self.pos_embed is not None and (h, w) != (cfg.image_size,) * 2:
-      raise ValueError(f'images of {h}x{w} do not match pos_embed, made for '
-                       f'image_size {cfg.image_size}')
+      raise ValueError(
+          f'images of {h}x{w} do not match pos_embed, made for '
+          f'image_size {cfg.image_size}'
+      )
 
   def _autocast(self, images: torch.Tensor):
     if self.compute_dtype == torch.float32:
       return contextlib.nullcontext()
     return torch.autocast(images.device.type, dtype=self.compute_dtype)
 
-  def embed(self, images: torch.Tensor
-            ) -> tuple[torch.Tensor, tuple[int, int]]:
+  def embed(self, images: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int]]:
     """Images [B, 3, H, W] -> tokens [B, prefix + N, D] and the grid."""
     self._check_inputs(images)
     x, grid = self.patch_embed(images.to(self.cls_token.dtype))  # [B, N, D]
@@ -131,9 +146,9 @@ class DRPLViTTorch(nn.Module):
       x = x + self.pos_embed.to(x.dtype)
     return F.dropout(x, self.config.dropout_rate, self.training), grid
 
-  def forward_features(self, images: torch.Tensor, *,
-                       return_attention: bool = False
-                       ) -> tuple[torch.Tensor, list[torch.Tensor]]:
+  def forward_features(
+      self, images: torch.Tensor, *, return_attention: bool = False
+  ) -> tuple[torch.Tensor, list[torch.Tensor]]:
     """Images -> final-normed tokens [B, L, D] and per-block attention."""
     x, grid = self.embed(images)
     attention = []
@@ -151,8 +166,9 @@ class DRPLViTTorch(nn.Module):
       x, _ = self.forward_features(images)
       return (self.head(x[:, 0]).float(), self.head_dist(x[:, 1]).float())
 
-  def forward(self, images: torch.Tensor, *, return_attention: bool = False
-              ) -> Logits | tuple[Logits, list[torch.Tensor]]:
+  def forward(
+      self, images: torch.Tensor, *, return_attention: bool = False
+  ) -> Logits | tuple[Logits, list[torch.Tensor]]:
     """Images [B, 3, H, W] -> float32 logits [B, C].
 
     Distilled: in training mode (cls_logits, dist_logits), in eval mode
@@ -160,7 +176,8 @@ class DRPLViTTorch(nn.Module):
     """
     with self._autocast(images):
       x, attention = self.forward_features(
-          images, return_attention=return_attention)
+          images, return_attention=return_attention
+      )
       out = self.head(x[:, 0]).float()
       if self.head_dist is not None:
         dist = self.head_dist(x[:, 1]).float()

@@ -21,10 +21,13 @@ from drpl_jax.train.optim import decays
 Outputs = torch.Tensor | tuple[torch.Tensor, torch.Tensor]
 
 
-def cross_entropy(logits: torch.Tensor, targets: torch.Tensor, *,
-                  label_smoothing: float = 0.0,
-                  class_weights: Sequence[float] | None = None
-                  ) -> torch.Tensor:
+def cross_entropy(
+    logits: torch.Tensor,
+    targets: torch.Tensor,
+    *,
+    label_smoothing: float = 0.0,
+    class_weights: Sequence[float] | None = None,
+) -> torch.Tensor:
   """Softmax CE against labels [B] or probabilities [B, C], as the JAX loss.
 
   Example i is weighted by `targets_i . class_weights` (un-smoothed) and
@@ -37,19 +40,25 @@ def cross_entropy(logits: torch.Tensor, targets: torch.Tensor, *,
   targets = targets.float()
   weights = torch.ones(logits.shape[0], device=logits.device)
   if class_weights is not None:
-    weights = targets @ torch.as_tensor(class_weights, dtype=torch.float32,
-                                        device=logits.device)
+    weights = targets @ torch.as_tensor(
+        class_weights, dtype=torch.float32, device=logits.device
+    )
   probs = targets * (1.0 - label_smoothing) + label_smoothing / num_classes
   per_example = -(probs * logits.log_softmax(-1)).sum(-1)  # [B]
   return (weights * per_example).sum() / weights.sum()
 
 
-def total_loss(outputs: Outputs, targets: torch.Tensor,
-               teacher_logits: torch.Tensor | None = None, *,
-               distill_kind: str = 'none', alpha: float = 0.5,
-               tau: float = 1.0, label_smoothing: float = 0.0,
-               class_weights: Sequence[float] | None = None
-               ) -> torch.Tensor:
+def total_loss(
+    outputs: Outputs,
+    targets: torch.Tensor,
+    teacher_logits: torch.Tensor | None = None,
+    *,
+    distill_kind: str = 'none',
+    alpha: float = 0.5,
+    tau: float = 1.0,
+    label_smoothing: float = 0.0,
+    class_weights: Sequence[float] | None = None,
+) -> torch.Tensor:
   """The DRPL-ViT objective; see `drpl_jax.train.losses.total_loss`.
 
   'none': CE on one output, or the mean of both heads' CE; 'hard' / 'soft':
@@ -57,26 +66,38 @@ def total_loss(outputs: Outputs, targets: torch.Tensor,
   teacher's argmax, soft = tau^2 KL (batch-mean).
   """
   if distill_kind not in DISTILL_KINDS:
-    raise ValueError(f'unknown distill_kind {distill_kind!r}; expected one '
-                     f'of {DISTILL_KINDS}')
+    raise ValueError(
+        f'unknown distill_kind {distill_kind!r}; expected one '
+        f'of {DISTILL_KINDS}'
+    )
   pair = isinstance(outputs, (tuple, list))
   cls_logits, dist_logits = outputs if pair else (outputs, None)
-  ce = lambda lg: cross_entropy(lg, targets, label_smoothing=label_smoothing,
-                                class_weights=class_weights)
+  ce = lambda lg: cross_entropy(
+      lg, targets, label_smoothing=label_smoothing, class_weights=class_weights
+  )
   if distill_kind == 'none':
     if dist_logits is None:
       return ce(cls_logits)
     return 0.5 * (ce(cls_logits) + ce(dist_logits))
   if dist_logits is None or teacher_logits is None:
-    raise ValueError(f'distill_kind={distill_kind!r} needs (cls, dist) '
-                     'outputs and teacher_logits')
+    raise ValueError(
+        f'distill_kind={distill_kind!r} needs (cls, dist) '
+        'outputs and teacher_logits'
+    )
   teacher = teacher_logits.detach().float()
   if distill_kind == 'hard':
     loss_dist = F.cross_entropy(dist_logits.float(), teacher.argmax(-1))
   else:
-    loss_dist = F.kl_div((dist_logits.float() / tau).log_softmax(-1),
-                         (teacher / tau).log_softmax(-1),
-                         reduction='batchmean', log_target=True) * tau * tau
+    loss_dist = (
+        F.kl_div(
+            (dist_logits.float() / tau).log_softmax(-1),
+            (teacher / tau).log_softmax(-1),
+            reduction='batchmean',
+            log_target=True,
+        )
+        * tau
+        * tau
+    )
   return (1.0 - alpha) * ce(cls_logits) + alpha * loss_dist
 
 
@@ -92,20 +113,30 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
       decay.append(p)
     else:
       no_decay.append(p)
-  return [{'params': decay, 'weight_decay': weight_decay},
-          {'params': no_decay, 'weight_decay': 0.0}]
+  return [
+      {'params': decay, 'weight_decay': weight_decay},
+      {'params': no_decay, 'weight_decay': 0.0},
+  ]
 
 
-def make_optimizer(model: nn.Module, *, lr: float, weight_decay: float,
-                   b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8
-                   ) -> torch.optim.AdamW:
+def make_optimizer(
+    model: nn.Module,
+    *,
+    lr: float,
+    weight_decay: float,
+    b1: float = 0.9,
+    b2: float = 0.999,
+    eps: float = 1e-8,
+) -> torch.optim.AdamW:
   """torch AdamW with the project's decay mask (optax.adamw defaults)."""
-  return torch.optim.AdamW(param_groups(model, weight_decay), lr=lr,
-                           betas=(b1, b2), eps=eps)
+  return torch.optim.AdamW(
+      param_groups(model, weight_decay), lr=lr, betas=(b1, b2), eps=eps
+  )
 
 
-def normalize(images: torch.Tensor, mean: Sequence[float],
-              std: Sequence[float]) -> torch.Tensor:
+def normalize(
+    images: torch.Tensor, mean: Sequence[float], std: Sequence[float]
+) -> torch.Tensor:
   """uint8 or [0, 1] NHWC images -> normalised float32 NCHW."""
   x = images.float()
   if images.dtype == torch.uint8:
@@ -115,11 +146,15 @@ def normalize(images: torch.Tensor, mean: Sequence[float],
   return ((x - m) / s).permute(0, 3, 1, 2)  # [B, 3, H, W]
 
 
-def make_train_step(model: nn.Module, optimizer: torch.optim.Optimizer, *,
-                    loss_fn: Callable[..., torch.Tensor],
-                    mean: Sequence[float], std: Sequence[float],
-                    grad_clip: float = 0.0
-                    ) -> Callable[..., torch.Tensor]:
+def make_train_step(
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    *,
+    loss_fn: Callable[..., torch.Tensor],
+    mean: Sequence[float],
+    std: Sequence[float],
+    grad_clip: float = 0.0,
+) -> Callable[..., torch.Tensor]:
   """Returns `step(images, labels, teacher_logits) -> loss`.
 
   One step is forward, backward, clipping and one optimizer step; `model`
@@ -127,11 +162,13 @@ def make_train_step(model: nn.Module, optimizer: torch.optim.Optimizer, *,
   like the JAX step).
   """
 
-  def step(images: torch.Tensor, labels: torch.Tensor,
-           teacher_logits: torch.Tensor | None = None) -> torch.Tensor:
+  def step(
+      images: torch.Tensor,
+      labels: torch.Tensor,
+      teacher_logits: torch.Tensor | None = None,
+  ) -> torch.Tensor:
     optimizer.zero_grad(set_to_none=True)
-    loss = loss_fn(model(normalize(images, mean, std)), labels,
-                   teacher_logits)
+    loss = loss_fn(model(normalize(images, mean, std)), labels, teacher_logits)
     loss.backward()
     if grad_clip > 0:
       torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
