@@ -134,7 +134,7 @@ def test_other_shapes_are_refused_naming_them(tmp_path):
   ckpt = checkpointing.Checkpointer(str(tmp_path))
   target = jax.device_put(small_state(0.0, shape=(4, 8)))
   with pytest.raises(
-      ValueError, match=r'params\.w: checkpoint \(4, 4\), ' r'config \(4, 8\)'
+      ValueError, match=r'params\.w: checkpoint \(4, 4\), config \(4, 8\)'
   ):
     ckpt.restore(1, target, shardings_of(target))
   ckpt.close()
@@ -340,7 +340,7 @@ def wait_for(predicate, proc, timeout, what, stderr=None):
     if proc.poll() is not None:
       text = stderr.text() if stderr else proc.stderr.read()
       raise AssertionError(
-          f'process ended ({proc.returncode}) before ' f'{what}: {text[-3000:]}'
+          f'process ended ({proc.returncode}) before {what}: {text[-3000:]}'
       )
     time.sleep(0.2)
   raise AssertionError(f'timed out waiting for {what}')

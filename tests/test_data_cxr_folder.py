@@ -168,7 +168,7 @@ def test_manifest_errors_named(tmp_path):
     )
   _write_manifest(manual / 'manifest.csv', [('x.png',)], ['path'])
   with pytest.raises(
-      data.DataError, match=r'manifest.csv: missing column\(s\) ' r"\['label'\]"
+      data.DataError, match=r"manifest.csv: missing column\(s\) \['label'\]"
   ):
     data.prepare('cxr_folder', data_dir=data_dir, manual_dir=str(manual))
   _write_manifest(
@@ -190,7 +190,7 @@ def test_manifest_errors_named(tmp_path):
 def test_folder_errors_named(tmp_path):
   data_dir = str(tmp_path / 'd')
   with pytest.raises(
-      data.DataError, match='manual_dir .*nowhere does not ' 'exist'
+      data.DataError, match='manual_dir .*nowhere does not exist'
   ):
     data.prepare(
         'cxr_folder', data_dir=data_dir, manual_dir=str(tmp_path / 'nowhere')
@@ -199,7 +199,7 @@ def test_folder_errors_named(tmp_path):
   _save(str(manual / 'a' / '1.png'), _gray(1))
   (manual / 'b').mkdir()
   with pytest.raises(
-      data.DataError, match=r'class folder .*cxr/b has no ' 'images'
+      data.DataError, match=r'class folder .*cxr/b has no images'
   ):
     data.prepare('cxr_folder', data_dir=data_dir, manual_dir=str(manual))
   (tmp_path / 'empty').mkdir()
@@ -232,7 +232,7 @@ def _bad_files(folder) -> dict[str, str]:
       'corrupt.png': 'not an image',
       'truncated.png': 'truncated',
       'truncated.jpg': 'truncated',
-      'small.png': '16x16 is smaller than ' 'the minimum side 32',
+      'small.png': '16x16 is smaller than the minimum side 32',
   }
 
 

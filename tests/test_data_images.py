@@ -119,7 +119,7 @@ def test_min_side():
   data = _encode(PIL.Image.fromarray(np.zeros((20, 50), np.uint8)))
   assert images.decode_checked(data, path='s', min_side=16).shape == (20, 50, 3)
   with pytest.raises(
-      images.ImageError, match='50x20 is smaller than the ' 'minimum side 32'
+      images.ImageError, match='50x20 is smaller than the minimum side 32'
   ):
     images.decode_checked(data, path='s', min_side=32)
 

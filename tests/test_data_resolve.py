@@ -25,7 +25,7 @@ def test_iterators_on_unprepared_data_raise_instead_of_building(
   monkeypatch.setattr(api, 'prepare', no_build)
   cfg = DataConfig(name='demo', data_dir=str(tmp_path), image_size=32)
   expected = (
-      f'python -m drpl_jax.data prepare --name=demo ' f'--data_dir={tmp_path}'
+      f'python -m drpl_jax.data prepare --name=demo --data_dir={tmp_path}'
   )
   with pytest.raises(data.DataError, match='not prepared') as e:
     ip.create_train_iterator(cfg, batch_size=8, seed=0)

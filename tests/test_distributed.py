@@ -95,9 +95,7 @@ def test_drpl_env_launch():
 
 
 def test_incomplete_drpl_env_names_the_missing_variables():
-  with pytest.raises(
-      RuntimeError, match='DRPL_NUM_PROCESSES.*' 'DRPL_PROCESS_ID'
-  ):
+  with pytest.raises(RuntimeError, match='DRPL_NUM_PROCESSES.*DRPL_PROCESS_ID'):
     distributed.plan_initialization(env={'DRPL_COORDINATOR': 'h:1'})
 
 
@@ -126,7 +124,7 @@ def test_incomplete_drpl_env_names_the_missing_variables():
                 'DRPL_NUM_PROCESSES': '2',
                 'DRPL_PROCESS_ID': '0',
             },
-            "DRPL_COORDINATOR='localhost' must be " 'host:port',
+            "DRPL_COORDINATOR='localhost' must be host:port",
         ),
         ({'DRPL_DISTRIBUTED': 'maybe'}, "DRPL_DISTRIBUTED='maybe'"),
         (
@@ -163,7 +161,7 @@ def test_explicit_arguments_win_over_environment():
       'process_id': 5,
   }
   with pytest.raises(
-      ValueError, match='process_id=2 must be < ' 'num_processes=2'
+      ValueError, match='process_id=2 must be < num_processes=2'
   ):
     distributed.plan_initialization('h:1', 2, 2, env={})
   with pytest.raises(ValueError, match="coordinator_address='h'"):

@@ -456,7 +456,7 @@ def test_npz_resized_resolution_and_wrong_shapes_are_named(tmp_path):
   np.savez(path, **dict(npz, **{key: npz[key][:, :64]}))
   with pytest.raises(
       ValueError,
-      match=rf'{key} \(32, 64\)\).*got \(32, 64\)' r', need \(32, 128\)',
+      match=rf'{key} \(32, 64\)\).*got \(32, 64\), need \(32, 128\)',
   ):
     convert.student_from_timm(str(path), config())
   truncated = tmp_path / 'cut.npz'
@@ -607,7 +607,7 @@ def test_formats_are_detected_and_remote_paths_read_through_epath(
   assert pretrained.detect_format(sd) == 'timm'
   assert pretrained.detect_format(npz_from_timm(sd)) == 'big_vision'
   with pytest.raises(
-      ValueError, match=r'not a checkpoint of a known format' r'.*conv1\.weight'
+      ValueError, match=r'not a checkpoint of a known format.*conv1\.weight'
   ):
     pretrained.detect_format({'conv1.weight': np.zeros(3)})
   path = tmp_path / 'vit.safetensors'

@@ -322,7 +322,7 @@ def test_table_has_every_run_with_intervals(tmp_path):
     assert '1m 05s' in row
   for preset in settings.presets:
     accs = [reports[preset, s]['accuracy'] for s in settings.seeds]
-    mean = f'{100 * np.mean(accs):.1f} ± ' f'{100 * np.std(accs, ddof=1):.1f}'
+    mean = f'{100 * np.mean(accs):.1f} ± {100 * np.std(accs, ddof=1):.1f}'
     assert f'| **{preset}** | mean ± std (3) | {mean} |' in text
   means = [
       np.mean([reports[p, s]['accuracy'] for s in settings.seeds])

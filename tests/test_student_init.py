@@ -327,13 +327,13 @@ def test_extra_missing_and_misshaped_keys_are_named():
   missing = dict(sd)
   del missing['blocks.1.mlp.fc2.bias']
   with pytest.raises(
-      ValueError, match=r'missing source keys.*' r'blocks\.1\.mlp\.fc2\.bias'
+      ValueError, match=r'missing source keys.*blocks\.1\.mlp\.fc2\.bias'
   ):
     convert.student_from_timm(missing, cfg)
   bad = dict(sd, **{'blocks.0.mlp.fc1.weight': np.zeros((128, 64), np.float32)})
   with pytest.raises(
       ValueError,
-      match=r'blocks\.0\.mlp\.fc1\.weight ' r'\(128, 64\).*need \(64, 256\)',
+      match=r'blocks\.0\.mlp\.fc1\.weight \(128, 64\).*need \(64, 256\)',
   ):
     convert.student_from_timm(bad, cfg)
   with pytest.raises(ValueError, match='3 blocks but model.depth=2'):

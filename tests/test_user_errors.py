@@ -284,7 +284,7 @@ def test_external_manifest_classes_and_label_map(tmp_path):
   site = tmp_path / 'site'
   site.mkdir()
   (site / 'manifest.csv').write_text(
-      'path,label,patient_id\n' 'a.png,normal,P1\nb.png,COVID,P2\n'
+      'path,label,patient_id\na.png,normal,P1\nb.png,COVID,P2\n'
   )
   config, name, label_map = evaluate.external_data(
       f'cxr_folder:{site}', ['COVID', 'Lung_Opacity', 'Normal']
@@ -386,7 +386,7 @@ def test_class_count_follows_the_data_unless_contradicted():
   config.model.num_classes = 3
   with pytest.raises(
       ValueError,
-      match=r'--config.model.num_classes=3 ' r'contradicts .* 2 classes',
+      match=r'--config.model.num_classes=3 contradicts .* 2 classes',
   ):
     preflight.infer_num_classes(
         config, ('COVID', 'Normal'), {'model.num_classes'}

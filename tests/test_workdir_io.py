@@ -93,7 +93,7 @@ def test_run_metadata_is_read_from_a_gs_workdir(gcs):
     evaluate.config_from_workdir(run)
   files.atomic_write(
       f'{run}/meta.json',
-      '{"config": {"seed": 3}, ' '"data": {"class_names": ["a", "b"]}}',
+      '{"config": {"seed": 3}, "data": {"class_names": ["a", "b"]}}',
   )
   assert (gcs / 'run' / 'meta.json').exists()
   assert evaluate.config_from_workdir(run).seed == 3

@@ -65,7 +65,7 @@ def args_from(flag_values: flags.FlagValues) -> types.SimpleNamespace:
   unknown = [m for m in args.measure if m not in MEASUREMENTS]
   if unknown or not args.measure:
     raise cli.UserError(
-        f'--measure: unknown {unknown}; choose from ' f'{list(MEASUREMENTS)}'
+        f'--measure: unknown {unknown}; choose from {list(MEASUREMENTS)}'
     )
   return args
 

@@ -235,7 +235,7 @@ def define_flags(
   flags.DEFINE_integer(
       'workers',
       0,
-      'grain worker processes (train ' 'pipeline).',
+      'grain worker processes (train pipeline).',
       flag_values=flag_values,
   )
   flags.DEFINE_integer(
@@ -316,7 +316,7 @@ def main(argv: Sequence[str]) -> None:
   for name in filter(None, args.pipelines):
     if name not in pipelines:
       raise cli.UserError(
-          f'--pipelines: unknown {name!r}; known: ' f'{list(pipelines)}'
+          f'--pipelines: unknown {name!r}; known: {list(pipelines)}'
       )
     result = measure(pipelines[name], steps=args.steps, warmup=args.warmup)
     emit(

@@ -74,7 +74,7 @@ def define_flags(
   flags.DEFINE_integer(
       'matmul_size',
       2048,
-      'Side of the fp32 matmul ' 'measuring the CPU peak.',
+      'Side of the fp32 matmul measuring the CPU peak.',
       flag_values=flag_values,
   )
 

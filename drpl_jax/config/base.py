@@ -45,7 +45,7 @@ def parse_arg(arg: str, **defaults) -> ml_collections.ConfigDict:
     key, sep, value = item.partition('=')
     if key not in defaults:
       raise ValueError(
-          f'unknown config argument {key!r}; known: ' f'{sorted(defaults)}'
+          f'unknown config argument {key!r}; known: {sorted(defaults)}'
       )
     out[key] = value if sep else True
   return ml_collections.ConfigDict(out)

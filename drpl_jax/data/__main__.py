@@ -38,7 +38,7 @@ def _define_flags() -> None:
   flags.DEFINE_string(
       'data_dir',
       '',
-      'TFDS data dir (default: ' '$TFDS_DATA_DIR or ~/tensorflow_datasets).',
+      'TFDS data dir (default: $TFDS_DATA_DIR or ~/tensorflow_datasets).',
   )
   flags.DEFINE_string(
       'manual_dir', None, 'The raw data: folder, its parent, or a .zip.'
@@ -70,9 +70,7 @@ def _info(name: str) -> dict[str, Any]:
 
   args = _arguments()
   if api.builders().get(name) is None:
-    raise DataError(
-        f'unknown data set {name!r}; known: ' f'{list(api.builders())}'
-    )
+    raise DataError(f'unknown data set {name!r}; known: {list(api.builders())}')
   pattern = os.path.join(
       glob.escape(args['data_dir']), name, '*', '*', 'summary.json'
   )

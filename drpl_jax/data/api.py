@@ -184,7 +184,7 @@ def prepare(
   summary = _read_summary(os.fspath(builder.data_dir))
   if summary is None:
     raise RuntimeError(
-        f'{builder.data_dir}: build finished without ' 'summary.json'
+        f'{builder.data_dir}: build finished without summary.json'
     )
   return dict(summary, reused=False)
 

@@ -205,7 +205,7 @@ class CxrBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
     for item in listing.items:
       if item.id in seen:
         raise DataError(
-            f'{listing.source}: example id {item.id!r} occurs ' 'twice'
+            f'{listing.source}: example id {item.id!r} occurs twice'
         )
       seen.add(item.id)
     return listing
@@ -307,7 +307,7 @@ class CxrBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
         return item, images.encode_png(self._load(item))
       except images.ImageError as e:  # Changed on disk since the check.
         raise DataError(
-            f'{e.path} became unreadable during the build: ' f'{e.reason}'
+            f'{e.path} became unreadable during the build: {e.reason}'
         ) from None
 
     for item, png in _ordered_map(encode, items):

@@ -168,7 +168,7 @@ def open_tree(path: str) -> Tree:
   """A tree for a folder or a `.zip` file; DataError if `path` is missing."""
   if not path:
     raise DataError(
-        'manual_dir is empty: give the folder (or .zip) that ' 'holds the data'
+        'manual_dir is empty: give the folder (or .zip) that holds the data'
     )
   if not os.path.exists(path):
     raise DataError(f'manual_dir {path} does not exist')

@@ -82,7 +82,7 @@ def _to_rgb_array(image: PIL.Image.Image, path: str) -> np.ndarray:
     return np.asarray(converted, dtype=np.uint8)[..., :3]
   if gray.ndim != 2:
     raise ImageError(
-        path, f'unexpected array shape {gray.shape} for mode ' f'{mode}'
+        path, f'unexpected array shape {gray.shape} for mode {mode}'
     )
   return np.repeat(gray[:, :, None], 3, axis=2)  # [H, W] -> [H, W, 3]
 
@@ -141,7 +141,7 @@ def encode_png(image: np.ndarray) -> bytes:
   """PNG-encodes a uint8 `[H, W, 3]` array (the stored format)."""
   if image.dtype != np.uint8 or image.ndim != 3 or image.shape[-1] != 3:
     raise ValueError(
-        f'expected uint8 [H, W, 3], got {image.dtype} ' f'{image.shape}'
+        f'expected uint8 [H, W, 3], got {image.dtype} {image.shape}'
     )
   buffer = io.BytesIO()
   # zlib level 3: about the size of level 6 on radiographs, and faster.

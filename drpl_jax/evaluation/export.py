@@ -72,7 +72,7 @@ def probabilities_fn(
 def _input_spec(image_size: int, input_dtype: str) -> jax.ShapeDtypeStruct:
   if input_dtype not in INPUT_DTYPES:
     raise ValueError(
-        f'input_dtype={input_dtype!r} is not one of ' f'{list(INPUT_DTYPES)}'
+        f'input_dtype={input_dtype!r} is not one of {list(INPUT_DTYPES)}'
     )
   shape = jax.export.symbolic_shape(f'b, {image_size}, {image_size}, 3')
   return jax.ShapeDtypeStruct(shape, INPUT_DTYPES[input_dtype])
@@ -191,7 +191,7 @@ def export_model(
   formats = _parse_formats(formats)
   if input_dtype not in INPUT_DTYPES:
     raise ValueError(
-        f'input_dtype={input_dtype!r} is not one of ' f'{list(INPUT_DTYPES)}'
+        f'input_dtype={input_dtype!r} is not one of {list(INPUT_DTYPES)}'
     )
   restored = predict.restore_model(workdir, step=step, use_ema=use_ema)
   cfg = restored.config

@@ -72,7 +72,7 @@ def _check_probs(probs: Any, num_classes: int) -> np.ndarray:
   probs = np.asarray(probs, np.float64)
   if probs.ndim != 2 or probs.shape[1] != num_classes:
     raise ValueError(
-        f'probs must have shape [N, {num_classes}], got ' f'{probs.shape}'
+        f'probs must have shape [N, {num_classes}], got {probs.shape}'
     )
   if probs.shape[0] == 0:
     raise ValueError('probs has no examples')

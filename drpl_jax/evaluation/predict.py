@@ -216,7 +216,7 @@ def read_dicom(path: str, data: bytes | None = None) -> np.ndarray:
     import pydicom  # pylint: disable=g-import-not-at-top
   except ImportError:
     raise ImageError(
-        path, 'reading DICOM needs pydicom: pip install ' 'pydicom'
+        path, 'reading DICOM needs pydicom: pip install pydicom'
     ) from None
   try:
     ds = pydicom.dcmread(path if data is None else io.BytesIO(data))
@@ -224,7 +224,7 @@ def read_dicom(path: str, data: bytes | None = None) -> np.ndarray:
   except Exception as e:  # pylint: disable=broad-except
     # pydicom raises many types (InvalidDicomError, missing decoders, ...).
     raise ImageError(
-        path, f'cannot read DICOM pixel data: ' f'{type(e).__name__}: {e}'
+        path, f'cannot read DICOM pixel data: {type(e).__name__}: {e}'
     ) from None
   voi_lut = None
   if 'VOILUTSequence' in ds:
@@ -518,7 +518,7 @@ def predict_command(
   exit code (1 if any image failed). Bad input raises cli.UserError."""
   if not paths:
     raise cli.UserError(
-        'no IMAGE given: python -m drpl_jax.predict ' '--workdir=DIR IMAGE...'
+        'no IMAGE given: python -m drpl_jax.predict --workdir=DIR IMAGE...'
     )
   try:
     results = predict_images(

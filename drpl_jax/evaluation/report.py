@@ -298,7 +298,7 @@ def _paper(m: Mapping[str, Any], names: Sequence[str]) -> list[str]:
       + _table(
           (
               'Metric',
-              f'{PAPER_CITATION} (reported, not ' 'reproduced)',
+              f'{PAPER_CITATION} (reported, not reproduced)',
               'This run',
           ),
           rows,

@@ -42,9 +42,7 @@ class DataConfig:
 
   def __post_init__(self):
     if self.image_size < 1:
-      raise ValueError(
-          f'config.data.image_size={self.image_size} must be ' '>= 1'
-      )
+      raise ValueError(f'config.data.image_size={self.image_size} must be >= 1')
     if not 0.0 < self.eval_crop_ratio <= 1.0:
       raise ValueError(
           f'config.data.eval_crop_ratio={self.eval_crop_ratio} '
@@ -52,7 +50,7 @@ class DataConfig:
       )
     if self.num_workers < 0:
       raise ValueError(
-          f'config.data.num_workers={self.num_workers} must be ' '>= 0'
+          f'config.data.num_workers={self.num_workers} must be >= 0'
       )
 
   @classmethod

@@ -65,7 +65,7 @@ def _check_example(example: Any, index: int) -> tuple[np.ndarray, int]:
     )
   if 'label' not in example:
     raise ValueError(
-        f'source[{index}] has no "label" key ' f'(keys: {sorted(example)})'
+        f'source[{index}] has no "label" key (keys: {sorted(example)})'
     )
   return example['image'], int(example['label'])
 

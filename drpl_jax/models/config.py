@@ -67,7 +67,7 @@ class RPEConfig:
     _check_choices(self, 'rpe.', kind=RPE_KINDS)
     if self.kind == 'irpe' and not (self.on_q or self.on_k or self.on_v):
       raise ValueError(
-          'rpe.kind=irpe needs at least one of rpe.on_q, ' 'rpe.on_k, rpe.on_v'
+          'rpe.kind=irpe needs at least one of rpe.on_q, rpe.on_k, rpe.on_v'
       )
     if self.ratio <= 0:
       raise ValueError(f'rpe.ratio must be > 0, got {self.ratio}')
@@ -173,7 +173,7 @@ class ModelConfig:
       )
     if not 0.0 <= self.drop_path_rate < 1.0:
       raise ValueError(
-          f'drop_path_rate must be in [0, 1), got ' f'{self.drop_path_rate}'
+          f'drop_path_rate must be in [0, 1), got {self.drop_path_rate}'
       )
 
   @property
@@ -209,7 +209,7 @@ class ModelConfig:
     if variant:
       if variant not in VARIANTS:
         raise ValueError(
-            f'model.variant={variant!r} is not one of ' f'{sorted(VARIANTS)}'
+            f'model.variant={variant!r} is not one of {sorted(VARIANTS)}'
         )
       kwargs.update(dataclasses.asdict(VARIANTS[variant]))
     known = {f.name for f in dataclasses.fields(cls)}
@@ -240,5 +240,5 @@ def _check_choices(
     value = getattr(config, name)
     if value not in allowed:
       raise ValueError(
-          f'model.{section}{name}={value!r} is not one of ' f'{list(allowed)}'
+          f'model.{section}{name}={value!r} is not one of {list(allowed)}'
       )

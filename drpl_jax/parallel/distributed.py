@@ -103,7 +103,7 @@ def _check_coordinator(address: str, name: str) -> str:
   host, sep, port = address.rpartition(':')
   if not sep or not host or not port.isdigit():
     raise ValueError(
-        f'{name}={address!r} must be host:port, e.g. ' '10.0.0.1:1234'
+        f'{name}={address!r} must be host:port, e.g. 10.0.0.1:1234'
     )
   return address
 
@@ -121,7 +121,7 @@ def _check_process(
       and process_id >= num_processes
   ):
     raise ValueError(
-        f'{names[1]}={process_id} must be < {names[0]}=' f'{num_processes}'
+        f'{names[1]}={process_id} must be < {names[0]}={num_processes}'
     )
 
 

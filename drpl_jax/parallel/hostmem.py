@@ -126,7 +126,7 @@ def configure(mode: str | None = None) -> bool:
       return False
   _applied = True
   logging.info(
-      '%s: glibc malloc tuned for XLA:CPU (one arena, no mmap, no ' 'trim).',
+      '%s: glibc malloc tuned for XLA:CPU (one arena, no mmap, no trim).',
       ENV,
   )
   return True

@@ -104,7 +104,7 @@ def _blocks(r: _Renamer, big_vision: bool, cfg: ModelConfig) -> None:
   mha, ln2, mlp = (0, 1, 0) if big_vision else (1, 2, 3)
   depth = (
       np.shape(
-          r.state[f'{r.prefix}Transformer/encoderblock/LayerNorm_0' '/scale']
+          r.state[f'{r.prefix}Transformer/encoderblock/LayerNorm_0/scale']
       )[0]
       if scanned
       else sum(

@@ -123,10 +123,10 @@ def plan(
     if match:
       blocks.setdefault(match.group(1), []).append(key)
     if key.endswith('.num_batches_tracked'):
-      out.ignored[key] = 'BatchNorm step counter (unused with momentum ' '0.1)'
+      out.ignored[key] = 'BatchNorm step counter (unused with momentum 0.1)'
     elif key.startswith('lca.') or key == 'pos_layer_embed':
       out.ignored[key] = (
-          'CeiT layer-wise class-token attention (LCA): ' 'DRPL-ViT has none'
+          'CeiT layer-wise class-token attention (LCA): DRPL-ViT has none'
       )
   for block, keys in sorted(blocks.items()):
     _leff(out, block, cfg, keys)

@@ -143,7 +143,7 @@ def source_info(
   patch = np.shape(state[patch_key])
   if len(patch) != 4 or patch[2] != patch[3]:
     raise ValueError(
-        f'{source}: {patch_key} has shape {patch}; ' 'expected [D, C, p, p]'
+        f'{source}: {patch_key} has shape {patch}; expected [D, C, p, p]'
     )
   depth = 1 + max(int(m.group(1)) for m in map(_BLOCK_RE.match, state) if m)
   distilled = 'dist_token' in state
@@ -567,7 +567,7 @@ def update_params(params: Any, values: Mapping[str, np.ndarray]) -> Any:
   unknown = sorted(set(values) - seen)
   if unknown:
     raise ValueError(
-        f'values for parameters the state does not have: ' f'{unknown}'
+        f'values for parameters the state does not have: {unknown}'
     )
   return out
 

@@ -81,13 +81,13 @@ def _define_flags() -> None:
   flags.DEFINE_integer(
       'warmup',
       2,
-      'Untimed steps after the first ' '(compiling) one.',
+      'Untimed steps after the first (compiling) one.',
       lower_bound=0,
   )
   flags.DEFINE_integer(
       'rounds',
       5,
-      'Round-robin rounds the timed steps are ' 'split in.',
+      'Round-robin rounds the timed steps are split in.',
       lower_bound=1,
   )
   flags.DEFINE_bool('no_compile', False, 'Skip torch.compile.')
@@ -95,7 +95,7 @@ def _define_flags() -> None:
   flags.DEFINE_integer(
       'matmul_size',
       2048,
-      'n of the n^3 reference matmul ' '(CPU peak).',
+      'n of the n^3 reference matmul (CPU peak).',
       lower_bound=1,
   )
   flags.mark_flags_as_required(['config'])

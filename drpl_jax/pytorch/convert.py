@@ -495,7 +495,7 @@ def _define_flags() -> None:
   flags.DEFINE_integer(
       'num_classes',
       None,
-      'teacher: required; student: ' "default the config's model.num_classes.",
+      "teacher: required; student: default the config's model.num_classes.",
       lower_bound=1,
   )
   flags.DEFINE_integer(

@@ -92,7 +92,7 @@ def check_output_path(out: str, suffixes: Sequence[str]) -> str:
       pass
   except OSError as e:
     raise PermissionError(
-        f'{out}: cannot write to the folder {folder}: ' f'{e.strerror or e}'
+        f'{out}: cannot write to the folder {folder}: {e.strerror or e}'
     ) from e
   return out
 
@@ -117,7 +117,7 @@ class SoftLabels:
       )
     if len(splits) != len(ids):
       raise ValueError(
-          f'{path}: {len(splits)} split entries for {len(ids)} ' 'ids'
+          f'{path}: {len(splits)} split entries for {len(ids)} ids'
       )
     self.index = {}
     for row, example_id in enumerate(ids):
@@ -466,13 +466,13 @@ def _import_callable(spec: str) -> Any:
     mod = importlib.import_module(module_name)
   except ImportError as e:
     raise ValueError(
-        f'--module {spec!r}: cannot import {module_name!r}: ' f'{e}'
+        f'--module {spec!r}: cannot import {module_name!r}: {e}'
     ) from e
   fn = mod
   for part in attr.split('.'):
     if not hasattr(fn, part):
       raise ValueError(
-          f'--module {spec!r}: {module_name!r} has no ' f'attribute {attr!r}'
+          f'--module {spec!r}: {module_name!r} has no attribute {attr!r}'
       )
     fn = getattr(fn, part)
   if not callable(fn):
@@ -545,7 +545,7 @@ def load_teacher(
         model = torch.jit.load(torchscript, map_location='cpu')
     except RuntimeError as e:
       raise ValueError(
-          f'{torchscript}: not a TorchScript file: ' f'{str(e).splitlines()[0]}'
+          f'{torchscript}: not a TorchScript file: {str(e).splitlines()[0]}'
       ) from e
     return model, {
         'kind': 'torchscript',
@@ -577,7 +577,7 @@ def _define_flags() -> None:
   flags.DEFINE_string('checkpoint', None, 'State dict for --arch.')
   flags.DEFINE_string('torchscript', None, 'TorchScript teacher file.')
   flags.DEFINE_string(
-      'module', None, 'pkg.mod:callable returning the ' 'nn.Module.'
+      'module', None, 'pkg.mod:callable returning the nn.Module.'
   )
   flags.DEFINE_list('splits', ['train'], 'Splits to label.')
   cli.define_batch_size(64)

@@ -37,7 +37,7 @@ def to_float_chw(image: np.ndarray) -> torch.Tensor:
   image = np.asarray(image)
   if image.dtype != np.uint8 or image.ndim != 3 or image.shape[-1] != 3:
     raise ValueError(
-        f'expected a uint8 [H, W, 3] image, got {image.dtype} ' f'{image.shape}'
+        f'expected a uint8 [H, W, 3] image, got {image.dtype} {image.shape}'
     )
   chw = torch.from_numpy(np.array(image)).permute(2, 0, 1)  # A copy.
   return chw.to(torch.float32) / 255.0  # [3, H, W]

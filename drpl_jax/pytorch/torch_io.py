@@ -79,7 +79,7 @@ def save_safetensors(
       raise TypeError(f'state dict key {name!r} is not a string')
     if not isinstance(value, np.ndarray) and not hasattr(value, '__array__'):
       raise TypeError(
-          f'state dict entry {name!r} is a {type(value)}, ' 'not an array'
+          f'state dict entry {name!r} is a {type(value)}, not an array'
       )
     arrays[name] = np.ascontiguousarray(np.asarray(value))
   parent = os.path.dirname(path)

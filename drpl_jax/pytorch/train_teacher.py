@@ -257,11 +257,11 @@ def train_teacher(
     raise ValueError(f'select_by={select_by!r} is not one of {SELECT_BY}')
   if epochs < 1 or batch_size < 1:
     raise ValueError(
-        f'epochs and batch_size must be >= 1, got {epochs} ' f'and {batch_size}'
+        f'epochs and batch_size must be >= 1, got {epochs} and {batch_size}'
     )
   if arch not in tv_models.known_archs():
     raise ValueError(
-        f'unknown teacher arch {arch!r}; known: ' f'{tv_models.known_archs()}'
+        f'unknown teacher arch {arch!r}; known: {tv_models.known_archs()}'
     )
   info = data.ensure_prepared(config.data)
   class_names = list(info.class_names)

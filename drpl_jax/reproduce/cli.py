@@ -168,7 +168,7 @@ def _subcommand(argv: Sequence[str]) -> tuple[str, list[str]]:
   wanted = {'args': 1, 'exists': 1}.get(cmd, 0)
   if cmd != 'record' and len(rest) != wanted:
     raise cli.UserError(
-        f'{cmd} takes {wanted} positional argument(s), got ' f'{rest}'
+        f'{cmd} takes {wanted} positional argument(s), got {rest}'
     )
   if cmd == 'args' and rest[0] not in WHAT:
     raise cli.UserError(f'args {rest[0]!r}: expected one of {WHAT}')

@@ -401,17 +401,17 @@ def _define_flags() -> None:
   config_flags.DEFINE_config_file(
       'config',
       None,
-      'FILE[:ARGS]; --config.KEY=VALUE changes the base of ' 'every candidate.',
+      'FILE[:ARGS]; --config.KEY=VALUE changes the base of every candidate.',
   )
   cli.define_workdir("The sweep's directory (run).", required=False)
   flags.DEFINE_multi_string('sweep', [], 'KEY=V1|V2|... (run; repeatable).')
   flags.DEFINE_bool(
-      'grid', False, 'All combinations (run; default: one ' 'factor at a time).'
+      'grid', False, 'All combinations (run; default: one factor at a time).'
   )
   flags.DEFINE_integer(
       'steps',
       None,
-      'Training steps of every candidate ' "(run; default: the config's).",
+      "Training steps of every candidate (run; default: the config's).",
   )
   flags.DEFINE_integer('seeds', 1, 'Seeds per candidate (run).')
   flags.DEFINE_string('out', None, "The teacher's output file (teacher).")
@@ -426,7 +426,7 @@ def main(argv: Sequence[str]) -> int:
   f = flags.FLAGS
   if len(argv) != 2 or argv[1] not in SUBCOMMANDS:
     raise cli.UserError(
-        f'expected one subcommand of {SUBCOMMANDS}, got ' f'{list(argv[1:])}'
+        f'expected one subcommand of {SUBCOMMANDS}, got {list(argv[1:])}'
     )
   spec = config_flags.get_config_filename(f['config'])
   base_sets = list(config_flags.get_override_values(f['config']).items())

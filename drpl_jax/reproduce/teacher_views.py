@@ -199,11 +199,11 @@ def main(argv: Sequence[str] | None = None) -> None:
   from drpl_jax import cli  # pylint: disable=g-import-not-at-top
 
   config = config_flags.DEFINE_config_file(
-      'config', None, 'Training config (its data, ' 'augmentation and teacher).'
+      'config', None, 'Training config (its data, augmentation and teacher).'
   )
   passes = flags.DEFINE_integer('passes', 2, 'Draws of each random view.')
   max_images = flags.DEFINE_integer(
-      'max_images', 0, 'Use the first N training images ' '(0 = all).'
+      'max_images', 0, 'Use the first N training images (0 = all).'
   )
   out = flags.DEFINE_string('out', '', 'Also write the figures as JSON.')
   flags.mark_flag_as_required('config')

@@ -375,7 +375,7 @@ class Checkpointer:
         return self.restore(step, state, shardings)
       except IncompleteCheckpointError as e:
         logging.warning(
-            'Skipping incomplete checkpoint %s: %s; trying the ' 'previous one',
+            'Skipping incomplete checkpoint %s: %s; trying the previous one',
             path,
             e,
         )
@@ -400,11 +400,11 @@ class Checkpointer:
     where = self.directory
     if not steps:
       raise FileNotFoundError(
-          f'no checkpoint in {where}; train first ' '(python -m drpl_jax.main)'
+          f'no checkpoint in {where}; train first (python -m drpl_jax.main)'
       )
     if step is not None and step not in steps:
       raise FileNotFoundError(
-          f'no checkpoint for step {step} in {where}; ' f'have {steps}'
+          f'no checkpoint for step {step} in {where}; have {steps}'
       )
     bad = []
     for s in ([step] if step is not None else reversed(steps)):
@@ -418,13 +418,13 @@ class Checkpointer:
               'latest complete one'
           ) from None
         logging.warning(
-            'Skipping incomplete checkpoint %s: %s; using the ' 'previous one',
+            'Skipping incomplete checkpoint %s: %s; using the previous one',
             where / str(s),
             e,
         )
         bad.append(s)
     raise IncompleteCheckpointError(
-        f'every checkpoint in {where} is ' f'incomplete: {bad}'
+        f'every checkpoint in {where} is incomplete: {bad}'
     )
 
   def _set_aside(self, step: int) -> None:

@@ -521,7 +521,7 @@ def _train_loop(run: _Run) -> bool:
       if preempted:
         run.ckpt.wait()
         logging.warning(
-            'Preempted: saved checkpoint at step %d in %s; ' 'stopping',
+            'Preempted: saved checkpoint at step %d in %s; stopping',
             step,
             run.ckpt.directory,
         )

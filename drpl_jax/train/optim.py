@@ -79,7 +79,7 @@ class OptimConfig:
       )
     if not 0.0 < self.layer_decay <= 1.0:
       raise ValueError(
-          f'config.optim.layer_decay={self.layer_decay} must be ' 'in (0, 1]'
+          f'config.optim.layer_decay={self.layer_decay} must be in (0, 1]'
       )
 
   @classmethod

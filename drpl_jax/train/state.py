@@ -78,9 +78,7 @@ class TrainState:
     missing = [n for n in names if n not in tree]
     extra = [k for k in tree if k not in names]
     if missing or extra:
-      raise ValueError(
-          f'train state tree: missing {missing}, unknown ' f'{extra}'
-      )
+      raise ValueError(f'train state tree: missing {missing}, unknown {extra}')
     return cls(**{n: tree[n] for n in names})
 
 

@@ -97,7 +97,7 @@ class StepConfig:
 def _nonfinite_mode(mode: str) -> str:
   if mode not in NONFINITE_MODES:
     raise ValueError(
-        f'config.nonfinite={mode!r} is not one of ' f'{list(NONFINITE_MODES)}'
+        f'config.nonfinite={mode!r} is not one of {list(NONFINITE_MODES)}'
     )
   return mode
 

@@ -126,7 +126,7 @@ def check_state_dict(
   unexpected = sorted(set(got) - set(want))
   if missing or unexpected:
     raise ValueError(
-        f'{what}: missing keys {missing}, unexpected keys ' f'{unexpected}'
+        f'{what}: missing keys {missing}, unexpected keys {unexpected}'
     )
   bad = [
       f'{k}: {tuple(got[k].shape)} != {tuple(want[k].shape)}'

@@ -34,7 +34,7 @@ def torch_dtype(name: str) -> torch.dtype:
   """Maps a config dtype string ('float32', 'bfloat16', ...) to torch."""
   if name not in TORCH_DTYPES:
     raise ValueError(
-        f'unknown dtype {name!r}; expected one of ' f'{sorted(TORCH_DTYPES)}'
+        f'unknown dtype {name!r}; expected one of {sorted(TORCH_DTYPES)}'
     )
   return TORCH_DTYPES[name]
 

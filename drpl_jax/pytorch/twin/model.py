@@ -113,7 +113,7 @@ class DRPLViTTorch(nn.Module):
     cfg = self.config
     if images.ndim != 4 or images.shape[1] != 3:
       raise ValueError(
-          'images must be NCHW [B, 3, H, W], got ' f'{tuple(images.shape)}'
+          f'images must be NCHW [B, 3, H, W], got {tuple(images.shape)}'
       )
     h, w = images.shape[2:]
     if h % cfg.patch_size or w % cfg.patch_size:
