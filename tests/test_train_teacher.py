@@ -271,6 +271,47 @@ def test_views_resize_like_torchvision_and_crop_reproducibly():
   assert not torch.equal(data[2]['image'], first)  # Other epoch.
 
 
+def test_student_view_is_the_students_train_transform(config, tmp_path):
+  """augment='student' trains on the student's RandAugment'ed crops."""
+  from drpl_jax.input import augment  # pylint: disable=g-import-not-at-top
+
+  image = np.random.default_rng(1).integers(0, 256, (40, 30, 3), np.uint8)
+  mean, std = (0.4, 0.5, 0.6), (0.2, 0.25, 0.3)
+  recipe = augment.AugmentConfig(
+      crop_scale=(0.35, 1.0), randaugment_magnitude=5.0, random_erase=0.0
+  )
+  data = torch_data.TeacherDataset(
+      [{'image': image, 'label': 0, 'id': 'x'}] * 2,
+      image_size=24,
+      mean=mean,
+      std=std,
+      train=True,
+      seed=5,
+      student=recipe,
+  )
+  view = augment.train_transform(
+      image, np.random.default_rng([5, 0, 1]), size=24, config=recipe
+  )
+  expected = torch_data.normalise(torch_data.to_float_chw(view), mean, std)
+  torch.testing.assert_close(data[1]['image'], expected)
+  lite = torch_data.train_view(
+      image, 24, mean, std, np.random.default_rng([5, 0, 1])
+  )
+  assert not torch.equal(data[1]['image'], lite)
+
+  config.data.augment.randaugment_ops = 2
+  out = str(tmp_path / 's.safetensors')
+  result = train_teacher.train_teacher(
+      config, 'resnet18', out, augment='student', **FAST
+  )
+  assert result['hparams']['augment'] == 'student'
+  assert result['hparams']['student_augment']['randaugment_ops'] == 2
+  with pytest.raises(ValueError, match="augment='strong'"):
+    train_teacher.train_teacher(
+        config, 'resnet18', out, augment='strong', **FAST
+    )
+
+
 def test_cli(demo_data_dir, tmp_path):
   out = tmp_path / 'cli.safetensors'
   env = dict(os.environ, OMP_NUM_THREADS='1')

@@ -9,7 +9,12 @@ size. A PyTorch teacher sees them as float32 [3, S, S] tensors:
               the teacher's mean/std.
   train view  a mild random resized crop first ("lite": area 50-100% of the
               image, aspect 3/4-4/3 by default), then the eval view. No flip:
-              a mirrored chest X-ray is anatomically wrong.
+              a mirrored chest X-ray is anatomically wrong. Or, given the
+              student's `AugmentConfig` ("student"), the student's own train
+              transform (`augment.train_transform`: its crop, RandAugment and
+              erasing) at the teacher's size, then scale and normalise: a
+              teacher trained so answers sensibly on the student's augmented
+              batches, which it sees when it distils online.
 
 The crop randomness of example `i` in epoch `e` comes from a numpy generator
 seeded with (seed, e, i), and the epoch order from (seed, e): a run is the
@@ -84,13 +89,19 @@ def train_view(
     rng: np.random.Generator,
     scale: Sequence[float] = DEFAULT_CROP_SCALE,
     ratio: Sequence[float] = DEFAULT_CROP_RATIO,
+    student: augment.AugmentConfig | None = None,
 ) -> torch.Tensor:
   """A random resized crop (no flip), then as `eval_view` -> [3, S, S].
 
   The box is drawn as the student's recipe draws it (`augment.rrc_box`,
-  torchvision's RandomResizedCrop sampling).
+  torchvision's RandomResizedCrop sampling). With `student`, the whole of
+  the student's train transform replaces the crop (`scale` and `ratio` are
+  then unused: the student's config has its own).
   """
   image = np.asarray(image)
+  if student is not None:
+    view = augment.train_transform(image, rng, size=image_size, config=student)
+    return normalise(to_float_chw(view), mean, std)  # already S x S
   top, left, h, w = augment.rrc_box(
       image.shape[0],
       image.shape[1],
@@ -107,8 +118,9 @@ class TeacherDataset(torch.utils.data.Dataset):
 
   `source` is anything with `len()` and `source[i]` -> {'image': uint8
   [H, W, 3], 'label': int, 'id': str} (e.g. `drpl_jax.data.get_source`).
-  With `train=True` each item is a fresh random crop (see `train_view`),
-  reproducible from (seed, epoch, index); call `set_epoch` every epoch.
+  With `train=True` each item is a fresh random crop (see `train_view`;
+  with `student`, the student's train transform), reproducible from (seed,
+  epoch, index); call `set_epoch` every epoch.
   """
 
   def __init__(
@@ -122,6 +134,7 @@ class TeacherDataset(torch.utils.data.Dataset):
       seed: int = 0,
       crop_scale: Sequence[float] = DEFAULT_CROP_SCALE,
       crop_ratio: Sequence[float] = DEFAULT_CROP_RATIO,
+      student: augment.AugmentConfig | None = None,
   ):
     if image_size < 1:
       raise ValueError(f'image_size must be >= 1, got {image_size}')
@@ -143,6 +156,7 @@ class TeacherDataset(torch.utils.data.Dataset):
     self.seed = int(seed)
     self.crop_scale = tuple(crop_scale)
     self.crop_ratio = tuple(crop_ratio)
+    self.student = student
     self.epoch = 0
 
   def set_epoch(self, epoch: int) -> None:
@@ -163,6 +177,7 @@ class TeacherDataset(torch.utils.data.Dataset):
           rng,
           self.crop_scale,
           self.crop_ratio,
+          self.student,
       )
     else:
       image = eval_view(example['image'], self.image_size, self.mean, self.std)

@@ -11,7 +11,8 @@ the data set's class count; `--init` starts from a state dict the user has
 (e.g. ImageNet weights; nothing is ever downloaded), re-initialising the
 classifier when its class count differs. Training: AdamW, linear warmup and
 cosine decay, the `torch_data` train view (mild random resized crop, no
-flip), CUDA when available (bf16 autocast there), else the CPU. The epoch
+flip; with `--augment student`, the student's own train transform from
+`--config`, RandAugment included), CUDA when available (bf16 autocast there), else the CPU. The epoch
 with the best validation accuracy (ties: lower validation loss) is kept.
 
 Writes `PATH.safetensors` (torchvision's exact state-dict naming, without
@@ -30,6 +31,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 import contextlib
+import dataclasses
 import datetime
 import json
 import math
@@ -44,12 +46,14 @@ import torch
 import torchvision
 
 from drpl_jax import cli
+from drpl_jax.input import augment as aug_lib
 from drpl_jax.pytorch import soft_labels
 from drpl_jax.pytorch import torch_data
 from drpl_jax.pytorch import torch_io
 from drpl_jax.pytorch import torchvision_models as tv_models
 
 SELECT_BY = ('accuracy', 'balanced_accuracy')
+AUGMENT = ('lite', 'student')
 
 
 def classification_metrics(
@@ -220,6 +224,7 @@ def train_teacher(
     image_size: int | None = None,
     weight_decay: float = 0.05,
     crop_scale: Sequence[float] = torch_data.DEFAULT_CROP_SCALE,
+    augment: str = 'lite',
     select_by: str = 'accuracy',
     max_steps_per_epoch: int | None = None,
     eval_limit: int | None = None,
@@ -239,7 +244,12 @@ def train_teacher(
     lr: peak AdamW learning rate.
     image_size: input size (default config.teacher.image_size).
     weight_decay: AdamW weight decay.
-    crop_scale: area range of the random resized crop.
+    crop_scale: area range of the random resized crop ('lite' only).
+    augment: 'lite' (a random resized crop of `crop_scale`) or 'student'
+      (the student's own train transform from `config.data.augment`:
+      its crop, RandAugment and erasing), so that the teacher, which
+      distils online on the student's augmented batches, has seen such
+      images in training.
     select_by: the validation metric that picks the epoch kept.
     max_steps_per_epoch: cap on steps per epoch (smoke runs, tests).
     eval_limit: evaluate on only the first N validation examples.
@@ -255,6 +265,8 @@ def train_teacher(
   out = soft_labels.check_output_path(out, ('.safetensors',))
   if select_by not in SELECT_BY:
     raise ValueError(f'select_by={select_by!r} is not one of {SELECT_BY}')
+  if augment not in AUGMENT:
+    raise ValueError(f'augment={augment!r} is not one of {AUGMENT}')
   if epochs < 1 or batch_size < 1:
     raise ValueError(
         f'epochs and batch_size must be >= 1, got {epochs} and {batch_size}'
@@ -279,11 +291,15 @@ def train_teacher(
       config.data.get('train_split', 'train'),
       config.data.get('eval_split', 'validation'),
   )
+  student = None
+  if augment == 'student':
+    student = aug_lib.AugmentConfig.from_config(config.data.get('augment'))
   train_set = torch_data.TeacherDataset(
       data.get_source(config.data, splits[0]),
       train=True,
       seed=seed,
       crop_scale=crop_scale,
+      student=student,
       **view,
   )
   eval_set = torch_data.TeacherDataset(
@@ -296,7 +312,11 @@ def train_teacher(
       'batch_size': batch_size,
       'lr': lr,
       'weight_decay': weight_decay,
+      'augment': augment,
       'crop_scale': list(crop_scale),
+      'student_augment': None
+      if student is None
+      else dataclasses.asdict(student),
       'hflip': False,
       'steps_per_epoch': steps_per_epoch,
       'optimizer': 'adamw',
@@ -432,6 +452,13 @@ def _define_flags() -> None:
       torch_data.DEFAULT_CROP_SCALE[0],
       'Smallest crop area fraction (1 = no crop).',
   )
+  flags.DEFINE_enum(
+      'augment',
+      'lite',
+      AUGMENT,
+      'lite: a random resized crop (--crop_min_scale); student: the '
+      "student's train transform from --config (config.data.augment).",
+  )
   flags.DEFINE_enum('select_by', 'accuracy', SELECT_BY, 'Epoch selection.')
   flags.DEFINE_integer('max_steps_per_epoch', 0, '0 = the whole split.')
   flags.DEFINE_integer('num_workers', 0, 'DataLoader workers.')
@@ -462,6 +489,7 @@ def main(argv: Sequence[str]) -> None:
       weight_decay=f.weight_decay,
       image_size=f.image_size or None,
       crop_scale=(f.crop_min_scale, 1.0),
+      augment=f.augment,
       select_by=f.select_by,
       max_steps_per_epoch=f.max_steps_per_epoch or None,
       num_workers=f.num_workers,
