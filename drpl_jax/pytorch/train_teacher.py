@@ -455,17 +455,19 @@ def main(argv: Sequence[str]) -> None:
       f.config,
       f.arch,
       f.out,
-      init=f.init,
-      epochs=f.epochs,
-      batch_size=f.batch_size,
-      lr=f.lr,
-      weight_decay=f.weight_decay,
       image_size=f.image_size or None,
       crop_scale=(f.crop_min_scale, 1.0),
-      select_by=f.select_by,
       max_steps_per_epoch=f.max_steps_per_epoch or None,
-      num_workers=f.num_workers,
-      device=f.device,
+      **cli.flag_values(
+          'init',
+          'epochs',
+          'batch_size',
+          'lr',
+          'weight_decay',
+          'select_by',
+          'num_workers',
+          'device',
+      ),
   )
   print(
       json.dumps(
