@@ -9,8 +9,10 @@ drift apart; every command is an absl command.
 `run(main)` runs an absl command so that bad user input ends in one line
 `error: ...` naming the file, key or value on stderr and exit status 2, with
 no traceback: a `UserError` (or the exception types a command names as
-bad input) raised by `main`, and a flag that does not parse (an unknown
-`--config.KEY`, a value of the wrong type, a missing required flag).
+bad input, to `run` or around a call with `user_errors`) raised by `main`,
+and a flag that does not parse (an unknown `--config.KEY`, a value of the
+wrong type, a missing required flag). `flag_values` passes flags on to the
+keywords of the same name.
 
 Unless `--verbosity` is given, `run` also keeps the console for what a
 person needs (`quiet_libraries`; drpl_jax/train/console.py prints it).
@@ -22,11 +24,13 @@ defines flags only when a command calls its `define_*` functions.
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import os
 import sys
 import tempfile
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any
 
 from absl import app, flags
 
@@ -62,6 +66,23 @@ def define_batch_size(
 ) -> flags.FlagHolder:
   """Defines absl's `--batch_size`."""
   return flags.DEFINE_integer('batch_size', default, help_text)
+
+
+def flag_values(*names: str) -> dict[str, Any]:
+  """`{name: value}` of the named flags: the keywords of a function whose
+  parameters have the names and the meaning of the command's flags."""
+  return {name: flags.FLAGS[name].value for name in names}
+
+
+@contextlib.contextmanager
+def user_errors(types: tuple[type[BaseException], ...]) -> Iterator[None]:
+  """Re-raises an exception of `types` from the block as a `UserError`
+  with its message: what a library call raises on bad input becomes a
+  command's one-line error (see `run`)."""
+  try:
+    yield
+  except types as e:  # pylint: disable=catching-non-exception
+    raise UserError(str(e)) from e
 
 
 def fail(message: object) -> None:

@@ -44,6 +44,31 @@ from drpl_jax.train import loop as train
 from drpl_jax.train import state as state_lib
 from drpl_jax.utils import files
 
+# What restoring a run and reading its data raise on bad input (no
+# meta.json or checkpoint, a half-written step, a bad --data or --config):
+# evaluate, predict and export report it as one line (cli.user_errors).
+BAD_INPUT_ERRORS = (
+    FileNotFoundError,
+    ValueError,
+    checkpointing.IncompleteCheckpointError,
+)
+
+
+@dataclasses.dataclass(frozen=True)
+class _Images:
+  """The images a report is on.
+
+  `splits` of config.data updated with `data_config` ({} for the configured
+  data set; an external folder's otherwise), their labels mapped to the
+  training classes through `label_map` (None: as they are); `name` names
+  the report's folder.
+  """
+
+  name: str
+  splits: tuple[str, ...]
+  data_config: dict[str, Any]
+  label_map: np.ndarray | None
+
 
 class Evaluator:
   """A restored checkpoint (weights only) plus a jitted eval step on a mesh.
@@ -130,27 +155,15 @@ def evaluate(
   evaluator = Evaluator(config, workdir, step)
   train_info = data_lib.ensure_prepared(config.data)
   class_names = list(train_info.class_names)
-  if data:
-    data_config, name, label_map = external_data(data, class_names)
-    ext = ml_collections.ConfigDict(config.data.to_dict())
-    ext.update(data_config)
-    # Another site's images were never trained on: evaluate all of them.
-    counts = data_lib.ensure_prepared(ext).num_examples
-    splits = tuple(
-        s for s in ('train', 'validation', 'test') if counts.get(s, 0) > 0
-    )
-  else:
-    data_config, label_map = {}, None
-    split = split or config.data.test_split
-    name, splits = split, (split,)
+  images = _images(config, data, split, class_names)
   params_keys = ['params']
   if (use_ema is None or use_ema) and evaluator.state.ema is not None:
     params_keys.append('ema')
-  out_dir = os.path.join(workdir, 'eval', name)
+  out_dir = os.path.join(workdir, 'eval', images.name)
   result = None
   for params_key in params_keys:
     logits, labels, groups = _predict_splits(
-        evaluator, config, data_config, splits, params_key, label_map
+        evaluator, config, images, params_key
     )
     report = head_reports(
         logits, labels, class_names, groups, n_bootstrap, config.seed
@@ -163,24 +176,16 @@ def evaluate(
       report['teacher'] = teacher_report(
           config,
           evaluator.mesh,
-          splits,
+          images.splits,
           class_names,
-          data_config,
-          label_map,
+          images.data_config,
+          images.label_map,
           n_bootstrap,
           config.seed,
       )
     if probes_lib.probe_settings(config)['enabled']:
       _add_probes(
-          report,
-          evaluator,
-          config,
-          data_config,
-          splits,
-          params_key,
-          label_map,
-          class_names,
-          labels,
+          report, evaluator, config, images, params_key, class_names, labels
       )
     report.update(
         checkpoint_step=evaluator.step,
@@ -189,7 +194,7 @@ def evaluate(
         data={
             'name': config.data.name if not data else data,
             'version': train_info.version,
-            'split': name,
+            'split': images.name,
         },
         bootstrap={'n': n_bootstrap, 'seed': config.seed},
     )
@@ -202,7 +207,7 @@ def evaluate(
           metrics_lib.softmax(logits['mean']),
           labels,
           class_names,
-          title=f'{data or config.data.name} / {name} / step '
+          title=f'{data or config.data.name} / {images.name} / step '
           f'{evaluator.step} ({params_key})',
           paper_reference=paper,
       )
@@ -213,16 +218,39 @@ def evaluate(
   return result
 
 
-def _predict_splits(
-    evaluator, config, data_config, splits, params_key, label_map
-):
+def _images(
+    config: ml_collections.ConfigDict,
+    data: str | None,
+    split: str | None,
+    class_names: Sequence[str],
+) -> _Images:
+  """The images of `--data` (every split of an external folder) or of
+  `split` of the configured data set (default its test split)."""
+  from drpl_jax import data as data_lib  # pylint: disable=g-import-not-at-top
+
+  if not data:
+    split = split or config.data.test_split
+    return _Images(split, (split,), {}, None)
+  data_config, name, label_map = external_data(data, class_names)
+  ext = ml_collections.ConfigDict(config.data.to_dict())
+  ext.update(data_config)
+  # Another site's images were never trained on: evaluate all of them.
+  counts = data_lib.ensure_prepared(ext).num_examples
+  splits = tuple(
+      s for s in ('train', 'validation', 'test') if counts.get(s, 0) > 0
+  )
+  return _Images(name, splits, data_config, label_map)
+
+
+def _predict_splits(evaluator, config, images: _Images, params_key):
+  """(logits per head, labels, patient groups or None) of all `images`."""
   from drpl_jax import data as data_lib  # pylint: disable=g-import-not-at-top
 
   all_logits: dict[str, list[np.ndarray]] = {}
   all_labels, all_groups = [], []
-  for split in splits:
+  for split in images.splits:
     cfg = ml_collections.ConfigDict(config.to_dict())
-    cfg.data.update(data_config)
+    cfg.data.update(images.data_config)
     logits, labels, indices = evaluator.predict(
         input_pipeline.create_eval_iterator(
             input_pipeline.DataConfig.from_config(cfg.data),
@@ -233,8 +261,8 @@ def _predict_splits(
     )
     source = data_lib.get_source(cfg.data, split)
     patients = [source.patient_ids[int(i)] for i in indices]
-    if label_map is not None:
-      labels = label_map[labels]
+    if images.label_map is not None:
+      labels = images.label_map[labels]
     for k, v in logits.items():
       all_logits.setdefault(k, []).append(v)
     all_labels.append(labels)
@@ -253,15 +281,13 @@ def _predict_splits(
 
 
 def _add_probes(
-    report,
-    evaluator,
-    config,
-    data_config,
-    splits,
-    params_key,
-    label_map,
-    class_names,
-    labels,
+    report: dict[str, Any],
+    evaluator: Evaluator,
+    config: ml_collections.ConfigDict,
+    images: _Images,
+    params_key: str,
+    class_names: Sequence[str],
+    labels: np.ndarray,
 ) -> None:
   """report['probes'] and report['attention'] (see evaluation.probes)."""
   report['probes'] = probes_lib.shortcut_probes(
@@ -270,16 +296,18 @@ def _add_probes(
       report,
       class_names,
       labels,
-      lambda ev: _predict_splits(
-          ev, config, data_config, splits, params_key, label_map
-      )[:2],
+      lambda ev: _predict_splits(ev, config, images, params_key)[:2],
   )
   report['attention'] = probes_lib.rollout_summary(
       config,
       evaluator.graphdef,
       evaluator.state.weights(params_key),
       evaluator.state.rest,
-      (b for s in splits for b in _batches(config, data_config, s)),
+      (
+          b
+          for s in images.splits
+          for b in _batches(config, images.data_config, s)
+      ),
   )
 
 
@@ -328,18 +356,8 @@ def teacher_report(
       n_bootstrap=n_bootstrap,
       seed=seed,
   )
-  fields = (
-      'accuracy',
-      'balanced_accuracy',
-      'num_examples',
-      'class_names',
-      'per_class',
-      'macro',
-      'confusion_matrix',
-      'ci95',
-  )
   return dict(
-      {k: m[k] for k in fields},
+      {k: m[k] for k in report_lib.CLASSIFICATION_KEYS},
       description=teacher.description,
       auc=m['macro'].get('auc'),
       sensitivity={c: v['sensitivity'] for c, v in m['per_class'].items()},
@@ -515,7 +533,7 @@ def main(argv: Sequence[str]) -> None:
 
   hostmem.configure()  # before JAX starts its CPU client
   distributed.initialize()
-  try:
+  with cli.user_errors(BAD_INPUT_ERRORS):
     config = run_config(flags.FLAGS.workdir, _CONFIG.value, sys.argv[1:])
     report = evaluate(
         config,
@@ -525,12 +543,6 @@ def main(argv: Sequence[str]) -> None:
         data=flags.FLAGS.data,
         n_bootstrap=flags.FLAGS.n_bootstrap,
     )
-  except (
-      FileNotFoundError,
-      ValueError,
-      checkpointing.IncompleteCheckpointError,
-  ) as e:
-    raise cli.UserError(str(e)) from e
   print(
       json.dumps(
           {

@@ -40,6 +40,7 @@ from etils import epath
 from flax import nnx
 
 from drpl_jax import cli
+from drpl_jax.evaluation import evaluate
 from drpl_jax.evaluation import predict
 from drpl_jax.models import fence
 from drpl_jax.train import checkpointing
@@ -300,7 +301,7 @@ def export_command(
 ) -> None:
   """What the command does: exports and prints the metadata as one JSON
   line. Bad input raises cli.UserError."""
-  try:
+  with cli.user_errors(evaluate.BAD_INPUT_ERRORS):
     metadata = export_model(
         workdir,
         out,
@@ -310,12 +311,6 @@ def export_command(
         use_ema=use_ema,
         platforms=platforms,
     )
-  except (
-      FileNotFoundError,
-      ValueError,
-      checkpointing.IncompleteCheckpointError,
-  ) as e:
-    raise cli.UserError(str(e)) from e
   print(json.dumps({'out': out, **metadata}), flush=True)
 
 

@@ -45,7 +45,6 @@ from drpl_jax.evaluation import evaluate
 from drpl_jax.evaluation import rollout
 from drpl_jax.input import augment
 from drpl_jax.parallel import hostmem
-from drpl_jax.train import checkpointing
 from drpl_jax.train import state as state_lib
 from drpl_jax.train import step as step_lib
 from drpl_jax.utils import files
@@ -505,31 +504,18 @@ def predict_images(
   return results
 
 
-def predict_command(
-    workdir: str,
-    paths: Sequence[str],
-    *,
-    step: int | None = None,
-    heatmap_dir: str | None = None,
-    use_ema: bool = False,
-) -> int:
+def predict_command(workdir: str, paths: Sequence[str], **options: Any) -> int:
   """What the command does: one JSON line per image on stdout, one
   `error: PATH: reason` line per unreadable image on stderr; returns the
-  exit code (1 if any image failed). Bad input raises cli.UserError."""
+  exit code (1 if any image failed). `options`: the keywords of
+  `predict_images` (step, heatmap_dir, use_ema). Bad input raises
+  cli.UserError."""
   if not paths:
     raise cli.UserError(
         'no IMAGE given: python -m drpl_jax.predict --workdir=DIR IMAGE...'
     )
-  try:
-    results = predict_images(
-        workdir, paths, step=step, heatmap_dir=heatmap_dir, use_ema=use_ema
-    )
-  except (
-      FileNotFoundError,
-      ValueError,
-      checkpointing.IncompleteCheckpointError,
-  ) as e:
-    raise cli.UserError(str(e)) from e
+  with cli.user_errors(evaluate.BAD_INPUT_ERRORS):
+    results = predict_images(workdir, paths, **options)
   failed = 0
   for record in results:
     if 'error' in record:

@@ -42,20 +42,25 @@ PAPER_COVID_ACCURACY = 0.9785
 # The paper's four classes (the Kaggle database's folder names).
 PAPER_CLASSES = ('COVID', 'Lung_Opacity', 'Normal', 'Viral Pneumonia')
 
+# The classification metrics of every report, the online teacher's entry
+# (evaluate.teacher_report) included: what the reproduction table reads.
+CLASSIFICATION_KEYS = (
+    'accuracy',
+    'balanced_accuracy',
+    'num_examples',
+    'class_names',
+    'per_class',
+    'macro',
+    'confusion_matrix',
+    'ci95',
+)
 _METRIC_KEYS = frozenset(
     (
-        'accuracy',
-        'balanced_accuracy',
-        'num_examples',
-        'class_names',
-        'per_class',
-        'macro',
+        *CLASSIFICATION_KEYS,
         'weighted',
-        'confusion_matrix',
         'ece',
         'ece_bins',
         'nll',
-        'ci95',
         'heads',
         'temperature',
         'probes',
@@ -63,6 +68,21 @@ _METRIC_KEYS = frozenset(
         'teacher',
     )
 )
+# The axis labels, title and legend corner of the one-vs-rest curves.
+_CURVE_TEXT = {
+    'roc': (
+        'False positive rate',
+        'True positive rate (sensitivity)',
+        'ROC, one vs rest',
+        'lower right',
+    ),
+    'pr': (
+        'Recall (sensitivity)',
+        'Precision (PPV)',
+        'Precision-recall, one vs rest',
+        'lower left',
+    ),
+}
 _PLOT_DPI = 110
 
 
@@ -462,14 +482,7 @@ def plot_roc(probs: np.ndarray, labels: np.ndarray, class_names: Sequence[str]):
     fpr, tpr, _ = metrics.roc_curve(probs[:, c], truth)
     ax.plot(fpr, tpr, label=f'{name} (AUC {auc:.3f})')
   ax.plot([0, 1], [0, 1], ls='--', color='grey', lw=1)
-  ax.set(
-      xlim=(0, 1),
-      ylim=(0, 1.01),
-      xlabel='False positive rate',
-      ylabel='True positive rate (sensitivity)',
-      title='ROC, one vs rest',
-  )
-  ax.legend(loc='lower right', fontsize=8)
+  _finish_curve_axes(ax, 'roc')
   return fig
 
 
@@ -486,15 +499,16 @@ def plot_pr(probs: np.ndarray, labels: np.ndarray, class_names: Sequence[str]):
         recall, precision, where='pre', label=f'{name} (AP {ap:.3f})'
     )
     ax.axhline(np.mean(truth), ls=':', lw=1, color=line.get_color())
-  ax.set(
-      xlim=(0, 1),
-      ylim=(0, 1.01),
-      xlabel='Recall (sensitivity)',
-      ylabel='Precision (PPV)',
-      title='Precision-recall, one vs rest',
-  )
-  ax.legend(loc='lower left', fontsize=8)
+  _finish_curve_axes(ax, 'pr')
   return fig
+
+
+def _finish_curve_axes(ax, kind: str) -> None:
+  """The unit square (a little headroom at 1), the labels and title of
+  `kind` ('roc' or 'pr') and a small legend of the curves drawn."""
+  xlabel, ylabel, title, legend_loc = _CURVE_TEXT[kind]
+  ax.set(xlim=(0, 1), ylim=(0, 1.01), xlabel=xlabel, ylabel=ylabel, title=title)
+  ax.legend(loc=legend_loc, fontsize=8)
 
 
 def plot_reliability(probs: np.ndarray, labels: np.ndarray, n_bins: int = 15):

@@ -594,15 +594,17 @@ def main(argv: Sequence[str]) -> None:
   metadata = write_soft_labels(
       f.config,
       f.out,
-      arch=f.arch,
-      checkpoint=f.checkpoint,
-      torchscript=f.torchscript,
-      module=f.module,
-      splits=f.splits,
-      batch_size=f.batch_size,
       image_size=f.image_size or None,
-      num_workers=f.num_workers,
-      device=f.device,
+      **cli.flag_values(
+          'arch',
+          'checkpoint',
+          'torchscript',
+          'module',
+          'splits',
+          'batch_size',
+          'num_workers',
+          'device',
+      ),
   )
   print(json.dumps(dict(metadata, out=os.path.abspath(f.out))))
 

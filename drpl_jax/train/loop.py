@@ -67,15 +67,10 @@ def create_online_teacher(
   from drpl_jax.train import preflight  # pylint: disable=g-import-not-at-top
 
   preflight.check_teacher_arch(t.arch, t.checkpoint)
+  # The typed teacher's fields are torch_teacher's keywords of the same name.
   typed = config_base.teacher_config(config)
   module = teacher_load.torch_teacher(
-      typed.arch,
-      t.checkpoint,
-      typed.num_classes,
-      image_size=typed.image_size,
-      mean=typed.mean,
-      std=typed.std,
-      dtype=typed.dtype,
+      checkpoint=t.checkpoint, **dataclasses.asdict(typed)
   )
   graphdef, state = nnx.split(module)
   shardings = sharding.state_shardings(
