@@ -123,6 +123,20 @@ def synthetic_batch(
   return jax.device_put(host, batch_sharding(mesh))
 
 
+def synthetic_train_batch(
+    config: ml_collections.ConfigDict, batch: int, mesh, step_cfg: Any
+) -> dict[str, jax.Array]:
+  """`synthetic_batch` for a train step: offline teacher logits exactly when
+  the step's `step_cfg.distill_kind` (train.step.StepConfig) reads them."""
+  return synthetic_batch(
+      config,
+      batch,
+      mesh,
+      train_batch=True,
+      distill_kind=step_cfg.distill_kind,
+  )
+
+
 def tensorflow_imported() -> bool:
   """Whether anything in this process has imported TensorFlow."""
   return 'tensorflow' in sys.modules
@@ -215,6 +229,41 @@ def define_timing_flags(
   )
 
 
+def timing_flags(
+    name: str,
+    *,
+    batch: int,
+    steps: int,
+    repeats: int,
+    warmup: int,
+    extra: Sequence[Callable[..., Any]] = (),
+) -> Callable[..., None]:
+  """The `define_flags` of the timed-step benchmark `bench NAME`.
+
+  It defines the timing flags (`define_timing_flags`) with these defaults,
+  then calls each of `extra`, a `functools.partial` of a `flags.DEFINE_*`
+  that lacks only `flag_values`, for the benchmark's own flags.
+  """
+
+  def define_flags(
+      flag_values: flags.FlagValues = flags.FLAGS,
+      sys_argv: Sequence[str] | None = None,
+  ) -> None:
+    define_timing_flags(
+        flag_values,
+        batch=batch,
+        steps=steps,
+        repeats=repeats,
+        warmup=warmup,
+        sys_argv=sys_argv,
+    )
+    for define in extra:
+      define(flag_values=flag_values)
+
+  define_flags.__doc__ = f'The flags of `bench {name}`.'
+  return define_flags
+
+
 TIMING_FLAGS = ('batch_size', 'steps', 'repeats', 'warmup', 'image_size')
 
 
@@ -253,6 +302,45 @@ def timing_args(
   _APPLIED_OVERRIDES.clear()
   _APPLIED_OVERRIDES.update(args.overrides)
   return args
+
+
+def device_info() -> dict[str, Any]:
+  """The accelerator this process measures on."""
+  device = jax.devices()[0]
+  return {
+      'device': device.device_kind,
+      'platform': device.platform,
+      'num_devices': jax.device_count(),
+  }
+
+
+def timing_record(
+    benchmark: str, args: types.SimpleNamespace
+) -> dict[str, Any]:
+  """The fields every record of a timed-step benchmark starts with: the
+  config (`timing_args`), the timing flags and the devices."""
+  config = args.config
+  return {
+      'benchmark': benchmark,
+      'config': args.config_spec,
+      'variant': config.model.get('variant', ''),
+      'image_size': int(config.data.image_size),
+      'batch': args.batch_size,
+      'steps': args.steps,
+      'repeats': args.repeats,
+      'warmup': args.warmup,
+      'dtype': str(config.model.get('dtype', 'float32')),
+      **device_info(),
+  }
+
+
+def check_batch_divisible(batch: int, mesh: Any) -> None:
+  """Raises ValueError unless --batch_size splits evenly over the mesh."""
+  if batch % mesh.size:
+    raise ValueError(
+        f'--batch_size={batch} is not divisible by the '
+        f'{mesh.size} devices of the mesh'
+    )
 
 
 def parse_flags(

@@ -21,41 +21,43 @@ Imports neither TensorFlow, TFDS nor clu.
 
 from __future__ import annotations
 
+import functools
 import statistics
 import time
 from collections.abc import Sequence
 import types
 from typing import Any
 
-import jax
 import ml_collections
 from absl import flags
 
 from drpl_jax import cli
-from drpl_jax.bench import define_timing_flags, emit, no_arguments
+from drpl_jax.bench import check_batch_divisible, emit, no_arguments
 from drpl_jax.bench import parse_flags, synthetic_batch
+from drpl_jax.bench import synthetic_train_batch
 from drpl_jax.bench import tensorflow_imported, time_steps
-from drpl_jax.bench import timing_args
+from drpl_jax.bench import timing_args, timing_flags, timing_record
 from drpl_jax.train import state as state_lib
 
 MEASUREMENTS = ('eval', 'train')
 TARGET_RATIO = 3.0
 
 
-def define_flags(
-    flag_values: flags.FlagValues = flags.FLAGS,
-    sys_argv: Sequence[str] | None = None,
-) -> None:
-  """The flags of `bench eval`."""
-  define_timing_flags(
-      flag_values, batch=32, steps=10, repeats=5, warmup=2, sys_argv=sys_argv
-  )
-  flags.DEFINE_list(
-      'measure',
-      list(MEASUREMENTS),
-      'Comma separated subset of eval,train.',
-      flag_values=flag_values,
-  )
+define_flags = timing_flags(
+    'eval',
+    batch=32,
+    steps=10,
+    repeats=5,
+    warmup=2,
+    extra=(
+        functools.partial(
+            flags.DEFINE_list,
+            'measure',
+            list(MEASUREMENTS),
+            'Comma separated subset of eval,train.',
+        ),
+    ),
+)
 
 
 def args_from(flag_values: flags.FlagValues) -> types.SimpleNamespace:
@@ -91,11 +93,7 @@ class _Bench:
     self.config = config
     self.batch = batch
     self.mesh = state_lib.create_mesh(config)
-    if batch % self.mesh.size:
-      raise ValueError(
-          f'--batch_size={batch} is not divisible by the '
-          f'{self.mesh.size} devices of the mesh'
-      )
+    check_batch_divisible(batch, self.mesh)
     self.setup = state_lib.build(config, self.mesh)
     self.state = self.setup.state
     self.step_cfg = self.setup.step_cfg
@@ -121,12 +119,8 @@ class _Bench:
 
   def train(self, args) -> dict[str, Any]:
     step = self.setup.train_step()
-    batch = synthetic_batch(
-        self.config,
-        self.batch,
-        self.mesh,
-        train_batch=True,
-        distill_kind=self.step_cfg.distill_kind,
+    batch = synthetic_train_batch(
+        self.config, self.batch, self.mesh, self.step_cfg
     )
     # The third argument is the online teacher's state (none here).
     compiled, lower_s, compile_s = _compile(step, self.state, batch, None)
@@ -158,16 +152,6 @@ def rates(times: Sequence[float], images: int, steps: int) -> dict[str, Any]:
   }
 
 
-def device_info() -> dict[str, Any]:
-  """The accelerator this process measures on."""
-  device = jax.devices()[0]
-  return {
-      'device': device.device_kind,
-      'platform': device.platform,
-      'num_devices': jax.device_count(),
-  }
-
-
 def main(argv: Sequence[str]) -> None:
   """Measures eval and train throughput; prints one JSON line for each."""
   no_arguments(argv)
@@ -175,17 +159,8 @@ def main(argv: Sequence[str]) -> None:
   config = args.config
   bench = _Bench(config, args.batch_size)
   common = {
-      'benchmark': 'eval',
-      'config': args.config_spec,
-      'variant': config.model.get('variant', ''),
-      'image_size': int(config.data.image_size),
-      'batch': args.batch_size,
-      'steps': args.steps,
-      'repeats': args.repeats,
-      'warmup': args.warmup,
-      'dtype': str(config.model.get('dtype', 'float32')),
+      **timing_record('eval', args),
       'distilled': bool(config.model.distilled),
-      **device_info(),
   }
   results = {}
   for name in args.measure:

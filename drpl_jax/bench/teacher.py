@@ -47,9 +47,10 @@ from flax import nnx
 
 from drpl_jax import cli
 from drpl_jax import teacher as teacher_lib
-from drpl_jax.bench import define_timing_flags, emit, no_arguments
-from drpl_jax.bench import parse_flags, tensorflow_imported, timing_args
-from drpl_jax.bench.eval import device_info, synthetic_batch
+from drpl_jax.bench import check_batch_divisible, emit, no_arguments
+from drpl_jax.bench import parse_flags, synthetic_train_batch
+from drpl_jax.bench import tensorflow_imported
+from drpl_jax.bench import timing_args, timing_flags, timing_record
 from drpl_jax.parallel import sharding
 from drpl_jax.teacher import load as teacher_load
 from drpl_jax.teacher.common import DTYPES as TEACHER_DTYPES
@@ -58,28 +59,29 @@ from drpl_jax.train import state as state_lib
 TARGET_OVERHEAD = 0.10
 
 
-def define_flags(
-    flag_values: flags.FlagValues = flags.FLAGS,
-    sys_argv: Sequence[str] | None = None,
-) -> None:
-  """The flags of `bench teacher`."""
-  define_timing_flags(
-      flag_values, batch=8, steps=5, repeats=3, warmup=1, sys_argv=sys_argv
-  )
-  flags.DEFINE_enum(
-      'arch',
-      'resnet50',
-      sorted(teacher_lib.TEACHER_ARCHS),
-      'Torchvision teacher (random weights).',
-      flag_values=flag_values,
-  )
-  flags.DEFINE_enum(
-      'teacher_dtype',
-      'float32',
-      list(TEACHER_DTYPES),
-      'Teacher compute dtype.',
-      flag_values=flag_values,
-  )
+define_flags = timing_flags(
+    'teacher',
+    batch=8,
+    steps=5,
+    repeats=3,
+    warmup=1,
+    extra=(
+        functools.partial(
+            flags.DEFINE_enum,
+            'arch',
+            'resnet50',
+            sorted(teacher_lib.TEACHER_ARCHS),
+            'Torchvision teacher (random weights).',
+        ),
+        functools.partial(
+            flags.DEFINE_enum,
+            'teacher_dtype',
+            'float32',
+            list(TEACHER_DTYPES),
+            'Teacher compute dtype.',
+        ),
+    ),
+)
 
 
 def args_from(flag_values: flags.FlagValues) -> types.SimpleNamespace:
@@ -207,13 +209,7 @@ def measure(
   setup = state_lib.build(config, mesh)
   state, state_sh, step_cfg = setup.state, setup.shardings, setup.step_cfg
   teacher = online_teacher(config, args, mesh)
-  batch = synthetic_batch(
-      config,
-      args.batch_size,
-      mesh,
-      train_batch=True,
-      distill_kind=step_cfg.distill_kind,
-  )
+  batch = synthetic_train_batch(config, args.batch_size, mesh, step_cfg)
   # The steps donate their state: the teacher run gets its own copy.
   copy = jax.jit(lambda s: jax.tree.map(jnp.copy, s), out_shardings=state_sh)
   states = {'student': state, 'teacher': copy(state)}
@@ -253,25 +249,12 @@ def main(argv: Sequence[str]) -> None:
   args = args_from(flags.FLAGS)
   config = args.config
   mesh = state_lib.create_mesh(config)
-  if args.batch_size % mesh.size:
-    raise ValueError(
-        f'--batch_size={args.batch_size} is not divisible by the '
-        f'{mesh.size} devices of the mesh'
-    )
+  check_batch_divisible(args.batch_size, mesh)
   results = measure(config, args, mesh)
   common = {
-      'benchmark': 'teacher',
-      'config': args.config_spec,
-      'variant': config.model.get('variant', ''),
-      'image_size': int(config.data.image_size),
-      'batch': args.batch_size,
-      'steps': args.steps,
-      'repeats': args.repeats,
-      'warmup': args.warmup,
+      **timing_record('teacher', args),
       'distill_kind': config.distill.kind,
-      'dtype': str(config.model.get('dtype', 'float32')),
       'teacher_dtype': args.teacher_dtype,
-      **device_info(),
   }
   for name, teacher in (('student', None), ('teacher', args.arch)):
     emit(

@@ -29,6 +29,7 @@ TensorFlow, TFDS nor clu.
 
 from __future__ import annotations
 
+import functools
 import resource
 import statistics
 import sys
@@ -42,10 +43,10 @@ import jax.numpy as jnp
 import ml_collections
 from absl import flags
 
-from drpl_jax.bench import define_timing_flags, emit, no_arguments
-from drpl_jax.bench import parse_flags, synthetic_batch
+from drpl_jax.bench import check_batch_divisible, emit, no_arguments
+from drpl_jax.bench import parse_flags, synthetic_train_batch
 from drpl_jax.bench import tensorflow_imported, time_steps
-from drpl_jax.bench import timing_args
+from drpl_jax.bench import timing_args, timing_flags, timing_record
 from drpl_jax.train import state as state_lib
 
 # Dense bf16 peak FLOP/s per device (datasheets), matched against
@@ -61,22 +62,23 @@ DATASHEET_PEAK_FLOPS = (
 )
 
 
-def define_flags(
-    flag_values: flags.FlagValues = flags.FLAGS,
-    sys_argv: Sequence[str] | None = None,
-) -> None:
-  """The flags of `bench train`."""
-  # 5 warm-up steps: with asynchronous dispatch the tuned host allocator's
-  # heap (drpl_jax.parallel.hostmem) settles within about 5 steps.
-  define_timing_flags(
-      flag_values, batch=32, steps=5, repeats=3, warmup=5, sys_argv=sys_argv
-  )
-  flags.DEFINE_integer(
-      'matmul_size',
-      2048,
-      'Side of the fp32 matmul measuring the CPU peak.',
-      flag_values=flag_values,
-  )
+# 5 warm-up steps: with asynchronous dispatch the tuned host allocator's
+# heap (drpl_jax.parallel.hostmem) settles within about 5 steps.
+define_flags = timing_flags(
+    'train',
+    batch=32,
+    steps=5,
+    repeats=3,
+    warmup=5,
+    extra=(
+        functools.partial(
+            flags.DEFINE_integer,
+            'matmul_size',
+            2048,
+            'Side of the fp32 matmul measuring the CPU peak.',
+        ),
+    ),
+)
 
 
 def args_from(flag_values: flags.FlagValues) -> types.SimpleNamespace:
@@ -162,21 +164,11 @@ def measure(
 ) -> dict[str, Any]:
   """Compiles and times the train step of `config`; returns the figures."""
   mesh = state_lib.create_mesh(config)
-  if args.batch_size % mesh.size:
-    raise ValueError(
-        f'--batch_size={args.batch_size} is not divisible by the '
-        f'{mesh.size} devices of the mesh'
-    )
+  check_batch_divisible(args.batch_size, mesh)
   setup = state_lib.build(config, mesh)
   state, step_cfg = setup.state, setup.step_cfg
   step = setup.train_step()
-  batch = synthetic_batch(
-      config,
-      args.batch_size,
-      mesh,
-      train_batch=True,
-      distill_kind=step_cfg.distill_kind,
-  )
+  batch = synthetic_train_batch(config, args.batch_size, mesh, step_cfg)
   t0 = time.perf_counter()
   compiled = step.lower(state, batch, None).compile()
   compile_s = time.perf_counter() - t0
@@ -217,18 +209,7 @@ def main(argv: Sequence[str]) -> None:
   mfu = (flops / step_s / peak) if (flops and peak) else None
   emit(
       {
-          'benchmark': 'train',
-          'config': args.config_spec,
-          'variant': config.model.get('variant', ''),
-          'image_size': int(config.data.image_size),
-          'batch': args.batch_size,
-          'steps': args.steps,
-          'repeats': args.repeats,
-          'warmup': args.warmup,
-          'dtype': str(config.model.get('dtype', 'float32')),
-          'device': device.device_kind,
-          'platform': device.platform,
-          'num_devices': jax.device_count(),
+          **timing_record('train', args),
           **result,
           'peak_memory_bytes': memory,
           'memory_source': memory_source,

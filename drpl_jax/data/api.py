@@ -74,11 +74,13 @@ def default_data_dir() -> str:
 
 def _builder_and_config(
     name: str,
-    manual_dir: str | None,
-    classes: Sequence[str] | None,
-    seed: int,
-    min_side: int,
-):
+    manual_dir: str | None = None,
+    classes: Sequence[str] | None = None,
+    **settings: Any,
+) -> tuple[type, Any]:
+  """The builder class of `name` and its config for `prepare`'s arguments;
+  `settings` (seed, min_side) go to `make_config`, with its defaults, which
+  are `prepare`'s."""
   all_builders = builders()
   if name not in all_builders:
     raise DataError(f'unknown data set {name!r}; known: {list(all_builders)}')
@@ -92,26 +94,22 @@ def _builder_and_config(
   config = cls.make_config(
       manual_dir=manual_dir or '',
       classes=tuple(classes) if classes else None,
-      seed=seed,
-      min_side=min_side,
+      **settings,
   )
   return cls, config
 
 
-def prepared_dir(
-    name: str,
-    *,
-    data_dir: str,
-    manual_dir: str | None = None,
-    classes: Sequence[str] | None = None,
-    seed: int = 0,
-    min_side: int = images.DEFAULT_MIN_SIDE,
-) -> str:
-  """The folder a data set with these arguments is (or will be) prepared in."""
-  cls, config = _builder_and_config(name, manual_dir, classes, seed, min_side)
+def _folder(data_dir: str, cls: type, config: Any) -> str:
+  """Where `prepare` puts the data set of builder `cls` and `config`."""
   return os.path.join(
       data_dir or default_data_dir(), cls.name, config.name, str(cls.VERSION)
   )
+
+
+def prepared_dir(name: str, *, data_dir: str, **options: Any) -> str:
+  """The folder `prepare(name, data_dir=data_dir, **options)` prepares the
+  data set in (or has); `options`: its manual_dir, classes, seed, min_side."""
+  return _folder(data_dir, *_builder_and_config(name, **options))
 
 
 def _read_summary(folder: str) -> dict[str, Any] | None:
@@ -155,8 +153,10 @@ def prepare(
   """
   _hide_gpus_from_tensorflow()
   data_dir = data_dir or default_data_dir()
-  cls, config = _builder_and_config(name, manual_dir, classes, seed, min_side)
-  folder = os.path.join(data_dir, cls.name, config.name, str(cls.VERSION))
+  cls, config = _builder_and_config(
+      name, manual_dir, classes, seed=seed, min_side=min_side
+  )
+  folder = _folder(data_dir, cls, config)
   summary = _read_summary(folder)
   if summary is not None:
     return dict(summary, reused=True)

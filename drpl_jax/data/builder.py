@@ -15,7 +15,7 @@ the path relative to the data root), `patient_id` (Text, '' when unknown).
 """
 
 import collections
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 import concurrent.futures
 import csv
 import dataclasses
@@ -30,6 +30,7 @@ from typing import Any
 import numpy as np
 import tensorflow_datasets as tfds
 
+from drpl_jax.data import files
 from drpl_jax.data import images
 from drpl_jax.data import splits as splits_lib
 from drpl_jax.data.files import DataError
@@ -74,6 +75,44 @@ class Listing:
   ignored: tuple[str, ...] = ()  # non-image files next to the images
   skipped: tuple[tuple[str, str], ...] = ()  # (path, reason), e.g. missing
   source: str = ''  # the folder or archive the items come from
+
+
+def list_class_folders(
+    dataset: str,
+    tree: files.Tree,
+    classes: Sequence[str],
+    folder_of: Callable[[str], str],
+    *,
+    root: str = '',
+    source: str,
+) -> Listing:
+  """The listing of a layout with one folder of images per class.
+
+  `folder_of(name)` is the folder of class `name` in `tree` (it raises
+  DataError for a missing one). Labels are positions in `classes`, ids the
+  image paths relative to `root`, `source` that root as the user names it.
+  Raises DataError, naming `dataset`, for a class folder with no images.
+  """
+  relative = lambda path: path[len(root) + 1 :] if root else path
+  items, ignored = [], []
+  for label, name in enumerate(classes):
+    folder = folder_of(name)
+    paths, skipped_names = files.list_images(tree, folder)
+    if not paths:
+      raise DataError(
+          f'{dataset}: class folder '
+          f'{os.path.join(source, relative(folder))} has no images'
+      )
+    ignored += skipped_names
+    items += [  # ids e.g. COVID/images/x.png
+        Item(id=relative(p), label=label, ref=tree.ref(p)) for p in paths
+    ]
+  return Listing(
+      class_names=tuple(classes),
+      items=tuple(items),
+      ignored=tuple(ignored),
+      source=source,
+  )
 
 
 def _slug(classes: tuple[str, ...] | None) -> str:

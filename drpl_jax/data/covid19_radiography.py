@@ -20,8 +20,6 @@ only some class folders) is its own builder config; the label order is then
 the order given.
 """
 
-import os
-
 from drpl_jax.data import builder
 from drpl_jax.data import files
 from drpl_jax.data.files import DataError
@@ -133,8 +131,8 @@ class Covid19Radiography(builder.CxrBuilder, skip_registration=True):
       )
     tree, root = locate(config.manual_dir, classes)
     where = files.join(tree.description, root)
-    items, ignored = [], []
-    for label, name in enumerate(classes):
+
+    def folder_of(name: str) -> str:
       folder = files.join(root, name, 'images')
       if not tree.is_dir(folder):
         present = [
@@ -145,19 +143,8 @@ class Covid19Radiography(builder.CxrBuilder, skip_registration=True):
             f'{where} (present: {present}); to prepare a subset pass '
             f'classes={",".join(present)}'
         )
-      paths, skipped_names = files.list_images(tree, folder)
-      if not paths:
-        raise DataError(
-            f'covid19_radiography: class folder '
-            f'{os.path.join(where, name, "images")} has no images'
-        )
-      ignored += skipped_names
-      for path in paths:
-        rel = path[len(root) + 1 :] if root else path  # e.g. COVID/images/x.png
-        items.append(builder.Item(id=rel, label=label, ref=tree.ref(path)))
-    return builder.Listing(
-        class_names=tuple(classes),
-        items=tuple(items),
-        ignored=tuple(ignored),
-        source=where,
+      return folder
+
+    return builder.list_class_folders(
+        self.name, tree, classes, folder_of, root=root, source=where
     )

@@ -60,21 +60,11 @@ def list_folders(
         f'cxr_folder: unknown classes {unknown}: no such folder '
         f'in {manual_dir} (folders: {found})'
     )
-  items, ignored = [], []
-  for label, name in enumerate(names):
-    folder = _class_folder(tree, name)
-    paths, skipped_names = files.list_images(tree, folder)
-    if not paths:
-      raise DataError(
-          f'cxr_folder: class folder '
-          f'{os.path.join(manual_dir, folder)} has no images'
-      )
-    ignored += skipped_names
-    items += [builder.Item(id=p, label=label, ref=tree.ref(p)) for p in paths]
-  return builder.Listing(
-      class_names=names,
-      items=tuple(items),
-      ignored=tuple(ignored),
+  return builder.list_class_folders(
+      'cxr_folder',
+      tree,
+      names,
+      lambda name: _class_folder(tree, name),
       source=manual_dir,
   )
 

@@ -396,26 +396,11 @@ def rand_augment_pil(
 
 
 def rand_augment(
-    image: np.ndarray,
-    rng: np.random.Generator,
-    *,
-    num_ops: int = 2,
-    magnitude: float = 9.0,
-    magnitude_std: float = 0.5,
-    prob: float = 0.5,
-    ops: tuple[str, ...] = _OP_NAMES,
+    image: np.ndarray, rng: np.random.Generator, **options: Any
 ) -> np.ndarray:
-  """RandAugment on a uint8 [H, W, 3] image; see `rand_augment_pil`."""
-  img = rand_augment_pil(
-      to_pil(image),
-      rng,
-      num_ops=num_ops,
-      magnitude=magnitude,
-      magnitude_std=magnitude_std,
-      prob=prob,
-      ops=ops,
-  )
-  return from_pil(img)
+  """RandAugment on a uint8 [H, W, 3] image; `options` are the keywords of
+  `rand_augment_pil` (num_ops, magnitude, magnitude_std, prob, ops)."""
+  return from_pil(rand_augment_pil(to_pil(image), rng, **options))
 
 
 # ----------------------------------------------------------------------------
@@ -506,13 +491,8 @@ def train_transform(
 
 
 def eval_transform(
-    image: np.ndarray,
-    *,
-    size: int,
-    crop_ratio: float = 0.875,
-    interpolation: str = 'bicubic',
+    image: np.ndarray, *, size: int, **options: Any
 ) -> np.ndarray:
-  """Eval preprocessing (`eval_resize_crop`); uint8 in, uint8 out."""
-  return eval_resize_crop(
-      image, size, crop_ratio=crop_ratio, interpolation=interpolation
-  )
+  """Eval preprocessing, uint8 in, uint8 out: `eval_resize_crop`, whose
+  keywords (crop_ratio, interpolation) `options` are."""
+  return eval_resize_crop(image, size, **options)

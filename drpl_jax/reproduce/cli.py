@@ -63,12 +63,7 @@ def _lines(args: Any) -> list[str]:
       }
     return [json.dumps(values, indent=1)]
   paths = get_paths(
-      settings,
-      args.workdir,
-      manual_dir=args.manual_dir,
-      data_dir=args.data_dir,
-      teacher=args.teacher,
-      teacher_init=args.teacher_init,
+      settings, args.workdir, **{k: getattr(args, k) for k in PATH_FLAGS}
   )
   if args.cmd == 'runs':
     return [
@@ -137,6 +132,8 @@ SUBCOMMANDS = (
     'exists',
 )
 WHAT = ('prepare', 'teacher', 'run')
+# The flags of `get_paths`'s keywords, by the same names.
+PATH_FLAGS = ('manual_dir', 'data_dir', 'teacher', 'teacher_init')
 
 
 def _define_flags() -> None:
@@ -145,7 +142,7 @@ def _define_flags() -> None:
   flags.DEFINE_bool('smoke', False, 'A few steps of everything.')
   flags.DEFINE_integer('seeds', None, "How many seeds (default: the mode's).")
   cli.define_workdir("The reproduction's directory.", required=False)
-  for name in ('manual_dir', 'data_dir', 'teacher', 'teacher_init'):
+  for name in PATH_FLAGS:
     flags.DEFINE_string(name, '', f"{name} (default: the mode's).")
   flags.DEFINE_enum('preset', None, PRESETS, 'args run: the preset.')
   flags.DEFINE_integer('seed', None, 'args run: the seed.')

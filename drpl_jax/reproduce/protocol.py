@@ -103,113 +103,79 @@ class Settings:
     )
 
 
-def _paper() -> dict[str, Any]:
-  # The config's full recipe, written out so it is recorded in the plan.
-  return dict(
-      presets=PRESETS,
-      seeds=1,
-      variant='s',
-      runlocal=False,
-      classes='',
-      num_classes=4,
-      image_size=224,
-      patch_size=16,
-      student={
-          'total_steps': 30_000,
-          'batch_size': 256,
-          'optim.base_lr': 5e-4,
-          'optim.warmup_steps': 1000,
-          'eval_every_steps': 1000,
-          'checkpoint_every_steps': 1000,
-      },
-      teacher_arch='resnet50',
-      teacher={'epochs': 20, 'batch_size': 64, 'lr': 5e-4, 'image_size': 224},
-  )
+# The settings of every mode side by side, one column each (MODE_COLUMNS):
+#   paper: the config's full recipe, written out so it is recorded in the
+#     plan;
+#   sample: configs/drpl_vit.py's runlocal recipe (micro, 64 px, patch 8,
+#     batch 32, no mixup, mild crops); sized in docs/reproduction.md;
+#   cxr2k5: the sample mode with a longer schedule (see below);
+#   smoke: `--smoke`, any mode at toy size. In that column OF_MODE keeps the
+#     value of the mode being shrunk.
+# A student or teacher key whose value is None is not set in that column.
+#
+# cxr2k5: the ablation on the 2,579-image set (COVID 1,279, Normal 1,300;
+# 80/10/10 split: about 2,063 training images), sized to finish inside two
+# hours on 2 cores with one teacher shared by all 15 runs. Estimated from the
+# sample mode's measured times (docs/reproduction.md: per 600 steps at
+# 64 px, vit 1m20s, deit/deit_rpe 1m50s, deit_conv/drpl 2m35s, teacher
+# 30 epochs of 480 images 1m36s), not yet measured on this set:
+#   students: a step costs the same whatever the data set size, so 1,800
+#     steps (28 epochs; the sample ran 40) take about 3, 5 and 7 min per
+#     run: 27 min per seed, 80 min for 3 seeds;
+#   teacher: 30 epochs of 2,063 images, about 4.3x the sample's: 7 min;
+#   evaluation of 258 test images (and the shortcut probes) per run: 1 min.
+# About 90 minutes in all; the rest is margin for a busier machine. A
+# shorter schedule than the small-data recipe (configs/small_data.py) at
+# the sample's 64 px, so that the table can be rerun in one sitting.
+# Everything else (model, data, teacher) is the sample mode's.
+MODE_COLUMNS = ('paper', 'sample', 'cxr2k5', 'smoke')
+OF_MODE = object()
+_REGNET = 'regnet_y_400mf'
+_COVID_NORMAL = 'COVID,Normal'
+# Settings field: (paper, sample, cxr2k5, smoke).
+_FIELDS: dict[str, tuple[Any, ...]] = {
+    'presets': (PRESETS, PRESETS, PRESETS, ('vit', 'drpl')),
+    'seeds': (1, 3, 3, 1),
+    'variant': ('s', 'micro', 'micro', 'micro'),
+    'runlocal': (False, True, True, True),
+    'classes': ('', _COVID_NORMAL, _COVID_NORMAL, OF_MODE),
+    'num_classes': (4, 2, 2, OF_MODE),
+    'image_size': (224, 64, 64, 32),
+    'patch_size': (16, 8, 8, 8),
+    'teacher_arch': ('resnet50', _REGNET, _REGNET, _REGNET),
+}
+# Settings.student (config overrides): (paper, sample, cxr2k5, smoke).
+_STUDENT: dict[str, tuple[Any, ...]] = {
+    'total_steps': (30_000, 600, 1800, 4),
+    'batch_size': (256, 32, 32, 16),
+    'eval_batch_size': (None, 64, 64, 32),
+    'optim.base_lr': (5e-4, None, None, None),
+    'optim.warmup_steps': (1000, 30, 90, 1),
+    'eval_every_steps': (1000, 600, 1800, 4),
+    'checkpoint_every_steps': (1000, 200, 600, 2),
+    'log_every_steps': (None, 50, 100, 2),
+}
+# Settings.teacher (train_teacher flags): (paper, sample, cxr2k5, smoke).
+_TEACHER: dict[str, tuple[Any, ...]] = {
+    'epochs': (20, 30, 30, 1),
+    'batch_size': (64, 32, 32, 16),
+    'lr': (5e-4, 1e-3, 1e-3, 1e-3),
+    'image_size': (224, 64, 64, 32),
+    'max_steps_per_epoch': (None, None, None, 2),
+}
 
 
-def _sample() -> dict[str, Any]:
-  # configs/drpl_vit.py's runlocal recipe (micro, 64 px, patch 8, batch 32,
-  # no mixup, mild crops); sized in docs/reproduction.md.
-  return dict(
-      presets=PRESETS,
-      seeds=3,
-      variant='micro',
-      runlocal=True,
-      classes='COVID,Normal',
-      num_classes=2,
-      image_size=64,
-      patch_size=8,
-      student={
-          'total_steps': 600,
-          'batch_size': 32,
-          'eval_batch_size': 64,
-          'optim.warmup_steps': 30,
-          'eval_every_steps': 600,
-          'checkpoint_every_steps': 200,
-          'log_every_steps': 50,
-      },
-      teacher_arch='regnet_y_400mf',
-      teacher={'epochs': 30, 'batch_size': 32, 'lr': 1e-3, 'image_size': 64},
-  )
-
-
-def _cxr2k5() -> dict[str, Any]:
-  # The ablation on the 2,579-image set (COVID 1,279, Normal 1,300; 80/10/10
-  # split: about 2,063 training images), sized to finish inside two hours on
-  # 2 cores with one teacher shared by all 15 runs. Estimated from the
-  # sample mode's measured times (docs/reproduction.md: per 600 steps at
-  # 64 px, vit 1m20s, deit/deit_rpe 1m50s, deit_conv/drpl 2m35s, teacher
-  # 30 epochs of 480 images 1m36s), not yet measured on this set:
-  #   students: a step costs the same whatever the data set size, so 1,800
-  #     steps (28 epochs; the sample ran 40) take about 3, 5 and 7 min per
-  #     run: 27 min per seed, 80 min for 3 seeds;
-  #   teacher: 30 epochs of 2,063 images, about 4.3x the sample's: 7 min;
-  #   evaluation of 258 test images (and the shortcut probes) per run: 1 min.
-  # About 90 minutes in all; the rest is margin for a busier machine. A
-  # shorter schedule than the small-data recipe (configs/small_data.py) at
-  # the sample's 64 px, so that the table can be rerun in one sitting.
-  # Everything else (model, data, teacher) is the sample mode's.
-  values = _sample()
-  values['student'] = dict(
-      values['student'],
-      **{
-          'total_steps': 1800,
-          'optim.warmup_steps': 90,
-          'eval_every_steps': 1800,
-          'checkpoint_every_steps': 600,
-          'log_every_steps': 100,
-      },
-  )
-  return values
-
-
-def _smoke(base: dict[str, Any]) -> dict[str, Any]:
-  return dict(
-      base,
-      presets=('vit', 'drpl'),
-      seeds=1,
-      variant='micro',
-      runlocal=True,
-      image_size=32,
-      patch_size=8,
-      student={
-          'total_steps': 4,
-          'batch_size': 16,
-          'eval_batch_size': 32,
-          'optim.warmup_steps': 1,
-          'eval_every_steps': 4,
-          'checkpoint_every_steps': 2,
-          'log_every_steps': 2,
-      },
-      teacher_arch='regnet_y_400mf',
-      teacher={
-          'epochs': 1,
-          'batch_size': 16,
-          'lr': 1e-3,
-          'image_size': 32,
-          'max_steps_per_epoch': 2,
-      },
-  )
+def _column(
+    table: Mapping[str, tuple[Any, ...]], column: str, mode: str
+) -> dict[str, Any]:
+  """One column of a settings table: its keys that are set, in table order,
+  OF_MODE replaced by the value in the column of `mode`."""
+  at, of_mode = MODE_COLUMNS.index(column), MODE_COLUMNS.index(mode)
+  values = {key: row[at] for key, row in table.items() if row[at] is not None}
+  return {
+      key: table[key][of_mode] if value is OF_MODE else value
+      for key, value in values.items()
+  }
 
 
 def get_settings(
@@ -221,9 +187,10 @@ def get_settings(
   """
   if mode not in MODES:
     raise ValueError(f'mode {mode!r} is not one of {list(MODES)}')
-  values = {'paper': _paper, 'sample': _sample, 'cxr2k5': _cxr2k5}[mode]()
-  if smoke:
-    values = _smoke(values)
+  column = 'smoke' if smoke else mode
+  values = _column(_FIELDS, column, mode)
+  values['student'] = _column(_STUDENT, column, mode)
+  values['teacher'] = _column(_TEACHER, column, mode)
   n = values.pop('seeds')
   n = n if num_seeds is None else num_seeds
   if n < 1:

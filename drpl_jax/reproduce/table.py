@@ -25,20 +25,25 @@ from drpl_jax.reproduce.protocol import Paths, Settings, read_json
 from drpl_jax.reproduce.protocol import run_step_name
 from drpl_jax.utils import files
 
+# The keys of an evaluation report (a run's, or its teacher's entry in it)
+# that the table reads; a run's report must also count its examples.
+EVAL_KEYS = (
+    'accuracy',
+    'class_names',
+    'per_class',
+    'macro',
+    'confusion_matrix',
+    'ci95',
+)
+REPORT_KEYS = (*EVAL_KEYS, 'num_examples')
+
 
 def load_report(path: str) -> dict[str, Any]:
   """A run's report.json, checked for the keys the table reads."""
   report = read_json(path, 'report')
-  need = (
-      'accuracy',
-      'class_names',
-      'per_class',
-      'macro',
-      'confusion_matrix',
-      'ci95',
-      'num_examples',
-  )
-  missing = [k for k in need if not isinstance(report, dict) or k not in report]
+  missing = [
+      k for k in REPORT_KEYS if not isinstance(report, dict) or k not in report
+  ]
   if missing:
     raise ValueError(
         f'report {path} lacks {missing}; is it a report.json '
@@ -217,17 +222,9 @@ def teacher_report(
   Every distilled run evaluates the same teacher on the same test split;
   None when no report has a teacher entry with intervals (older reports).
   """
-  need = (
-      'accuracy',
-      'class_names',
-      'per_class',
-      'macro',
-      'confusion_matrix',
-      'ci95',
-  )
   for report in reports.values():
     t = report.get('teacher')
-    if t and all(k in t for k in need):
+    if t and all(k in t for k in EVAL_KEYS):
       return t
   return None
 
