@@ -59,6 +59,20 @@ def _example_weights(batch: int, mask: jax.Array | None) -> jax.Array:
   return mask.astype(jnp.float32)
 
 
+def _check_pair(
+    dist_logits: jax.Array, teacher_logits: jax.Array
+) -> tuple[jax.Array, jax.Array]:
+  """Checks the dist head's and the teacher's logits, which must match."""
+  dist_logits = _check_logits('dist_logits', dist_logits)
+  teacher_logits = _check_logits('teacher_logits', teacher_logits)
+  if teacher_logits.shape != dist_logits.shape:
+    raise ValueError(
+        f'teacher_logits {teacher_logits.shape} and dist_logits '
+        f'{dist_logits.shape} differ in shape'
+    )
+  return dist_logits, teacher_logits
+
+
 def smooth_targets(targets: jax.Array, label_smoothing: float) -> jax.Array:
   """Label smoothing of target distributions [B, C].
 
@@ -131,13 +145,7 @@ def hard_distillation(
   No label smoothing and no gradient into the teacher. Mean over the
   unmasked examples.
   """
-  dist_logits = _check_logits('dist_logits', dist_logits)
-  teacher_logits = _check_logits('teacher_logits', teacher_logits)
-  if teacher_logits.shape != dist_logits.shape:
-    raise ValueError(
-        f'teacher_logits {teacher_logits.shape} and dist_logits '
-        f'{dist_logits.shape} differ in shape'
-    )
+  dist_logits, teacher_logits = _check_pair(dist_logits, teacher_logits)
   teacher_labels = jnp.argmax(jax.lax.stop_gradient(teacher_logits), axis=-1)
   return cross_entropy(dist_logits, teacher_labels, mask=mask)
 
@@ -160,13 +168,7 @@ def soft_distillation(
   """
   if isinstance(tau, (int, float)) and tau <= 0:
     raise ValueError(f'tau must be > 0, got {tau}')
-  dist_logits = _check_logits('dist_logits', dist_logits)
-  teacher_logits = _check_logits('teacher_logits', teacher_logits)
-  if teacher_logits.shape != dist_logits.shape:
-    raise ValueError(
-        f'teacher_logits {teacher_logits.shape} and dist_logits '
-        f'{dist_logits.shape} differ in shape'
-    )
+  dist_logits, teacher_logits = _check_pair(dist_logits, teacher_logits)
   log_p_teacher = jax.nn.log_softmax(
       jax.lax.stop_gradient(teacher_logits) / tau
   )
