@@ -36,6 +36,15 @@ def _as_probabilities(targets: jax.Array, num_classes: int) -> jax.Array:
   return targets.astype(jnp.float32)
 
 
+def check_distill_kind(distill_kind: str) -> None:
+  """Raises a clear error for a `distill_kind` not in `DISTILL_KINDS`."""
+  if distill_kind not in DISTILL_KINDS:
+    raise ValueError(
+        f'unknown distill_kind {distill_kind!r}; expected one '
+        f'of {DISTILL_KINDS}'
+    )
+
+
 def _check_logits(name: str, logits: jax.Array) -> jax.Array:
   logits = jnp.asarray(logits)
   if logits.ndim != 2:
@@ -226,11 +235,7 @@ def total_loss(
     (loss, aux) with aux = {'loss_cls', 'loss_dist', 'loss'} (loss_dist is
     0 for a single-head model without distillation).
   """
-  if distill_kind not in DISTILL_KINDS:
-    raise ValueError(
-        f'unknown distill_kind {distill_kind!r}; expected one '
-        f'of {DISTILL_KINDS}'
-    )
+  check_distill_kind(distill_kind)
   if isinstance(alpha, (int, float)) and not 0.0 <= alpha <= 1.0:
     raise ValueError(f'alpha must be in [0, 1], got {alpha}')
   cls_logits, dist_logits = _split_outputs(outputs)
