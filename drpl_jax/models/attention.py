@@ -14,7 +14,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from drpl_jax.models.config import ModelConfig
-from drpl_jax.models.layers import dropout, jnp_dtype, linear
+from drpl_jax.models.layers import Grid, dropout, jnp_dtype, linear
 from drpl_jax.models.rpe import IRPE, RPEBias
 
 Array = jax.Array
@@ -53,9 +53,7 @@ class Attention(nnx.Module):
     self.dropout_rate = cfg.dropout_rate
     self.implementation = cfg.attention_impl or None
 
-  def logit_bias(
-      self, q: Array, k: Array, grid: tuple[int, int]
-  ) -> Array | None:
+  def logit_bias(self, q: Array, k: Array, grid: Grid) -> Array | None:
     """The additive RPE term of the logits, [B or 1, h, L, L] float32."""
     p = self.num_prefix
     bias = None
@@ -70,7 +68,7 @@ class Attention(nnx.Module):
   def __call__(
       self,
       x: Array,
-      grid: tuple[int, int],
+      grid: Grid,
       *,
       train: bool,
       rngs: nnx.Rngs | None = None,
@@ -147,7 +145,7 @@ class Attention(nnx.Module):
       k: Array,
       v: Array,
       bias: Array | None,
-      grid: tuple[int, int],
+      grid: Grid,
       *,
       train: bool,
       rngs: nnx.Rngs | None,

@@ -15,6 +15,7 @@ from drpl_jax.models import fence
 from drpl_jax.models.config import ConvConfig, ModelConfig
 
 Array = jax.Array
+Grid = tuple[int, int]  # the patch-token grid: (rows, columns)
 
 LN_EPS = 1e-6  # DeiT / timm ViT
 BN_EPS = 1e-5  # PyTorch default
@@ -64,17 +65,16 @@ def linear(
   )
 
 
+def _norm_options(cfg: ModelConfig, rngs: nnx.Rngs) -> dict:
+  """What every norm shares: two-pass (PyTorch-exact) variance, precision."""
+  return {'use_fast_variance': False, 'rngs': rngs, **precision(cfg)}
+
+
 def layer_norm(
     num_features: int, cfg: ModelConfig, *, rngs: nnx.Rngs
 ) -> nnx.LayerNorm:
   """LayerNorm with eps 1e-6; statistics are computed in float32."""
-  return nnx.LayerNorm(
-      num_features,
-      epsilon=LN_EPS,
-      use_fast_variance=False,
-      rngs=rngs,
-      **precision(cfg),
-  )
+  return nnx.LayerNorm(num_features, epsilon=LN_EPS, **_norm_options(cfg, rngs))
 
 
 def batch_norm(
@@ -85,9 +85,7 @@ def batch_norm(
       num_features,
       momentum=BN_MOMENTUM,
       epsilon=BN_EPS,
-      use_fast_variance=False,
-      rngs=rngs,
-      **precision(cfg),
+      **_norm_options(cfg, rngs),
   )
 
 
@@ -148,12 +146,7 @@ class Mlp(nnx.Module):
     self.dropout_rate = cfg.dropout_rate
 
   def __call__(
-      self,
-      x: Array,
-      grid: tuple[int, int],
-      *,
-      train: bool,
-      rngs: nnx.Rngs | None,
+      self, x: Array, grid: Grid, *, train: bool, rngs: nnx.Rngs | None
   ) -> Array:
     del grid  # a per-token layer
     x = dropout(gelu(self.fc1(x)), self.dropout_rate, train, rngs)
@@ -275,12 +268,7 @@ class LeFF(nnx.Module):
     self.materialize = cfg.materialize
 
   def __call__(
-      self,
-      x: Array,
-      grid: tuple[int, int],
-      *,
-      train: bool,
-      rngs: nnx.Rngs | None,
+      self, x: Array, grid: Grid, *, train: bool, rngs: nnx.Rngs | None
   ) -> Array:
     p = self.num_prefix
     prefix = x[:, :p]

@@ -31,7 +31,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from drpl_jax.models.layers import trunc_normal_02
+from drpl_jax.models.layers import Grid, trunc_normal_02
 from drpl_jax.models.resample import resample_grid
 
 Array = jax.Array
@@ -130,27 +130,21 @@ class IRPE(nnx.Module):
     eq = 'blhd,kd->bhlk' if table.ndim == 2 else 'blhd,hkd->bhlk'
     return jnp.einsum(eq, x, table, preferred_element_type=jnp.float32)
 
-  def key_bias(
-      self, q_scaled: Array, grid: tuple[int, int], num_prefix: int
-  ) -> Array:
+  def key_bias(self, q_scaled: Array, grid: Grid, num_prefix: int) -> Array:
     """(scale q_i) . r[b(i, j)] as an additive logit bias, [B, h, L, L]."""
     ids = irpe_bucket_ids(*grid, num_prefix, self.ratio)
     proj = self._project(q_scaled)  # [B, h, Lq, buckets]
     rows = np.arange(ids.shape[0])[:, None]
     return proj[:, :, rows, ids]  # [B, h, Lq, Lk]
 
-  def query_bias(
-      self, k_scaled: Array, grid: tuple[int, int], num_prefix: int
-  ) -> Array:
+  def query_bias(self, k_scaled: Array, grid: Grid, num_prefix: int) -> Array:
     """(scale k_j) . r[b(i, j)] as an additive logit bias, [B, h, L, L]."""
     ids = irpe_bucket_ids(*grid, num_prefix, self.ratio)
     proj = self._project(k_scaled)  # [B, h, Lk, buckets]
     cols = np.arange(ids.shape[1])[None, :]
     return proj[:, :, cols, ids]  # [B, h, Lq, Lk]
 
-  def value_term(
-      self, probs: Array, grid: tuple[int, int], num_prefix: int
-  ) -> Array:
+  def value_term(self, probs: Array, grid: Grid, num_prefix: int) -> Array:
     """sum_j p_ij r[b(i, j)] for probs [B, h, L, L] -> [B, L, h, hd]."""
     ids = irpe_bucket_ids(*grid, num_prefix, self.ratio)
     # Built in the graph (not a [L, L, buckets] literal); XLA fuses it.
@@ -211,7 +205,7 @@ class RPEBias(nnx.Module):
     )
     self.grid_h, self.grid_w = grid_h, grid_w
 
-  def __call__(self, grid: tuple[int, int], num_prefix: int) -> Array:
+  def __call__(self, grid: Grid, num_prefix: int) -> Array:
     """The additive logit bias, [h, L, L] float32."""
     if tuple(grid) != (self.grid_h, self.grid_w):
       raise ValueError(

@@ -19,6 +19,7 @@ from drpl_jax.models import fence
 from drpl_jax.models.attention import Attention
 from drpl_jax.models.config import ModelConfig
 from drpl_jax.models.layers import (
+    Grid,
     LayerScale,
     LeFF,
     Mlp,
@@ -58,12 +59,13 @@ class Block(nnx.Module):
   def __call__(
       self,
       x: Array,
-      grid: tuple[int, int],
+      grid: Grid,
       *,
       train: bool,
-      rngs: nnx.Rngs | None = None,
-      return_attention: bool = False,
+      rngs: nnx.Rngs | None,
+      return_attention: bool,
   ) -> tuple[Array, Array | None]:
+    """x [B, L, D] -> ([B, L, D], the attention probabilities or None)."""
     y, probs = self.attn(
         self.norm1(x),
         grid,
@@ -113,7 +115,7 @@ class DRPLViT(nnx.Module):
 
   def _check_inputs(
       self, images: Array, train: bool, rngs: nnx.Rngs | None
-  ) -> tuple[int, int]:
+  ) -> Grid:
     """Validates images and rngs; returns the token grid (Gh, Gw)."""
     cfg = self.config
     if images.ndim != 4 or images.shape[-1] != 3:
@@ -142,7 +144,7 @@ class DRPLViT(nnx.Module):
 
   def embed(
       self, images: Array, *, train: bool = False, rngs: nnx.Rngs | None = None
-  ) -> tuple[Array, tuple[int, int]]:
+  ) -> tuple[Array, Grid]:
     """Images [B, H, W, 3] -> tokens [B, prefix + N, D] and the grid."""
     self._check_inputs(images, train, rngs)
     dtype = jnp_dtype(self.config.dtype)

@@ -17,6 +17,7 @@ import numpy as np
 from flax import nnx
 
 from drpl_jax.models import DRPLViT, ModelConfig
+from drpl_jax.pretrained.torch_layout import to_torch_layout, torch_name
 
 _SIZES = {192: 'tiny', 384: 'small', 768: 'base'}
 
@@ -71,14 +72,8 @@ def timm_state_dict(model: DRPLViT) -> dict[str, np.ndarray]:
     match = re.match(r'^blocks\.(\d+)\.attn\.([qkv])\.(kernel|bias)$', name)
     if match:
       continue  # fused below
-    key = name.replace('ffn.fc', 'mlp.fc')
-    if key.endswith('.scale'):
-      key = key[: -len('.scale')] + '.weight'
-    elif key.endswith('.kernel'):
-      key = key[: -len('.kernel')] + '.weight'
-      # [kh, kw, in, out] -> [out, in, kh, kw]; [in, out] -> [out, in]
-      value = value.transpose(3, 2, 0, 1) if value.ndim == 4 else value.T
-    out[key] = value
+    key = torch_name(name).replace('ffn.fc', 'mlp.fc')
+    out[key] = to_torch_layout(name, value)
   for i in range(cfg.depth):
     a = f'blocks.{i}.attn.'
     out[a + 'qkv.weight'] = np.concatenate(

@@ -65,6 +65,11 @@ class TeacherConfig:
     object.__setattr__(self, 'std', tuple(float(s) for s in self.std))
 
 
+def _precision(dtype: jnp.dtype, rngs: nnx.Rngs) -> dict:
+  """Compute in `dtype`, keep parameters float32 (see `TeacherConfig`)."""
+  return {'dtype': dtype, 'param_dtype': jnp.float32, 'rngs': rngs}
+
+
 def conv(
     in_features: int,
     out_features: int,
@@ -87,9 +92,7 @@ def conv(
       padding=((pad, pad), (pad, pad)),
       feature_group_count=groups,
       use_bias=use_bias,
-      dtype=dtype,
-      param_dtype=jnp.float32,
-      rngs=rngs,
+      **_precision(dtype, rngs),
   )
 
 
@@ -102,9 +105,7 @@ def batch_norm(
       use_running_average=True,
       momentum=0.9,  # PyTorch momentum 0.1; unused in inference.
       epsilon=BN_EPS,
-      dtype=dtype,
-      param_dtype=jnp.float32,
-      rngs=rngs,
+      **_precision(dtype, rngs),
   )
 
 
@@ -116,13 +117,7 @@ def linear(
     rngs: nnx.Rngs,
 ) -> nnx.Linear:
   """A Linear layer (kernel [in, out], the transpose of PyTorch's)."""
-  return nnx.Linear(
-      in_features,
-      out_features,
-      dtype=dtype,
-      param_dtype=jnp.float32,
-      rngs=rngs,
-  )
+  return nnx.Linear(in_features, out_features, **_precision(dtype, rngs))
 
 
 def conv_bn(
@@ -140,6 +135,7 @@ def conv_bn(
   A list so that parameter paths read `stem.0.kernel`, `stem.1.scale` like
   the state-dict keys `stem.0.weight`, `stem.1.weight`.
   """
+  kw = dict(dtype=dtype, rngs=rngs)
   return nnx.List(
       [
           conv(
@@ -148,11 +144,26 @@ def conv_bn(
               kernel,
               stride=stride,
               groups=groups,
-              dtype=dtype,
-              rngs=rngs,
+              **kw,
           ),
-          batch_norm(out_features, dtype=dtype, rngs=rngs),
+          batch_norm(out_features, **kw),
       ]
+  )
+
+
+def projection(
+    in_features: int,
+    out_features: int,
+    stride: int,
+    *,
+    dtype: jnp.dtype = jnp.float32,
+    rngs: nnx.Rngs,
+) -> nnx.List | None:
+  """A residual's 1x1 conv + BN shortcut; None when the shape is unchanged."""
+  if stride == 1 and in_features == out_features:
+    return None
+  return conv_bn(
+      in_features, out_features, 1, stride=stride, dtype=dtype, rngs=rngs
   )
 
 

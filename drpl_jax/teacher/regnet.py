@@ -88,27 +88,9 @@ class BottleneckTransform(nnx.Module):
 class ResBottleneckBlock(nnx.Module):
   """relu(proj(x) + f(x)); proj is a 1x1 conv + BN when the shape changes."""
 
-  def __init__(
-      self,
-      width_in: int,
-      width_out: int,
-      stride: int,
-      group_width: int,
-      spec: RegNetSpec,
-      *,
-      dtype: jnp.dtype,
-      rngs: nnx.Rngs,
-  ):
-    kw = dict(dtype=dtype, rngs=rngs)
-    needs_proj = width_in != width_out or stride != 1
-    self.proj = (
-        common.conv_bn(width_in, width_out, 1, stride=stride, **kw)
-        if needs_proj
-        else None
-    )
-    self.f = BottleneckTransform(
-        width_in, width_out, stride, group_width, spec, **kw
-    )
+  def __init__(self, f: BottleneckTransform, proj: nnx.List | None):
+    self.proj = proj
+    self.f = f
 
   def __call__(self, x: jax.Array) -> jax.Array:
     shortcut = x
@@ -132,18 +114,14 @@ class AnyStage(nnx.Module):
       dtype: jnp.dtype,
       rngs: nnx.Rngs,
   ):
+    kw = dict(dtype=dtype, rngs=rngs)
     self.block_names = tuple(f'block{stage}-{i}' for i in range(depth))
     for i, name in enumerate(self.block_names):
-      block = ResBottleneckBlock(
-          width_in if i == 0 else width_out,
-          width_out,
-          2 if i == 0 else 1,
-          group_width,
-          spec,
-          dtype=dtype,
-          rngs=rngs,
-      )
-      setattr(self, name, block)
+      # The first block changes the width and halves the resolution.
+      w_in, stride = (width_in, 2) if i == 0 else (width_out, 1)
+      proj = common.projection(w_in, width_out, stride, **kw)
+      f = BottleneckTransform(w_in, width_out, stride, group_width, spec, **kw)
+      setattr(self, name, ResBottleneckBlock(f, proj))
 
   def __call__(self, x: jax.Array) -> jax.Array:
     for name in self.block_names:

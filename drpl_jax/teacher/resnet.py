@@ -30,77 +30,61 @@ class ResNetSpec:
     return 4 if self.bottleneck else 1
 
 
-class BasicBlock(nnx.Module):
+class _ResidualBlock(nnx.Module):
+  """relu(bn_n(conv_n(...relu(bn1(conv1(x)))...)) + shortcut(x)).
+
+  A subclass lists its convolutions in `CONVS`, one (kernel, whether it
+  carries the block's stride, output width in units of `planes`) per conv;
+  they are named `conv{i}` / `bn{i}` as in torchvision, and `downsample` is
+  the projection shortcut when the shape changes.
+  """
+
+  CONVS: ClassVar[tuple[tuple[int, bool, int], ...]]
+
+  def __init__(
+      self,
+      inplanes: int,
+      planes: int,
+      stride: int,
+      *,
+      dtype: jnp.dtype,
+      rngs: nnx.Rngs,
+  ):
+    kw = dict(dtype=dtype, rngs=rngs)
+    width = inplanes
+    for i, (kernel, strided, factor) in enumerate(self.CONVS, start=1):
+      out = planes * factor
+      conv_stride = stride if strided else 1
+      setattr(
+          self,
+          f'conv{i}',
+          common.conv(width, out, kernel, stride=conv_stride, **kw),
+      )
+      setattr(self, f'bn{i}', common.batch_norm(out, **kw))
+      width = out
+    self.downsample = common.projection(inplanes, width, stride, **kw)
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    out = x
+    for i in range(1, len(self.CONVS) + 1):
+      if i > 1:
+        out = jax.nn.relu(out)
+      out = getattr(self, f'bn{i}')(getattr(self, f'conv{i}')(out))
+    if self.downsample is not None:
+      x = common.apply_conv_bn(self.downsample, x, relu=False)
+    return jax.nn.relu(out + x)
+
+
+class BasicBlock(_ResidualBlock):
   """Two 3x3 convs with a residual (ResNet-18/34)."""
 
-  def __init__(
-      self,
-      inplanes: int,
-      planes: int,
-      stride: int,
-      *,
-      dtype: jnp.dtype,
-      rngs: nnx.Rngs,
-  ):
-    kw = dict(dtype=dtype, rngs=rngs)
-    self.conv1 = common.conv(inplanes, planes, 3, stride=stride, **kw)
-    self.bn1 = common.batch_norm(planes, **kw)
-    self.conv2 = common.conv(planes, planes, 3, **kw)
-    self.bn2 = common.batch_norm(planes, **kw)
-    self.downsample = _downsample(inplanes, planes, stride, **kw)
-
-  def __call__(self, x: jax.Array) -> jax.Array:
-    out = jax.nn.relu(self.bn1(self.conv1(x)))
-    out = self.bn2(self.conv2(out))
-    if self.downsample is not None:
-      x = common.apply_conv_bn(self.downsample, x, relu=False)
-    return jax.nn.relu(out + x)
+  CONVS = ((3, True, 1), (3, False, 1))
 
 
-class Bottleneck(nnx.Module):
+class Bottleneck(_ResidualBlock):
   """1x1 reduce, 3x3 (carries the stride), 1x1 expand by 4 (ResNet-50+)."""
 
-  def __init__(
-      self,
-      inplanes: int,
-      planes: int,
-      stride: int,
-      *,
-      dtype: jnp.dtype,
-      rngs: nnx.Rngs,
-  ):
-    kw = dict(dtype=dtype, rngs=rngs)
-    self.conv1 = common.conv(inplanes, planes, 1, **kw)
-    self.bn1 = common.batch_norm(planes, **kw)
-    self.conv2 = common.conv(planes, planes, 3, stride=stride, **kw)
-    self.bn2 = common.batch_norm(planes, **kw)
-    self.conv3 = common.conv(planes, planes * 4, 1, **kw)
-    self.bn3 = common.batch_norm(planes * 4, **kw)
-    self.downsample = _downsample(inplanes, planes * 4, stride, **kw)
-
-  def __call__(self, x: jax.Array) -> jax.Array:
-    out = jax.nn.relu(self.bn1(self.conv1(x)))
-    out = jax.nn.relu(self.bn2(self.conv2(out)))
-    out = self.bn3(self.conv3(out))
-    if self.downsample is not None:
-      x = common.apply_conv_bn(self.downsample, x, relu=False)
-    return jax.nn.relu(out + x)
-
-
-def _downsample(
-    inplanes: int,
-    outplanes: int,
-    stride: int,
-    *,
-    dtype: jnp.dtype,
-    rngs: nnx.Rngs,
-) -> nnx.List | None:
-  """The 1x1 projection shortcut, present when the shape changes."""
-  if stride == 1 and inplanes == outplanes:
-    return None
-  return common.conv_bn(
-      inplanes, outplanes, 1, stride=stride, dtype=dtype, rngs=rngs
-  )
+  CONVS = ((1, False, 1), (3, True, 1), (1, False, 4))
 
 
 class ResNet(common.TeacherCNN):

@@ -36,6 +36,15 @@ def _as_probabilities(targets: jax.Array, num_classes: int) -> jax.Array:
   return targets.astype(jnp.float32)
 
 
+def check_distill_kind(distill_kind: str) -> None:
+  """Raises a clear error for a `distill_kind` not in `DISTILL_KINDS`."""
+  if distill_kind not in DISTILL_KINDS:
+    raise ValueError(
+        f'unknown distill_kind {distill_kind!r}; expected one '
+        f'of {DISTILL_KINDS}'
+    )
+
+
 def _check_logits(name: str, logits: jax.Array) -> jax.Array:
   logits = jnp.asarray(logits)
   if logits.ndim != 2:
@@ -57,6 +66,20 @@ def _example_weights(batch: int, mask: jax.Array | None) -> jax.Array:
   if mask.shape != (batch,):
     raise ValueError(f'mask must have shape [{batch}], got {mask.shape}')
   return mask.astype(jnp.float32)
+
+
+def _check_pair(
+    dist_logits: jax.Array, teacher_logits: jax.Array
+) -> tuple[jax.Array, jax.Array]:
+  """Checks the dist head's and the teacher's logits, which must match."""
+  dist_logits = _check_logits('dist_logits', dist_logits)
+  teacher_logits = _check_logits('teacher_logits', teacher_logits)
+  if teacher_logits.shape != dist_logits.shape:
+    raise ValueError(
+        f'teacher_logits {teacher_logits.shape} and dist_logits '
+        f'{dist_logits.shape} differ in shape'
+    )
+  return dist_logits, teacher_logits
 
 
 def smooth_targets(targets: jax.Array, label_smoothing: float) -> jax.Array:
@@ -131,13 +154,7 @@ def hard_distillation(
   No label smoothing and no gradient into the teacher. Mean over the
   unmasked examples.
   """
-  dist_logits = _check_logits('dist_logits', dist_logits)
-  teacher_logits = _check_logits('teacher_logits', teacher_logits)
-  if teacher_logits.shape != dist_logits.shape:
-    raise ValueError(
-        f'teacher_logits {teacher_logits.shape} and dist_logits '
-        f'{dist_logits.shape} differ in shape'
-    )
+  dist_logits, teacher_logits = _check_pair(dist_logits, teacher_logits)
   teacher_labels = jnp.argmax(jax.lax.stop_gradient(teacher_logits), axis=-1)
   return cross_entropy(dist_logits, teacher_labels, mask=mask)
 
@@ -160,13 +177,7 @@ def soft_distillation(
   """
   if isinstance(tau, (int, float)) and tau <= 0:
     raise ValueError(f'tau must be > 0, got {tau}')
-  dist_logits = _check_logits('dist_logits', dist_logits)
-  teacher_logits = _check_logits('teacher_logits', teacher_logits)
-  if teacher_logits.shape != dist_logits.shape:
-    raise ValueError(
-        f'teacher_logits {teacher_logits.shape} and dist_logits '
-        f'{dist_logits.shape} differ in shape'
-    )
+  dist_logits, teacher_logits = _check_pair(dist_logits, teacher_logits)
   log_p_teacher = jax.nn.log_softmax(
       jax.lax.stop_gradient(teacher_logits) / tau
   )
@@ -224,11 +235,7 @@ def total_loss(
     (loss, aux) with aux = {'loss_cls', 'loss_dist', 'loss'} (loss_dist is
     0 for a single-head model without distillation).
   """
-  if distill_kind not in DISTILL_KINDS:
-    raise ValueError(
-        f'unknown distill_kind {distill_kind!r}; expected one '
-        f'of {DISTILL_KINDS}'
-    )
+  check_distill_kind(distill_kind)
   if isinstance(alpha, (int, float)) and not 0.0 <= alpha <= 1.0:
     raise ValueError(f'alpha must be in [0, 1], got {alpha}')
   cls_logits, dist_logits = _split_outputs(outputs)

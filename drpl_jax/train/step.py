@@ -36,6 +36,10 @@ from drpl_jax.train import losses
 from drpl_jax.train import mixup as mixup_lib
 
 State = Any  # drpl_jax.train.state.TrainState (imported there, not here)
+# (params, rest, inputs, drop_key) -> (grads, rest, metrics) of one batch.
+GradsFn = Callable[
+    [Any, Any, dict[str, jax.Array], jax.Array], tuple[Any, Any, dict]
+]
 
 
 NONFINITE_MODES = ('skip', 'stop')
@@ -213,7 +217,9 @@ def make_train_step(
   weights, whose normaliser is per micro-batch; dropout and drop path draw
   a key per micro-batch).
   """
-  one = functools.partial(_grads_and_metrics, graphdef, cfg)
+  grads_fn = functools.partial(_grads_and_metrics, graphdef, cfg)
+  if cfg.grad_accum_steps != 1:
+    grads_fn = _accumulated(grads_fn, cfg.grad_accum_steps)
 
   def step(
       state: State, batch: dict[str, jax.Array], teacher_state: Any = None
@@ -228,12 +234,7 @@ def make_train_step(
     }
     if teacher_logits is not None:
       inputs['teacher_logits'] = teacher_logits
-    if cfg.grad_accum_steps == 1:
-      grads, rest, metrics = one(state.params, state.rest, inputs, drop_key)
-    else:
-      grads, rest, metrics = _accumulate(
-          one, cfg.grad_accum_steps, state.params, state.rest, inputs, drop_key
-      )
+    grads, rest, metrics = grads_fn(state.params, state.rest, inputs, drop_key)
     return _apply(tx, cfg, schedule, state, grads, rest, metrics)
 
   return step
@@ -293,31 +294,32 @@ def _micro_batches(x: jax.Array, k: int) -> jax.Array:
   return jnp.swapaxes(x, 0, 1)  # [K, B / K, ...]
 
 
-def _accumulate(
-    one: Callable[..., Any],
-    k: int,
-    params: Any,
-    rest: Any,
-    inputs: dict[str, jax.Array],
-    drop_key: jax.Array,
-) -> tuple[Any, Any, dict]:
-  """Mean gradients and metrics over K micro-batches (a lax.scan)."""
-  micro = jax.tree.map(lambda x: _micro_batches(x, k), inputs)
+def _accumulated(one: GradsFn, k: int) -> GradsFn:
+  """`one` averaged over K micro-batches of its batch (a lax.scan).
 
-  def body(carry, xs):
-    grad_sum, rest = carry
-    batch, i = xs
-    grads, rest, metrics = one(
-        params, rest, batch, jax.random.fold_in(drop_key, i)
+  The result takes and returns what `one` does: mean gradients and metrics,
+  and the non-Param variables after the last micro-batch.
+  """
+
+  def accumulated(params, rest, inputs, drop_key):
+    micro = jax.tree.map(lambda x: _micro_batches(x, k), inputs)
+
+    def body(carry, xs):
+      grad_sum, rest = carry
+      batch, i = xs
+      grads, rest, metrics = one(
+          params, rest, batch, jax.random.fold_in(drop_key, i)
+      )
+      return (jax.tree.map(jnp.add, grad_sum, grads), rest), metrics
+
+    zeros = jax.tree.map(jnp.zeros_like, params)
+    (grad_sum, rest), metrics = jax.lax.scan(
+        body, (zeros, rest), (micro, jnp.arange(k))
     )
-    return (jax.tree.map(jnp.add, grad_sum, grads), rest), metrics
+    grads = jax.tree.map(lambda g: g / k, grad_sum)
+    return grads, rest, jax.tree.map(lambda m: jnp.mean(m, axis=0), metrics)
 
-  zeros = jax.tree.map(jnp.zeros_like, params)
-  (grad_sum, rest), metrics = jax.lax.scan(
-      body, (zeros, rest), (micro, jnp.arange(k))
-  )
-  grads = jax.tree.map(lambda g: g / k, grad_sum)
-  return grads, rest, jax.tree.map(lambda m: jnp.mean(m, axis=0), metrics)
+  return accumulated
 
 
 def _apply(

@@ -1,13 +1,10 @@
 """Weight conversion between the Flax DRPL-ViT and its PyTorch twin.
 
-Names map one to one: the Flax path `blocks.0.attn.q.kernel` is the
-PyTorch key `blocks.0.attn.q.weight`. Leaf renames: `kernel` and `scale`
--> `weight`, BatchNorm `mean` / `var` -> `running_mean` / `running_var`;
+Names map one to one (`blocks.0.attn.q.kernel` is `blocks.0.attn.q.weight`)
+and kernels are transposed, as `drpl_jax.pretrained.torch_layout` says;
+tokens, pos_embed, RPE tables, layer-scale gammas and norms are unchanged.
 PyTorch's `num_batches_tracked` has no Flax counterpart (it is written as 0
-and ignored on import: with momentum 0.1 PyTorch does not use it). Layouts:
-Linear kernels [in, out] <-> weight [out, in]; conv kernels
-[kh, kw, in/groups, out] <-> [out, in/groups, kh, kw]; everything else
-(tokens, pos_embed, RPE tables, layer-scale gammas, norms) is unchanged.
+and ignored on import: with momentum 0.1 PyTorch does not use it).
 Every tensor is shape-checked and every key must be matched; mismatches are
 errors that name the keys.
 """
@@ -23,44 +20,14 @@ import torch
 from flax import nnx
 
 from drpl_jax.models import DRPLViT, create_model
+from drpl_jax.pretrained.torch_layout import (
+    to_flax_layout,
+    to_torch_layout,
+    torch_name,
+)
 from drpl_jax.pytorch.twin.model import DRPLViTTorch
 
-_LEAF_RENAMES = {
-    'kernel': 'weight',
-    'scale': 'weight',
-    'mean': 'running_mean',
-    'var': 'running_var',
-}
 IGNORED_TORCH_LEAVES = ('num_batches_tracked',)
-
-
-def torch_name(flax_name: str) -> str:
-  """The PyTorch state-dict key of a flattened Flax variable path."""
-  parent, _, leaf = flax_name.rpartition('.')
-  leaf = _LEAF_RENAMES.get(leaf, leaf)
-  return f'{parent}.{leaf}' if parent else leaf
-
-
-def to_torch_layout(flax_name: str, value: np.ndarray) -> np.ndarray:
-  """Flax array -> the PyTorch layout of the same variable."""
-  if flax_name.endswith('.kernel'):
-    if value.ndim == 2:
-      return value.T  # [in, out] -> [out, in]
-    if value.ndim == 4:
-      return value.transpose(3, 2, 0, 1)  # [kh, kw, i, o] -> [o, i, kh, kw]
-    raise ValueError(f'{flax_name}: unexpected kernel rank {value.ndim}')
-  return value
-
-
-def to_flax_layout(flax_name: str, value: np.ndarray) -> np.ndarray:
-  """PyTorch array -> the Flax layout (inverse of `to_torch_layout`)."""
-  if flax_name.endswith('.kernel'):
-    if value.ndim == 2:
-      return value.T
-    if value.ndim == 4:
-      return value.transpose(2, 3, 1, 0)  # [o, i, kh, kw] -> [kh, kw, i, o]
-    raise ValueError(f'{flax_name}: unexpected kernel rank {value.ndim}')
-  return value
 
 
 def _flat(state: nnx.State) -> list[tuple[str, Any]]:

@@ -9,6 +9,7 @@ same initial distributions. Tokens are [B, L, D]; convolutions run in NCHW.
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -59,28 +60,15 @@ def linear(in_features: int, out_features: int, bias: bool = True) -> nn.Linear:
   return layer
 
 
-def conv2d(
-    in_ch: int,
-    out_ch: int,
-    kernel: int,
-    *,
-    stride: int = 1,
-    padding: int = 0,
-    groups: int = 1,
-    bias: bool = True,
-) -> nn.Conv2d:
-  """A Conv2d initialised as nnx.Conv (lecun normal kernel, zero bias)."""
-  layer = nn.Conv2d(
-      in_ch,
-      out_ch,
-      kernel,
-      stride=stride,
-      padding=padding,
-      groups=groups,
-      bias=bias,
-  )
-  lecun_normal_(layer.weight, fan_in=in_ch // groups * kernel * kernel)
-  if bias:
+def conv2d(in_ch: int, out_ch: int, kernel: int, **options: Any) -> nn.Conv2d:
+  """A Conv2d initialised as nnx.Conv (lecun normal kernel, zero bias).
+
+  `options` go to nn.Conv2d as they are (stride, padding, groups, bias;
+  its defaults: 1, 0, 1, True).
+  """
+  layer = nn.Conv2d(in_ch, out_ch, kernel, **options)
+  lecun_normal_(layer.weight, fan_in=layer.weight[0].numel())  # in/g*kh*kw
+  if layer.bias is not None:
     nn.init.zeros_(layer.bias)
   return layer
 

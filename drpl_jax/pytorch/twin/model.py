@@ -57,8 +57,9 @@ class Block(nn.Module):
       x: torch.Tensor,
       grid: tuple[int, int],
       *,
-      return_attention: bool = False,
+      return_attention: bool,
   ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """x [B, L, D] -> ([B, L, D], the attention probabilities or None)."""
     y, probs = self.attn(self.norm1(x), grid, return_attention=return_attention)
     if self.ls1 is not None:
       y = self.ls1(y)

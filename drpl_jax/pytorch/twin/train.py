@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from drpl_jax.train.losses import DISTILL_KINDS
+from drpl_jax.train.losses import check_distill_kind
 from drpl_jax.train.optim import decays
 
 Outputs = torch.Tensor | tuple[torch.Tensor, torch.Tensor]
@@ -65,11 +65,7 @@ def total_loss(
   (1 - alpha) CE(cls) + alpha distill(dist, teacher), hard = CE against the
   teacher's argmax, soft = tau^2 KL (batch-mean).
   """
-  if distill_kind not in DISTILL_KINDS:
-    raise ValueError(
-        f'unknown distill_kind {distill_kind!r}; expected one '
-        f'of {DISTILL_KINDS}'
-    )
+  check_distill_kind(distill_kind)
   pair = isinstance(outputs, (tuple, list))
   cls_logits, dist_logits = outputs if pair else (outputs, None)
   ce = lambda lg: cross_entropy(
