@@ -83,7 +83,8 @@ def test_fused_and_explicit_attention_agree(rpe):
   randomize_rpe(model)
   x = images()
   fused = model(x)  # jax.nn.dot_product_attention
-  explicit, attn = model(x, return_attention=True)  # explicit softmax
+  feats, attn = model.forward_features(x, return_attention=True)  # explicit
+  explicit = model.logits(feats)
   np.testing.assert_allclose(fused, explicit, rtol=1e-5, atol=1e-5)
   assert len(attn) == 2
   for probs in attn:
@@ -135,7 +136,8 @@ def test_irpe_on_values_uses_value_tables():
   x = images()
   before = model(x)
   randomize_rpe(model)
-  after, attn = model(x, return_attention=True)
+  feats, attn = model.forward_features(x, return_attention=True)
+  after = model.logits(feats)
   assert not np.allclose(before, after, atol=1e-3)
   np.testing.assert_allclose(model(x), after, rtol=1e-6)
   assert len(attn) == 2
@@ -325,7 +327,7 @@ def test_resize_keeps_irpe_tables():
   table = np.asarray(model.blocks[0].attn.rpe_k.table[...])
   model.resize(48)
   np.testing.assert_array_equal(model.blocks[0].attn.rpe_k.table[...], table)
-  _, attn = model(images(size=48), return_attention=True)
+  _, attn = model.forward_features(images(size=48), return_attention=True)
   assert attn[0].shape == (2, 2, 38, 38)  # buckets follow the 6x6 grid
 
 
@@ -401,7 +403,7 @@ def test_bfloat16_compute_with_float32_params():
   assert out16.dtype == jnp.float32  # logits are returned in float32
   assert np.isfinite(out16).all()
   np.testing.assert_allclose(out16, out32, atol=0.1)
-  _, attn = model16(x, return_attention=True)
+  _, attn = model16.forward_features(x, return_attention=True)
   np.testing.assert_allclose(attn[0].sum(-1), 1.0, rtol=1e-3)
 
 

@@ -364,12 +364,8 @@ def test_one_training_step_matches(case):
 
   kind = 'hard' if cfg.distilled else 'none'
   out = twin(nchw(x))
-  t_loss = train.total_loss(
-      out,
-      torch.from_numpy(labels),
-      torch.from_numpy(teacher),
-      distill_kind=kind,
-      label_smoothing=0.1,
+  t_loss = train.TotalLoss(distill_kind=kind, label_smoothing=0.1)(
+      out, torch.from_numpy(labels), torch.from_numpy(teacher)
   )
   t_loss.backward()
   np.testing.assert_allclose(t_loss.item(), float(loss), rtol=1e-5)
@@ -449,9 +445,13 @@ def test_attention_maps_heads_and_input_errors_match_flax():
   twin = torch_ref.flax_to_torch(model)
   x = batch(size=2, seed=6)
   with torch.no_grad():
-    logits, attn = twin(nchw(x), return_attention=True)
+    feats, attn = twin.forward_features(nchw(x), return_attention=True)
+    logits = twin.logits(feats)
     cls, dist = twin.heads(nchw(x))
-  want_logits, want_attn = model(jnp.asarray(x), return_attention=True)
+  feats, want_attn = model.forward_features(
+      jnp.asarray(x), return_attention=True
+  )
+  want_logits = model.logits(feats)
   np.testing.assert_allclose(logits.numpy(), want_logits, rtol=1e-5, atol=1e-5)
   assert len(attn) == len(want_attn) == 4
   for got, want in zip(attn, want_attn):

@@ -11,7 +11,7 @@ The heatmap of a prediction is the row of the prefix tokens (cls, and for a
 distilled model the dist token too: the two rows are averaged, since the
 prediction is the mean of both heads) restricted to the patch tokens and laid
 out on the patch grid. Pure numpy: it runs on the host on the attention
-probabilities the model returns with `return_attention=True`.
+probabilities `forward_features(x, return_attention=True)` returns.
 """
 
 from __future__ import annotations
@@ -50,7 +50,7 @@ def rollout_matrix(attentions: Sequence[np.ndarray]) -> np.ndarray:
 
   Args:
     attentions: per block, attention probabilities [B, heads, L, L]
-      (first block first), e.g. `model(x, return_attention=True)[1]`.
+      (first block first), e.g. `model.forward_features(x, return_attention=True)[1]`.
 
   Returns:
     `A_hat_L @ ... @ A_hat_1` with `A_hat = rownorm(mean_heads(A) + I)`.

@@ -203,28 +203,28 @@ class DRPLViT(nnx.Module):
         self.head_dist(x[:, 1]).astype(jnp.float32),
     )
 
-  def __call__(
-      self,
-      images: Array,
-      train: bool = False,
-      *,
-      rngs: nnx.Rngs | None = None,
-      return_attention: bool = False,
-  ) -> Logits | tuple[Logits, list[Array]]:
-    """Images [B, H, W, 3] -> float32 logits [B, C].
+  def logits(self, features: Array, train: bool = False) -> Logits:
+    """Final-normed tokens [B, L, D] (`forward_features`) -> logits.
 
     Distilled: train=True gives (cls_logits, dist_logits), train=False their
-    mean. Not distilled: one array in both modes. With return_attention,
-    also the softmax probabilities of every block, [B, heads, L, L] each.
+    mean. Not distilled: one float32 array [B, C] in both modes.
     """
-    x, attention = self.forward_features(
-        images, train=train, rngs=rngs, return_attention=return_attention
-    )
-    out = self.head(x[:, 0]).astype(jnp.float32)
-    if self.head_dist is not None:
-      dist = self.head_dist(x[:, 1]).astype(jnp.float32)
-      out = (out, dist) if train else (out + dist) / 2
-    return (out, attention) if return_attention else out
+    out = self.head(features[:, 0]).astype(jnp.float32)
+    if self.head_dist is None:
+      return out
+    dist = self.head_dist(features[:, 1]).astype(jnp.float32)
+    return (out, dist) if train else (out + dist) / 2
+
+  def __call__(
+      self, images: Array, train: bool = False, *, rngs: nnx.Rngs | None = None
+  ) -> Logits:
+    """Images [B, H, W, 3] -> float32 logits [B, C] (see `logits`).
+
+    For the attention probabilities of every block as well, call
+    `forward_features(images, return_attention=True)`, then `logits`.
+    """
+    x, _ = self.forward_features(images, train=train, rngs=rngs)
+    return self.logits(x, train)
 
   def resize(self, image_size: int) -> None:
     """Adapts the model to a new input resolution, in place.

@@ -19,13 +19,14 @@ from drpl_jax.pytorch.twin.convert import (
 )
 from drpl_jax.pytorch.twin.model import DRPLViTTorch
 from drpl_jax.pytorch.twin.train import (
+    TotalLoss,
     make_optimizer,
     make_train_step,
-    total_loss,
 )
 
 __all__ = [
     'DRPLViTTorch',
+    'TotalLoss',
     'flax_to_torch',
     'load_torch_state_dict',
     'make_optimizer',
@@ -34,5 +35,4 @@ __all__ = [
     'torch_arrays',
     'torch_name',
     'torch_to_flax',
-    'total_loss',
 ]

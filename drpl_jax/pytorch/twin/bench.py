@@ -36,22 +36,14 @@ def twin_from_state(
   return twin.to(device)
 
 
-def loss_for(config, model_cfg: ModelConfig) -> Callable[..., torch.Tensor]:
+def loss_for(config, model_cfg: ModelConfig) -> ttrain.TotalLoss:
   """`loss(outputs, labels, teacher_logits)` as configured (torch)."""
-  kind = config.distill.kind if model_cfg.distilled else 'none'
-
-  def loss_fn(outputs, labels, teacher):
-    return ttrain.total_loss(
-        outputs,
-        labels,
-        teacher,
-        distill_kind=kind,
-        alpha=config.distill.alpha,
-        tau=config.distill.tau,
-        label_smoothing=config.loss.label_smoothing,
-    )
-
-  return loss_fn
+  return ttrain.TotalLoss(
+      distill_kind=config.distill.kind if model_cfg.distilled else 'none',
+      alpha=config.distill.alpha,
+      tau=config.distill.tau,
+      label_smoothing=config.loss.label_smoothing,
+  )
 
 
 def step_calls(

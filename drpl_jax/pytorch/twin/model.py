@@ -167,20 +167,24 @@ class DRPLViTTorch(nn.Module):
       x, _ = self.forward_features(images)
       return (self.head(x[:, 0]).float(), self.head_dist(x[:, 1]).float())
 
-  def forward(
-      self, images: torch.Tensor, *, return_attention: bool = False
-  ) -> Logits | tuple[Logits, list[torch.Tensor]]:
-    """Images [B, 3, H, W] -> float32 logits [B, C].
+  def logits(self, features: torch.Tensor) -> Logits:
+    """Final-normed tokens [B, L, D] (`forward_features`) -> logits.
 
     Distilled: in training mode (cls_logits, dist_logits), in eval mode
-    their mean. Not distilled: one array in both modes.
+    their mean. Not distilled: one float32 array [B, C] in both modes.
+    """
+    out = self.head(features[:, 0]).float()
+    if self.head_dist is None:
+      return out
+    dist = self.head_dist(features[:, 1]).float()
+    return (out, dist) if self.training else (out + dist) / 2
+
+  def forward(self, images: torch.Tensor) -> Logits:
+    """Images [B, 3, H, W] -> float32 logits [B, C] (see `logits`).
+
+    For the attention probabilities of every block as well, call
+    `forward_features(images, return_attention=True)`, then `logits`.
     """
     with self._autocast(images):
-      x, attention = self.forward_features(
-          images, return_attention=return_attention
-      )
-      out = self.head(x[:, 0]).float()
-      if self.head_dist is not None:
-        dist = self.head_dist(x[:, 1]).float()
-        out = (out, dist) if self.training else (out + dist) / 2
-    return (out, attention) if return_attention else out
+      x, _ = self.forward_features(images)
+      return self.logits(x)

@@ -1,15 +1,17 @@
 """The DRPL-ViT training objective and one AdamW step in PyTorch.
 
-Mirrors `drpl_jax.train.losses.total_loss` (label-smoothed cross-entropy, DeiT
-hard or soft distillation, optional class weights) and the optimizer of
-`drpl_jax.train.optim` (AdamW with decoupled weight decay on matrices and conv
-kernels only, global-norm clipping), so a step in either framework from the
+`TotalLoss` mirrors `drpl_jax.train.losses.total_loss` (label-smoothed
+cross-entropy, DeiT hard or soft distillation, optional class weights) and
+`make_optimizer` the optimizer of `drpl_jax.train.optim` (AdamW with
+decoupled weight decay on matrices and conv kernels only, global-norm
+clipping), so a step in either framework from the
 same weights and batch gives the same loss and gradients.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+import dataclasses
 
 import torch
 import torch.nn.functional as F
@@ -48,53 +50,69 @@ def cross_entropy(
   return (weights * per_example).sum() / weights.sum()
 
 
-def total_loss(
-    outputs: Outputs,
-    targets: torch.Tensor,
-    teacher_logits: torch.Tensor | None = None,
-    *,
-    distill_kind: str = 'none',
-    alpha: float = 0.5,
-    tau: float = 1.0,
-    label_smoothing: float = 0.0,
-    class_weights: Sequence[float] | None = None,
-) -> torch.Tensor:
+@dataclasses.dataclass(frozen=True)
+class TotalLoss:
   """The DRPL-ViT objective; see `drpl_jax.train.losses.total_loss`.
 
+  Configured once, as torch's loss modules are, then called on each batch:
+  `TotalLoss(distill_kind='hard')(outputs, targets, teacher_logits)`.
   'none': CE on one output, or the mean of both heads' CE; 'hard' / 'soft':
   (1 - alpha) CE(cls) + alpha distill(dist, teacher), hard = CE against the
   teacher's argmax, soft = tau^2 KL (batch-mean).
   """
-  check_distill_kind(distill_kind)
-  pair = isinstance(outputs, (tuple, list))
-  cls_logits, dist_logits = outputs if pair else (outputs, None)
-  ce = lambda lg: cross_entropy(
-      lg, targets, label_smoothing=label_smoothing, class_weights=class_weights
-  )
-  if distill_kind == 'none':
-    if dist_logits is None:
-      return ce(cls_logits)
-    return 0.5 * (ce(cls_logits) + ce(dist_logits))
-  if dist_logits is None or teacher_logits is None:
-    raise ValueError(
-        f'distill_kind={distill_kind!r} needs (cls, dist) '
-        'outputs and teacher_logits'
+
+  distill_kind: str = 'none'
+  alpha: float = 0.5
+  tau: float = 1.0
+  label_smoothing: float = 0.0
+  class_weights: Sequence[float] | None = None
+
+  def __post_init__(self):
+    check_distill_kind(self.distill_kind)
+
+  def ce(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """The label term: smoothed, class-weighted cross-entropy."""
+    return cross_entropy(
+        logits,
+        targets,
+        label_smoothing=self.label_smoothing,
+        class_weights=self.class_weights,
     )
-  teacher = teacher_logits.detach().float()
-  if distill_kind == 'hard':
-    loss_dist = F.cross_entropy(dist_logits.float(), teacher.argmax(-1))
-  else:
-    loss_dist = (
-        F.kl_div(
-            (dist_logits.float() / tau).log_softmax(-1),
-            (teacher / tau).log_softmax(-1),
-            reduction='batchmean',
-            log_target=True,
-        )
-        * tau
-        * tau
-    )
-  return (1.0 - alpha) * ce(cls_logits) + alpha * loss_dist
+
+  def __call__(
+      self,
+      outputs: Outputs,
+      targets: torch.Tensor,
+      teacher_logits: torch.Tensor | None = None,
+  ) -> torch.Tensor:
+    pair = isinstance(outputs, (tuple, list))
+    cls_logits, dist_logits = outputs if pair else (outputs, None)
+    kind, alpha, tau = self.distill_kind, self.alpha, self.tau
+    if kind == 'none':
+      if dist_logits is None:
+        return self.ce(cls_logits, targets)
+      return 0.5 * (
+          self.ce(cls_logits, targets) + self.ce(dist_logits, targets)
+      )
+    if dist_logits is None or teacher_logits is None:
+      raise ValueError(
+          f'distill_kind={kind!r} needs (cls, dist) outputs and teacher_logits'
+      )
+    teacher = teacher_logits.detach().float()
+    if kind == 'hard':
+      loss_dist = F.cross_entropy(dist_logits.float(), teacher.argmax(-1))
+    else:
+      loss_dist = (
+          F.kl_div(
+              (dist_logits.float() / tau).log_softmax(-1),
+              (teacher / tau).log_softmax(-1),
+              reduction='batchmean',
+              log_target=True,
+          )
+          * tau
+          * tau
+      )
+    return (1.0 - alpha) * self.ce(cls_logits, targets) + alpha * loss_dist
 
 
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
