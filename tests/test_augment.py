@@ -185,6 +185,34 @@ def test_train_transform_shape_dtype_determinism():
   assert not np.array_equal(a, c)
 
 
+def test_teacher_crop_view_is_the_crop_before_the_photometric_ops():
+  """teacher_view='crop': the same crop and flip, no RandAugment/erasing."""
+  student = augment.AugmentConfig(hflip=True, random_erase=1.0)
+  crop = augment.AugmentConfig(
+      hflip=True, teacher_view='crop', random_erase=1.0
+  )
+  bare = augment.AugmentConfig(hflip=True, randaugment_ops=0, random_erase=0.0)
+  image = _rgb(7, (60, 50, 3))
+  for seed in range(4):
+    views = augment.train_views(
+        image, np.random.default_rng(seed), size=32, config=crop
+    )
+    same = lambda cfg, seed=seed: augment.train_transform(
+        image, np.random.default_rng(seed), size=32, config=cfg
+    )
+    # The student's view does not depend on what the teacher sees.
+    np.testing.assert_array_equal(views['image'], same(student))
+    np.testing.assert_array_equal(views['teacher_image'], same(bare))
+    assert not np.array_equal(views['image'], views['teacher_image'])
+  assert set(
+      augment.train_views(
+          image, np.random.default_rng(0), size=32, config=student
+      )
+  ) == {'image'}
+  with pytest.raises(ValueError, match="teacher_view='clean'"):
+    augment.AugmentConfig(teacher_view='clean')
+
+
 def test_train_transform_all_off_is_a_resize():
   cfg = augment.AugmentConfig(
       random_resized_crop=False, randaugment_ops=0, random_erase=0.0

@@ -92,6 +92,52 @@ def test_online_teacher_sees_the_mixed_batch(demo_data_dir, teacher_checkpoint):
   assert not np.allclose(images, batch['image'] / 255.0)
 
 
+def test_online_teacher_sees_its_own_view_mixed_alike(
+    demo_data_dir, teacher_checkpoint
+):
+  """With a 'teacher_image' in the batch the teacher sees it, mixed by the
+  same lambda and box as the student's image; the student is unchanged."""
+  config = with_teacher(tiny_config(demo_data_dir), teacher_checkpoint)
+  model_cfg = train.model_config_from(config)
+  mesh = sharding.create_mesh((-1, 1))
+  tx, _ = optim.create_optimizer(
+      optim.OptimConfig.from_config(config.optim),
+      config.batch_size,
+      config.total_steps,
+      model_cfg.depth,
+  )
+  _, state, _ = train.create_train_state(config, model_cfg, tx, mesh)
+  teacher = train.create_online_teacher(config, mesh)
+  cfg = step_lib.StepConfig.from_config(config, model_cfg)
+  rng = np.random.default_rng(1)
+  batch = {
+      'image': rng.integers(0, 256, (8, 32, 32, 3), np.uint8),
+      'teacher_image': rng.integers(0, 256, (8, 32, 32, 3), np.uint8),
+      'label': rng.integers(0, 10, (8,), np.int32),
+  }
+  inputs = jax.jit(
+      lambda s, b, t: step_lib.step_inputs(cfg, s, b, teacher.graphdef, t)
+  )
+  images, targets, logits, _ = inputs(state, batch, teacher.state)
+  mix_key, _ = jax.random.split(jax.random.fold_in(state.rng, state.step))
+  mix = lambda x: mixup_lib.mixup_cutmix(
+      mix_key,
+      x.astype(np.float32) / 255.0,
+      jax.nn.one_hot(batch['label'], 10),
+      mixup_alpha=0.8,
+      cutmix_alpha=1.0,
+  )
+  module = nnx.merge(teacher.graphdef, teacher.state)
+  np.testing.assert_allclose(images, mix(batch['image'])[0], atol=1e-6)
+  np.testing.assert_allclose(targets, mix(batch['image'])[1], atol=1e-6)
+  np.testing.assert_allclose(
+      logits, module(mix(batch['teacher_image'])[0]), atol=1e-4
+  )
+  without = {k: v for k, v in batch.items() if k != 'teacher_image'}
+  _, _, student_view_logits, _ = inputs(state, without, teacher.state)
+  assert not np.allclose(logits, student_view_logits, atol=1e-3)
+
+
 def test_online_distillation_trains(
     demo_data_dir, teacher_checkpoint, tmp_path
 ):

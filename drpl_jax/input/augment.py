@@ -38,6 +38,9 @@ _MAX_LEVEL = 10.0
 _FILL = 128
 
 
+TEACHER_VIEWS = ('student', 'crop')
+
+
 @dataclasses.dataclass(frozen=True)
 class AugmentConfig:
   """The DeiT training recipe; mirrors `config.data.augment`."""
@@ -52,8 +55,18 @@ class AugmentConfig:
   random_erase: float = 0.25  # probability, 0 = off
   repeated_aug: int = 1
   interpolation: str = 'bicubic'
+  # What an online teacher sees: 'student' the student's image (DeiT), or
+  # 'crop' the same crop (and flip) without RandAugment and erasing, so a
+  # teacher trained on clean images is not asked about views unlike its
+  # training images (train_views; issue 13, docs/reproduction.md).
+  teacher_view: str = 'student'
 
   def __post_init__(self):
+    if self.teacher_view not in TEACHER_VIEWS:
+      raise ValueError(
+          f'augment.teacher_view={self.teacher_view!r} is not one of '
+          f'{TEACHER_VIEWS}'
+      )
     if self.interpolation not in INTERPOLATIONS:
       raise ValueError(
           f'augment.interpolation={self.interpolation!r} is not '
@@ -449,17 +462,20 @@ def random_erasing(
 # Whole recipes.
 
 
-def train_transform(
+def train_views(
     image: np.ndarray,
     rng: np.random.Generator,
     *,
     size: int,
     config: AugmentConfig,
-) -> np.ndarray:
-  """The full DeiT train recipe: uint8 [H, W, 3] -> uint8 [size, size, 3].
+) -> dict[str, np.ndarray]:
+  """The train recipe's views of one image: uint8 [size, size, 3] each.
 
-  RRC (or a plain resize when off) -> hflip -> RandAugment on the small
-  crop -> random erasing; one PIL round trip, no float conversion.
+  'image' is the student's view: RRC (or a plain resize when off) ->
+  hflip -> RandAugment on the small crop -> random erasing, in one PIL
+  round trip with no float conversion. With `config.teacher_view='crop'`
+  also 'teacher_image': the same crop and flip before the photometric
+  operations. The randomness is drawn in that order from `rng`.
   """
   img = to_pil(image)
   if config.random_resized_crop:
@@ -476,6 +492,9 @@ def train_transform(
   img = _resize_box(img, size, box, config.interpolation)
   if config.hflip and rng.random() < 0.5:
     img = img.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+  views = {}
+  if config.teacher_view == 'crop':
+    views['teacher_image'] = from_pil(img)
   if config.randaugment_ops > 0:
     img = rand_augment_pil(
         img,
@@ -487,7 +506,19 @@ def train_transform(
   out = from_pil(img)
   if config.random_erase > 0:
     out = random_erasing(out, rng, prob=config.random_erase)
-  return out
+  views['image'] = out
+  return views
+
+
+def train_transform(
+    image: np.ndarray,
+    rng: np.random.Generator,
+    *,
+    size: int,
+    config: AugmentConfig,
+) -> np.ndarray:
+  """The student's view of `train_views`: uint8 [H, W, 3] -> [size, size, 3]."""
+  return train_views(image, rng, size=size, config=config)['image']
 
 
 def eval_transform(

@@ -181,10 +181,10 @@ class _TrainBatch(_Slice):
   ) -> dict[str, np.ndarray]:
     image, label = _check_example(example, index)
     rng = np.random.default_rng([self.seed, epoch, position])
-    image = augment.train_transform(
+    out = augment.train_views(
         image, rng, size=self.image_size, config=self.augment_config
     )
-    out = {'image': image, 'label': np.int32(label)}
+    out['label'] = np.int32(label)
     if self.teacher_logits is not None:
       out['teacher_logits'] = self._teacher(example, index)
     return out
@@ -256,7 +256,8 @@ def train_iterator(
 
   Returns:
     A grain `DatasetIterator` yielding `{'image': uint8 [b, S, S, 3],
-    'label': int32 [b]}` (+ `teacher_logits`), `b = batch_size //
+    'label': int32 [b]}` (+ `teacher_logits`; + `teacher_image` uint8
+    [b, S, S, 3] with `teacher_view='crop'`, see `augment.train_views`), `b = batch_size //
     process_count`; it has `get_state()` / `set_state()` for checkpointing
     (a state is valid for the same `num_workers` only).
   """

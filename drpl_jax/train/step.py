@@ -169,27 +169,36 @@ def step_inputs(
 
   Returns ([0, 1] images after mixup/cutmix [B, H, W, 3], soft targets
   [B, C], teacher logits [B, C] or None, the dropout key). The online teacher
-  runs on exactly the mixed images the student gets (consistent teaching);
-  offline logits come from the batch ('teacher_logits').
+  runs on exactly the mixed images the student gets (consistent teaching),
+  or, where the batch has a 'teacher_image' (`augment.teacher_view='crop'`:
+  the same crop before RandAugment and erasing), on that view mixed the
+  same way; offline logits come from the batch ('teacher_logits').
   """
   key = jax.random.fold_in(state.rng, state.step)
   mix_key, drop_key = jax.random.split(key)
-  images = _to_unit(batch['image'])  # [B, H, W, 3] in [0, 1]
-  targets = jax.nn.one_hot(batch['label'], cfg.num_classes)
-  if cfg.mixup_alpha > 0 or cfg.cutmix_alpha > 0:
-    images, targets = mixup_lib.mixup_cutmix(
+  onehot = jax.nn.one_hot(batch['label'], cfg.num_classes)
+
+  def mixed(name: str) -> tuple[jax.Array, jax.Array]:
+    # The same key: the same lambda, pairs and box for every view.
+    images = _to_unit(batch[name])  # [B, H, W, 3] in [0, 1]
+    if cfg.mixup_alpha == 0 and cfg.cutmix_alpha == 0:
+      return images, onehot
+    return mixup_lib.mixup_cutmix(
         mix_key,
         images,
-        targets,
+        onehot,
         mixup_alpha=cfg.mixup_alpha,
         cutmix_alpha=cfg.cutmix_alpha,
         prob=cfg.mixup_prob,
         switch_prob=cfg.mixup_switch_prob,
     )
+
+  images, targets = mixed('image')
   teacher_logits = batch.get('teacher_logits')
   if teacher_graphdef is not None:
     teacher = nnx.merge(teacher_graphdef, teacher_state)
-    teacher_logits = jax.lax.stop_gradient(teacher(images))
+    seen = mixed('teacher_image')[0] if 'teacher_image' in batch else images
+    teacher_logits = jax.lax.stop_gradient(teacher(seen))
   return images, targets, teacher_logits, drop_key
 
 
