@@ -116,6 +116,7 @@ AUGMENT = plain(
     random_erase=0.5,
     repeated_aug=3,
     interpolation='bilinear',
+    teacher_view='crop',
 )
 TEACHER = {
     **plain(
