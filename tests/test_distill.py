@@ -53,7 +53,9 @@ def with_teacher(config, checkpoint, kind='hard'):
   return config
 
 
-def test_online_teacher_sees_the_mixed_batch(demo_data_dir, teacher_checkpoint):
+@pytest.fixture
+def online(demo_data_dir, teacher_checkpoint):
+  """(train state, online teacher, step config) of the tiny distilled run."""
   config = with_teacher(tiny_config(demo_data_dir), teacher_checkpoint)
   model_cfg = train.model_config_from(config)
   mesh = sharding.create_mesh((-1, 1))
@@ -66,6 +68,11 @@ def test_online_teacher_sees_the_mixed_batch(demo_data_dir, teacher_checkpoint):
   _, state, _ = train.create_train_state(config, model_cfg, tx, mesh)
   teacher = train.create_online_teacher(config, mesh)
   cfg = step_lib.StepConfig.from_config(config, model_cfg)
+  return state, teacher, cfg
+
+
+def test_online_teacher_sees_the_mixed_batch(online):
+  state, teacher, cfg = online
   rng = np.random.default_rng(0)
   batch = {
       'image': rng.integers(0, 256, (8, 32, 32, 3), np.uint8),
@@ -92,23 +99,10 @@ def test_online_teacher_sees_the_mixed_batch(demo_data_dir, teacher_checkpoint):
   assert not np.allclose(images, batch['image'] / 255.0)
 
 
-def test_online_teacher_sees_its_own_view_mixed_alike(
-    demo_data_dir, teacher_checkpoint
-):
+def test_online_teacher_sees_its_own_view_mixed_alike(online):
   """With a 'teacher_image' in the batch the teacher sees it, mixed by the
   same lambda and box as the student's image; the student is unchanged."""
-  config = with_teacher(tiny_config(demo_data_dir), teacher_checkpoint)
-  model_cfg = train.model_config_from(config)
-  mesh = sharding.create_mesh((-1, 1))
-  tx, _ = optim.create_optimizer(
-      optim.OptimConfig.from_config(config.optim),
-      config.batch_size,
-      config.total_steps,
-      model_cfg.depth,
-  )
-  _, state, _ = train.create_train_state(config, model_cfg, tx, mesh)
-  teacher = train.create_online_teacher(config, mesh)
-  cfg = step_lib.StepConfig.from_config(config, model_cfg)
+  state, teacher, cfg = online
   rng = np.random.default_rng(1)
   batch = {
       'image': rng.integers(0, 256, (8, 32, 32, 3), np.uint8),
