@@ -146,12 +146,12 @@ _FIELDS: dict[str, tuple[Any, ...]] = {
 }
 # Settings.student (config overrides): (paper, sample, cxr2k5, smoke).
 _STUDENT: dict[str, tuple[Any, ...]] = {
-    'total_steps': (30_000, 600, 1800, 4),
+    'total_steps': (30_000, 600, 1200, 4),
     'batch_size': (256, 32, 32, 16),
     'eval_batch_size': (None, 64, 64, 32),
     'optim.base_lr': (5e-4, None, None, None),
-    'optim.warmup_steps': (1000, 30, 90, 1),
-    'eval_every_steps': (1000, 600, 1800, 4),
+    'optim.warmup_steps': (1000, 30, 60, 1),
+    'eval_every_steps': (1000, 600, 1200, 4),
     'checkpoint_every_steps': (1000, 200, 600, 2),
     'log_every_steps': (None, 50, 100, 2),
 }
