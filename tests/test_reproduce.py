@@ -545,12 +545,14 @@ def test_cxr2k5_mode_settings_and_budget(tmp_path):
       paths.teacher,
       '',
   }
-  # The estimate reproduces the sample's measured 32 minutes, and sizes
-  # the 2k5 table inside two hours on 2 cores with a margin.
-  sample = reproduce.estimate_minutes(reproduce.get_settings('sample'))
-  assert 28 <= sample['total'] <= 34
+  # The estimate reproduces the 2k5 table's measured 71 minutes (the
+  # times it is fitted to) and keeps it inside two hours on 2 cores with a
+  # margin; the sample's 32 minutes were measured before the shortcut
+  # probes added to each run's evaluation.
   big = reproduce.estimate_minutes(settings)
-  assert big['total'] <= 100, big
+  assert 66 <= big['total'] <= 76 and big['total'] <= 100, big
+  sample = reproduce.estimate_minutes(reproduce.get_settings('sample'))
+  assert 28 <= sample['total'] <= 40, sample
   assert big['runs'] > 1.5 * sample['runs']  # a longer schedule than sample
   assert settings.student['total_steps'] >= 2 * 600
   with pytest.raises(ValueError, match='paper'):

@@ -16,7 +16,7 @@ Modes (`get_settings`): `paper` (4 classes, DeiT-S at 224 px, the config's
 full recipe, a ResNet-50 teacher, 1 seed), `sample` (COVID vs Normal on the
 600-image sample, micro at 64 px with patch 8, 600 steps, a RegNetY-400MF
 teacher at 64 px, 3 seeds), `cxr2k5` (the same on the 2,579-image set in
-../shared/data/covid19_radiography_2k5 with 1,800 steps and a 30-epoch
+../shared/data/covid19_radiography_2k5 with 1,200 steps and a 30-epoch
 teacher, sized for two hours on 2 cores), and `--smoke` (any of them at toy
 size: two presets, one seed, 32 px, 4 steps; what CI runs). Under WORKDIR:
 `reproduce.json` (the plan; a rerun with other settings is refused), `data/`,
@@ -108,26 +108,25 @@ class Settings:
 #     plan;
 #   sample: configs/drpl_vit.py's runlocal recipe (micro, 64 px, patch 8,
 #     batch 32, no mixup, mild crops); sized in docs/reproduction.md;
-#   cxr2k5: the sample mode with a longer schedule (see below);
+#   cxr2k5: the sample mode on the 2,579 images, 1,200 steps (see below);
 #   smoke: `--smoke`, any mode at toy size. In that column OF_MODE keeps the
 #     value of the mode being shrunk.
 # A student or teacher key whose value is None is not set in that column.
 #
 # cxr2k5: the ablation on the 2,579-image set (COVID 1,279, Normal 1,300;
 # 80/10/10 split: about 2,063 training images), sized to finish inside two
-# hours on 2 cores with one teacher shared by all 15 runs. Estimated from the
-# sample mode's measured times (docs/reproduction.md: per 600 steps at
-# 64 px, vit 1m20s, deit/deit_rpe 1m50s, deit_conv/drpl 2m35s, teacher
-# 30 epochs of 480 images 1m36s), not yet measured on this set:
-#   students: a step costs the same whatever the data set size, so 1,800
-#     steps (28 epochs; the sample ran 40) take about 3, 5 and 7 min per
-#     run: 27 min per seed, 80 min for 3 seeds;
-#   teacher: 30 epochs of 2,063 images, about 4.3x the sample's: 7 min;
-#   evaluation of 258 test images (and the shortcut probes) per run: 1 min.
-# About 90 minutes in all; the rest is margin for a busier machine. A
-# shorter schedule than the small-data recipe (configs/small_data.py) at
-# the sample's 64 px, so that the table can be rerun in one sitting.
-# Everything else (model, data, teacher) is the sample mode's.
+# hours on 2 cores with one teacher shared by all 15 runs. The first sizing
+# (1,800 steps, estimated at 83 min from the sample's step times) took 3 h 43
+# min with other work sharing the cores; measured alone on the 2 cores
+# (docs/reproduction.md), the teacher's 30 epochs take 10 min (20 s each)
+# and a run costs its steps plus about 40 s (compilation, test evaluation,
+# shortcut probes, attention summary). At 1,200 steps (19 epochs; the sample
+# ran 40): vit 2.4 min per run, deit/deit_rpe 3.8-4.2, deit_conv/drpl
+# 4.6-5.2, so 20 min per seed and one hour for 3 seeds: 71 min in all as
+# measured; the rest is margin for a slower machine. A shorter schedule than the
+# small-data recipe (configs/small_data.py) at the sample's 64 px, so that
+# the table can be rerun in one sitting. Everything else (model, data,
+# teacher) is the sample mode's.
 MODE_COLUMNS = ('paper', 'sample', 'cxr2k5', 'smoke')
 OF_MODE = object()
 _REGNET = 'regnet_y_400mf'
@@ -204,20 +203,22 @@ def get_settings(
   return Settings(mode=mode, smoke=smoke, seeds=tuple(range(n)), **values)
 
 
-# Measured on this project's 2-core CPU machine (docs/reproduction.md, the
-# sample ablation: 600 steps at batch 32, micro at 64 px, patch 8): seconds
-# per step of each preset (the online teacher's forward included) after a
-# fixed 30 s per run (compilation, evaluation), and the teacher's seconds
-# per training image and epoch at 64 px.
+# Measured on this project's 2-core CPU machine with nothing else running
+# (the cxr2k5 table, docs/reproduction.md: 1,200 steps at batch 32, micro at
+# 64 px, patch 8; WORKDIR/timings/): seconds per step of each preset (the
+# online teacher's forward included; mean over 3 seeds) after a fixed 40 s
+# per run (compilation, test evaluation, shortcut probes, attention
+# summary), and the teacher's seconds per training image and epoch at 64 px
+# (RegNetY-400MF: 621 s for 30 epochs of 2,063 images).
 MEASURED_STEP_SECONDS_64PX = {
-    'vit': 0.083,
-    'deit': 0.133,
-    'deit_rpe': 0.133,
-    'deit_conv': 0.208,
-    'drpl': 0.208,
+    'vit': 0.086,
+    'deit': 0.154,
+    'deit_rpe': 0.176,
+    'deit_conv': 0.198,
+    'drpl': 0.226,
 }
-MEASURED_RUN_OVERHEAD_SECONDS = 30.0
-MEASURED_TEACHER_IMAGE_EPOCH_SECONDS_64PX = 96.0 / (30 * 480)
+MEASURED_RUN_OVERHEAD_SECONDS = 40.0
+MEASURED_TEACHER_IMAGE_EPOCH_SECONDS_64PX = 621.0 / (30 * 2063)
 TRAIN_IMAGES = {'sample': 480, 'cxr2k5': 2063}  # 80% of 600 and of 2,579
 
 
