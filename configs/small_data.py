@@ -44,7 +44,6 @@ DEFAULT_DATA = os.path.normpath(
         'covid19_radiography_2k5',
     )
 )
-PROVISIONAL = 'provisional: to be chosen by the validation sweep'
 
 
 def get_config(arg: str = '') -> ml_collections.ConfigDict:

@@ -75,7 +75,7 @@ def test_small_data_recipe_and_its_teacher_command():
   with open(os.path.join(ROOT, 'configs', 'small_data.py')) as f:
     lines = f.read().splitlines()
   # Every key the documented validation sweep measured is marked "swept"
-  # where the recipe sets it, and the recipe holds the swept base value.
+  # where the recipe sets it.
   with open(os.path.join(ROOT, 'docs', 'small_data.md')) as f:
     rows = re.findall(r'^\| \d+ \| ([a-z_.]+)=', f.read(), re.M)
   assert {'distill.kind', 'optim.base_lr', 'data.augment.crop_scale'} <= set(
