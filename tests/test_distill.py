@@ -8,6 +8,7 @@ import pytest
 from flax import nnx
 
 from conftest import config_module
+from drpl_jax.evaluation import evaluate
 from drpl_jax.parallel import sharding
 from drpl_jax.pytorch import soft_labels
 from drpl_jax.pytorch import torch_io
@@ -153,6 +154,13 @@ def test_distillation_without_teacher_is_an_error(demo_data_dir, tmp_path):
   config.teacher.arch = 'resnet18'
   with pytest.raises(ValueError, match='needs config.teacher.checkpoint'):
     train.train_and_evaluate(config, str(tmp_path / 'y'))
+  # The no-teacher baseline of a recipe that names its teacher's arch
+  # (configs/small_data.py:preset=deit_conv --config.distill.kind=none)
+  # trains without one.
+  config.distill.kind = 'none'
+  assert train.train_and_evaluate(config, str(tmp_path / 'z'))['step'] == 2
+  report = evaluate.evaluate(config, str(tmp_path / 'z'), n_bootstrap=0)
+  assert 'teacher' not in report and 0 <= report['accuracy'] <= 1
 
 
 def test_offline_soft_labels_train(demo_data_dir, tmp_path):

@@ -173,7 +173,7 @@ def evaluate(
           evaluator, config, logits['mean'], labels, params_key
       )
     if config.teacher.get('arch') and params_key == 'params':
-      report['teacher'] = teacher_report(
+      teacher = teacher_report(
           config,
           evaluator.mesh,
           images.splits,
@@ -183,6 +183,8 @@ def evaluate(
           n_bootstrap,
           config.seed,
       )
+      if teacher is not None:
+        report['teacher'] = teacher
     if probes_lib.probe_settings(config)['enabled']:
       _add_probes(
           report, evaluator, config, images, params_key, class_names, labels
@@ -320,7 +322,7 @@ def teacher_report(
     label_map: np.ndarray | None = None,
     n_bootstrap: int = 1000,
     seed: int = 0,
-) -> dict[str, Any]:
+) -> dict[str, Any] | None:
   """The converted online teacher's metrics on the same images and views.
 
   `splits`, `data_config` and `label_map` as for the student: the
@@ -330,6 +332,8 @@ def teacher_report(
   confusion_matrix, ci95 with image-bootstrap intervals).
   """
   teacher = train.create_online_teacher(config, mesh)
+  if teacher is None:  # an arch with no checkpoint where nothing distils
+    return None
   forward = jax.jit(
       lambda state, images: nnx.merge(teacher.graphdef, state)(
           images.astype(jnp.float32) / 255.0

@@ -58,6 +58,16 @@ def create_online_teacher(
         'are both set; choose online (arch + checkpoint) or '
         'offline (soft_labels) distillation'
     )
+  if not t.checkpoint and config.get('distill', {}).get('kind') == 'none':
+    # Nothing distils (e.g. configs/small_data.py:preset=deit_conv with
+    # --config.distill.kind=none, the no-teacher baseline): an arch with no
+    # checkpoint is a teacher nobody needs, not an error.
+    logging.info(
+        'config.teacher.arch=%r has no checkpoint and distill.kind=none: '
+        'no teacher',
+        t.arch,
+    )
+    return None
   if not t.checkpoint:
     raise errors.UserError(
         f'config.teacher.arch={t.arch!r} needs '
