@@ -124,8 +124,8 @@ def get_config(arg: str = '') -> ml_collections.ConfigDict:
   # the student's augmentation (`--augment student`) 0.837, so the mild
   # crop alone (train_teacher's `lite`) is kept; a ResNet-18 at 112 px
   # (15 epochs) 0.926, but a student distilled from it was not measured
-  # (provisional); this RegNet for 60 epochs reached 0.926 by epoch 41
-  # (the run was stopped at epoch 52 of 60 for time; no student measured).
+  # (provisional); this RegNet for 60 epochs 0.938 (best epoch 55; no
+  # student distilled from it yet: the next candidate, docs/small_data.md).
   config.teacher_recipe = ml_collections.ConfigDict(
       dict(
           arch='regnet_y_400mf',  # provisional: see above
