@@ -137,6 +137,32 @@ def test_sweep_trains_candidates_on_validation_only(demo_data_dir, tmp_path):
   stamp = os.path.getmtime(workdir / 'candidates' / '1' / 'result.json')
   assert _sweep(*args).returncode == 0  # reuses the finished candidates
   assert os.path.getmtime(workdir / 'candidates' / '1' / 'result.json') == stamp
+  # The same workdir with another candidate list: candidates/1 holds the
+  # runs of lr 0.001, so it is refused, naming it, and nothing is touched
+  # (resuming them would label lr 0.001's model as lr 0.002's).
+  other = args[:-1] + ['optim.base_lr=0.002']
+  _exits_2_naming(_sweep(*other), 'candidates/1', '0.001', '0.002')
+  assert os.path.getmtime(workdir / 'candidates' / '1' / 'result.json') == stamp
+  other = args + ['--config.optim.weight_decay=0.5']  # another base
+  _exits_2_naming(_sweep(*other), 'candidates/0', 'base', '--config')
+  # More seeds: each candidate gains seed 1; seed 0 is not retrained.
+  ckpt = workdir / 'candidates' / '1' / 'seed0' / 'checkpoints'
+  stamps = lambda: {p: p.stat().st_mtime_ns for p in ckpt.rglob('*')}
+  before = stamps()
+  assert before
+  assert _sweep(*args, '--seeds', '2').returncode == 0
+  result = json.loads((workdir / 'sweep.json').read_text())
+  for c in result['candidates']:
+    assert len(c['seeds']) == 2
+    assert (
+        c['seeds'][0]['accuracy'] == cands[c['index']]['seeds'][0]['accuracy']
+    )
+    run = workdir / 'candidates' / str(c['index']) / 'seed1'
+    report = json.loads(
+        (run / 'eval' / 'validation' / 'report.json').read_text()
+    )
+    assert c['seeds'][1]['accuracy'] == report['accuracy']
+  assert stamps() == before
 
 
 def _sweep(*args: str) -> subprocess.CompletedProcess:

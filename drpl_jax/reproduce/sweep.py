@@ -24,7 +24,9 @@ Under WORKDIR: `candidates/<i>/seed<k>/` (a drpl_jax.main workdir each; its
 validation report in `eval/validation/report.json`), `sweep.json` (every
 candidate: overrides, per-seed validation figures, means, teacher validation
 accuracy, minutes) and `sweep.md` (one table), rewritten after each
-candidate. A rerun skips the finished ones. WORKDIR may be local or gs://
+candidate. A rerun skips the finished ones (with more --seeds it adds the
+missing seeds); a candidate directory that holds another candidate's runs
+(other --sweep or --config flags) is refused. WORKDIR may be local or gs://
 (every file goes through etils.epath). The test split is never read:
 a config whose evaluation split is the test split is refused.
 """
@@ -231,6 +233,38 @@ def _train_one(
   return validation_figures(report)
 
 
+def _fingerprint(config: ml_collections.ConfigDict) -> str:
+  """A hash of everything a candidate's runs depend on but the seed."""
+  what = config.to_dict()
+  what.pop('seed', None)
+  token = json.dumps(what, sort_keys=True, default=str)
+  return hashlib.sha1(token.encode()).hexdigest()[:12]
+
+
+def _check_identity(cand_dir: epath.Path, identity: dict[str, Any]) -> None:
+  """Refuses a candidate directory that holds another candidate's runs."""
+  marker, done = cand_dir / 'candidate.json', cand_dir / 'result.json'
+  if marker.exists():
+    held = json.loads(marker.read_text())
+  elif done.exists():  # written before candidate.json existed
+    held = {'overrides': json.loads(done.read_text())['overrides']}
+  else:
+    return
+  same = (
+      held['overrides'] == identity['overrides']
+      and held.get('fingerprint', identity['fingerprint'])
+      == identity['fingerprint']
+  )
+  if not same:
+    raise ValueError(
+        f'{cand_dir} holds the runs of candidate {held["overrides"] or "base"}'
+        f' (config {held.get("fingerprint", "?")}), not of '
+        f'{identity["overrides"] or "base"} (config '
+        f'{identity["fingerprint"]}): the --sweep or --config flags changed; '
+        'use a new --workdir, or remove that directory to retrain it'
+    )
+
+
 def _mean(values: Sequence[Any]) -> float | None:
   got = [v for v in values if v is not None]
   return sum(got) / len(got) if got else None
@@ -246,11 +280,17 @@ def run_candidate(
     steps: int | None,
     seeds: int,
 ) -> dict[str, Any]:
-  """Trains and evaluates one candidate (every seed); cached on disk."""
+  """Trains and evaluates one candidate (every seed); cached on disk.
+
+  The candidate's directory records what it trains (`candidate.json`: its
+  overrides and a fingerprint of its config). A rerun reuses the finished
+  result only for the same candidate and number of seeds; with another
+  number of seeds it resumes each seed's run (finished ones are only
+  re-evaluated). A directory that holds another candidate (the same
+  WORKDIR with other --sweep or --config flags) is refused, naming it,
+  rather than resumed from the other candidate's checkpoints.
+  """
   cand_dir = epath.Path(workdir) / 'candidates' / str(index)
-  done = cand_dir / 'result.json'
-  if done.exists():
-    return json.loads(done.read_text())
   config = ml_collections.ConfigDict(base.to_dict())
   for key, value in overrides.items():
     set_key(config, key, value)
@@ -259,6 +299,20 @@ def run_candidate(
     config.eval_every_steps = config.checkpoint_every_steps = steps
     config.optim.warmup_steps = min(config.optim.warmup_steps, steps // 10)
   check_no_test(config)
+  identity = json.loads(  # as it reads back from disk (tuples as lists)
+      json.dumps(
+          {'overrides': overrides, 'fingerprint': _fingerprint(config)},
+          default=str,
+      )
+  )
+  _check_identity(cand_dir, identity)
+  done = cand_dir / 'result.json'
+  if done.exists():
+    cached = json.loads(done.read_text())
+    if len(cached['seeds']) == seeds:
+      return cached
+  cand_dir.mkdir(parents=True, exist_ok=True)
+  files.atomic_write(cand_dir / 'candidate.json', json.dumps(identity))
   tic = time.time()
   teacher_acc = ensure_teacher(spec, config, base_sets, workdir)
   per_seed = []
