@@ -66,7 +66,8 @@ def get_config(arg: str = '') -> ml_collections.ConfigDict:
   # than the noise (one run's 95% interval on 258 images is about +-4.5
   # points near 0.85) and does not raise the accuracy with the lungs
   # hidden (the shortcut probe). Sweep 1 (1,200 steps) changed nothing;
-  # sweep 3 (the schedule) took 4,800 steps.
+  # sweep 3 (the schedule) took 4,800 steps; sweeps 4 (a stronger teacher,
+  # 3 seeds) and 5 (drop path, mixup and CutMix) changed nothing.
 
   # Resolution and tokens: the cxr2k5 ablation's (docs/ablation_2k5.md),
   # where every measurement here was made; 112 px costs 3.4x per step and
@@ -104,9 +105,12 @@ def get_config(arg: str = '') -> ml_collections.ConfigDict:
   # swept: 9 inside the noise.
   config.data.augment.randaugment_magnitude = 5
   config.data.augment.random_erase = 0.0  # provisional: not swept
-  config.mixup.mixup_alpha = 0.0  # provisional: not swept
-  config.mixup.cutmix_alpha = 0.0  # provisional: not swept
-  config.model.drop_path_rate = 0.0  # provisional: not swept
+  # swept (sweep 5, with CutMix 1.0): DeiT's 0.8 scored 3.1 lower (inside
+  # the noise) and raised lungs-hidden accuracy by 7.4.
+  config.mixup.mixup_alpha = 0.0
+  config.mixup.cutmix_alpha = 0.0  # swept with mixup_alpha, above
+  # swept: 0.1 scored 1.6 lower, inside the noise.
+  config.model.drop_path_rate = 0.0
 
   # Distillation (DeiT's best on ImageNet: hard, alpha 0.5).
   # swept: soft inside the noise, more shortcut reliance.
@@ -125,12 +129,10 @@ def get_config(arg: str = '') -> ml_collections.ConfigDict:
   # the student's augmentation (`--augment student`) 0.837, so the mild
   # crop alone (train_teacher's `lite`) is kept; a ResNet-18 at 112 px
   # (15 epochs) 0.926, but a student distilled from it was not measured
-  # (provisional); this RegNet for 60 epochs 0.938 (best epoch 55; no
-  # student distilled from it yet: the next candidate, docs/small_data.md).
+  # (provisional).
   config.teacher_recipe = ml_collections.ConfigDict(
       dict(
           arch='regnet_y_400mf',  # provisional: see above
-          epochs=30,  # provisional: not swept
           batch_size=32,  # provisional: not swept
           lr=1e-3,  # train_teacher's default; provisional: not swept
           weight_decay=0.05,  # train_teacher's default
@@ -138,6 +140,10 @@ def get_config(arg: str = '') -> ml_collections.ConfigDict:
           crop_min_scale=0.5,  # train_teacher's default (`lite`)
       )
   )
+  # swept (sweep 4, 3 seeds): 60 epochs make a stronger teacher (validation
+  # 0.938 against 0.903) but not a better student: 91.9 against 91.6,
+  # inside the seeds' spread; 30 epochs cost half the time.
+  config.teacher_recipe.epochs = 30
   # The teacher's input size is its own (not tied to the student's).
   config.teacher = ml_collections.ConfigDict(config.teacher.to_dict())
   config.teacher.arch = (
