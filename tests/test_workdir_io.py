@@ -160,14 +160,27 @@ def test_sweep_and_reproduce_files_on_a_gs_workdir(gcs):
       == results
   )
   assert '| 0 | base |' in (gcs / 'sweep' / 'sweep.md').read_text()
-  # A finished candidate is read back from the gs:// workdir, not rerun.
+  # A finished candidate is read back from the gs:// workdir, not rerun;
+  # its candidate.json is read there too (another candidate is refused).
+  import ml_collections  # pylint: disable=g-import-not-at-top
+
+  base = ml_collections.ConfigDict(
+      {'seed': 0, 'data': {'eval_split': 'validation', 'test_split': 'test'}}
+  )
+  done = {'index': 3, 'overrides': {}, 'seeds': [{}]}
   (gcs / 'sweep' / 'candidates' / '3').mkdir(parents=True)
   (gcs / 'sweep' / 'candidates' / '3' / 'result.json').write_text(
-      '{"index": 3}'
+      json.dumps(done)
   )
-  assert sweep.run_candidate(
-      'unused', None, [], {}, 3, f'{BUCKET}/sweep', None, 1
-  ) == {'index': 3}
+  run = lambda: sweep.run_candidate(
+      'unused', base, [], {}, 3, f'{BUCKET}/sweep', None, 1
+  )
+  assert run() == done
+  (gcs / 'sweep' / 'candidates' / '3' / 'candidate.json').write_text(
+      json.dumps({'overrides': {'optim.base_lr': 0.1}, 'fingerprint': 'x'})
+  )
+  with pytest.raises(ValueError, match='candidates/3 holds the runs'):
+    run()
   timing = f'{BUCKET}/repro/timings/teacher.json'
   protocol.record(timing, 'teacher', ['python', 'x'], 1.0, 3.5, 0)
   entry = json.loads((gcs / 'repro' / 'timings' / 'teacher.json').read_text())
