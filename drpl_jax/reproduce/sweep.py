@@ -164,8 +164,13 @@ def _teacher_key(config: ml_collections.ConfigDict) -> str:
           for k in ('name', 'manual_dir', 'classes', 'split_seed')
       },
   }
+  return _digest(what)[:10]
+
+
+def _digest(what: Any) -> str:
+  """The sha1 of `what` as canonical JSON (sorted keys)."""
   token = json.dumps(what, sort_keys=True, default=str)
-  return hashlib.sha1(token.encode()).hexdigest()[:10]
+  return hashlib.sha1(token.encode()).hexdigest()
 
 
 def ensure_teacher(
@@ -237,19 +242,15 @@ def _fingerprint(config: ml_collections.ConfigDict) -> str:
   """A hash of everything a candidate's runs depend on but the seed."""
   what = config.to_dict()
   what.pop('seed', None)
-  token = json.dumps(what, sort_keys=True, default=str)
-  return hashlib.sha1(token.encode()).hexdigest()[:12]
+  return _digest(what)[:12]
 
 
-def _check_identity(cand_dir: epath.Path, identity: dict[str, Any]) -> None:
-  """Refuses a candidate directory that holds another candidate's runs."""
-  marker, done = cand_dir / 'candidate.json', cand_dir / 'result.json'
-  if marker.exists():
-    held = json.loads(marker.read_text())
-  elif done.exists():  # written before candidate.json existed
-    held = {'overrides': json.loads(done.read_text())['overrides']}
-  else:
-    return
+def _check_identity(
+    cand_dir: epath.Path, held: dict[str, Any], identity: dict[str, Any]
+) -> None:
+  """Refuses a candidate directory that holds another candidate's runs
+  (`held`: its candidate.json, or its result.json written before that
+  file existed, which has the overrides only)."""
   same = (
       held['overrides'] == identity['overrides']
       and held.get('fingerprint', identity['fingerprint'])
@@ -305,12 +306,13 @@ def run_candidate(
           default=str,
       )
   )
-  _check_identity(cand_dir, identity)
-  done = cand_dir / 'result.json'
-  if done.exists():
-    cached = json.loads(done.read_text())
-    if len(cached['seeds']) == seeds:
-      return cached
+  marker, done = cand_dir / 'candidate.json', cand_dir / 'result.json'
+  cached = json.loads(done.read_text()) if done.exists() else None
+  held = json.loads(marker.read_text()) if marker.exists() else cached
+  if held is not None:
+    _check_identity(cand_dir, held, identity)
+  if cached is not None and len(cached['seeds']) == seeds:
+    return cached
   cand_dir.mkdir(parents=True, exist_ok=True)
   files.atomic_write(cand_dir / 'candidate.json', json.dumps(identity))
   tic = time.time()
