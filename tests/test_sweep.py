@@ -50,6 +50,23 @@ def test_values_keys_and_errors():
     sweep.check_no_test(config)
 
 
+def test_a_candidate_keeps_the_base_configs_linked_keys():
+  # data.image_size and model.image_size are one FieldReference in the
+  # base; a sweep over the resolution must move both (a copy through
+  # to_dict() had cut the link: the model stayed at 64 px and a patch of
+  # 12 was refused).
+  base = small_data.get_config()
+  overrides = {'data.image_size': 96, 'model.patch_size': 12}
+  config = sweep.candidate_config(base, overrides, steps=10)
+  assert config.data.image_size == config.model.image_size == 96
+  assert config.model.patch_size == 12 and config.total_steps == 10
+  assert config.eval_every_steps == config.checkpoint_every_steps == 10
+  assert config.optim.warmup_steps == 1  # a tenth of --steps at most
+  assert (base.data.image_size, base.model.image_size) == (64, 64)
+  assert base.model.patch_size == 8 and base.total_steps == 4800
+  assert config.teacher.image_size == 64  # the teacher keeps its own
+
+
 def test_small_data_recipe_and_its_teacher_command():
   config = small_data.get_config('classes=COVID+Normal')
   assert config.data.classes == 'COVID,Normal' and config.model.num_classes == 2

@@ -34,6 +34,7 @@ a config whose evaluation split is the test split is refused.
 from __future__ import annotations
 
 import ast
+import copy
 import hashlib
 import itertools
 import json
@@ -117,6 +118,26 @@ def candidates(
       seen.add(token)
       unique.append(c)
   return unique
+
+
+def candidate_config(
+    base: ml_collections.ConfigDict,
+    overrides: dict[str, Any],
+    steps: int | None = None,
+) -> ml_collections.ConfigDict:
+  """`base` with a candidate's overrides (and `steps`), `base` untouched.
+
+  A deep copy keeps the base's linked keys linked: `data.image_size=96`
+  also sets `model.image_size` (one FieldReference), as `--config.` does.
+  """
+  config = copy.deepcopy(base)
+  for key, value in overrides.items():
+    set_key(config, key, value)
+  if steps:
+    config.total_steps = steps
+    config.eval_every_steps = config.checkpoint_every_steps = steps
+    config.optim.warmup_steps = min(config.optim.warmup_steps, steps // 10)
+  return config
 
 
 def check_no_test(config: ml_collections.ConfigDict) -> None:
@@ -292,13 +313,7 @@ def run_candidate(
   rather than resumed from the other candidate's checkpoints.
   """
   cand_dir = epath.Path(workdir) / 'candidates' / str(index)
-  config = ml_collections.ConfigDict(base.to_dict())
-  for key, value in overrides.items():
-    set_key(config, key, value)
-  if steps:
-    config.total_steps = steps
-    config.eval_every_steps = config.checkpoint_every_steps = steps
-    config.optim.warmup_steps = min(config.optim.warmup_steps, steps // 10)
+  config = candidate_config(base, overrides, steps)
   check_no_test(config)
   identity = json.loads(  # as it reads back from disk (tuples as lists)
       json.dumps(
@@ -415,9 +430,8 @@ def run_sweep(
     raise ValueError(f'--seeds={seeds} must be >= 1')
   parsed = [parse_assignment(s, many=True) for s in sweeps]
   for key, values in parsed:  # fail on a typo before hours of training
-    trial = ml_collections.ConfigDict(base.to_dict())
     for value in values:
-      set_key(trial, key, value)
+      candidate_config(base, {key: value})
   results = []
   for i, overrides in enumerate(candidates(parsed, grid)):
     results.append(
